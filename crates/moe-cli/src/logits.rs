@@ -1,0 +1,30 @@
+//! `moe logits`: the full, un-sampled logits of every prompt position, as JSON.
+
+use crate::model_args::{parse_token_ids, ModelArgs, TokenIds};
+use clap::Args;
+use moe_generate::Generator;
+use std::io::Write;
+
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt token ids, comma separated.
+    #[arg(long, env = "MOE_TOKEN_IDS", value_parser = parse_token_ids)]
+    pub token_ids: TokenIds,
+    /// Print JSON (the only output format; accepted for clarity).
+    #[arg(long, env = "MOE_JSON")]
+    pub json: bool,
+}
+
+pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
+    let (_, model) = args.model.load()?;
+    let vocab = model.config.vocab_size;
+    let mut generator = Generator::new(&model, args.token_ids.0.len())?;
+    let logits = generator.prompt_logits(&args.token_ids.0)?;
+    let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    serde_json::to_writer(&mut out, &serde_json::json!({ "logits": rows }))?;
+    writeln!(out)?;
+    Ok(())
+}

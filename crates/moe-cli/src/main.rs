@@ -1,0 +1,61 @@
+//! The `moe` command. Every flag can also be set through a `MOE_*` environment variable.
+//! Library errors become one `error: …` line on stderr and a non-zero exit, never a panic.
+
+mod demo;
+mod generate;
+mod logits;
+mod model_args;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "moe", version, about = "Distributed Mixture-of-Experts inference")]
+struct Cli {
+    /// Worker threads for compute (default: all cores).
+    #[arg(long, global = true, env = "MOE_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate a continuation of a prompt.
+    Generate(generate::GenerateArgs),
+    /// Print the full logits of every position of a prompt.
+    Logits(logits::LogitsArgs),
+    /// Write a small random Mixtral-layout checkpoint with a byte-level tokenizer.
+    DemoModel(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MOE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(n) = cli.threads {
+        anyhow::ensure!(n > 0, "--threads must be at least 1");
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("starting the compute thread pool")?;
+    }
+    match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Logits(a) => logits::run(a),
+        Command::DemoModel(a) => demo::run(a),
+    }
+}

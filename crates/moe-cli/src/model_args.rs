@@ -1,0 +1,70 @@
+//! Flags shared by the commands that load a model, and the parsing of token-id lists.
+
+use anyhow::Context;
+use clap::Args;
+use moe_compute::cpu::CpuBackend;
+use moe_demo::{write_demo_model, DemoSpec};
+use moe_model::Model;
+use std::path::PathBuf;
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Hugging Face model directory (config.json, *.safetensors, optional tokenizer.json).
+    #[arg(long, env = "MOE_MODEL", required_unless_present = "demo", conflicts_with = "demo")]
+    pub model: Option<PathBuf>,
+    /// Use the built-in demo model (written once to the temp directory).
+    #[arg(long, env = "MOE_DEMO")]
+    pub demo: bool,
+}
+
+impl ModelArgs {
+    /// The model directory, writing the demo model first if asked for.
+    pub fn dir(&self) -> anyhow::Result<PathBuf> {
+        match &self.model {
+            Some(dir) => Ok(dir.clone()),
+            None => demo_dir(),
+        }
+    }
+
+    pub fn load(&self) -> anyhow::Result<(PathBuf, Model<CpuBackend>)> {
+        let dir = self.dir()?;
+        let model =
+            Model::load(&dir, CpuBackend::new()).with_context(|| format!("loading model from {}", dir.display()))?;
+        Ok((dir, model))
+    }
+}
+
+/// The demo model's directory under the temp dir; written on first use (atomically, by rename,
+/// so concurrent first runs do not see half a checkpoint).
+fn demo_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("moe-demo-model-v{}", env!("CARGO_PKG_VERSION")));
+    if dir.join("config.json").exists() {
+        return Ok(dir);
+    }
+    let staging = std::env::temp_dir().join(format!("moe-demo-model-staging-{}", std::process::id()));
+    write_demo_model(&staging, &DemoSpec::demo()).context("writing the demo model")?;
+    if std::fs::rename(&staging, &dir).is_err() {
+        // Another process won the race; its copy is identical.
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    Ok(dir)
+}
+
+/// A comma-separated list of token ids, as one flag value.
+#[derive(Clone, Debug)]
+pub struct TokenIds(pub Vec<u32>);
+
+/// Parses `1,2,3` (spaces allowed) into token ids.
+pub fn parse_token_ids(s: &str) -> Result<TokenIds, String> {
+    if s.trim().is_empty() {
+        return Ok(TokenIds(vec![]));
+    }
+    s.split(',')
+        .map(|t| {
+            let t = t.trim();
+            t.parse::<u32>()
+                .map_err(|_| format!("{t:?} is not a token id (expected non-negative integers separated by commas)"))
+        })
+        .collect::<Result<Vec<u32>, String>>()
+        .map(TokenIds)
+}

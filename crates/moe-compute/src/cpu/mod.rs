@@ -1,0 +1,271 @@
+//! The CPU backend: f32 weights and activations in host memory, a streaming SIMD kernel for
+//! few-row products and the `gemm` crate's cache-blocked kernel for many rows, rayon's persistent
+//! thread pool for parallelism, and buffers that are resized in place (no allocation per token
+//! once they have grown).
+
+mod attention;
+mod linear;
+mod simd;
+
+pub use attention::CpuKvStore;
+pub use linear::matmul_t;
+
+use crate::{
+    AttentionSeq, AttentionShape, Backend, ComputeError, ExpertPlan, FfnScratch, KvLayout, Result, SwigluWeights,
+};
+use std::ops::Range;
+
+/// Row-major `[rows, cols]` f32 data.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HostTensor {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    /// Sets the shape, keeping capacity; contents are unspecified afterwards.
+    pub fn reshape(&mut self, rows: usize, cols: usize) {
+        self.rows = rows;
+        self.cols = cols;
+        self.data.resize(rows * cols, 0.0);
+    }
+
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+
+    pub fn row_mut(&mut self, r: usize) -> &mut [f32] {
+        &mut self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// The CPU backend. Uses rayon's global pool (its size is the process's thread count).
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+fn rms_norm_slice(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32;
+    let inv = 1.0 / (ss + eps).sqrt();
+    for ((o, v), g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * inv * g;
+    }
+}
+
+impl Backend for CpuBackend {
+    type Matrix = HostTensor;
+    type Vector = Vec<f32>;
+    type Act = HostTensor;
+    type KvStore = CpuKvStore;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<HostTensor> {
+        if data.len() != rows * cols {
+            return Err(ComputeError::MatrixSize { rows, cols, expected: rows * cols, got: data.len() });
+        }
+        Ok(HostTensor { rows, cols, data })
+    }
+
+    fn matrix_shape(&self, m: &HostTensor) -> (usize, usize) {
+        (m.rows, m.cols)
+    }
+
+    fn vector(&self, data: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(data)
+    }
+
+    fn kv_store(&self, layout: KvLayout) -> Result<CpuKvStore> {
+        CpuKvStore::new(layout)
+    }
+
+    fn act(&self) -> HostTensor {
+        HostTensor::default()
+    }
+
+    fn act_shape(&self, a: &HostTensor) -> (usize, usize) {
+        (a.rows, a.cols)
+    }
+
+    fn upload(&self, rows: usize, cols: usize, data: &[f32], out: &mut HostTensor) {
+        out.reshape(rows, cols);
+        out.data.copy_from_slice(&data[..rows * cols]);
+    }
+
+    fn download(&self, a: &HostTensor, out: &mut Vec<f32>) {
+        out.clear();
+        out.extend_from_slice(&a.data);
+    }
+
+    fn embed(&self, table: &HostTensor, ids: &[u32], out: &mut HostTensor) -> Result<()> {
+        out.reshape(ids.len(), table.cols);
+        for (i, &id) in ids.iter().enumerate() {
+            if id as usize >= table.rows {
+                return Err(ComputeError::IdOutOfRange { id, rows: table.rows });
+            }
+            out.row_mut(i).copy_from_slice(table.row(id as usize));
+        }
+        Ok(())
+    }
+
+    fn linear(&self, x: &HostTensor, w: &HostTensor, bias: Option<&Vec<f32>>, out: &mut HostTensor) {
+        debug_assert_eq!(x.cols, w.cols);
+        out.reshape(x.rows, w.rows);
+        matmul_t(&x.data, x.rows, x.cols, &w.data, w.rows, &mut out.data);
+        if let Some(b) = bias {
+            for r in 0..out.rows {
+                for (o, bv) in out.row_mut(r).iter_mut().zip(b) {
+                    *o += bv;
+                }
+            }
+        }
+    }
+
+    fn rms_norm(&self, x: &HostTensor, w: &Vec<f32>, eps: f32, out: &mut HostTensor) {
+        out.reshape(x.rows, x.cols);
+        for r in 0..x.rows {
+            rms_norm_slice(x.row(r), w, eps, out.row_mut(r));
+        }
+    }
+
+    fn rms_norm_cols(&self, x: &mut HostTensor, cols: Range<usize>, group: usize, w: &Vec<f32>, eps: f32) {
+        let group = group.max(1);
+        for r in 0..x.rows {
+            let row = &mut x.row_mut(r)[cols.clone()];
+            for chunk in row.chunks_mut(group) {
+                let ss: f32 = chunk.iter().map(|v| v * v).sum::<f32>() / chunk.len() as f32;
+                let inv = 1.0 / (ss + eps).sqrt();
+                for (v, g) in chunk.iter_mut().zip(w) {
+                    *v = *v * inv * g;
+                }
+            }
+        }
+    }
+
+    fn clamp(&self, x: &mut HostTensor, limit: f32) {
+        for v in x.data.iter_mut() {
+            *v = v.clamp(-limit, limit);
+        }
+    }
+
+    fn rope_table(&self, positions: &[u32], inv_freq: &[f32], out: &mut HostTensor) {
+        let half = inv_freq.len();
+        out.reshape(positions.len(), 2 * half);
+        for (i, &p) in positions.iter().enumerate() {
+            let row = out.row_mut(i);
+            for (j, f) in inv_freq.iter().enumerate() {
+                // Same order of operations as transformers: the angle is computed in f32.
+                let angle = p as f32 * f;
+                row[j] = angle.cos();
+                row[half + j] = angle.sin();
+            }
+        }
+    }
+
+    fn rope(&self, x: &mut HostTensor, col: usize, n_heads: usize, head_dim: usize, table: &HostTensor) {
+        let half = head_dim / 2;
+        for r in 0..x.rows {
+            let (cos, sin) = table.row(r).split_at(half);
+            let row = x.row_mut(r);
+            for h in 0..n_heads {
+                let head = &mut row[col + h * head_dim..col + (h + 1) * head_dim];
+                for j in 0..half {
+                    let (a, b) = (head[j], head[j + half]);
+                    head[j] = a * cos[j] - b * sin[j];
+                    head[j + half] = b * cos[j] + a * sin[j];
+                }
+            }
+        }
+    }
+
+    fn attention(
+        &self,
+        qkv: &HostTensor,
+        shape: &AttentionShape,
+        seqs: &[AttentionSeq<'_>],
+        store: &mut CpuKvStore,
+        layer: usize,
+        out: &mut HostTensor,
+    ) -> Result<()> {
+        out.reshape(qkv.rows, shape.n_heads * shape.head_dim);
+        attention::paged_attention(&qkv.data, qkv.cols, shape, seqs, store, layer, &mut out.data)
+    }
+
+    fn add(&self, x: &mut HostTensor, y: &HostTensor) {
+        for (a, b) in x.data.iter_mut().zip(&y.data) {
+            *a += b;
+        }
+    }
+
+    fn gather_rows(&self, x: &HostTensor, rows: &[u32], out: &mut HostTensor) {
+        out.reshape(rows.len(), x.cols);
+        for (i, &r) in rows.iter().enumerate() {
+            out.row_mut(i).copy_from_slice(x.row(r as usize));
+        }
+    }
+
+    fn swiglu(&self, x: &HostTensor, w: &SwigluWeights<Self>, s: &mut FfnScratch<Self>, out: &mut HostTensor) {
+        self.linear(x, &w.gate_up, None, &mut s.gate_up);
+        silu_mul(&s.gate_up, &mut s.hidden);
+        self.linear(&s.hidden, &w.down, None, out);
+    }
+
+    fn expert_ffn(
+        &self,
+        x: &HostTensor,
+        experts: &[SwigluWeights<Self>],
+        plan: &ExpertPlan,
+        s: &mut FfnScratch<Self>,
+        out: &mut HostTensor,
+    ) {
+        for (e, w) in experts.iter().enumerate().take(plan.num_experts()) {
+            let (rows, weights) = plan.expert(e);
+            if rows.is_empty() {
+                continue;
+            }
+            self.gather_rows(x, rows, &mut s.rows);
+            self.linear(&s.rows, &w.gate_up, None, &mut s.gate_up);
+            silu_mul(&s.gate_up, &mut s.hidden);
+            self.linear(&s.hidden, &w.down, None, &mut s.out);
+            for (i, (&r, &wt)) in rows.iter().zip(weights).enumerate() {
+                simd::axpy(wt, s.out.row(i), out.row_mut(r as usize));
+            }
+        }
+    }
+
+    fn add_sigmoid_gated(&self, out: &mut HostTensor, y: &HostTensor, gate: &HostTensor) {
+        for r in 0..out.rows {
+            let g = 1.0 / (1.0 + (-gate.data[r * gate.cols]).exp());
+            simd::axpy(g, y.row(r), out.row_mut(r));
+        }
+    }
+
+    fn zeros(&self, rows: usize, cols: usize, out: &mut HostTensor) {
+        out.reshape(rows, cols);
+        out.data.fill(0.0);
+    }
+}
+
+/// `out[r, j] = silu(gu[r, j]) * gu[r, I + j]` where `gu` is `[rows, 2I]`.
+fn silu_mul(gu: &HostTensor, out: &mut HostTensor) {
+    let inter = gu.cols / 2;
+    out.reshape(gu.rows, inter);
+    for r in 0..gu.rows {
+        let (g, u) = gu.row(r).split_at(inter);
+        for ((o, gv), uv) in out.row_mut(r).iter_mut().zip(g).zip(u) {
+            *o = silu(*gv) * uv;
+        }
+    }
+}

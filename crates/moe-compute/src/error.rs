@@ -1,0 +1,18 @@
+//! Errors of the compute backends.
+
+/// What a backend can refuse.
+#[derive(Debug, thiserror::Error)]
+pub enum ComputeError {
+    #[error("matrix of {rows}x{cols} needs {expected} values, got {got}")]
+    MatrixSize { rows: usize, cols: usize, expected: usize, got: usize },
+    #[error("token id {id} is outside the embedding table of {rows} rows")]
+    IdOutOfRange { id: u32, rows: usize },
+    #[error("KV page {page} does not exist (the store has {num_pages} pages)")]
+    BadPage { page: u32, num_pages: usize },
+    #[error("sequence needs {needed} KV slots but its pages hold {have}")]
+    PagesTooFew { needed: usize, have: usize },
+    #[error("KV store of {bytes} bytes could not be allocated")]
+    KvAlloc { bytes: usize },
+}
+
+pub type Result<T> = std::result::Result<T, ComputeError>;

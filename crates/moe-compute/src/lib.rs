@@ -1,0 +1,153 @@
+//! `moe-compute` owns the device abstraction: the [`Backend`] trait with every numeric operation
+//! the model needs, and the always-built CPU backend ([`cpu::CpuBackend`]).
+//!
+//! The model crate is written against [`Backend`] only, so a CUDA backend can be added behind a
+//! cargo feature without touching model code. Weights, activations and the paged KV store are
+//! backend-owned associated types; routing decisions come back to the host as small tables.
+//! This crate does not know about checkpoints, tokenizers or architectures.
+
+pub mod cpu;
+mod error;
+mod plan;
+
+pub use error::{ComputeError, Result};
+pub use plan::ExpertPlan;
+
+use std::ops::Range;
+
+/// Shape of the paged key/value store: `num_pages` pages of `page_size` token slots per layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvLayout {
+    pub layers: usize,
+    pub num_pages: usize,
+    pub page_size: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvLayout {
+    /// Bytes of f32 keys and values this layout holds.
+    pub fn bytes(&self) -> usize {
+        2 * 4 * self.layers * self.num_pages * self.page_size * self.n_kv_heads * self.head_dim
+    }
+}
+
+/// Where q, k and v live inside the fused qkv activation rows, and how heads are grouped.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub q_col: usize,
+    pub k_col: usize,
+    pub v_col: usize,
+    pub scale: f32,
+    /// Keys further back than this many positions are masked (Mixtral-style sliding window).
+    pub sliding_window: Option<usize>,
+}
+
+/// One sequence's slice of a batched attention call.
+#[derive(Clone, Debug)]
+pub struct AttentionSeq<'a> {
+    /// Rows of the batch activations holding this sequence's new tokens.
+    pub rows: Range<usize>,
+    /// Tokens already in the KV cache before these rows; the first new row is at this position.
+    pub start_pos: usize,
+    /// Page ids of this sequence, in order; they must cover `start_pos + rows.len()` slots.
+    pub pages: &'a [u32],
+}
+
+/// One expert's (or a dense MLP's) SwiGLU weights: `gate_up` is `[2*I, H]` (gate rows first, then
+/// up rows), `down` is `[H, I]`.
+pub struct SwigluWeights<B: Backend + ?Sized> {
+    pub gate_up: B::Matrix,
+    pub down: B::Matrix,
+}
+
+/// Reusable buffers for [`Backend::expert_ffn`] and [`Backend::swiglu`], so that the decode loop
+/// does not allocate.
+pub struct FfnScratch<B: Backend + ?Sized> {
+    pub rows: B::Act,
+    pub gate_up: B::Act,
+    pub hidden: B::Act,
+    pub out: B::Act,
+}
+
+impl<B: Backend> FfnScratch<B> {
+    pub fn new(backend: &B) -> Self {
+        Self { rows: backend.act(), gate_up: backend.act(), hidden: backend.act(), out: backend.act() }
+    }
+}
+
+/// The operations a compute device provides. Activations are row-major `[rows, cols]` f32;
+/// matrices are `[out, in]` as in a Hugging Face `Linear` (so `linear` computes `x · Wᵀ`).
+/// Accumulation is always f32.
+pub trait Backend: Send + Sync + 'static {
+    type Matrix: Send + Sync;
+    type Vector: Send + Sync;
+    type Act: Send;
+    type KvStore: Send;
+
+    /// A short name for logs, e.g. `cpu (2 threads)`.
+    fn name(&self) -> String;
+
+    fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<Self::Matrix>;
+    fn matrix_shape(&self, m: &Self::Matrix) -> (usize, usize);
+    fn vector(&self, data: Vec<f32>) -> Result<Self::Vector>;
+    fn kv_store(&self, layout: KvLayout) -> Result<Self::KvStore>;
+
+    /// An empty activation buffer; ops resize their outputs, reusing capacity.
+    fn act(&self) -> Self::Act;
+    fn act_shape(&self, a: &Self::Act) -> (usize, usize);
+    fn upload(&self, rows: usize, cols: usize, data: &[f32], out: &mut Self::Act);
+    fn download(&self, a: &Self::Act, out: &mut Vec<f32>);
+
+    /// `out[i] = table[ids[i]]`. Ids must already be validated against the table's rows.
+    fn embed(&self, table: &Self::Matrix, ids: &[u32], out: &mut Self::Act) -> Result<()>;
+    /// `out = x · Wᵀ (+ bias)`.
+    fn linear(&self, x: &Self::Act, w: &Self::Matrix, bias: Option<&Self::Vector>, out: &mut Self::Act);
+    /// Row-wise RMSNorm: `out = x / sqrt(mean(x²) + eps) * w`.
+    fn rms_norm(&self, x: &Self::Act, w: &Self::Vector, eps: f32, out: &mut Self::Act);
+    /// In place RMSNorm of the columns `cols` of every row, in groups of `group` columns, each
+    /// group scaled by `w` (length `group`). Per-head q/k norm uses `group = head_dim`; a norm
+    /// over the whole projection uses `group = cols.len()`.
+    fn rms_norm_cols(&self, x: &mut Self::Act, cols: Range<usize>, group: usize, w: &Self::Vector, eps: f32);
+    /// Clamp every element to `[-limit, limit]`.
+    fn clamp(&self, x: &mut Self::Act, limit: f32);
+    /// Rotary tables for the given positions: row i holds `cos` then `sin`, `inv_freq.len()` each.
+    fn rope_table(&self, positions: &[u32], inv_freq: &[f32], out: &mut Self::Act);
+    /// Rotate-half rotary embedding in place on heads of `head_dim` columns starting at `col`.
+    fn rope(&self, x: &mut Self::Act, col: usize, n_heads: usize, head_dim: usize, table: &Self::Act);
+    /// Writes the new rows' k and v into the store, then computes causal attention of their q
+    /// over everything cached; `out` is `[rows, n_heads*head_dim]`.
+    fn attention(
+        &self,
+        qkv: &Self::Act,
+        shape: &AttentionShape,
+        seqs: &[AttentionSeq<'_>],
+        store: &mut Self::KvStore,
+        layer: usize,
+        out: &mut Self::Act,
+    ) -> Result<()>;
+    /// `x += y`.
+    fn add(&self, x: &mut Self::Act, y: &Self::Act);
+    /// `out = x` restricted to `rows`, in that order.
+    fn gather_rows(&self, x: &Self::Act, rows: &[u32], out: &mut Self::Act);
+    /// Dense SwiGLU MLP: `out = down(silu(gate(x)) * up(x))`.
+    fn swiglu(&self, x: &Self::Act, w: &SwigluWeights<Self>, scratch: &mut FfnScratch<Self>, out: &mut Self::Act);
+    /// Grouped expert FFN: for each expert of `plan`, runs its SwiGLU on the rows routed to it (as
+    /// one matrix multiply per weight) and adds `weight * result` into those rows of `out`.
+    /// `out` must already be `[x.rows, H]` (zeroed or holding other contributions).
+    fn expert_ffn(
+        &self,
+        x: &Self::Act,
+        experts: &[SwigluWeights<Self>],
+        plan: &ExpertPlan,
+        scratch: &mut FfnScratch<Self>,
+        out: &mut Self::Act,
+    );
+    /// `out[r] += sigmoid(gate[r, 0]) * y[r]` (Qwen2-MoE shared expert).
+    fn add_sigmoid_gated(&self, out: &mut Self::Act, y: &Self::Act, gate: &Self::Act);
+    /// Zeroed `[rows, cols]`.
+    fn zeros(&self, rows: usize, cols: usize, out: &mut Self::Act);
+}

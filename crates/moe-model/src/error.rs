@@ -1,0 +1,35 @@
+//! Errors of model loading and running; each names the file, tensor or value at fault.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: invalid config: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("{path}: unsupported architecture {got:?}; supported: {supported}")]
+    UnsupportedArchitecture { path: PathBuf, got: String, supported: String },
+    #[error("{path}: not a valid safetensors file: {message}")]
+    Safetensors { path: PathBuf, message: String },
+    #[error("{path}: invalid shard index: {message}")]
+    ShardIndex { path: PathBuf, message: String },
+    #[error("tensor {name:?} is missing from the checkpoint in {dir}")]
+    MissingTensor { name: String, dir: PathBuf },
+    #[error("{path}: tensor {name:?} has shape {got:?}, but the config needs {expected:?}")]
+    ShapeMismatch { path: PathBuf, name: String, expected: Vec<usize>, got: Vec<usize> },
+    #[error("{path}: tensor {name:?} has dtype {dtype}, which is not supported (use F32, BF16 or F16)")]
+    UnsupportedDtype { path: PathBuf, name: String, dtype: String },
+    #[error("token id {id} at position {position} is out of range: vocab_size is {vocab_size}")]
+    TokenOutOfRange { id: u32, position: usize, vocab_size: usize },
+    #[error("the prompt is empty: at least one token is needed")]
+    EmptyPrompt,
+    #[error("sequence of {len} tokens exceeds max_position_embeddings = {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("the KV cache is full: {needed} more pages needed, {free} free")]
+    KvCacheFull { needed: usize, free: usize },
+    #[error(transparent)]
+    Compute(#[from] moe_compute::ComputeError),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;

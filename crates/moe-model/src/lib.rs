@@ -1,0 +1,18 @@
+//! `moe-model` owns the model: reading a Hugging Face MoE checkpoint (`config.json`,
+//! safetensors, single or sharded; f32, bf16, f16), the forward pass of Mixtral, Qwen2-MoE,
+//! Qwen3-MoE and OLMoE exactly as transformers defines them, expert routing, and the bookkeeping
+//! of the paged KV cache. It computes through [`moe_compute::Backend`] and knows nothing of
+//! tokenizers, sampling or serving.
+
+pub mod checkpoint;
+pub mod config;
+mod error;
+pub mod kv;
+mod model;
+pub mod routing;
+pub mod weights;
+
+pub use config::{Architecture, ModelConfig, QkNorm};
+pub use error::{ModelError, Result};
+pub use kv::{PageAllocator, SequenceCache};
+pub use model::{BatchItem, KvCache, LogitsFor, Model, Workspace};

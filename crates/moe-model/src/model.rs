@@ -1,0 +1,272 @@
+//! The forward pass shared by all four architectures, over a batch of sequences that each bring
+//! new tokens (a whole prompt, a prefill chunk, or one decode token) and their paged KV cache.
+//! Architecture differences are data (config flags, optional weights), not separate code paths.
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{ModelConfig, QkNorm};
+use crate::error::{ModelError, Result};
+use crate::kv::{PageAllocator, SequenceCache};
+use crate::routing::route_row;
+use crate::weights::{load_weights, FfnWeights, LayerWeights, ModelWeights, MoeWeights};
+use moe_compute::{AttentionSeq, AttentionShape, Backend, ExpertPlan, FfnScratch, KvLayout};
+use std::path::Path;
+
+/// A loaded model on a backend.
+pub struct Model<B: Backend> {
+    pub config: ModelConfig,
+    backend: B,
+    weights: ModelWeights<B>,
+    inv_freq: Vec<f32>,
+    attn_shape: AttentionShape,
+}
+
+/// The backend's KV store together with the allocator of its pages.
+pub struct KvCache<B: Backend> {
+    pub store: B::KvStore,
+    pub pages: PageAllocator,
+}
+
+/// One sequence's part of a forward call.
+pub struct BatchItem<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SequenceCache,
+}
+
+/// Which positions to compute logits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Every new token of every item (what `moe logits` prints).
+    All,
+    /// Only the last new token of each item (what generation samples from).
+    Last,
+}
+
+/// Buffers reused across forward calls so that steady-state decoding does not allocate.
+pub struct Workspace<B: Backend> {
+    hidden: B::Act,
+    normed: B::Act,
+    qkv: B::Act,
+    attn: B::Act,
+    proj: B::Act,
+    ffn_out: B::Act,
+    shared_out: B::Act,
+    gate_logits: B::Act,
+    rope: B::Act,
+    selected: B::Act,
+    logits: B::Act,
+    scratch: FfnScratch<B>,
+    plan: ExpertPlan,
+    choices: Vec<(u32, f32)>,
+    host: Vec<f32>,
+    ids: Vec<u32>,
+    positions: Vec<u32>,
+    out_rows: Vec<u32>,
+}
+
+impl<B: Backend> Workspace<B> {
+    pub fn new(backend: &B) -> Self {
+        Self {
+            hidden: backend.act(),
+            normed: backend.act(),
+            qkv: backend.act(),
+            attn: backend.act(),
+            proj: backend.act(),
+            ffn_out: backend.act(),
+            shared_out: backend.act(),
+            gate_logits: backend.act(),
+            rope: backend.act(),
+            selected: backend.act(),
+            logits: backend.act(),
+            scratch: FfnScratch::new(backend),
+            plan: ExpertPlan::default(),
+            choices: Vec::new(),
+            host: Vec::new(),
+            ids: Vec::new(),
+            positions: Vec::new(),
+            out_rows: Vec::new(),
+        }
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// Loads `config.json` and the safetensors weights of a Hugging Face model directory.
+    pub fn load(dir: &Path, backend: B) -> Result<Self> {
+        let config = ModelConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let weights = load_weights(&ckpt, &config, &backend)?;
+        Ok(Self::from_parts(config, weights, backend))
+    }
+
+    pub fn from_parts(config: ModelConfig, weights: ModelWeights<B>, backend: B) -> Self {
+        let (qw, kw) = (config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim);
+        let attn_shape = AttentionShape {
+            n_heads: config.num_heads,
+            n_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+            q_col: 0,
+            k_col: qw,
+            v_col: qw + kw,
+            scale: 1.0 / (config.head_dim as f32).sqrt(),
+            sliding_window: config.sliding_window,
+        };
+        Self { inv_freq: config.inv_freq(), config, backend, weights, attn_shape }
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The backend's name, for logs.
+    pub fn backend_name(&self) -> String {
+        self.backend.name()
+    }
+
+    pub fn workspace(&self) -> Workspace<B> {
+        Workspace::new(&self.backend)
+    }
+
+    /// A KV cache of `num_pages` pages of `page_size` tokens.
+    pub fn kv_cache(&self, num_pages: usize, page_size: usize) -> Result<KvCache<B>> {
+        let c = &self.config;
+        let layout =
+            KvLayout { layers: c.num_layers, num_pages, page_size, n_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+        Ok(KvCache { store: self.backend.kv_store(layout)?, pages: PageAllocator::new(num_pages, page_size) })
+    }
+
+    /// Checks a prompt before any work: not empty, ids in the vocabulary, within the context.
+    pub fn validate_tokens(&self, tokens: &[u32], already_cached: usize) -> Result<()> {
+        if tokens.is_empty() && already_cached == 0 {
+            return Err(ModelError::EmptyPrompt);
+        }
+        if let Some((position, &id)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= self.config.vocab_size) {
+            return Err(ModelError::TokenOutOfRange { id, position, vocab_size: self.config.vocab_size });
+        }
+        let len = already_cached + tokens.len();
+        if len > self.config.max_position_embeddings {
+            return Err(ModelError::TooLong { len, max: self.config.max_position_embeddings });
+        }
+        Ok(())
+    }
+
+    /// Runs the new tokens of every item through the model, appending them to their caches, and
+    /// writes the requested logits rows (`vocab_size` each) into `logits`.
+    pub fn forward(
+        &self,
+        ws: &mut Workspace<B>,
+        kv: &mut KvCache<B>,
+        batch: &mut [BatchItem<'_>],
+        which: LogitsFor,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        let b = &self.backend;
+        let c = &self.config;
+        for item in batch.iter_mut() {
+            if item.tokens.is_empty() {
+                return Err(ModelError::EmptyPrompt);
+            }
+            self.validate_tokens(item.tokens, item.cache.len)?;
+        }
+        for item in batch.iter_mut() {
+            kv.pages.reserve(item.cache, item.cache.len + item.tokens.len())?;
+        }
+        ws.ids.clear();
+        ws.positions.clear();
+        ws.out_rows.clear();
+        for item in batch.iter() {
+            let start = ws.ids.len();
+            ws.ids.extend_from_slice(item.tokens);
+            ws.positions.extend((item.cache.len..item.cache.len + item.tokens.len()).map(|p| p as u32));
+            match which {
+                LogitsFor::All => ws.out_rows.extend(start as u32..ws.ids.len() as u32),
+                LogitsFor::Last => ws.out_rows.push(ws.ids.len() as u32 - 1),
+            }
+        }
+        let mut row = 0;
+        let seqs: Vec<AttentionSeq<'_>> = batch
+            .iter()
+            .map(|item| {
+                let s = AttentionSeq {
+                    rows: row..row + item.tokens.len(),
+                    start_pos: item.cache.len,
+                    pages: &item.cache.pages,
+                };
+                row += item.tokens.len();
+                s
+            })
+            .collect();
+
+        b.embed(&self.weights.embed, &ws.ids, &mut ws.hidden)?;
+        b.rope_table(&ws.positions, &self.inv_freq, &mut ws.rope);
+        for (i, layer) in self.weights.layers.iter().enumerate() {
+            self.attention_block(ws, kv, &seqs, i, layer)?;
+            b.rms_norm(&ws.hidden, &layer.post_attention_norm, c.rms_norm_eps, &mut ws.normed);
+            match &layer.ffn {
+                FfnWeights::Dense(mlp) => b.swiglu(&ws.normed, mlp, &mut ws.scratch, &mut ws.ffn_out),
+                FfnWeights::Moe(moe) => self.moe_block(ws, moe),
+            }
+            b.add(&mut ws.hidden, &ws.ffn_out);
+        }
+        drop(seqs);
+        b.gather_rows(&ws.hidden, &ws.out_rows, &mut ws.selected);
+        b.rms_norm(&ws.selected, &self.weights.norm, c.rms_norm_eps, &mut ws.normed);
+        let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
+        b.linear(&ws.normed, head, None, &mut ws.logits);
+        b.download(&ws.logits, logits);
+        for item in batch.iter_mut() {
+            item.cache.len += item.tokens.len();
+        }
+        Ok(())
+    }
+
+    fn attention_block(
+        &self,
+        ws: &mut Workspace<B>,
+        kv: &mut KvCache<B>,
+        seqs: &[AttentionSeq<'_>],
+        layer_idx: usize,
+        layer: &LayerWeights<B>,
+    ) -> Result<()> {
+        let (b, c, a) = (&self.backend, &self.config, &layer.attention);
+        let (qw, kw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        b.rms_norm(&ws.hidden, &layer.input_norm, c.rms_norm_eps, &mut ws.normed);
+        b.linear(&ws.normed, &a.qkv, a.qkv_bias.as_ref(), &mut ws.qkv);
+        if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+            let (qg, kg) = match c.qk_norm {
+                QkNorm::PerHead => (c.head_dim, c.head_dim),
+                _ => (qw, kw),
+            };
+            b.rms_norm_cols(&mut ws.qkv, 0..qw, qg, qn, c.rms_norm_eps);
+            b.rms_norm_cols(&mut ws.qkv, qw..qw + kw, kg, kn, c.rms_norm_eps);
+        }
+        if let Some(limit) = c.clip_qkv {
+            b.clamp(&mut ws.qkv, limit);
+        }
+        b.rope(&mut ws.qkv, 0, c.num_heads, c.head_dim, &ws.rope);
+        b.rope(&mut ws.qkv, qw, c.num_kv_heads, c.head_dim, &ws.rope);
+        b.attention(&ws.qkv, &self.attn_shape, seqs, &mut kv.store, layer_idx, &mut ws.attn)?;
+        b.linear(&ws.attn, &a.o, None, &mut ws.proj);
+        b.add(&mut ws.hidden, &ws.proj);
+        Ok(())
+    }
+
+    fn moe_block(&self, ws: &mut Workspace<B>, moe: &MoeWeights<B>) {
+        let (b, c) = (&self.backend, &self.config);
+        let (rows, _) = b.act_shape(&ws.normed);
+        b.linear(&ws.normed, &moe.gate, None, &mut ws.gate_logits);
+        b.download(&ws.gate_logits, &mut ws.host);
+        ws.choices.clear();
+        ws.choices.resize(rows * c.top_k, (0, 0.0));
+        for r in 0..rows {
+            let logits = &ws.host[r * c.num_experts..(r + 1) * c.num_experts];
+            route_row(logits, c.top_k, c.norm_topk_prob, &mut ws.choices[r * c.top_k..(r + 1) * c.top_k]);
+        }
+        ws.plan.rebuild(c.num_experts, c.top_k, &ws.choices);
+        b.zeros(rows, c.hidden_size, &mut ws.ffn_out);
+        b.expert_ffn(&ws.normed, &moe.experts, &ws.plan, &mut ws.scratch, &mut ws.ffn_out);
+        if let Some((shared, shared_gate)) = &moe.shared {
+            b.swiglu(&ws.normed, shared, &mut ws.scratch, &mut ws.shared_out);
+            b.linear(&ws.normed, shared_gate, None, &mut ws.gate_logits);
+            b.add_sigmoid_gated(&mut ws.ffn_out, &ws.shared_out, &ws.gate_logits);
+        }
+    }
+}

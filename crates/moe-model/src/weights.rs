@@ -1,0 +1,174 @@
+//! Loading a checkpoint's tensors into backend weights, with the names and shapes each
+//! architecture uses. q/k/v are fused into one `[q+k+v, H]` matrix and each SwiGLU's gate and up
+//! projections into one `[2I, H]` matrix, so each needs one matrix multiply per step.
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{Architecture, ModelConfig, QkNorm};
+use crate::error::Result;
+use moe_compute::{Backend, SwigluWeights};
+
+pub struct AttentionWeights<B: Backend> {
+    pub qkv: B::Matrix,
+    pub qkv_bias: Option<B::Vector>,
+    pub o: B::Matrix,
+    pub q_norm: Option<B::Vector>,
+    pub k_norm: Option<B::Vector>,
+}
+
+pub struct MoeWeights<B: Backend> {
+    /// The router linear, `[E, H]`.
+    pub gate: B::Matrix,
+    pub experts: Vec<SwigluWeights<B>>,
+    /// Qwen2-MoE's shared expert and its `[1, H]` sigmoid gate.
+    pub shared: Option<(SwigluWeights<B>, B::Matrix)>,
+}
+
+pub enum FfnWeights<B: Backend> {
+    Dense(SwigluWeights<B>),
+    Moe(MoeWeights<B>),
+}
+
+pub struct LayerWeights<B: Backend> {
+    pub input_norm: B::Vector,
+    pub attention: AttentionWeights<B>,
+    pub post_attention_norm: B::Vector,
+    pub ffn: FfnWeights<B>,
+}
+
+pub struct ModelWeights<B: Backend> {
+    pub embed: B::Matrix,
+    pub layers: Vec<LayerWeights<B>>,
+    pub norm: B::Vector,
+    /// `None` when the output head is tied to the embeddings.
+    pub lm_head: Option<B::Matrix>,
+}
+
+struct Loader<'a, B: Backend> {
+    ckpt: &'a Checkpoint,
+    backend: &'a B,
+    cfg: &'a ModelConfig,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<B::Matrix> {
+        let data = self.ckpt.read(name, &[rows, cols])?;
+        Ok(self.backend.matrix(rows, cols, data)?)
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<B::Vector> {
+        Ok(self.backend.vector(self.ckpt.read(name, &[len])?)?)
+    }
+
+    /// Stacks the rows of several `[r_i, cols]` tensors into one matrix.
+    fn stacked(&self, parts: &[(String, usize)], cols: usize) -> Result<B::Matrix> {
+        let rows: usize = parts.iter().map(|p| p.1).sum();
+        let mut data = Vec::with_capacity(rows * cols);
+        for (name, r) in parts {
+            data.extend(self.ckpt.read(name, &[*r, cols])?);
+        }
+        Ok(self.backend.matrix(rows, cols, data)?)
+    }
+
+    fn swiglu(&self, prefix: &str, names: [&str; 3], inter: usize) -> Result<SwigluWeights<B>> {
+        let h = self.cfg.hidden_size;
+        let [gate, up, down] = names;
+        Ok(SwigluWeights {
+            gate_up: self
+                .stacked(&[(format!("{prefix}.{gate}.weight"), inter), (format!("{prefix}.{up}.weight"), inter)], h)?,
+            down: self.matrix(&format!("{prefix}.{down}.weight"), h, inter)?,
+        })
+    }
+
+    fn attention(&self, p: &str) -> Result<AttentionWeights<B>> {
+        let c = self.cfg;
+        let (h, qw, kw) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let parts = [
+            (format!("{p}.q_proj.weight"), qw),
+            (format!("{p}.k_proj.weight"), kw),
+            (format!("{p}.v_proj.weight"), kw),
+        ];
+        let qkv_bias = if c.attention_bias {
+            let mut b = self.ckpt.read(&format!("{p}.q_proj.bias"), &[qw])?;
+            b.extend(self.ckpt.read(&format!("{p}.k_proj.bias"), &[kw])?);
+            b.extend(self.ckpt.read(&format!("{p}.v_proj.bias"), &[kw])?);
+            Some(self.backend.vector(b)?)
+        } else {
+            None
+        };
+        let (q_norm, k_norm) = match c.qk_norm {
+            QkNorm::None => (None, None),
+            QkNorm::PerHead => (
+                Some(self.vector(&format!("{p}.q_norm.weight"), c.head_dim)?),
+                Some(self.vector(&format!("{p}.k_norm.weight"), c.head_dim)?),
+            ),
+            QkNorm::Whole => (
+                Some(self.vector(&format!("{p}.q_norm.weight"), qw)?),
+                Some(self.vector(&format!("{p}.k_norm.weight"), kw)?),
+            ),
+        };
+        Ok(AttentionWeights {
+            qkv: self.stacked(&parts, h)?,
+            qkv_bias,
+            o: self.matrix(&format!("{p}.o_proj.weight"), h, qw)?,
+            q_norm,
+            k_norm,
+        })
+    }
+
+    fn moe(&self, layer: usize) -> Result<MoeWeights<B>> {
+        let c = self.cfg;
+        let p = format!("model.layers.{layer}.{}", c.architecture.moe_prefix());
+        let names = match c.architecture {
+            Architecture::Mixtral => ["w1", "w3", "w2"],
+            _ => ["gate_proj", "up_proj", "down_proj"],
+        };
+        let experts = (0..c.num_experts)
+            .map(|e| self.swiglu(&format!("{p}.experts.{e}"), names, c.expert_intermediate_size))
+            .collect::<Result<Vec<_>>>()?;
+        let shared = match c.shared_expert_intermediate_size {
+            Some(si) => Some((
+                self.swiglu(&format!("{p}.shared_expert"), ["gate_proj", "up_proj", "down_proj"], si)?,
+                self.matrix(&format!("{p}.shared_expert_gate.weight"), 1, c.hidden_size)?,
+            )),
+            None => None,
+        };
+        Ok(MoeWeights {
+            gate: self.matrix(&format!("{p}.gate.weight"), c.num_experts, c.hidden_size)?,
+            experts,
+            shared,
+        })
+    }
+}
+
+/// Loads every weight the config calls for.
+pub fn load_weights<B: Backend>(ckpt: &Checkpoint, cfg: &ModelConfig, backend: &B) -> Result<ModelWeights<B>> {
+    let l = Loader { ckpt, backend, cfg };
+    let h = cfg.hidden_size;
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for i in 0..cfg.num_layers {
+        let p = format!("model.layers.{i}");
+        let ffn = if cfg.is_moe_layer(i) {
+            FfnWeights::Moe(l.moe(i)?)
+        } else {
+            FfnWeights::Dense(l.swiglu(
+                &format!("{p}.mlp"),
+                ["gate_proj", "up_proj", "down_proj"],
+                cfg.intermediate_size,
+            )?)
+        };
+        layers.push(LayerWeights {
+            input_norm: l.vector(&format!("{p}.input_layernorm.weight"), h)?,
+            attention: l.attention(&format!("{p}.self_attn"))?,
+            post_attention_norm: l.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+            ffn,
+        });
+        tracing::debug!(layer = i, "loaded");
+    }
+    let lm_head = if cfg.tie_word_embeddings { None } else { Some(l.matrix("lm_head.weight", cfg.vocab_size, h)?) };
+    Ok(ModelWeights {
+        embed: l.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?,
+        layers,
+        norm: l.vector("model.norm.weight", h)?,
+        lm_head,
+    })
+}
