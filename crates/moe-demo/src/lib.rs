@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: writing safetensors failed: {message}")]
     Write { path: PathBuf, message: String },
     #[error("invalid demo model shape: {0}")]
@@ -173,7 +173,7 @@ fn ones(dtype: DemoDtype, len: usize) -> Tensor {
 /// missing). Returns the parameter count.
 pub fn write_demo_model(dir: &Path, spec: &DemoSpec) -> Result<usize> {
     spec.validate()?;
-    std::fs::create_dir_all(dir).map_err(|source| DemoError::Io { path: dir.to_path_buf(), source })?;
+    std::fs::create_dir_all(dir).map_err(|error| DemoError::Io { path: dir.to_path_buf(), error })?;
     let (h, i, e) = (spec.hidden_size, spec.intermediate_size, spec.num_experts);
     let hd = h / spec.num_heads;
     let kvw = spec.num_kv_heads * hd;
@@ -233,5 +233,5 @@ pub fn write_demo_model(dir: &Path, spec: &DemoSpec) -> Result<usize> {
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    std::fs::write(path, bytes).map_err(|source| DemoError::Io { path: path.to_path_buf(), source })
+    std::fs::write(path, bytes).map_err(|error| DemoError::Io { path: path.to_path_buf(), error })
 }

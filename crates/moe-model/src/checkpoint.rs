@@ -4,7 +4,6 @@
 
 use crate::error::{ModelError, Result};
 use memmap2::Mmap;
-use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -12,8 +11,8 @@ use std::path::{Path, PathBuf};
 struct Shard {
     path: PathBuf,
     map: Mmap,
-    /// Tensor name -> (dtype, shape, byte range within the file).
-    tensors: HashMap<String, (Dtype, Vec<usize>, std::ops::Range<usize>)>,
+    /// Tensor name -> (dtype as written in the header, shape, byte range within the file).
+    tensors: HashMap<String, (String, Vec<usize>, std::ops::Range<usize>)>,
 }
 
 /// All tensors of a checkpoint directory.
@@ -23,39 +22,92 @@ pub struct Checkpoint {
     by_name: HashMap<String, usize>,
 }
 
+/// Bytes per element of the safetensors dtypes we can size (all the format defines but sub-byte).
+fn dtype_size(dtype: &str) -> Option<usize> {
+    Some(match dtype {
+        "F64" | "I64" | "U64" | "C64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" | "F8_E8M0" => 1,
+        _ => return None,
+    })
+}
+
 fn open_shard(path: &Path) -> Result<Shard> {
-    let file = File::open(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+    let file = File::open(path).map_err(|error| ModelError::Io { path: path.to_path_buf(), error })?;
     // SAFETY: the file is opened read-only; like every mmap reader we rely on no one truncating
     // the checkpoint while it is loaded (contents are copied out at load time).
-    let map = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-    let st = SafeTensors::deserialize(&map).map_err(|e| ModelError::Safetensors {
-        path: path.to_path_buf(),
-        message: describe_safetensors_error(&e, map.len()),
-    })?;
-    let base = st_data_offset(&map);
-    let mut tensors = HashMap::new();
-    for (name, view) in st.tensors() {
-        let start = view.data().as_ptr() as usize - map.as_ptr() as usize;
-        debug_assert!(start >= base);
-        tensors.insert(name, (view.dtype(), view.shape().to_vec(), start..start + view.data().len()));
-    }
+    let map = unsafe { Mmap::map(&file) }.map_err(|error| ModelError::Io { path: path.to_path_buf(), error })?;
+    let tensors =
+        parse_header(&map).map_err(|message| ModelError::Safetensors { path: path.to_path_buf(), message })?;
     Ok(Shard { path: path.to_path_buf(), map, tensors })
 }
 
-fn st_data_offset(map: &[u8]) -> usize {
-    map.get(..8).map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as usize + 8).unwrap_or(0)
-}
+type TensorIndex = HashMap<String, (String, Vec<usize>, std::ops::Range<usize>)>;
 
-fn describe_safetensors_error(e: &safetensors::SafeTensorError, file_len: usize) -> String {
-    use safetensors::SafeTensorError as E;
-    match e {
-        E::HeaderTooSmall => format!("file is {file_len} bytes, too short for a safetensors header (truncated?)"),
-        E::InvalidHeaderLength => format!("header length exceeds the file size of {file_len} bytes (truncated?)"),
-        E::MetadataIncompleteBuffer => {
-            format!("tensor data extends past the end of the file ({file_len} bytes): truncated, or the header lies about sizes")
-        }
-        other => other.to_string(),
+/// Reads and checks a safetensors header: every tensor's byte range must match its shape and
+/// dtype and lie within the file. Errors name the tensor and the numbers that disagree.
+fn parse_header(file: &[u8]) -> std::result::Result<TensorIndex, String> {
+    let len = file.len();
+    let Some(n) = file.get(..8) else {
+        return Err(format!("file is {len} bytes, too short for a safetensors header (truncated?)"));
+    };
+    let n = u64::from_le_bytes([n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7]]);
+    let data_start = 8u64.saturating_add(n);
+    if data_start > len as u64 {
+        return Err(format!(
+            "header length {n} runs past the end of the {len}-byte file (truncated, or not safetensors?)"
+        ));
     }
+    let data_start = data_start as usize;
+    let header: serde_json::Value =
+        serde_json::from_slice(&file[8..data_start]).map_err(|e| format!("header is not valid JSON: {e}"))?;
+    let obj = header.as_object().ok_or("header is not a JSON object")?;
+    let data_len = len - data_start;
+    let mut out = HashMap::new();
+    for (name, info) in obj {
+        if name == "__metadata__" {
+            continue;
+        }
+        let bad = |what: &str| format!("tensor {name:?}: {what}");
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad("missing dtype"))?.to_string();
+        let shape: Vec<usize> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .ok_or_else(|| bad("missing shape"))?
+            .iter()
+            .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(|| bad("shape must be non-negative integers")))
+            .collect::<std::result::Result<_, _>>()?;
+        let offsets = info.get("data_offsets").and_then(|o| o.as_array()).ok_or_else(|| bad("missing data_offsets"))?;
+        let (start, end) = match offsets.as_slice() {
+            [a, b] => (
+                a.as_u64().ok_or_else(|| bad("data_offsets must be integers"))? as usize,
+                b.as_u64().ok_or_else(|| bad("data_offsets must be integers"))? as usize,
+            ),
+            _ => return Err(bad("data_offsets must be [start, end]")),
+        };
+        if end < start {
+            return Err(bad(&format!("data_offsets [{start}, {end}] end before they start")));
+        }
+        if let Some(size) = dtype_size(&dtype) {
+            let numel =
+                shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad("shape overflows"))?;
+            let expected = numel.checked_mul(size).ok_or_else(|| bad("shape overflows"))?;
+            if expected != end - start {
+                return Err(bad(&format!(
+                    "the header says shape {shape:?} of {dtype} ({expected} bytes) but its data_offsets span {} bytes",
+                    end - start
+                )));
+            }
+        }
+        if end > data_len {
+            return Err(bad(&format!(
+                "data ends at byte {end} of the data section, but the file holds only {data_len} bytes of data (truncated?)"
+            )));
+        }
+        out.insert(name.clone(), (dtype, shape, data_start + start..data_start + end));
+    }
+    Ok(out)
 }
 
 impl Checkpoint {
@@ -65,7 +117,7 @@ impl Checkpoint {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text =
-                std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
+                std::fs::read_to_string(&index).map_err(|error| ModelError::Io { path: index.clone(), error })?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| ModelError::ShardIndex { path: index.clone(), message: format!("not valid JSON: {e}") })?;
             let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::ShardIndex {
@@ -95,7 +147,7 @@ impl Checkpoint {
         } else {
             return Err(ModelError::Io {
                 path: single,
-                source: std::io::Error::new(
+                error: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     "no model.safetensors or model.safetensors.index.json in the model directory",
                 ),
@@ -120,7 +172,7 @@ impl Checkpoint {
     /// The dtype of the first tensor found (for logs), e.g. `BF16`.
     pub fn dtype_of(&self, name: &str) -> Option<String> {
         let s = &self.shards[*self.by_name.get(name)?];
-        s.tensors.get(name).map(|t| format!("{:?}", t.0))
+        s.tensors.get(name).map(|t| t.0.clone())
     }
 
     /// Reads tensor `name` as f32, checking it has exactly `shape`.
@@ -140,15 +192,15 @@ impl Checkpoint {
             });
         }
         let bytes = &shard.map[range.clone()];
-        let out = match dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        let out = match dtype.as_str() {
+            "F32" => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            "BF16" => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            "F16" => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             other => {
                 return Err(ModelError::UnsupportedDtype {
                     path: shard.path.clone(),
                     name: name.to_string(),
-                    dtype: format!("{other:?}"),
+                    dtype: other.to_string(),
                 })
             }
         };

@@ -1,0 +1,159 @@
+//! Helpers shared by the cross-crate tests: fixture paths, running the `moe` binary, comparing
+//! logits, and reading/rewriting safetensors files byte by byte (to make broken checkpoints).
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const ARCHS: [&str; 4] = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"];
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+}
+
+pub fn expected(name: &str) -> Value {
+    let text = std::fs::read_to_string(fixture(name).join("expected.json")).expect("fixture expected.json");
+    serde_json::from_str(&text).expect("expected.json is JSON")
+}
+
+/// A case's token ids as the CLI's comma list.
+pub fn ids_arg(ids: &[u32]) -> String {
+    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+}
+
+pub fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("int") as u32).collect()
+}
+
+pub fn matrix(v: &Value) -> Vec<Vec<f32>> {
+    v.as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r.as_array().expect("row").iter().map(|x| x.as_f64().expect("number") as f32).collect())
+        .collect()
+}
+
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
+    }
+
+    /// Asserts a clean failure: non-zero exit, no panic, and every needle in stderr.
+    pub fn assert_error(&self, needles: &[&str]) {
+        assert_ne!(self.code, 0, "expected failure, got success: {}", self.stdout);
+        assert!(!self.stderr.contains("panicked"), "panicked: {}", self.stderr);
+        for n in needles {
+            assert!(self.stderr.contains(n), "stderr lacks {n:?}: {}", self.stderr);
+        }
+    }
+}
+
+pub fn moe(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_moe")).args(args).env_remove("MOE_MODEL").output().expect("run moe");
+    let o = Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert!(!o.stderr.contains("panicked"), "moe {args:?} panicked: {}", o.stderr);
+    o
+}
+
+/// Max |a - b| over max |b|.
+pub fn rel_err(got: &[Vec<f32>], want: &[Vec<f32>]) -> f32 {
+    assert_eq!(got.len(), want.len(), "row count");
+    let mut diff = 0f32;
+    let mut scale = 0f32;
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.len(), w.len(), "row width");
+        for (a, b) in g.iter().zip(w) {
+            diff = diff.max((a - b).abs());
+            scale = scale.max(b.abs());
+        }
+    }
+    diff / scale.max(f32::MIN_POSITIVE)
+}
+
+/// Copies a fixture directory's files into `dst`.
+pub fn copy_fixture(name: &str, dst: &Path) {
+    std::fs::create_dir_all(dst).expect("mkdir");
+    for e in std::fs::read_dir(fixture(name)).expect("fixture dir") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), dst.join(e.file_name())).expect("copy");
+    }
+}
+
+/// A safetensors file as its JSON header and data section.
+pub struct RawSafetensors {
+    pub header: serde_json::Map<String, Value>,
+    pub data: Vec<u8>,
+}
+
+impl RawSafetensors {
+    pub fn read(path: &Path) -> Self {
+        let bytes = std::fs::read(path).expect("read safetensors");
+        let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+        let header: Value = serde_json::from_slice(&bytes[8..8 + n]).expect("header json");
+        Self { header: header.as_object().expect("object").clone(), data: bytes[8 + n..].to_vec() }
+    }
+
+    pub fn write(&self, path: &Path) {
+        let mut h = serde_json::to_vec(&self.header).expect("json");
+        while (h.len() + 8) % 8 != 0 {
+            h.push(b' ');
+        }
+        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+        out.extend(h);
+        out.extend(&self.data);
+        std::fs::write(path, out).expect("write safetensors");
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut n: Vec<String> = self.header.keys().filter(|k| *k != "__metadata__").cloned().collect();
+        n.sort();
+        n
+    }
+
+    /// (dtype, shape, bytes) of one tensor.
+    pub fn tensor(&self, name: &str) -> (String, Vec<usize>, Vec<u8>) {
+        let info = &self.header[name];
+        let off = info["data_offsets"].as_array().expect("offsets");
+        let (s, e) = (off[0].as_u64().expect("s") as usize, off[1].as_u64().expect("e") as usize);
+        let shape =
+            info["shape"].as_array().expect("shape").iter().map(|d| d.as_u64().expect("dim") as usize).collect();
+        (info["dtype"].as_str().expect("dtype").to_string(), shape, self.data[s..e].to_vec())
+    }
+
+    /// Builds a file from (name, dtype, shape, bytes) tensors.
+    pub fn from_tensors(tensors: &[(String, String, Vec<usize>, Vec<u8>)]) -> Self {
+        let mut header = serde_json::Map::new();
+        let mut data = Vec::new();
+        for (name, dtype, shape, bytes) in tensors {
+            let start = data.len();
+            data.extend(bytes);
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, data.len()]}),
+            );
+        }
+        Self { header, data }
+    }
+
+    pub fn all(&self) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
+        self.names()
+            .into_iter()
+            .map(|n| {
+                let (d, s, b) = self.tensor(&n);
+                (n, d, s, b)
+            })
+            .collect()
+    }
+}
