@@ -47,14 +47,15 @@ pub struct AttentionShape {
 }
 
 /// One sequence's slice of a batched attention call.
-#[derive(Clone, Debug)]
-pub struct AttentionSeq<'a> {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttentionSeq {
     /// Rows of the batch activations holding this sequence's new tokens.
     pub rows: Range<usize>,
     /// Tokens already in the KV cache before these rows; the first new row is at this position.
     pub start_pos: usize,
-    /// Page ids of this sequence, in order; they must cover `start_pos + rows.len()` slots.
-    pub pages: &'a [u32],
+    /// This sequence's page ids, in order, as a range of the call's flat page table; they must
+    /// cover `start_pos + rows.len()` slots.
+    pub pages: Range<usize>,
 }
 
 /// One expert's (or a dense MLP's) SwiGLU weights: `gate_up` is `[2*I, H]` (gate rows first, then
@@ -119,12 +120,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Rotate-half rotary embedding in place on heads of `head_dim` columns starting at `col`.
     fn rope(&self, x: &mut Self::Act, col: usize, n_heads: usize, head_dim: usize, table: &Self::Act);
     /// Writes the new rows' k and v into the store, then computes causal attention of their q
-    /// over everything cached; `out` is `[rows, n_heads*head_dim]`.
+    /// over everything cached; `out` is `[rows, n_heads*head_dim]`. `page_table` holds the page
+    /// ids of all sequences back to back (each [`AttentionSeq::pages`] indexes into it).
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         qkv: &Self::Act,
         shape: &AttentionShape,
-        seqs: &[AttentionSeq<'_>],
+        seqs: &[AttentionSeq],
+        page_table: &[u32],
         store: &mut Self::KvStore,
         layer: usize,
         out: &mut Self::Act,

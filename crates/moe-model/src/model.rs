@@ -61,6 +61,8 @@ pub struct Workspace<B: Backend> {
     ids: Vec<u32>,
     positions: Vec<u32>,
     out_rows: Vec<u32>,
+    seqs: Vec<AttentionSeq>,
+    page_table: Vec<u32>,
 }
 
 impl<B: Backend> Workspace<B> {
@@ -84,6 +86,8 @@ impl<B: Backend> Workspace<B> {
             ids: Vec::new(),
             positions: Vec::new(),
             out_rows: Vec::new(),
+            seqs: Vec::new(),
+            page_table: Vec::new(),
         }
     }
 }
@@ -182,23 +186,25 @@ impl<B: Backend> Model<B> {
             }
         }
         let mut row = 0;
-        let seqs: Vec<AttentionSeq<'_>> = batch
-            .iter()
-            .map(|item| {
-                let s = AttentionSeq {
-                    rows: row..row + item.tokens.len(),
-                    start_pos: item.cache.len,
-                    pages: &item.cache.pages,
-                };
-                row += item.tokens.len();
-                s
-            })
-            .collect();
+        ws.seqs.clear();
+        ws.page_table.clear();
+        // Pages are unique to a sequence, so the table never exceeds the pool: one growth, ever.
+        ws.page_table.reserve(kv.pages.num_pages());
+        for item in batch.iter() {
+            let first_page = ws.page_table.len();
+            ws.page_table.extend_from_slice(&item.cache.pages);
+            ws.seqs.push(AttentionSeq {
+                rows: row..row + item.tokens.len(),
+                start_pos: item.cache.len,
+                pages: first_page..ws.page_table.len(),
+            });
+            row += item.tokens.len();
+        }
 
         b.embed(&self.weights.embed, &ws.ids, &mut ws.hidden)?;
         b.rope_table(&ws.positions, &self.inv_freq, &mut ws.rope);
         for (i, layer) in self.weights.layers.iter().enumerate() {
-            self.attention_block(ws, kv, &seqs, i, layer)?;
+            self.attention_block(ws, kv, i, layer)?;
             b.rms_norm(&ws.hidden, &layer.post_attention_norm, c.rms_norm_eps, &mut ws.normed);
             match &layer.ffn {
                 FfnWeights::Dense(mlp) => b.swiglu(&ws.normed, mlp, &mut ws.scratch, &mut ws.ffn_out),
@@ -206,7 +212,6 @@ impl<B: Backend> Model<B> {
             }
             b.add(&mut ws.hidden, &ws.ffn_out);
         }
-        drop(seqs);
         b.gather_rows(&ws.hidden, &ws.out_rows, &mut ws.selected);
         b.rms_norm(&ws.selected, &self.weights.norm, c.rms_norm_eps, &mut ws.normed);
         let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
@@ -222,7 +227,6 @@ impl<B: Backend> Model<B> {
         &self,
         ws: &mut Workspace<B>,
         kv: &mut KvCache<B>,
-        seqs: &[AttentionSeq<'_>],
         layer_idx: usize,
         layer: &LayerWeights<B>,
     ) -> Result<()> {
@@ -243,7 +247,7 @@ impl<B: Backend> Model<B> {
         }
         b.rope(&mut ws.qkv, 0, c.num_heads, c.head_dim, &ws.rope);
         b.rope(&mut ws.qkv, qw, c.num_kv_heads, c.head_dim, &ws.rope);
-        b.attention(&ws.qkv, &self.attn_shape, seqs, &mut kv.store, layer_idx, &mut ws.attn)?;
+        b.attention(&ws.qkv, &self.attn_shape, &ws.seqs, &ws.page_table, &mut kv.store, layer_idx, &mut ws.attn)?;
         b.linear(&ws.attn, &a.o, None, &mut ws.proj);
         b.add(&mut ws.hidden, &ws.proj);
         Ok(())

@@ -1,13 +1,12 @@
 //! Paged causal attention on the CPU. The store keeps, per layer, keys and values as
 //! `[page][slot][kv_head][head_dim]`; a sequence owns a list of pages. New tokens' k and v are
 //! written into their slots first, then each (row, head) pair attends over its sequence's cached
-//! positions, in parallel across pairs, with per-thread score buffers reused between calls.
+//! positions, in parallel across pairs, in one pass with an online softmax (no score buffer).
 
 use super::linear::SendPtr;
 use super::simd::{axpy, dot};
 use crate::{AttentionSeq, AttentionShape, ComputeError, KvLayout, Result};
 use rayon::prelude::*;
-use std::cell::RefCell;
 
 /// Keys and values of every layer, f32.
 pub struct CpuKvStore {
@@ -41,18 +40,14 @@ impl CpuKvStore {
     }
 }
 
-thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-fn check_pages(store: &CpuKvStore, seq: &AttentionSeq<'_>) -> Result<()> {
+fn check_pages(store: &CpuKvStore, pages: &[u32], seq: &AttentionSeq) -> Result<()> {
     let l = &store.layout;
     let needed = seq.start_pos + seq.rows.len();
-    let have = seq.pages.len() * l.page_size;
+    let have = pages.len() * l.page_size;
     if needed > have {
         return Err(ComputeError::PagesTooFew { needed, have });
     }
-    if let Some(&page) = seq.pages.iter().find(|&&p| p as usize >= l.num_pages) {
+    if let Some(&page) = pages.iter().find(|&&p| p as usize >= l.num_pages) {
         return Err(ComputeError::BadPage { page, num_pages: l.num_pages });
     }
     Ok(())
@@ -60,11 +55,13 @@ fn check_pages(store: &CpuKvStore, seq: &AttentionSeq<'_>) -> Result<()> {
 
 /// See [`crate::Backend::attention`]. `qkv` has `qkv_cols` columns; `out` has
 /// `n_heads*head_dim` columns and as many rows as `qkv`.
+#[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
     qkv: &[f32],
     qkv_cols: usize,
     shape: &AttentionShape,
-    seqs: &[AttentionSeq<'_>],
+    seqs: &[AttentionSeq],
+    page_table: &[u32],
     store: &mut CpuKvStore,
     layer: usize,
     out: &mut [f32],
@@ -72,9 +69,12 @@ pub fn paged_attention(
     let hd = shape.head_dim;
     let kv_width = shape.n_kv_heads * hd;
     for seq in seqs {
-        check_pages(store, seq)?;
+        let pages = page_table
+            .get(seq.pages.clone())
+            .ok_or(ComputeError::PagesTooFew { needed: seq.pages.end, have: page_table.len() })?;
+        check_pages(store, pages, seq)?;
         for (i, row) in seq.rows.clone().enumerate() {
-            let off = store.slot_offset(seq.pages, seq.start_pos + i);
+            let off = store.slot_offset(pages, seq.start_pos + i);
             let src = &qkv[row * qkv_cols..(row + 1) * qkv_cols];
             store.keys[layer][off..off + kv_width].copy_from_slice(&src[shape.k_col..shape.k_col + kv_width]);
             store.values[layer][off..off + kv_width].copy_from_slice(&src[shape.v_col..shape.v_col + kv_width]);
@@ -103,6 +103,7 @@ pub fn paged_attention(
             t_left -= n;
         }
         let Some(seq) = found else { return };
+        let pages = &page_table[seq.pages.clone()];
         let (i, h) = (t_left / shape.n_heads, t_left % shape.n_heads);
         let row = seq.rows.start + i;
         let pos = seq.start_pos + i;
@@ -112,31 +113,32 @@ pub fn paged_attention(
         };
         let kvh = h / group.max(1);
         let q = &qkv[row * qkv_cols + shape.q_col + h * hd..][..hd];
-        SCORES.with(|cell| {
-            let mut scores = cell.borrow_mut();
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for p in first..=pos {
-                let off = store.slot_offset(seq.pages, p) + kvh * hd;
-                let s = dot(q, &keys[off..off + hd]) * shape.scale;
-                max = max.max(s);
-                scores.push(s);
+        // SAFETY: (row, h) is unique to this task, so this head's slice of out is written by no
+        // other thread; row < rows and h < n_heads keep it inside out.
+        let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(row * out_cols + h * hd), hd) };
+        o.fill(0.0);
+        // One pass with a running max (online softmax): no score buffer, K and V read once.
+        let mut max = f32::NEG_INFINITY;
+        let mut sum = 0.0f32;
+        for p in first..=pos {
+            let off = store.slot_offset(pages, p) + kvh * hd;
+            let s = dot(q, &keys[off..off + hd]) * shape.scale;
+            if s > max {
+                let correction = (max - s).exp();
+                sum *= correction;
+                for v in o.iter_mut() {
+                    *v *= correction;
+                }
+                max = s;
             }
-            let mut sum = 0.0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            // SAFETY: (row, h) is unique to this task, so this head's slice of out is written by
-            // no other thread; row < rows and h < n_heads keep it inside out.
-            let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(row * out_cols + h * hd), hd) };
-            o.fill(0.0);
-            for (j, p) in (first..=pos).enumerate() {
-                let off = store.slot_offset(seq.pages, p) + kvh * hd;
-                axpy(scores[j] * inv, &values[off..off + hd], o);
-            }
-        });
+            let w = (s - max).exp();
+            sum += w;
+            axpy(w, &values[off..off + hd], o);
+        }
+        let inv = 1.0 / sum;
+        for v in o.iter_mut() {
+            *v *= inv;
+        }
     };
     if work * hd * 16 < 1 << 14 || rayon::current_num_threads() <= 1 {
         (0..work).for_each(task);

@@ -194,13 +194,14 @@ impl Backend for CpuBackend {
         &self,
         qkv: &HostTensor,
         shape: &AttentionShape,
-        seqs: &[AttentionSeq<'_>],
+        seqs: &[AttentionSeq],
+        page_table: &[u32],
         store: &mut CpuKvStore,
         layer: usize,
         out: &mut HostTensor,
     ) -> Result<()> {
         out.reshape(qkv.rows, shape.n_heads * shape.head_dim);
-        attention::paged_attention(&qkv.data, qkv.cols, shape, seqs, store, layer, &mut out.data)
+        attention::paged_attention(&qkv.data, qkv.cols, shape, seqs, page_table, store, layer, &mut out.data)
     }
 
     fn add(&self, x: &mut HostTensor, y: &HostTensor) {
