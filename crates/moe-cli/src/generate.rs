@@ -34,9 +34,24 @@ pub struct GenerateArgs {
     /// Print prefill and decode speed to stderr.
     #[arg(long, env = "MOE_STATS")]
     pub stats: bool,
+    /// Send the request to a running router (`moe serve` or `moe router`), e.g. http://127.0.0.1:50051.
+    #[arg(long, env = "MOE_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// With --endpoint: print tokens as they arrive.
+    #[arg(long, env = "MOE_STREAM", requires = "endpoint")]
+    pub stream: bool,
+    /// With --endpoint: stop when the text contains this (repeatable).
+    #[arg(long, requires = "endpoint")]
+    pub stop: Vec<String>,
+    /// With --endpoint: penalty on tokens already present (1 = none).
+    #[arg(long, env = "MOE_REPETITION_PENALTY", requires = "endpoint")]
+    pub repetition_penalty: Option<f32>,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    if args.endpoint.is_some() {
+        return crate::client::run(args);
+    }
     let (dir, model) = args.model.load()?;
     let codec = TextCodec::from_dir(&dir)?;
     let prompt = match (&args.prompt, &args.token_ids) {

@@ -1,10 +1,15 @@
 //! The `moe` command. Every flag can also be set through a `MOE_*` environment variable.
 //! Library errors become one `error: …` line on stderr and a non-zero exit, never a panic.
 
+mod client;
 mod demo;
+mod engine_args;
 mod generate;
 mod logits;
 mod model_args;
+mod router;
+mod serve;
+mod worker;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -28,6 +33,12 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Write a small random Mixtral-layout checkpoint with a byte-level tokenizer.
     DemoModel(demo::DemoArgs),
+    /// Run the embedded cluster (router and N in-process workers) serving the Inference API.
+    Serve(serve::ServeArgs),
+    /// Host experts and serve them to routers over gRPC.
+    Worker(worker::WorkerArgs),
+    /// Route requests to remote expert workers, serving the Inference API.
+    Router(router::RouterArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,5 +68,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Logits(a) => logits::run(a),
         Command::DemoModel(a) => demo::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Worker(a) => worker::run(a),
+        Command::Router(a) => router::run(a),
     }
 }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// Hugging Face model directory (config.json, *.safetensors, optional tokenizer.json).
-    #[arg(long, env = "MOE_MODEL", required_unless_present = "demo", conflicts_with = "demo")]
+    #[arg(long, env = "MOE_MODEL", conflicts_with = "demo")]
     pub model: Option<PathBuf>,
     /// Use the built-in demo model (written once to the temp directory).
     #[arg(long, env = "MOE_DEMO")]
@@ -20,9 +20,10 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// The model directory, writing the demo model first if asked for.
     pub fn dir(&self) -> anyhow::Result<PathBuf> {
-        match &self.model {
-            Some(dir) => Ok(dir.clone()),
-            None => demo_dir(),
+        match (&self.model, self.demo) {
+            (Some(dir), _) => Ok(dir.clone()),
+            (None, true) => demo_dir(),
+            (None, false) => anyhow::bail!("give --model DIR (or --demo for the built-in demo model)"),
         }
     }
 

@@ -15,24 +15,31 @@ impl ExpertPlan {
     /// Builds the plan from per-row choices (`choices[r*k + j] = (expert, weight)`), reusing this
     /// plan's buffers. Rows keep ascending order within each expert.
     pub fn rebuild(&mut self, num_experts: usize, k: usize, choices: &[(u32, f32)]) {
+        let k = k.max(1);
+        self.rebuild_from(num_experts, choices.iter().enumerate().map(|(i, &(e, w))| ((i / k) as u32, e, w)));
+    }
+
+    /// Builds the plan from `(row, expert, weight)` entries in row order; every expert must be
+    /// below `num_experts` (callers validate).
+    pub fn rebuild_from(&mut self, num_experts: usize, entries: impl Iterator<Item = (u32, u32, f32)> + Clone) {
         self.offsets.clear();
         self.offsets.resize(num_experts + 1, 0);
-        for &(e, _) in choices {
+        for (_, e, _) in entries.clone() {
             self.offsets[e as usize + 1] += 1;
         }
         for e in 0..num_experts {
             self.offsets[e + 1] += self.offsets[e];
         }
-        let total = choices.len();
+        let total = self.offsets[num_experts];
         self.rows.clear();
         self.rows.resize(total, 0);
         self.weights.clear();
         self.weights.resize(total, 0.0);
         self.cursor.clear();
         self.cursor.extend_from_slice(&self.offsets[..num_experts]);
-        for (i, &(e, w)) in choices.iter().enumerate() {
+        for (row, e, w) in entries {
             let slot = &mut self.cursor[e as usize];
-            self.rows[*slot] = (i / k.max(1)) as u32;
+            self.rows[*slot] = row;
             self.weights[*slot] = w;
             *slot += 1;
         }

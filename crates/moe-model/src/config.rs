@@ -318,6 +318,23 @@ impl ModelConfig {
         !self.mlp_only_layers.contains(&i) && self.num_experts > 0 && (i + 1) % self.decoder_sparse_step == 0
     }
 
+    /// A short hash identifying the model's shape, so routers refuse workers of another model.
+    pub fn fingerprint(&self) -> String {
+        // FNV-1a over the normalized config: stable across runs and platforms.
+        let text = format!("{self:?}");
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in text.bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+
+    /// Indices of the layers with routed experts.
+    pub fn moe_layers(&self) -> Vec<usize> {
+        (0..self.num_layers).filter(|&l| self.is_moe_layer(l)).collect()
+    }
+
     /// Rotary inverse frequencies, `head_dim / 2` of them.
     pub fn inv_freq(&self) -> Vec<f32> {
         let d = self.head_dim as f64;

@@ -28,6 +28,8 @@ pub enum ModelError {
     TooLong { len: usize, max: usize },
     #[error("the KV cache is full: {needed} more pages needed, {free} free")]
     KvCacheFull { needed: usize, free: usize },
+    #[error("layer {layer}: experts unavailable: {message}")]
+    Experts { layer: usize, message: String },
     #[error(transparent)]
     Compute(#[from] moe_compute::ComputeError),
 }

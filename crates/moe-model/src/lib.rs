@@ -15,4 +15,4 @@ pub mod weights;
 pub use config::{Architecture, ModelConfig, QkNorm};
 pub use error::{ModelError, Result};
 pub use kv::{PageAllocator, SequenceCache};
-pub use model::{BatchItem, KvCache, LogitsFor, Model, Workspace};
+pub use model::{BatchItem, ExpertExecutor, ExpertRoutes, KvCache, LogitsFor, Model, Workspace};

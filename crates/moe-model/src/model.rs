@@ -11,6 +11,21 @@ use crate::weights::{load_weights, FfnWeights, LayerWeights, ModelWeights, MoeWe
 use moe_compute::{AttentionSeq, AttentionShape, Backend, ExpertPlan, FfnScratch, KvLayout};
 use std::path::Path;
 
+/// Where the routed experts of an MoE layer run: in this process (the model's own weights) or
+/// on workers. Implementations add, for every row r of `x`, `Σ_j w_rj · expert_{e_rj}(x_r)` into
+/// `out`, which is `[rows, H]` and zeroed on entry.
+pub trait ExpertExecutor<B: Backend>: Send + Sync {
+    fn run_experts(&self, layer: usize, x: &B::Act, routes: &ExpertRoutes<'_>, out: &mut B::Act) -> Result<()>;
+}
+
+/// The routing decision of one MoE layer for a batch: `top_k` (expert, weight) pairs per row,
+/// and the same grouped by expert.
+pub struct ExpertRoutes<'a> {
+    pub top_k: usize,
+    pub choices: &'a [(u32, f32)],
+    pub plan: &'a ExpertPlan,
+}
+
 /// A loaded model on a backend.
 pub struct Model<B: Backend> {
     pub config: ModelConfig,
@@ -95,9 +110,15 @@ impl<B: Backend> Workspace<B> {
 impl<B: Backend> Model<B> {
     /// Loads `config.json` and the safetensors weights of a Hugging Face model directory.
     pub fn load(dir: &Path, backend: B) -> Result<Self> {
+        Self::load_with(dir, backend, true)
+    }
+
+    /// Loads the model; without `with_experts`, only the dense part (what a router holds), and
+    /// forward calls must then be given an [`ExpertExecutor`].
+    pub fn load_with(dir: &Path, backend: B, with_experts: bool) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
-        let weights = load_weights(&ckpt, &config, &backend)?;
+        let weights = load_weights(&ckpt, &config, &backend, with_experts)?;
         Ok(Self::from_parts(config, weights, backend))
     }
 
@@ -152,8 +173,8 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// Runs the new tokens of every item through the model, appending them to their caches, and
-    /// writes the requested logits rows (`vocab_size` each) into `logits`.
+    /// Runs the new tokens of every item through the model with its own experts, appending them
+    /// to their caches, and writes the requested logits rows (`vocab_size` each) into `logits`.
     pub fn forward(
         &self,
         ws: &mut Workspace<B>,
@@ -161,6 +182,20 @@ impl<B: Backend> Model<B> {
         batch: &mut [BatchItem<'_>],
         which: LogitsFor,
         logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.forward_with(ws, kv, batch, which, logits, None)
+    }
+
+    /// [`Model::forward`] with the routed experts run by `experts` (when given). On error the
+    /// caches' lengths are unchanged (their new pages stay reserved for a retry).
+    pub fn forward_with(
+        &self,
+        ws: &mut Workspace<B>,
+        kv: &mut KvCache<B>,
+        batch: &mut [BatchItem<'_>],
+        which: LogitsFor,
+        logits: &mut Vec<f32>,
+        experts: Option<&dyn ExpertExecutor<B>>,
     ) -> Result<()> {
         let b = &self.backend;
         let c = &self.config;
@@ -208,7 +243,7 @@ impl<B: Backend> Model<B> {
             b.rms_norm(&ws.hidden, &layer.post_attention_norm, c.rms_norm_eps, &mut ws.normed);
             match &layer.ffn {
                 FfnWeights::Dense(mlp) => b.swiglu(&ws.normed, mlp, &mut ws.scratch, &mut ws.ffn_out),
-                FfnWeights::Moe(moe) => self.moe_block(ws, moe),
+                FfnWeights::Moe(moe) => self.moe_block(ws, i, moe, experts)?,
             }
             b.add(&mut ws.hidden, &ws.ffn_out);
         }
@@ -253,7 +288,13 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    fn moe_block(&self, ws: &mut Workspace<B>, moe: &MoeWeights<B>) {
+    fn moe_block(
+        &self,
+        ws: &mut Workspace<B>,
+        layer: usize,
+        moe: &MoeWeights<B>,
+        experts: Option<&dyn ExpertExecutor<B>>,
+    ) -> Result<()> {
         let (b, c) = (&self.backend, &self.config);
         let (rows, _) = b.act_shape(&ws.normed);
         b.linear(&ws.normed, &moe.gate, None, &mut ws.gate_logits);
@@ -266,11 +307,23 @@ impl<B: Backend> Model<B> {
         }
         ws.plan.rebuild(c.num_experts, c.top_k, &ws.choices);
         b.zeros(rows, c.hidden_size, &mut ws.ffn_out);
-        b.expert_ffn(&ws.normed, &moe.experts, &ws.plan, &mut ws.scratch, &mut ws.ffn_out);
+        match experts {
+            Some(executor) => {
+                let routes = ExpertRoutes { top_k: c.top_k, choices: &ws.choices, plan: &ws.plan };
+                executor.run_experts(layer, &ws.normed, &routes, &mut ws.ffn_out)?;
+            }
+            None if moe.experts.len() == c.num_experts => {
+                b.expert_ffn(&ws.normed, &moe.experts, &ws.plan, &mut ws.scratch, &mut ws.ffn_out);
+            }
+            None => {
+                return Err(ModelError::Experts { layer, message: "this model was loaded without its experts".into() })
+            }
+        }
         if let Some((shared, shared_gate)) = &moe.shared {
             b.swiglu(&ws.normed, shared, &mut ws.scratch, &mut ws.shared_out);
             b.linear(&ws.normed, shared_gate, None, &mut ws.gate_logits);
             b.add_sigmoid_gated(&mut ws.ffn_out, &ws.shared_out, &ws.gate_logits);
         }
+        Ok(())
     }
 }

@@ -18,6 +18,7 @@ pub struct AttentionWeights<B: Backend> {
 pub struct MoeWeights<B: Backend> {
     /// The router linear, `[E, H]`.
     pub gate: B::Matrix,
+    /// Every routed expert, or empty when experts live elsewhere (a router's dense-only model).
     pub experts: Vec<SwigluWeights<B>>,
     /// Qwen2-MoE's shared expert and its `[1, H]` sigmoid gate.
     pub shared: Option<(SwigluWeights<B>, B::Matrix)>,
@@ -115,16 +116,24 @@ impl<B: Backend> Loader<'_, B> {
         })
     }
 
-    fn moe(&self, layer: usize) -> Result<MoeWeights<B>> {
+    fn expert(&self, layer: usize, expert: usize) -> Result<SwigluWeights<B>> {
         let c = self.cfg;
-        let p = format!("model.layers.{layer}.{}", c.architecture.moe_prefix());
+        let p = format!("model.layers.{layer}.{}.experts.{expert}", c.architecture.moe_prefix());
         let names = match c.architecture {
             Architecture::Mixtral => ["w1", "w3", "w2"],
             _ => ["gate_proj", "up_proj", "down_proj"],
         };
-        let experts = (0..c.num_experts)
-            .map(|e| self.swiglu(&format!("{p}.experts.{e}"), names, c.expert_intermediate_size))
-            .collect::<Result<Vec<_>>>()?;
+        self.swiglu(&p, names, c.expert_intermediate_size)
+    }
+
+    fn moe(&self, layer: usize, with_experts: bool) -> Result<MoeWeights<B>> {
+        let c = self.cfg;
+        let p = format!("model.layers.{layer}.{}", c.architecture.moe_prefix());
+        let experts = if with_experts {
+            (0..c.num_experts).map(|e| self.expert(layer, e)).collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
         let shared = match c.shared_expert_intermediate_size {
             Some(si) => Some((
                 self.swiglu(&format!("{p}.shared_expert"), ["gate_proj", "up_proj", "down_proj"], si)?,
@@ -140,15 +149,31 @@ impl<B: Backend> Loader<'_, B> {
     }
 }
 
-/// Loads every weight the config calls for.
-pub fn load_weights<B: Backend>(ckpt: &Checkpoint, cfg: &ModelConfig, backend: &B) -> Result<ModelWeights<B>> {
+/// Loads one routed expert's weights (what a worker hosts).
+pub fn load_expert<B: Backend>(
+    ckpt: &Checkpoint,
+    cfg: &ModelConfig,
+    backend: &B,
+    layer: usize,
+    expert: usize,
+) -> Result<SwigluWeights<B>> {
+    Loader { ckpt, backend, cfg }.expert(layer, expert)
+}
+
+/// Loads every weight the config calls for; the routed experts only if `with_experts`.
+pub fn load_weights<B: Backend>(
+    ckpt: &Checkpoint,
+    cfg: &ModelConfig,
+    backend: &B,
+    with_experts: bool,
+) -> Result<ModelWeights<B>> {
     let l = Loader { ckpt, backend, cfg };
     let h = cfg.hidden_size;
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("model.layers.{i}");
         let ffn = if cfg.is_moe_layer(i) {
-            FfnWeights::Moe(l.moe(i)?)
+            FfnWeights::Moe(l.moe(i, with_experts)?)
         } else {
             FfnWeights::Dense(l.swiglu(
                 &format!("{p}.mlp"),

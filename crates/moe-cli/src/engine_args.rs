@@ -1,0 +1,71 @@
+//! Flags of the router's engine, shared by `moe serve` and `moe router`.
+
+use clap::Args;
+use moe_router::EngineConfig;
+use std::time::Duration;
+
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Tokens per batch step (decode tokens plus prefill chunks).
+    #[arg(long, env = "MOE_MAX_BATCH_TOKENS", default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Requests in the running batch at most.
+    #[arg(long, env = "MOE_MAX_RUNNING", default_value_t = 64)]
+    pub max_running: usize,
+    /// Requests waiting for admission at most; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MOE_MAX_WAITING", default_value_t = 256)]
+    pub max_waiting: usize,
+    /// KV-cache memory budget in MiB.
+    #[arg(long, env = "MOE_KV_CACHE_MB", default_value_t = 512)]
+    pub kv_cache_mb: usize,
+    /// Deadline of requests that set none, in seconds.
+    #[arg(long, env = "MOE_REQUEST_TIMEOUT_SECS", default_value_t = 600)]
+    pub request_timeout_secs: u64,
+}
+
+impl EngineArgs {
+    pub fn config(&self) -> anyhow::Result<EngineConfig> {
+        anyhow::ensure!(self.max_batch_tokens > 0, "--max-batch-tokens must be at least 1");
+        anyhow::ensure!(self.max_running > 0, "--max-running must be at least 1");
+        anyhow::ensure!(self.kv_cache_mb > 0, "--kv-cache-mb must be at least 1");
+        Ok(EngineConfig {
+            max_batch_tokens: self.max_batch_tokens,
+            max_running: self.max_running,
+            max_waiting: self.max_waiting,
+            kv_cache_bytes: self.kv_cache_mb << 20,
+            page_size: 16,
+            default_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
+        })
+    }
+}
+
+/// Resolves once Ctrl-C or SIGTERM arrives.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+/// Binds `addr` and says where it listens (tests read this line to find port 0's choice).
+pub async fn bind(addr: &str, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    eprintln!("moe {what}: listening on {}", listener.local_addr()?);
+    Ok(listener)
+}

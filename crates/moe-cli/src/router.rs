@@ -1,0 +1,53 @@
+//! `moe router`: the router over a static list of remote workers.
+
+use crate::engine_args::{bind, shutdown_signal, EngineArgs};
+use clap::{Args, ValueEnum};
+use moe_dispatch::GrpcTransportConfig;
+use moe_proto::v1::WireDtype;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Wire {
+    Bf16,
+    F32,
+}
+
+#[derive(Args, Debug)]
+pub struct RouterArgs {
+    #[arg(long, env = "MOE_MODEL")]
+    pub model: PathBuf,
+    /// Worker addresses, comma separated (host:port or http://host:port).
+    #[arg(long, env = "MOE_WORKERS", value_delimiter = ',', required = true)]
+    pub workers: Vec<String>,
+    #[arg(long, env = "MOE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    /// Encoding of hidden rows between router and workers.
+    #[arg(long, env = "MOE_WIRE", value_enum, default_value = "bf16")]
+    pub wire: Wire,
+    /// How long one layer's expert call may take before the worker counts as dead.
+    #[arg(long, env = "MOE_DISPATCH_TIMEOUT_MS", default_value_t = 10_000)]
+    pub dispatch_timeout_ms: u64,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+pub fn run(a: RouterArgs) -> anyhow::Result<()> {
+    let transport = GrpcTransportConfig {
+        wire: match a.wire {
+            Wire::Bf16 => WireDtype::Bf16,
+            Wire::F32 => WireDtype::F32,
+        },
+        deadline: Duration::from_millis(a.dispatch_timeout_ms.max(1)),
+        ..Default::default()
+    };
+    let engine_config = a.engine.config()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let engine = moe_cluster::remote(&a.model, &a.workers, transport, engine_config).await?;
+        let listener = bind(&a.listen, "router").await?;
+        moe_router::serve_inference(engine, a.workers.len(), listener, shutdown_signal())
+            .await
+            .map_err(|e| anyhow::anyhow!("server failed: {e}"))
+    })
+}

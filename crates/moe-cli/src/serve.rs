@@ -1,0 +1,31 @@
+//! `moe serve`: the embedded cluster (a router and N in-process workers in one process) serving
+//! the Inference API.
+
+use crate::engine_args::{bind, shutdown_signal, EngineArgs};
+use crate::model_args::ModelArgs;
+use clap::Args;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// In-process expert workers; worker i hosts experts e with e mod N = i.
+    #[arg(long, env = "MOE_WORKERS", default_value_t = 2)]
+    pub workers: usize,
+    #[arg(long, env = "MOE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+pub fn run(a: ServeArgs) -> anyhow::Result<()> {
+    let dir = a.model.dir()?;
+    let engine = moe_cluster::embedded(&dir, a.workers, a.engine.config()?)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let listener = bind(&a.listen, "serve").await?;
+        moe_router::serve_inference(engine, a.workers, listener, shutdown_signal())
+            .await
+            .map_err(|e| anyhow::anyhow!("server failed: {e}"))
+    })
+}

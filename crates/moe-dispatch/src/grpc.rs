@@ -1,0 +1,244 @@
+//! The gRPC transport: one long-lived bidirectional `ComputeStream` per worker, requests matched
+//! to responses by id, batches to different workers in flight at once, every wait bounded by a
+//! deadline, and large batches split so no message nears the size limit. A broken or silent
+//! stream is dropped and reopened on the next call.
+
+use crate::dispatcher::{WorkerBatch, WorkerTransport};
+use crate::error::{DispatchError, Result};
+use moe_proto::v1::expert_worker_client::ExpertWorkerClient;
+use moe_proto::v1::{DescribeRequest, DescribeResponse, ExpertRequest, ExpertResponse, WireDtype};
+use moe_proto::wire;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
+
+/// Messages are capped here on both ends; batches are split well below it.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+#[derive(Clone, Debug)]
+pub struct GrpcTransportConfig {
+    pub wire: WireDtype,
+    /// How long one layer's dispatch to a worker may take before the worker counts as dead.
+    pub deadline: Duration,
+    pub connect_timeout: Duration,
+    /// Row bytes per message; larger batches are split into several messages.
+    pub max_rows_bytes: usize,
+}
+
+impl Default for GrpcTransportConfig {
+    fn default() -> Self {
+        Self {
+            wire: WireDtype::Bf16,
+            deadline: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+            max_rows_bytes: 8 << 20,
+        }
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ExpertResponse>>>>;
+
+#[derive(Clone)]
+struct OpenStream {
+    tx: mpsc::Sender<ExpertRequest>,
+    pending: Pending,
+}
+
+struct WorkerConn {
+    addr: String,
+    endpoint: Endpoint,
+    stream: Mutex<Option<OpenStream>>,
+}
+
+pub struct GrpcTransport {
+    runtime: tokio::runtime::Handle,
+    workers: Vec<WorkerConn>,
+    config: GrpcTransportConfig,
+    next_id: AtomicU64,
+}
+
+fn unavailable(addr: &str, message: impl std::fmt::Display) -> DispatchError {
+    DispatchError::Unavailable { worker: addr.to_string(), message: message.to_string() }
+}
+
+fn endpoint(addr: &str, config: &GrpcTransportConfig) -> Result<Endpoint> {
+    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|e| unavailable(addr, format!("invalid address: {e}")))?
+        .tcp_nodelay(true)
+        .connect_timeout(config.connect_timeout)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5)))
+}
+
+async fn client(addr: &str, ep: &Endpoint, config: &GrpcTransportConfig) -> Result<ExpertWorkerClient<Channel>> {
+    let channel = tokio::time::timeout(config.connect_timeout, ep.connect())
+        .await
+        .map_err(|_| unavailable(addr, "connect timed out"))?
+        .map_err(|e| unavailable(addr, format!("connect failed: {e}")))?;
+    Ok(ExpertWorkerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+impl GrpcTransport {
+    /// Connects to every worker and asks what it hosts. Must run inside the tokio runtime whose
+    /// handle later drives the streams.
+    pub async fn connect(addrs: &[String], config: GrpcTransportConfig) -> Result<(Self, Vec<DescribeResponse>)> {
+        let mut workers = Vec::with_capacity(addrs.len());
+        let mut described = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            let ep = endpoint(addr, &config)?;
+            let mut c = client(addr, &ep, &config).await?;
+            let d = tokio::time::timeout(config.deadline, c.describe(DescribeRequest {}))
+                .await
+                .map_err(|_| unavailable(addr, "Describe timed out"))?
+                .map_err(|s| unavailable(addr, format!("Describe failed: {}", s.message())))?
+                .into_inner();
+            described.push(d);
+            workers.push(WorkerConn { addr: addr.clone(), endpoint: ep, stream: Mutex::new(None) });
+        }
+        let runtime = tokio::runtime::Handle::current();
+        Ok((Self { runtime, workers, config, next_id: AtomicU64::new(1) }, described))
+    }
+
+    async fn open(&self, w: &WorkerConn) -> Result<OpenStream> {
+        if let Some(s) = w.stream.lock().ok().and_then(|g| g.clone()) {
+            if !s.tx.is_closed() {
+                return Ok(s);
+            }
+        }
+        let mut c = client(&w.addr, &w.endpoint, &self.config).await?;
+        let (tx, rx) = mpsc::channel::<ExpertRequest>(64);
+        let resp = tokio::time::timeout(self.config.connect_timeout, c.compute_stream(ReceiverStream::new(rx)))
+            .await
+            .map_err(|_| unavailable(&w.addr, "opening the stream timed out"))?
+            .map_err(|s| unavailable(&w.addr, format!("opening the stream failed: {}", s.message())))?;
+        let mut inbound = resp.into_inner();
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let reader_pending = pending.clone();
+        let addr = w.addr.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(msg)) => {
+                        let waiter = reader_pending.lock().ok().and_then(|mut p| p.remove(&msg.id));
+                        if let Some(waiter) = waiter {
+                            let _ = waiter.send(msg);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::warn!(worker = %addr, %status, "expert stream failed");
+                        break;
+                    }
+                }
+            }
+            // Dropping the waiters wakes every pending call with an error.
+            if let Ok(mut p) = reader_pending.lock() {
+                p.clear();
+            }
+        });
+        let s = OpenStream { tx, pending };
+        if let Ok(mut g) = w.stream.lock() {
+            *g = Some(s.clone());
+        }
+        Ok(s)
+    }
+
+    fn reset(&self, w: &WorkerConn) {
+        if let Ok(mut g) = w.stream.lock() {
+            *g = None;
+        }
+    }
+
+    /// Sends one worker's batch (split into messages as needed) and collects the combined rows.
+    async fn call(&self, layer: usize, hidden: usize, b: &WorkerBatch, out: &mut Vec<f32>) -> Result<()> {
+        let w = self.workers.get(b.worker).ok_or_else(|| unavailable(&format!("#{}", b.worker), "no such worker"))?;
+        let stream = self.open(w).await.inspect_err(|_| self.reset(w))?;
+        let row_bytes = hidden * wire::bytes_per_value(self.config.wire);
+        let per_msg = (self.config.max_rows_bytes / row_bytes.max(1)).max(1);
+        let mut waiters = Vec::new();
+        let mut pair_start = 0usize;
+        for (chunk, pairs) in b.row_pairs.chunks(per_msg).enumerate() {
+            let first_row = chunk * per_msg;
+            let n_pairs: usize = pairs.iter().map(|&p| p as usize).sum();
+            let rows = &b.rows[first_row * hidden..(first_row + pairs.len()) * hidden];
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let req = ExpertRequest {
+                id,
+                layer: layer as u32,
+                dtype: self.config.wire as i32,
+                hidden_size: hidden as u32,
+                rows: wire::encode(rows, self.config.wire).into(),
+                row_pairs: pairs.to_vec(),
+                experts: b.experts[pair_start..pair_start + n_pairs].to_vec(),
+                weights: b.weights[pair_start..pair_start + n_pairs].to_vec(),
+            };
+            pair_start += n_pairs;
+            let (tx, rx) = oneshot::channel();
+            if let Ok(mut p) = stream.pending.lock() {
+                p.insert(id, tx);
+            }
+            waiters.push((id, rx));
+            if stream.tx.send(req).await.is_err() {
+                self.reset(w);
+                return Err(unavailable(&w.addr, "stream closed"));
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.config.deadline;
+        out.clear();
+        let mut decoded = Vec::new();
+        for (id, rx) in waiters {
+            let resp = match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => {
+                    self.reset(w);
+                    return Err(unavailable(&w.addr, "stream closed before the answer"));
+                }
+                Err(_) => {
+                    if let Ok(mut p) = stream.pending.lock() {
+                        p.remove(&id);
+                    }
+                    // A silent worker may hold the stream forever; start afresh next time.
+                    self.reset(w);
+                    return Err(DispatchError::Deadline {
+                        worker: w.addr.clone(),
+                        millis: self.config.deadline.as_millis() as u64,
+                    });
+                }
+            };
+            if let Some(e) = resp.error {
+                return Err(DispatchError::Rejected { worker: w.addr.clone(), message: e.message });
+            }
+            let dtype = WireDtype::try_from(resp.dtype).unwrap_or(self.config.wire);
+            wire::decode_rows(&resp.rows, dtype, hidden, &mut decoded)
+                .map_err(|e| DispatchError::Rejected { worker: w.addr.clone(), message: e.to_string() })?;
+            out.extend_from_slice(&decoded);
+        }
+        Ok(())
+    }
+}
+
+impl WorkerTransport for GrpcTransport {
+    fn worker_name(&self, worker: usize) -> String {
+        self.workers.get(worker).map(|w| w.addr.clone()).unwrap_or_else(|| format!("#{worker}"))
+    }
+
+    fn execute(&self, layer: usize, hidden: usize, batches: &[WorkerBatch], outputs: &mut [Vec<f32>]) -> Result<()> {
+        // Called from the router's compute thread, never from inside the runtime.
+        self.runtime.block_on(async {
+            let calls = batches.iter().zip(outputs.iter_mut()).map(|(b, out)| {
+                let span = tracing::debug_span!("dispatch", worker = %self.worker_name(b.worker), layer, rows = b.row_ids.len());
+                self.call(layer, hidden, b, out).instrument(span)
+            });
+            let results = futures::future::join_all(calls).await;
+            results.into_iter().collect::<Result<Vec<()>>>().map(|_| ())
+        })
+    }
+}

@@ -1,0 +1,47 @@
+//! The in-process transport: worker batches run as direct calls into hosts in this process (the
+//! embedded cluster). No sockets, no serialization; the same host code as a gRPC worker.
+
+use crate::dispatcher::{WorkerBatch, WorkerTransport};
+use crate::error::{DispatchError, Result};
+use moe_worker::{ComputeInput, ExpertHost};
+use std::sync::Arc;
+
+pub struct InProcessTransport {
+    hosts: Vec<Arc<ExpertHost>>,
+}
+
+impl InProcessTransport {
+    pub fn new(hosts: Vec<Arc<ExpertHost>>) -> Self {
+        Self { hosts }
+    }
+
+    pub fn hosts(&self) -> &[Arc<ExpertHost>] {
+        &self.hosts
+    }
+}
+
+impl WorkerTransport for InProcessTransport {
+    fn worker_name(&self, worker: usize) -> String {
+        format!("in-process#{worker}")
+    }
+
+    fn execute(&self, layer: usize, hidden: usize, batches: &[WorkerBatch], outputs: &mut [Vec<f32>]) -> Result<()> {
+        for (b, out) in batches.iter().zip(outputs.iter_mut()) {
+            let host = self.hosts.get(b.worker).ok_or_else(|| DispatchError::Unavailable {
+                worker: self.worker_name(b.worker),
+                message: "no such worker".into(),
+            })?;
+            let input = ComputeInput {
+                layer,
+                hidden_size: hidden,
+                rows: &b.rows,
+                row_pairs: &b.row_pairs,
+                experts: &b.experts,
+                weights: &b.weights,
+            };
+            host.compute(&input, out)
+                .map_err(|e| DispatchError::Rejected { worker: self.worker_name(b.worker), message: e.to_string() })?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,15 @@
+//! `moe-proto` owns the wire: the code generated from `proto/moe/v1` (package `moe.v1`: the
+//! public `Inference` service and the internal `ExpertWorker` service), the descriptor set for
+//! server reflection, and the encoding of hidden-state rows as raw little-endian bf16 or f32
+//! bytes. It holds no logic beyond that.
+
+pub mod wire;
+
+/// Generated messages, clients and servers of package `moe.v1`.
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("moe.v1");
+}
+
+/// The encoded `FileDescriptorSet` of package `moe.v1`, for `tonic-reflection`.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("moe_v1_descriptor");

@@ -1,0 +1,417 @@
+//! The compute loop: one thread that owns the model workspace and the paged KV cache, and runs
+//! iteration-level continuous batching. Each step it takes in new requests (bounded queue),
+//! drops cancelled and expired ones (freeing their pages), admits waiting requests while their
+//! whole KV need fits, builds one batch of decode tokens plus prefill chunks under a token budget,
+//! runs it, samples, and sends each request its events. Every accepted request ends in exactly
+//! one `Finished` or `Failed` event.
+
+use crate::error::RouterError;
+use crate::request::{Event, FinishReason, ValidatedRequest};
+use crate::text::TextStream;
+use moe_compute::cpu::CpuBackend;
+use moe_generate::{Sampler, TextCodec};
+use moe_model::{BatchItem, ExpertExecutor, KvCache, LogitsFor, Model, SequenceCache};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Tokens per step across decode tokens and prefill chunks.
+    pub max_batch_tokens: usize,
+    /// Sequences in the running batch at most.
+    pub max_running: usize,
+    /// Requests waiting for admission at most; beyond, RESOURCE_EXHAUSTED.
+    pub max_waiting: usize,
+    /// KV-cache memory budget in bytes (f32 keys and values of every layer).
+    pub kv_cache_bytes: usize,
+    pub page_size: usize,
+    /// Deadline of requests that set none.
+    pub default_timeout: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_tokens: 512,
+            max_running: 64,
+            max_waiting: 256,
+            kv_cache_bytes: 512 << 20,
+            page_size: 16,
+            default_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Counters the engine publishes after every step (for tests, health and metrics).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub total_pages: AtomicUsize,
+    pub free_pages: AtomicUsize,
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub steps: AtomicUsize,
+}
+
+struct Submission {
+    id: u64,
+    req: ValidatedRequest,
+    events: UnboundedSender<Event>,
+}
+
+/// The handle the API side holds: submits requests and reads the engine's counters.
+#[derive(Clone)]
+pub struct Engine {
+    tx: SyncSender<Submission>,
+    stats: Arc<EngineStats>,
+    max_waiting: usize,
+    next_id: Arc<AtomicUsize>,
+    model: Arc<Model<CpuBackend>>,
+    codec: Arc<TextCodec>,
+    config: EngineConfig,
+}
+
+impl Engine {
+    /// Starts the compute thread. `experts` runs the routed experts (in-process or remote);
+    /// `None` uses the model's own.
+    pub fn start(
+        model: Arc<Model<CpuBackend>>,
+        codec: Arc<TextCodec>,
+        experts: Option<Arc<dyn ExpertExecutor<CpuBackend>>>,
+        config: EngineConfig,
+    ) -> Result<Self, RouterError> {
+        let c = &model.config;
+        let page_bytes = 2 * 4 * c.num_layers * config.page_size * c.num_kv_heads * c.head_dim;
+        let pages = (config.kv_cache_bytes / page_bytes.max(1)).max(1);
+        let kv = model.kv_cache(pages, config.page_size).map_err(|e| RouterError::Internal(e.to_string()))?;
+        let stats = Arc::new(EngineStats::default());
+        stats.total_pages.store(pages, Ordering::Relaxed);
+        stats.free_pages.store(pages, Ordering::Relaxed);
+        let (tx, rx) = std::sync::mpsc::sync_channel(config.max_waiting.max(1));
+        let mut worker = Worker {
+            model: model.clone(),
+            codec: codec.clone(),
+            experts,
+            kv,
+            ws: model.workspace(),
+            rx,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            stats: stats.clone(),
+            config: config.clone(),
+            logits: Vec::new(),
+            seen: vec![false; c.vocab_size],
+        };
+        std::thread::Builder::new()
+            .name("moe-engine".into())
+            .spawn(move || worker.run())
+            .map_err(|e| RouterError::Internal(format!("starting the engine thread: {e}")))?;
+        Ok(Self {
+            tx,
+            stats,
+            max_waiting: config.max_waiting,
+            next_id: Arc::new(AtomicUsize::new(1)),
+            model,
+            codec,
+            config,
+        })
+    }
+
+    pub fn model(&self) -> &Model<CpuBackend> {
+        &self.model
+    }
+
+    pub fn codec(&self) -> &TextCodec {
+        &self.codec
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Queues a validated request; its events arrive on the returned channel. A full queue is
+    /// refused at once with RESOURCE_EXHAUSTED.
+    pub fn submit(&self, req: ValidatedRequest) -> Result<(u64, UnboundedReceiver<Event>), RouterError> {
+        let pages_needed = (req.prompt.len() + req.max_new_tokens).div_ceil(self.config.page_size);
+        let total = self.stats.total_pages.load(Ordering::Relaxed);
+        if pages_needed > total {
+            return Err(RouterError::ResourceExhausted(format!(
+                "the request needs {pages_needed} KV-cache pages but the whole cache has {total}"
+            )));
+        }
+        // Count before sending so that concurrent submitters cannot overshoot the bound.
+        let waiting = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
+        if waiting >= self.max_waiting {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(RouterError::ResourceExhausted(format!(
+                "the request queue is full ({} waiting); retry later",
+                self.max_waiting
+            )));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;
+        let (events, rx) = unbounded_channel();
+        match self.tx.try_send(Submission { id, req, events }) {
+            Ok(()) => Ok((id, rx)),
+            Err(TrySendError::Full(_)) => {
+                self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+                Err(RouterError::ResourceExhausted("the request queue is full; retry later".into()))
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+                Err(RouterError::Unavailable("the engine has stopped".into()))
+            }
+        }
+    }
+}
+
+struct Sequence {
+    id: u64,
+    req: ValidatedRequest,
+    events: UnboundedSender<Event>,
+    cache: SequenceCache,
+    /// Prompt then generated tokens; `cache.len` of them are in the KV cache.
+    tokens: Vec<u32>,
+    generated: usize,
+    sampler: Sampler,
+    text: TextStream,
+}
+
+struct Worker {
+    model: Arc<Model<CpuBackend>>,
+    codec: Arc<TextCodec>,
+    experts: Option<Arc<dyn ExpertExecutor<CpuBackend>>>,
+    kv: KvCache<CpuBackend>,
+    ws: moe_model::Workspace<CpuBackend>,
+    rx: Receiver<Submission>,
+    waiting: VecDeque<Submission>,
+    running: Vec<Sequence>,
+    stats: Arc<EngineStats>,
+    config: EngineConfig,
+    logits: Vec<f32>,
+    seen: Vec<bool>,
+}
+
+impl Worker {
+    fn run(&mut self) {
+        loop {
+            let idle = self.running.is_empty() && self.waiting.is_empty();
+            if idle {
+                match self.rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(s) => self.waiting.push_back(s),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            while let Ok(s) = self.rx.try_recv() {
+                self.waiting.push_back(s);
+            }
+            self.reap();
+            self.admit();
+            self.publish();
+            if !self.running.is_empty() {
+                self.step();
+                self.stats.steps.fetch_add(1, Ordering::Relaxed);
+                self.publish();
+            } else if !self.waiting.is_empty() {
+                // Waiting for pages that only finishing requests can free: do not spin.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+
+    fn publish(&self) {
+        self.stats.free_pages.store(self.kv.pages.free_pages(), Ordering::SeqCst);
+        self.stats.running.store(self.running.len(), Ordering::SeqCst);
+    }
+
+    /// Drops requests whose client went away and fails expired ones, freeing their pages.
+    fn reap(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &self.running[i];
+            let expired = now >= s.req.deadline;
+            if s.events.is_closed() || expired {
+                let mut s = self.running.swap_remove(i);
+                if expired && !s.events.is_closed() {
+                    let _ = s.events.send(Event::Failed(RouterError::DeadlineExceeded {
+                        millis: s.req.timeout.as_millis() as u64,
+                    }));
+                }
+                tracing::debug!(request = s.id, expired, "request left the batch");
+                self.kv.pages.release(&mut s.cache);
+            } else {
+                i += 1;
+            }
+        }
+        let before = self.waiting.len();
+        self.waiting.retain(|w| {
+            if w.events.is_closed() {
+                return false;
+            }
+            if now >= w.req.deadline {
+                let _ = w
+                    .events
+                    .send(Event::Failed(RouterError::DeadlineExceeded { millis: w.req.timeout.as_millis() as u64 }));
+                return false;
+            }
+            true
+        });
+        self.stats.waiting.fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
+    }
+
+    /// Moves waiting requests into the batch, in arrival order, while their whole KV need fits.
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_running {
+            let Some(front) = self.waiting.front() else { break };
+            let need = front.req.prompt.len() + front.req.max_new_tokens;
+            let mut cache = SequenceCache::default();
+            if self.kv.pages.reserve(&mut cache, need).is_err() {
+                break;
+            }
+            let Some(sub) = self.waiting.pop_front() else { break };
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            let sampler = match Sampler::new(sub.req.sampling.clone()) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = sub.events.send(Event::Failed(RouterError::invalid("sampling", e.to_string())));
+                    self.kv.pages.release(&mut cache);
+                    continue;
+                }
+            };
+            let text = TextStream::new(sub.req.stop.clone());
+            let mut tokens = Vec::with_capacity(need);
+            tokens.extend_from_slice(&sub.req.prompt);
+            self.running.push(Sequence {
+                id: sub.id,
+                req: sub.req,
+                events: sub.events,
+                cache,
+                tokens,
+                generated: 0,
+                sampler,
+                text,
+            });
+        }
+    }
+
+    /// One forward step over decode tokens and prefill chunks.
+    fn step(&mut self) {
+        let mut budget = self.config.max_batch_tokens.max(1);
+        // Decode tokens first (one each), so long prefills never stall running streams.
+        let mut chunk: Vec<usize> = vec![0; self.running.len()];
+        for (i, s) in self.running.iter().enumerate() {
+            if s.cache.len + 1 == s.tokens.len() && budget > 0 {
+                chunk[i] = 1;
+                budget -= 1;
+            }
+        }
+        for (i, s) in self.running.iter().enumerate() {
+            let left = s.tokens.len() - s.cache.len;
+            if chunk[i] == 0 && left > 0 && budget > 0 {
+                let n = left.min(budget);
+                chunk[i] = n;
+                budget -= n;
+            }
+        }
+        let mut batch: Vec<BatchItem<'_>> = Vec::new();
+        let mut members: Vec<usize> = Vec::new();
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if chunk[i] > 0 {
+                let start = s.cache.len;
+                batch.push(BatchItem { tokens: &s.tokens[start..start + chunk[i]], cache: &mut s.cache });
+                members.push(i);
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let experts = self.experts.as_deref();
+        let result =
+            self.model.forward_with(&mut self.ws, &mut self.kv, &mut batch, LogitsFor::Last, &mut self.logits, experts);
+        drop(batch);
+        if let Err(e) = result {
+            let err = RouterError::from(e);
+            tracing::warn!(error = %err, "step failed; failing its requests");
+            let mut failed: Vec<usize> = members;
+            failed.sort_unstable_by(|a, b| b.cmp(a));
+            for i in failed {
+                let mut s = self.running.swap_remove(i);
+                let _ = s.events.send(Event::Failed(err.clone()));
+                self.kv.pages.release(&mut s.cache);
+            }
+            return;
+        }
+        let vocab = self.model.config.vocab_size;
+        let mut done: Vec<usize> = Vec::new();
+        for (row, &i) in members.iter().enumerate() {
+            let s = &mut self.running[i];
+            if s.cache.len < s.tokens.len() {
+                continue; // prefill not finished: no token yet
+            }
+            let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
+            let logprob_of = |l: &[f32], t: u32| {
+                let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = l.iter().map(|x| (x - max).exp()).sum::<f32>().ln() + max;
+                l[t as usize] - lse
+            };
+            if s.req.repetition_penalty != 1.0 {
+                apply_repetition_penalty(logits, &s.tokens, s.req.repetition_penalty, &mut self.seen);
+            }
+            let next = s.sampler.sample(logits);
+            let lp = if s.req.logprobs { vec![logprob_of(logits, next)] } else { Vec::new() };
+            s.tokens.push(next);
+            s.generated += 1;
+            let is_eos = s.req.stop_ids.contains(&next);
+            let (text, stopped) = if is_eos { (String::new(), false) } else { s.text.push(&self.codec, next) };
+            let finish = if is_eos || stopped {
+                Some(FinishReason::Stop)
+            } else if s.generated >= s.req.max_new_tokens || s.tokens.len() >= self.model.config.max_position_embeddings
+            {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            let text = if finish.is_some() { text + &s.text.flush() } else { text };
+            let _ = s.events.send(Event::Delta { text, token_ids: vec![next], logprobs: lp });
+            if let Some(reason) = finish {
+                let _ = s.events.send(Event::Finished {
+                    reason,
+                    prompt_tokens: s.req.prompt.len(),
+                    completion_tokens: s.generated,
+                });
+                done.push(i);
+            }
+        }
+        done.sort_unstable_by(|a, b| b.cmp(a));
+        for i in done {
+            let mut s = self.running.swap_remove(i);
+            self.kv.pages.release(&mut s.cache);
+        }
+    }
+}
+
+/// transformers' repetition penalty: logits of tokens already present are divided by the penalty
+/// when positive and multiplied when negative (each token once).
+fn apply_repetition_penalty(logits: &mut [f32], tokens: &[u32], penalty: f32, seen: &mut [bool]) {
+    for &t in tokens {
+        let t = t as usize;
+        if t < logits.len() && !seen[t] {
+            seen[t] = true;
+            let l = &mut logits[t];
+            *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+        }
+    }
+    for &t in tokens {
+        if let Some(s) = seen.get_mut(t as usize) {
+            *s = false;
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! Router errors and their one mapping to gRPC status codes.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum RouterError {
+    #[error("{field}: {message}")]
+    InvalidArgument { field: &'static str, message: String },
+    #[error("adapter {0:?} is not loaded on this router")]
+    AdapterNotFound(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("deadline exceeded after {millis} ms")]
+    DeadlineExceeded { millis: u64 },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl RouterError {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        RouterError::InvalidArgument { field, message: message.into() }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            RouterError::InvalidArgument { .. } => Code::InvalidArgument,
+            RouterError::AdapterNotFound(_) => Code::NotFound,
+            RouterError::ResourceExhausted(_) => Code::ResourceExhausted,
+            RouterError::Unavailable(_) => Code::Unavailable,
+            RouterError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            RouterError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<RouterError> for Status {
+    fn from(e: RouterError) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+/// Maps a model error met while serving to a router error: missing experts are the cluster's
+/// fault (UNAVAILABLE); input problems are the caller's (INVALID_ARGUMENT).
+impl From<moe_model::ModelError> for RouterError {
+    fn from(e: moe_model::ModelError) -> Self {
+        use moe_model::ModelError as M;
+        match e {
+            M::Experts { .. } => RouterError::Unavailable(e.to_string()),
+            M::TokenOutOfRange { .. } => RouterError::invalid("prompt", e.to_string()),
+            M::EmptyPrompt => RouterError::invalid("prompt", e.to_string()),
+            M::TooLong { .. } => RouterError::invalid("prompt", e.to_string()),
+            M::KvCacheFull { .. } => RouterError::ResourceExhausted(e.to_string()),
+            other => RouterError::Internal(other.to_string()),
+        }
+    }
+}

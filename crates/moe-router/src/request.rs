@@ -1,0 +1,147 @@
+//! A generation request as callers give it, its validation into a [`ValidatedRequest`] (every
+//! rejection names the field), and the events a request produces.
+
+use crate::error::RouterError;
+use moe_generate::{SamplingParams, TextCodec};
+use moe_model::ModelConfig;
+use std::time::{Duration, Instant};
+
+/// The prompt: text for the tokenizer, or token ids.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PromptInput {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// Request fields as received; `None` means the default.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GenerationParams {
+    pub max_new_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_k: Option<i32>,
+    pub top_p: Option<f32>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub repetition_penalty: Option<f32>,
+    pub logprobs: bool,
+    pub adapter_id: String,
+    pub timeout: Option<Duration>,
+}
+
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 64;
+
+/// A request that passed validation, ready for the engine.
+#[derive(Clone, Debug)]
+pub struct ValidatedRequest {
+    pub prompt: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub repetition_penalty: f32,
+    pub logprobs: bool,
+    pub stop_ids: Vec<u32>,
+    pub deadline: Instant,
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+/// What a request emits: deltas, then exactly one `Finished` or `Failed`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Delta { text: String, token_ids: Vec<u32>, logprobs: Vec<f32> },
+    Finished { reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    Failed(RouterError),
+}
+
+impl ValidatedRequest {
+    pub fn new(
+        prompt: PromptInput,
+        p: &GenerationParams,
+        codec: &TextCodec,
+        config: &ModelConfig,
+        default_timeout: Duration,
+    ) -> Result<Self, RouterError> {
+        if !p.adapter_id.is_empty() {
+            return Err(RouterError::AdapterNotFound(p.adapter_id.clone()));
+        }
+        let prompt = match prompt {
+            PromptInput::Ids(ids) => ids,
+            PromptInput::Text(text) => {
+                if !codec.has_tokenizer() {
+                    return Err(RouterError::invalid(
+                        "prompt",
+                        "the model has no tokenizer.json; send token_ids instead of text",
+                    ));
+                }
+                codec.encode(&text).map_err(|e| RouterError::invalid("prompt", e.to_string()))?
+            }
+        };
+        if prompt.is_empty() {
+            return Err(RouterError::invalid("prompt", "the prompt is empty"));
+        }
+        if let Some((i, &id)) = prompt.iter().enumerate().find(|(_, &t)| t as usize >= config.vocab_size) {
+            return Err(RouterError::invalid(
+                "prompt",
+                format!("token id {id} at position {i} is out of range: vocab_size is {}", config.vocab_size),
+            ));
+        }
+        let max_pos = config.max_position_embeddings;
+        if prompt.len() >= max_pos {
+            return Err(RouterError::invalid(
+                "prompt",
+                format!("prompt of {} tokens leaves no room in the context of {max_pos} tokens", prompt.len()),
+            ));
+        }
+        let room = max_pos - prompt.len();
+        let max_new_tokens = match p.max_new_tokens {
+            None => DEFAULT_MAX_NEW_TOKENS.min(room),
+            Some(0) => return Err(RouterError::invalid("max_new_tokens", "must be at least 1")),
+            Some(n) if n as usize > room => {
+                return Err(RouterError::invalid(
+                    "max_new_tokens",
+                    format!("{n} new tokens after a prompt of {} exceed the context of {max_pos} tokens", prompt.len()),
+                ))
+            }
+            Some(n) => n as usize,
+        };
+        let temperature = p.temperature.unwrap_or(0.0);
+        if !(temperature.is_finite() && temperature >= 0.0) {
+            return Err(RouterError::invalid("temperature", format!("must be >= 0, got {temperature}")));
+        }
+        let top_k = p.top_k.unwrap_or(0);
+        if top_k < 0 {
+            return Err(RouterError::invalid("top_k", format!("must be >= 0, got {top_k}")));
+        }
+        let top_p = p.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(RouterError::invalid("top_p", format!("must be in (0, 1], got {top_p}")));
+        }
+        let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
+        if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
+            return Err(RouterError::invalid("repetition_penalty", format!("must be > 0, got {repetition_penalty}")));
+        }
+        if !p.stop.is_empty() && !codec.has_tokenizer() {
+            return Err(RouterError::invalid("stop", "stop sequences need the model's tokenizer.json"));
+        }
+        if let Some(s) = p.stop.iter().find(|s| s.is_empty()) {
+            return Err(RouterError::invalid("stop", format!("stop sequences must not be empty ({s:?})")));
+        }
+        let timeout = p.timeout.filter(|t| !t.is_zero()).unwrap_or(default_timeout);
+        Ok(Self {
+            prompt,
+            max_new_tokens,
+            sampling: SamplingParams { temperature, top_k: top_k as usize, top_p, seed: p.seed.unwrap_or(0) },
+            stop: p.stop.clone(),
+            repetition_penalty,
+            logprobs: p.logprobs,
+            stop_ids: config.eos_token_ids.clone(),
+            deadline: Instant::now() + timeout,
+            timeout,
+        })
+    }
+}

@@ -1,0 +1,168 @@
+//! The public `Inference` gRPC service over an [`Engine`]: request conversion and validation,
+//! unary and streaming generation, tokenization and model info. Each RPC runs in a tracing span
+//! carrying its request id (from `x-request-id` metadata, or assigned).
+
+use crate::engine::Engine;
+use crate::error::RouterError;
+use crate::request::{Event, FinishReason, GenerationParams, PromptInput, ValidatedRequest};
+use moe_proto::v1::generate_request::Prompt;
+use moe_proto::v1::generate_stream_response::Event as StreamEvent;
+use moe_proto::v1::inference_server::Inference;
+use moe_proto::v1::{
+    Finished, GenerateRequest, GenerateResponse, GenerateStreamResponse, ModelInfoRequest, ModelInfoResponse,
+    TokenDelta, TokenizeRequest, TokenizeResponse, Usage,
+};
+use std::pin::Pin;
+use std::time::Duration;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+pub struct InferenceService {
+    engine: Engine,
+    workers: usize,
+}
+
+impl InferenceService {
+    pub fn new(engine: Engine, workers: usize) -> Self {
+        Self { engine, workers }
+    }
+
+    fn validate(&self, req: GenerateRequest) -> Result<ValidatedRequest, RouterError> {
+        let prompt = match req.prompt {
+            Some(Prompt::Text(t)) => PromptInput::Text(t),
+            Some(Prompt::TokenIds(ids)) => PromptInput::Ids(ids.ids),
+            None => return Err(RouterError::invalid("prompt", "give either text or token_ids")),
+        };
+        let s = req.sampling.unwrap_or_default();
+        let params = GenerationParams {
+            max_new_tokens: s.max_new_tokens,
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            seed: s.seed,
+            stop: s.stop,
+            repetition_penalty: s.repetition_penalty,
+            logprobs: s.logprobs,
+            adapter_id: req.adapter_id,
+            timeout: (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms as u64)),
+        };
+        let e = &self.engine;
+        ValidatedRequest::new(prompt, &params, e.codec(), &e.model().config, e.config().default_timeout)
+    }
+}
+
+fn request_id<T>(req: &Request<T>, assigned: u64) -> String {
+    req.metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().take(128).collect())
+        .unwrap_or_else(|| format!("req-{assigned}"))
+}
+
+fn finish_reason(r: FinishReason) -> i32 {
+    match r {
+        FinishReason::Stop => moe_proto::v1::FinishReason::Stop as i32,
+        FinishReason::Length => moe_proto::v1::FinishReason::Length as i32,
+    }
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
+        let hint = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let span = tracing::info_span!("generate", request_id = %hint);
+        async move {
+            let validated = self.validate(request.get_ref().clone())?;
+            let (id, mut events) = self.engine.submit(validated)?;
+            let rid = request_id(&request, id);
+            let mut out = GenerateResponse { request_id: rid, ..Default::default() };
+            while let Some(ev) = events.recv().await {
+                match ev {
+                    Event::Delta { text, token_ids, logprobs } => {
+                        out.text.push_str(&text);
+                        out.token_ids.extend(token_ids);
+                        out.logprobs.extend(logprobs);
+                    }
+                    Event::Finished { reason, prompt_tokens, completion_tokens } => {
+                        out.finish_reason = finish_reason(reason);
+                        out.usage = Some(Usage {
+                            prompt_tokens: prompt_tokens as u32,
+                            completion_tokens: completion_tokens as u32,
+                        });
+                        return Ok(Response::new(out));
+                    }
+                    Event::Failed(e) => return Err(e.into()),
+                }
+            }
+            Err(RouterError::Internal("the engine dropped the request".into()).into())
+        }
+        .instrument(span)
+        .await
+    }
+
+    type GenerateStreamStream = GenerateStream;
+
+    async fn generate_stream(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+        let validated = self.validate(request.get_ref().clone())?;
+        let (id, events) = self.engine.submit(validated)?;
+        let rid = request_id(&request, id);
+        tracing::info!(request_id = %rid, "stream started");
+        let mut finished = false;
+        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(events).map_while(move |ev| {
+            if finished {
+                return None;
+            }
+            Some(match ev {
+                Event::Delta { text, token_ids, logprobs } => Ok(GenerateStreamResponse {
+                    event: Some(StreamEvent::Delta(TokenDelta { text, token_ids, logprobs })),
+                }),
+                Event::Finished { reason, prompt_tokens, completion_tokens } => {
+                    finished = true;
+                    Ok(GenerateStreamResponse {
+                        event: Some(StreamEvent::Finished(Finished {
+                            finish_reason: finish_reason(reason),
+                            usage: Some(Usage {
+                                prompt_tokens: prompt_tokens as u32,
+                                completion_tokens: completion_tokens as u32,
+                            }),
+                            request_id: rid.clone(),
+                        })),
+                    })
+                }
+                Event::Failed(e) => {
+                    finished = true;
+                    Err(e.into())
+                }
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
+        let codec = self.engine.codec();
+        if !codec.has_tokenizer() {
+            return Err(RouterError::invalid("text", "the model has no tokenizer.json").into());
+        }
+        let ids = codec.encode(&request.into_inner().text).map_err(|e| RouterError::invalid("text", e.to_string()))?;
+        Ok(Response::new(TokenizeResponse { token_ids: ids }))
+    }
+
+    async fn model_info(&self, _request: Request<ModelInfoRequest>) -> Result<Response<ModelInfoResponse>, Status> {
+        let c = &self.engine.model().config;
+        Ok(Response::new(ModelInfoResponse {
+            architecture: c.architecture.hf_name().to_string(),
+            vocab_size: c.vocab_size as u32,
+            hidden_size: c.hidden_size as u32,
+            num_layers: c.num_layers as u32,
+            num_experts: c.num_experts as u32,
+            experts_per_token: c.top_k as u32,
+            max_position_embeddings: c.max_position_embeddings as u32,
+            model_fingerprint: c.fingerprint(),
+            workers: self.workers as u32,
+            has_tokenizer: self.engine.codec().has_tokenizer(),
+        }))
+    }
+}

@@ -1,0 +1,37 @@
+//! Errors of the expert worker, and their gRPC codes.
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Model(#[from] moe_model::ModelError),
+    #[error("invalid expert spec {spec:?}: {message}")]
+    Spec { spec: String, message: String },
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("layer {layer} is not a layer with experts (the model has {num_layers} layers)")]
+    UnknownLayer { layer: usize, num_layers: usize },
+    #[error("expert {expert} of layer {layer} is not hosted by this worker")]
+    NotHosted { layer: usize, expert: u32 },
+    #[error("compute task failed: {0}")]
+    Internal(String),
+}
+
+pub type Result<T> = std::result::Result<T, WorkerError>;
+
+impl WorkerError {
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            WorkerError::InvalidRequest(_) | WorkerError::UnknownLayer { .. } | WorkerError::NotHosted { .. } => {
+                tonic::Code::InvalidArgument
+            }
+            WorkerError::Spec { .. } => tonic::Code::InvalidArgument,
+            WorkerError::Model(_) | WorkerError::Internal(_) => tonic::Code::Internal,
+        }
+    }
+}
+
+impl From<WorkerError> for tonic::Status {
+    fn from(e: WorkerError) -> Self {
+        tonic::Status::new(e.code(), e.to_string())
+    }
+}

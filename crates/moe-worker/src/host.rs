@@ -1,0 +1,158 @@
+//! The hosted experts and their computation: given rows of one layer and each row's
+//! (expert, weight) pairs, run each expert once over all its rows (grouped) and return one
+//! combined row per input row. Shared by the gRPC service and the in-process dispatcher, so the
+//! two give identical results.
+
+use crate::error::{Result, WorkerError};
+use crate::spec::ExpertSpec;
+use moe_compute::cpu::{CpuBackend, HostTensor};
+use moe_compute::{Backend, ExpertPlan, FfnScratch, SwigluWeights};
+use moe_model::checkpoint::Checkpoint;
+use moe_model::weights::load_expert;
+use moe_model::ModelConfig;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+/// One layer's hosted experts, in local order, and the map from expert id to local index.
+struct HostedLayer {
+    ids: Vec<u32>,
+    local: HashMap<u32, usize>,
+    weights: Vec<SwigluWeights<CpuBackend>>,
+}
+
+/// Buffers of one computation, pooled so that steady-state serving does not allocate.
+struct Scratch {
+    ffn: FfnScratch<CpuBackend>,
+    plan: ExpertPlan,
+    x: HostTensor,
+    out: HostTensor,
+}
+
+/// One request's inputs, already decoded from the wire.
+pub struct ComputeInput<'a> {
+    pub layer: usize,
+    pub hidden_size: usize,
+    /// `rows x hidden_size` values.
+    pub rows: &'a [f32],
+    /// Pairs per row; its length is the number of rows.
+    pub row_pairs: &'a [u32],
+    pub experts: &'a [u32],
+    pub weights: &'a [f32],
+}
+
+/// The experts one worker hosts.
+pub struct ExpertHost {
+    config: ModelConfig,
+    backend: CpuBackend,
+    layers: Vec<Option<HostedLayer>>,
+    fingerprint: String,
+    scratch: Mutex<Vec<Scratch>>,
+}
+
+impl ExpertHost {
+    /// Loads the experts `spec` selects from the model directory, and nothing else.
+    pub fn load(dir: &Path, spec: &ExpertSpec) -> Result<Self> {
+        let config = ModelConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let moe_layers: Vec<usize> = (0..config.num_layers).filter(|&l| config.is_moe_layer(l)).collect();
+        let chosen = spec.resolve(&moe_layers, config.num_layers, config.num_experts)?;
+        let backend = CpuBackend::new();
+        let mut layers: Vec<Option<HostedLayer>> = (0..config.num_layers).map(|_| None).collect();
+        for (layer, expert) in chosen {
+            let w = load_expert(&ckpt, &config, &backend, layer, expert)?;
+            let l = layers[layer].get_or_insert_with(|| HostedLayer {
+                ids: vec![],
+                local: HashMap::new(),
+                weights: vec![],
+            });
+            l.local.insert(expert as u32, l.ids.len());
+            l.ids.push(expert as u32);
+            l.weights.push(w);
+        }
+        Ok(Self { fingerprint: config.fingerprint(), config, backend, layers, scratch: Mutex::new(Vec::new()) })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// (layer, expert ids) for every layer with hosted experts.
+    pub fn hosted(&self) -> Vec<(usize, Vec<u32>)> {
+        self.layers.iter().enumerate().filter_map(|(i, l)| l.as_ref().map(|l| (i, l.ids.clone()))).collect()
+    }
+
+    pub fn hosts(&self, layer: usize, expert: u32) -> bool {
+        self.layers.get(layer).and_then(|l| l.as_ref()).is_some_and(|l| l.local.contains_key(&expert))
+    }
+
+    fn validate<'a>(&'a self, input: &ComputeInput<'_>) -> Result<&'a HostedLayer> {
+        let c = &self.config;
+        if input.layer >= c.num_layers || !c.is_moe_layer(input.layer) {
+            return Err(WorkerError::UnknownLayer { layer: input.layer, num_layers: c.num_layers });
+        }
+        if input.hidden_size != c.hidden_size {
+            return Err(WorkerError::InvalidRequest(format!(
+                "hidden_size is {}, but the model's is {}",
+                input.hidden_size, c.hidden_size
+            )));
+        }
+        let rows = input.row_pairs.len();
+        if input.rows.len() != rows * c.hidden_size {
+            return Err(WorkerError::InvalidRequest(format!(
+                "{} row values for {rows} rows of hidden size {}",
+                input.rows.len(),
+                c.hidden_size
+            )));
+        }
+        let pairs: u64 = input.row_pairs.iter().map(|&p| p as u64).sum();
+        if pairs != input.experts.len() as u64 || pairs != input.weights.len() as u64 {
+            return Err(WorkerError::InvalidRequest(format!(
+                "row_pairs add up to {pairs}, but there are {} experts and {} weights",
+                input.experts.len(),
+                input.weights.len()
+            )));
+        }
+        if let Some(w) = input.weights.iter().find(|w| !w.is_finite()) {
+            return Err(WorkerError::InvalidRequest(format!("combine weight {w} is not finite")));
+        }
+        let hosted = self.layers[input.layer].as_ref();
+        for &e in input.experts {
+            if !hosted.is_some_and(|l| l.local.contains_key(&e)) {
+                return Err(WorkerError::NotHosted { layer: input.layer, expert: e });
+            }
+        }
+        hosted.ok_or(WorkerError::UnknownLayer { layer: input.layer, num_layers: c.num_layers })
+    }
+
+    /// Computes the combined rows into `out` (`rows x hidden_size`). Runs on the calling thread
+    /// and the compute pool; call it from a blocking context, not an async task.
+    pub fn compute(&self, input: &ComputeInput<'_>, out: &mut Vec<f32>) -> Result<()> {
+        let layer = self.validate(input)?;
+        let h = self.config.hidden_size;
+        let rows = input.row_pairs.len();
+        let mut s = self.scratch.lock().ok().and_then(|mut p| p.pop()).unwrap_or_else(|| Scratch {
+            ffn: FfnScratch::new(&self.backend),
+            plan: ExpertPlan::default(),
+            x: HostTensor::default(),
+            out: HostTensor::default(),
+        });
+        let entries = input.row_pairs.iter().enumerate().flat_map(|(r, &n)| std::iter::repeat_n(r as u32, n as usize));
+        let entries =
+            entries.zip(input.experts.iter().zip(input.weights)).map(|(r, (e, w))| (r, layer.local[e] as u32, *w));
+        s.plan.rebuild_from(layer.ids.len(), entries);
+        self.backend.upload(rows, h, input.rows, &mut s.x);
+        self.backend.zeros(rows, h, &mut s.out);
+        self.backend.expert_ffn(&s.x, &layer.weights, &s.plan, &mut s.ffn, &mut s.out);
+        out.clear();
+        out.extend_from_slice(&s.out.data);
+        if let Ok(mut pool) = self.scratch.lock() {
+            pool.push(s);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,15 @@
+//! `moe-worker` owns the expert side of the cluster: which experts a worker hosts
+//! ([`ExpertSpec`]), loading only their tensors, computing the grouped SwiGLU FFN of the rows a
+//! router sends and combining them with the router's weights ([`ExpertHost`]), and serving that
+//! as the `ExpertWorker` gRPC service. A worker is stateless between messages. It does not
+//! route, batch requests or hold a KV cache.
+
+mod error;
+mod host;
+mod service;
+mod spec;
+
+pub use error::{Result, WorkerError};
+pub use host::{ComputeInput, ExpertHost};
+pub use service::{serve_worker, ExpertWorkerService};
+pub use spec::ExpertSpec;

@@ -1,0 +1,158 @@
+//! The `ExpertWorker` gRPC service over an [`ExpertHost`]. Compute runs on blocking threads (the
+//! compute pool), never on the async runtime. On the long-lived stream a bad message gets a
+//! response carrying an error and the stream goes on; the unary call returns a status.
+
+use crate::error::WorkerError;
+use crate::host::{ComputeInput, ExpertHost};
+use moe_proto::v1::expert_worker_server::ExpertWorker;
+use moe_proto::v1::{
+    DescribeRequest, DescribeResponse, ExpertError, ExpertRequest, ExpertResponse, HostedLayer, WireDtype,
+};
+use moe_proto::wire;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+pub struct ExpertWorkerService {
+    host: Arc<ExpertHost>,
+    worker_id: String,
+}
+
+impl ExpertWorkerService {
+    pub fn new(host: Arc<ExpertHost>, worker_id: impl Into<String>) -> Self {
+        Self { host, worker_id: worker_id.into() }
+    }
+}
+
+/// Decodes, validates and computes one request on a blocking thread.
+async fn run(host: Arc<ExpertHost>, req: ExpertRequest) -> Result<ExpertResponse, WorkerError> {
+    let dtype = WireDtype::try_from(req.dtype)
+        .map_err(|_| WorkerError::InvalidRequest(format!("unknown wire dtype {}", req.dtype)))?;
+    tokio::task::spawn_blocking(move || {
+        let hidden = req.hidden_size as usize;
+        let mut rows = Vec::new();
+        let n = wire::decode_rows(&req.rows, dtype, hidden, &mut rows)
+            .map_err(|e| WorkerError::InvalidRequest(format!("rows: {e}")))?;
+        if n != req.row_pairs.len() {
+            return Err(WorkerError::InvalidRequest(format!(
+                "{n} rows but row_pairs has {} entries",
+                req.row_pairs.len()
+            )));
+        }
+        let input = ComputeInput {
+            layer: req.layer as usize,
+            hidden_size: hidden,
+            rows: &rows,
+            row_pairs: &req.row_pairs,
+            experts: &req.experts,
+            weights: &req.weights,
+        };
+        let mut out = Vec::new();
+        host.compute(&input, &mut out)?;
+        Ok(ExpertResponse { id: req.id, dtype: dtype as i32, rows: wire::encode(&out, dtype).into(), error: None })
+    })
+    .await
+    .map_err(|e| WorkerError::Internal(e.to_string()))?
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<ExpertResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExpertWorker for ExpertWorkerService {
+    #[tracing::instrument(skip_all, fields(layer = request.get_ref().layer, rows = request.get_ref().row_pairs.len()))]
+    async fn compute(&self, request: Request<ExpertRequest>) -> Result<Response<ExpertResponse>, Status> {
+        Ok(Response::new(run(self.host.clone(), request.into_inner()).await?))
+    }
+
+    type ComputeStreamStream = ResponseStream;
+
+    async fn compute_stream(
+        &self,
+        request: Request<Streaming<ExpertRequest>>,
+    ) -> Result<Response<Self::ComputeStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let host = self.host.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(%status, "expert stream closed by peer");
+                        break;
+                    }
+                };
+                let (id, dtype) = (msg.id, msg.dtype);
+                let span = tracing::debug_span!("expert_compute", id, layer = msg.layer, rows = msg.row_pairs.len());
+                let resp = match run(host.clone(), msg).instrument(span).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "rejected expert request");
+                        ExpertResponse {
+                            id,
+                            dtype,
+                            rows: Default::default(),
+                            error: Some(ExpertError { code: e.code() as i32, message: e.to_string() }),
+                        }
+                    }
+                };
+                if tx.send(Ok(resp)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn describe(&self, _request: Request<DescribeRequest>) -> Result<Response<DescribeResponse>, Status> {
+        let c = self.host.config();
+        Ok(Response::new(DescribeResponse {
+            worker_id: self.worker_id.clone(),
+            layers: self
+                .host
+                .hosted()
+                .into_iter()
+                .map(|(layer, experts)| HostedLayer { layer: layer as u32, experts })
+                .collect(),
+            model_fingerprint: self.host.fingerprint().to_string(),
+            hidden_size: c.hidden_size as u32,
+            device: "cpu".into(),
+            num_layers: c.num_layers as u32,
+            num_experts: c.num_experts as u32,
+        }))
+    }
+}
+
+/// Serves `ExpertWorker` (with grpc.health.v1 and reflection) on `listener` until `shutdown`.
+/// Message limits are raised deliberately: a large prefill step's rows may be many megabytes.
+pub async fn serve_worker(
+    host: Arc<ExpertHost>,
+    worker_id: String,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use moe_proto::v1::expert_worker_server::ExpertWorkerServer;
+    const MAX_MESSAGE_BYTES: usize = 64 << 20;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<ExpertWorkerServer<ExpertWorkerService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let svc = ExpertWorkerServer::new(ExpertWorkerService::new(host, worker_id))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
