@@ -157,3 +157,50 @@ impl RawSafetensors {
             .collect()
     }
 }
+
+/// A `moe` child process (worker, router or server) that is killed when dropped.
+pub struct Server {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `moe ARGS` and waits for its "listening on ADDR" line.
+pub fn spawn_server(args: &[&str]) -> Server {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(args)
+        .env_remove("MOE_MODEL")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn moe");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("listening on ").nth(1) {
+                let _ = tx.send(Ok(addr.trim().to_string()));
+            } else if line.starts_with("error") {
+                let _ = tx.send(Err(line));
+            }
+        }
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(Ok(addr)) => Server { child, addr },
+        Ok(Err(line)) => {
+            let _ = child.kill();
+            panic!("moe {args:?} failed: {line}")
+        }
+        Err(_) => {
+            let _ = child.kill();
+            panic!("moe {args:?} did not start listening")
+        }
+    }
+}

@@ -39,6 +39,9 @@ impl EngineArgs {
     }
 }
 
+/// How long a stopping server waits for open connections.
+pub const GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Resolves once Ctrl-C or SIGTERM arrives.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -60,6 +63,35 @@ pub async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutting down");
+}
+
+/// Runs a server until it stops by itself, or until a shutdown signal plus `grace` (graceful
+/// shutdown waits for open connections, and routers keep long-lived streams open).
+pub async fn run_until_signal<F, Fut>(serve: F, grace: std::time::Duration) -> anyhow::Result<()>
+where
+    F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
+{
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    let mut rx_serve = rx.clone();
+    let stop = Box::pin(async move {
+        let _ = rx_serve.wait_for(|v| *v).await;
+    });
+    let mut rx_grace = rx;
+    tokio::select! {
+        r = serve(stop) => r.map_err(|e| anyhow::anyhow!("server failed: {e}")),
+        _ = async {
+            let _ = rx_grace.wait_for(|v| *v).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!("grace period over; exiting with connections still open");
+            Ok(())
+        }
+    }
 }
 
 /// Binds `addr` and says where it listens (tests read this line to find port 0's choice).

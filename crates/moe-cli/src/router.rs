@@ -1,6 +1,6 @@
 //! `moe router`: the router over a static list of remote workers.
 
-use crate::engine_args::{bind, shutdown_signal, EngineArgs};
+use crate::engine_args::{bind, run_until_signal, EngineArgs, GRACE};
 use clap::{Args, ValueEnum};
 use moe_dispatch::GrpcTransportConfig;
 use moe_proto::v1::WireDtype;
@@ -46,8 +46,7 @@ pub fn run(a: RouterArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         let engine = moe_cluster::remote(&a.model, &a.workers, transport, engine_config).await?;
         let listener = bind(&a.listen, "router").await?;
-        moe_router::serve_inference(engine, a.workers.len(), listener, shutdown_signal())
-            .await
-            .map_err(|e| anyhow::anyhow!("server failed: {e}"))
+        let workers = a.workers.len();
+        run_until_signal(|stop| moe_router::serve_inference(engine, workers, listener, stop), GRACE).await
     })
 }

@@ -1,7 +1,7 @@
 //! `moe serve`: the embedded cluster (a router and N in-process workers in one process) serving
 //! the Inference API.
 
-use crate::engine_args::{bind, shutdown_signal, EngineArgs};
+use crate::engine_args::{bind, run_until_signal, EngineArgs, GRACE};
 use crate::model_args::ModelArgs;
 use clap::Args;
 
@@ -24,8 +24,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let listener = bind(&a.listen, "serve").await?;
-        moe_router::serve_inference(engine, a.workers, listener, shutdown_signal())
-            .await
-            .map_err(|e| anyhow::anyhow!("server failed: {e}"))
+        let workers = a.workers;
+        run_until_signal(|stop| moe_router::serve_inference(engine, workers, listener, stop), GRACE).await
     })
 }

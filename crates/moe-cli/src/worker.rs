@@ -1,6 +1,6 @@
 //! `moe worker`: hosts a set of experts and serves them over gRPC.
 
-use crate::engine_args::{bind, shutdown_signal};
+use crate::engine_args::{bind, run_until_signal, GRACE};
 use anyhow::Context;
 use clap::Args;
 use moe_worker::{ExpertHost, ExpertSpec};
@@ -34,8 +34,6 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
         let id =
             a.worker_id.clone().unwrap_or_else(|| listener.local_addr().map(|x| x.to_string()).unwrap_or_default());
         tracing::info!(worker = %id, hosted, "serving experts");
-        moe_worker::serve_worker(host, id, listener, shutdown_signal())
-            .await
-            .map_err(|e| anyhow::anyhow!("server failed: {e}"))
+        run_until_signal(|stop| moe_worker::serve_worker(host, id, listener, stop), GRACE).await
     })
 }

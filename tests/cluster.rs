@@ -1,0 +1,155 @@
+//! The cluster gives the single-process model's answers in every topology: the embedded cluster
+//! with 1 and 3 in-process workers, and worker processes over loopback gRPC with experts split
+//! unevenly (logits within 1e-4 of transformers in f32 wire mode, also with every batch split
+//! into many small messages; greedy tokens through a router process equal to transformers').
+
+mod common;
+
+use common::*;
+use moe_cluster::{in_process_dispatcher, load_router_model, remote_dispatcher};
+use moe_compute::cpu::CpuBackend;
+use moe_dispatch::GrpcTransportConfig;
+use moe_model::{BatchItem, ExpertExecutor, LogitsFor, Model, SequenceCache};
+use moe_proto::v1::WireDtype;
+use moe_router::{Engine, EngineConfig, Event, GenerationParams, PromptInput, ValidatedRequest};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Full logits of a prompt through a dense-only model and the given expert executor.
+fn logits_with(model: &Model<CpuBackend>, experts: &dyn ExpertExecutor<CpuBackend>, ids: &[u32]) -> Vec<Vec<f32>> {
+    let mut ws = model.workspace();
+    let mut kv = model.kv_cache(16, 16).expect("kv");
+    let mut cache = SequenceCache::default();
+    let mut out = Vec::new();
+    model
+        .forward_with(
+            &mut ws,
+            &mut kv,
+            &mut [BatchItem { tokens: ids, cache: &mut cache }],
+            LogitsFor::All,
+            &mut out,
+            Some(experts),
+        )
+        .expect("forward");
+    out.chunks(model.config.vocab_size).map(|r| r.to_vec()).collect()
+}
+
+/// Greedy generation through an engine (the router's batching loop).
+fn engine_greedy(engine: &Engine, ids: &[u32], n: usize) -> Vec<u32> {
+    let params = GenerationParams { max_new_tokens: Some(n as u32), ..Default::default() };
+    let req = ValidatedRequest::new(
+        PromptInput::Ids(ids.to_vec()),
+        &params,
+        engine.codec(),
+        &engine.model().config,
+        Duration::from_secs(60),
+    )
+    .expect("valid");
+    let (_, mut events) = engine.submit(req).expect("submit");
+    let mut out = Vec::new();
+    while let Some(ev) = events.blocking_recv() {
+        match ev {
+            Event::Delta { token_ids, .. } => out.extend(token_ids),
+            Event::Finished { .. } => return out,
+            Event::Failed(e) => panic!("request failed: {e}"),
+        }
+    }
+    panic!("no terminal event");
+}
+
+#[test]
+fn embedded_cluster_matches_transformers_with_1_and_3_workers() {
+    for arch in ARCHS {
+        let dir = fixture(arch);
+        let (model, _) = load_router_model(&dir).expect("dense model");
+        for workers in [1, 3] {
+            let dispatcher = in_process_dispatcher(&dir, workers).expect("workers");
+            for case in expected(arch)["cases"].as_array().expect("cases") {
+                let ids = u32s(&case["token_ids"]);
+                let err = rel_err(&logits_with(&model, &dispatcher, &ids), &matrix(&case["logits"]));
+                assert!(err < 1e-4, "{arch}, {workers} workers, {} tokens: relative error {err}", ids.len());
+            }
+            let engine = moe_cluster::embedded(&dir, workers, EngineConfig::default()).expect("engine");
+            for case in expected(arch)["cases"].as_array().expect("cases") {
+                let want = u32s(&case["greedy_new_tokens"]);
+                let got = engine_greedy(&engine, &u32s(&case["token_ids"]), want.len());
+                assert_eq!(got, want, "{arch}, embedded cluster with {workers} workers");
+            }
+        }
+    }
+}
+
+/// Three worker processes with an uneven split of each fixture's experts.
+fn uneven_workers(arch: &str) -> Vec<Server> {
+    let dir = fixture(arch);
+    let d = dir.to_str().expect("utf8");
+    let specs: [&str; 3] = match arch {
+        "mixtral" => ["0:0-2", "0:3,1:0", "1:1-3"],
+        "qwen2_moe" => ["*:0", "*:1-3", "*:4-5"],
+        "qwen3_moe" => ["*:0-4", "*:5", "*:6-7"],
+        _ => ["*:0", "*:1", "*:2-7"],
+    };
+    specs.iter().map(|s| spawn_server(&["worker", "--model", d, "--experts", s, "--listen", "127.0.0.1:0"])).collect()
+}
+
+#[test]
+fn worker_processes_over_grpc_match_transformers() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    for arch in ARCHS {
+        let dir = fixture(arch);
+        let workers = uneven_workers(arch);
+        let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
+        let (model, _) = load_router_model(&dir).expect("dense model");
+        // f32 on the wire, and once more with every batch split into messages of a few rows.
+        for max_rows_bytes in [8 << 20, 1000] {
+            let cfg = GrpcTransportConfig { wire: WireDtype::F32, max_rows_bytes, ..Default::default() };
+            let dispatcher = rt.block_on(remote_dispatcher(&model.config, &addrs, cfg)).expect("connect");
+            let dispatcher = Arc::new(dispatcher);
+            for case in expected(arch)["cases"].as_array().expect("cases") {
+                let ids = u32s(&case["token_ids"]);
+                let (m, d) = (model.clone(), dispatcher.clone());
+                // The gRPC transport blocks on the runtime: call it from a plain thread.
+                let got = std::thread::spawn(move || logits_with(&m, d.as_ref(), &ids)).join().expect("thread");
+                let err = rel_err(&got, &matrix(&case["logits"]));
+                assert!(err < 1e-4, "{arch} over gRPC (max_rows_bytes {max_rows_bytes}): relative error {err}");
+            }
+        }
+
+        // A router process in front of the workers, asked through `moe generate --endpoint`.
+        let workers_arg = addrs.join(",");
+        let router = spawn_server(&[
+            "router",
+            "--model",
+            dir.to_str().expect("utf8"),
+            "--workers",
+            &workers_arg,
+            "--listen",
+            "127.0.0.1:0",
+            "--wire",
+            "f32",
+        ]);
+        for case in expected(arch)["cases"].as_array().expect("cases") {
+            let want = u32s(&case["greedy_new_tokens"]);
+            let n = want.len().to_string();
+            let ids = ids_arg(&u32s(&case["token_ids"]));
+            let out =
+                moe(&["generate", "--endpoint", &router.addr, "--token-ids", &ids, "--max-new-tokens", &n, "--json"]);
+            assert_eq!(out.code, 0, "{}", out.stderr);
+            assert_eq!(u32s(&out.json()["token_ids"]), want, "{arch} through router and worker processes");
+        }
+    }
+}
+
+#[test]
+fn router_refuses_to_start_when_an_expert_has_no_holder() {
+    let dir = fixture("mixtral");
+    let d = dir.to_str().expect("utf8");
+    let w = spawn_server(&["worker", "--model", d, "--experts", "0:0-3,1:0-2", "--listen", "127.0.0.1:0"]);
+    let out = moe(&["router", "--model", d, "--workers", &w.addr, "--listen", "127.0.0.1:0"]);
+    out.assert_error(&["not ready", "layer 1: expert 3"]);
+    // A worker of another model is refused by fingerprint.
+    let other = fixture("olmoe");
+    let o = spawn_server(&["worker", "--model", other.to_str().expect("utf8"), "--listen", "127.0.0.1:0"]);
+    let out = moe(&["router", "--model", d, "--workers", &o.addr, "--listen", "127.0.0.1:0"]);
+    out.assert_error(&["different model", &o.addr]);
+}

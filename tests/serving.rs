@@ -1,0 +1,331 @@
+//! The router serving the Inference API on loopback: concurrent mixed streams equal their solo
+//! results, cancellation frees KV pages, a full queue answers RESOURCE_EXHAUSTED, bad requests
+//! get INVALID_ARGUMENT/NOT_FOUND naming the field, a worker rejects malformed messages and
+//! keeps serving, and an unreachable worker means UNAVAILABLE, not a hang.
+
+mod common;
+
+use common::*;
+use futures::StreamExt;
+use moe_compute::cpu::CpuBackend;
+use moe_dispatch::GrpcTransportConfig;
+use moe_generate::{GenerateRequest as LocalRequest, Generator, SamplingParams as LocalSampling};
+use moe_model::Model;
+use moe_proto::v1::expert_worker_client::ExpertWorkerClient;
+use moe_proto::v1::generate_request::Prompt;
+use moe_proto::v1::generate_stream_response::Event as StreamEvent;
+use moe_proto::v1::inference_client::InferenceClient;
+use moe_proto::v1::{ExpertRequest, GenerateRequest, SamplingParams, TokenIds, WireDtype};
+use moe_router::{Engine, EngineConfig};
+use moe_worker::{ExpertHost, ExpertSpec};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+struct Running {
+    addr: String,
+    engine: Engine,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn serve(engine: Engine) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = format!("http://{}", listener.local_addr().expect("addr"));
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let e = engine.clone();
+    tokio::spawn(async move {
+        let _ = moe_router::serve_inference(e, 2, listener, async {
+            let _ = rx.await;
+        })
+        .await;
+    });
+    Running { addr, engine, _stop: stop }
+}
+
+async fn client(addr: &str) -> InferenceClient<tonic::transport::Channel> {
+    for _ in 0..50 {
+        if let Ok(c) = InferenceClient::connect(addr.to_string()).await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("cannot connect to {addr}");
+}
+
+fn request(ids: Vec<u32>, s: SamplingParams) -> GenerateRequest {
+    GenerateRequest {
+        prompt: Some(Prompt::TokenIds(TokenIds { ids })),
+        sampling: Some(s),
+        adapter_id: String::new(),
+        timeout_ms: 0,
+    }
+}
+
+/// A small random model with no end-of-sequence token and a long context, so that generation
+/// runs as long as a test needs.
+fn endless_model(dir: &Path) {
+    let spec = moe_demo::DemoSpec {
+        hidden_size: 64,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        intermediate_size: 64,
+        vocab_size: 300,
+        max_position_embeddings: 4096,
+        ..moe_demo::DemoSpec::demo()
+    };
+    moe_demo::write_demo_model(dir, &spec).expect("demo model");
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    cfg["eos_token_id"] = serde_json::Value::Null;
+    std::fs::write(&path, cfg.to_string()).expect("write");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_mixed_streams_equal_their_solo_results() {
+    let dir = fixture("mixtral");
+    let cfg = EngineConfig { max_batch_tokens: 48, max_running: 64, ..Default::default() };
+    let server = serve(moe_cluster::embedded(&dir, 2, cfg).expect("engine")).await;
+    let full = Model::load(&dir, CpuBackend::new()).expect("model");
+    let mut cases = Vec::new();
+    for i in 0..64u32 {
+        let len = [1usize, 3, 9, 17, 26, 40][i as usize % 6];
+        let ids: Vec<u32> = (0..len as u32).map(|j| (i * 31 + j * 7) % 128).collect();
+        let greedy = i % 2 == 0;
+        let local = LocalSampling {
+            temperature: if greedy { 0.0 } else { 0.8 },
+            top_k: if greedy { 0 } else { 20 },
+            top_p: if greedy { 1.0 } else { 0.9 },
+            seed: i as u64,
+        };
+        cases.push((ids, 4 + (i as usize % 13), local));
+    }
+    let solo: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|(ids, n, s)| {
+            let mut g = Generator::new(&full, ids.len() + n).expect("generator");
+            let req = LocalRequest { prompt: ids.clone(), max_new_tokens: *n, sampling: s.clone(), stop_ids: vec![] };
+            g.generate(&req).expect("solo").token_ids
+        })
+        .collect();
+    let tasks = cases.iter().map(|(ids, n, s)| {
+        let addr = server.addr.clone();
+        let req = request(
+            ids.clone(),
+            SamplingParams {
+                max_new_tokens: Some(*n as u32),
+                temperature: Some(s.temperature),
+                top_k: Some(s.top_k as i32),
+                top_p: Some(s.top_p),
+                seed: Some(s.seed),
+                ..Default::default()
+            },
+        );
+        tokio::spawn(async move {
+            let mut c = client(&addr).await;
+            let mut stream = c.generate_stream(req).await.expect("stream").into_inner();
+            let (mut ids, mut finished) = (Vec::new(), 0);
+            while let Some(msg) = stream.message().await.expect("message") {
+                match msg.event {
+                    Some(StreamEvent::Delta(d)) => ids.extend(d.token_ids),
+                    Some(StreamEvent::Finished(f)) => {
+                        finished += 1;
+                        assert_eq!(f.usage.expect("usage").completion_tokens as usize, ids.len());
+                    }
+                    None => panic!("empty event"),
+                }
+            }
+            assert_eq!(finished, 1, "exactly one final message");
+            ids
+        })
+    });
+    let results = futures::future::join_all(tasks).await;
+    for (i, (r, want)) in results.into_iter().zip(&solo).enumerate() {
+        assert_eq!(&r.expect("task"), want, "request {i} (greedy: {}) differs from its solo run", i % 2 == 0);
+    }
+    assert_eq!(
+        server.engine.stats().free_pages.load(Ordering::SeqCst),
+        server.engine.stats().total_pages.load(Ordering::SeqCst)
+    );
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_stream_frees_its_pages_and_full_queue_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    endless_model(tmp.path());
+    let cfg = EngineConfig { max_running: 1, max_waiting: 1, ..Default::default() };
+    let server = serve(moe_cluster::embedded(tmp.path(), 2, cfg).expect("engine")).await;
+    let stats = server.engine.stats();
+    let total = stats.total_pages.load(Ordering::SeqCst);
+    let long = || request(vec![5, 6, 7], SamplingParams { max_new_tokens: Some(4000), ..Default::default() });
+
+    let mut c = client(&server.addr).await;
+    let mut a = c.generate_stream(long()).await.expect("a").into_inner();
+    assert!(a.message().await.expect("first").is_some());
+    assert!(stats.free_pages.load(Ordering::SeqCst) < total, "a running request holds pages");
+    // b waits (one running at most), c finds the queue full.
+    let b = c.generate_stream(long()).await.expect("b").into_inner();
+    wait_for("b to be queued", || stats.waiting.load(Ordering::SeqCst) == 1).await;
+    let err = c.generate(long()).await.expect_err("queue full");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("queue is full"), "{}", err.message());
+
+    // Dropping both streams frees every page at the next steps.
+    drop(a);
+    drop(b);
+    wait_for("pages to return", || {
+        stats.free_pages.load(Ordering::SeqCst) == total && stats.running.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    assert_eq!(stats.waiting.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_codes_naming_the_field() {
+    let server = serve(moe_cluster::embedded(&fixture("mixtral"), 1, EngineConfig::default()).expect("engine")).await;
+    let mut c = client(&server.addr).await;
+    let s = |f: fn(&mut SamplingParams)| {
+        let mut p = SamplingParams::default();
+        f(&mut p);
+        p
+    };
+    let cases: Vec<(GenerateRequest, Code, &str)> = vec![
+        (request(vec![], SamplingParams::default()), Code::InvalidArgument, "prompt: the prompt is empty"),
+        (request(vec![1], s(|p| p.max_new_tokens = Some(0))), Code::InvalidArgument, "max_new_tokens"),
+        (request(vec![1], s(|p| p.max_new_tokens = Some(96))), Code::InvalidArgument, "max_new_tokens"),
+        (request(vec![1], s(|p| p.temperature = Some(-0.5))), Code::InvalidArgument, "temperature"),
+        (request(vec![1], s(|p| p.top_p = Some(0.0))), Code::InvalidArgument, "top_p"),
+        (request(vec![1], s(|p| p.top_p = Some(1.5))), Code::InvalidArgument, "top_p"),
+        (request(vec![1], s(|p| p.top_k = Some(-1))), Code::InvalidArgument, "top_k"),
+        (request(vec![1], s(|p| p.repetition_penalty = Some(0.0))), Code::InvalidArgument, "repetition_penalty"),
+        (request(vec![1, 128], SamplingParams::default()), Code::InvalidArgument, "token id 128"),
+        (request(vec![1; 96], SamplingParams::default()), Code::InvalidArgument, "context"),
+        (request(vec![1], s(|p| p.stop = vec!["x".into()])), Code::InvalidArgument, "stop"),
+        (
+            GenerateRequest { prompt: Some(Prompt::Text("hi".into())), ..Default::default() },
+            Code::InvalidArgument,
+            "tokenizer",
+        ),
+        (GenerateRequest::default(), Code::InvalidArgument, "prompt"),
+        (
+            GenerateRequest { adapter_id: "tenant-a".into(), ..request(vec![1], SamplingParams::default()) },
+            Code::NotFound,
+            "adapter \"tenant-a\"",
+        ),
+    ];
+    for (req, code, needle) in cases {
+        let err = c.generate(req.clone()).await.expect_err("must fail");
+        assert_eq!(err.code(), code, "{needle}: {err:?}");
+        assert!(err.message().contains(needle), "{needle:?} not in {:?}", err.message());
+        let err = c.generate_stream(req).await.expect_err("stream must fail too");
+        assert_eq!(err.code(), code, "{needle} (stream): {err:?}");
+    }
+    // The server still answers.
+    let ok = c.generate(request(vec![1, 2], s(|p| p.max_new_tokens = Some(3)))).await.expect("ok").into_inner();
+    assert_eq!(ok.token_ids.len(), 3);
+}
+
+async fn start_worker(
+    dir: &Path,
+    spec: &str,
+) -> (String, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let host = Arc::new(ExpertHost::load(dir, &spec.parse::<ExpertSpec>().expect("spec")).expect("host"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = moe_worker::serve_worker(host, "test".into(), listener, async {
+            let _ = rx.await;
+        })
+        .await;
+    });
+    (addr, stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_rejects_malformed_messages_and_keeps_serving() {
+    let dir = fixture("mixtral");
+    let (addr, _stop, _task) = start_worker(&dir, "0:0-1").await;
+    let mut c = ExpertWorkerClient::connect(format!("http://{addr}")).await.expect("connect");
+    let good = || ExpertRequest {
+        id: 1,
+        layer: 0,
+        dtype: WireDtype::F32 as i32,
+        hidden_size: 64,
+        rows: moe_proto::wire::encode(&[0.5f32; 128], WireDtype::F32).into(),
+        row_pairs: vec![1, 2],
+        experts: vec![0, 0, 1],
+        weights: vec![1.0, 0.5, 0.5],
+    };
+    let bad: Vec<(ExpertRequest, &str)> = vec![
+        (ExpertRequest { rows: vec![0u8; 10].into(), ..good() }, "not a whole number"),
+        (ExpertRequest { experts: vec![0, 0, 3], ..good() }, "expert 3 of layer 0 is not hosted"),
+        (ExpertRequest { layer: 7, ..good() }, "layer 7 is not a layer with experts"),
+        (ExpertRequest { row_pairs: vec![1, 1], ..good() }, "row_pairs add up to 2"),
+        (ExpertRequest { hidden_size: 32, ..good() }, "row_pairs has 2 entries"),
+        (ExpertRequest { dtype: 9, ..good() }, "unknown wire dtype"),
+    ];
+    for (req, needle) in &bad {
+        let err = c.compute(req.clone()).await.expect_err("must fail");
+        assert_eq!(err.code(), Code::InvalidArgument, "{needle}: {err:?}");
+        assert!(err.message().contains(needle), "{needle:?} not in {:?}", err.message());
+    }
+    let ok = c.compute(good()).await.expect("valid request").into_inner();
+    assert_eq!(ok.rows.len(), 2 * 64 * 4);
+
+    // On the stream, a bad message gets an error response and the stream goes on.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut responses =
+        c.compute_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("stream").into_inner();
+    tx.send(ExpertRequest { id: 10, ..bad[1].0.clone() }).await.expect("send");
+    tx.send(ExpertRequest { id: 11, ..good() }).await.expect("send");
+    let r1 = responses.next().await.expect("r1").expect("ok");
+    let r2 = responses.next().await.expect("r2").expect("ok");
+    assert_eq!((r1.id, r1.error.as_ref().map(|e| e.code)), (10, Some(Code::InvalidArgument as i32)));
+    assert_eq!((r2.id, r2.error, r2.rows.len()), (11, None, 2 * 64 * 4));
+    assert_eq!(&r2.rows[..], &ok.rows[..], "stream and unary agree");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_worker_means_unavailable_not_a_hang() {
+    let dir = fixture("mixtral");
+    // A worker process, so that killing it really closes its connections.
+    let worker = spawn_server(&["worker", "--model", dir.to_str().expect("utf8"), "--listen", "127.0.0.1:0"]);
+    let cfg = GrpcTransportConfig {
+        deadline: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let engine = moe_cluster::remote(&dir, std::slice::from_ref(&worker.addr), cfg, EngineConfig::default())
+        .await
+        .expect("router");
+    let server = serve(engine).await;
+    let mut c = client(&server.addr).await;
+    let ok = c.generate(request(vec![1, 2, 3], SamplingParams { max_new_tokens: Some(2), ..Default::default() })).await;
+    assert_eq!(ok.expect("worker up").into_inner().token_ids.len(), 2);
+    drop(worker);
+    let started = Instant::now();
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        c.generate(request(vec![4, 5], SamplingParams { max_new_tokens: Some(2), ..Default::default() })),
+    )
+    .await
+    .expect("answered, not hung")
+    .expect_err("worker gone");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("layer 0"), "{}", err.message());
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let stats = server.engine.stats();
+    assert_eq!(stats.free_pages.load(Ordering::SeqCst), stats.total_pages.load(Ordering::SeqCst));
+}
