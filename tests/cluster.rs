@@ -100,9 +100,12 @@ fn worker_processes_over_grpc_match_transformers() {
         let workers = uneven_workers(arch);
         let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
         let (model, _) = load_router_model(&dir).expect("dense model");
-        // f32 on the wire, and once more with every batch split into messages of a few rows.
-        for max_rows_bytes in [8 << 20, 1000] {
-            let cfg = GrpcTransportConfig { wire: WireDtype::F32, max_rows_bytes, ..Default::default() };
+        // f32 on the wire, once more with every batch split into messages of a few rows, and
+        // bf16 (the default) within bf16 tolerance.
+        for (wire, max_rows_bytes, tol) in
+            [(WireDtype::F32, 8 << 20, 1e-4), (WireDtype::F32, 1000, 1e-4), (WireDtype::Bf16, 8 << 20, 3e-2)]
+        {
+            let cfg = GrpcTransportConfig { wire, max_rows_bytes, ..Default::default() };
             let dispatcher = rt.block_on(remote_dispatcher(&model.config, &addrs, cfg)).expect("connect");
             let dispatcher = Arc::new(dispatcher);
             for case in expected(arch)["cases"].as_array().expect("cases") {
@@ -111,7 +114,10 @@ fn worker_processes_over_grpc_match_transformers() {
                 // The gRPC transport blocks on the runtime: call it from a plain thread.
                 let got = std::thread::spawn(move || logits_with(&m, d.as_ref(), &ids)).join().expect("thread");
                 let err = rel_err(&got, &matrix(&case["logits"]));
-                assert!(err < 1e-4, "{arch} over gRPC (max_rows_bytes {max_rows_bytes}): relative error {err}");
+                assert!(
+                    err < tol,
+                    "{arch} over gRPC ({wire:?}, max_rows_bytes {max_rows_bytes}): relative error {err}"
+                );
             }
         }
 

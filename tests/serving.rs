@@ -329,3 +329,73 @@ async fn unreachable_worker_means_unavailable_not_a_hang() {
     let stats = server.engine.stats();
     assert_eq!(stats.free_pages.load(Ordering::SeqCst), stats.total_pages.load(Ordering::SeqCst));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_server_process_health_reflection_tokenize_and_cli_stream() {
+    use moe_proto::v1::{ModelInfoRequest, TokenizeRequest};
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    // The README's main command, as a process: `moe serve --demo`.
+    let server = spawn_server(&["serve", "--demo", "--workers", "2", "--listen", "127.0.0.1:0"]);
+    let url = format!("http://{}", server.addr);
+    let channel = tonic::transport::Endpoint::from_shared(url.clone()).expect("uri").connect().await.expect("connect");
+    let health = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest { service: "moe.v1.Inference".into() })
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(health.status, ServingStatus::Serving as i32);
+
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    })
+    .await
+    .expect("send");
+    drop(tx);
+    let mut refl = ServerReflectionClient::new(channel.clone())
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let listed = match refl.next().await.expect("answer").expect("ok").message_response {
+        Some(MessageResponse::ListServicesResponse(l)) => l.service.into_iter().map(|s| s.name).collect::<Vec<_>>(),
+        other => panic!("unexpected reflection answer {other:?}"),
+    };
+    assert!(listed.iter().any(|s| s == "moe.v1.Inference"), "{listed:?}");
+
+    let mut c = InferenceClient::new(channel);
+    let ids = c.tokenize(TokenizeRequest { text: "Hi!".into() }).await.expect("tokenize").into_inner().token_ids;
+    assert_eq!(ids, vec![b'H' as u32, b'i' as u32, b'!' as u32]);
+    let info = c.model_info(ModelInfoRequest {}).await.expect("info").into_inner();
+    assert_eq!(
+        (info.architecture.as_str(), info.vocab_size, info.workers, info.has_tokenizer),
+        ("MixtralForCausalLM", 512, 2, true)
+    );
+
+    // `moe generate --endpoint` gives what local generation gives, streamed or not.
+    let local = moe(&["generate", "--demo", "--prompt", "Hello", "--max-new-tokens", "12", "--json"]);
+    for extra in [&[][..], &["--stream"][..]] {
+        let mut args = vec![
+            "generate",
+            "--endpoint",
+            server.addr.as_str(),
+            "--prompt",
+            "Hello",
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let remote = moe(&args);
+        assert_eq!(remote.code, 0, "{}", remote.stderr);
+        assert_eq!(remote.json(), local.json(), "remote {extra:?} vs local");
+    }
+}
