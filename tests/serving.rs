@@ -399,3 +399,49 @@ async fn embedded_server_process_health_reflection_tokenize_and_cli_stream() {
         assert_eq!(remote.json(), local.json(), "remote {extra:?} vs local");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_sequences_logprobs_and_deadlines() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    endless_model(tmp.path());
+    let server = serve(moe_cluster::embedded(tmp.path(), 1, EngineConfig::default()).expect("engine")).await;
+    let mut c = client(&server.addr).await;
+    let text_req = |stop: Vec<String>, logprobs: bool| GenerateRequest {
+        prompt: Some(Prompt::Text("The cat".into())),
+        sampling: Some(SamplingParams { max_new_tokens: Some(48), stop, logprobs, ..Default::default() }),
+        ..Default::default()
+    };
+    let full = c.generate(text_req(vec![], true)).await.expect("full").into_inner();
+    assert_eq!(full.token_ids.len(), 48);
+    assert_eq!(full.logprobs.len(), 48);
+    assert!(full.logprobs.iter().all(|l| l.is_finite() && *l <= 0.0), "{:?}", full.logprobs);
+    // Stop at the first printable character that appears after the start of the text.
+    let (pos, ch) =
+        full.text.char_indices().skip(1).find(|(_, c)| c.is_ascii_graphic()).expect("a printable character");
+    let cut = full.text.find(ch).expect("present");
+    assert!(cut <= pos);
+    let stopped = c.generate(text_req(vec![ch.to_string()], false)).await.expect("stopped").into_inner();
+    assert_eq!(stopped.text, full.text[..cut], "text ends just before the stop sequence");
+    assert_eq!(stopped.finish_reason, moe_proto::v1::FinishReason::Stop as i32);
+    assert!(stopped.token_ids.len() < 48);
+    // The streamed text is the same, and never shows any part of the stop sequence.
+    let mut stream = c.generate_stream(text_req(vec![ch.to_string()], false)).await.expect("stream").into_inner();
+    let mut streamed = String::new();
+    while let Some(msg) = stream.message().await.expect("message") {
+        if let Some(StreamEvent::Delta(d)) = msg.event {
+            streamed.push_str(&d.text);
+        }
+    }
+    assert_eq!(streamed, stopped.text);
+
+    // A deadline ends a long request with DEADLINE_EXCEEDED and frees its pages.
+    let long = GenerateRequest {
+        timeout_ms: 300,
+        ..request(vec![5, 6], SamplingParams { max_new_tokens: Some(4000), ..Default::default() })
+    };
+    let err = c.generate(long).await.expect_err("deadline");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    let stats = server.engine.stats();
+    wait_for("pages to return", || stats.free_pages.load(Ordering::SeqCst) == stats.total_pages.load(Ordering::SeqCst))
+        .await;
+}

@@ -415,3 +415,17 @@ fn apply_repetition_penalty(logits: &mut [f32], tokens: &[u32], penalty: f32, se
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::apply_repetition_penalty;
+
+    #[test]
+    fn repetition_penalty_as_transformers_once_per_token() {
+        let mut logits = [2.0f32, -2.0, 1.0, 0.5];
+        let mut seen = vec![false; 4];
+        apply_repetition_penalty(&mut logits, &[0, 1, 0, 0], 2.0, &mut seen);
+        assert_eq!(logits, [1.0, -4.0, 1.0, 0.5]);
+        assert!(seen.iter().all(|s| !s), "scratch marks are cleared");
+    }
+}
