@@ -204,3 +204,24 @@ pub fn spawn_server(args: &[&str]) -> Server {
         }
     }
 }
+
+/// A small random model with no end-of-sequence token and a long context, so that generation
+/// runs as long as a test needs.
+pub fn endless_model(dir: &Path) {
+    let spec = moe_demo::DemoSpec {
+        hidden_size: 64,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        intermediate_size: 64,
+        vocab_size: 300,
+        max_position_embeddings: 4096,
+        ..moe_demo::DemoSpec::demo()
+    };
+    moe_demo::write_demo_model(dir, &spec).expect("demo model");
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    cfg["eos_token_id"] = serde_json::Value::Null;
+    std::fs::write(&path, cfg.to_string()).expect("write");
+}

@@ -1,4 +1,8 @@
-//! Turning one MoE layer's routing into one batch per worker and summing what comes back.
+//! Turning one MoE layer's routing into one batch per worker, summing what comes back, and
+//! failing over: when a worker does not answer (connection refused or reset, deadline), it is
+//! marked suspect for a while and the (row, expert) pairs it owed are sent, in the same step, to
+//! another holder of the same experts. Expert calls are pure functions of their inputs, so the
+//! retry gives the same result. Only when some expert has no holder left does the layer fail.
 
 use crate::error::{DispatchError, Result};
 use crate::placement::Placement;
@@ -6,6 +10,7 @@ use moe_compute::cpu::{CpuBackend, HostTensor};
 use moe_model::{ExpertExecutor, ExpertRoutes, ModelError};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// The rows of one layer and step that go to one worker.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -24,16 +29,29 @@ pub struct WorkerBatch {
 pub trait WorkerTransport: Send + Sync {
     /// A name for worker `i` in errors and logs (its address).
     fn worker_name(&self, worker: usize) -> String;
-    /// Runs every batch (at most one per worker, in parallel where possible) and writes each
-    /// batch's combined rows into the matching `outputs` entry.
-    fn execute(&self, layer: usize, hidden: usize, batches: &[WorkerBatch], outputs: &mut [Vec<f32>]) -> Result<()>;
+    /// Runs every batch (at most one per worker, in parallel where possible), writing each
+    /// batch's combined rows into the matching `outputs` entry and its outcome into `results`.
+    fn execute(
+        &self,
+        layer: usize,
+        hidden: usize,
+        batches: &[WorkerBatch],
+        outputs: &mut [Vec<f32>],
+        results: &mut [Result<()>],
+    );
 }
+
+/// How long a worker that failed a call is left out before it is tried again.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(5);
 
 struct Scratch {
     batches: Vec<WorkerBatch>,
     outputs: Vec<Vec<f32>>,
-    /// Worker index -> position in `batches` for the current layer.
+    results: Vec<Result<()>>,
     slot_of: Vec<Option<usize>>,
+    /// (row, expert, weight) still to be computed this layer, grouped by row.
+    pending: Vec<(u32, u32, f32)>,
+    retry: Vec<(u32, u32, f32)>,
 }
 
 /// An [`ExpertExecutor`] that sends rows to workers through a transport.
@@ -42,6 +60,7 @@ pub struct Dispatcher<T: WorkerTransport> {
     placement: Placement,
     num_workers: usize,
     next: AtomicUsize,
+    suspect_until: Mutex<Vec<Option<Instant>>>,
     scratch: Mutex<Scratch>,
 }
 
@@ -52,7 +71,15 @@ impl<T: WorkerTransport> Dispatcher<T> {
             placement,
             num_workers,
             next: AtomicUsize::new(0),
-            scratch: Mutex::new(Scratch { batches: Vec::new(), outputs: Vec::new(), slot_of: Vec::new() }),
+            suspect_until: Mutex::new(vec![None; num_workers]),
+            scratch: Mutex::new(Scratch {
+                batches: Vec::new(),
+                outputs: Vec::new(),
+                results: Vec::new(),
+                slot_of: Vec::new(),
+                pending: Vec::new(),
+                retry: Vec::new(),
+            }),
         }
     }
 
@@ -64,12 +91,31 @@ impl<T: WorkerTransport> Dispatcher<T> {
         &self.placement
     }
 
-    /// Groups the routed rows by worker. A row's experts go, where possible, to a worker already
-    /// chosen for that row, so each row travels to each worker at most once; replicas are used
-    /// in turn.
-    fn group(&self, layer: usize, x: &HostTensor, routes: &ExpertRoutes<'_>, s: &mut Scratch) -> Result<usize> {
-        let h = x.cols;
-        let k = routes.top_k;
+    /// Workers currently left out after a failure.
+    pub fn suspects(&self) -> Vec<usize> {
+        let now = Instant::now();
+        let s = self.suspect_until.lock().map(|v| v.clone()).unwrap_or_default();
+        s.iter().enumerate().filter(|(_, t)| t.is_some_and(|t| t > now)).map(|(i, _)| i).collect()
+    }
+
+    fn mark_suspect(&self, worker: usize) {
+        if let Ok(mut v) = self.suspect_until.lock() {
+            if let Some(slot) = v.get_mut(worker) {
+                *slot = Some(Instant::now() + SUSPECT_FOR);
+            }
+        }
+    }
+
+    /// Groups pending (row, expert, weight) entries by worker, skipping suspect workers. A row's
+    /// experts go, where possible, to a worker already chosen for that row, so each row travels
+    /// to each worker at most once; replicas are used in turn.
+    fn group(&self, layer: usize, x: &HostTensor, s: &mut Scratch) -> Result<usize> {
+        let now = Instant::now();
+        let suspect: Vec<bool> = self
+            .suspect_until
+            .lock()
+            .map(|v| v.iter().map(|t| t.is_some_and(|t| t > now)).collect())
+            .unwrap_or_else(|_| vec![false; self.num_workers]);
         s.slot_of.clear();
         s.slot_of.resize(self.num_workers, None);
         for b in s.batches.iter_mut() {
@@ -81,50 +127,53 @@ impl<T: WorkerTransport> Dispatcher<T> {
         }
         let mut used = 0usize;
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut chosen: [usize; 16] = [usize::MAX; 16];
-        for r in 0..x.rows {
-            let picks = &routes.choices[r * k..(r + 1) * k];
-            for (j, &(e, _)) in picks.iter().enumerate() {
-                let holders = self.placement.holders(layer, e);
-                if holders.is_empty() {
-                    return Err(DispatchError::NoHolder { layer, expert: e });
-                }
-                let prior = chosen[..j.min(16)].iter().find(|w| holders.contains(w)).copied();
-                let w = prior.unwrap_or(holders[(turn + r) % holders.len()]);
-                if j < 16 {
-                    chosen[j] = w;
-                }
+        let mut row_workers: Vec<usize> = Vec::new();
+        let mut current_row = u32::MAX;
+        for &(r, e, wt) in &s.pending {
+            if r != current_row {
+                current_row = r;
+                row_workers.clear();
             }
-            for (j, &(e, wt)) in picks.iter().enumerate() {
-                let w = if j < 16 { chosen[j] } else { self.placement.holders(layer, e)[0] };
-                let slot = match s.slot_of[w] {
-                    Some(i) => i,
-                    None => {
-                        if used == s.batches.len() {
-                            s.batches.push(WorkerBatch::default());
-                        }
-                        s.batches[used].worker = w;
-                        s.slot_of[w] = Some(used);
-                        used += 1;
-                        used - 1
+            let holders = self.placement.holders(layer, e);
+            let live = || holders.iter().copied().filter(|&h| !suspect.get(h).copied().unwrap_or(false));
+            let w = match row_workers.iter().copied().find(|w| live().any(|h| h == *w)) {
+                Some(w) => w,
+                None => {
+                    let n = live().count();
+                    if n == 0 {
+                        return Err(DispatchError::NoHolder { layer, expert: e });
                     }
-                };
-                let b = &mut s.batches[slot];
-                if b.row_ids.last() != Some(&(r as u32)) {
-                    b.row_ids.push(r as u32);
-                    b.rows.extend_from_slice(x.row(r));
-                    b.row_pairs.push(0);
+                    live().nth((turn + r as usize) % n).unwrap_or(holders[0])
                 }
-                if let Some(p) = b.row_pairs.last_mut() {
-                    *p += 1;
-                }
-                b.experts.push(e);
-                b.weights.push(wt);
+            };
+            if !row_workers.contains(&w) {
+                row_workers.push(w);
             }
-            chosen.fill(usize::MAX);
+            let slot = match s.slot_of[w] {
+                Some(i) => i,
+                None => {
+                    if used == s.batches.len() {
+                        s.batches.push(WorkerBatch::default());
+                    }
+                    s.batches[used].worker = w;
+                    s.slot_of[w] = Some(used);
+                    used += 1;
+                    used - 1
+                }
+            };
+            let b = &mut s.batches[slot];
+            if b.row_ids.last() != Some(&r) {
+                b.row_ids.push(r);
+                b.rows.extend_from_slice(x.row(r as usize));
+                b.row_pairs.push(0);
+            }
+            if let Some(p) = b.row_pairs.last_mut() {
+                *p += 1;
+            }
+            b.experts.push(e);
+            b.weights.push(wt);
         }
         // Batches past `used` keep their buffers for later steps.
-        debug_assert!(s.batches[..used].iter().all(|b| b.rows.len() == b.row_ids.len() * h));
         Ok(used)
     }
 }
@@ -141,24 +190,57 @@ impl<T: WorkerTransport> ExpertExecutor<CpuBackend> for Dispatcher<T> {
         let mut guard =
             self.scratch.lock().map_err(|_| to_model(DispatchError::Placement("dispatcher state poisoned".into())))?;
         let s = &mut *guard;
-        let used = self.group(layer, x, routes, s).map_err(to_model)?;
-        if s.outputs.len() < used {
-            s.outputs.resize_with(used, Vec::new);
-        }
-        self.transport.execute(layer, x.cols, &s.batches[..used], &mut s.outputs[..used]).map_err(to_model)?;
-        for (b, o) in s.batches[..used].iter().zip(&s.outputs) {
-            if o.len() != b.row_ids.len() * x.cols {
-                return Err(to_model(DispatchError::Rejected {
-                    worker: self.transport.worker_name(b.worker),
-                    message: format!("returned {} values for {} rows", o.len(), b.row_ids.len()),
-                }));
+        let k = routes.top_k.max(1);
+        s.pending.clear();
+        s.pending.extend(routes.choices.iter().enumerate().map(|(i, &(e, w))| ((i / k) as u32, e, w)));
+        // Each round either finishes or leaves out at least one more worker.
+        for _round in 0..=self.num_workers {
+            let used = self.group(layer, x, s).map_err(to_model)?;
+            if s.outputs.len() < used {
+                s.outputs.resize_with(used, Vec::new);
             }
-            for (i, &r) in b.row_ids.iter().enumerate() {
-                for (acc, v) in out.row_mut(r as usize).iter_mut().zip(&o[i * x.cols..(i + 1) * x.cols]) {
-                    *acc += v;
+            s.results.clear();
+            s.results.resize_with(used, || Ok(()));
+            self.transport.execute(layer, x.cols, &s.batches[..used], &mut s.outputs[..used], &mut s.results[..used]);
+            s.retry.clear();
+            for i in 0..used {
+                let b = &s.batches[i];
+                let o = &s.outputs[i];
+                let result = match &s.results[i] {
+                    Ok(()) if o.len() != b.row_ids.len() * x.cols => Err(DispatchError::Rejected {
+                        worker: self.transport.worker_name(b.worker),
+                        message: format!("returned {} values for {} rows", o.len(), b.row_ids.len()),
+                    }),
+                    other => other.clone(),
+                };
+                match result {
+                    Ok(()) => {
+                        for (j, &r) in b.row_ids.iter().enumerate() {
+                            for (acc, v) in out.row_mut(r as usize).iter_mut().zip(&o[j * x.cols..(j + 1) * x.cols]) {
+                                *acc += v;
+                            }
+                        }
+                    }
+                    Err(e @ (DispatchError::Unavailable { .. } | DispatchError::Deadline { .. })) => {
+                        tracing::warn!(layer, worker = %self.transport.worker_name(b.worker), error = %e, "worker failed; retrying on replicas");
+                        self.mark_suspect(b.worker);
+                        let mut pair = 0usize;
+                        for (j, &r) in b.row_ids.iter().enumerate() {
+                            for _ in 0..b.row_pairs[j] {
+                                s.retry.push((r, b.experts[pair], b.weights[pair]));
+                                pair += 1;
+                            }
+                        }
+                    }
+                    Err(e) => return Err(to_model(e)),
                 }
             }
+            if s.retry.is_empty() {
+                return Ok(());
+            }
+            s.retry.sort_by_key(|&(r, _, _)| r);
+            std::mem::swap(&mut s.pending, &mut s.retry);
         }
-        Ok(())
+        Err(to_model(DispatchError::Placement("every holder failed".into())))
     }
 }

@@ -230,15 +230,24 @@ impl WorkerTransport for GrpcTransport {
         self.workers.get(worker).map(|w| w.addr.clone()).unwrap_or_else(|| format!("#{worker}"))
     }
 
-    fn execute(&self, layer: usize, hidden: usize, batches: &[WorkerBatch], outputs: &mut [Vec<f32>]) -> Result<()> {
+    fn execute(
+        &self,
+        layer: usize,
+        hidden: usize,
+        batches: &[WorkerBatch],
+        outputs: &mut [Vec<f32>],
+        results: &mut [Result<()>],
+    ) {
         // Called from the router's compute thread, never from inside the runtime.
-        self.runtime.block_on(async {
+        let all = self.runtime.block_on(async {
             let calls = batches.iter().zip(outputs.iter_mut()).map(|(b, out)| {
                 let span = tracing::debug_span!("dispatch", worker = %self.worker_name(b.worker), layer, rows = b.row_ids.len());
                 self.call(layer, hidden, b, out).instrument(span)
             });
-            let results = futures::future::join_all(calls).await;
-            results.into_iter().collect::<Result<Vec<()>>>().map(|_| ())
-        })
+            futures::future::join_all(calls).await
+        });
+        for (slot, r) in results.iter_mut().zip(all) {
+            *slot = r;
+        }
     }
 }

@@ -25,23 +25,35 @@ impl WorkerTransport for InProcessTransport {
         format!("in-process#{worker}")
     }
 
-    fn execute(&self, layer: usize, hidden: usize, batches: &[WorkerBatch], outputs: &mut [Vec<f32>]) -> Result<()> {
-        for (b, out) in batches.iter().zip(outputs.iter_mut()) {
-            let host = self.hosts.get(b.worker).ok_or_else(|| DispatchError::Unavailable {
-                worker: self.worker_name(b.worker),
-                message: "no such worker".into(),
-            })?;
-            let input = ComputeInput {
-                layer,
-                hidden_size: hidden,
-                rows: &b.rows,
-                row_pairs: &b.row_pairs,
-                experts: &b.experts,
-                weights: &b.weights,
-            };
-            host.compute(&input, out)
-                .map_err(|e| DispatchError::Rejected { worker: self.worker_name(b.worker), message: e.to_string() })?;
+    fn execute(
+        &self,
+        layer: usize,
+        hidden: usize,
+        batches: &[WorkerBatch],
+        outputs: &mut [Vec<f32>],
+        results: &mut [Result<()>],
+    ) {
+        for ((b, out), result) in batches.iter().zip(outputs.iter_mut()).zip(results.iter_mut()) {
+            *result = self.run_one(layer, hidden, b, out);
         }
-        Ok(())
+    }
+}
+
+impl InProcessTransport {
+    fn run_one(&self, layer: usize, hidden: usize, b: &WorkerBatch, out: &mut Vec<f32>) -> Result<()> {
+        let host = self.hosts.get(b.worker).ok_or_else(|| DispatchError::Unavailable {
+            worker: self.worker_name(b.worker),
+            message: "no such worker".into(),
+        })?;
+        let input = ComputeInput {
+            layer,
+            hidden_size: hidden,
+            rows: &b.rows,
+            row_pairs: &b.row_pairs,
+            experts: &b.experts,
+            weights: &b.weights,
+        };
+        host.compute(&input, out)
+            .map_err(|e| DispatchError::Rejected { worker: self.worker_name(b.worker), message: e.to_string() })
     }
 }
