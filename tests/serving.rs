@@ -36,7 +36,7 @@ async fn serve(engine: Engine) -> Running {
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     let e = engine.clone();
     tokio::spawn(async move {
-        let _ = moe_router::serve_inference(e, 2, listener, async {
+        let _ = moe_router::serve_inference(e, 2, None, listener, async {
             let _ = rx.await;
         })
         .await;

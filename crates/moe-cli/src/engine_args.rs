@@ -101,3 +101,33 @@ pub async fn bind(addr: &str, what: &str) -> anyhow::Result<tokio::net::TcpListe
     eprintln!("moe {what}: listening on {}", listener.local_addr()?);
     Ok(listener)
 }
+
+/// etcd connection flags, shared by `moe worker` and `moe router`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma separated (e.g. http://127.0.0.1:2379).
+    #[arg(long, env = "MOE_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Cluster name: workers register under /moe/<cluster>/workers/.
+    #[arg(long, env = "MOE_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    #[arg(long, env = "MOE_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    #[arg(long, env = "MOE_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+    /// CA certificate (PEM) for https etcd endpoints.
+    #[arg(long, env = "MOE_ETCD_CA")]
+    pub etcd_ca: Option<std::path::PathBuf>,
+}
+
+impl EtcdArgs {
+    pub fn options(&self) -> Option<moe_membership::EtcdOptions> {
+        (!self.etcd.is_empty()).then(|| moe_membership::EtcdOptions {
+            endpoints: self.etcd.clone(),
+            cluster: self.cluster.clone(),
+            user: self.etcd_user.clone(),
+            password: self.etcd_password.clone(),
+            ca_file: self.etcd_ca.clone(),
+        })
+    }
+}

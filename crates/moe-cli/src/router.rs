@@ -1,6 +1,6 @@
 //! `moe router`: the router over a static list of remote workers.
 
-use crate::engine_args::{bind, run_until_signal, EngineArgs, GRACE};
+use crate::engine_args::{bind, run_until_signal, EngineArgs, EtcdArgs, GRACE};
 use clap::{Args, ValueEnum};
 use moe_dispatch::GrpcTransportConfig;
 use moe_proto::v1::WireDtype;
@@ -17,9 +17,11 @@ pub enum Wire {
 pub struct RouterArgs {
     #[arg(long, env = "MOE_MODEL")]
     pub model: PathBuf,
-    /// Worker addresses, comma separated (host:port or http://host:port).
-    #[arg(long, env = "MOE_WORKERS", value_delimiter = ',', required = true)]
+    /// Worker addresses, comma separated (host:port or http://host:port); or use --etcd.
+    #[arg(long, env = "MOE_WORKERS", value_delimiter = ',', required_unless_present = "etcd", conflicts_with = "etcd")]
     pub workers: Vec<String>,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     #[arg(long, env = "MOE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
     /// Encoding of hidden rows between router and workers.
@@ -44,9 +46,20 @@ pub fn run(a: RouterArgs) -> anyhow::Result<()> {
     let engine_config = a.engine.config()?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
+        if let Some(opts) = a.etcd.options() {
+            let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+            let cancel = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(moe_membership::watch_workers(opts, tx, cancel.clone()));
+            let (engine, _dispatcher, ready) = moe_cluster::membership_router(&a.model, rx, transport, engine_config)?;
+            let listener = bind(&a.listen, "router").await?;
+            let r = run_until_signal(|stop| moe_router::serve_inference(engine, 0, Some(ready), listener, stop), GRACE)
+                .await;
+            cancel.cancel();
+            return r;
+        }
         let engine = moe_cluster::remote(&a.model, &a.workers, transport, engine_config).await?;
         let listener = bind(&a.listen, "router").await?;
         let workers = a.workers.len();
-        run_until_signal(|stop| moe_router::serve_inference(engine, workers, listener, stop), GRACE).await
+        run_until_signal(|stop| moe_router::serve_inference(engine, workers, None, listener, stop), GRACE).await
     })
 }

@@ -25,6 +25,6 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         let listener = bind(&a.listen, "serve").await?;
         let workers = a.workers;
-        run_until_signal(|stop| moe_router::serve_inference(engine, workers, listener, stop), GRACE).await
+        run_until_signal(|stop| moe_router::serve_inference(engine, workers, None, listener, stop), GRACE).await
     })
 }

@@ -1,6 +1,6 @@
 //! `moe worker`: hosts a set of experts and serves them over gRPC.
 
-use crate::engine_args::{bind, run_until_signal, GRACE};
+use crate::engine_args::{bind, run_until_signal, EtcdArgs, GRACE};
 use anyhow::Context;
 use clap::Args;
 use moe_worker::{ExpertHost, ExpertSpec};
@@ -16,9 +16,17 @@ pub struct WorkerArgs {
     pub experts: String,
     #[arg(long, env = "MOE_LISTEN", default_value = "127.0.0.1:50061")]
     pub listen: String,
-    /// Name reported by Describe (default: the listen address).
+    /// Name reported by Describe and registered in etcd (default: the advertised address).
     #[arg(long, env = "MOE_WORKER_ID")]
     pub worker_id: Option<String>,
+    /// Address routers use to reach this worker (default: the bound listen address).
+    #[arg(long, env = "MOE_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Lease TTL of the etcd registration; kept alive at TTL/3.
+    #[arg(long, env = "MOE_LEASE_TTL_SECS", default_value_t = 10)]
+    pub lease_ttl_secs: u64,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 }
 
 pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
@@ -31,9 +39,37 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let listener = bind(&a.listen, "worker").await?;
-        let id =
-            a.worker_id.clone().unwrap_or_else(|| listener.local_addr().map(|x| x.to_string()).unwrap_or_default());
+        let bound = listener.local_addr()?.to_string();
+        let advertise = a.advertise.clone().unwrap_or(bound);
+        let id = a.worker_id.clone().unwrap_or_else(|| advertise.clone());
         tracing::info!(worker = %id, hosted, "serving experts");
-        run_until_signal(|stop| moe_worker::serve_worker(host, id, listener, stop), GRACE).await
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let registration = a.etcd.options().map(|opts| {
+            let record = moe_membership::WorkerRecord {
+                id: id.clone(),
+                address: advertise.clone(),
+                experts: host.hosted().into_iter().map(|(l, e)| (l as u32, e)).collect(),
+                device: "cpu".into(),
+                fingerprint: host.fingerprint().to_string(),
+                version: env!("CARGO_PKG_VERSION").into(),
+            };
+            let ttl = std::time::Duration::from_secs(a.lease_ttl_secs.max(1));
+            tokio::spawn(moe_membership::register_worker(opts, record, ttl, cancel.clone()))
+        });
+        run_until_signal(
+            |stop| async move {
+                let drain = async move {
+                    stop.await;
+                    // Drain: leave the membership first so routers stop sending, then finish.
+                    cancel.cancel();
+                    if let Some(r) = registration {
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), r).await;
+                    }
+                };
+                moe_worker::serve_worker(host, id, listener, drain).await
+            },
+            GRACE,
+        )
+        .await
     })
 }

@@ -130,3 +130,123 @@ pub async fn remote(
         Arc::new(remote_dispatcher(&model.config, addrs, transport).await?);
     Ok(Engine::start(model, codec, Some(dispatcher), engine)?)
 }
+
+/// An expert executor that follows membership: each new snapshot of live workers rebuilds the
+/// placement and the gRPC transport (streams reopen lazily), refusing workers of another model
+/// with a log line, and publishes readiness (every expert has a live holder).
+pub struct MembershipDispatcher {
+    current: std::sync::RwLock<Option<Arc<Dispatcher<GrpcTransport>>>>,
+    missing: std::sync::RwLock<String>,
+}
+
+impl MembershipDispatcher {
+    /// What is missing now, empty when every expert has a holder.
+    pub fn missing(&self) -> String {
+        self.missing.read().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    fn rebuild(
+        &self,
+        config: &moe_model::ModelConfig,
+        records: &[moe_membership::WorkerRecord],
+        transport: &GrpcTransportConfig,
+    ) -> bool {
+        let ours = config.fingerprint();
+        let mut addrs = Vec::new();
+        let mut placement = Placement::new(config.num_layers, config.num_experts);
+        for r in records {
+            if r.fingerprint != ours {
+                tracing::error!(worker = %r.id, address = %r.address, theirs = %r.fingerprint, %ours,
+                    "refusing worker: it serves a different model (fingerprint mismatch)");
+                continue;
+            }
+            let valid = r.experts.iter().all(|(layer, experts)| {
+                (*layer as usize) < config.num_layers && experts.iter().all(|&e| (e as usize) < config.num_experts)
+            });
+            if !valid {
+                tracing::error!(worker = %r.id, "refusing worker: its expert list does not fit the model");
+                continue;
+            }
+            let w = addrs.len();
+            for (layer, experts) in &r.experts {
+                // Checked just above, so this cannot fail.
+                let _ = placement.add(w, *layer as usize, experts);
+            }
+            addrs.push(r.address.clone());
+        }
+        let missing = placement.missing(&config.moe_layers());
+        let text = Placement::describe_missing(&missing);
+        match GrpcTransport::lazy(&addrs, transport.clone()) {
+            Ok(t) => {
+                let d = Arc::new(Dispatcher::new(t, placement, addrs.len()));
+                if let Ok(mut c) = self.current.write() {
+                    *c = Some(d);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot build the worker transport"),
+        }
+        if let Ok(mut m) = self.missing.write() {
+            *m = text.clone();
+        }
+        if missing.is_empty() {
+            tracing::info!(workers = addrs.len(), "every expert has a live holder: ready");
+        } else {
+            tracing::warn!(workers = addrs.len(), missing = %text, "not ready: experts without a live holder");
+        }
+        missing.is_empty()
+    }
+}
+
+impl ExpertExecutor<CpuBackend> for MembershipDispatcher {
+    fn run_experts(
+        &self,
+        layer: usize,
+        x: &moe_compute::cpu::HostTensor,
+        routes: &moe_model::ExpertRoutes<'_>,
+        out: &mut moe_compute::cpu::HostTensor,
+    ) -> moe_model::Result<()> {
+        let d = self.current.read().ok().and_then(|c| c.clone());
+        match d {
+            Some(d) => d.run_experts(layer, x, routes, out),
+            None => Err(moe_model::ModelError::Experts { layer, message: "no workers are registered".into() }),
+        }
+    }
+}
+
+/// Follows `members` (call inside the runtime): returns the dispatcher and a readiness watch.
+pub fn follow_membership(
+    config: moe_model::ModelConfig,
+    mut members: tokio::sync::watch::Receiver<Vec<moe_membership::WorkerRecord>>,
+    transport: GrpcTransportConfig,
+) -> (Arc<MembershipDispatcher>, tokio::sync::watch::Receiver<bool>) {
+    let d = Arc::new(MembershipDispatcher {
+        current: std::sync::RwLock::new(None),
+        missing: std::sync::RwLock::new("no workers yet".into()),
+    });
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    let dd = d.clone();
+    tokio::spawn(async move {
+        loop {
+            let snapshot = members.borrow_and_update().clone();
+            let ready = dd.rebuild(&config, &snapshot, &transport);
+            ready_tx.send_replace(ready);
+            if members.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    (d, ready_rx)
+}
+
+/// A router engine whose workers come from membership (etcd or in-memory).
+pub fn membership_router(
+    dir: &Path,
+    members: tokio::sync::watch::Receiver<Vec<moe_membership::WorkerRecord>>,
+    transport: GrpcTransportConfig,
+    engine: EngineConfig,
+) -> Result<(Engine, Arc<MembershipDispatcher>, tokio::sync::watch::Receiver<bool>)> {
+    let (model, codec) = load_router_model(dir)?;
+    let (d, ready) = follow_membership(model.config.clone(), members, transport);
+    let exec: Arc<dyn ExpertExecutor<CpuBackend>> = d.clone();
+    Ok((Engine::start(model, codec, Some(exec), engine)?, d, ready))
+}

@@ -107,6 +107,16 @@ impl GrpcTransport {
         Ok((Self { runtime, workers, config, next_id: AtomicU64::new(1) }, described))
     }
 
+    /// A transport to workers whose hosted experts are already known (from membership records):
+    /// no call is made now; each worker's stream opens on first use. Call inside the runtime.
+    pub fn lazy(addrs: &[String], config: GrpcTransportConfig) -> Result<Self> {
+        let workers = addrs
+            .iter()
+            .map(|a| Ok(WorkerConn { addr: a.clone(), endpoint: endpoint(a, &config)?, stream: Mutex::new(None) }))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { runtime: tokio::runtime::Handle::current(), workers, config, next_id: AtomicU64::new(1) })
+    }
+
     async fn open(&self, w: &WorkerConn) -> Result<OpenStream> {
         if let Some(s) = w.stream.lock().ok().and_then(|g| g.clone()) {
             if !s.tx.is_closed() {

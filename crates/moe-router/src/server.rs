@@ -11,10 +11,34 @@ use tonic::transport::Server;
 /// Largest message the public API accepts or sends.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
-/// A tonic router with Inference, grpc.health.v1 (SERVING) and reflection.
-pub async fn inference_routes(engine: Engine, workers: usize) -> Result<Router, tonic_reflection::server::Error> {
+/// A tonic router with Inference, grpc.health.v1 and reflection. Health is SERVING, or follows
+/// `ready` when given (a router is not ready while some expert has no live holder).
+pub async fn inference_routes(
+    engine: Engine,
+    workers: usize,
+    ready: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Result<Router, tonic_reflection::server::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<InferenceServer<InferenceService>>().await;
+    match ready {
+        None => reporter.set_serving::<InferenceServer<InferenceService>>().await,
+        Some(mut ready) => {
+            tokio::spawn(async move {
+                loop {
+                    let now = *ready.borrow_and_update();
+                    if now {
+                        reporter.set_serving::<InferenceServer<InferenceService>>().await;
+                        reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+                    } else {
+                        reporter.set_not_serving::<InferenceServer<InferenceService>>().await;
+                        reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                    }
+                    if ready.changed().await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -29,10 +53,11 @@ pub async fn inference_routes(engine: Engine, workers: usize) -> Result<Router, 
 pub async fn serve_inference(
     engine: Engine,
     workers: usize,
+    ready: Option<tokio::sync::watch::Receiver<bool>>,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    inference_routes(engine, workers).await?.serve_with_incoming_shutdown(incoming, shutdown).await?;
+    inference_routes(engine, workers, ready).await?.serve_with_incoming_shutdown(incoming, shutdown).await?;
     Ok(())
 }
