@@ -229,3 +229,63 @@ fn failover_to_replicas_loses_no_request() {
     }
     drop(workers);
 }
+
+/// An expert with no holder fails only the requests whose tokens route to it (UNAVAILABLE
+/// naming the layer and expert); the others of the same batches complete with correct tokens.
+#[test]
+fn missing_expert_fails_only_the_requests_that_need_it() {
+    use moe_dispatch::{Dispatcher, InProcessTransport, Placement};
+    use moe_worker::{ExpertHost, ExpertSpec};
+    let dir = fixture("mixtral");
+    let host = Arc::new(ExpertHost::load(&dir, &"0:0-3,1:0-2".parse::<ExpertSpec>().expect("spec")).expect("host"));
+    let mut placement = Placement::new(2, 4);
+    for (layer, experts) in host.hosted() {
+        placement.add(0, layer, &experts).expect("add");
+    }
+    let dispatcher: Arc<dyn ExpertExecutor<CpuBackend>> =
+        Arc::new(Dispatcher::new(InProcessTransport::new(vec![host]), placement, 1));
+    let (model, codec) = load_router_model(&dir).expect("dense");
+    let engine = Engine::start(model, codec, Some(dispatcher), EngineConfig::default()).expect("engine");
+    let full = Model::load(&dir, CpuBackend::new()).expect("model");
+    let mut streams = Vec::new();
+    for t in 0..24u32 {
+        let params = GenerationParams { max_new_tokens: Some(1), ..Default::default() };
+        let req = ValidatedRequest::new(
+            PromptInput::Ids(vec![t * 5 % 128]),
+            &params,
+            engine.codec(),
+            &engine.model().config,
+            Duration::from_secs(60),
+        )
+        .expect("valid");
+        streams.push((t * 5 % 128, engine.submit(req).expect("submit").1));
+    }
+    let (mut ok, mut failed) = (0, 0);
+    for (token, mut s) in streams {
+        let mut got = Vec::new();
+        loop {
+            match s.blocking_recv().expect("terminal event") {
+                Event::Delta { token_ids, .. } => got.extend(token_ids),
+                Event::Finished { .. } => {
+                    let mut g = moe_generate::Generator::new(&full, 2).expect("gen");
+                    let req = moe_generate::GenerateRequest {
+                        prompt: vec![token],
+                        max_new_tokens: 1,
+                        sampling: Default::default(),
+                        stop_ids: vec![],
+                    };
+                    assert_eq!(got, g.generate(&req).expect("solo").token_ids, "token {token}");
+                    ok += 1;
+                    break;
+                }
+                Event::Failed(e) => {
+                    assert_eq!(e.code(), tonic::Code::Unavailable);
+                    assert!(e.to_string().contains("layer 1 expert 3"), "{e}");
+                    failed += 1;
+                    break;
+                }
+            }
+        }
+    }
+    assert!(ok > 0 && failed > 0, "{ok} completed, {failed} failed");
+}

@@ -204,10 +204,11 @@ impl ExpertExecutor<CpuBackend> for MembershipDispatcher {
         x: &moe_compute::cpu::HostTensor,
         routes: &moe_model::ExpertRoutes<'_>,
         out: &mut moe_compute::cpu::HostTensor,
+        unserved: &mut Vec<(u32, String)>,
     ) -> moe_model::Result<()> {
         let d = self.current.read().ok().and_then(|c| c.clone());
         match d {
-            Some(d) => d.run_experts(layer, x, routes, out),
+            Some(d) => d.run_experts(layer, x, routes, out, unserved),
             None => Err(moe_model::ModelError::Experts { layer, message: "no workers are registered".into() }),
         }
     }

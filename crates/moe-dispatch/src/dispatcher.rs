@@ -109,7 +109,7 @@ impl<T: WorkerTransport> Dispatcher<T> {
     /// Groups pending (row, expert, weight) entries by worker, skipping suspect workers. A row's
     /// experts go, where possible, to a worker already chosen for that row, so each row travels
     /// to each worker at most once; replicas are used in turn.
-    fn group(&self, layer: usize, x: &HostTensor, s: &mut Scratch) -> Result<usize> {
+    fn group(&self, layer: usize, x: &HostTensor, s: &mut Scratch, unserved: &mut Vec<(u32, String)>) -> Result<usize> {
         let now = Instant::now();
         let suspect: Vec<bool> = self
             .suspect_until
@@ -141,7 +141,11 @@ impl<T: WorkerTransport> Dispatcher<T> {
                 None => {
                     let n = live().count();
                     if n == 0 {
-                        return Err(DispatchError::NoHolder { layer, expert: e });
+                        // Only this row fails; the others of the batch go on.
+                        if unserved.last().map(|u| u.0) != Some(r) {
+                            unserved.push((r, DispatchError::NoHolder { layer, expert: e }.to_string()));
+                        }
+                        continue;
                     }
                     live().nth((turn + r as usize) % n).unwrap_or(holders[0])
                 }
@@ -185,6 +189,7 @@ impl<T: WorkerTransport> ExpertExecutor<CpuBackend> for Dispatcher<T> {
         x: &HostTensor,
         routes: &ExpertRoutes<'_>,
         out: &mut HostTensor,
+        unserved: &mut Vec<(u32, String)>,
     ) -> moe_model::Result<()> {
         let to_model = |e: DispatchError| ModelError::Experts { layer, message: e.to_string() };
         let mut guard =
@@ -195,7 +200,7 @@ impl<T: WorkerTransport> ExpertExecutor<CpuBackend> for Dispatcher<T> {
         s.pending.extend(routes.choices.iter().enumerate().map(|(i, &(e, w))| ((i / k) as u32, e, w)));
         // Each round either finishes or leaves out at least one more worker.
         for _round in 0..=self.num_workers {
-            let used = self.group(layer, x, s).map_err(to_model)?;
+            let used = self.group(layer, x, s, unserved).map_err(to_model)?;
             if s.outputs.len() < used {
                 s.outputs.resize_with(used, Vec::new);
             }

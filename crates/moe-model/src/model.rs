@@ -13,9 +13,18 @@ use std::path::Path;
 
 /// Where the routed experts of an MoE layer run: in this process (the model's own weights) or
 /// on workers. Implementations add, for every row r of `x`, `Σ_j w_rj · expert_{e_rj}(x_r)` into
-/// `out`, which is `[rows, H]` and zeroed on entry.
+/// `out`, which is `[rows, H]` and zeroed on entry. Rows that cannot be served (an expert with
+/// no live holder) are reported in `unserved` with the reason, and the others still computed:
+/// the caller fails only the sequences those rows belong to. An `Err` fails the whole step.
 pub trait ExpertExecutor<B: Backend>: Send + Sync {
-    fn run_experts(&self, layer: usize, x: &B::Act, routes: &ExpertRoutes<'_>, out: &mut B::Act) -> Result<()>;
+    fn run_experts(
+        &self,
+        layer: usize,
+        x: &B::Act,
+        routes: &ExpertRoutes<'_>,
+        out: &mut B::Act,
+        unserved: &mut Vec<(u32, String)>,
+    ) -> Result<()>;
 }
 
 /// The routing decision of one MoE layer for a batch: `top_k` (expert, weight) pairs per row,
@@ -78,9 +87,16 @@ pub struct Workspace<B: Backend> {
     out_rows: Vec<u32>,
     seqs: Vec<AttentionSeq>,
     page_table: Vec<u32>,
+    unserved: Vec<(u32, String)>,
 }
 
 impl<B: Backend> Workspace<B> {
+    /// Batch rows (in the order of the last forward call's items and tokens) whose experts could
+    /// not all be computed, with the reason; their outputs are not to be used.
+    pub fn unserved_rows(&self) -> &[(u32, String)] {
+        &self.unserved
+    }
+
     pub fn new(backend: &B) -> Self {
         Self {
             hidden: backend.act(),
@@ -103,6 +119,7 @@ impl<B: Backend> Workspace<B> {
             out_rows: Vec::new(),
             seqs: Vec::new(),
             page_table: Vec::new(),
+            unserved: Vec::new(),
         }
     }
 }
@@ -223,6 +240,7 @@ impl<B: Backend> Model<B> {
         let mut row = 0;
         ws.seqs.clear();
         ws.page_table.clear();
+        ws.unserved.clear();
         // Pages are unique to a sequence, so the table never exceeds the pool: one growth, ever.
         ws.page_table.reserve(kv.pages.num_pages());
         for item in batch.iter() {
@@ -310,7 +328,7 @@ impl<B: Backend> Model<B> {
         match experts {
             Some(executor) => {
                 let routes = ExpertRoutes { top_k: c.top_k, choices: &ws.choices, plan: &ws.plan };
-                executor.run_experts(layer, &ws.normed, &routes, &mut ws.ffn_out)?;
+                executor.run_experts(layer, &ws.normed, &routes, &mut ws.ffn_out, &mut ws.unserved)?;
             }
             None if moe.experts.len() == c.num_experts => {
                 b.expert_ffn(&ws.normed, &moe.experts, &ws.plan, &mut ws.scratch, &mut ws.ffn_out);

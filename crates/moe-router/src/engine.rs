@@ -349,9 +349,28 @@ impl Worker {
             }
             return;
         }
-        let vocab = self.model.config.vocab_size;
+        // Sequences with a row some expert could not serve fail alone; the rest go on.
         let mut done: Vec<usize> = Vec::new();
+        let mut failed: Vec<(usize, String)> = Vec::new();
+        if !self.ws.unserved_rows().is_empty() {
+            let mut start = 0u32;
+            for &i in &members {
+                let end = start + chunk[i] as u32;
+                if let Some((_, why)) = self.ws.unserved_rows().iter().find(|(r, _)| (start..end).contains(r)) {
+                    failed.push((i, why.clone()));
+                }
+                start = end;
+            }
+        }
+        let vocab = self.model.config.vocab_size;
         for (row, &i) in members.iter().enumerate() {
+            if let Some((_, why)) = failed.iter().find(|(f, _)| *f == i) {
+                let s = &self.running[i];
+                tracing::warn!(request = s.id, reason = %why, "request failed: experts unavailable");
+                let _ = s.events.send(Event::Failed(RouterError::Unavailable(why.clone())));
+                done.push(i);
+                continue;
+            }
             let s = &mut self.running[i];
             if s.cache.len < s.tokens.len() {
                 continue; // prefill not finished: no token yet
@@ -391,6 +410,7 @@ impl Worker {
             }
         }
         done.sort_unstable_by(|a, b| b.cmp(a));
+        done.dedup();
         for i in done {
             let mut s = self.running.swap_remove(i);
             self.kv.pages.release(&mut s.cache);
