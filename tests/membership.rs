@@ -73,6 +73,11 @@ async fn generate(addr: &str, ids: Vec<u32>) -> Result<Vec<u32>, tonic::Status> 
     c.generate(req).await.map(|r| r.into_inner().token_ids)
 }
 
+async fn model_info(addr: &str) -> moe_proto::v1::ModelInfoResponse {
+    let mut c = InferenceClient::connect(format!("http://{addr}")).await.expect("connect");
+    c.model_info(moe_proto::v1::ModelInfoRequest {}).await.expect("info").into_inner()
+}
+
 async fn health(addr: &str) -> i32 {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .expect("uri")
@@ -126,7 +131,13 @@ fn router_follows_etcd_through_failures_and_recovery() {
     // A worker of another model is refused: the router stays not ready.
     let other = fixture("olmoe");
     let _wrong = worker(&etcd, "fo", other.to_str().expect("utf8"), "all", "2");
-    std::thread::sleep(Duration::from_millis(1500));
+    eventually("the refusal to show in ModelInfo", 15, || {
+        !rt.block_on(model_info(&router.addr)).refused_workers.is_empty()
+    });
+    let info = rt.block_on(model_info(&router.addr));
+    assert!(!info.ready);
+    assert!(info.refused_workers[0].contains("different model"), "{:?}", info.refused_workers);
+    assert!(info.not_ready_reason.contains("layer 0"), "{}", info.not_ready_reason);
     assert_eq!(rt.block_on(health(&router.addr)), ServingStatus::NotServing as i32);
     assert!(rt.block_on(generate(&router.addr, prompt.clone())).is_err());
 
@@ -136,4 +147,99 @@ fn router_follows_etcd_through_failures_and_recovery() {
         rt.block_on(health(&router.addr)) == ServingStatus::Serving as i32
     });
     assert_eq!(rt.block_on(generate(&router.addr, prompt)).expect("recovered"), want);
+}
+
+#[test]
+fn serving_survives_an_etcd_outage_longer_than_the_ttl() {
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let mut etcd = Etcd::start();
+    let members = watch(&rt, &etcd, "outage");
+    let dir = fixture("mixtral");
+    let d = dir.to_str().expect("utf8");
+    let _w = worker(&etcd, "outage", d, "all", "2");
+    let router = spawn_server(&[
+        "router",
+        "--model",
+        d,
+        "--etcd",
+        &etcd.url(),
+        "--cluster",
+        "outage",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    eventually("ready", 15, || rt.block_on(health(&router.addr)) == ServingStatus::Serving as i32);
+    let prompt = vec![3u32, 1, 4, 1, 5];
+    let before = rt.block_on(generate(&router.addr, prompt.clone())).expect("before");
+    etcd.stop();
+    // Longer than the 2 s TTL: the router keeps its last table and goes on serving.
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(rt.block_on(generate(&router.addr, prompt.clone())).expect("during the outage"), before);
+    }
+    etcd.launch();
+    // The worker registers again and the watch converges on it.
+    eventually("the worker to re-register", 30, || members.borrow().len() == 1);
+    eventually("the router to be ready", 30, || rt.block_on(health(&router.addr)) == ServingStatus::Serving as i32);
+    assert_eq!(rt.block_on(generate(&router.addr, prompt)).expect("after"), before);
+}
+
+/// SIGTERM on a worker, then on the router, while streams run: no request fails.
+#[test]
+fn sigterm_drains_without_failing_requests() {
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    endless_model(tmp.path());
+    let d = tmp.path().to_str().expect("utf8");
+    let a = worker(&etcd, "drain", d, "all", "2");
+    let _b = worker(&etcd, "drain", d, "all", "2");
+    let router =
+        spawn_server(&["router", "--model", d, "--etcd", &etcd.url(), "--cluster", "drain", "--listen", "127.0.0.1:0"]);
+    eventually("ready", 15, || rt.block_on(health(&router.addr)) == ServingStatus::Serving as i32);
+    eventually("both workers in use", 15, || rt.block_on(model_info(&router.addr)).workers == 2);
+    // Each stream signals its first token, so the signals below land mid-generation.
+    let run = |n: u32, tokens: u32| {
+        let addr = router.addr.clone();
+        let (started_tx, mut started) = tokio::sync::mpsc::channel::<()>(n as usize);
+        let handles = (0..n)
+            .map(|i| {
+                let addr = addr.clone();
+                let started_tx = started_tx.clone();
+                rt.spawn(async move {
+                    let mut c = InferenceClient::connect(format!("http://{addr}")).await.expect("connect");
+                    let req = GenerateRequest {
+                        prompt: Some(Prompt::TokenIds(TokenIds { ids: vec![i + 1, 2 * i + 3] })),
+                        sampling: Some(SamplingParams { max_new_tokens: Some(tokens), ..Default::default() }),
+                        ..Default::default()
+                    };
+                    let mut s = c.generate_stream(req).await.expect("stream").into_inner();
+                    let mut n = 0;
+                    while let Some(m) = s.message().await.map_err(|e| format!("request {i}: {e}"))? {
+                        if let Some(moe_proto::v1::generate_stream_response::Event::Delta(d)) = m.event {
+                            if n == 0 {
+                                let _ = started_tx.send(()).await;
+                            }
+                            n += d.token_ids.len();
+                        }
+                    }
+                    Ok::<usize, String>(n)
+                })
+            })
+            .collect::<Vec<_>>();
+        for _ in 0..n {
+            started.blocking_recv().expect("a stream started");
+        }
+        handles
+    };
+    let load = run(8, 300);
+    sigterm(&a.child);
+    for h in load {
+        assert_eq!(rt.block_on(h).expect("task"), Ok(300), "a request failed while a worker drained");
+    }
+    let load = run(4, 60);
+    sigterm(&router.child);
+    for h in load {
+        assert_eq!(rt.block_on(h).expect("task"), Ok(60), "a request failed while the router drained");
+    }
 }

@@ -36,10 +36,11 @@ async fn serve(engine: Engine) -> Running {
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     let e = engine.clone();
     tokio::spawn(async move {
-        let _ = moe_router::serve_inference(e, 2, None, listener, async {
-            let _ = rx.await;
-        })
-        .await;
+        let _ =
+            moe_router::serve_inference(e, std::sync::Arc::new(moe_router::StaticCluster(2)), None, listener, async {
+                let _ = rx.await;
+            })
+            .await;
     });
     Running { addr, engine, _stop: stop }
 }

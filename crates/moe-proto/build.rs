@@ -8,6 +8,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     let protos = [root.join("moe/v1/inference.proto"), root.join("moe/v1/expert.proto")];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
     tonic_prost_build::configure()
         .bytes(".moe.v1.ExpertRequest.rows")
         .bytes(".moe.v1.ExpertResponse.rows")

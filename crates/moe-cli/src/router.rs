@@ -4,7 +4,9 @@ use crate::engine_args::{bind, run_until_signal, EngineArgs, EtcdArgs, GRACE};
 use clap::{Args, ValueEnum};
 use moe_dispatch::GrpcTransportConfig;
 use moe_proto::v1::WireDtype;
+use moe_router::StaticCluster;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -50,16 +52,24 @@ pub fn run(a: RouterArgs) -> anyhow::Result<()> {
             let (tx, rx) = tokio::sync::watch::channel(Vec::new());
             let cancel = tokio_util::sync::CancellationToken::new();
             tokio::spawn(moe_membership::watch_workers(opts, tx, cancel.clone()));
-            let (engine, _dispatcher, ready) = moe_cluster::membership_router(&a.model, rx, transport, engine_config)?;
+            let (engine, dispatcher, ready) = moe_cluster::membership_router(&a.model, rx, transport, engine_config)?;
+            let status: Arc<dyn moe_router::ClusterStatus> = dispatcher;
             let listener = bind(&a.listen, "router").await?;
-            let r = run_until_signal(|stop| moe_router::serve_inference(engine, 0, Some(ready), listener, stop), GRACE)
-                .await;
+            let r = run_until_signal(
+                |stop| moe_router::serve_inference(engine, status.clone(), Some(ready), listener, stop),
+                GRACE,
+            )
+            .await;
             cancel.cancel();
             return r;
         }
         let engine = moe_cluster::remote(&a.model, &a.workers, transport, engine_config).await?;
         let listener = bind(&a.listen, "router").await?;
         let workers = a.workers.len();
-        run_until_signal(|stop| moe_router::serve_inference(engine, workers, None, listener, stop), GRACE).await
+        run_until_signal(
+            |stop| moe_router::serve_inference(engine, Arc::new(StaticCluster(workers)), None, listener, stop),
+            GRACE,
+        )
+        .await
     })
 }

@@ -4,6 +4,8 @@
 use crate::engine_args::{bind, run_until_signal, EngineArgs, GRACE};
 use crate::model_args::ModelArgs;
 use clap::Args;
+use moe_router::StaticCluster;
+use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -25,6 +27,10 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         let listener = bind(&a.listen, "serve").await?;
         let workers = a.workers;
-        run_until_signal(|stop| moe_router::serve_inference(engine, workers, None, listener, stop), GRACE).await
+        run_until_signal(
+            |stop| moe_router::serve_inference(engine, Arc::new(StaticCluster(workers)), None, listener, stop),
+            GRACE,
+        )
+        .await
     })
 }

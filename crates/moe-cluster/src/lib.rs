@@ -137,6 +137,25 @@ pub async fn remote(
 pub struct MembershipDispatcher {
     current: std::sync::RwLock<Option<Arc<Dispatcher<GrpcTransport>>>>,
     missing: std::sync::RwLock<String>,
+    refused: std::sync::RwLock<Vec<String>>,
+    workers: std::sync::atomic::AtomicUsize,
+}
+
+impl moe_router::ClusterStatus for MembershipDispatcher {
+    fn workers(&self) -> usize {
+        self.workers.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    fn not_ready_reason(&self) -> String {
+        let m = self.missing();
+        if m.is_empty() {
+            m
+        } else {
+            format!("no live worker holds {m}")
+        }
+    }
+    fn refused(&self) -> Vec<String> {
+        self.refused.read().map(|r| r.clone()).unwrap_or_default()
+    }
 }
 
 impl MembershipDispatcher {
@@ -153,11 +172,16 @@ impl MembershipDispatcher {
     ) -> bool {
         let ours = config.fingerprint();
         let mut addrs = Vec::new();
+        let mut refused = Vec::new();
         let mut placement = Placement::new(config.num_layers, config.num_experts);
         for r in records {
             if r.fingerprint != ours {
                 tracing::error!(worker = %r.id, address = %r.address, theirs = %r.fingerprint, %ours,
                     "refusing worker: it serves a different model (fingerprint mismatch)");
+                refused.push(format!(
+                    "{} ({}): serves a different model (fingerprint {}, ours {ours})",
+                    r.id, r.address, r.fingerprint
+                ));
                 continue;
             }
             let valid = r.experts.iter().all(|(layer, experts)| {
@@ -165,6 +189,7 @@ impl MembershipDispatcher {
             });
             if !valid {
                 tracing::error!(worker = %r.id, "refusing worker: its expert list does not fit the model");
+                refused.push(format!("{} ({}): its expert list does not fit the model", r.id, r.address));
                 continue;
             }
             let w = addrs.len();
@@ -188,6 +213,10 @@ impl MembershipDispatcher {
         if let Ok(mut m) = self.missing.write() {
             *m = text.clone();
         }
+        if let Ok(mut r) = self.refused.write() {
+            *r = refused;
+        }
+        self.workers.store(addrs.len(), std::sync::atomic::Ordering::Relaxed);
         if missing.is_empty() {
             tracing::info!(workers = addrs.len(), "every expert has a live holder: ready");
         } else {
@@ -223,6 +252,8 @@ pub fn follow_membership(
     let d = Arc::new(MembershipDispatcher {
         current: std::sync::RwLock::new(None),
         missing: std::sync::RwLock::new("no workers yet".into()),
+        refused: std::sync::RwLock::new(Vec::new()),
+        workers: std::sync::atomic::AtomicUsize::new(0),
     });
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let dd = d.clone();

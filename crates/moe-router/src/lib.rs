@@ -15,4 +15,4 @@ pub use engine::{Engine, EngineConfig, EngineStats};
 pub use error::RouterError;
 pub use request::{Event, FinishReason, GenerationParams, PromptInput, ValidatedRequest};
 pub use server::{inference_routes, serve_inference};
-pub use service::InferenceService;
+pub use service::{ClusterStatus, InferenceService, StaticCluster};

@@ -15,7 +15,7 @@ pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 /// `ready` when given (a router is not ready while some expert has no live holder).
 pub async fn inference_routes(
     engine: Engine,
-    workers: usize,
+    cluster: std::sync::Arc<dyn crate::service::ClusterStatus>,
     ready: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> Result<Router, tonic_reflection::server::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -43,7 +43,7 @@ pub async fn inference_routes(
         .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let inference = InferenceServer::new(InferenceService::new(engine, workers))
+    let inference = InferenceServer::new(InferenceService::new(engine, cluster))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     Ok(Server::builder().tcp_nodelay(true).add_service(health).add_service(reflection).add_service(inference))
@@ -52,12 +52,12 @@ pub async fn inference_routes(
 /// Serves the API on `listener` until `shutdown` resolves.
 pub async fn serve_inference(
     engine: Engine,
-    workers: usize,
+    cluster: std::sync::Arc<dyn crate::service::ClusterStatus>,
     ready: Option<tokio::sync::watch::Receiver<bool>>,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    inference_routes(engine, workers, ready).await?.serve_with_incoming_shutdown(incoming, shutdown).await?;
+    inference_routes(engine, cluster, ready).await?.serve_with_incoming_shutdown(incoming, shutdown).await?;
     Ok(())
 }

@@ -18,14 +18,39 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+/// What the router knows of its workers, for `ModelInfo`.
+pub trait ClusterStatus: Send + Sync {
+    /// Workers in use.
+    fn workers(&self) -> usize;
+    /// Empty when every expert has a live holder, else what is missing.
+    fn not_ready_reason(&self) -> String;
+    /// Workers seen but refused, each with its reason.
+    fn refused(&self) -> Vec<String>;
+}
+
+/// A fixed set of workers, all in use (the embedded cluster, a static worker list).
+pub struct StaticCluster(pub usize);
+
+impl ClusterStatus for StaticCluster {
+    fn workers(&self) -> usize {
+        self.0
+    }
+    fn not_ready_reason(&self) -> String {
+        String::new()
+    }
+    fn refused(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
 pub struct InferenceService {
     engine: Engine,
-    workers: usize,
+    cluster: std::sync::Arc<dyn ClusterStatus>,
 }
 
 impl InferenceService {
-    pub fn new(engine: Engine, workers: usize) -> Self {
-        Self { engine, workers }
+    pub fn new(engine: Engine, cluster: std::sync::Arc<dyn ClusterStatus>) -> Self {
+        Self { engine, cluster }
     }
 
     fn validate(&self, req: GenerateRequest) -> Result<ValidatedRequest, RouterError> {
@@ -161,8 +186,11 @@ impl Inference for InferenceService {
             experts_per_token: c.top_k as u32,
             max_position_embeddings: c.max_position_embeddings as u32,
             model_fingerprint: c.fingerprint(),
-            workers: self.workers as u32,
+            workers: self.cluster.workers() as u32,
             has_tokenizer: self.engine.codec().has_tokenizer(),
+            ready: self.cluster.not_ready_reason().is_empty(),
+            not_ready_reason: self.cluster.not_ready_reason(),
+            refused_workers: self.cluster.refused(),
         }))
     }
 }
