@@ -31,10 +31,11 @@ impl EtcdOptions {
         if let (Some(u), Some(p)) = (&self.user, &self.password) {
             opts = opts.with_user(u.clone(), p.clone());
         }
-        if self.ca_file.is_some() {
-            return Err(crate::MembershipError::Invalid(
-                "TLS to etcd is not built into this binary yet; use a local TLS proxy or plain http".into(),
-            ));
+        if let Some(ca) = &self.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| {
+                crate::MembershipError::Invalid(format!("cannot read the etcd CA file {}: {e}", ca.display()))
+            })?;
+            opts = opts.with_tls(etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(pem)));
         }
         Ok(Client::connect(&self.endpoints, Some(opts)).await?)
     }
