@@ -289,3 +289,40 @@ fn missing_expert_fails_only_the_requests_that_need_it() {
     }
     assert!(ok > 0 && failed > 0, "{ok} completed, {failed} failed");
 }
+
+/// A worker that stops answering but keeps its connection (SIGSTOP) is caught by the dispatch
+/// deadline and its rows go to a replica: requests complete with the right tokens.
+#[test]
+fn frozen_worker_is_bypassed_after_the_dispatch_deadline() {
+    let dir = fixture("mixtral");
+    let d = dir.to_str().expect("utf8");
+    let a = spawn_server(&["worker", "--model", d, "--experts", "all", "--listen", "127.0.0.1:0"]);
+    let b = spawn_server(&["worker", "--model", d, "--experts", "all", "--listen", "127.0.0.1:0"]);
+    let router = spawn_server(&[
+        "router",
+        "--model",
+        d,
+        "--workers",
+        &format!("{},{}", a.addr, b.addr),
+        "--listen",
+        "127.0.0.1:0",
+        "--wire",
+        "f32",
+        "--dispatch-timeout-ms",
+        "1000",
+    ]);
+    let case = &expected("mixtral")["cases"][3];
+    let ids = ids_arg(&u32s(&case["token_ids"]));
+    let want = u32s(&case["greedy_new_tokens"]);
+    let n = want.len().to_string();
+    let run = || {
+        let out = moe(&["generate", "--endpoint", &router.addr, "--token-ids", &ids, "--max-new-tokens", &n, "--json"]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        u32s(&out.json()["token_ids"])
+    };
+    assert_eq!(run(), want);
+    let _ = std::process::Command::new("kill").args(["-STOP", &a.child.id().to_string()]).status();
+    assert_eq!(run(), want, "with one worker frozen");
+    assert_eq!(run(), want, "again, with the frozen worker left out");
+    let _ = std::process::Command::new("kill").args(["-CONT", &a.child.id().to_string()]).status();
+}

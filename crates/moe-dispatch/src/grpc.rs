@@ -170,7 +170,18 @@ impl GrpcTransport {
     /// Sends one worker's batch (split into messages as needed) and collects the combined rows.
     async fn call(&self, layer: usize, hidden: usize, b: &WorkerBatch, out: &mut Vec<f32>) -> Result<()> {
         let w = self.workers.get(b.worker).ok_or_else(|| unavailable(&format!("#{}", b.worker), "no such worker"))?;
-        let stream = self.open(w).await.inspect_err(|_| self.reset(w))?;
+        // One deadline bounds everything below: a frozen worker stops reading, and then even
+        // sending would wait forever.
+        let deadline = tokio::time::Instant::now() + self.config.deadline;
+        let timed_out =
+            || DispatchError::Deadline { worker: w.addr.clone(), millis: self.config.deadline.as_millis() as u64 };
+        let stream = match tokio::time::timeout_at(deadline, self.open(w)).await {
+            Ok(s) => s.inspect_err(|_| self.reset(w))?,
+            Err(_) => {
+                self.reset(w);
+                return Err(timed_out());
+            }
+        };
         let row_bytes = hidden * wire::bytes_per_value(self.config.wire);
         let per_msg = (self.config.max_rows_bytes / row_bytes.max(1)).max(1);
         let mut waiters = Vec::new();
@@ -196,12 +207,18 @@ impl GrpcTransport {
                 p.insert(id, tx);
             }
             waiters.push((id, rx));
-            if stream.tx.send(req).await.is_err() {
-                self.reset(w);
-                return Err(unavailable(&w.addr, "stream closed"));
+            match tokio::time::timeout_at(deadline, stream.tx.send(req)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    self.reset(w);
+                    return Err(unavailable(&w.addr, "stream closed"));
+                }
+                Err(_) => {
+                    self.reset(w);
+                    return Err(timed_out());
+                }
             }
         }
-        let deadline = tokio::time::Instant::now() + self.config.deadline;
         out.clear();
         let mut decoded = Vec::new();
         for (id, rx) in waiters {
@@ -217,10 +234,7 @@ impl GrpcTransport {
                     }
                     // A silent worker may hold the stream forever; start afresh next time.
                     self.reset(w);
-                    return Err(DispatchError::Deadline {
-                        worker: w.addr.clone(),
-                        millis: self.config.deadline.as_millis() as u64,
-                    });
+                    return Err(timed_out());
                 }
             };
             if let Some(e) = resp.error {

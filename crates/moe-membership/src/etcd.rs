@@ -35,7 +35,8 @@ impl EtcdOptions {
             let pem = std::fs::read(ca).map_err(|e| {
                 crate::MembershipError::Invalid(format!("cannot read the etcd CA file {}: {e}", ca.display()))
             })?;
-            opts = opts.with_tls(etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(pem)));
+            opts =
+                opts.with_tls(etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(pem)));
         }
         Ok(Client::connect(&self.endpoints, Some(opts)).await?)
     }
