@@ -1,6 +1,7 @@
 //! The `moe` command. Every flag can also be set through a `MOE_*` environment variable.
 //! Library errors become one `error: …` line on stderr and a non-zero exit, never a panic.
 
+mod bench;
 mod client;
 mod demo;
 mod engine_args;
@@ -39,6 +40,8 @@ enum Command {
     Worker(worker::WorkerArgs),
     /// Route requests to remote expert workers, serving the Inference API.
     Router(router::RouterArgs),
+    /// Measure this machine's ceilings and the cluster's throughput and latency against them.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,5 +74,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Worker(a) => worker::run(a),
         Command::Router(a) => router::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }

@@ -1,0 +1,107 @@
+//! Throughput and latency of an engine (embedded or over remote workers), measured through the
+//! same API path requests take.
+
+use crate::Percentiles;
+use moe_router::{Engine, Event, GenerationParams, PromptInput, ValidatedRequest};
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PrefillReport {
+    pub prompt_tokens: usize,
+    pub tokens_per_s: f64,
+    pub ttft_ms: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeReport {
+    pub batch: usize,
+    pub new_tokens: usize,
+    pub tokens_per_s: f64,
+    pub ttft_ms: Percentiles,
+    pub itl_ms: Percentiles,
+}
+
+fn request(engine: &Engine, prompt: Vec<u32>, max_new: usize) -> Result<ValidatedRequest, String> {
+    let params = GenerationParams { max_new_tokens: Some(max_new as u32), ..Default::default() };
+    ValidatedRequest::new(
+        PromptInput::Ids(prompt),
+        &params,
+        engine.codec(),
+        &engine.model().config,
+        Duration::from_secs(600),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Runs `batch` requests at once; returns, per request, the arrival time of each token.
+fn run(engine: &Engine, prompts: Vec<Vec<u32>>, max_new: usize) -> Result<(Instant, Vec<Vec<Instant>>), String> {
+    let start = Instant::now();
+    let mut streams = Vec::new();
+    for p in prompts {
+        let (_, rx) = engine.submit(request(engine, p, max_new)?).map_err(|e| e.to_string())?;
+        streams.push(rx);
+    }
+    // Drain all streams concurrently from this thread by polling each in turn.
+    let mut times: Vec<Vec<Instant>> = vec![Vec::new(); streams.len()];
+    let mut open = streams.len();
+    let mut done = vec![false; streams.len()];
+    while open > 0 {
+        let mut progressed = false;
+        for (i, s) in streams.iter_mut().enumerate() {
+            if done[i] {
+                continue;
+            }
+            while let Ok(ev) = s.try_recv() {
+                progressed = true;
+                match ev {
+                    Event::Delta { token_ids, .. } => times[i].extend(token_ids.iter().map(|_| Instant::now())),
+                    Event::Finished { .. } => {
+                        done[i] = true;
+                        open -= 1;
+                        break;
+                    }
+                    Event::Failed(e) => return Err(e.to_string()),
+                }
+            }
+        }
+        if !progressed {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+    Ok((start, times))
+}
+
+fn prompt(len: usize, seed: usize, vocab: usize) -> Vec<u32> {
+    (0..len).map(|i| ((seed * 7919 + i * 104729) % vocab.max(1)) as u32).collect()
+}
+
+/// Prefill of one prompt of `len` tokens (time to its first token).
+pub fn prefill(engine: &Engine, len: usize) -> Result<PrefillReport, String> {
+    let vocab = engine.model().config.vocab_size;
+    let (start, times) = run(engine, vec![prompt(len, 1, vocab)], 1)?;
+    let ttft = times[0].first().map(|t| t.duration_since(start)).unwrap_or_default().as_secs_f64();
+    Ok(PrefillReport { prompt_tokens: len, tokens_per_s: len as f64 / ttft.max(1e-9), ttft_ms: ttft * 1e3 })
+}
+
+/// `batch` concurrent requests with 16-token prompts, each generating `new_tokens`; throughput
+/// counts tokens after each request's first, over the span from the first first-token to the
+/// last token.
+pub fn decode(engine: &Engine, batch: usize, new_tokens: usize) -> Result<DecodeReport, String> {
+    let vocab = engine.model().config.vocab_size;
+    let prompts = (0..batch).map(|i| prompt(16, i + 2, vocab)).collect();
+    let (start, times) = run(engine, prompts, new_tokens)?;
+    let firsts: Vec<Instant> = times.iter().filter_map(|t| t.first().copied()).collect();
+    let span_start = firsts.iter().min().copied().unwrap_or(start);
+    let span_end = times.iter().filter_map(|t| t.last().copied()).max().unwrap_or(start);
+    let decoded: usize = times.iter().map(|t| t.len().saturating_sub(1)).sum();
+    let ttft = firsts.iter().map(|t| t.duration_since(start).as_secs_f64() * 1e3).collect();
+    let itl = times.iter().flat_map(|t| t.windows(2).map(|w| w[1].duration_since(w[0]).as_secs_f64() * 1e3)).collect();
+    Ok(DecodeReport {
+        batch,
+        new_tokens,
+        tokens_per_s: decoded as f64 / span_end.duration_since(span_start).as_secs_f64().max(1e-9),
+        ttft_ms: Percentiles::of(ttft),
+        itl_ms: Percentiles::of(itl),
+    })
+}

@@ -1,0 +1,270 @@
+//! `moe bench`: this machine's ceilings, then the embedded cluster and a router with worker
+//! processes over loopback gRPC, each figure printed next to its roofline. JSON with `--json`.
+
+use anyhow::Context;
+use clap::Args;
+use moe_bench::{bytes_per_decoded_token, decode, flops_per_prefill_token, prefill, DecodeReport, PrefillReport};
+use moe_dispatch::GrpcTransportConfig;
+use moe_router::{Engine, EngineConfig};
+use serde::Serialize;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Checkpoint to measure (default: the standard benchmark model, written once to the temp dir).
+    #[arg(long, env = "MOE_MODEL", conflicts_with = "make_bench_model")]
+    pub model: Option<PathBuf>,
+    /// Use the standard benchmark model (hidden 512, 8 layers, 8 experts top-2, vocab 32000).
+    #[arg(long)]
+    pub make_bench_model: bool,
+    /// Workers of the embedded cluster and worker processes of the remote run.
+    #[arg(long, env = "MOE_WORKERS", default_value_t = 2)]
+    pub workers: usize,
+    /// Tokens each request generates in the decode runs.
+    #[arg(long, default_value_t = 32)]
+    pub new_tokens: usize,
+    /// Skip the router + worker processes run.
+    #[arg(long)]
+    pub skip_remote: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Ceilings {
+    memory_copy_gbps: f64,
+    gemm_peak_gflops: f64,
+    expert_gflops: f64,
+    bytes_per_decoded_token: usize,
+    flops_per_prefill_token: f64,
+    decode_roofline_tokens_per_s: f64,
+    prefill_roofline_tokens_per_s: f64,
+}
+
+#[derive(Serialize)]
+struct Topology {
+    name: String,
+    prefill: PrefillReport,
+    decode: Vec<DecodeReport>,
+    dispatch_round_trip_us: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    threads: usize,
+    ceilings: Ceilings,
+    topologies: Vec<Topology>,
+}
+
+fn bench_model_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("moe-bench-model-v{}", env!("CARGO_PKG_VERSION")));
+    if !dir.join("config.json").exists() {
+        let staging = std::env::temp_dir().join(format!("moe-bench-model-staging-{}", std::process::id()));
+        eprintln!("writing the benchmark model to {}", dir.display());
+        moe_demo::write_demo_model(&staging, &moe_demo::DemoSpec::bench())?;
+        if std::fs::rename(&staging, &dir).is_err() {
+            let _ = std::fs::remove_dir_all(&staging);
+        }
+    }
+    Ok(dir)
+}
+
+struct Workers(Vec<Child>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_workers(dir: &Path, n: usize) -> anyhow::Result<(Workers, Vec<String>)> {
+    let exe = std::env::current_exe()?;
+    let mut children = Workers(Vec::new());
+    let mut addrs = Vec::new();
+    for i in 0..n {
+        let mut child = Command::new(&exe)
+            .args(["worker", "--model"])
+            .arg(dir)
+            .args(["--experts", &format!("shard:{i}/{n}"), "--listen", "127.0.0.1:0"])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()?;
+        let stderr = child.stderr.take().context("worker stderr")?;
+        children.0.push(child);
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(l)) => {
+                    if let Some(a) = l.split("listening on ").nth(1) {
+                        break a.trim().to_string();
+                    }
+                }
+                _ => anyhow::bail!("worker {i} exited before listening"),
+            }
+        };
+        // Keep draining its stderr so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        addrs.push(addr);
+    }
+    Ok((children, addrs))
+}
+
+fn measure(name: &str, engine: &Engine, new_tokens: usize) -> anyhow::Result<Topology> {
+    eprintln!("{name}: prefill");
+    let _ = prefill(engine, 64).map_err(anyhow::Error::msg)?; // warm-up
+    let pre = prefill(engine, 512).map_err(anyhow::Error::msg)?;
+    let mut dec = Vec::new();
+    for batch in [1usize, 16, 64] {
+        eprintln!("{name}: decode batch {batch}");
+        dec.push(
+            decode(engine, batch, if batch == 1 { new_tokens * 2 } else { new_tokens }).map_err(anyhow::Error::msg)?,
+        );
+    }
+    Ok(Topology { name: name.into(), prefill: pre, decode: dec, dispatch_round_trip_us: None })
+}
+
+/// Median time of one layer's expert dispatch of a single row to the remote workers.
+fn dispatch_round_trip_us(rt: &tokio::runtime::Runtime, dir: &Path, addrs: &[String]) -> anyhow::Result<f64> {
+    use moe_compute::cpu::HostTensor;
+    use moe_compute::ExpertPlan;
+    use moe_model::{ExpertExecutor, ExpertRoutes, ModelConfig};
+    let config = ModelConfig::from_dir(dir)?;
+    let d = rt.block_on(moe_cluster::remote_dispatcher(&config, addrs, GrpcTransportConfig::default()))?;
+    let layer = config.moe_layers().first().copied().context("the model has no MoE layer")?;
+    let h = config.hidden_size;
+    let x = HostTensor { rows: 1, cols: h, data: vec![0.1; h] };
+    let choices: Vec<(u32, f32)> = (0..config.top_k as u32).map(|e| (e, 1.0 / config.top_k as f32)).collect();
+    let mut plan = ExpertPlan::default();
+    plan.rebuild(config.num_experts, config.top_k, &choices);
+    let routes = ExpertRoutes { top_k: config.top_k, choices: &choices, plan: &plan };
+    let samples = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut out = HostTensor { rows: 1, cols: h, data: vec![0.0; h] };
+            let mut unserved = Vec::new();
+            let mut v = Vec::new();
+            for _ in 0..300 {
+                let t = Instant::now();
+                let _ = d.run_experts(layer, &x, &routes, &mut out, &mut unserved);
+                v.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            v
+        })
+        .join()
+    })
+    .map_err(|_| anyhow::anyhow!("dispatch thread failed"))?;
+    Ok(moe_bench::Percentiles::of(samples[50..].to_vec()).median)
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let dir = match &a.model {
+        Some(d) => d.clone(),
+        None => bench_model_dir()?,
+    };
+    let config = moe_model::ModelConfig::from_dir(&dir)?;
+    eprintln!("measuring ceilings");
+    let copy = moe_bench::memory_copy_gbps(256);
+    let gemm = moe_bench::gemm_peak_gflops(1024);
+    let expert = {
+        let host = moe_worker::ExpertHost::load(&dir, &moe_worker::ExpertSpec::All)?;
+        let layer = config.moe_layers().first().copied().unwrap_or(0);
+        moe_bench::expert_gflops(&host, layer, 512)
+    };
+    let bytes = bytes_per_decoded_token(&config, 4);
+    let flops = flops_per_prefill_token(&config);
+    let ceilings = Ceilings {
+        memory_copy_gbps: copy,
+        gemm_peak_gflops: gemm,
+        expert_gflops: expert,
+        bytes_per_decoded_token: bytes,
+        flops_per_prefill_token: flops,
+        decode_roofline_tokens_per_s: copy * 1e9 / bytes as f64,
+        prefill_roofline_tokens_per_s: gemm * 1e9 / flops,
+    };
+    let engine_config = EngineConfig { max_batch_tokens: 512, max_running: 64, ..Default::default() };
+    let mut topologies = Vec::new();
+    {
+        let engine = moe_cluster::embedded(&dir, a.workers, engine_config.clone())?;
+        topologies.push(measure(&format!("embedded ({} workers)", a.workers), &engine, a.new_tokens)?);
+    }
+    if !a.skip_remote {
+        let (_children, addrs) = spawn_workers(&dir, a.workers)?;
+        let rt = tokio::runtime::Runtime::new()?;
+        let engine = rt.block_on(moe_cluster::remote(&dir, &addrs, GrpcTransportConfig::default(), engine_config))?;
+        let mut t = measure(&format!("router + {} worker processes (bf16 wire)", a.workers), &engine, a.new_tokens)?;
+        t.dispatch_round_trip_us = Some(dispatch_round_trip_us(&rt, &dir, &addrs)?);
+        topologies.push(t);
+    }
+    let report =
+        Report { model: dir.display().to_string(), threads: rayon::current_num_threads(), ceilings, topologies };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    eprintln!("bench took {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn print_table(r: &Report) {
+    let c = &r.ceilings;
+    println!("model: {}  ({} threads)", r.model, r.threads);
+    println!(
+        "ceilings: memory copy {:.1} GB/s, GEMM peak {:.1} GFLOP/s (backend kernel, 1024^3)",
+        c.memory_copy_gbps, c.gemm_peak_gflops
+    );
+    println!(
+        "          decode roofline {:.0} tok/s ({:.1} MB of weights per token), prefill roofline {:.0} tok/s ({:.1} MFLOP per token)",
+        c.decode_roofline_tokens_per_s,
+        c.bytes_per_decoded_token as f64 / 1e6,
+        c.prefill_roofline_tokens_per_s,
+        c.flops_per_prefill_token / 1e6
+    );
+    println!(
+        "expert FFN (512 rows, grouped): {:.1} GFLOP/s = {:.0}% of GEMM peak",
+        c.expert_gflops,
+        100.0 * c.expert_gflops / c.gemm_peak_gflops
+    );
+    println!();
+    println!(
+        "{:<44} {:>12} {:>10} {:>14} {:>14} {:>10}",
+        "topology / measurement", "tokens/s", "roofline", "TTFT ms p50/99", "ITL ms p50/99", ""
+    );
+    for t in &r.topologies {
+        println!(
+            "{:<44} {:>12.0} {:>9.0}% {:>14.1} {:>14} {:>10}",
+            format!("{}: prefill {}", t.name, t.prefill.prompt_tokens),
+            t.prefill.tokens_per_s,
+            100.0 * t.prefill.tokens_per_s / c.prefill_roofline_tokens_per_s,
+            t.prefill.ttft_ms,
+            "-",
+            ""
+        );
+        for d in &t.decode {
+            let roof = if d.batch == 1 {
+                format!("{:.0}%", 100.0 * d.tokens_per_s / c.decode_roofline_tokens_per_s)
+            } else {
+                "-".into()
+            };
+            println!(
+                "{:<44} {:>12.0} {:>10} {:>14} {:>14} {:>10}",
+                format!("{}: decode batch {}", t.name, d.batch),
+                d.tokens_per_s,
+                roof,
+                format!("{:.1}/{:.1}", d.ttft_ms.median, d.ttft_ms.p99),
+                format!("{:.2}/{:.2}", d.itl_ms.median, d.itl_ms.p99),
+                ""
+            );
+        }
+        if let Some(us) = t.dispatch_round_trip_us {
+            println!("{:<44} {:>12.0} us", format!("{}: dispatch round trip per layer", t.name), us);
+        }
+    }
+}
