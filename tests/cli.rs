@@ -107,3 +107,31 @@ fn env_vars_set_flags() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["logits"].as_array().expect("rows").len(), 2);
 }
+
+#[test]
+fn bench_reports_every_figure() {
+    let dir = fixture("mixtral");
+    let out = moe(&["bench", "--model", dir.to_str().expect("utf8"), "--new-tokens", "4", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v = out.json();
+    let c = &v["ceilings"];
+    for k in [
+        "memory_copy_gbps",
+        "gemm_peak_gflops",
+        "expert_gflops",
+        "decode_roofline_tokens_per_s",
+        "prefill_roofline_tokens_per_s",
+    ] {
+        assert!(c[k].as_f64().expect(k) > 0.0, "{k}: {c}");
+    }
+    let topologies = v["topologies"].as_array().expect("topologies");
+    assert_eq!(topologies.len(), 2, "embedded and router + worker processes");
+    for t in topologies {
+        assert_eq!(t["prefill"]["prompt_tokens"], 94);
+        let batches: Vec<u64> =
+            t["decode"].as_array().expect("decode").iter().map(|d| d["batch"].as_u64().expect("batch")).collect();
+        assert_eq!(batches, vec![1, 16, 64]);
+        assert!(t["decode"].as_array().expect("decode").iter().all(|d| d["tokens_per_s"].as_f64().expect("tps") > 0.0));
+    }
+    assert!(topologies[1]["dispatch_round_trip_us"].as_f64().expect("rtt") > 0.0);
+}

@@ -118,8 +118,10 @@ fn spawn_workers(dir: &Path, n: usize) -> anyhow::Result<(Workers, Vec<String>)>
 
 fn measure(name: &str, engine: &Engine, new_tokens: usize) -> anyhow::Result<Topology> {
     eprintln!("{name}: prefill");
-    let _ = prefill(engine, 64).map_err(anyhow::Error::msg)?; // warm-up
-    let pre = prefill(engine, 512).map_err(anyhow::Error::msg)?;
+    let _ = prefill(engine, 8).map_err(anyhow::Error::msg)?; // warm-up
+                                                             // 512 tokens, or what the model's context allows.
+    let max_pos = engine.model().config.max_position_embeddings;
+    let pre = prefill(engine, 512.min(max_pos.saturating_sub(2)).max(1)).map_err(anyhow::Error::msg)?;
     let mut dec = Vec::new();
     for batch in [1usize, 16, 64] {
         eprintln!("{name}: decode batch {batch}");
