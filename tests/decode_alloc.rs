@@ -69,13 +69,24 @@ fn decode_steps_do_not_allocate() {
             for _ in 0..3 {
                 step(false);
             }
-            ALLOCS.store(0, Ordering::SeqCst);
-            for _ in 0..20 {
-                step(true);
+            // The counter sees every thread. The thread pool's own queues may still grow once to a
+            // new high-water mark under load, so look at several windows of 20 steps: any
+            // allocation per step would show in every window; one-off growth cannot.
+            let mut windows = Vec::new();
+            // Three windows keep the sequences within the fixtures' 96-token context.
+            for _ in 0..3 {
+                ALLOCS.store(0, Ordering::SeqCst);
+                for _ in 0..20 {
+                    step(true);
+                }
+                windows.push(ALLOCS.load(Ordering::SeqCst));
+                if windows.last() == Some(&0) {
+                    break;
+                }
             }
-            ALLOCS.load(Ordering::SeqCst)
+            windows
         });
-        assert_eq!(allocs, 0, "{arch}: {allocs} allocations in 20 decode steps");
+        assert_eq!(allocs.last(), Some(&0), "{arch}: allocations per window of 20 decode steps: {allocs:?}");
     }
 }
 
