@@ -168,9 +168,7 @@ fn failover_to_replicas_loses_no_request() {
     let tmp = tempfile::tempdir().expect("tmp");
     endless_model(tmp.path());
     let d = tmp.path().to_str().expect("utf8");
-    // Every expert of 8 has two holders; worker 0 holds the most.
-    let specs = ["*:0-5", "*:4-7,*:0-1", "*:2-3,*:6-7"];
-    let mut workers: Vec<Option<Server>> = specs
+    let mut workers: Vec<Option<Server>> = REPLICATED_SPECS
         .iter()
         .map(|s| Some(spawn_server(&["worker", "--model", d, "--experts", s, "--listen", "127.0.0.1:0"])))
         .collect();
@@ -178,56 +176,7 @@ fn failover_to_replicas_loses_no_request() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let cfg = GrpcTransportConfig { wire: WireDtype::F32, ..Default::default() };
     let engine = rt.block_on(moe_cluster::remote(tmp.path(), &addrs, cfg, EngineConfig::default())).expect("router");
-    let full = Model::load(tmp.path(), CpuBackend::new()).expect("model");
-    let n_new = 200usize;
-    let prompts: Vec<Vec<u32>> =
-        (0..16u32).map(|i| (0..(3 + i % 7)).map(|j| (i * 37 + j * 11) % 300).collect()).collect();
-    let mut streams = Vec::new();
-    for p in &prompts {
-        let params = GenerationParams { max_new_tokens: Some(n_new as u32), ..Default::default() };
-        let req = ValidatedRequest::new(
-            PromptInput::Ids(p.clone()),
-            &params,
-            engine.codec(),
-            &engine.model().config,
-            Duration::from_secs(120),
-        )
-        .expect("valid");
-        streams.push(engine.submit(req).expect("submit").1);
-    }
-    // Let every stream produce some tokens, then kill worker 0 mid-generation.
-    let mut got: Vec<Vec<u32>> = vec![Vec::new(); streams.len()];
-    for (s, g) in streams.iter_mut().zip(got.iter_mut()) {
-        while g.len() < 5 {
-            match s.blocking_recv() {
-                Some(Event::Delta { token_ids, .. }) => g.extend(token_ids),
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-    }
-    workers[0] = None;
-    for (i, (s, g)) in streams.iter_mut().zip(got.iter_mut()).enumerate() {
-        loop {
-            match s.blocking_recv() {
-                Some(Event::Delta { token_ids, .. }) => g.extend(token_ids),
-                Some(Event::Finished { .. }) => break,
-                Some(Event::Failed(e)) => panic!("request {i} failed after the kill: {e}"),
-                None => panic!("request {i}: no terminal event"),
-            }
-        }
-        assert!(g.len() == n_new, "request {i} finished early");
-    }
-    for (i, (p, g)) in prompts.iter().zip(&got).enumerate() {
-        let mut gen = moe_generate::Generator::new(&full, p.len() + n_new).expect("generator");
-        let req = moe_generate::GenerateRequest {
-            prompt: p.clone(),
-            max_new_tokens: n_new,
-            sampling: Default::default(),
-            stop_ids: vec![],
-        };
-        assert_eq!(g, &gen.generate(&req).expect("solo").token_ids, "request {i} differs from the run without failure");
-    }
-    drop(workers);
+    generations_survive_a_kill(&engine, tmp.path(), &mut workers);
 }
 
 /// An expert with no holder fails only the requests whose tokens route to it (UNAVAILABLE

@@ -243,3 +243,29 @@ fn sigterm_drains_without_failing_requests() {
         assert_eq!(rt.block_on(h).expect("task"), Ok(60), "a request failed while the router drained");
     }
 }
+
+/// Replication 2 over three workers found through etcd; 16 concurrent greedy generations; one
+/// worker is SIGKILLed mid-generation: all complete, equal to a run with no failure.
+#[test]
+fn etcd_cluster_loses_no_request_when_a_replica_dies() {
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    endless_model(tmp.path());
+    let d = tmp.path().to_str().expect("utf8");
+    let mut workers: Vec<Option<Server>> =
+        REPLICATED_SPECS.iter().map(|s| Some(worker(&etcd, "rep", d, s, "2"))).collect();
+    let members = watch(&rt, &etcd, "rep");
+    let cfg = moe_dispatch::GrpcTransportConfig { wire: moe_proto::v1::WireDtype::F32, ..Default::default() };
+    let (engine, _d, mut ready) = {
+        let _guard = rt.enter();
+        moe_cluster::membership_router(tmp.path(), members, cfg, moe_router::EngineConfig::default()).expect("router")
+    };
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r))
+            .await
+            .expect("ready in time")
+            .expect("ready");
+    });
+    generations_survive_a_kill(&engine, tmp.path(), &mut workers);
+}
