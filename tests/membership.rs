@@ -22,6 +22,13 @@ fn watch(rt: &tokio::runtime::Runtime, etcd: &Etcd, cluster: &str) -> tokio::syn
     rx
 }
 
+fn router(etcd: &Etcd, cluster: &str, model: &str, extra: &[&str]) -> Server {
+    let url = etcd.url();
+    let mut args = vec!["router", "--model", model, "--etcd", &url, "--cluster", cluster, "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    spawn_server(&args)
+}
+
 fn worker(etcd: &Etcd, cluster: &str, model: &str, experts: &str, ttl: &str) -> Server {
     spawn_server(&[
         "worker",
@@ -99,19 +106,7 @@ fn router_follows_etcd_through_failures_and_recovery() {
     let want = u32s(&case["greedy_new_tokens"])[..8].to_vec();
     let a = worker(&etcd, "fo", d, "all", "2");
     let b = worker(&etcd, "fo", d, "all", "2");
-    let router = spawn_server(&[
-        "router",
-        "--model",
-        d,
-        "--etcd",
-        &etcd.url(),
-        "--cluster",
-        "fo",
-        "--listen",
-        "127.0.0.1:0",
-        "--wire",
-        "f32",
-    ]);
+    let router = router(&etcd, "fo", d, &["--wire", "f32"]);
     eventually("the router to be ready", 15, || rt.block_on(health(&router.addr)) == ServingStatus::Serving as i32);
     assert_eq!(rt.block_on(generate(&router.addr, prompt.clone())).expect("both up"), want);
 
@@ -157,17 +152,7 @@ fn serving_survives_an_etcd_outage_longer_than_the_ttl() {
     let dir = fixture("mixtral");
     let d = dir.to_str().expect("utf8");
     let _w = worker(&etcd, "outage", d, "all", "2");
-    let router = spawn_server(&[
-        "router",
-        "--model",
-        d,
-        "--etcd",
-        &etcd.url(),
-        "--cluster",
-        "outage",
-        "--listen",
-        "127.0.0.1:0",
-    ]);
+    let router = router(&etcd, "outage", d, &[]);
     eventually("ready", 15, || rt.block_on(health(&router.addr)) == ServingStatus::Serving as i32);
     let prompt = vec![3u32, 1, 4, 1, 5];
     let before = rt.block_on(generate(&router.addr, prompt.clone())).expect("before");
@@ -194,8 +179,7 @@ fn sigterm_drains_without_failing_requests() {
     let d = tmp.path().to_str().expect("utf8");
     let a = worker(&etcd, "drain", d, "all", "2");
     let _b = worker(&etcd, "drain", d, "all", "2");
-    let router =
-        spawn_server(&["router", "--model", d, "--etcd", &etcd.url(), "--cluster", "drain", "--listen", "127.0.0.1:0"]);
+    let router = router(&etcd, "drain", d, &[]);
     eventually("ready", 15, || rt.block_on(health(&router.addr)) == ServingStatus::Serving as i32);
     eventually("both workers in use", 15, || rt.block_on(model_info(&router.addr)).workers == 2);
     // Each stream signals its first token, so the signals below land mid-generation.

@@ -60,19 +60,6 @@ struct Report {
     topologies: Vec<Topology>,
 }
 
-fn bench_model_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("moe-bench-model-v{}", env!("CARGO_PKG_VERSION")));
-    if !dir.join("config.json").exists() {
-        let staging = std::env::temp_dir().join(format!("moe-bench-model-staging-{}", std::process::id()));
-        eprintln!("writing the benchmark model to {}", dir.display());
-        moe_demo::write_demo_model(&staging, &moe_demo::DemoSpec::bench())?;
-        if std::fs::rename(&staging, &dir).is_err() {
-            let _ = std::fs::remove_dir_all(&staging);
-        }
-    }
-    Ok(dir)
-}
-
 struct Workers(Vec<Child>);
 
 impl Drop for Workers {
@@ -168,7 +155,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let dir = match &a.model {
         Some(d) => d.clone(),
-        None => bench_model_dir()?,
+        None => crate::model_args::cached_model_dir("bench-model", &moe_demo::DemoSpec::bench())?,
     };
     let config = moe_model::ModelConfig::from_dir(&dir)?;
     eprintln!("measuring ceilings");

@@ -35,20 +35,25 @@ impl ModelArgs {
     }
 }
 
-/// The demo model's directory under the temp dir; written on first use (atomically, by rename,
-/// so concurrent first runs do not see half a checkpoint).
-fn demo_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("moe-demo-model-v{}", env!("CARGO_PKG_VERSION")));
+/// A generated checkpoint under the temp dir, named `moe-<name>-v<version>`, written on first use
+/// (atomically, by rename, so concurrent first runs never see half a checkpoint).
+pub fn cached_model_dir(name: &str, spec: &DemoSpec) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("moe-{name}-v{}", env!("CARGO_PKG_VERSION")));
     if dir.join("config.json").exists() {
         return Ok(dir);
     }
-    let staging = std::env::temp_dir().join(format!("moe-demo-model-staging-{}", std::process::id()));
-    write_demo_model(&staging, &DemoSpec::demo()).context("writing the demo model")?;
+    let staging = std::env::temp_dir().join(format!("moe-{name}-staging-{}", std::process::id()));
+    eprintln!("writing the {name} to {}", dir.display());
+    write_demo_model(&staging, spec).with_context(|| format!("writing the {name}"))?;
     if std::fs::rename(&staging, &dir).is_err() {
         // Another process won the race; its copy is identical.
         let _ = std::fs::remove_dir_all(&staging);
     }
     Ok(dir)
+}
+
+fn demo_dir() -> anyhow::Result<PathBuf> {
+    cached_model_dir("demo-model", &DemoSpec::demo())
 }
 
 /// A comma-separated list of token ids, as one flag value.

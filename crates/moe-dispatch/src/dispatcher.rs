@@ -52,6 +52,8 @@ struct Scratch {
     /// (row, expert, weight) still to be computed this layer, grouped by row.
     pending: Vec<(u32, u32, f32)>,
     retry: Vec<(u32, u32, f32)>,
+    suspect: Vec<bool>,
+    row_workers: Vec<usize>,
 }
 
 /// An [`ExpertExecutor`] that sends rows to workers through a transport.
@@ -79,6 +81,8 @@ impl<T: WorkerTransport> Dispatcher<T> {
                 slot_of: Vec::new(),
                 pending: Vec::new(),
                 retry: Vec::new(),
+                suspect: Vec::new(),
+                row_workers: Vec::new(),
             }),
         }
     }
@@ -111,11 +115,12 @@ impl<T: WorkerTransport> Dispatcher<T> {
     /// to each worker at most once; replicas are used in turn.
     fn group(&self, layer: usize, x: &HostTensor, s: &mut Scratch, unserved: &mut Vec<(u32, String)>) -> Result<usize> {
         let now = Instant::now();
-        let suspect: Vec<bool> = self
-            .suspect_until
-            .lock()
-            .map(|v| v.iter().map(|t| t.is_some_and(|t| t > now)).collect())
-            .unwrap_or_else(|_| vec![false; self.num_workers]);
+        s.suspect.clear();
+        match self.suspect_until.lock() {
+            Ok(v) => s.suspect.extend(v.iter().map(|t| t.is_some_and(|t| t > now))),
+            Err(_) => s.suspect.resize(self.num_workers, false),
+        }
+        let suspect = &s.suspect;
         s.slot_of.clear();
         s.slot_of.resize(self.num_workers, None);
         for b in s.batches.iter_mut() {
@@ -127,7 +132,8 @@ impl<T: WorkerTransport> Dispatcher<T> {
         }
         let mut used = 0usize;
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut row_workers: Vec<usize> = Vec::new();
+        let row_workers = &mut s.row_workers;
+        row_workers.clear();
         let mut current_row = u32::MAX;
         for &(r, e, wt) in &s.pending {
             if r != current_row {

@@ -104,6 +104,9 @@ impl Engine {
             config: config.clone(),
             logits: Vec::new(),
             seen: vec![false; c.vocab_size],
+            chunk: Vec::new(),
+            members: Vec::new(),
+            done: Vec::new(),
         };
         std::thread::Builder::new()
             .name("moe-engine".into())
@@ -196,6 +199,10 @@ struct Worker {
     config: EngineConfig,
     logits: Vec<f32>,
     seen: Vec<bool>,
+    /// Per-step buffers, kept to avoid allocating every step.
+    chunk: Vec<usize>,
+    members: Vec<usize>,
+    done: Vec<usize>,
 }
 
 impl Worker {
@@ -304,9 +311,17 @@ impl Worker {
 
     /// One forward step over decode tokens and prefill chunks.
     fn step(&mut self) {
+        let (mut chunk, mut members, mut done) =
+            (std::mem::take(&mut self.chunk), std::mem::take(&mut self.members), std::mem::take(&mut self.done));
+        self.step_with(&mut chunk, &mut members, &mut done);
+        (self.chunk, self.members, self.done) = (chunk, members, done);
+    }
+
+    fn step_with(&mut self, chunk: &mut Vec<usize>, members: &mut Vec<usize>, done: &mut Vec<usize>) {
         let mut budget = self.config.max_batch_tokens.max(1);
         // Decode tokens first (one each), so long prefills never stall running streams.
-        let mut chunk: Vec<usize> = vec![0; self.running.len()];
+        chunk.clear();
+        chunk.resize(self.running.len(), 0);
         for (i, s) in self.running.iter().enumerate() {
             if s.cache.len + 1 == s.tokens.len() && budget > 0 {
                 chunk[i] = 1;
@@ -322,7 +337,7 @@ impl Worker {
             }
         }
         let mut batch: Vec<BatchItem<'_>> = Vec::new();
-        let mut members: Vec<usize> = Vec::new();
+        members.clear();
         for (i, s) in self.running.iter_mut().enumerate() {
             if chunk[i] > 0 {
                 let start = s.cache.len;
@@ -340,9 +355,8 @@ impl Worker {
         if let Err(e) = result {
             let err = RouterError::from(e);
             tracing::warn!(error = %err, "step failed; failing its requests");
-            let mut failed: Vec<usize> = members;
-            failed.sort_unstable_by(|a, b| b.cmp(a));
-            for i in failed {
+            members.sort_unstable_by(|a, b| b.cmp(a));
+            for &i in members.iter() {
                 let mut s = self.running.swap_remove(i);
                 let _ = s.events.send(Event::Failed(err.clone()));
                 self.kv.pages.release(&mut s.cache);
@@ -350,11 +364,11 @@ impl Worker {
             return;
         }
         // Sequences with a row some expert could not serve fail alone; the rest go on.
-        let mut done: Vec<usize> = Vec::new();
+        done.clear();
         let mut failed: Vec<(usize, String)> = Vec::new();
         if !self.ws.unserved_rows().is_empty() {
             let mut start = 0u32;
-            for &i in &members {
+            for &i in members.iter() {
                 let end = start + chunk[i] as u32;
                 if let Some((_, why)) = self.ws.unserved_rows().iter().find(|(r, _)| (start..end).contains(r)) {
                     failed.push((i, why.clone()));
@@ -411,7 +425,7 @@ impl Worker {
         }
         done.sort_unstable_by(|a, b| b.cmp(a));
         done.dedup();
-        for i in done {
+        for &i in done.iter() {
             let mut s = self.running.swap_remove(i);
             self.kv.pages.release(&mut s.cache);
         }
