@@ -25,7 +25,7 @@ fn logits_with(model: &Model<CpuBackend>, experts: &dyn ExpertExecutor<CpuBacken
         .forward_with(
             &mut ws,
             &mut kv,
-            &mut [BatchItem { tokens: ids, cache: &mut cache }],
+            &mut [BatchItem::new(ids, &mut cache)],
             LogitsFor::All,
             &mut out,
             Some(experts),

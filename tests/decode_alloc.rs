@@ -51,7 +51,7 @@ fn decode_steps_do_not_allocate() {
             let (mut a, mut b) = (SequenceCache::default(), SequenceCache::default());
             let mut logits = Vec::new();
             let mut batch =
-                [BatchItem { tokens: &prompt, cache: &mut a }, BatchItem { tokens: &prompt[..3], cache: &mut b }];
+                [BatchItem::new(&prompt, &mut a), BatchItem::new(&prompt[..3], &mut b)];
             model.forward(&mut ws, &mut kv, &mut batch, LogitsFor::Last, &mut logits).expect("prefill");
             // Pre-grow the page lists so that crossing a page boundary does not reallocate them.
             a.pages.reserve(8);
@@ -60,7 +60,7 @@ fn decode_steps_do_not_allocate() {
             let mut step = |count: bool| {
                 COUNTING.store(count, Ordering::SeqCst);
                 let (ta, tb) = ([next[0]], [next[1]]);
-                let mut batch = [BatchItem { tokens: &ta, cache: &mut a }, BatchItem { tokens: &tb, cache: &mut b }];
+                let mut batch = [BatchItem::new(&ta, &mut a), BatchItem::new(&tb, &mut b)];
                 model.forward(&mut ws, &mut kv, &mut batch, LogitsFor::Last, &mut logits).expect("decode");
                 COUNTING.store(false, Ordering::SeqCst);
                 let vocab = model.config.vocab_size;

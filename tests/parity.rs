@@ -122,7 +122,7 @@ fn kv_cache_decode_equals_full_recompute() {
             .forward(
                 &mut ws,
                 &mut kv,
-                &mut [BatchItem { tokens: &tokens, cache: &mut cache }],
+                &mut [BatchItem::new(&tokens, &mut cache)],
                 LogitsFor::All,
                 &mut full,
             )
@@ -134,7 +134,7 @@ fn kv_cache_decode_equals_full_recompute() {
         for step in [10usize, 7, 1, 1, 1, 5, 1, 14] {
             let chunk = &tokens[pos..pos + step];
             let mut logits = Vec::new();
-            let mut batch = [BatchItem { tokens: chunk, cache: &mut inc }];
+            let mut batch = [BatchItem::new(chunk, &mut inc)];
             model.forward(&mut ws, &mut kv, &mut batch, LogitsFor::All, &mut logits).expect("step");
             let want: Vec<Vec<f32>> =
                 full[pos * vocab..(pos + step) * vocab].chunks(vocab).map(|r| r.to_vec()).collect();
@@ -151,7 +151,7 @@ fn kv_cache_decode_equals_full_recompute() {
         let mut solo = Vec::new();
         let mut c2 = SequenceCache::default();
         model
-            .forward(&mut ws, &mut kv, &mut [BatchItem { tokens: &other, cache: &mut c2 }], LogitsFor::Last, &mut solo)
+            .forward(&mut ws, &mut kv, &mut [BatchItem::new(&other, &mut c2)], LogitsFor::Last, &mut solo)
             .expect("solo");
         kv.pages.release(&mut c2);
         let mut c1 = SequenceCache::default();
@@ -160,14 +160,14 @@ fn kv_cache_decode_equals_full_recompute() {
             .forward(
                 &mut ws,
                 &mut kv,
-                &mut [BatchItem { tokens: &tokens[..20], cache: &mut c1 }],
+                &mut [BatchItem::new(&tokens[..20], &mut c1)],
                 LogitsFor::Last,
                 &mut ignore,
             )
             .expect("prefix");
         let mut both = Vec::new();
         let mut batch =
-            [BatchItem { tokens: &tokens[20..21], cache: &mut c1 }, BatchItem { tokens: &other, cache: &mut c2 }];
+            [BatchItem::new(&tokens[20..21], &mut c1), BatchItem::new(&other, &mut c2)];
         model.forward(&mut ws, &mut kv, &mut batch, LogitsFor::Last, &mut both).expect("batched");
         let err0 = rel_err(&[both[..vocab].to_vec()], &[full[20 * vocab..21 * vocab].to_vec()]);
         let err1 = rel_err(&[both[vocab..].to_vec()], &[solo]);

@@ -65,20 +65,52 @@ pub struct SwigluWeights<B: Backend + ?Sized> {
     pub down: B::Matrix,
 }
 
-/// Reusable buffers for [`Backend::expert_ffn`] and [`Backend::swiglu`], so that the decode loop
-/// does not allocate.
+/// Reusable buffers for [`Backend::expert_ffn`], [`Backend::swiglu`] and [`Backend::lora_add`],
+/// so that the decode loop does not allocate.
 pub struct FfnScratch<B: Backend + ?Sized> {
     pub rows: B::Act,
     pub gate_up: B::Act,
     pub hidden: B::Act,
     pub out: B::Act,
+    pub lora_shrink: B::Act,
+    pub lora_expand: B::Act,
 }
 
 impl<B: Backend> FfnScratch<B> {
     pub fn new(backend: &B) -> Self {
-        Self { rows: backend.act(), gate_up: backend.act(), hidden: backend.act(), out: backend.act() }
+        Self {
+            rows: backend.act(),
+            gate_up: backend.act(),
+            hidden: backend.act(),
+            out: backend.act(),
+            lora_shrink: backend.act(),
+            lora_expand: backend.act(),
+        }
     }
 }
+
+/// One low-rank pair of a LoRA adapter: `a` is `[r, in]`, `b` is `[out, r]`, and the layer's
+/// output gains `scale · x · Aᵀ · Bᵀ` (the same as using the merged weight `W + scale · B·A`).
+pub struct LoraWeights<B: Backend + ?Sized> {
+    pub a: B::Matrix,
+    pub b: B::Matrix,
+    pub scale: f32,
+}
+
+/// An adapter's pairs for one expert's SwiGLU: on its gate and up projections (added into the
+/// fused `[gate | up]` activation) and on its down projection.
+pub struct ExpertLora<B: Backend + ?Sized> {
+    pub gate: Option<LoraWeights<B>>,
+    pub up: Option<LoraWeights<B>>,
+    pub down: Option<LoraWeights<B>>,
+}
+
+/// Which LoRA pair each row of a batch uses (`None`: the base weights only). Rows of many
+/// adapters share one call; the backend gathers each row's pair, as the BGMV/SGMV kernels do.
+pub type RowLora<'l, B> = dyn Fn(usize) -> Option<&'l LoraWeights<B>> + Sync + 'l;
+
+/// Which expert LoRA a row of an expert call uses for expert `e` (`row`, `e`) → pairs.
+pub type RowExpertLora<'l, B> = dyn Fn(usize, usize) -> Option<&'l ExpertLora<B>> + Sync + 'l;
 
 /// The operations a compute device provides. Activations are row-major `[rows, cols]` f32;
 /// matrices are `[out, in]` as in a Hugging Face `Linear` (so `linear` computes `x · Wᵀ`).
@@ -147,6 +179,19 @@ pub trait Backend: Send + Sync + 'static {
         x: &Self::Act,
         experts: &[SwigluWeights<Self>],
         plan: &ExpertPlan,
+        scratch: &mut FfnScratch<Self>,
+        out: &mut Self::Act,
+    );
+    /// Batched multi-adapter LoRA: for every row r of `x` whose `lora(r)` is a pair,
+    /// `out[r, col..col + out_dim] += scale · (x_r · Aᵀ) · Bᵀ`. Rows without a pair are untouched.
+    fn lora_add(&self, x: &Self::Act, lora: &RowLora<'_, Self>, col: usize, s: &mut FfnScratch<Self>, out: &mut Self::Act);
+    /// [`Backend::expert_ffn`] where each (row, expert) may also carry an adapter's expert LoRA.
+    fn expert_ffn_lora(
+        &self,
+        x: &Self::Act,
+        experts: &[SwigluWeights<Self>],
+        plan: &ExpertPlan,
+        lora: &RowExpertLora<'_, Self>,
         scratch: &mut FfnScratch<Self>,
         out: &mut Self::Act,
     );

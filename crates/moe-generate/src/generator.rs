@@ -5,7 +5,7 @@
 use crate::error::Result;
 use crate::sampler::{Sampler, SamplingParams};
 use moe_compute::Backend;
-use moe_model::{BatchItem, KvCache, LogitsFor, Model, ModelError, SequenceCache, Workspace};
+use moe_model::{AdapterWeights, BatchItem, KvCache, LogitsFor, Model, ModelError, SequenceCache, Workspace};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -48,6 +48,7 @@ pub struct Generator<'m, B: Backend> {
     ws: Workspace<B>,
     kv: KvCache<B>,
     logits: Vec<f32>,
+    adapter: Option<&'m AdapterWeights<B>>,
 }
 
 /// Default KV page size, in tokens.
@@ -57,7 +58,13 @@ impl<'m, B: Backend> Generator<'m, B> {
     /// A generator whose KV cache holds up to `max_tokens` tokens.
     pub fn new(model: &'m Model<B>, max_tokens: usize) -> Result<Self> {
         let pages = max_tokens.max(1).div_ceil(PAGE_SIZE);
-        Ok(Self { model, ws: model.workspace(), kv: model.kv_cache(pages, PAGE_SIZE)?, logits: Vec::new() })
+        Ok(Self { model, ws: model.workspace(), kv: model.kv_cache(pages, PAGE_SIZE)?, logits: Vec::new(), adapter: None })
+    }
+
+    /// Runs every later call with this LoRA adapter (`None`: the base model).
+    pub fn with_adapter(mut self, adapter: Option<&'m AdapterWeights<B>>) -> Self {
+        self.adapter = adapter;
+        self
     }
 
     /// Full logits for every prompt position (one prefill call), `vocab_size` per row.
@@ -71,7 +78,7 @@ impl<'m, B: Backend> Generator<'m, B> {
     }
 
     fn forward(&mut self, tokens: &[u32], cache: &mut SequenceCache, which: LogitsFor) -> Result<()> {
-        let mut batch = [BatchItem { tokens, cache }];
+        let mut batch = [BatchItem::new(tokens, cache).with_adapter(self.adapter)];
         self.model.forward(&mut self.ws, &mut self.kv, &mut batch, which, &mut self.logits)?;
         Ok(())
     }

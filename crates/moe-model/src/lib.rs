@@ -4,6 +4,7 @@
 //! of the paged KV cache. It computes through [`moe_compute::Backend`] and knows nothing of
 //! tokenizers, sampling or serving.
 
+pub mod adapter;
 pub mod checkpoint;
 pub mod config;
 mod error;
@@ -12,6 +13,7 @@ mod model;
 pub mod routing;
 pub mod weights;
 
+pub use adapter::{AdapterIdentity, AdapterWeights, LayerLora};
 pub use config::{Architecture, ModelConfig, QkNorm};
 pub use error::{ModelError, Result};
 pub use kv::{PageAllocator, SequenceCache};

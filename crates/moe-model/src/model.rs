@@ -2,13 +2,14 @@
 //! new tokens (a whole prompt, a prefill chunk, or one decode token) and their paged KV cache.
 //! Architecture differences are data (config flags, optional weights), not separate code paths.
 
+use crate::adapter::{AdapterIdentity, AdapterWeights};
 use crate::checkpoint::Checkpoint;
 use crate::config::{ModelConfig, QkNorm};
 use crate::error::{ModelError, Result};
 use crate::kv::{PageAllocator, SequenceCache};
 use crate::routing::route_row;
 use crate::weights::{load_weights, FfnWeights, LayerWeights, ModelWeights, MoeWeights};
-use moe_compute::{AttentionSeq, AttentionShape, Backend, ExpertPlan, FfnScratch, KvLayout};
+use moe_compute::{AttentionSeq, AttentionShape, Backend, ExpertPlan, FfnScratch, KvLayout, LoraWeights};
 use std::path::Path;
 
 /// Where the routed experts of an MoE layer run: in this process (the model's own weights) or
@@ -28,11 +29,15 @@ pub trait ExpertExecutor<B: Backend>: Send + Sync {
 }
 
 /// The routing decision of one MoE layer for a batch: `top_k` (expert, weight) pairs per row,
-/// and the same grouped by expert.
+/// and the same grouped by expert; and which rows carry an adapter with expert pairs.
 pub struct ExpertRoutes<'a> {
     pub top_k: usize,
     pub choices: &'a [(u32, f32)],
     pub plan: &'a ExpertPlan,
+    /// The adapters with expert pairs among this batch's rows.
+    pub adapters: &'a [AdapterIdentity],
+    /// Per row: 0 for none, `i` for `adapters[i - 1]`. Empty when no row has one.
+    pub row_adapter: &'a [u32],
 }
 
 /// A loaded model on a backend.
@@ -51,9 +56,23 @@ pub struct KvCache<B: Backend> {
 }
 
 /// One sequence's part of a forward call.
-pub struct BatchItem<'a> {
+pub struct BatchItem<'a, B: Backend> {
     pub tokens: &'a [u32],
     pub cache: &'a mut SequenceCache,
+    /// The LoRA adapter this sequence runs with; `None` for the base model.
+    pub adapter: Option<&'a AdapterWeights<B>>,
+}
+
+impl<'a, B: Backend> BatchItem<'a, B> {
+    /// An item on the base model.
+    pub fn new(tokens: &'a [u32], cache: &'a mut SequenceCache) -> Self {
+        Self { tokens, cache, adapter: None }
+    }
+
+    pub fn with_adapter(mut self, adapter: Option<&'a AdapterWeights<B>>) -> Self {
+        self.adapter = adapter;
+        self
+    }
 }
 
 /// Which positions to compute logits for.
@@ -88,6 +107,10 @@ pub struct Workspace<B: Backend> {
     seqs: Vec<AttentionSeq>,
     page_table: Vec<u32>,
     unserved: Vec<(u32, String)>,
+    /// Batch item of every row.
+    row_item: Vec<u32>,
+    adapter_table: Vec<AdapterIdentity>,
+    row_adapter: Vec<u32>,
 }
 
 impl<B: Backend> Workspace<B> {
@@ -120,6 +143,9 @@ impl<B: Backend> Workspace<B> {
             seqs: Vec::new(),
             page_table: Vec::new(),
             unserved: Vec::new(),
+            row_item: Vec::new(),
+            adapter_table: Vec::new(),
+            row_adapter: Vec::new(),
         }
     }
 }
@@ -196,7 +222,7 @@ impl<B: Backend> Model<B> {
         &self,
         ws: &mut Workspace<B>,
         kv: &mut KvCache<B>,
-        batch: &mut [BatchItem<'_>],
+        batch: &mut [BatchItem<'_, B>],
         which: LogitsFor,
         logits: &mut Vec<f32>,
     ) -> Result<()> {
@@ -209,7 +235,7 @@ impl<B: Backend> Model<B> {
         &self,
         ws: &mut Workspace<B>,
         kv: &mut KvCache<B>,
-        batch: &mut [BatchItem<'_>],
+        batch: &mut [BatchItem<'_, B>],
         which: LogitsFor,
         logits: &mut Vec<f32>,
         experts: Option<&dyn ExpertExecutor<B>>,
@@ -237,6 +263,7 @@ impl<B: Backend> Model<B> {
                 LogitsFor::Last => ws.out_rows.push(ws.ids.len() as u32 - 1),
             }
         }
+        self.index_adapters(ws, batch);
         let mut row = 0;
         ws.seqs.clear();
         ws.page_table.clear();
@@ -256,12 +283,13 @@ impl<B: Backend> Model<B> {
 
         b.embed(&self.weights.embed, &ws.ids, &mut ws.hidden)?;
         b.rope_table(&ws.positions, &self.inv_freq, &mut ws.rope);
+        let items: &[BatchItem<'_, B>] = batch;
         for (i, layer) in self.weights.layers.iter().enumerate() {
-            self.attention_block(ws, kv, i, layer)?;
+            self.attention_block(ws, kv, i, layer, items)?;
             b.rms_norm(&ws.hidden, &layer.post_attention_norm, c.rms_norm_eps, &mut ws.normed);
             match &layer.ffn {
                 FfnWeights::Dense(mlp) => b.swiglu(&ws.normed, mlp, &mut ws.scratch, &mut ws.ffn_out),
-                FfnWeights::Moe(moe) => self.moe_block(ws, i, moe, experts)?,
+                FfnWeights::Moe(moe) => self.moe_block(ws, i, moe, experts, items)?,
             }
             b.add(&mut ws.hidden, &ws.ffn_out);
         }
@@ -276,17 +304,53 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    /// Maps rows to items and lists the adapters whose expert pairs workers must apply.
+    fn index_adapters(&self, ws: &mut Workspace<B>, batch: &[BatchItem<'_, B>]) {
+        ws.row_item.clear();
+        for (i, item) in batch.iter().enumerate() {
+            ws.row_item.extend(std::iter::repeat_n(i as u32, item.tokens.len()));
+        }
+        ws.adapter_table.clear();
+        ws.row_adapter.clear();
+        if !batch.iter().any(|it| it.adapter.is_some_and(|a| a.has_expert_lora())) {
+            return;
+        }
+        for item in batch {
+            let slot = match item.adapter.filter(|a| a.has_expert_lora()) {
+                Some(a) => match ws.adapter_table.iter().position(|t| *t == a.identity) {
+                    Some(p) => p as u32 + 1,
+                    None => {
+                        ws.adapter_table.push(a.identity.clone());
+                        ws.adapter_table.len() as u32
+                    }
+                },
+                None => 0,
+            };
+            ws.row_adapter.extend(std::iter::repeat_n(slot, item.tokens.len()));
+        }
+    }
+
     fn attention_block(
         &self,
         ws: &mut Workspace<B>,
         kv: &mut KvCache<B>,
         layer_idx: usize,
         layer: &LayerWeights<B>,
+        items: &[BatchItem<'_, B>],
     ) -> Result<()> {
         let (b, c, a) = (&self.backend, &self.config, &layer.attention);
         let (qw, kw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         b.rms_norm(&ws.hidden, &layer.input_norm, c.rms_norm_eps, &mut ws.normed);
         b.linear(&ws.normed, &a.qkv, a.qkv_bias.as_ref(), &mut ws.qkv);
+        let has = |pick: fn(&crate::adapter::LayerLora<B>) -> Option<&LoraWeights<B>>| {
+            items.iter().any(|it| it.adapter.and_then(|ad| ad.layers.get(layer_idx)).and_then(pick).is_some())
+        };
+        for (pick, col) in [(q_pair as PairOf<B>, 0), (k_pair, qw), (v_pair, qw + kw)] {
+            if has(pick) {
+                let lookup = row_pair(items, &ws.row_item, layer_idx, pick);
+                b.lora_add(&ws.normed, &lookup, col, &mut ws.scratch, &mut ws.qkv);
+            }
+        }
         if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
             let (qg, kg) = match c.qk_norm {
                 QkNorm::PerHead => (c.head_dim, c.head_dim),
@@ -302,6 +366,10 @@ impl<B: Backend> Model<B> {
         b.rope(&mut ws.qkv, qw, c.num_kv_heads, c.head_dim, &ws.rope);
         b.attention(&ws.qkv, &self.attn_shape, &ws.seqs, &ws.page_table, &mut kv.store, layer_idx, &mut ws.attn)?;
         b.linear(&ws.attn, &a.o, None, &mut ws.proj);
+        if has(o_pair) {
+            let lookup = row_pair(items, &ws.row_item, layer_idx, o_pair);
+            b.lora_add(&ws.attn, &lookup, 0, &mut ws.scratch, &mut ws.proj);
+        }
         b.add(&mut ws.hidden, &ws.proj);
         Ok(())
     }
@@ -312,10 +380,16 @@ impl<B: Backend> Model<B> {
         layer: usize,
         moe: &MoeWeights<B>,
         experts: Option<&dyn ExpertExecutor<B>>,
+        items: &[BatchItem<'_, B>],
     ) -> Result<()> {
         let (b, c) = (&self.backend, &self.config);
         let (rows, _) = b.act_shape(&ws.normed);
         b.linear(&ws.normed, &moe.gate, None, &mut ws.gate_logits);
+        let has_gate = items.iter().any(|it| it.adapter.and_then(|a| a.layers.get(layer)).is_some_and(|l| l.gate.is_some()));
+        if has_gate {
+            let lookup = row_pair(items, &ws.row_item, layer, gate_pair);
+            b.lora_add(&ws.normed, &lookup, 0, &mut ws.scratch, &mut ws.gate_logits);
+        }
         b.download(&ws.gate_logits, &mut ws.host);
         ws.choices.clear();
         ws.choices.resize(rows * c.top_k, (0, 0.0));
@@ -327,11 +401,26 @@ impl<B: Backend> Model<B> {
         b.zeros(rows, c.hidden_size, &mut ws.ffn_out);
         match experts {
             Some(executor) => {
-                let routes = ExpertRoutes { top_k: c.top_k, choices: &ws.choices, plan: &ws.plan };
+                let routes = ExpertRoutes {
+                    top_k: c.top_k,
+                    choices: &ws.choices,
+                    plan: &ws.plan,
+                    adapters: &ws.adapter_table,
+                    row_adapter: &ws.row_adapter,
+                };
                 executor.run_experts(layer, &ws.normed, &routes, &mut ws.ffn_out, &mut ws.unserved)?;
             }
             None if moe.experts.len() == c.num_experts => {
-                b.expert_ffn(&ws.normed, &moe.experts, &ws.plan, &mut ws.scratch, &mut ws.ffn_out);
+                let any = items.iter().any(|it| it.adapter.and_then(|a| a.layers.get(layer)).is_some_and(|l| l.has_expert_lora));
+                if any {
+                    let row_item = &ws.row_item;
+                    let lookup = |r: usize, e: usize| {
+                        items.get(*row_item.get(r)? as usize)?.adapter?.expert(layer, e)
+                    };
+                    b.expert_ffn_lora(&ws.normed, &moe.experts, &ws.plan, &lookup, &mut ws.scratch, &mut ws.ffn_out);
+                } else {
+                    b.expert_ffn(&ws.normed, &moe.experts, &ws.plan, &mut ws.scratch, &mut ws.ffn_out);
+                }
             }
             None => {
                 return Err(ModelError::Experts { layer, message: "this model was loaded without its experts".into() })
@@ -344,4 +433,32 @@ impl<B: Backend> Model<B> {
         }
         Ok(())
     }
+}
+
+type PairOf<B> = fn(&crate::adapter::LayerLora<B>) -> Option<&LoraWeights<B>>;
+
+fn q_pair<B: Backend>(l: &crate::adapter::LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.q.as_ref()
+}
+fn k_pair<B: Backend>(l: &crate::adapter::LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.k.as_ref()
+}
+fn v_pair<B: Backend>(l: &crate::adapter::LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.v.as_ref()
+}
+fn o_pair<B: Backend>(l: &crate::adapter::LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.o.as_ref()
+}
+fn gate_pair<B: Backend>(l: &crate::adapter::LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.gate.as_ref()
+}
+
+/// The per-row lookup of one module's pair: row → its item's adapter → this layer's pair.
+fn row_pair<'l, B: Backend>(
+    items: &'l [BatchItem<'_, B>],
+    row_item: &'l [u32],
+    layer: usize,
+    pick: PairOf<B>,
+) -> impl Fn(usize) -> Option<&'l LoraWeights<B>> + Sync + 'l {
+    move |r| pick(items.get(*row_item.get(r)? as usize)?.adapter?.layers.get(layer)?)
 }

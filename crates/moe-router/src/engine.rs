@@ -336,12 +336,13 @@ impl Worker {
                 budget -= n;
             }
         }
-        let mut batch: Vec<BatchItem<'_>> = Vec::new();
+        let mut batch: Vec<BatchItem<'_, CpuBackend>> = Vec::new();
         members.clear();
         for (i, s) in self.running.iter_mut().enumerate() {
             if chunk[i] > 0 {
                 let start = s.cache.len;
-                batch.push(BatchItem { tokens: &s.tokens[start..start + chunk[i]], cache: &mut s.cache });
+                let adapter = s.req.adapter.as_deref();
+                batch.push(BatchItem::new(&s.tokens[start..start + chunk[i]], &mut s.cache).with_adapter(adapter));
                 members.push(i);
             }
         }

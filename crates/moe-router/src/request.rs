@@ -4,6 +4,9 @@
 use crate::error::RouterError;
 use moe_generate::{SamplingParams, TextCodec};
 use moe_model::ModelConfig;
+use moe_compute::cpu::CpuBackend;
+use moe_model::AdapterWeights;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The prompt: text for the tokenizer, or token ids.
@@ -42,6 +45,8 @@ pub struct ValidatedRequest {
     pub stop_ids: Vec<u32>,
     pub deadline: Instant,
     pub timeout: Duration,
+    /// The LoRA adapter, resolved and pinned (resident while this request holds it).
+    pub adapter: Option<Arc<AdapterWeights<CpuBackend>>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,9 +71,6 @@ impl ValidatedRequest {
         config: &ModelConfig,
         default_timeout: Duration,
     ) -> Result<Self, RouterError> {
-        if !p.adapter_id.is_empty() {
-            return Err(RouterError::AdapterNotFound(p.adapter_id.clone()));
-        }
         let prompt = match prompt {
             PromptInput::Ids(ids) => ids,
             PromptInput::Text(text) => {
@@ -142,6 +144,7 @@ impl ValidatedRequest {
             stop_ids: config.eos_token_ids.clone(),
             deadline: Instant::now() + timeout,
             timeout,
+            adapter: None,
         })
     }
 }

@@ -5,13 +5,15 @@
 
 mod attention;
 mod linear;
+mod lora;
 mod simd;
 
 pub use attention::CpuKvStore;
 pub use linear::matmul_t;
 
 use crate::{
-    AttentionSeq, AttentionShape, Backend, ComputeError, ExpertPlan, FfnScratch, KvLayout, Result, SwigluWeights,
+    AttentionSeq, AttentionShape, Backend, ComputeError, ExpertPlan, FfnScratch, KvLayout, Result, RowExpertLora,
+    RowLora, SwigluWeights,
 };
 use std::ops::Range;
 
@@ -231,6 +233,22 @@ impl Backend for CpuBackend {
         s: &mut FfnScratch<Self>,
         out: &mut HostTensor,
     ) {
+        self.expert_ffn_lora(x, experts, plan, &|_, _| None, s, out);
+    }
+
+    fn lora_add(&self, x: &HostTensor, lora: &RowLora<'_, Self>, col: usize, s: &mut FfnScratch<Self>, out: &mut HostTensor) {
+        lora::lora_segments(x, lora, col, &mut s.lora_shrink, &mut s.lora_expand, out);
+    }
+
+    fn expert_ffn_lora(
+        &self,
+        x: &HostTensor,
+        experts: &[SwigluWeights<Self>],
+        plan: &ExpertPlan,
+        lora: &RowExpertLora<'_, Self>,
+        s: &mut FfnScratch<Self>,
+        out: &mut HostTensor,
+    ) {
         for (e, w) in experts.iter().enumerate().take(plan.num_experts()) {
             let (rows, weights) = plan.expert(e);
             if rows.is_empty() {
@@ -238,8 +256,20 @@ impl Backend for CpuBackend {
             }
             self.gather_rows(x, rows, &mut s.rows);
             self.linear(&s.rows, &w.gate_up, None, &mut s.gate_up);
+            let any = rows.iter().any(|&r| lora(r as usize, e).is_some());
+            let inter = w.gate_up.rows / 2;
+            if any {
+                let of = |i: usize| lora(rows[i] as usize, e);
+                let (shrink, expand) = (&mut s.lora_shrink, &mut s.lora_expand);
+                lora::lora_segments(&s.rows, |i| of(i).and_then(|l| l.gate.as_ref()), 0, shrink, expand, &mut s.gate_up);
+                lora::lora_segments(&s.rows, |i| of(i).and_then(|l| l.up.as_ref()), inter, shrink, expand, &mut s.gate_up);
+            }
             silu_mul(&s.gate_up, &mut s.hidden);
             self.linear(&s.hidden, &w.down, None, &mut s.out);
+            if any {
+                let of = |i: usize| lora(rows[i] as usize, e).and_then(|l| l.down.as_ref());
+                lora::lora_segments(&s.hidden, of, 0, &mut s.lora_shrink, &mut s.lora_expand, &mut s.out);
+            }
             for (i, (&r, &wt)) in rows.iter().zip(weights).enumerate() {
                 simd::axpy(wt, s.out.row(i), out.row_mut(r as usize));
             }

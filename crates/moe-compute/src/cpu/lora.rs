@@ -1,0 +1,162 @@
+//! Batched multi-adapter LoRA on the CPU, in the manner of the SGMV kernel: consecutive rows that
+//! use the same pair form a segment, and each segment costs one shrink (`x · Aᵀ`, rank columns)
+//! and one expand (`· Bᵀ`) product, added with the pair's scale into a column range of the output.
+//! Rows of many adapters (and of none) go through one call; a decode batch of 64 rows with 64
+//! different adapters is 64 one-row segments, each streaming its own A and B once.
+
+use super::{matmul_t, simd, HostTensor};
+use crate::LoraWeights;
+
+/// `out[r, col..col + B.rows] += scale · (x_r · Aᵀ) · Bᵀ` for every row with a pair.
+pub(super) fn lora_segments<'l>(
+    x: &HostTensor,
+    lora: impl Fn(usize) -> Option<&'l LoraWeights<super::CpuBackend>>,
+    col: usize,
+    shrink: &mut HostTensor,
+    expand: &mut HostTensor,
+    out: &mut HostTensor,
+) {
+    let k = x.cols;
+    let mut r = 0;
+    while r < x.rows {
+        let Some(pair) = lora(r) else {
+            r += 1;
+            continue;
+        };
+        let mut end = r + 1;
+        while end < x.rows && lora(end).is_some_and(|p| std::ptr::eq(p, pair)) {
+            end += 1;
+        }
+        let (m, rank, n) = (end - r, pair.a.rows, pair.b.rows);
+        debug_assert!(pair.a.cols == k && pair.b.cols == rank && col + n <= out.cols);
+        shrink.reshape(m, rank);
+        matmul_t(&x.data[r * k..end * k], m, k, &pair.a.data, rank, &mut shrink.data);
+        expand.reshape(m, n);
+        matmul_t(&shrink.data, m, rank, &pair.b.data, n, &mut expand.data);
+        for i in 0..m {
+            simd::axpy(pair.scale, expand.row(i), &mut out.row_mut(r + i)[col..col + n]);
+        }
+        r = end;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::CpuBackend;
+    use crate::{Backend, ExpertLora, ExpertPlan, FfnScratch, SwigluWeights};
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s % 2000) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn mat(rows: usize, cols: usize, seed: u64) -> HostTensor {
+        HostTensor { rows, cols, data: rand(rows * cols, seed) }
+    }
+
+    /// `W + scale · B·A` as a plain matrix.
+    fn merged(w: &HostTensor, l: &LoraWeights<CpuBackend>) -> HostTensor {
+        let mut m = w.clone();
+        for i in 0..w.rows {
+            for j in 0..w.cols {
+                let ba: f32 = (0..l.a.rows).map(|t| l.b.data[i * l.b.cols + t] * l.a.data[t * l.a.cols + j]).sum();
+                m.data[i * w.cols + j] += l.scale * ba;
+            }
+        }
+        m
+    }
+
+    fn pair(rank: usize, inp: usize, out: usize, seed: u64, scale: f32) -> LoraWeights<CpuBackend> {
+        LoraWeights { a: mat(rank, inp, seed), b: mat(out, rank, seed + 1), scale }
+    }
+
+    fn close(a: &[f32], b: &[f32]) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn mixed_rows_equal_merged_weights_row_by_row() {
+        let be = CpuBackend::new();
+        let (h, n) = (24, 10);
+        let w = mat(n, h, 1);
+        let pairs = [pair(4, h, n, 10, 0.5), pair(2, h, n, 20, 2.0), pair(8, h, n, 30, 0.25)];
+        // Rows: base, p0, p0, p1, base, p2, p1.
+        let which = [None, Some(0), Some(0), Some(1), None, Some(2), Some(1)];
+        let x = mat(which.len(), h, 2);
+        let mut out = HostTensor::default();
+        be.linear(&x, &w, None, &mut out);
+        let mut s = FfnScratch::new(&be);
+        let lookup = |r: usize| which[r].map(|i| &pairs[i]);
+        be.lora_add(&x, &lookup, 0, &mut s, &mut out);
+        for (r, wi) in which.iter().enumerate() {
+            let wr = match wi {
+                Some(i) => merged(&w, &pairs[*i]),
+                None => w.clone(),
+            };
+            let xr = HostTensor { rows: 1, cols: h, data: x.row(r).to_vec() };
+            let mut want = HostTensor::default();
+            be.linear(&xr, &wr, None, &mut want);
+            close(out.row(r), &want.data);
+        }
+    }
+
+    #[test]
+    fn column_offset_touches_only_its_columns() {
+        let be = CpuBackend::new();
+        let x = mat(3, 8, 5);
+        let p = pair(2, 8, 4, 6, 1.0);
+        let mut out = HostTensor { rows: 3, cols: 12, data: vec![0.0; 36] };
+        let mut s = FfnScratch::new(&be);
+        be.lora_add(&x, &|_| Some(&p), 4, &mut s, &mut out);
+        for r in 0..3 {
+            assert!(out.row(r)[..4].iter().chain(&out.row(r)[8..]).all(|&v| v == 0.0));
+            assert!(out.row(r)[4..8].iter().any(|&v| v != 0.0));
+        }
+    }
+
+    #[test]
+    fn expert_lora_equals_merged_expert() {
+        let be = CpuBackend::new();
+        let (h, i) = (16, 12);
+        let gu = mat(2 * i, h, 40);
+        let down = mat(h, i, 41);
+        let lora = ExpertLora {
+            gate: Some(pair(2, h, i, 50, 0.7)),
+            up: Some(pair(3, h, i, 60, 1.3)),
+            down: Some(pair(2, i, h, 70, 0.9)),
+        };
+        let experts = vec![SwigluWeights { gate_up: gu.clone(), down: down.clone() }];
+        // The merged expert: gate rows then up rows of gate_up.
+        let mut gu_m = gu.clone();
+        let g = merged(&HostTensor { rows: i, cols: h, data: gu.data[..i * h].to_vec() }, lora.gate.as_ref().unwrap());
+        let u = merged(&HostTensor { rows: i, cols: h, data: gu.data[i * h..].to_vec() }, lora.up.as_ref().unwrap());
+        gu_m.data[..i * h].copy_from_slice(&g.data);
+        gu_m.data[i * h..].copy_from_slice(&u.data);
+        let merged_experts = vec![SwigluWeights { gate_up: gu_m, down: merged(&down, lora.down.as_ref().unwrap()) }];
+        let x = mat(4, h, 3);
+        let mut plan = ExpertPlan::default();
+        plan.rebuild(1, 1, &[(0, 1.0), (0, 0.5), (0, 0.25), (0, 2.0)]);
+        let mut s = FfnScratch::new(&be);
+        let (mut got, mut want, mut base) = (HostTensor::default(), HostTensor::default(), HostTensor::default());
+        be.zeros(4, h, &mut got);
+        be.zeros(4, h, &mut want);
+        be.zeros(4, h, &mut base);
+        // Rows 1 and 3 use the adapter.
+        be.expert_ffn_lora(&x, &experts, &plan, &|r, _| (r % 2 == 1).then_some(&lora), &mut s, &mut got);
+        be.expert_ffn(&x, &merged_experts, &plan, &mut s, &mut want);
+        be.expert_ffn(&x, &experts, &plan, &mut s, &mut base);
+        for r in 0..4 {
+            close(got.row(r), if r % 2 == 1 { want.row(r) } else { base.row(r) });
+        }
+    }
+}
