@@ -165,6 +165,27 @@ impl Checkpoint {
         Ok(Self { dir: dir.to_path_buf(), shards, by_name })
     }
 
+    /// Opens one safetensors file (a PEFT adapter's `adapter_model.safetensors`, say).
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let shard = open_shard(path)?;
+        let by_name = shard.tensors.keys().map(|n| (n.clone(), 0)).collect();
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(Self { dir, shards: vec![shard], by_name })
+    }
+
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The shape of tensor `name` as stored.
+    pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
+        let s = &self.shards[*self.by_name.get(name)?];
+        s.tensors.get(name).map(|t| t.1.as_slice())
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.by_name.contains_key(name)
     }
