@@ -37,7 +37,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             repetition_penalty: args.repetition_penalty,
             logprobs: false,
         }),
-        adapter_id: String::new(),
+        adapter_id: args.adapter.adapter.clone().unwrap_or_default(),
         timeout_ms: 0,
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -1,6 +1,6 @@
 //! `moe generate`: one prompt in, its continuation out (text, or JSON with the token ids).
 
-use crate::model_args::{parse_token_ids, ModelArgs, TokenIds};
+use crate::model_args::{parse_token_ids, AdapterArgs, ModelArgs, TokenIds};
 use anyhow::Context;
 use clap::Args;
 use moe_generate::{GenerateRequest, Generator, SamplingParams, TextCodec};
@@ -9,6 +9,8 @@ use moe_generate::{GenerateRequest, Generator, SamplingParams, TextCodec};
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
     /// Prompt text (needs tokenizer.json in the model directory).
     #[arg(long, env = "MOE_PROMPT", conflicts_with = "token_ids", required_unless_present = "token_ids")]
     pub prompt: Option<String>,
@@ -68,7 +70,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         sampling,
         stop_ids: model.config.eos_token_ids.clone(),
     };
-    let mut generator = Generator::new(&model, max_tokens)?;
+    let adapter = args.adapter.load(&model)?;
+    let mut generator = Generator::new(&model, max_tokens)?.with_adapter(adapter.as_ref());
     let out = generator.generate(&req)?;
     let text = codec.decode(&out.token_ids);
     if args.stats {

@@ -1,6 +1,6 @@
 //! `moe logits`: the full, un-sampled logits of every prompt position, as JSON.
 
-use crate::model_args::{parse_token_ids, ModelArgs, TokenIds};
+use crate::model_args::{parse_token_ids, AdapterArgs, ModelArgs, TokenIds};
 use clap::Args;
 use moe_generate::Generator;
 use std::io::Write;
@@ -9,6 +9,8 @@ use std::io::Write;
 pub struct LogitsArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
     /// Prompt token ids, comma separated.
     #[arg(long, env = "MOE_TOKEN_IDS", value_parser = parse_token_ids)]
     pub token_ids: TokenIds,
@@ -20,7 +22,8 @@ pub struct LogitsArgs {
 pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
     let (_, model) = args.model.load()?;
     let vocab = model.config.vocab_size;
-    let mut generator = Generator::new(&model, args.token_ids.0.len())?;
+    let adapter = args.adapter.load(&model)?;
+    let mut generator = Generator::new(&model, args.token_ids.0.len())?.with_adapter(adapter.as_ref());
     let logits = generator.prompt_logits(&args.token_ids.0)?;
     let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());

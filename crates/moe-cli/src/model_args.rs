@@ -4,8 +4,9 @@ use anyhow::Context;
 use clap::Args;
 use moe_compute::cpu::CpuBackend;
 use moe_demo::{write_demo_model, DemoSpec};
-use moe_model::Model;
-use std::path::PathBuf;
+use moe_lora::{load_adapter, validate_id, AdapterParts};
+use moe_model::{AdapterIdentity, AdapterWeights, Model};
+use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -32,6 +33,39 @@ impl ModelArgs {
         let model =
             Model::load(&dir, CpuBackend::new()).with_context(|| format!("loading model from {}", dir.display()))?;
         Ok((dir, model))
+    }
+}
+
+/// The LoRA adapter flags of local commands.
+#[derive(Args, Debug, Clone, Default)]
+pub struct AdapterArgs {
+    /// LoRA adapter: a PEFT directory, or an adapter id under --adapter-dir. With --endpoint, the
+    /// id of an adapter the server knows.
+    #[arg(long, env = "MOE_ADAPTER")]
+    pub adapter: Option<String>,
+    /// Directory of adapters (each subdirectory one adapter, its name the id).
+    #[arg(long, env = "MOE_ADAPTER_DIR")]
+    pub adapter_dir: Option<PathBuf>,
+}
+
+impl AdapterArgs {
+    /// Loads the adapter (every pair: this process runs its own experts), if one was given.
+    pub fn load(&self, model: &Model<CpuBackend>) -> anyhow::Result<Option<AdapterWeights<CpuBackend>>> {
+        let Some(arg) = &self.adapter else { return Ok(None) };
+        let as_dir = Path::new(arg);
+        let (dir, id) = if as_dir.join("adapter_config.json").is_file() {
+            let id = as_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| arg.clone());
+            (as_dir.to_path_buf(), id)
+        } else if let Some(root) = &self.adapter_dir {
+            validate_id(arg)?;
+            (root.join(arg), arg.clone())
+        } else {
+            anyhow::bail!("--adapter {arg:?} is not a directory with adapter_config.json (or give --adapter-dir)");
+        };
+        let identity = AdapterIdentity { path: id.clone(), id, digest: String::new() };
+        let adapter = load_adapter(&dir, identity, &model.config, model.backend(), AdapterParts::all())
+            .with_context(|| format!("loading adapter {}", dir.display()))?;
+        Ok(Some(adapter))
     }
 }
 
