@@ -247,8 +247,19 @@ async fn worker_rejects_malformed_messages_and_keeps_serving() {
         row_pairs: vec![1, 2],
         experts: vec![0, 0, 1],
         weights: vec![1.0, 0.5, 0.5],
+        ..Default::default()
     };
     let bad: Vec<(ExpertRequest, &str)> = vec![
+        (ExpertRequest { row_adapters: vec![1, 0], ..good() }, "only 0 are listed"),
+        (ExpertRequest { row_adapters: vec![0], ..good() }, "row_adapters has 1 entries for 2 rows"),
+        (
+            ExpertRequest {
+                row_adapters: vec![1, 0],
+                adapters: vec![moe_proto::v1::AdapterRef { id: "a".into(), path: "a".into(), digest: "0".into() }],
+                ..good()
+            },
+            "no --adapter-dir",
+        ),
         (ExpertRequest { rows: vec![0u8; 10].into(), ..good() }, "not a whole number"),
         (ExpertRequest { experts: vec![0, 0, 3], ..good() }, "expert 3 of layer 0 is not hosted"),
         (ExpertRequest { layer: 7, ..good() }, "layer 7 is not a layer with experts"),

@@ -45,14 +45,7 @@ pub fn expert_gflops(host: &moe_worker::ExpertHost, layer: usize, rows: usize) -
     let row_pairs = vec![k as u32; rows];
     let experts: Vec<u32> = (0..rows * k).map(|i| ((i / k + i % k) % e) as u32).collect();
     let weights = vec![1.0 / k as f32; rows * k];
-    let input = moe_worker::ComputeInput {
-        layer,
-        hidden_size: h,
-        rows: &x,
-        row_pairs: &row_pairs,
-        experts: &experts,
-        weights: &weights,
-    };
+    let input = moe_worker::ComputeInput::base(layer, h, &x, &row_pairs, &experts, &weights);
     let mut out = Vec::new();
     let mut best = f64::MAX;
     for _ in 0..4 {

@@ -7,7 +7,7 @@
 use crate::error::{DispatchError, Result};
 use crate::placement::Placement;
 use moe_compute::cpu::{CpuBackend, HostTensor};
-use moe_model::{ExpertExecutor, ExpertRoutes, ModelError};
+use moe_model::{AdapterIdentity, ExpertExecutor, ExpertRoutes, ModelError};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -23,6 +23,9 @@ pub struct WorkerBatch {
     pub row_pairs: Vec<u32>,
     pub experts: Vec<u32>,
     pub weights: Vec<f32>,
+    /// Per row, the adapter slot (0: none) into the layer's adapter list; empty when no row
+    /// carries an adapter with expert pairs.
+    pub row_adapters: Vec<u32>,
 }
 
 /// Runs worker batches somewhere: in this process, over gRPC, or any faster data plane.
@@ -31,10 +34,13 @@ pub trait WorkerTransport: Send + Sync {
     fn worker_name(&self, worker: usize) -> String;
     /// Runs every batch (at most one per worker, in parallel where possible), writing each
     /// batch's combined rows into the matching `outputs` entry and its outcome into `results`.
+    /// `adapters` are the adapters the batches' `row_adapters` index.
+    #[allow(clippy::too_many_arguments)]
     fn execute(
         &self,
         layer: usize,
         hidden: usize,
+        adapters: &[AdapterIdentity],
         batches: &[WorkerBatch],
         outputs: &mut [Vec<f32>],
         results: &mut [Result<()>],
@@ -113,7 +119,14 @@ impl<T: WorkerTransport> Dispatcher<T> {
     /// Groups pending (row, expert, weight) entries by worker, skipping suspect workers. A row's
     /// experts go, where possible, to a worker already chosen for that row, so each row travels
     /// to each worker at most once; replicas are used in turn.
-    fn group(&self, layer: usize, x: &HostTensor, s: &mut Scratch, unserved: &mut Vec<(u32, String)>) -> Result<usize> {
+    fn group(
+        &self,
+        layer: usize,
+        x: &HostTensor,
+        row_adapter: &[u32],
+        s: &mut Scratch,
+        unserved: &mut Vec<(u32, String)>,
+    ) -> Result<usize> {
         let now = Instant::now();
         s.suspect.clear();
         match self.suspect_until.lock() {
@@ -129,6 +142,7 @@ impl<T: WorkerTransport> Dispatcher<T> {
             b.row_pairs.clear();
             b.experts.clear();
             b.weights.clear();
+            b.row_adapters.clear();
         }
         let mut used = 0usize;
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
@@ -176,6 +190,9 @@ impl<T: WorkerTransport> Dispatcher<T> {
                 b.row_ids.push(r);
                 b.rows.extend_from_slice(x.row(r as usize));
                 b.row_pairs.push(0);
+                if let Some(&a) = row_adapter.get(r as usize) {
+                    b.row_adapters.push(a);
+                }
             }
             if let Some(p) = b.row_pairs.last_mut() {
                 *p += 1;
@@ -206,13 +223,20 @@ impl<T: WorkerTransport> ExpertExecutor<CpuBackend> for Dispatcher<T> {
         s.pending.extend(routes.choices.iter().enumerate().map(|(i, &(e, w))| ((i / k) as u32, e, w)));
         // Each round either finishes or leaves out at least one more worker.
         for _round in 0..=self.num_workers {
-            let used = self.group(layer, x, s, unserved).map_err(to_model)?;
+            let used = self.group(layer, x, routes.row_adapter, s, unserved).map_err(to_model)?;
             if s.outputs.len() < used {
                 s.outputs.resize_with(used, Vec::new);
             }
             s.results.clear();
             s.results.resize_with(used, || Ok(()));
-            self.transport.execute(layer, x.cols, &s.batches[..used], &mut s.outputs[..used], &mut s.results[..used]);
+            self.transport.execute(
+                layer,
+                x.cols,
+                routes.adapters,
+                &s.batches[..used],
+                &mut s.outputs[..used],
+                &mut s.results[..used],
+            );
             s.retry.clear();
             for i in 0..used {
                 let b = &s.batches[i];

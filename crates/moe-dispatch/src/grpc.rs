@@ -6,7 +6,8 @@
 use crate::dispatcher::{WorkerBatch, WorkerTransport};
 use crate::error::{DispatchError, Result};
 use moe_proto::v1::expert_worker_client::ExpertWorkerClient;
-use moe_proto::v1::{DescribeRequest, DescribeResponse, ExpertRequest, ExpertResponse, WireDtype};
+use moe_model::AdapterIdentity;
+use moe_proto::v1::{AdapterRef, DescribeRequest, DescribeResponse, ExpertRequest, ExpertResponse, WireDtype};
 use moe_proto::wire;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -168,7 +169,14 @@ impl GrpcTransport {
     }
 
     /// Sends one worker's batch (split into messages as needed) and collects the combined rows.
-    async fn call(&self, layer: usize, hidden: usize, b: &WorkerBatch, out: &mut Vec<f32>) -> Result<()> {
+    async fn call(
+        &self,
+        layer: usize,
+        hidden: usize,
+        adapters: &[AdapterRef],
+        b: &WorkerBatch,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         let w = self.workers.get(b.worker).ok_or_else(|| unavailable(&format!("#{}", b.worker), "no such worker"))?;
         // One deadline bounds everything below: a frozen worker stops reading, and then even
         // sending would wait forever.
@@ -200,6 +208,8 @@ impl GrpcTransport {
                 row_pairs: pairs.to_vec(),
                 experts: b.experts[pair_start..pair_start + n_pairs].to_vec(),
                 weights: b.weights[pair_start..pair_start + n_pairs].to_vec(),
+                adapters: if b.row_adapters.is_empty() { Vec::new() } else { adapters.to_vec() },
+                row_adapters: b.row_adapters.get(first_row..first_row + pairs.len()).map(<[u32]>::to_vec).unwrap_or_default(),
             };
             pair_start += n_pairs;
             let (tx, rx) = oneshot::channel();
@@ -258,15 +268,21 @@ impl WorkerTransport for GrpcTransport {
         &self,
         layer: usize,
         hidden: usize,
+        adapters: &[AdapterIdentity],
         batches: &[WorkerBatch],
         outputs: &mut [Vec<f32>],
         results: &mut [Result<()>],
     ) {
+        let adapters: Vec<AdapterRef> = adapters
+            .iter()
+            .map(|a| AdapterRef { id: a.id.clone(), path: a.path.clone(), digest: a.digest.clone() })
+            .collect();
+        let adapters = &adapters;
         // Called from the router's compute thread, never from inside the runtime.
         let all = self.runtime.block_on(async {
             let calls = batches.iter().zip(outputs.iter_mut()).map(|(b, out)| {
                 let span = tracing::debug_span!("dispatch", worker = %self.worker_name(b.worker), layer, rows = b.row_ids.len());
-                self.call(layer, hidden, b, out).instrument(span)
+                self.call(layer, hidden, adapters, b, out).instrument(span)
             });
             futures::future::join_all(calls).await
         });

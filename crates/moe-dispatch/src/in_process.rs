@@ -3,6 +3,7 @@
 
 use crate::dispatcher::{WorkerBatch, WorkerTransport};
 use crate::error::{DispatchError, Result};
+use moe_model::AdapterIdentity;
 use moe_worker::{ComputeInput, ExpertHost};
 use std::sync::Arc;
 
@@ -29,18 +30,26 @@ impl WorkerTransport for InProcessTransport {
         &self,
         layer: usize,
         hidden: usize,
+        adapters: &[AdapterIdentity],
         batches: &[WorkerBatch],
         outputs: &mut [Vec<f32>],
         results: &mut [Result<()>],
     ) {
         for ((b, out), result) in batches.iter().zip(outputs.iter_mut()).zip(results.iter_mut()) {
-            *result = self.run_one(layer, hidden, b, out);
+            *result = self.run_one(layer, hidden, adapters, b, out);
         }
     }
 }
 
 impl InProcessTransport {
-    fn run_one(&self, layer: usize, hidden: usize, b: &WorkerBatch, out: &mut Vec<f32>) -> Result<()> {
+    fn run_one(
+        &self,
+        layer: usize,
+        hidden: usize,
+        adapters: &[AdapterIdentity],
+        b: &WorkerBatch,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         let host = self.hosts.get(b.worker).ok_or_else(|| DispatchError::Unavailable {
             worker: self.worker_name(b.worker),
             message: "no such worker".into(),
@@ -52,6 +61,8 @@ impl InProcessTransport {
             row_pairs: &b.row_pairs,
             experts: &b.experts,
             weights: &b.weights,
+            adapters,
+            row_adapters: &b.row_adapters,
         };
         host.compute(&input, out)
             .map_err(|e| DispatchError::Rejected { worker: self.worker_name(b.worker), message: e.to_string() })

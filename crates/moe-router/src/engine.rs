@@ -7,10 +7,12 @@
 
 use crate::error::RouterError;
 use crate::request::{Event, FinishReason, ValidatedRequest};
+use crate::tenants::Tenants;
 use crate::text::TextStream;
 use moe_compute::cpu::CpuBackend;
 use moe_generate::{Sampler, TextCodec};
-use moe_model::{BatchItem, ExpertExecutor, KvCache, LogitsFor, Model, SequenceCache};
+use moe_lora::{load_adapter, AdapterParts, AdapterRegistry, RegistryLimits};
+use moe_model::{AdapterWeights, BatchItem, ExpertExecutor, KvCache, LogitsFor, Model, SequenceCache};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -72,6 +74,25 @@ pub struct Engine {
     model: Arc<Model<CpuBackend>>,
     codec: Arc<TextCodec>,
     config: EngineConfig,
+    adapters: Option<Arc<RouterAdapters>>,
+    tenants: Option<Arc<Tenants>>,
+}
+
+/// The adapters a router holds: attention and gate pairs (expert pairs live on workers).
+pub type RouterAdapters = AdapterRegistry<AdapterWeights<CpuBackend>>;
+
+/// A registry of router-side adapters for `model`, over the adapter dir `root`. With `experts`
+/// the expert pairs are held too (a model that runs its own experts).
+pub fn router_adapters(
+    model: Arc<Model<CpuBackend>>,
+    root: Option<std::path::PathBuf>,
+    limits: RegistryLimits,
+    experts: bool,
+) -> RouterAdapters {
+    AdapterRegistry::new(root, limits, move |dir, identity| {
+        let parts = if experts { AdapterParts::all() } else { AdapterParts::router() };
+        load_adapter(dir, identity, &model.config, model.backend(), parts)
+    })
 }
 
 impl Engine {
@@ -120,7 +141,29 @@ impl Engine {
             model,
             codec,
             config,
+            adapters: None,
+            tenants: None,
         })
+    }
+
+    /// Serves LoRA adapters from this registry.
+    pub fn with_adapters(mut self, adapters: Arc<RouterAdapters>) -> Self {
+        self.adapters = Some(adapters);
+        self
+    }
+
+    /// Requires API keys and applies the tenants' rules.
+    pub fn with_tenants(mut self, tenants: Arc<Tenants>) -> Self {
+        self.tenants = Some(tenants);
+        self
+    }
+
+    pub fn adapters(&self) -> Option<&Arc<RouterAdapters>> {
+        self.adapters.as_ref()
+    }
+
+    pub fn tenants(&self) -> Option<&Arc<Tenants>> {
+        self.tenants.as_ref()
     }
 
     pub fn model(&self) -> &Model<CpuBackend> {

@@ -6,8 +6,14 @@ use tonic::{Code, Status};
 pub enum RouterError {
     #[error("{field}: {message}")]
     InvalidArgument { field: &'static str, message: String },
-    #[error("adapter {0:?} is not loaded on this router")]
-    AdapterNotFound(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
     #[error("{0}")]
@@ -26,7 +32,10 @@ impl RouterError {
     pub fn code(&self) -> Code {
         match self {
             RouterError::InvalidArgument { .. } => Code::InvalidArgument,
-            RouterError::AdapterNotFound(_) => Code::NotFound,
+            RouterError::NotFound(_) => Code::NotFound,
+            RouterError::Unauthenticated(_) => Code::Unauthenticated,
+            RouterError::PermissionDenied(_) => Code::PermissionDenied,
+            RouterError::FailedPrecondition(_) => Code::FailedPrecondition,
             RouterError::ResourceExhausted(_) => Code::ResourceExhausted,
             RouterError::Unavailable(_) => Code::Unavailable,
             RouterError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
@@ -53,6 +62,26 @@ impl From<moe_model::ModelError> for RouterError {
             M::TooLong { .. } => RouterError::invalid("prompt", e.to_string()),
             M::KvCacheFull { .. } => RouterError::ResourceExhausted(e.to_string()),
             other => RouterError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Adapter errors: the caller's (bad id or adapter: INVALID_ARGUMENT; unknown: NOT_FOUND), the
+/// limits' (RESOURCE_EXHAUSTED), or a conflict (in use: FAILED_PRECONDITION).
+impl From<moe_lora::LoraError> for RouterError {
+    fn from(e: moe_lora::LoraError) -> Self {
+        use moe_lora::LoraError as L;
+        match e {
+            L::InvalidId { .. } | L::Config { .. } | L::Unsupported { .. } | L::Module { .. } | L::Checkpoint { .. } => {
+                RouterError::invalid("adapter_id", e.to_string())
+            }
+            L::NotFound { .. } | L::NoStore => RouterError::NotFound(e.to_string()),
+            L::Io { ref error, .. } if error.kind() == std::io::ErrorKind::NotFound => {
+                RouterError::NotFound(e.to_string())
+            }
+            L::Capacity(_) => RouterError::ResourceExhausted(e.to_string()),
+            L::InUse { .. } => RouterError::FailedPrecondition(e.to_string()),
+            L::Io { .. } | L::DigestMismatch { .. } | L::Compute(_) => RouterError::Internal(e.to_string()),
         }
     }
 }

@@ -1,17 +1,21 @@
 //! `moe-router` owns requests: validating them, admitting them under a KV-cache budget and a
 //! queue bound, iteration-level continuous batching (requests join and leave between steps,
 //! prefill chunked under a per-step token budget) on a compute thread of its own, sampling and
-//! stop rules, deadlines and cancellation, and the public `Inference` gRPC service. Where the
+//! stop rules, deadlines and cancellation, tenants (API keys, adapter rights, concurrency) and
+//! LoRA adapters per request, and the public `Inference` gRPC service. Where the
 //! experts run is not its business: it is handed a [`moe_model::ExpertExecutor`].
 
+mod access;
 mod engine;
 mod error;
 mod request;
 mod server;
 mod service;
+mod tenants;
 mod text;
 
-pub use engine::{Engine, EngineConfig, EngineStats};
+pub use engine::{router_adapters, Engine, EngineConfig, EngineStats, RouterAdapters};
+pub use tenants::{Tenant, Tenants};
 pub use error::RouterError;
 pub use request::{Event, FinishReason, GenerationParams, PromptInput, ValidatedRequest};
 pub use server::{inference_routes, serve_inference};

@@ -1,7 +1,9 @@
 //! The public `Inference` gRPC service over an [`Engine`]: request conversion and validation,
-//! unary and streaming generation, tokenization and model info. Each RPC runs in a tracing span
-//! carrying its request id (from `x-request-id` metadata, or assigned).
+//! unary and streaming generation, tokenization, model info and the adapter admin RPCs. Each RPC
+//! runs in a tracing span carrying its request id (from `x-request-id` metadata, or assigned).
+//! Tenant checks and adapter loading happen in [`crate::access`] before the engine sees a request.
 
+use crate::access::{adapter_info, admit, authenticate, require_admin, Admission};
 use crate::engine::Engine;
 use crate::error::RouterError;
 use crate::request::{Event, FinishReason, GenerationParams, PromptInput, ValidatedRequest};
@@ -9,8 +11,9 @@ use moe_proto::v1::generate_request::Prompt;
 use moe_proto::v1::generate_stream_response::Event as StreamEvent;
 use moe_proto::v1::inference_server::Inference;
 use moe_proto::v1::{
-    Finished, GenerateRequest, GenerateResponse, GenerateStreamResponse, ModelInfoRequest, ModelInfoResponse,
-    TokenDelta, TokenizeRequest, TokenizeResponse, Usage,
+    Finished, GenerateRequest, GenerateResponse, GenerateStreamResponse, ListAdaptersRequest, ListAdaptersResponse,
+    LoadAdapterRequest, LoadAdapterResponse, ModelInfoRequest, ModelInfoResponse, TokenDelta, TokenizeRequest,
+    TokenizeResponse, UnloadAdapterRequest, UnloadAdapterResponse, Usage,
 };
 use std::pin::Pin;
 use std::time::Duration;
@@ -75,6 +78,15 @@ impl InferenceService {
         let e = &self.engine;
         ValidatedRequest::new(prompt, &params, e.codec(), &e.model().config, e.config().default_timeout)
     }
+
+    /// Validation first (cheap, and nothing is held on failure), then the tenant's rights and
+    /// slot, then the adapter.
+    async fn prepare(&self, request: &Request<GenerateRequest>) -> Result<(ValidatedRequest, Admission), RouterError> {
+        let mut validated = self.validate(request.get_ref().clone())?;
+        let admission = admit(&self.engine, request.metadata(), &request.get_ref().adapter_id).await?;
+        validated.adapter = admission.adapter.clone();
+        Ok((validated, admission))
+    }
 }
 
 fn request_id<T>(req: &Request<T>, assigned: u64) -> String {
@@ -100,7 +112,7 @@ impl Inference for InferenceService {
         let hint = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let span = tracing::info_span!("generate", request_id = %hint);
         async move {
-            let validated = self.validate(request.get_ref().clone())?;
+            let (validated, _admission) = self.prepare(&request).await?;
             let (id, mut events) = self.engine.submit(validated)?;
             let rid = request_id(&request, id);
             let mut out = GenerateResponse { request_id: rid, ..Default::default() };
@@ -131,12 +143,15 @@ impl Inference for InferenceService {
     type GenerateStreamStream = GenerateStream;
 
     async fn generate_stream(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
-        let validated = self.validate(request.get_ref().clone())?;
+        let (validated, admission) = self.prepare(&request).await?;
         let (id, events) = self.engine.submit(validated)?;
         let rid = request_id(&request, id);
         tracing::info!(request_id = %rid, "stream started");
         let mut finished = false;
+        // The tenant's slot and the adapter pin live as long as the stream.
+        let held = admission;
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(events).map_while(move |ev| {
+            let _held = &held;
             if finished {
                 return None;
             }
@@ -192,5 +207,57 @@ impl Inference for InferenceService {
             not_ready_reason: self.cluster.not_ready_reason(),
             refused_workers: self.cluster.refused(),
         }))
+    }
+
+    async fn list_adapters(
+        &self,
+        request: Request<ListAdaptersRequest>,
+    ) -> Result<Response<ListAdaptersResponse>, Status> {
+        let tenant = authenticate(&self.engine, request.metadata())?;
+        let Some(registry) = self.engine.adapters() else {
+            return Ok(Response::new(ListAdaptersResponse::default()));
+        };
+        let visible = |id: &str| tenant.as_ref().is_none_or(|t| t.admin || t.may_use(id));
+        let limits = registry.limits();
+        Ok(Response::new(ListAdaptersResponse {
+            adapters: registry.list().iter().filter(|a| visible(&a.id)).map(adapter_info).collect(),
+            max_adapters: limits.max_adapters as u32,
+            max_bytes: limits.max_bytes as u64,
+        }))
+    }
+
+    async fn load_adapter(&self, request: Request<LoadAdapterRequest>) -> Result<Response<LoadAdapterResponse>, Status> {
+        require_admin(&self.engine, request.metadata())?;
+        let registry = self.engine.adapters().cloned().ok_or_else(|| {
+            RouterError::FailedPrecondition("this router serves no adapters (start it with --adapter-dir)".into())
+        })?;
+        let req = request.into_inner();
+        let id = req.id.clone();
+        tracing::info!(adapter = %id, path = %req.path, "load adapter");
+        let loaded = tokio::task::spawn_blocking(move || registry.load(&req.id, &req.path))
+            .await
+            .map_err(|e| RouterError::Internal(format!("adapter load task: {e}")))?
+            .map_err(RouterError::from)?;
+        let info = moe_lora::AdapterInfo {
+            id,
+            path: loaded.identity.path.clone(),
+            resident: true,
+            pinned: 0,
+            bytes: loaded.bytes,
+            digest: loaded.identity.digest.clone(),
+        };
+        Ok(Response::new(LoadAdapterResponse { adapter: Some(adapter_info(&info)) }))
+    }
+
+    async fn unload_adapter(
+        &self,
+        request: Request<UnloadAdapterRequest>,
+    ) -> Result<Response<UnloadAdapterResponse>, Status> {
+        require_admin(&self.engine, request.metadata())?;
+        let registry = self.engine.adapters().ok_or_else(|| {
+            RouterError::FailedPrecondition("this router serves no adapters (start it with --adapter-dir)".into())
+        })?;
+        registry.unload(&request.get_ref().id).map_err(RouterError::from)?;
+        Ok(Response::new(UnloadAdapterResponse {}))
     }
 }

@@ -12,6 +12,8 @@ pub enum WorkerError {
     UnknownLayer { layer: usize, num_layers: usize },
     #[error("expert {expert} of layer {layer} is not hosted by this worker")]
     NotHosted { layer: usize, expert: u32 },
+    #[error(transparent)]
+    Adapter(#[from] moe_lora::LoraError),
     #[error("compute task failed: {0}")]
     Internal(String),
 }
@@ -25,6 +27,12 @@ impl WorkerError {
                 tonic::Code::InvalidArgument
             }
             WorkerError::Spec { .. } => tonic::Code::InvalidArgument,
+            WorkerError::Adapter(e) => match e {
+                moe_lora::LoraError::InvalidId { .. } => tonic::Code::InvalidArgument,
+                moe_lora::LoraError::NotFound { .. } => tonic::Code::NotFound,
+                moe_lora::LoraError::Capacity(_) => tonic::Code::ResourceExhausted,
+                _ => tonic::Code::FailedPrecondition,
+            },
             WorkerError::Model(_) | WorkerError::Internal(_) => tonic::Code::Internal,
         }
     }

@@ -1,18 +1,24 @@
 //! The hosted experts and their computation: given rows of one layer and each row's
 //! (expert, weight) pairs, run each expert once over all its rows (grouped) and return one
 //! combined row per input row. Shared by the gRPC service and the in-process dispatcher, so the
-//! two give identical results.
+//! two give identical results. Rows may carry a LoRA adapter (by identity); the worker loads the
+//! pairs of its hosted experts from its own adapter dir, keeps them in a bounded registry, and
+//! refuses a version whose digest differs from the router's.
 
 use crate::error::{Result, WorkerError};
 use crate::spec::ExpertSpec;
 use moe_compute::cpu::{CpuBackend, HostTensor};
 use moe_compute::{Backend, ExpertPlan, FfnScratch, SwigluWeights};
 use moe_model::checkpoint::Checkpoint;
+use moe_lora::{load_adapter, AdapterParts, AdapterRegistry, RegistryLimits};
 use moe_model::weights::load_expert;
-use moe_model::ModelConfig;
-use std::collections::HashMap;
-use std::path::Path;
-use std::sync::Mutex;
+use moe_model::{AdapterIdentity, AdapterWeights, ModelConfig};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// The expert pairs of the adapters this worker has loaded.
+pub type WorkerAdapters = AdapterRegistry<AdapterWeights<CpuBackend>>;
 
 /// One layer's hosted experts, in local order, and the map from expert id to local index.
 struct HostedLayer {
@@ -39,6 +45,17 @@ pub struct ComputeInput<'a> {
     pub row_pairs: &'a [u32],
     pub experts: &'a [u32],
     pub weights: &'a [f32],
+    /// Adapters some rows use; `row_adapters[r]` is 0 (none) or an index + 1 into this.
+    pub adapters: &'a [AdapterIdentity],
+    /// Empty, or one entry per row.
+    pub row_adapters: &'a [u32],
+}
+
+impl<'a> ComputeInput<'a> {
+    /// Rows on the base experts only.
+    pub fn base(layer: usize, hidden_size: usize, rows: &'a [f32], row_pairs: &'a [u32], experts: &'a [u32], weights: &'a [f32]) -> Self {
+        Self { layer, hidden_size, rows, row_pairs, experts, weights, adapters: &[], row_adapters: &[] }
+    }
 }
 
 /// The experts one worker hosts.
@@ -48,6 +65,7 @@ pub struct ExpertHost {
     layers: Vec<Option<HostedLayer>>,
     fingerprint: String,
     scratch: Mutex<Vec<Scratch>>,
+    adapters: Option<WorkerAdapters>,
 }
 
 impl ExpertHost {
@@ -70,7 +88,35 @@ impl ExpertHost {
             l.ids.push(expert as u32);
             l.weights.push(w);
         }
-        Ok(Self { fingerprint: config.fingerprint(), config, backend, layers, scratch: Mutex::new(Vec::new()) })
+        Ok(Self {
+            fingerprint: config.fingerprint(),
+            config,
+            backend,
+            layers,
+            scratch: Mutex::new(Vec::new()),
+            adapters: None,
+        })
+    }
+
+    /// Serves LoRA adapters from `root` (each subdirectory an adapter), holding only the pairs
+    /// of the hosted experts, within `limits`.
+    pub fn with_adapter_dir(mut self, root: PathBuf, limits: RegistryLimits) -> Self {
+        let config = self.config.clone();
+        let hosted: Arc<HashSet<(usize, usize)>> = Arc::new(
+            self.hosted().into_iter().flat_map(|(l, es)| es.into_iter().map(move |e| (l, e as usize))).collect(),
+        );
+        let backend = self.backend.clone();
+        self.adapters = Some(AdapterRegistry::new(Some(root), limits, move |dir, identity| {
+            let hosted = hosted.clone();
+            let parts = AdapterParts { dense: false, experts: &move |l, e| hosted.contains(&(l, e)) };
+            load_adapter(dir, identity, &config, &backend, parts)
+        }));
+        self
+    }
+
+    /// The adapter registry, when this worker serves adapters.
+    pub fn adapters(&self) -> Option<&WorkerAdapters> {
+        self.adapters.as_ref()
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -117,6 +163,18 @@ impl ExpertHost {
                 input.weights.len()
             )));
         }
+        if !input.row_adapters.is_empty() && input.row_adapters.len() != rows {
+            return Err(WorkerError::InvalidRequest(format!(
+                "row_adapters has {} entries for {rows} rows",
+                input.row_adapters.len()
+            )));
+        }
+        if let Some(a) = input.row_adapters.iter().find(|&&a| a as usize > input.adapters.len()) {
+            return Err(WorkerError::InvalidRequest(format!(
+                "row_adapters names adapter {a}, but only {} are listed",
+                input.adapters.len()
+            )));
+        }
         if let Some(w) = input.weights.iter().find(|w| !w.is_finite()) {
             return Err(WorkerError::InvalidRequest(format!("combine weight {w} is not finite")));
         }
@@ -129,10 +187,22 @@ impl ExpertHost {
         hosted.ok_or(WorkerError::UnknownLayer { layer: input.layer, num_layers: c.num_layers })
     }
 
+    /// The adapters of a request, loaded (pinned for the call) and checked against their digest.
+    fn resolve_adapters(&self, input: &ComputeInput<'_>) -> Result<Vec<Arc<AdapterWeights<CpuBackend>>>> {
+        if input.adapters.is_empty() || input.row_adapters.iter().all(|&a| a == 0) {
+            return Ok(Vec::new());
+        }
+        let registry = self.adapters.as_ref().ok_or_else(|| {
+            WorkerError::InvalidRequest("rows carry LoRA adapters, but this worker has no --adapter-dir".into())
+        })?;
+        input.adapters.iter().map(|id| registry.acquire_identity(id).map_err(WorkerError::from)).collect()
+    }
+
     /// Computes the combined rows into `out` (`rows x hidden_size`). Runs on the calling thread
     /// and the compute pool; call it from a blocking context, not an async task.
     pub fn compute(&self, input: &ComputeInput<'_>, out: &mut Vec<f32>) -> Result<()> {
         let layer = self.validate(input)?;
+        let adapters = self.resolve_adapters(input)?;
         let h = self.config.hidden_size;
         let rows = input.row_pairs.len();
         let mut s = self.scratch.lock().ok().and_then(|mut p| p.pop()).unwrap_or_else(|| Scratch {
@@ -147,7 +217,16 @@ impl ExpertHost {
         s.plan.rebuild_from(layer.ids.len(), entries);
         self.backend.upload(rows, h, input.rows, &mut s.x);
         self.backend.zeros(rows, h, &mut s.out);
-        self.backend.expert_ffn(&s.x, &layer.weights, &s.plan, &mut s.ffn, &mut s.out);
+        if adapters.is_empty() {
+            self.backend.expert_ffn(&s.x, &layer.weights, &s.plan, &mut s.ffn, &mut s.out);
+        } else {
+            let (layer_idx, ids) = (input.layer, &layer.ids);
+            let lookup = |r: usize, local: usize| {
+                let slot = *input.row_adapters.get(r)? as usize;
+                adapters.get(slot.checked_sub(1)?)?.expert(layer_idx, *ids.get(local)? as usize)
+            };
+            self.backend.expert_ffn_lora(&s.x, &layer.weights, &s.plan, &lookup, &mut s.ffn, &mut s.out);
+        }
         out.clear();
         out.extend_from_slice(&s.out.data);
         if let Ok(mut pool) = self.scratch.lock() {

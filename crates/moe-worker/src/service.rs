@@ -4,6 +4,7 @@
 
 use crate::error::WorkerError;
 use crate::host::{ComputeInput, ExpertHost};
+use moe_model::AdapterIdentity;
 use moe_proto::v1::expert_worker_server::ExpertWorker;
 use moe_proto::v1::{
     DescribeRequest, DescribeResponse, ExpertError, ExpertRequest, ExpertResponse, HostedLayer, WireDtype,
@@ -42,6 +43,11 @@ async fn run(host: Arc<ExpertHost>, req: ExpertRequest) -> Result<ExpertResponse
                 req.row_pairs.len()
             )));
         }
+        let adapters: Vec<AdapterIdentity> = req
+            .adapters
+            .iter()
+            .map(|a| AdapterIdentity { id: a.id.clone(), path: a.path.clone(), digest: a.digest.clone() })
+            .collect();
         let input = ComputeInput {
             layer: req.layer as usize,
             hidden_size: hidden,
@@ -49,6 +55,8 @@ async fn run(host: Arc<ExpertHost>, req: ExpertRequest) -> Result<ExpertResponse
             row_pairs: &req.row_pairs,
             experts: &req.experts,
             weights: &req.weights,
+            adapters: &adapters,
+            row_adapters: &req.row_adapters,
         };
         let mut out = Vec::new();
         host.compute(&input, &mut out)?;

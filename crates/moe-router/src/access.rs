@@ -1,0 +1,90 @@
+//! Who may do what, applied before a request reaches the engine: the tenant behind the API key,
+//! its right to the requested adapter, its concurrency slot, and the adapter itself, loaded on
+//! a blocking thread (so a load never stalls the engine's batch) and pinned for the request.
+
+use crate::engine::Engine;
+use crate::error::RouterError;
+use crate::tenants::Tenant;
+use moe_compute::cpu::CpuBackend;
+use moe_lora::validate_id;
+use moe_model::AdapterWeights;
+use std::sync::Arc;
+use tokio::sync::OwnedSemaphorePermit;
+use tonic::metadata::MetadataMap;
+
+/// What a request holds while it runs: its tenant's slot and its pinned adapter.
+#[derive(Default)]
+pub struct Admission {
+    pub adapter: Option<Arc<AdapterWeights<CpuBackend>>>,
+    /// Held, not read: dropping it frees the tenant's slot.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// The caller's tenant, when tenants are configured (`None` when they are not).
+pub fn authenticate(engine: &Engine, metadata: &MetadataMap) -> Result<Option<Arc<Tenant>>, RouterError> {
+    let Some(tenants) = engine.tenants() else { return Ok(None) };
+    let auth = metadata.get("authorization").and_then(|v| v.to_str().ok());
+    tenants.authenticate(auth).map(Some)
+}
+
+/// Requires an admin tenant when tenants are configured.
+pub fn require_admin(engine: &Engine, metadata: &MetadataMap) -> Result<(), RouterError> {
+    match authenticate(engine, metadata)? {
+        Some(t) if !t.admin => {
+            Err(RouterError::PermissionDenied(format!("tenant {:?} may not manage adapters", t.name)))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Checks the tenant's rights, takes its concurrency slot, and loads and pins the adapter.
+pub async fn admit(engine: &Engine, metadata: &MetadataMap, adapter_id: &str) -> Result<Admission, RouterError> {
+    let tenant = authenticate(engine, metadata)?;
+    if !adapter_id.is_empty() {
+        validate_id(adapter_id)?;
+    }
+    if let Some(t) = &tenant {
+        if !t.may_use(adapter_id) {
+            return Err(RouterError::PermissionDenied(if adapter_id.is_empty() {
+                format!("tenant {:?} must name one of its adapters", t.name)
+            } else {
+                format!("tenant {:?} may not use adapter {adapter_id:?}", t.name)
+            }));
+        }
+    }
+    let permit = match &tenant {
+        Some(t) => t.admit()?,
+        None => None,
+    };
+    let adapter = if adapter_id.is_empty() {
+        None
+    } else {
+        let registry = engine.adapters().cloned().ok_or_else(|| {
+            RouterError::NotFound(format!("adapter {adapter_id:?}: this router serves no adapters (no --adapter-dir)"))
+        })?;
+        let id = adapter_id.to_string();
+        let loaded = match registry.get_resident(&id) {
+            Some(a) => a,
+            None => tokio::task::spawn_blocking(move || registry.acquire(&id))
+                .await
+                .map_err(|e| RouterError::Internal(format!("adapter load task: {e}")))??,
+        };
+        Some(loaded)
+    };
+    if let Some(t) = &tenant {
+        tracing::debug!(tenant = %t.name, adapter = adapter_id, "admitted");
+    }
+    Ok(Admission { adapter, _permit: permit })
+}
+
+/// The adapter info of the public API.
+pub fn adapter_info(a: &moe_lora::AdapterInfo) -> moe_proto::v1::AdapterInfo {
+    moe_proto::v1::AdapterInfo {
+        id: a.id.clone(),
+        path: a.path.clone(),
+        resident: a.resident,
+        pinned: a.pinned as u32,
+        bytes: a.bytes as u64,
+        digest: a.digest.clone(),
+    }
+}
