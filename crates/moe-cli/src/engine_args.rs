@@ -2,6 +2,7 @@
 
 use clap::Args;
 use moe_router::EngineConfig;
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Args, Debug, Clone)]
@@ -35,6 +36,51 @@ impl EngineArgs {
             kv_cache_bytes: self.kv_cache_mb << 20,
             page_size: 16,
             default_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
+        })
+    }
+}
+
+/// LoRA adapter and tenant flags of `moe serve` and `moe router`.
+#[derive(Args, Debug, Clone)]
+pub struct AdapterServeArgs {
+    /// Directory of LoRA adapters (each subdirectory a PEFT adapter, its name the id); workers
+    /// read the same directory (mount one volume everywhere).
+    #[arg(long, env = "MOE_ADAPTER_DIR")]
+    pub adapter_dir: Option<PathBuf>,
+    /// Resident adapters at most; idle ones are evicted least recently used first.
+    #[arg(long, env = "MOE_MAX_ADAPTERS", default_value_t = 64)]
+    pub max_adapters: usize,
+    /// Memory for resident adapters, in MiB.
+    #[arg(long, env = "MOE_MAX_ADAPTER_MB", default_value_t = 4096)]
+    pub max_adapter_mb: usize,
+    /// Tenants file (TOML: api keys, allowed adapters, concurrency limits); requests must then
+    /// present `authorization: Bearer KEY`.
+    #[arg(long, env = "MOE_TENANTS")]
+    pub tenants: Option<PathBuf>,
+}
+
+impl AdapterServeArgs {
+    pub fn options(&self) -> anyhow::Result<moe_cluster::AdapterOptions> {
+        if let Some(d) = &self.adapter_dir {
+            anyhow::ensure!(d.is_dir(), "--adapter-dir {} is not a directory", d.display());
+        }
+        Ok(moe_cluster::AdapterOptions {
+            dir: self.adapter_dir.clone(),
+            limits: moe_lora::RegistryLimits {
+                max_adapters: self.max_adapters,
+                max_bytes: self.max_adapter_mb.saturating_mul(1 << 20),
+            },
+        })
+    }
+
+    /// Applies the tenants file, if any, to an engine.
+    pub fn with_tenants(&self, engine: moe_router::Engine) -> anyhow::Result<moe_router::Engine> {
+        Ok(match &self.tenants {
+            None => engine,
+            Some(path) => {
+                let tenants = moe_router::Tenants::from_file(path).map_err(|e| anyhow::anyhow!("--tenants: {e}"))?;
+                engine.with_tenants(std::sync::Arc::new(tenants))
+            }
         })
     }
 }

@@ -1,6 +1,6 @@
 //! `moe router`: the router over a static list of remote workers.
 
-use crate::engine_args::{bind, run_until_signal, EngineArgs, EtcdArgs, GRACE};
+use crate::engine_args::{bind, run_until_signal, AdapterServeArgs, EngineArgs, EtcdArgs, GRACE};
 use clap::{Args, ValueEnum};
 use moe_dispatch::GrpcTransportConfig;
 use moe_proto::v1::WireDtype;
@@ -34,6 +34,8 @@ pub struct RouterArgs {
     pub dispatch_timeout_ms: u64,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub adapters: AdapterServeArgs,
 }
 
 pub fn run(a: RouterArgs) -> anyhow::Result<()> {
@@ -46,6 +48,7 @@ pub fn run(a: RouterArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let engine_config = a.engine.config()?;
+    let adapter_options = a.adapters.options()?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         if let Some(opts) = a.etcd.options() {
@@ -53,6 +56,7 @@ pub fn run(a: RouterArgs) -> anyhow::Result<()> {
             let cancel = tokio_util::sync::CancellationToken::new();
             tokio::spawn(moe_membership::watch_workers(opts, tx, cancel.clone()));
             let (engine, dispatcher, ready) = moe_cluster::membership_router(&a.model, rx, transport, engine_config)?;
+            let engine = a.adapters.with_tenants(moe_cluster::with_adapters(engine, &adapter_options))?;
             let status: Arc<dyn moe_router::ClusterStatus> = dispatcher;
             let listener = bind(&a.listen, "router").await?;
             let r = run_until_signal(
@@ -64,6 +68,7 @@ pub fn run(a: RouterArgs) -> anyhow::Result<()> {
             return r;
         }
         let engine = moe_cluster::remote(&a.model, &a.workers, transport, engine_config).await?;
+        let engine = a.adapters.with_tenants(moe_cluster::with_adapters(engine, &adapter_options))?;
         let listener = bind(&a.listen, "router").await?;
         let workers = a.workers.len();
         run_until_signal(

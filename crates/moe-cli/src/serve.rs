@@ -1,7 +1,7 @@
 //! `moe serve`: the embedded cluster (a router and N in-process workers in one process) serving
 //! the Inference API.
 
-use crate::engine_args::{bind, run_until_signal, EngineArgs, GRACE};
+use crate::engine_args::{bind, run_until_signal, AdapterServeArgs, EngineArgs, GRACE};
 use crate::model_args::ModelArgs;
 use clap::Args;
 use moe_router::StaticCluster;
@@ -18,11 +18,15 @@ pub struct ServeArgs {
     pub listen: String,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub adapters: AdapterServeArgs,
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let dir = a.model.dir()?;
-    let engine = moe_cluster::embedded(&dir, a.workers, a.engine.config()?)?;
+    let options = a.adapters.options()?;
+    let engine = moe_cluster::embedded_with(&dir, a.workers, a.engine.config()?, &options)?;
+    let engine = a.adapters.with_tenants(engine)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let listener = bind(&a.listen, "serve").await?;

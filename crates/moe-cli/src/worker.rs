@@ -25,15 +25,33 @@ pub struct WorkerArgs {
     /// Lease TTL of the etcd registration; kept alive at TTL/3.
     #[arg(long, env = "MOE_LEASE_TTL_SECS", default_value_t = 10)]
     pub lease_ttl_secs: u64,
+    /// Directory of LoRA adapters (the same volume as the routers'); this worker loads the
+    /// pairs of its hosted experts from it when rows carry an adapter.
+    #[arg(long, env = "MOE_ADAPTER_DIR")]
+    pub adapter_dir: Option<PathBuf>,
+    /// Resident adapters at most.
+    #[arg(long, env = "MOE_MAX_ADAPTERS", default_value_t = 64)]
+    pub max_adapters: usize,
+    /// Memory for resident adapters, in MiB.
+    #[arg(long, env = "MOE_MAX_ADAPTER_MB", default_value_t = 4096)]
+    pub max_adapter_mb: usize,
     #[command(flatten)]
     pub etcd: EtcdArgs,
 }
 
 pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
     let spec: ExpertSpec = a.experts.parse()?;
-    let host = Arc::new(
-        ExpertHost::load(&a.model, &spec).with_context(|| format!("loading experts from {}", a.model.display()))?,
-    );
+    let mut host =
+        ExpertHost::load(&a.model, &spec).with_context(|| format!("loading experts from {}", a.model.display()))?;
+    if let Some(dir) = &a.adapter_dir {
+        anyhow::ensure!(dir.is_dir(), "--adapter-dir {} is not a directory", dir.display());
+        let limits = moe_lora::RegistryLimits {
+            max_adapters: a.max_adapters,
+            max_bytes: a.max_adapter_mb.saturating_mul(1 << 20),
+        };
+        host = host.with_adapter_dir(dir.clone(), limits);
+    }
+    let host = Arc::new(host);
     let hosted: usize = host.hosted().iter().map(|(_, e)| e.len()).sum();
     anyhow::ensure!(hosted > 0, "the expert spec {:?} selects no experts of this model", a.experts);
     let rt = tokio::runtime::Runtime::new()?;

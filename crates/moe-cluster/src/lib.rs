@@ -9,10 +9,32 @@ use moe_dispatch::{Dispatcher, GrpcTransport, GrpcTransportConfig, InProcessTran
 use moe_generate::TextCodec;
 use moe_model::{ExpertExecutor, Model};
 use moe_proto::v1::DescribeResponse;
+use moe_lora::RegistryLimits;
 use moe_router::{Engine, EngineConfig};
 use moe_worker::{ExpertHost, ExpertSpec};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// Where LoRA adapters come from and how many may stay resident (per process).
+#[derive(Clone, Debug, Default)]
+pub struct AdapterOptions {
+    /// The adapter dir: each subdirectory a PEFT adapter, its name the id. `None`: no adapters.
+    pub dir: Option<PathBuf>,
+    pub limits: RegistryLimits,
+}
+
+/// Gives a router engine its adapter registry (attention and gate pairs; workers hold the
+/// expert pairs), when an adapter dir is configured.
+pub fn with_adapters(engine: Engine, adapters: &AdapterOptions) -> Engine {
+    match &adapters.dir {
+        None => engine,
+        Some(dir) => {
+            let registry =
+                moe_router::router_adapters(engine.model_arc(), Some(dir.clone()), adapters.limits, false);
+            engine.with_adapters(Arc::new(registry))
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -45,12 +67,26 @@ pub fn load_router_model(dir: &Path) -> Result<(Arc<Model<CpuBackend>>, Arc<Text
 
 /// The embedded cluster's dispatcher: `workers` in-process hosts, host i holding `shard:i/N`.
 pub fn in_process_dispatcher(dir: &Path, workers: usize) -> Result<Dispatcher<InProcessTransport>> {
+    in_process_dispatcher_with(dir, workers, &AdapterOptions::default())
+}
+
+/// [`in_process_dispatcher`] whose hosts serve the expert pairs of adapters.
+pub fn in_process_dispatcher_with(
+    dir: &Path,
+    workers: usize,
+    adapters: &AdapterOptions,
+) -> Result<Dispatcher<InProcessTransport>> {
     if workers == 0 {
         return Err(ClusterError::Invalid("the embedded cluster needs at least one worker".into()));
     }
     let mut hosts = Vec::with_capacity(workers);
     for i in 0..workers {
-        hosts.push(Arc::new(ExpertHost::load(dir, &ExpertSpec::Shard { index: i, count: workers })?));
+        let host = ExpertHost::load(dir, &ExpertSpec::Shard { index: i, count: workers })?;
+        let host = match &adapters.dir {
+            Some(a) => host.with_adapter_dir(a.clone(), adapters.limits),
+            None => host,
+        };
+        hosts.push(Arc::new(host));
     }
     let config = hosts[0].config().clone();
     let mut placement = Placement::new(config.num_layers, config.num_experts);
@@ -74,9 +110,16 @@ fn check_complete(placement: &Placement, config: &moe_model::ModelConfig) -> Res
 
 /// Starts the embedded cluster: router engine plus `workers` in-process workers.
 pub fn embedded(dir: &Path, workers: usize, engine: EngineConfig) -> Result<Engine> {
+    embedded_with(dir, workers, engine, &AdapterOptions::default())
+}
+
+/// [`embedded`] serving LoRA adapters: the router and every in-process worker read the same
+/// adapter dir.
+pub fn embedded_with(dir: &Path, workers: usize, engine: EngineConfig, adapters: &AdapterOptions) -> Result<Engine> {
     let (model, codec) = load_router_model(dir)?;
-    let dispatcher: Arc<dyn ExpertExecutor<CpuBackend>> = Arc::new(in_process_dispatcher(dir, workers)?);
-    Ok(Engine::start(model, codec, Some(dispatcher), engine)?)
+    let dispatcher: Arc<dyn ExpertExecutor<CpuBackend>> =
+        Arc::new(in_process_dispatcher_with(dir, workers, adapters)?);
+    Ok(with_adapters(Engine::start(model, codec, Some(dispatcher), engine)?, adapters))
 }
 
 /// Builds the placement from what remote workers describe, refusing workers of another model.

@@ -170,6 +170,11 @@ impl Engine {
         &self.model
     }
 
+    /// The model, shared (adapter loaders hold it).
+    pub fn model_arc(&self) -> Arc<Model<CpuBackend>> {
+        self.model.clone()
+    }
+
     pub fn codec(&self) -> &TextCodec {
         &self.codec
     }
