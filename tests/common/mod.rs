@@ -370,3 +370,59 @@ pub fn generations_survive_a_kill(engine: &moe_router::Engine, dir: &Path, worke
         assert_eq!(g, &gen.generate(&req).expect("solo").token_ids, "request {i} differs from the run without failure");
     }
 }
+
+/// Writes a random PEFT adapter for the model in `model_dir` to `out`. `targets` names what to
+/// adapt on every layer where it exists: `q`, `k`, `v`, `o`, `gate` (the MoE router linear) and
+/// `experts` (every routed expert's three projections).
+pub fn write_random_adapter(model_dir: &Path, out: &Path, targets: &[&str], rank: usize, seed: u64) {
+    let c = moe_model::ModelConfig::from_dir(model_dir).expect("config");
+    let (h, qw, kw) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rand = |n: usize, scale: f32| -> Vec<u8> {
+        (0..n)
+            .flat_map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (((state >> 11) % 20001) as f32 / 10000.0 - 1.0) * scale
+            }.to_le_bytes())
+            .collect()
+    };
+    let mut modules: Vec<(String, usize, usize)> = Vec::new();
+    let prefix = c.architecture.moe_prefix();
+    let (g, u, d) = match c.architecture {
+        moe_model::Architecture::Mixtral => ("w1", "w3", "w2"),
+        _ => ("gate_proj", "up_proj", "down_proj"),
+    };
+    for l in 0..c.num_layers {
+        let p = format!("model.layers.{l}");
+        for t in targets {
+            match *t {
+                "q" => modules.push((format!("{p}.self_attn.q_proj"), h, qw)),
+                "k" => modules.push((format!("{p}.self_attn.k_proj"), h, kw)),
+                "v" => modules.push((format!("{p}.self_attn.v_proj"), h, kw)),
+                "o" => modules.push((format!("{p}.self_attn.o_proj"), qw, h)),
+                "gate" if c.is_moe_layer(l) => modules.push((format!("{p}.{prefix}.gate"), h, c.num_experts)),
+                "experts" if c.is_moe_layer(l) => {
+                    let i = c.expert_intermediate_size;
+                    for e in 0..c.num_experts {
+                        modules.push((format!("{p}.{prefix}.experts.{e}.{g}"), h, i));
+                        modules.push((format!("{p}.{prefix}.experts.{e}.{u}"), h, i));
+                        modules.push((format!("{p}.{prefix}.experts.{e}.{d}"), i, h));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut tensors = Vec::new();
+    for (m, inp, outp) in modules {
+        let a_scale = 2.0 / (inp as f32).sqrt();
+        tensors.push((format!("base_model.model.{m}.lora_A.weight"), "F32".into(), vec![rank, inp], rand(rank * inp, a_scale)));
+        tensors.push((format!("base_model.model.{m}.lora_B.weight"), "F32".into(), vec![outp, rank], rand(outp * rank, 0.5)));
+    }
+    std::fs::create_dir_all(out).expect("mkdir adapter");
+    RawSafetensors::from_tensors(&tensors).write(&out.join("adapter_model.safetensors"));
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": rank, "lora_alpha": rank, "bias": "none"});
+    std::fs::write(out.join("adapter_config.json"), cfg.to_string()).expect("write adapter config");
+}

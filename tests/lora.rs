@@ -1,0 +1,227 @@
+//! LoRA adapters give transformers' answers (base model with the adapter merged into the
+//! weights) for gate, attention and expert adapters of all four architectures: through
+//! `moe logits --adapter`, the embedded cluster with 3 workers, and 3 worker processes over
+//! gRPC (expert pairs loaded by the workers from their own adapter dir). A batch mixing 8
+//! different adapters and base rows gives every row its solo result.
+
+mod common;
+
+use common::*;
+use moe_cluster::{in_process_dispatcher_with, load_router_model, remote_dispatcher, AdapterOptions};
+use moe_compute::cpu::CpuBackend;
+use moe_dispatch::GrpcTransportConfig;
+use moe_lora::{load_adapter, AdapterParts, RegistryLimits};
+use moe_model::{AdapterIdentity, AdapterWeights, BatchItem, ExpertExecutor, LogitsFor, Model, SequenceCache};
+use moe_proto::v1::WireDtype;
+use std::path::Path;
+use std::sync::Arc;
+
+const ADAPTERS: [&str; 3] = ["gate", "attn", "experts"];
+
+fn adapter_expected(arch: &str, name: &str) -> serde_json::Value {
+    let path = fixture(arch).join("adapters").join(name).join("expected.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("adapter fixture")).expect("json")
+}
+
+/// Full logits of one prompt with an adapter, through `experts` (or the model's own).
+fn logits_with(
+    model: &Model<CpuBackend>,
+    experts: Option<&dyn ExpertExecutor<CpuBackend>>,
+    adapter: Option<&AdapterWeights<CpuBackend>>,
+    ids: &[u32],
+) -> Vec<Vec<f32>> {
+    let mut ws = model.workspace();
+    let mut kv = model.kv_cache(16, 16).expect("kv");
+    let mut cache = SequenceCache::default();
+    let mut out = Vec::new();
+    let mut batch = [BatchItem::new(ids, &mut cache).with_adapter(adapter)];
+    model.forward_with(&mut ws, &mut kv, &mut batch, LogitsFor::All, &mut out, experts).expect("forward");
+    out.chunks(model.config.vocab_size).map(|r| r.to_vec()).collect()
+}
+
+fn load(model: &Model<CpuBackend>, dir: &Path, id: &str, parts: AdapterParts<'_>) -> AdapterWeights<CpuBackend> {
+    let identity = AdapterIdentity { id: id.into(), path: id.into(), digest: String::new() };
+    load_adapter(dir, identity, &model.config, model.backend(), parts).expect("adapter loads")
+}
+
+#[test]
+fn moe_logits_with_adapter_matches_transformers() {
+    for arch in ARCHS {
+        let dir = fixture(arch);
+        for name in ADAPTERS {
+            let adapter = dir.join("adapters").join(name);
+            for case in adapter_expected(arch, name)["cases"].as_array().expect("cases") {
+                let ids = u32s(&case["token_ids"]);
+                let out = moe(&[
+                    "logits",
+                    "--model",
+                    dir.to_str().expect("utf8"),
+                    "--adapter",
+                    adapter.to_str().expect("utf8"),
+                    "--token-ids",
+                    &ids_arg(&ids),
+                    "--json",
+                ]);
+                assert_eq!(out.code, 0, "{arch}/{name}: {}", out.stderr);
+                let err = rel_err(&matrix(&out.json()["logits"]), &matrix(&case["logits"]));
+                assert!(err < 1e-4, "{arch}/{name}, {} tokens: relative error {err}", ids.len());
+            }
+        }
+    }
+}
+
+#[test]
+fn adapter_really_changes_the_logits() {
+    // Guards the fixtures: if an adapter were ignored, the tests above would have to fail.
+    for arch in ARCHS {
+        let base = expected(arch);
+        for name in ADAPTERS {
+            let case = &adapter_expected(arch, name)["cases"][0];
+            let base_case = base["cases"]
+                .as_array()
+                .expect("cases")
+                .iter()
+                .find(|c| c["token_ids"] == case["token_ids"])
+                .expect("same prompt in the base fixture");
+            let diff = rel_err(&matrix(&case["logits"]), &matrix(&base_case["logits"]));
+            assert!(diff > 1e-2, "{arch}/{name} barely changes the logits ({diff})");
+        }
+    }
+}
+
+#[test]
+fn embedded_cluster_with_adapters_matches_transformers() {
+    for arch in ARCHS {
+        let dir = fixture(arch);
+        let adapters = dir.join("adapters");
+        let (model, _) = load_router_model(&dir).expect("dense model");
+        let opts = AdapterOptions { dir: Some(adapters.clone()), limits: RegistryLimits::default() };
+        let dispatcher = in_process_dispatcher_with(&dir, 3, &opts).expect("workers");
+        for name in ADAPTERS {
+            let adapter = load(&model, &adapters.join(name), name, AdapterParts::router());
+            for case in adapter_expected(arch, name)["cases"].as_array().expect("cases") {
+                let ids = u32s(&case["token_ids"]);
+                let got = logits_with(&model, Some(&dispatcher), Some(&adapter), &ids);
+                let err = rel_err(&got, &matrix(&case["logits"]));
+                assert!(err < 1e-4, "{arch}/{name}, embedded 3 workers: relative error {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn worker_processes_over_grpc_with_adapters_match_transformers() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    for arch in ARCHS {
+        let dir = fixture(arch);
+        let adapters = dir.join("adapters");
+        let (d, a) = (dir.to_str().expect("utf8"), adapters.to_str().expect("utf8"));
+        let specs: [&str; 3] = match arch {
+            "mixtral" => ["0:0-2", "0:3,1:0", "1:1-3"],
+            "qwen2_moe" => ["*:0", "*:1-3", "*:4-5"],
+            "qwen3_moe" => ["*:0-4", "*:5", "*:6-7"],
+            _ => ["*:0", "*:1", "*:2-7"],
+        };
+        let workers: Vec<Server> = specs
+            .iter()
+            .map(|s| spawn_server(&["worker", "--model", d, "--experts", s, "--listen", "127.0.0.1:0", "--adapter-dir", a]))
+            .collect();
+        let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
+        let (model, _) = load_router_model(&dir).expect("dense model");
+        let cfg = GrpcTransportConfig { wire: WireDtype::F32, ..Default::default() };
+        let dispatcher = Arc::new(rt.block_on(remote_dispatcher(&model.config, &addrs, cfg)).expect("connect"));
+        for name in ADAPTERS {
+            // The router holds attention and gate pairs only; workers load the expert pairs.
+            let adapter = Arc::new(load(&model, &adapters.join(name), name, AdapterParts::router()));
+            for case in adapter_expected(arch, name)["cases"].as_array().expect("cases") {
+                let ids = u32s(&case["token_ids"]);
+                let (m, disp, ad) = (model.clone(), dispatcher.clone(), adapter.clone());
+                let got = std::thread::spawn(move || logits_with(&m, Some(disp.as_ref()), Some(&ad), &ids))
+                    .join()
+                    .expect("thread");
+                let err = rel_err(&got, &matrix(&case["logits"]));
+                assert!(err < 1e-4, "{arch}/{name} over gRPC: relative error {err}");
+            }
+        }
+    }
+}
+
+/// Eight adapters on different modules (and two rows of none) in one prefill batch and one
+/// decode batch: every row equals its solo run, in one process and in the embedded cluster.
+#[test]
+fn batch_mixing_8_adapters_and_base_rows_equals_solo() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = fixture("mixtral");
+    let kinds: [&[&str]; 8] = [
+        &["gate"],
+        &["q", "v"],
+        &["experts"],
+        &["gate", "experts"],
+        &["k", "o"],
+        &["q", "k", "v", "o", "gate", "experts"],
+        &["gate"],
+        &["o", "experts"],
+    ];
+    for (i, k) in kinds.iter().enumerate() {
+        write_random_adapter(&dir, &tmp.path().join(format!("a{i}")), k, 2 + i % 3, 100 + i as u64);
+    }
+    let full = Model::load(&dir, CpuBackend::new()).expect("model");
+    let (dense, _) = load_router_model(&dir).expect("dense model");
+    let opts = AdapterOptions { dir: Some(tmp.path().into()), limits: RegistryLimits::default() };
+    let dispatcher = in_process_dispatcher_with(&dir, 3, &opts).expect("workers");
+    let local: Vec<_> = (0..8).map(|i| load(&full, &tmp.path().join(format!("a{i}")), &format!("a{i}"), AdapterParts::all())).collect();
+    let routed: Vec<_> =
+        (0..8).map(|i| load(&dense, &tmp.path().join(format!("a{i}")), &format!("a{i}"), AdapterParts::router())).collect();
+    // Rows: base, a0..a7, base; prompts of different lengths.
+    let which: Vec<Option<usize>> = std::iter::once(None).chain((0..8).map(Some)).chain(std::iter::once(None)).collect();
+    let prompts: Vec<Vec<u32>> =
+        (0..which.len()).map(|i| (0..(3 + i * 2) as u32).map(|j| (j * 13 + i as u32 * 7) % 128).collect()).collect();
+    for (model, adapters, experts) in [
+        (&full, &local, None),
+        (&dense, &routed, Some(&dispatcher as &dyn ExpertExecutor<CpuBackend>)),
+    ] {
+        // Solo: prefill then one decode token, each sequence alone.
+        let solo: Vec<(Vec<f32>, Vec<f32>)> = which
+            .iter()
+            .zip(&prompts)
+            .map(|(w, p)| {
+                let ad = w.map(|i| &adapters[i]);
+                let mut ws = model.workspace();
+                let mut kv = model.kv_cache(32, 16).expect("kv");
+                let mut cache = SequenceCache::default();
+                let (mut pre, mut dec) = (Vec::new(), Vec::new());
+                let mut b = [BatchItem::new(p, &mut cache).with_adapter(ad)];
+                model.forward_with(&mut ws, &mut kv, &mut b, LogitsFor::Last, &mut pre, experts).expect("prefill");
+                let mut b = [BatchItem::new(&[5], &mut cache).with_adapter(ad)];
+                model.forward_with(&mut ws, &mut kv, &mut b, LogitsFor::Last, &mut dec, experts).expect("decode");
+                (pre, dec)
+            })
+            .collect();
+        let mut ws = model.workspace();
+        let mut kv = model.kv_cache(64, 16).expect("kv");
+        let mut caches: Vec<SequenceCache> = which.iter().map(|_| SequenceCache::default()).collect();
+        let (mut pre, mut dec) = (Vec::new(), Vec::new());
+        let mut batch: Vec<BatchItem<'_, CpuBackend>> = caches
+            .iter_mut()
+            .zip(&prompts)
+            .zip(&which)
+            .map(|((c, p), w)| BatchItem::new(p, c).with_adapter(w.map(|i| &adapters[i])))
+            .collect();
+        model.forward_with(&mut ws, &mut kv, &mut batch, LogitsFor::Last, &mut pre, experts).expect("batch prefill");
+        let mut batch: Vec<BatchItem<'_, CpuBackend>> = caches
+            .iter_mut()
+            .zip(&which)
+            .map(|(c, w)| BatchItem::new(&[5], c).with_adapter(w.map(|i| &adapters[i])))
+            .collect();
+        model.forward_with(&mut ws, &mut kv, &mut batch, LogitsFor::Last, &mut dec, experts).expect("batch decode");
+        let v = model.config.vocab_size;
+        for (r, (sp, sd)) in solo.iter().enumerate() {
+            for (got, want, what) in [(&pre[r * v..(r + 1) * v], sp, "prefill"), (&dec[r * v..(r + 1) * v], sd, "decode")] {
+                let err = rel_err(&[got.to_vec()], &[want.clone()]);
+                assert!(err < 1e-5, "row {r} ({:?}) {what}: batched differs from solo by {err}", which[r]);
+            }
+        }
+        // Different adapters do give different answers (the mix is not trivially equal).
+        assert!(rel_err(&[solo[1].0.clone()], &[solo[0].0.clone()]) > 1e-3);
+    }
+}
