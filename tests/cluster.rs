@@ -22,14 +22,7 @@ fn logits_with(model: &Model<CpuBackend>, experts: &dyn ExpertExecutor<CpuBacken
     let mut cache = SequenceCache::default();
     let mut out = Vec::new();
     model
-        .forward_with(
-            &mut ws,
-            &mut kv,
-            &mut [BatchItem::new(ids, &mut cache)],
-            LogitsFor::All,
-            &mut out,
-            Some(experts),
-        )
+        .forward_with(&mut ws, &mut kv, &mut [BatchItem::new(ids, &mut cache)], LogitsFor::All, &mut out, Some(experts))
         .expect("forward");
     out.chunks(model.config.vocab_size).map(|r| r.to_vec()).collect()
 }

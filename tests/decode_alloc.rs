@@ -50,8 +50,7 @@ fn decode_steps_do_not_allocate() {
             let mut kv = model.kv_cache(32, 16).expect("kv");
             let (mut a, mut b) = (SequenceCache::default(), SequenceCache::default());
             let mut logits = Vec::new();
-            let mut batch =
-                [BatchItem::new(&prompt, &mut a), BatchItem::new(&prompt[..3], &mut b)];
+            let mut batch = [BatchItem::new(&prompt, &mut a), BatchItem::new(&prompt[..3], &mut b)];
             model.forward(&mut ws, &mut kv, &mut batch, LogitsFor::Last, &mut logits).expect("prefill");
             // Pre-grow the page lists so that crossing a page boundary does not reallocate them.
             a.pages.reserve(8);

@@ -124,7 +124,9 @@ fn worker_processes_over_grpc_with_adapters_match_transformers() {
         };
         let workers: Vec<Server> = specs
             .iter()
-            .map(|s| spawn_server(&["worker", "--model", d, "--experts", s, "--listen", "127.0.0.1:0", "--adapter-dir", a]))
+            .map(|s| {
+                spawn_server(&["worker", "--model", d, "--experts", s, "--listen", "127.0.0.1:0", "--adapter-dir", a])
+            })
             .collect();
         let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
         let (model, _) = load_router_model(&dir).expect("dense model");
@@ -169,17 +171,19 @@ fn batch_mixing_8_adapters_and_base_rows_equals_solo() {
     let (dense, _) = load_router_model(&dir).expect("dense model");
     let opts = AdapterOptions { dir: Some(tmp.path().into()), limits: RegistryLimits::default() };
     let dispatcher = in_process_dispatcher_with(&dir, 3, &opts).expect("workers");
-    let local: Vec<_> = (0..8).map(|i| load(&full, &tmp.path().join(format!("a{i}")), &format!("a{i}"), AdapterParts::all())).collect();
-    let routed: Vec<_> =
-        (0..8).map(|i| load(&dense, &tmp.path().join(format!("a{i}")), &format!("a{i}"), AdapterParts::router())).collect();
+    let local: Vec<_> =
+        (0..8).map(|i| load(&full, &tmp.path().join(format!("a{i}")), &format!("a{i}"), AdapterParts::all())).collect();
+    let routed: Vec<_> = (0..8)
+        .map(|i| load(&dense, &tmp.path().join(format!("a{i}")), &format!("a{i}"), AdapterParts::router()))
+        .collect();
     // Rows: base, a0..a7, base; prompts of different lengths.
-    let which: Vec<Option<usize>> = std::iter::once(None).chain((0..8).map(Some)).chain(std::iter::once(None)).collect();
+    let which: Vec<Option<usize>> =
+        std::iter::once(None).chain((0..8).map(Some)).chain(std::iter::once(None)).collect();
     let prompts: Vec<Vec<u32>> =
         (0..which.len()).map(|i| (0..(3 + i * 2) as u32).map(|j| (j * 13 + i as u32 * 7) % 128).collect()).collect();
-    for (model, adapters, experts) in [
-        (&full, &local, None),
-        (&dense, &routed, Some(&dispatcher as &dyn ExpertExecutor<CpuBackend>)),
-    ] {
+    for (model, adapters, experts) in
+        [(&full, &local, None), (&dense, &routed, Some(&dispatcher as &dyn ExpertExecutor<CpuBackend>))]
+    {
         // Solo: prefill then one decode token, each sequence alone.
         let solo: Vec<(Vec<f32>, Vec<f32>)> = which
             .iter()
@@ -216,8 +220,10 @@ fn batch_mixing_8_adapters_and_base_rows_equals_solo() {
         model.forward_with(&mut ws, &mut kv, &mut batch, LogitsFor::Last, &mut dec, experts).expect("batch decode");
         let v = model.config.vocab_size;
         for (r, (sp, sd)) in solo.iter().enumerate() {
-            for (got, want, what) in [(&pre[r * v..(r + 1) * v], sp, "prefill"), (&dec[r * v..(r + 1) * v], sd, "decode")] {
-                let err = rel_err(&[got.to_vec()], &[want.clone()]);
+            for (got, want, what) in
+                [(&pre[r * v..(r + 1) * v], sp, "prefill"), (&dec[r * v..(r + 1) * v], sd, "decode")]
+            {
+                let err = rel_err(&[got.to_vec()], std::slice::from_ref(want));
                 assert!(err < 1e-5, "row {r} ({:?}) {what}: batched differs from solo by {err}", which[r]);
             }
         }

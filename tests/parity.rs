@@ -119,13 +119,7 @@ fn kv_cache_decode_equals_full_recompute() {
         let mut full = Vec::new();
         let mut cache = SequenceCache::default();
         model
-            .forward(
-                &mut ws,
-                &mut kv,
-                &mut [BatchItem::new(&tokens, &mut cache)],
-                LogitsFor::All,
-                &mut full,
-            )
+            .forward(&mut ws, &mut kv, &mut [BatchItem::new(&tokens, &mut cache)], LogitsFor::All, &mut full)
             .expect("full pass");
         kv.pages.release(&mut cache);
 
@@ -157,17 +151,10 @@ fn kv_cache_decode_equals_full_recompute() {
         let mut c1 = SequenceCache::default();
         let mut ignore = Vec::new();
         model
-            .forward(
-                &mut ws,
-                &mut kv,
-                &mut [BatchItem::new(&tokens[..20], &mut c1)],
-                LogitsFor::Last,
-                &mut ignore,
-            )
+            .forward(&mut ws, &mut kv, &mut [BatchItem::new(&tokens[..20], &mut c1)], LogitsFor::Last, &mut ignore)
             .expect("prefix");
         let mut both = Vec::new();
-        let mut batch =
-            [BatchItem::new(&tokens[20..21], &mut c1), BatchItem::new(&other, &mut c2)];
+        let mut batch = [BatchItem::new(&tokens[20..21], &mut c1), BatchItem::new(&other, &mut c2)];
         model.forward(&mut ws, &mut kv, &mut batch, LogitsFor::Last, &mut both).expect("batched");
         let err0 = rel_err(&[both[..vocab].to_vec()], &[full[20 * vocab..21 * vocab].to_vec()]);
         let err1 = rel_err(&[both[vocab..].to_vec()], &[solo]);

@@ -381,11 +381,14 @@ pub fn write_random_adapter(model_dir: &Path, out: &Path, targets: &[&str], rank
     let mut rand = |n: usize, scale: f32| -> Vec<u8> {
         (0..n)
             .flat_map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (((state >> 11) % 20001) as f32 / 10000.0 - 1.0) * scale
-            }.to_le_bytes())
+                {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (((state >> 11) % 20001) as f32 / 10000.0 - 1.0) * scale
+                }
+                .to_le_bytes()
+            })
             .collect()
     };
     let mut modules: Vec<(String, usize, usize)> = Vec::new();
@@ -418,8 +421,18 @@ pub fn write_random_adapter(model_dir: &Path, out: &Path, targets: &[&str], rank
     let mut tensors = Vec::new();
     for (m, inp, outp) in modules {
         let a_scale = 2.0 / (inp as f32).sqrt();
-        tensors.push((format!("base_model.model.{m}.lora_A.weight"), "F32".into(), vec![rank, inp], rand(rank * inp, a_scale)));
-        tensors.push((format!("base_model.model.{m}.lora_B.weight"), "F32".into(), vec![outp, rank], rand(outp * rank, 0.5)));
+        tensors.push((
+            format!("base_model.model.{m}.lora_A.weight"),
+            "F32".into(),
+            vec![rank, inp],
+            rand(rank * inp, a_scale),
+        ));
+        tensors.push((
+            format!("base_model.model.{m}.lora_B.weight"),
+            "F32".into(),
+            vec![outp, rank],
+            rand(outp * rank, 0.5),
+        ));
     }
     std::fs::create_dir_all(out).expect("mkdir adapter");
     RawSafetensors::from_tensors(&tensors).write(&out.join("adapter_model.safetensors"));

@@ -7,9 +7,9 @@
 use moe_compute::cpu::CpuBackend;
 use moe_dispatch::{Dispatcher, GrpcTransport, GrpcTransportConfig, InProcessTransport, Placement};
 use moe_generate::TextCodec;
+use moe_lora::RegistryLimits;
 use moe_model::{ExpertExecutor, Model};
 use moe_proto::v1::DescribeResponse;
-use moe_lora::RegistryLimits;
 use moe_router::{Engine, EngineConfig};
 use moe_worker::{ExpertHost, ExpertSpec};
 use std::path::{Path, PathBuf};
@@ -29,8 +29,7 @@ pub fn with_adapters(engine: Engine, adapters: &AdapterOptions) -> Engine {
     match &adapters.dir {
         None => engine,
         Some(dir) => {
-            let registry =
-                moe_router::router_adapters(engine.model_arc(), Some(dir.clone()), adapters.limits, false);
+            let registry = moe_router::router_adapters(engine.model_arc(), Some(dir.clone()), adapters.limits, false);
             engine.with_adapters(Arc::new(registry))
         }
     }
@@ -117,8 +116,7 @@ pub fn embedded(dir: &Path, workers: usize, engine: EngineConfig) -> Result<Engi
 /// adapter dir.
 pub fn embedded_with(dir: &Path, workers: usize, engine: EngineConfig, adapters: &AdapterOptions) -> Result<Engine> {
     let (model, codec) = load_router_model(dir)?;
-    let dispatcher: Arc<dyn ExpertExecutor<CpuBackend>> =
-        Arc::new(in_process_dispatcher_with(dir, workers, adapters)?);
+    let dispatcher: Arc<dyn ExpertExecutor<CpuBackend>> = Arc::new(in_process_dispatcher_with(dir, workers, adapters)?);
     Ok(with_adapters(Engine::start(model, codec, Some(dispatcher), engine)?, adapters))
 }
 

@@ -184,7 +184,14 @@ pub trait Backend: Send + Sync + 'static {
     );
     /// Batched multi-adapter LoRA: for every row r of `x` whose `lora(r)` is a pair,
     /// `out[r, col..col + out_dim] += scale · (x_r · Aᵀ) · Bᵀ`. Rows without a pair are untouched.
-    fn lora_add(&self, x: &Self::Act, lora: &RowLora<'_, Self>, col: usize, s: &mut FfnScratch<Self>, out: &mut Self::Act);
+    fn lora_add(
+        &self,
+        x: &Self::Act,
+        lora: &RowLora<'_, Self>,
+        col: usize,
+        s: &mut FfnScratch<Self>,
+        out: &mut Self::Act,
+    );
     /// [`Backend::expert_ffn`] where each (row, expert) may also carry an adapter's expert LoRA.
     fn expert_ffn_lora(
         &self,

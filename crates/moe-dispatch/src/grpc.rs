@@ -5,8 +5,8 @@
 
 use crate::dispatcher::{WorkerBatch, WorkerTransport};
 use crate::error::{DispatchError, Result};
-use moe_proto::v1::expert_worker_client::ExpertWorkerClient;
 use moe_model::AdapterIdentity;
+use moe_proto::v1::expert_worker_client::ExpertWorkerClient;
 use moe_proto::v1::{AdapterRef, DescribeRequest, DescribeResponse, ExpertRequest, ExpertResponse, WireDtype};
 use moe_proto::wire;
 use std::collections::HashMap;
@@ -209,7 +209,11 @@ impl GrpcTransport {
                 experts: b.experts[pair_start..pair_start + n_pairs].to_vec(),
                 weights: b.weights[pair_start..pair_start + n_pairs].to_vec(),
                 adapters: if b.row_adapters.is_empty() { Vec::new() } else { adapters.to_vec() },
-                row_adapters: b.row_adapters.get(first_row..first_row + pairs.len()).map(<[u32]>::to_vec).unwrap_or_default(),
+                row_adapters: b
+                    .row_adapters
+                    .get(first_row..first_row + pairs.len())
+                    .map(<[u32]>::to_vec)
+                    .unwrap_or_default(),
             };
             pair_start += n_pairs;
             let (tx, rx) = oneshot::channel();

@@ -58,7 +58,13 @@ impl<'m, B: Backend> Generator<'m, B> {
     /// A generator whose KV cache holds up to `max_tokens` tokens.
     pub fn new(model: &'m Model<B>, max_tokens: usize) -> Result<Self> {
         let pages = max_tokens.max(1).div_ceil(PAGE_SIZE);
-        Ok(Self { model, ws: model.workspace(), kv: model.kv_cache(pages, PAGE_SIZE)?, logits: Vec::new(), adapter: None })
+        Ok(Self {
+            model,
+            ws: model.workspace(),
+            kv: model.kv_cache(pages, PAGE_SIZE)?,
+            logits: Vec::new(),
+            adapter: None,
+        })
     }
 
     /// Runs every later call with this LoRA adapter (`None`: the base model).

@@ -83,12 +83,16 @@ impl PeftConfig {
             return Err(bad("modules_to_save (fully trained copies of modules) is not supported".into()));
         }
         let positive_int = |key: &str, v: &Value| -> Result<usize> {
-            v.as_u64().filter(|&n| n > 0 && n <= 1 << 16).map(|n| n as usize).ok_or_else(|| {
-                bad(format!("{key} must be a positive integer (at most 65536), got {v}"))
-            })
+            v.as_u64()
+                .filter(|&n| n > 0 && n <= 1 << 16)
+                .map(|n| n as usize)
+                .ok_or_else(|| bad(format!("{key} must be a positive integer (at most 65536), got {v}")))
         };
         let number = |key: &str, v: &Value| -> Result<f32> {
-            v.as_f64().filter(|x| x.is_finite()).map(|x| x as f32).ok_or_else(|| bad(format!("{key} must be a number, got {v}")))
+            v.as_f64()
+                .filter(|x| x.is_finite())
+                .map(|x| x as f32)
+                .ok_or_else(|| bad(format!("{key} must be a number, got {v}")))
         };
         let r = match obj.get("r") {
             Some(v) => positive_int("r", v)?,
@@ -106,7 +110,11 @@ impl PeftConfig {
             )),
             Some(Value::Array(a)) => Some(TargetModules::List(
                 a.iter()
-                    .map(|x| x.as_str().map(str::to_string).ok_or_else(|| bad(format!("target_modules entry {x} is not a string"))))
+                    .map(|x| {
+                        x.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| bad(format!("target_modules entry {x} is not a string")))
+                    })
                     .collect::<Result<_>>()?,
             )),
             Some(other) => return Err(bad(format!("target_modules must be a list or a string, got {other}"))),
@@ -156,7 +164,10 @@ pub enum ModuleKind {
     O,
     /// The MoE router linear.
     Gate,
-    Expert { expert: usize, proj: ExpertProj },
+    Expert {
+        expert: usize,
+        proj: ExpertProj,
+    },
 }
 
 /// Where a LoRA pair applies.
@@ -199,9 +210,9 @@ fn classify(module: &str, cfg: &ModelConfig) -> std::result::Result<(LoraTarget,
     let c = cfg;
     let (qw, kw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
     let h = c.hidden_size;
-    let rest = module.strip_prefix("model.layers.").ok_or_else(|| {
-        "only modules under model.layers (attention, MoE gate, experts) can be adapted".to_string()
-    })?;
+    let rest = module
+        .strip_prefix("model.layers.")
+        .ok_or_else(|| "only modules under model.layers (attention, MoE gate, experts) can be adapted".to_string())?;
     let (layer, rest) = rest.split_once('.').ok_or("no module after the layer index")?;
     let layer: usize = layer.parse().map_err(|_| format!("{layer:?} is not a layer index"))?;
     if layer >= c.num_layers {
@@ -231,15 +242,26 @@ fn classify(module: &str, cfg: &ModelConfig) -> std::result::Result<(LoraTarget,
                 }
                 let i = c.expert_intermediate_size;
                 let proj = match (c.architecture, proj) {
-                    (Architecture::Mixtral, "w1") | (Architecture::Qwen2Moe | Architecture::Qwen3Moe | Architecture::Olmoe, "gate_proj") => ExpertProj::Gate,
-                    (Architecture::Mixtral, "w3") | (Architecture::Qwen2Moe | Architecture::Qwen3Moe | Architecture::Olmoe, "up_proj") => ExpertProj::Up,
-                    (Architecture::Mixtral, "w2") | (Architecture::Qwen2Moe | Architecture::Qwen3Moe | Architecture::Olmoe, "down_proj") => ExpertProj::Down,
+                    (Architecture::Mixtral, "w1")
+                    | (Architecture::Qwen2Moe | Architecture::Qwen3Moe | Architecture::Olmoe, "gate_proj") => {
+                        ExpertProj::Gate
+                    }
+                    (Architecture::Mixtral, "w3")
+                    | (Architecture::Qwen2Moe | Architecture::Qwen3Moe | Architecture::Olmoe, "up_proj") => {
+                        ExpertProj::Up
+                    }
+                    (Architecture::Mixtral, "w2")
+                    | (Architecture::Qwen2Moe | Architecture::Qwen3Moe | Architecture::Olmoe, "down_proj") => {
+                        ExpertProj::Down
+                    }
                     _ => return Err(format!("{proj:?} is not an expert projection of this architecture")),
                 };
                 let (inp, out) = if proj == ExpertProj::Down { (i, h) } else { (h, i) };
                 (ModuleKind::Expert { expert, proj }, inp, out)
             } else {
-                return Err("not a supported target: the shared expert, its gate and dense MLPs cannot be adapted".into());
+                return Err(
+                    "not a supported target: the shared expert, its gate and dense MLPs cannot be adapted".into()
+                );
             }
         }
     };
@@ -268,11 +290,8 @@ impl AdapterManifest {
         fnv1a(&mut hash, &std::fs::read(&weights_path).map_err(|e| io(&weights_path, e))?);
         let digest = format!("{hash:016x}");
 
-        let module_err = |module: &str, message: String| LoraError::Module {
-            adapter: name.into(),
-            module: module.into(),
-            message,
-        };
+        let module_err =
+            |module: &str, message: String| LoraError::Module { adapter: name.into(), module: module.into(), message };
         let mut modules = Vec::new();
         let names = weights.names();
         for key in &names {
@@ -296,10 +315,8 @@ impl AdapterManifest {
             let (rank, scale) = config.rank_and_scale(module);
             let b_key = format!("{KEY_PREFIX}{module}.lora_B.weight");
             let a_shape = weights.shape_of(key).unwrap_or_default().to_vec();
-            let b_shape = weights
-                .shape_of(&b_key)
-                .ok_or_else(|| module_err(module, "has lora_A but no lora_B".into()))?
-                .to_vec();
+            let b_shape =
+                weights.shape_of(&b_key).ok_or_else(|| module_err(module, "has lora_A but no lora_B".into()))?.to_vec();
             if a_shape != [rank, in_features] || b_shape != [out_features, rank] {
                 return Err(module_err(
                     module,
@@ -319,7 +336,10 @@ impl AdapterManifest {
             }
         }
         if modules.is_empty() {
-            return Err(LoraError::Unsupported { adapter: name.into(), message: "the adapter has no LoRA tensors".into() });
+            return Err(LoraError::Unsupported {
+                adapter: name.into(),
+                message: "the adapter has no LoRA tensors".into(),
+            });
         }
         Ok(Self { dir: dir.to_path_buf(), config, weights, modules, digest })
     }
@@ -345,8 +365,10 @@ mod tests {
 
     #[test]
     fn scale_follows_rank_and_alpha_patterns_and_rslora() {
-        let c = cfg(r#"{"r": 8, "lora_alpha": 16, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"layers\\.1\\..*gate": 2}}"#)
-            .unwrap();
+        let c = cfg(
+            r#"{"r": 8, "lora_alpha": 16, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"layers\\.1\\..*gate": 2}}"#,
+        )
+        .unwrap();
         assert_eq!(c.rank_and_scale("model.layers.0.self_attn.k_proj"), (8, 2.0));
         assert_eq!(c.rank_and_scale("model.layers.0.self_attn.q_proj"), (4, 4.0));
         assert_eq!(c.rank_and_scale("model.layers.1.mlp.gate"), (8, 0.25));

@@ -43,7 +43,7 @@ impl Default for RegistryLimits {
 }
 
 /// What `ListAdapters` reports for one adapter.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AdapterInfo {
     pub id: String,
     pub path: String,
@@ -78,8 +78,10 @@ pub fn validate_rel_path(path: &str) -> Result<()> {
     }
     for c in Path::new(path).components() {
         match c {
-            Component::Normal(p) => validate_id(p.to_str().unwrap_or("\u{0}"))
-                .map_err(|_| LoraError::InvalidId { id: path.into(), why: format!("path part {p:?} is not allowed") })?,
+            Component::Normal(p) => validate_id(p.to_str().unwrap_or("\u{0}")).map_err(|_| LoraError::InvalidId {
+                id: path.into(),
+                why: format!("path part {p:?} is not allowed"),
+            })?,
             _ => return bad("must be a relative path inside the adapter dir (no '..', no leading '/')"),
         }
     }
@@ -338,11 +340,6 @@ impl<T: Resident> AdapterRegistry<T> {
     }
 }
 
-impl Default for AdapterInfo {
-    fn default() -> Self {
-        Self { id: String::new(), path: String::new(), resident: false, pinned: 0, bytes: 0, digest: String::new() }
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -364,11 +361,12 @@ mod tests {
             std::fs::create_dir(dir.path().join(id)).unwrap();
             std::fs::write(dir.path().join(id).join("adapter_config.json"), "{}").unwrap();
         }
-        let reg = AdapterRegistry::new(Some(dir.path().into()), RegistryLimits { max_adapters, max_bytes }, |_, mut i| {
-            let bytes = if i.id == "big" { 1000 } else { 10 };
-            i.digest = "d".into();
-            Ok(Fake(i, bytes))
-        });
+        let reg =
+            AdapterRegistry::new(Some(dir.path().into()), RegistryLimits { max_adapters, max_bytes }, |_, mut i| {
+                let bytes = if i.id == "big" { 1000 } else { 10 };
+                i.digest = "d".into();
+                Ok(Fake(i, bytes))
+            });
         (dir, reg)
     }
 

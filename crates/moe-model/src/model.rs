@@ -385,7 +385,8 @@ impl<B: Backend> Model<B> {
         let (b, c) = (&self.backend, &self.config);
         let (rows, _) = b.act_shape(&ws.normed);
         b.linear(&ws.normed, &moe.gate, None, &mut ws.gate_logits);
-        let has_gate = items.iter().any(|it| it.adapter.and_then(|a| a.layers.get(layer)).is_some_and(|l| l.gate.is_some()));
+        let has_gate =
+            items.iter().any(|it| it.adapter.and_then(|a| a.layers.get(layer)).is_some_and(|l| l.gate.is_some()));
         if has_gate {
             let lookup = row_pair(items, &ws.row_item, layer, gate_pair);
             b.lora_add(&ws.normed, &lookup, 0, &mut ws.scratch, &mut ws.gate_logits);
@@ -411,12 +412,12 @@ impl<B: Backend> Model<B> {
                 executor.run_experts(layer, &ws.normed, &routes, &mut ws.ffn_out, &mut ws.unserved)?;
             }
             None if moe.experts.len() == c.num_experts => {
-                let any = items.iter().any(|it| it.adapter.and_then(|a| a.layers.get(layer)).is_some_and(|l| l.has_expert_lora));
+                let any = items
+                    .iter()
+                    .any(|it| it.adapter.and_then(|a| a.layers.get(layer)).is_some_and(|l| l.has_expert_lora));
                 if any {
                     let row_item = &ws.row_item;
-                    let lookup = |r: usize, e: usize| {
-                        items.get(*row_item.get(r)? as usize)?.adapter?.expert(layer, e)
-                    };
+                    let lookup = |r: usize, e: usize| items.get(*row_item.get(r)? as usize)?.adapter?.expert(layer, e);
                     b.expert_ffn_lora(&ws.normed, &moe.experts, &ws.plan, &lookup, &mut ws.scratch, &mut ws.ffn_out);
                 } else {
                     b.expert_ffn(&ws.normed, &moe.experts, &ws.plan, &mut ws.scratch, &mut ws.ffn_out);

@@ -296,6 +296,7 @@ impl Worker {
             if s.events.is_closed() || expired {
                 let mut s = self.running.swap_remove(i);
                 if expired && !s.events.is_closed() {
+                    s.req.adapter = None; // unpin before the terminal event: observers then see it released
                     let _ = s.events.send(Event::Failed(RouterError::DeadlineExceeded {
                         millis: s.req.timeout.as_millis() as u64,
                     }));
@@ -307,11 +308,12 @@ impl Worker {
             }
         }
         let before = self.waiting.len();
-        self.waiting.retain(|w| {
+        self.waiting.retain_mut(|w| {
             if w.events.is_closed() {
                 return false;
             }
             if now >= w.req.deadline {
+                w.req.adapter = None;
                 let _ = w
                     .events
                     .send(Event::Failed(RouterError::DeadlineExceeded { millis: w.req.timeout.as_millis() as u64 }));
@@ -407,6 +409,7 @@ impl Worker {
             members.sort_unstable_by(|a, b| b.cmp(a));
             for &i in members.iter() {
                 let mut s = self.running.swap_remove(i);
+                s.req.adapter = None; // unpin before the terminal event: observers then see it released
                 let _ = s.events.send(Event::Failed(err.clone()));
                 self.kv.pages.release(&mut s.cache);
             }
@@ -428,7 +431,8 @@ impl Worker {
         let vocab = self.model.config.vocab_size;
         for (row, &i) in members.iter().enumerate() {
             if let Some((_, why)) = failed.iter().find(|(f, _)| *f == i) {
-                let s = &self.running[i];
+                let s = &mut self.running[i];
+                s.req.adapter = None;
                 tracing::warn!(request = s.id, reason = %why, "request failed: experts unavailable");
                 let _ = s.events.send(Event::Failed(RouterError::Unavailable(why.clone())));
                 done.push(i);
@@ -464,6 +468,7 @@ impl Worker {
             let text = if finish.is_some() { text + &s.text.flush() } else { text };
             let _ = s.events.send(Event::Delta { text, token_ids: vec![next], logprobs: lp });
             if let Some(reason) = finish {
+                s.req.adapter = None; // unpin before the terminal event: observers then see it released
                 let _ = s.events.send(Event::Finished {
                     reason,
                     prompt_tokens: s.req.prompt.len(),

@@ -72,9 +72,11 @@ impl From<moe_lora::LoraError> for RouterError {
     fn from(e: moe_lora::LoraError) -> Self {
         use moe_lora::LoraError as L;
         match e {
-            L::InvalidId { .. } | L::Config { .. } | L::Unsupported { .. } | L::Module { .. } | L::Checkpoint { .. } => {
-                RouterError::invalid("adapter_id", e.to_string())
-            }
+            L::InvalidId { .. }
+            | L::Config { .. }
+            | L::Unsupported { .. }
+            | L::Module { .. }
+            | L::Checkpoint { .. } => RouterError::invalid("adapter_id", e.to_string()),
             L::NotFound { .. } | L::NoStore => RouterError::NotFound(e.to_string()),
             L::Io { ref error, .. } if error.kind() == std::io::ErrorKind::NotFound => {
                 RouterError::NotFound(e.to_string())

@@ -15,8 +15,8 @@ mod tenants;
 mod text;
 
 pub use engine::{router_adapters, Engine, EngineConfig, EngineStats, RouterAdapters};
-pub use tenants::{Tenant, Tenants};
 pub use error::RouterError;
 pub use request::{Event, FinishReason, GenerationParams, PromptInput, ValidatedRequest};
 pub use server::{inference_routes, serve_inference};
 pub use service::{ClusterStatus, InferenceService, StaticCluster};
+pub use tenants::{Tenant, Tenants};

@@ -2,10 +2,10 @@
 //! rejection names the field), and the events a request produces.
 
 use crate::error::RouterError;
-use moe_generate::{SamplingParams, TextCodec};
-use moe_model::ModelConfig;
 use moe_compute::cpu::CpuBackend;
+use moe_generate::{SamplingParams, TextCodec};
 use moe_model::AdapterWeights;
+use moe_model::ModelConfig;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -83,8 +83,9 @@ impl InferenceService {
     /// slot, then the adapter.
     async fn prepare(&self, request: &Request<GenerateRequest>) -> Result<(ValidatedRequest, Admission), RouterError> {
         let mut validated = self.validate(request.get_ref().clone())?;
-        let admission = admit(&self.engine, request.metadata(), &request.get_ref().adapter_id).await?;
-        validated.adapter = admission.adapter.clone();
+        let mut admission = admit(&self.engine, request.metadata(), &request.get_ref().adapter_id).await?;
+        // The request holds the one pin; the engine drops it when the request ends.
+        validated.adapter = admission.adapter.take();
         Ok((validated, admission))
     }
 }
@@ -226,7 +227,10 @@ impl Inference for InferenceService {
         }))
     }
 
-    async fn load_adapter(&self, request: Request<LoadAdapterRequest>) -> Result<Response<LoadAdapterResponse>, Status> {
+    async fn load_adapter(
+        &self,
+        request: Request<LoadAdapterRequest>,
+    ) -> Result<Response<LoadAdapterResponse>, Status> {
         require_admin(&self.engine, request.metadata())?;
         let registry = self.engine.adapters().cloned().ok_or_else(|| {
             RouterError::FailedPrecondition("this router serves no adapters (start it with --adapter-dir)".into())

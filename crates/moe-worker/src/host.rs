@@ -9,8 +9,8 @@ use crate::error::{Result, WorkerError};
 use crate::spec::ExpertSpec;
 use moe_compute::cpu::{CpuBackend, HostTensor};
 use moe_compute::{Backend, ExpertPlan, FfnScratch, SwigluWeights};
-use moe_model::checkpoint::Checkpoint;
 use moe_lora::{load_adapter, AdapterParts, AdapterRegistry, RegistryLimits};
+use moe_model::checkpoint::Checkpoint;
 use moe_model::weights::load_expert;
 use moe_model::{AdapterIdentity, AdapterWeights, ModelConfig};
 use std::collections::{HashMap, HashSet};
@@ -53,7 +53,14 @@ pub struct ComputeInput<'a> {
 
 impl<'a> ComputeInput<'a> {
     /// Rows on the base experts only.
-    pub fn base(layer: usize, hidden_size: usize, rows: &'a [f32], row_pairs: &'a [u32], experts: &'a [u32], weights: &'a [f32]) -> Self {
+    pub fn base(
+        layer: usize,
+        hidden_size: usize,
+        rows: &'a [f32],
+        row_pairs: &'a [u32],
+        experts: &'a [u32],
+        weights: &'a [f32],
+    ) -> Self {
         Self { layer, hidden_size, rows, row_pairs, experts, weights, adapters: &[], row_adapters: &[] }
     }
 }

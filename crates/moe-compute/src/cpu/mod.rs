@@ -236,7 +236,14 @@ impl Backend for CpuBackend {
         self.expert_ffn_lora(x, experts, plan, &|_, _| None, s, out);
     }
 
-    fn lora_add(&self, x: &HostTensor, lora: &RowLora<'_, Self>, col: usize, s: &mut FfnScratch<Self>, out: &mut HostTensor) {
+    fn lora_add(
+        &self,
+        x: &HostTensor,
+        lora: &RowLora<'_, Self>,
+        col: usize,
+        s: &mut FfnScratch<Self>,
+        out: &mut HostTensor,
+    ) {
         lora::lora_segments(x, lora, col, &mut s.lora_shrink, &mut s.lora_expand, out);
     }
 
@@ -261,8 +268,22 @@ impl Backend for CpuBackend {
             if any {
                 let of = |i: usize| lora(rows[i] as usize, e);
                 let (shrink, expand) = (&mut s.lora_shrink, &mut s.lora_expand);
-                lora::lora_segments(&s.rows, |i| of(i).and_then(|l| l.gate.as_ref()), 0, shrink, expand, &mut s.gate_up);
-                lora::lora_segments(&s.rows, |i| of(i).and_then(|l| l.up.as_ref()), inter, shrink, expand, &mut s.gate_up);
+                lora::lora_segments(
+                    &s.rows,
+                    |i| of(i).and_then(|l| l.gate.as_ref()),
+                    0,
+                    shrink,
+                    expand,
+                    &mut s.gate_up,
+                );
+                lora::lora_segments(
+                    &s.rows,
+                    |i| of(i).and_then(|l| l.up.as_ref()),
+                    inter,
+                    shrink,
+                    expand,
+                    &mut s.gate_up,
+                );
             }
             silu_mul(&s.gate_up, &mut s.hidden);
             self.linear(&s.hidden, &w.down, None, &mut s.out);
