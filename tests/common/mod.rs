@@ -86,7 +86,9 @@ pub fn copy_fixture(name: &str, dst: &Path) {
     std::fs::create_dir_all(dst).expect("mkdir");
     for e in std::fs::read_dir(fixture(name)).expect("fixture dir") {
         let e = e.expect("entry");
-        std::fs::copy(e.path(), dst.join(e.file_name())).expect("copy");
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dst.join(e.file_name())).expect("copy");
+        }
     }
 }
 
