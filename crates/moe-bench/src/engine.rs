@@ -2,8 +2,11 @@
 //! same API path requests take.
 
 use crate::Percentiles;
+use moe_compute::cpu::CpuBackend;
+use moe_model::AdapterWeights;
 use moe_router::{Engine, Event, GenerationParams, PromptInput, ValidatedRequest};
 use serde::Serialize;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug, Serialize)]
@@ -22,6 +25,9 @@ pub struct DecodeReport {
     pub itl_ms: Percentiles,
 }
 
+/// The adapter of request `i` of a run (`None`: the base model).
+pub type AdapterOf<'a> = &'a dyn Fn(usize) -> Option<Arc<AdapterWeights<CpuBackend>>>;
+
 fn request(engine: &Engine, prompt: Vec<u32>, max_new: usize) -> Result<ValidatedRequest, String> {
     let params = GenerationParams { max_new_tokens: Some(max_new as u32), ..Default::default() };
     ValidatedRequest::new(
@@ -35,11 +41,18 @@ fn request(engine: &Engine, prompt: Vec<u32>, max_new: usize) -> Result<Validate
 }
 
 /// Runs `batch` requests at once; returns, per request, the arrival time of each token.
-fn run(engine: &Engine, prompts: Vec<Vec<u32>>, max_new: usize) -> Result<(Instant, Vec<Vec<Instant>>), String> {
+fn run(
+    engine: &Engine,
+    prompts: Vec<Vec<u32>>,
+    max_new: usize,
+    adapter_of: AdapterOf<'_>,
+) -> Result<(Instant, Vec<Vec<Instant>>), String> {
     let start = Instant::now();
     let mut streams = Vec::new();
-    for p in prompts {
-        let (_, rx) = engine.submit(request(engine, p, max_new)?).map_err(|e| e.to_string())?;
+    for (i, p) in prompts.into_iter().enumerate() {
+        let mut req = request(engine, p, max_new)?;
+        req.adapter = adapter_of(i);
+        let (_, rx) = engine.submit(req).map_err(|e| e.to_string())?;
         streams.push(rx);
     }
     // Drain all streams concurrently from this thread by polling each in turn.
@@ -79,7 +92,7 @@ fn prompt(len: usize, seed: usize, vocab: usize) -> Vec<u32> {
 /// Prefill of one prompt of `len` tokens (time to its first token).
 pub fn prefill(engine: &Engine, len: usize) -> Result<PrefillReport, String> {
     let vocab = engine.model().config.vocab_size;
-    let (start, times) = run(engine, vec![prompt(len, 1, vocab)], 1)?;
+    let (start, times) = run(engine, vec![prompt(len, 1, vocab)], 1, &|_| None)?;
     let ttft = times[0].first().map(|t| t.duration_since(start)).unwrap_or_default().as_secs_f64();
     Ok(PrefillReport { prompt_tokens: len, tokens_per_s: len as f64 / ttft.max(1e-9), ttft_ms: ttft * 1e3 })
 }
@@ -88,9 +101,19 @@ pub fn prefill(engine: &Engine, len: usize) -> Result<PrefillReport, String> {
 /// counts tokens after each request's first, over the span from the first first-token to the
 /// last token.
 pub fn decode(engine: &Engine, batch: usize, new_tokens: usize) -> Result<DecodeReport, String> {
+    decode_with(engine, batch, new_tokens, &|_| None)
+}
+
+/// [`decode`] with request `i` running with `adapter_of(i)`.
+pub fn decode_with(
+    engine: &Engine,
+    batch: usize,
+    new_tokens: usize,
+    adapter_of: AdapterOf<'_>,
+) -> Result<DecodeReport, String> {
     let vocab = engine.model().config.vocab_size;
     let prompts = (0..batch).map(|i| prompt(16, i + 2, vocab)).collect();
-    let (start, times) = run(engine, prompts, new_tokens)?;
+    let (start, times) = run(engine, prompts, new_tokens, adapter_of)?;
     let firsts: Vec<Instant> = times.iter().filter_map(|t| t.first().copied()).collect();
     let span_start = firsts.iter().min().copied().unwrap_or(start);
     let span_end = times.iter().filter_map(|t| t.last().copied()).max().unwrap_or(start);

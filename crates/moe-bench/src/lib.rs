@@ -7,7 +7,7 @@ mod ceilings;
 mod engine;
 
 pub use ceilings::{expert_gflops, gemm_peak_gflops, memory_copy_gbps};
-pub use engine::{decode, prefill, DecodeReport, PrefillReport};
+pub use engine::{decode, decode_with, prefill, AdapterOf, DecodeReport, PrefillReport};
 
 use serde::Serialize;
 

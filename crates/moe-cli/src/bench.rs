@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// Skip the router + worker processes run.
     #[arg(long)]
     pub skip_remote: bool,
+    /// Skip the LoRA adapter runs.
+    #[arg(long)]
+    pub skip_adapters: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -58,6 +61,7 @@ struct Report {
     threads: usize,
     ceilings: Ceilings,
     topologies: Vec<Topology>,
+    adapters: Vec<crate::bench_adapters::AdapterRun>,
 }
 
 struct Workers(Vec<Child>);
@@ -191,12 +195,25 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         t.dispatch_round_trip_us = Some(dispatch_round_trip_us(&rt, &dir, &addrs)?);
         topologies.push(t);
     }
-    let report =
-        Report { model: dir.display().to_string(), threads: rayon::current_num_threads(), ceilings, topologies };
+    let adapters = if a.skip_adapters || a.model.is_some() {
+        Vec::new()
+    } else {
+        crate::bench_adapters::measure(&dir, a.workers, a.new_tokens)?
+    };
+    let report = Report {
+        model: dir.display().to_string(),
+        threads: rayon::current_num_threads(),
+        ceilings,
+        topologies,
+        adapters,
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_table(&report);
+        if !report.adapters.is_empty() {
+            crate::bench_adapters::print_table(&report.adapters);
+        }
     }
     eprintln!("bench took {:.0} s", started.elapsed().as_secs_f64());
     Ok(())

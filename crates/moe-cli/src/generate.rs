@@ -70,7 +70,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         sampling,
         stop_ids: model.config.eos_token_ids.clone(),
     };
-    let adapter = args.adapter.load(&model)?;
+    let adapter = args.adapter.load(&dir, &model)?;
     let mut generator = Generator::new(&model, max_tokens)?.with_adapter(adapter.as_ref());
     let out = generator.generate(&req)?;
     let text = codec.decode(&out.token_ids);

@@ -20,9 +20,9 @@ pub struct LogitsArgs {
 }
 
 pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
-    let (_, model) = args.model.load()?;
+    let (dir, model) = args.model.load()?;
     let vocab = model.config.vocab_size;
-    let adapter = args.adapter.load(&model)?;
+    let adapter = args.adapter.load(&dir, &model)?;
     let mut generator = Generator::new(&model, args.token_ids.0.len())?.with_adapter(adapter.as_ref());
     let logits = generator.prompt_logits(&args.token_ids.0)?;
     let rows: Vec<&[f32]> = logits.chunks(vocab).collect();

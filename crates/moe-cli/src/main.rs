@@ -2,6 +2,7 @@
 //! Library errors become one `error: …` line on stderr and a non-zero exit, never a panic.
 
 mod bench;
+mod bench_adapters;
 mod client;
 mod demo;
 mod engine_args;

@@ -49,14 +49,20 @@ pub struct AdapterArgs {
 }
 
 impl AdapterArgs {
-    /// Loads the adapter (every pair: this process runs its own experts), if one was given.
-    pub fn load(&self, model: &Model<CpuBackend>) -> anyhow::Result<Option<AdapterWeights<CpuBackend>>> {
+    /// Loads the adapter (every pair: this process runs its own experts), if one was given. An
+    /// id is looked up in --adapter-dir, else in the model's own `adapters/` dir.
+    pub fn load(
+        &self,
+        model_dir: &Path,
+        model: &Model<CpuBackend>,
+    ) -> anyhow::Result<Option<AdapterWeights<CpuBackend>>> {
         let Some(arg) = &self.adapter else { return Ok(None) };
         let as_dir = Path::new(arg);
+        let root = self.adapter_dir.clone().or_else(|| Some(model_dir.join("adapters")).filter(|d| d.is_dir()));
         let (dir, id) = if as_dir.join("adapter_config.json").is_file() {
             let id = as_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| arg.clone());
             (as_dir.to_path_buf(), id)
-        } else if let Some(root) = &self.adapter_dir {
+        } else if let Some(root) = root {
             validate_id(arg)?;
             (root.join(arg), arg.clone())
         } else {
@@ -86,8 +92,26 @@ pub fn cached_model_dir(name: &str, spec: &DemoSpec) -> anyhow::Result<PathBuf> 
     Ok(dir)
 }
 
+/// The demo model, with three demo adapters in its `adapters/` dir: `gate` (the MoE gate only),
+/// `attn` (q, v, o and the gate) and `experts` (every routed expert).
 fn demo_dir() -> anyhow::Result<PathBuf> {
-    cached_model_dir("demo-model", &DemoSpec::demo())
+    let spec = DemoSpec::demo();
+    let dir = cached_model_dir("demo-model", &spec)?;
+    let adapters = dir.join("adapters");
+    if !adapters.exists() {
+        use moe_demo::DemoTarget as T;
+        let staging = dir.join(format!("adapters-staging-{}", std::process::id()));
+        let kinds: [(&str, &[T]); 3] =
+            [("gate", &[T::Gate]), ("attn", &[T::Q, T::V, T::O, T::Gate]), ("experts", &[T::Experts])];
+        for (i, (name, targets)) in kinds.iter().enumerate() {
+            moe_demo::write_demo_adapter(&staging.join(name), &spec, targets, 8, 0.5, 11 + i as u64)
+                .context("writing the demo adapters")?;
+        }
+        if std::fs::rename(&staging, &adapters).is_err() {
+            let _ = std::fs::remove_dir_all(&staging);
+        }
+    }
+    Ok(dir)
 }
 
 /// A comma-separated list of token ids, as one flag value.

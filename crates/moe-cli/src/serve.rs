@@ -24,7 +24,11 @@ pub struct ServeArgs {
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let dir = a.model.dir()?;
-    let options = a.adapters.options()?;
+    let mut options = a.adapters.options()?;
+    if options.dir.is_none() && dir.join("adapters").is_dir() {
+        // The model's own adapters (the demo model ships three).
+        options.dir = Some(dir.join("adapters"));
+    }
     let engine = moe_cluster::embedded_with(&dir, a.workers, a.engine.config()?, &options)?;
     let engine = a.adapters.with_tenants(engine)?;
     let rt = tokio::runtime::Runtime::new()?;

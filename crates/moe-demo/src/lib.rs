@@ -1,10 +1,12 @@
 //! `moe-demo` writes small random Mixtral-layout checkpoints in Hugging Face layout
 //! (`config.json`, `model.safetensors`, a byte-level `tokenizer.json`), so the project runs with
 //! nothing downloaded, and so benchmarks have a standard model of a known size. It does not load
-//! or run models.
+//! or run models. It also writes random PEFT LoRA adapters for that layout.
 
+mod adapter;
 mod tokenizer;
 
+pub use adapter::{write_demo_adapter, DemoTarget};
 pub use tokenizer::byte_level_tokenizer_json;
 
 use safetensors::{Dtype, View};

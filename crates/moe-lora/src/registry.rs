@@ -340,7 +340,6 @@ impl<T: Resident> AdapterRegistry<T> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
