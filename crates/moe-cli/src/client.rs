@@ -50,6 +50,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot connect to {uri}"))?;
         let mut client = InferenceClient::new(channel);
         let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
+        let mut request = tonic::Request::new(request);
+        if let Some(key) = &args.api_key {
+            let value = format!("Bearer {key}").parse().context("--api-key has characters a header cannot carry")?;
+            request.metadata_mut().insert("authorization", value);
+        }
         let (ids, text, reason) = if args.stream {
             let mut stream = client.generate_stream(request).await.map_err(status)?.into_inner();
             let (mut ids, mut text, mut reason) = (Vec::new(), String::new(), 0);

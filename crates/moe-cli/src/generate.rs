@@ -39,6 +39,9 @@ pub struct GenerateArgs {
     /// Send the request to a running router (`moe serve` or `moe router`), e.g. http://127.0.0.1:50051.
     #[arg(long, env = "MOE_ENDPOINT")]
     pub endpoint: Option<String>,
+    /// With --endpoint: the tenant API key, sent as `authorization: Bearer KEY`.
+    #[arg(long, env = "MOE_API_KEY", requires = "endpoint", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// With --endpoint: print tokens as they arrive.
     #[arg(long, env = "MOE_STREAM", requires = "endpoint")]
     pub stream: bool,
