@@ -389,6 +389,52 @@ async fn embedded_server_process_health_reflection_tokenize_and_cli_stream() {
         assert_eq!(remote.code, 0, "{}", remote.stderr);
         assert_eq!(remote.json(), local.json(), "remote {extra:?} vs local");
     }
+    // The demo's adapters, served by `serve --demo`: each gives what local generation with it
+    // gives, and changes the output.
+    for adapter in ["gate", "attn", "experts"] {
+        let common = ["--prompt", "Hello", "--max-new-tokens", "12", "--json", "--adapter", adapter];
+        let mut local_args = vec!["generate", "--demo"];
+        local_args.extend_from_slice(&common);
+        let local_ad = moe(&local_args);
+        assert_eq!(local_ad.code, 0, "{}", local_ad.stderr);
+        let mut remote_args = vec!["generate", "--endpoint", server.addr.as_str(), "--stream"];
+        remote_args.extend_from_slice(&common);
+        let remote = moe(&remote_args);
+        assert_eq!(remote.code, 0, "{}", remote.stderr);
+        assert_eq!(remote.json(), local_ad.json(), "adapter {adapter}: remote vs local");
+        assert_ne!(local_ad.json()["token_ids"], local.json()["token_ids"], "adapter {adapter} changed nothing");
+    }
+    let unknown = moe(&["generate", "--endpoint", server.addr.as_str(), "--prompt", "Hi", "--adapter", "nope"]);
+    unknown.assert_error(&["NotFound", "nope"]);
+}
+
+/// `moe serve --tenants`: `moe generate --api-key` is let in, a wrong key is not.
+#[test]
+fn serve_with_tenants_file_and_api_key() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let file = tmp.path().join("tenants.toml");
+    std::fs::write(&file, "[[tenants]]\nname = \"t\"\napi_key = \"key-0123456789abcdef\"\nadapters = [\"gate\"]\n")
+        .expect("write");
+    let server =
+        spawn_server(&["serve", "--demo", "--listen", "127.0.0.1:0", "--tenants", file.to_str().expect("utf8")]);
+    let run = |key: &str, adapter: &str| {
+        moe(&[
+            "generate",
+            "--endpoint",
+            &server.addr,
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "2",
+            "--api-key",
+            key,
+            "--adapter",
+            adapter,
+        ])
+    };
+    assert_eq!(run("key-0123456789abcdef", "gate").code, 0);
+    run("wrong-0123456789abcdef", "gate").assert_error(&["Unauthenticated", "unknown api key"]);
+    run("key-0123456789abcdef", "attn").assert_error(&["PermissionDenied", "attn"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
