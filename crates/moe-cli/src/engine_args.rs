@@ -36,6 +36,7 @@ impl EngineArgs {
             kv_cache_bytes: self.kv_cache_mb << 20,
             page_size: 16,
             default_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
+            ..Default::default()
         })
     }
 }

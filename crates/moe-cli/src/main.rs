@@ -1,6 +1,7 @@
 //! The `moe` command. Every flag can also be set through a `MOE_*` environment variable.
 //! Library errors become one `error: …` line on stderr and a non-zero exit, never a panic.
 
+mod api;
 mod bench;
 mod bench_adapters;
 mod client;

@@ -1,6 +1,7 @@
 //! `moe router`: the router over a static list of remote workers.
 
-use crate::engine_args::{bind, run_until_signal, AdapterServeArgs, EngineArgs, EtcdArgs, GRACE};
+use crate::api::{bind_all, serve_all, HttpArgs};
+use crate::engine_args::{run_until_signal, AdapterServeArgs, EngineArgs, EtcdArgs, GRACE};
 use clap::{Args, ValueEnum};
 use moe_dispatch::GrpcTransportConfig;
 use moe_proto::v1::WireDtype;
@@ -36,6 +37,8 @@ pub struct RouterArgs {
     pub engine: EngineArgs,
     #[command(flatten)]
     pub adapters: AdapterServeArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
 }
 
 pub fn run(a: RouterArgs) -> anyhow::Result<()> {
@@ -58,9 +61,9 @@ pub fn run(a: RouterArgs) -> anyhow::Result<()> {
             let (engine, dispatcher, ready) = moe_cluster::membership_router(&a.model, rx, transport, engine_config)?;
             let engine = a.adapters.with_tenants(moe_cluster::with_adapters(engine, &adapter_options))?;
             let status: Arc<dyn moe_router::ClusterStatus> = dispatcher;
-            let listener = bind(&a.listen, "router").await?;
+            let listeners = bind_all(&a.listen, &a.http, "router").await?;
             let r = run_until_signal(
-                |stop| moe_router::serve_inference(engine, status.clone(), Some(ready), listener, stop),
+                |stop| serve_all(engine, status.clone(), Some(ready), &a.model, &a.http, listeners, stop),
                 GRACE,
             )
             .await;
@@ -69,12 +72,8 @@ pub fn run(a: RouterArgs) -> anyhow::Result<()> {
         }
         let engine = moe_cluster::remote(&a.model, &a.workers, transport, engine_config).await?;
         let engine = a.adapters.with_tenants(moe_cluster::with_adapters(engine, &adapter_options))?;
-        let listener = bind(&a.listen, "router").await?;
-        let workers = a.workers.len();
-        run_until_signal(
-            |stop| moe_router::serve_inference(engine, Arc::new(StaticCluster(workers)), None, listener, stop),
-            GRACE,
-        )
-        .await
+        let listeners = bind_all(&a.listen, &a.http, "router").await?;
+        let cluster = Arc::new(StaticCluster(a.workers.len()));
+        run_until_signal(|stop| serve_all(engine, cluster, None, &a.model, &a.http, listeners, stop), GRACE).await
     })
 }

@@ -1,7 +1,8 @@
 //! `moe serve`: the embedded cluster (a router and N in-process workers in one process) serving
 //! the Inference API.
 
-use crate::engine_args::{bind, run_until_signal, AdapterServeArgs, EngineArgs, GRACE};
+use crate::api::{bind_all, serve_all, HttpArgs};
+use crate::engine_args::{run_until_signal, AdapterServeArgs, EngineArgs, GRACE};
 use crate::model_args::ModelArgs;
 use clap::Args;
 use moe_router::StaticCluster;
@@ -20,6 +21,8 @@ pub struct ServeArgs {
     pub engine: EngineArgs,
     #[command(flatten)]
     pub adapters: AdapterServeArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
@@ -33,12 +36,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let engine = a.adapters.with_tenants(engine)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let listener = bind(&a.listen, "serve").await?;
-        let workers = a.workers;
-        run_until_signal(
-            |stop| moe_router::serve_inference(engine, Arc::new(StaticCluster(workers)), None, listener, stop),
-            GRACE,
-        )
-        .await
+        let listeners = bind_all(&a.listen, &a.http, "serve").await?;
+        let cluster = Arc::new(StaticCluster(a.workers));
+        run_until_signal(|stop| serve_all(engine, cluster, None, &dir, &a.http, listeners, stop), GRACE).await
     })
 }

@@ -111,6 +111,8 @@ pub struct Workspace<B: Backend> {
     row_item: Vec<u32>,
     adapter_table: Vec<AdapterIdentity>,
     row_adapter: Vec<u32>,
+    /// Tokens routed to each (layer, expert) since the caller last drained them.
+    expert_tokens: Vec<u64>,
 }
 
 impl<B: Backend> Workspace<B> {
@@ -118,6 +120,12 @@ impl<B: Backend> Workspace<B> {
     /// not all be computed, with the reason; their outputs are not to be used.
     pub fn unserved_rows(&self) -> &[(u32, String)] {
         &self.unserved
+    }
+
+    /// Tokens routed to each expert (`[layer * num_experts + expert]`) since the caller last
+    /// zeroed them: the expert load that placement and metrics need.
+    pub fn expert_tokens_mut(&mut self) -> &mut [u64] {
+        &mut self.expert_tokens
     }
 
     pub fn new(backend: &B) -> Self {
@@ -146,6 +154,7 @@ impl<B: Backend> Workspace<B> {
             row_item: Vec::new(),
             adapter_table: Vec::new(),
             row_adapter: Vec::new(),
+            expert_tokens: Vec::new(),
         }
     }
 }
@@ -399,6 +408,13 @@ impl<B: Backend> Model<B> {
             route_row(logits, c.top_k, c.norm_topk_prob, &mut ws.choices[r * c.top_k..(r + 1) * c.top_k]);
         }
         ws.plan.rebuild(c.num_experts, c.top_k, &ws.choices);
+        let counts_len = c.num_layers * c.num_experts;
+        if ws.expert_tokens.len() != counts_len {
+            ws.expert_tokens.resize(counts_len, 0);
+        }
+        for &(e, _) in &ws.choices {
+            ws.expert_tokens[layer * c.num_experts + e as usize] += 1;
+        }
         b.zeros(rows, c.hidden_size, &mut ws.ffn_out);
         match experts {
             Some(executor) => {

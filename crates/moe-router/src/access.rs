@@ -10,26 +10,27 @@ use moe_lora::validate_id;
 use moe_model::AdapterWeights;
 use std::sync::Arc;
 use tokio::sync::OwnedSemaphorePermit;
-use tonic::metadata::MetadataMap;
 
 /// What a request holds while it runs: its tenant's slot and its pinned adapter.
 #[derive(Default)]
 pub struct Admission {
     pub adapter: Option<Arc<AdapterWeights<CpuBackend>>>,
+    /// The tenant's name, when tenants are configured.
+    pub tenant: Option<String>,
     /// Held, not read: dropping it frees the tenant's slot.
     _permit: Option<OwnedSemaphorePermit>,
 }
 
-/// The caller's tenant, when tenants are configured (`None` when they are not).
-pub fn authenticate(engine: &Engine, metadata: &MetadataMap) -> Result<Option<Arc<Tenant>>, RouterError> {
+/// The caller's tenant from its `authorization` value (gRPC metadata or HTTP header), when
+/// tenants are configured (`None` when they are not).
+pub fn authenticate(engine: &Engine, authorization: Option<&str>) -> Result<Option<Arc<Tenant>>, RouterError> {
     let Some(tenants) = engine.tenants() else { return Ok(None) };
-    let auth = metadata.get("authorization").and_then(|v| v.to_str().ok());
-    tenants.authenticate(auth).map(Some)
+    tenants.authenticate(authorization).map(Some)
 }
 
 /// Requires an admin tenant when tenants are configured.
-pub fn require_admin(engine: &Engine, metadata: &MetadataMap) -> Result<(), RouterError> {
-    match authenticate(engine, metadata)? {
+pub fn require_admin(engine: &Engine, authorization: Option<&str>) -> Result<(), RouterError> {
+    match authenticate(engine, authorization)? {
         Some(t) if !t.admin => {
             Err(RouterError::PermissionDenied(format!("tenant {:?} may not manage adapters", t.name)))
         }
@@ -38,8 +39,8 @@ pub fn require_admin(engine: &Engine, metadata: &MetadataMap) -> Result<(), Rout
 }
 
 /// Checks the tenant's rights, takes its concurrency slot, and loads and pins the adapter.
-pub async fn admit(engine: &Engine, metadata: &MetadataMap, adapter_id: &str) -> Result<Admission, RouterError> {
-    let tenant = authenticate(engine, metadata)?;
+pub async fn admit(engine: &Engine, authorization: Option<&str>, adapter_id: &str) -> Result<Admission, RouterError> {
+    let tenant = authenticate(engine, authorization)?;
     if !adapter_id.is_empty() {
         validate_id(adapter_id)?;
     }
@@ -74,7 +75,7 @@ pub async fn admit(engine: &Engine, metadata: &MetadataMap, adapter_id: &str) ->
     if let Some(t) = &tenant {
         tracing::debug!(tenant = %t.name, adapter = adapter_id, "admitted");
     }
-    Ok(Admission { adapter, _permit: permit })
+    Ok(Admission { adapter, tenant: tenant.map(|t| t.name.clone()), _permit: permit })
 }
 
 /// The adapter info of the public API.

@@ -5,6 +5,7 @@
 //! runs it, samples, and sends each request its events. Every accepted request ends in exactly
 //! one `Finished` or `Failed` event.
 
+use crate::engine_metrics::{outcome_label, EngineMetrics};
 use crate::error::RouterError;
 use crate::request::{Event, FinishReason, ValidatedRequest};
 use crate::tenants::Tenants;
@@ -33,6 +34,8 @@ pub struct EngineConfig {
     pub page_size: usize,
     /// Deadline of requests that set none.
     pub default_timeout: Duration,
+    /// Where the engine reports (shared with the API servers and transports of the process).
+    pub metrics: moe_metrics::Registry,
 }
 
 impl Default for EngineConfig {
@@ -44,6 +47,7 @@ impl Default for EngineConfig {
             kv_cache_bytes: 512 << 20,
             page_size: 16,
             default_timeout: Duration::from_secs(600),
+            metrics: moe_metrics::Registry::new(),
         }
     }
 }
@@ -62,6 +66,13 @@ struct Submission {
     id: u64,
     req: ValidatedRequest,
     events: UnboundedSender<Event>,
+    submitted: Instant,
+}
+
+impl Submission {
+    fn tenant(&self) -> &str {
+        self.req.tenant.as_deref().unwrap_or("")
+    }
 }
 
 /// The handle the API side holds: submits requests and reads the engine's counters.
@@ -128,6 +139,7 @@ impl Engine {
             chunk: Vec::new(),
             members: Vec::new(),
             done: Vec::new(),
+            metrics: EngineMetrics { registry: config.metrics.clone() },
         };
         std::thread::Builder::new()
             .name("moe-engine".into())
@@ -187,6 +199,16 @@ impl Engine {
         &self.stats
     }
 
+    /// Counts a request refused before it reached the engine (validation, tenant rules, adapter).
+    pub fn record_rejection(&self, e: &RouterError) {
+        EngineMetrics { registry: self.config.metrics.clone() }.rejected(e.code());
+    }
+
+    /// The metrics registry this engine reports to.
+    pub fn metrics(&self) -> &moe_metrics::Registry {
+        &self.config.metrics
+    }
+
     /// Queues a validated request; its events arrive on the returned channel. A full queue is
     /// refused at once with RESOURCE_EXHAUSTED.
     pub fn submit(&self, req: ValidatedRequest) -> Result<(u64, UnboundedReceiver<Event>), RouterError> {
@@ -208,7 +230,7 @@ impl Engine {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;
         let (events, rx) = unbounded_channel();
-        match self.tx.try_send(Submission { id, req, events }) {
+        match self.tx.try_send(Submission { id, req, events, submitted: Instant::now() }) {
             Ok(()) => Ok((id, rx)),
             Err(TrySendError::Full(_)) => {
                 self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -232,6 +254,14 @@ struct Sequence {
     generated: usize,
     sampler: Sampler,
     text: TextStream,
+    submitted: Instant,
+    last_token: Instant,
+}
+
+impl Sequence {
+    fn tenant(&self) -> &str {
+        self.req.tenant.as_deref().unwrap_or("")
+    }
 }
 
 struct Worker {
@@ -245,6 +275,7 @@ struct Worker {
     running: Vec<Sequence>,
     stats: Arc<EngineStats>,
     config: EngineConfig,
+    metrics: EngineMetrics,
     logits: Vec<f32>,
     seen: Vec<bool>,
     /// Per-step buffers, kept to avoid allocating every step.
@@ -284,6 +315,14 @@ impl Worker {
     fn publish(&self) {
         self.stats.free_pages.store(self.kv.pages.free_pages(), Ordering::SeqCst);
         self.stats.running.store(self.running.len(), Ordering::SeqCst);
+        let total = self.kv.pages.num_pages();
+        let waiting = self.stats.waiting.load(Ordering::Relaxed);
+        self.metrics.state(waiting, self.running.len(), total - self.kv.pages.free_pages(), total);
+    }
+
+    /// Records a request's terminal state.
+    fn ended(&self, outcome: &str, tenant: &str, prompt: usize, generated: usize, submitted: Instant) {
+        self.metrics.ended(outcome, tenant, prompt, generated, submitted.elapsed());
     }
 
     /// Drops requests whose client went away and fails expired ones, freeing their pages.
@@ -303,17 +342,22 @@ impl Worker {
                 }
                 tracing::debug!(request = s.id, expired, "request left the batch");
                 self.kv.pages.release(&mut s.cache);
+                let outcome = if expired { "deadline_exceeded" } else { "cancelled" };
+                self.ended(outcome, s.tenant(), s.req.prompt.len(), s.generated, s.submitted);
             } else {
                 i += 1;
             }
         }
         let before = self.waiting.len();
+        let metrics = self.metrics.clone();
         self.waiting.retain_mut(|w| {
             if w.events.is_closed() {
+                metrics.ended("cancelled", w.tenant(), w.req.prompt.len(), 0, w.submitted.elapsed());
                 return false;
             }
             if now >= w.req.deadline {
                 w.req.adapter = None;
+                metrics.ended("deadline_exceeded", w.tenant(), w.req.prompt.len(), 0, w.submitted.elapsed());
                 let _ = w
                     .events
                     .send(Event::Failed(RouterError::DeadlineExceeded { millis: w.req.timeout.as_millis() as u64 }));
@@ -338,6 +382,13 @@ impl Worker {
             let sampler = match Sampler::new(sub.req.sampling.clone()) {
                 Ok(s) => s,
                 Err(e) => {
+                    self.metrics.ended(
+                        "invalid_argument",
+                        sub.tenant(),
+                        sub.req.prompt.len(),
+                        0,
+                        sub.submitted.elapsed(),
+                    );
                     let _ = sub.events.send(Event::Failed(RouterError::invalid("sampling", e.to_string())));
                     self.kv.pages.release(&mut cache);
                     continue;
@@ -355,6 +406,8 @@ impl Worker {
                 generated: 0,
                 sampler,
                 text,
+                submitted: sub.submitted,
+                last_token: sub.submitted,
             });
         }
     }
@@ -403,6 +456,7 @@ impl Worker {
         let result =
             self.model.forward_with(&mut self.ws, &mut self.kv, &mut batch, LogitsFor::Last, &mut self.logits, experts);
         drop(batch);
+        self.metrics.expert_tokens(self.model.config.num_experts, self.ws.expert_tokens_mut());
         if let Err(e) = result {
             let err = RouterError::from(e);
             tracing::warn!(error = %err, "step failed; failing its requests");
@@ -410,6 +464,7 @@ impl Worker {
             for &i in members.iter() {
                 let mut s = self.running.swap_remove(i);
                 s.req.adapter = None; // unpin before the terminal event: observers then see it released
+                self.ended(outcome_label(err.code()), s.tenant(), s.req.prompt.len(), s.generated, s.submitted);
                 let _ = s.events.send(Event::Failed(err.clone()));
                 self.kv.pages.release(&mut s.cache);
             }
@@ -433,6 +488,7 @@ impl Worker {
             if let Some((_, why)) = failed.iter().find(|(f, _)| *f == i) {
                 let s = &mut self.running[i];
                 s.req.adapter = None;
+                self.metrics.ended("unavailable", s.tenant(), s.req.prompt.len(), s.generated, s.submitted.elapsed());
                 tracing::warn!(request = s.id, reason = %why, "request failed: experts unavailable");
                 let _ = s.events.send(Event::Failed(RouterError::Unavailable(why.clone())));
                 done.push(i);
@@ -466,9 +522,17 @@ impl Worker {
                 None
             };
             let text = if finish.is_some() { text + &s.text.flush() } else { text };
+            let now = Instant::now();
+            if s.generated == 1 {
+                self.metrics.first_token(now - s.submitted);
+            } else {
+                self.metrics.next_token(now - s.last_token);
+            }
+            s.last_token = now;
             let _ = s.events.send(Event::Delta { text, token_ids: vec![next], logprobs: lp });
             if let Some(reason) = finish {
                 s.req.adapter = None; // unpin before the terminal event: observers then see it released
+                self.metrics.ended("ok", s.tenant(), s.req.prompt.len(), s.generated, s.submitted.elapsed());
                 let _ = s.events.send(Event::Finished {
                     reason,
                     prompt_tokens: s.req.prompt.len(),

@@ -5,8 +5,9 @@
 //! LoRA adapters per request, and the public `Inference` gRPC service. Where the
 //! experts run is not its business: it is handed a [`moe_model::ExpertExecutor`].
 
-mod access;
+pub mod access;
 mod engine;
+mod engine_metrics;
 mod error;
 mod request;
 mod server;
@@ -15,6 +16,7 @@ mod tenants;
 mod text;
 
 pub use engine::{router_adapters, Engine, EngineConfig, EngineStats, RouterAdapters};
+pub use engine_metrics::{outcome_label, EngineMetrics};
 pub use error::RouterError;
 pub use request::{Event, FinishReason, GenerationParams, PromptInput, ValidatedRequest};
 pub use server::{inference_routes, serve_inference};

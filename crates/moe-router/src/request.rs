@@ -47,6 +47,8 @@ pub struct ValidatedRequest {
     pub timeout: Duration,
     /// The LoRA adapter, resolved and pinned (resident while this request holds it).
     pub adapter: Option<Arc<AdapterWeights<CpuBackend>>>,
+    /// The tenant's name (a metrics label), when tenants are configured.
+    pub tenant: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,6 +147,7 @@ impl ValidatedRequest {
             deadline: Instant::now() + timeout,
             timeout,
             adapter: None,
+            tenant: None,
         })
     }
 }

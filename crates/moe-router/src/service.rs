@@ -83,11 +83,29 @@ impl InferenceService {
     /// slot, then the adapter.
     async fn prepare(&self, request: &Request<GenerateRequest>) -> Result<(ValidatedRequest, Admission), RouterError> {
         let mut validated = self.validate(request.get_ref().clone())?;
-        let mut admission = admit(&self.engine, request.metadata(), &request.get_ref().adapter_id).await?;
+        let mut admission = admit(&self.engine, authorization(request), &request.get_ref().adapter_id).await?;
         // The request holds the one pin; the engine drops it when the request ends.
         validated.adapter = admission.adapter.take();
+        validated.tenant = admission.tenant.clone();
         Ok((validated, admission))
     }
+
+    /// Prepares and submits; a refusal is counted in the metrics.
+    async fn start(
+        &self,
+        request: &Request<GenerateRequest>,
+    ) -> Result<(u64, tokio::sync::mpsc::UnboundedReceiver<Event>, Admission), RouterError> {
+        let attempt = async {
+            let (validated, admission) = self.prepare(request).await?;
+            let (id, events) = self.engine.submit(validated)?;
+            Ok((id, events, admission))
+        };
+        attempt.await.inspect_err(|e| self.engine.record_rejection(e))
+    }
+}
+
+fn authorization<T>(req: &Request<T>) -> Option<&str> {
+    req.metadata().get("authorization").and_then(|v| v.to_str().ok())
 }
 
 fn request_id<T>(req: &Request<T>, assigned: u64) -> String {
@@ -113,8 +131,7 @@ impl Inference for InferenceService {
         let hint = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let span = tracing::info_span!("generate", request_id = %hint);
         async move {
-            let (validated, _admission) = self.prepare(&request).await?;
-            let (id, mut events) = self.engine.submit(validated)?;
+            let (id, mut events, _admission) = self.start(&request).await?;
             let rid = request_id(&request, id);
             let mut out = GenerateResponse { request_id: rid, ..Default::default() };
             while let Some(ev) = events.recv().await {
@@ -144,8 +161,7 @@ impl Inference for InferenceService {
     type GenerateStreamStream = GenerateStream;
 
     async fn generate_stream(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
-        let (validated, admission) = self.prepare(&request).await?;
-        let (id, events) = self.engine.submit(validated)?;
+        let (id, events, admission) = self.start(&request).await?;
         let rid = request_id(&request, id);
         tracing::info!(request_id = %rid, "stream started");
         let mut finished = false;
@@ -214,7 +230,7 @@ impl Inference for InferenceService {
         &self,
         request: Request<ListAdaptersRequest>,
     ) -> Result<Response<ListAdaptersResponse>, Status> {
-        let tenant = authenticate(&self.engine, request.metadata())?;
+        let tenant = authenticate(&self.engine, authorization(&request))?;
         let Some(registry) = self.engine.adapters() else {
             return Ok(Response::new(ListAdaptersResponse::default()));
         };
@@ -231,7 +247,7 @@ impl Inference for InferenceService {
         &self,
         request: Request<LoadAdapterRequest>,
     ) -> Result<Response<LoadAdapterResponse>, Status> {
-        require_admin(&self.engine, request.metadata())?;
+        require_admin(&self.engine, authorization(&request))?;
         let registry = self.engine.adapters().cloned().ok_or_else(|| {
             RouterError::FailedPrecondition("this router serves no adapters (start it with --adapter-dir)".into())
         })?;
@@ -257,7 +273,7 @@ impl Inference for InferenceService {
         &self,
         request: Request<UnloadAdapterRequest>,
     ) -> Result<Response<UnloadAdapterResponse>, Status> {
-        require_admin(&self.engine, request.metadata())?;
+        require_admin(&self.engine, authorization(&request))?;
         let registry = self.engine.adapters().ok_or_else(|| {
             RouterError::FailedPrecondition("this router serves no adapters (start it with --adapter-dir)".into())
         })?;

@@ -1,0 +1,61 @@
+//! The public servers of `moe serve` and `moe router`: gRPC always, and the OpenAI-compatible
+//! HTTP API with `/metrics` when `--http-listen` is given, stopping together.
+
+use clap::Args;
+use futures::FutureExt;
+use moe_router::{ClusterStatus, Engine};
+use std::path::Path;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+#[derive(Args, Debug, Clone)]
+pub struct HttpArgs {
+    /// Also serve the OpenAI-compatible HTTP API and /metrics here (e.g. 0.0.0.0:8080).
+    #[arg(long, env = "MOE_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+    /// The model name of the HTTP API (default: the model directory's name).
+    #[arg(long, env = "MOE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+}
+
+/// Bound listeners.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: Option<TcpListener>,
+}
+
+pub async fn bind_all(grpc: &str, http: &HttpArgs, what: &str) -> anyhow::Result<Listeners> {
+    let grpc = crate::engine_args::bind(grpc, what).await?;
+    let http = match &http.http_listen {
+        None => None,
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+            eprintln!("moe {what}: HTTP API on {}", l.local_addr()?);
+            Some(l)
+        }
+    };
+    Ok(Listeners { grpc, http })
+}
+
+/// Serves gRPC (and HTTP) until `stop` resolves.
+pub async fn serve_all(
+    engine: Engine,
+    cluster: Arc<dyn ClusterStatus>,
+    ready: Option<tokio::sync::watch::Receiver<bool>>,
+    model_dir: &Path,
+    http: &HttpArgs,
+    listeners: Listeners,
+    stop: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let stop = stop.shared();
+    let grpc = moe_router::serve_inference(engine.clone(), cluster, ready, listeners.grpc, stop.clone());
+    let Some(http_listener) = listeners.http else { return grpc.await };
+    let name = http.served_model_name.clone().unwrap_or_else(|| {
+        model_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "moe".into())
+    });
+    let chat = moe_http::ChatTemplate::from_model_dir(model_dir)?;
+    let state = Arc::new(moe_http::HttpState::new(engine, name, chat));
+    let http = moe_http::serve_http(state, http_listener, stop);
+    let (a, b) = tokio::join!(grpc, http);
+    a.and(b)
+}

@@ -1,0 +1,91 @@
+//! `moe-http` serves a router's engine over HTTP next to gRPC: the OpenAI-compatible
+//! `/v1/completions`, `/v1/chat/completions` (server-sent events with `stream: true`) and
+//! `/v1/models`, Prometheus metrics at `/metrics`, and `/health`. Validation, tenants, adapters
+//! and error codes are the gRPC service's (shared through `moe_router::access`); this crate only
+//! translates.
+
+pub mod chat;
+mod openai;
+
+pub use chat::{ChatMessage, ChatTemplate};
+pub use openai::http_status;
+
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use moe_router::Engine;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// What the handlers share.
+pub struct HttpState {
+    pub engine: Engine,
+    /// The name `/v1/models` lists and requests may give as `model` for the base model.
+    pub model_name: String,
+    pub chat: ChatTemplate,
+    next: AtomicU64,
+}
+
+impl HttpState {
+    pub fn new(engine: Engine, model_name: String, chat: ChatTemplate) -> Self {
+        Self { engine, model_name, chat, next: AtomicU64::new(1) }
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Refreshes the gauges read from elsewhere (adapter residency), then renders everything.
+async fn metrics(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
+    let r = state.engine.metrics();
+    if let Some(reg) = state.engine.adapters() {
+        let (resident, pinned, bytes) = reg.usage();
+        r.set("moe_adapters_resident", "LoRA adapters resident on this router.", &[], resident as f64);
+        r.set("moe_adapters_pinned", "Resident adapters used by running requests.", &[], pinned as f64);
+        r.set("moe_adapter_bytes", "Bytes of resident adapters.", &[], bytes as f64);
+        let c = &reg.counters;
+        r.set("moe_adapter_loads", "Adapter loads since start.", &[], c.loads.load(Ordering::Relaxed) as f64);
+        r.set(
+            "moe_adapter_load_failures",
+            "Adapter loads that failed.",
+            &[],
+            c.load_failures.load(Ordering::Relaxed) as f64,
+        );
+        r.set(
+            "moe_adapter_evictions",
+            "Idle adapters evicted to make room.",
+            &[],
+            c.evictions.load(Ordering::Relaxed) as f64,
+        );
+    }
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], r.render())
+}
+
+async fn health() -> &'static str {
+    "ok"
+}
+
+/// The HTTP routes over `state`.
+pub fn http_routes(state: Arc<HttpState>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/models", get(openai::models))
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .with_state(state)
+}
+
+/// Serves the HTTP API on `listener` until `shutdown` resolves.
+pub async fn serve_http(
+    state: Arc<HttpState>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    axum::serve(listener, http_routes(state)).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}

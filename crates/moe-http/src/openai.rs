@@ -1,0 +1,341 @@
+//! The OpenAI-compatible endpoints. Requests are validated exactly as on gRPC
+//! ([`moe_router::ValidatedRequest`]), tenant keys come from `Authorization: Bearer`, and the
+//! `model` field names the base model or an adapter (as LoRAX does). gRPC codes map to HTTP
+//! statuses (400, 401, 403, 404, 429, 503, 504); errors have OpenAI's `{"error": {...}}` shape.
+//! A streamed failure ends the stream with an error event, never with a normal finish.
+
+use crate::chat::ChatMessage;
+use crate::HttpState;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use moe_router::access::{admit, authenticate};
+use moe_router::{Event, FinishReason, GenerationParams, PromptInput, RouterError, ValidatedRequest};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// An error answer: the gRPC code's HTTP status and OpenAI's error body.
+pub struct ApiError(pub RouterError);
+
+impl From<RouterError> for ApiError {
+    fn from(e: RouterError) -> Self {
+        Self(e)
+    }
+}
+
+pub fn http_status(code: tonic::Code) -> StatusCode {
+    use tonic::Code as C;
+    match code {
+        C::InvalidArgument | C::OutOfRange => StatusCode::BAD_REQUEST,
+        C::Unauthenticated => StatusCode::UNAUTHORIZED,
+        C::PermissionDenied => StatusCode::FORBIDDEN,
+        C::NotFound => StatusCode::NOT_FOUND,
+        C::FailedPrecondition | C::AlreadyExists => StatusCode::CONFLICT,
+        C::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        C::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        C::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn error_body(e: &RouterError) -> Value {
+    let code = moe_router::outcome_label(e.code());
+    let kind = match e.code() {
+        tonic::Code::InvalidArgument => "invalid_request_error",
+        tonic::Code::Unauthenticated => "authentication_error",
+        tonic::Code::PermissionDenied => "permission_error",
+        tonic::Code::NotFound => "not_found_error",
+        tonic::Code::ResourceExhausted => "rate_limit_error",
+        _ => "server_error",
+    };
+    json!({"error": {"message": e.to_string(), "type": kind, "code": code}})
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (http_status(self.0.code()), Json(error_body(&self.0))).into_response()
+    }
+}
+
+/// A string or a list of strings (OpenAI's `stop`).
+#[derive(Deserialize, Default)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::None => Vec::new(),
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// `prompt`: text, or token ids.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum CompletionPrompt {
+    Text(String),
+    Ids(Vec<u32>),
+    Texts(Vec<String>),
+}
+
+/// Fields shared by both endpoints.
+#[derive(Deserialize, Default)]
+pub struct SamplingFields {
+    #[serde(default)]
+    pub model: String,
+    pub max_tokens: Option<u32>,
+    pub max_completion_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i32>,
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stop: OneOrMany,
+    #[serde(default)]
+    pub stream: bool,
+    pub repetition_penalty: Option<f32>,
+    pub n: Option<u32>,
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: CompletionPrompt,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+#[derive(Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn finish_name(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers.get("authorization").and_then(|v| v.to_str().ok())
+}
+
+/// The adapter a `model` value selects: none for the base model's name (or no name).
+fn adapter_of(state: &HttpState, model: &str) -> String {
+    if model.is_empty() || model == state.model_name {
+        String::new()
+    } else {
+        model.to_string()
+    }
+}
+
+/// Validates, admits (tenant, adapter) and submits; a refusal is counted in the metrics.
+async fn start(
+    state: &HttpState,
+    headers: &HeaderMap,
+    prompt: PromptInput,
+    s: SamplingFields,
+) -> Result<(tokio::sync::mpsc::UnboundedReceiver<Event>, moe_router::access::Admission, String), RouterError> {
+    let engine = &state.engine;
+    let attempt = async {
+        if s.n.is_some_and(|n| n != 1) {
+            return Err(RouterError::invalid("n", "only n = 1 is supported"));
+        }
+        let adapter = adapter_of(state, &s.model);
+        let params = GenerationParams {
+            max_new_tokens: s.max_completion_tokens.or(s.max_tokens),
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            seed: s.seed,
+            stop: s.stop.into_vec(),
+            repetition_penalty: s.repetition_penalty,
+            logprobs: false,
+            adapter_id: adapter.clone(),
+            timeout: s.timeout_ms.filter(|&t| t > 0).map(Duration::from_millis),
+        };
+        let mut req = ValidatedRequest::new(
+            prompt,
+            &params,
+            engine.codec(),
+            &engine.model().config,
+            engine.config().default_timeout,
+        )?;
+        let mut admission = admit(engine, authorization(headers), &adapter).await?;
+        req.adapter = admission.adapter.take();
+        req.tenant = admission.tenant.clone();
+        let (id, events) = engine.submit(req)?;
+        let model = if adapter.is_empty() { state.model_name.clone() } else { adapter };
+        tracing::info!(request = id, model = %model, "http request started");
+        Ok((events, admission, model))
+    };
+    attempt.await.inspect_err(|e| engine.record_rejection(e))
+}
+
+/// Everything a request produced, for the non-streaming answers.
+struct Collected {
+    text: String,
+    reason: FinishReason,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+async fn collect(mut events: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Result<Collected, RouterError> {
+    let mut text = String::new();
+    while let Some(ev) = events.recv().await {
+        match ev {
+            Event::Delta { text: t, .. } => text.push_str(&t),
+            Event::Finished { reason, prompt_tokens, completion_tokens } => {
+                return Ok(Collected { text, reason, prompt_tokens, completion_tokens })
+            }
+            Event::Failed(e) => return Err(e),
+        }
+    }
+    Err(RouterError::Internal("the engine dropped the request".into()))
+}
+
+fn usage(c: &Collected) -> Value {
+    json!({"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+           "total_tokens": c.prompt_tokens + c.completion_tokens})
+}
+
+/// The stream of SSE events: one per delta (built by `chunk`), a final chunk with the finish
+/// reason, then `[DONE]`; a failure sends an error event instead of the final chunk.
+fn sse_stream(
+    events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    held: moe_router::access::Admission,
+    chunk: impl Fn(Option<&str>, Option<&str>) -> Value + Send + 'static,
+) -> Sse<impl futures::Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
+    let mut ended = false;
+    let body = tokio_stream::wrappers::UnboundedReceiverStream::new(events)
+        .map(Some)
+        .chain(futures::stream::iter([None]))
+        .filter_map(move |ev| {
+            let _held = &held;
+            let out = if ended {
+                None
+            } else {
+                match ev {
+                    Some(Event::Delta { text, .. }) if text.is_empty() => None,
+                    Some(Event::Delta { text, .. }) => {
+                        Some(SseEvent::default().data(chunk(Some(&text), None).to_string()))
+                    }
+                    Some(Event::Finished { reason, .. }) => {
+                        Some(SseEvent::default().data(chunk(None, Some(finish_name(reason))).to_string()))
+                    }
+                    Some(Event::Failed(e)) => {
+                        ended = true;
+                        Some(SseEvent::default().event("error").data(error_body(&e).to_string()))
+                    }
+                    None => {
+                        ended = true;
+                        Some(SseEvent::default().data("[DONE]"))
+                    }
+                }
+            };
+            std::future::ready(out.map(Ok))
+        });
+    Sse::new(body).keep_alive(KeepAlive::default())
+}
+
+pub async fn completions(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    Json(req): Json<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let prompt = match req.prompt {
+        CompletionPrompt::Text(t) => PromptInput::Text(t),
+        CompletionPrompt::Ids(ids) => PromptInput::Ids(ids),
+        CompletionPrompt::Texts(mut v) if v.len() == 1 => PromptInput::Text(v.remove(0)),
+        CompletionPrompt::Texts(_) => return Err(RouterError::invalid("prompt", "give one prompt per request").into()),
+    };
+    let stream = req.sampling.stream;
+    let (events, held, model) = start(&state, &headers, prompt, req.sampling).await?;
+    let (id, created) = (format!("cmpl-{}", state.next_id()), now_secs());
+    if stream {
+        let chunk = move |text: Option<&str>, finish: Option<&str>| {
+            json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                   "choices": [{"index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null}]})
+        };
+        return Ok(sse_stream(events, held, chunk).into_response());
+    }
+    let c = collect(events).await?;
+    drop(held);
+    Ok(Json(json!({
+        "id": id, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": c.text, "finish_reason": finish_name(c.reason), "logprobs": null}],
+        "usage": usage(&c),
+    }))
+    .into_response())
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    Json(req): Json<ChatRequest>,
+) -> Result<Response, ApiError> {
+    let text = state.chat.render(&req.messages).map_err(|m| RouterError::invalid("messages", m))?;
+    let stream = req.sampling.stream;
+    let (events, held, model) = start(&state, &headers, PromptInput::Text(text), req.sampling).await?;
+    let (id, created) = (format!("chatcmpl-{}", state.next_id()), now_secs());
+    if stream {
+        let first = std::sync::atomic::AtomicBool::new(true);
+        let chunk = move |text: Option<&str>, finish: Option<&str>| {
+            let mut delta = json!({});
+            if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                delta["role"] = json!("assistant");
+            }
+            if let Some(t) = text {
+                delta["content"] = json!(t);
+            }
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        };
+        return Ok(sse_stream(events, held, chunk).into_response());
+    }
+    let c = collect(events).await?;
+    drop(held);
+    Ok(Json(json!({
+        "id": id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                     "finish_reason": finish_name(c.reason)}],
+        "usage": usage(&c),
+    }))
+    .into_response())
+}
+
+/// The base model and the adapters the caller may use.
+pub async fn models(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let tenant = authenticate(&state.engine, authorization(&headers))?;
+    let created = now_secs();
+    let mut data = vec![json!({"id": state.model_name, "object": "model", "created": created, "owned_by": "moe"})];
+    if let Some(registry) = state.engine.adapters() {
+        for a in registry.list() {
+            if tenant.as_ref().is_none_or(|t| t.admin || t.may_use(&a.id)) {
+                data.push(json!({"id": a.id, "object": "model", "created": created, "owned_by": "moe",
+                                 "parent": state.model_name, "resident": a.resident}));
+            }
+        }
+    }
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
+}
