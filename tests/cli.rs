@@ -135,3 +135,48 @@ fn bench_reports_every_figure() {
     }
     assert!(topologies[1]["dispatch_round_trip_us"].as_f64().expect("rtt") > 0.0);
 }
+
+#[test]
+fn config_file_keys_mirror_flags_and_the_command_line_wins() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = tmp.path().join("moe.toml");
+    std::fs::write(&cfg, "max-new-tokens = 3\njson = true\n").expect("write");
+    let c = cfg.to_str().expect("utf8");
+    let out = moe(&["generate", "--demo", "--prompt", "Hi", "--config", c]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.json()["token_ids"].as_array().expect("ids").len(), 3);
+    let out = moe(&["generate", "--demo", "--prompt", "Hi", "--config", c, "--max-new-tokens", "5"]);
+    assert_eq!(out.json()["token_ids"].as_array().expect("ids").len(), 5);
+    std::fs::write(&cfg, "max_new_tokens = 3\nbogus-flag = 1\n").expect("write");
+    moe(&["generate", "--demo", "--prompt", "Hi", "--config", c]).assert_error(&["\"bogus-flag\" is not a flag"]);
+    std::fs::write(&cfg, "max-new-tokens = [").expect("write");
+    moe(&["generate", "--demo", "--prompt", "Hi", "--config", c]).assert_error(&["--config"]);
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args([
+            "--log-format",
+            "json",
+            "generate",
+            "--demo",
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "1",
+            "--adapter",
+            "gate",
+        ])
+        .env("MOE_LOG", "info")
+        .output()
+        .expect("run moe");
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with('{')).collect();
+    assert!(!lines.is_empty(), "{stderr}");
+    for l in lines {
+        let v: serde_json::Value = serde_json::from_str(l).expect("a JSON log line");
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{l}");
+    }
+}

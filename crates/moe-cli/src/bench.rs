@@ -136,7 +136,14 @@ fn dispatch_round_trip_us(rt: &tokio::runtime::Runtime, dir: &Path, addrs: &[Str
     let choices: Vec<(u32, f32)> = (0..config.top_k as u32).map(|e| (e, 1.0 / config.top_k as f32)).collect();
     let mut plan = ExpertPlan::default();
     plan.rebuild(config.num_experts, config.top_k, &choices);
-    let routes = ExpertRoutes { top_k: config.top_k, choices: &choices, plan: &plan, adapters: &[], row_adapter: &[] };
+    let routes = ExpertRoutes {
+        top_k: config.top_k,
+        choices: &choices,
+        plan: &plan,
+        adapters: &[],
+        row_adapter: &[],
+        row_request: &[],
+    };
     let samples = std::thread::scope(|s| {
         s.spawn(|| {
             let mut out = HostTensor { rows: 1, cols: h, data: vec![0.0; h] };

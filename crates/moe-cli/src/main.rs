@@ -5,6 +5,7 @@ mod api;
 mod bench;
 mod bench_adapters;
 mod client;
+mod config_file;
 mod demo;
 mod engine_args;
 mod generate;
@@ -24,6 +25,13 @@ struct Cli {
     /// Worker threads for compute (default: all cores).
     #[arg(long, global = true, env = "MOE_THREADS")]
     threads: Option<usize>,
+    /// Log lines as human-readable text or as JSON objects (one per line).
+    #[arg(long, global = true, env = "MOE_LOG_FORMAT", value_enum, default_value = "human")]
+    log_format: LogFormat,
+    /// TOML file whose keys mirror the flags (`max-batch-tokens = 256`); the command line and
+    /// the environment take precedence over it.
+    #[arg(long, global = true, env = "MOE_CONFIG")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,15 +54,26 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MOE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let args: Vec<String> = std::env::args().collect();
+    if let Err(e) = config_file::apply::<Cli>(&args) {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MOE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Human => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

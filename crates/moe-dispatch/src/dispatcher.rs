@@ -26,6 +26,8 @@ pub struct WorkerBatch {
     /// Per row, the adapter slot (0: none) into the layer's adapter list; empty when no row
     /// carries an adapter with expert pairs.
     pub row_adapters: Vec<u32>,
+    /// The distinct request ids of these rows (for the worker's logs).
+    pub request_ids: Vec<u64>,
 }
 
 /// Runs worker batches somewhere: in this process, over gRPC, or any faster data plane.
@@ -124,6 +126,7 @@ impl<T: WorkerTransport> Dispatcher<T> {
         layer: usize,
         x: &HostTensor,
         row_adapter: &[u32],
+        row_request: &[u64],
         s: &mut Scratch,
         unserved: &mut Vec<(u32, String)>,
     ) -> Result<usize> {
@@ -143,6 +146,7 @@ impl<T: WorkerTransport> Dispatcher<T> {
             b.experts.clear();
             b.weights.clear();
             b.row_adapters.clear();
+            b.request_ids.clear();
         }
         let mut used = 0usize;
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
@@ -193,6 +197,11 @@ impl<T: WorkerTransport> Dispatcher<T> {
                 if let Some(&a) = row_adapter.get(r as usize) {
                     b.row_adapters.push(a);
                 }
+                if let Some(&q) = row_request.get(r as usize).filter(|&&q| q != 0) {
+                    if !b.request_ids.contains(&q) {
+                        b.request_ids.push(q);
+                    }
+                }
             }
             if let Some(p) = b.row_pairs.last_mut() {
                 *p += 1;
@@ -223,7 +232,7 @@ impl<T: WorkerTransport> ExpertExecutor<CpuBackend> for Dispatcher<T> {
         s.pending.extend(routes.choices.iter().enumerate().map(|(i, &(e, w))| ((i / k) as u32, e, w)));
         // Each round either finishes or leaves out at least one more worker.
         for _round in 0..=self.num_workers {
-            let used = self.group(layer, x, routes.row_adapter, s, unserved).map_err(to_model)?;
+            let used = self.group(layer, x, routes.row_adapter, routes.row_request, s, unserved).map_err(to_model)?;
             if s.outputs.len() < used {
                 s.outputs.resize_with(used, Vec::new);
             }
@@ -277,5 +286,69 @@ impl<T: WorkerTransport> ExpertExecutor<CpuBackend> for Dispatcher<T> {
             std::mem::swap(&mut s.pending, &mut s.retry);
         }
         Err(to_model(DispatchError::Placement("every holder failed".into())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_compute::ExpertPlan;
+
+    /// Records the batches it is given and answers zeros.
+    struct Recorder(Mutex<Vec<WorkerBatch>>);
+
+    impl WorkerTransport for Recorder {
+        fn worker_name(&self, worker: usize) -> String {
+            format!("w{worker}")
+        }
+        fn execute(
+            &self,
+            _layer: usize,
+            hidden: usize,
+            _adapters: &[AdapterIdentity],
+            batches: &[WorkerBatch],
+            outputs: &mut [Vec<f32>],
+            results: &mut [Result<()>],
+        ) {
+            for ((b, o), r) in batches.iter().zip(outputs.iter_mut()).zip(results.iter_mut()) {
+                *o = vec![0.0; b.row_ids.len() * hidden];
+                *r = Ok(());
+            }
+            if let Ok(mut v) = self.0.lock() {
+                v.extend(batches.iter().cloned());
+            }
+        }
+    }
+
+    #[test]
+    fn rows_go_once_per_worker_with_their_request_ids_and_adapters() {
+        let mut placement = Placement::new(1, 2);
+        placement.add(0, 0, &[0]).unwrap();
+        placement.add(1, 0, &[1]).unwrap();
+        let d = Dispatcher::new(Recorder(Mutex::new(Vec::new())), placement, 2);
+        // Rows 0 and 1 belong to request 7, row 2 to request 9; row 1 carries adapter slot 1.
+        let choices = [(0, 0.5), (1, 0.5), (0, 0.6), (1, 0.4), (1, 0.7), (0, 0.3)];
+        let mut plan = ExpertPlan::default();
+        plan.rebuild(2, 2, &choices);
+        let routes = ExpertRoutes {
+            top_k: 2,
+            choices: &choices,
+            plan: &plan,
+            adapters: &[],
+            row_adapter: &[0, 1, 0],
+            row_request: &[7, 7, 9],
+        };
+        let x = HostTensor { rows: 3, cols: 4, data: vec![1.0; 12] };
+        let mut out = HostTensor { rows: 3, cols: 4, data: vec![0.0; 12] };
+        d.run_experts(0, &x, &routes, &mut out, &mut Vec::new()).unwrap();
+        let sent = d.transport().0.lock().unwrap().clone();
+        let w0 = sent.iter().find(|b| b.worker == 0).unwrap();
+        let w1 = sent.iter().find(|b| b.worker == 1).unwrap();
+        assert_eq!(
+            (w0.row_ids.as_slice(), w0.request_ids.as_slice(), w0.row_adapters.as_slice()),
+            (&[0, 1, 2][..], &[7, 9][..], &[0, 1, 0][..])
+        );
+        assert_eq!((w1.row_ids.as_slice(), w1.request_ids.as_slice()), (&[0, 1, 2][..], &[7, 9][..]));
+        assert_eq!((w0.weights.as_slice(), w1.weights.as_slice()), (&[0.5, 0.6, 0.3][..], &[0.5, 0.4, 0.7][..]));
     }
 }

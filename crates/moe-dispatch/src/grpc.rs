@@ -214,6 +214,7 @@ impl GrpcTransport {
                     .get(first_row..first_row + pairs.len())
                     .map(<[u32]>::to_vec)
                     .unwrap_or_default(),
+                request_ids: b.request_ids.clone(),
             };
             pair_start += n_pairs;
             let (tx, rx) = oneshot::channel();

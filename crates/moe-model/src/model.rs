@@ -38,6 +38,8 @@ pub struct ExpertRoutes<'a> {
     pub adapters: &'a [AdapterIdentity],
     /// Per row: 0 for none, `i` for `adapters[i - 1]`. Empty when no row has one.
     pub row_adapter: &'a [u32],
+    /// Per row, the id of its request (0: none); empty when unknown.
+    pub row_request: &'a [u64],
 }
 
 /// A loaded model on a backend.
@@ -61,12 +63,19 @@ pub struct BatchItem<'a, B: Backend> {
     pub cache: &'a mut SequenceCache,
     /// The LoRA adapter this sequence runs with; `None` for the base model.
     pub adapter: Option<&'a AdapterWeights<B>>,
+    /// The request's id (0: none), carried to workers so their logs can name the requests.
+    pub request: u64,
 }
 
 impl<'a, B: Backend> BatchItem<'a, B> {
     /// An item on the base model.
     pub fn new(tokens: &'a [u32], cache: &'a mut SequenceCache) -> Self {
-        Self { tokens, cache, adapter: None }
+        Self { tokens, cache, adapter: None, request: 0 }
+    }
+
+    pub fn with_request(mut self, request: u64) -> Self {
+        self.request = request;
+        self
     }
 
     pub fn with_adapter(mut self, adapter: Option<&'a AdapterWeights<B>>) -> Self {
@@ -113,6 +122,7 @@ pub struct Workspace<B: Backend> {
     row_adapter: Vec<u32>,
     /// Tokens routed to each (layer, expert) since the caller last drained them.
     expert_tokens: Vec<u64>,
+    row_request: Vec<u64>,
 }
 
 impl<B: Backend> Workspace<B> {
@@ -155,6 +165,7 @@ impl<B: Backend> Workspace<B> {
             adapter_table: Vec::new(),
             row_adapter: Vec::new(),
             expert_tokens: Vec::new(),
+            row_request: Vec::new(),
         }
     }
 }
@@ -316,8 +327,10 @@ impl<B: Backend> Model<B> {
     /// Maps rows to items and lists the adapters whose expert pairs workers must apply.
     fn index_adapters(&self, ws: &mut Workspace<B>, batch: &[BatchItem<'_, B>]) {
         ws.row_item.clear();
+        ws.row_request.clear();
         for (i, item) in batch.iter().enumerate() {
             ws.row_item.extend(std::iter::repeat_n(i as u32, item.tokens.len()));
+            ws.row_request.extend(std::iter::repeat_n(item.request, item.tokens.len()));
         }
         ws.adapter_table.clear();
         ws.row_adapter.clear();
@@ -424,6 +437,7 @@ impl<B: Backend> Model<B> {
                     plan: &ws.plan,
                     adapters: &ws.adapter_table,
                     row_adapter: &ws.row_adapter,
+                    row_request: &ws.row_request,
                 };
                 executor.run_experts(layer, &ws.normed, &routes, &mut ws.ffn_out, &mut ws.unserved)?;
             }

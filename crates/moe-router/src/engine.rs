@@ -445,7 +445,8 @@ impl Worker {
             if chunk[i] > 0 {
                 let start = s.cache.len;
                 let adapter = s.req.adapter.as_deref();
-                batch.push(BatchItem::new(&s.tokens[start..start + chunk[i]], &mut s.cache).with_adapter(adapter));
+                let item = BatchItem::new(&s.tokens[start..start + chunk[i]], &mut s.cache);
+                batch.push(item.with_adapter(adapter).with_request(s.id));
                 members.push(i);
             }
         }

@@ -133,6 +133,7 @@ impl Inference for InferenceService {
         async move {
             let (id, mut events, _admission) = self.start(&request).await?;
             let rid = request_id(&request, id);
+            tracing::info!(request_id = %rid, engine_request = id, "request started");
             let mut out = GenerateResponse { request_id: rid, ..Default::default() };
             while let Some(ev) = events.recv().await {
                 match ev {
@@ -163,7 +164,7 @@ impl Inference for InferenceService {
     async fn generate_stream(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         let (id, events, admission) = self.start(&request).await?;
         let rid = request_id(&request, id);
-        tracing::info!(request_id = %rid, "stream started");
+        tracing::info!(request_id = %rid, engine_request = id, "stream started");
         let mut finished = false;
         // The tenant's slot and the adapter pin live as long as the stream.
         let held = admission;

@@ -70,7 +70,7 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<ExpertResponse, Status>> 
 
 #[tonic::async_trait]
 impl ExpertWorker for ExpertWorkerService {
-    #[tracing::instrument(skip_all, fields(layer = request.get_ref().layer, rows = request.get_ref().row_pairs.len()))]
+    #[tracing::instrument(skip_all, fields(layer = request.get_ref().layer, rows = request.get_ref().row_pairs.len(), requests = ?request.get_ref().request_ids))]
     async fn compute(&self, request: Request<ExpertRequest>) -> Result<Response<ExpertResponse>, Status> {
         Ok(Response::new(run(self.host.clone(), request.into_inner()).await?))
     }
@@ -95,7 +95,13 @@ impl ExpertWorker for ExpertWorkerService {
                     }
                 };
                 let (id, dtype) = (msg.id, msg.dtype);
-                let span = tracing::debug_span!("expert_compute", id, layer = msg.layer, rows = msg.row_pairs.len());
+                let span = tracing::debug_span!(
+                    "expert_compute",
+                    id,
+                    layer = msg.layer,
+                    rows = msg.row_pairs.len(),
+                    requests = ?msg.request_ids
+                );
                 let resp = match run(host.clone(), msg).instrument(span).await {
                     Ok(r) => r,
                     Err(e) => {
