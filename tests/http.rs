@@ -273,3 +273,31 @@ async fn metrics_counters_move_as_requests_are_served() {
         .sum();
     assert!(routed > 0.0 && routed % 2.0 == 0.0, "{routed}");
 }
+
+/// A router process with `--http-listen` in front of two worker processes: `/metrics` shows
+/// each worker's dispatch latency and the served request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_process_exposes_dispatch_latency_per_worker() {
+    let dir = fixture("mixtral");
+    let d = dir.to_str().expect("utf8");
+    let workers: Vec<Server> = ["shard:0/2", "shard:1/2"]
+        .iter()
+        .map(|s| spawn_server(&["worker", "--model", d, "--experts", s, "--listen", "127.0.0.1:0"]))
+        .collect();
+    let addrs = workers.iter().map(|w| w.addr.clone()).collect::<Vec<_>>().join(",");
+    let http = format!("127.0.0.1:{}", free_port());
+    let router =
+        spawn_server(&["router", "--model", d, "--workers", &addrs, "--listen", "127.0.0.1:0", "--http-listen", &http]);
+    let out = moe(&["generate", "--endpoint", &router.addr, "--token-ids", "1,2,3", "--max-new-tokens", "3"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let text = reqwest::get(format!("http://{http}/metrics")).await.expect("scrape").text().await.expect("body");
+    for w in &workers {
+        let series = format!("moe_dispatch_seconds_count{{worker=\"{}\",outcome=\"ok\"}}", w.addr);
+        let n: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"));
+        assert!(n >= 3.0, "{series} = {n}");
+    }
+    assert!(text.contains("moe_requests_total{outcome=\"ok\"} 1"), "{text}");
+}

@@ -42,7 +42,9 @@ pub struct RouterArgs {
 }
 
 pub fn run(a: RouterArgs) -> anyhow::Result<()> {
+    let engine_config = a.engine.config()?;
     let transport = GrpcTransportConfig {
+        metrics: engine_config.metrics.clone(),
         wire: match a.wire {
             Wire::Bf16 => WireDtype::Bf16,
             Wire::F32 => WireDtype::F32,
@@ -50,7 +52,6 @@ pub fn run(a: RouterArgs) -> anyhow::Result<()> {
         deadline: Duration::from_millis(a.dispatch_timeout_ms.max(1)),
         ..Default::default()
     };
-    let engine_config = a.engine.config()?;
     let adapter_options = a.adapters.options()?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {

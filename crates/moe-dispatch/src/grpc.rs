@@ -5,6 +5,7 @@
 
 use crate::dispatcher::{WorkerBatch, WorkerTransport};
 use crate::error::{DispatchError, Result};
+use futures::FutureExt;
 use moe_model::AdapterIdentity;
 use moe_proto::v1::expert_worker_client::ExpertWorkerClient;
 use moe_proto::v1::{AdapterRef, DescribeRequest, DescribeResponse, ExpertRequest, ExpertResponse, WireDtype};
@@ -29,6 +30,8 @@ pub struct GrpcTransportConfig {
     pub connect_timeout: Duration,
     /// Row bytes per message; larger batches are split into several messages.
     pub max_rows_bytes: usize,
+    /// Where each worker's dispatch latency and failures are recorded.
+    pub metrics: moe_metrics::Registry,
 }
 
 impl Default for GrpcTransportConfig {
@@ -38,6 +41,7 @@ impl Default for GrpcTransportConfig {
             deadline: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(3),
             max_rows_bytes: 8 << 20,
+            metrics: moe_metrics::Registry::new(),
         }
     }
 }
@@ -287,7 +291,20 @@ impl WorkerTransport for GrpcTransport {
         let all = self.runtime.block_on(async {
             let calls = batches.iter().zip(outputs.iter_mut()).map(|(b, out)| {
                 let span = tracing::debug_span!("dispatch", worker = %self.worker_name(b.worker), layer, rows = b.row_ids.len());
-                self.call(layer, hidden, adapters, b, out).instrument(span)
+                let worker = self.worker_name(b.worker);
+                let started = std::time::Instant::now();
+                self.call(layer, hidden, adapters, b, out).instrument(span).map(move |r| {
+                    let m = &self.config.metrics;
+                    let outcome = if r.is_ok() { "ok" } else { "error" };
+                    m.observe(
+                        "moe_dispatch_seconds",
+                        "One layer's expert round trip to a worker.",
+                        &[("worker", &worker), ("outcome", outcome)],
+                        &moe_metrics::LATENCY_BUCKETS,
+                        started.elapsed().as_secs_f64(),
+                    );
+                    r
+                })
             });
             futures::future::join_all(calls).await
         });
