@@ -55,12 +55,23 @@ struct Topology {
     dispatch_round_trip_us: Option<f64>,
 }
 
+/// Decode at batch 1 with the same checkpoint stored (and kept in memory) as bf16.
+#[derive(Serialize)]
+struct Bf16Report {
+    decode_batch1: DecodeReport,
+    bytes_per_decoded_token: usize,
+    decode_roofline_tokens_per_s: f64,
+    /// Tokens/s relative to the f32 checkpoint's decode at batch 1 in this run.
+    vs_f32: f64,
+}
+
 #[derive(Serialize)]
 struct Report {
     model: String,
     threads: usize,
     ceilings: Ceilings,
     topologies: Vec<Topology>,
+    bf16: Option<Bf16Report>,
     adapters: Vec<crate::bench_adapters::AdapterRun>,
 }
 
@@ -202,6 +213,24 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         t.dispatch_round_trip_us = Some(dispatch_round_trip_us(&rt, &dir, &addrs)?);
         topologies.push(t);
     }
+    let bf16 = if a.model.is_some() {
+        None
+    } else {
+        let f32_tps = topologies.first().and_then(|t| t.decode.first()).map(|d| d.tokens_per_s).unwrap_or(0.0);
+        let spec = moe_demo::DemoSpec { dtype: moe_demo::DemoDtype::Bf16, ..moe_demo::DemoSpec::bench() };
+        let dir16 = crate::model_args::cached_model_dir("bench-model-bf16", &spec)?;
+        let engine = moe_cluster::embedded(&dir16, a.workers, EngineConfig { max_running: 64, ..Default::default() })?;
+        eprintln!("embedded, bf16 weights: decode batch 1");
+        let _ = decode(&engine, 1, 4).map_err(anyhow::Error::msg)?; // warm-up
+        let d = decode(&engine, 1, a.new_tokens * 2).map_err(anyhow::Error::msg)?;
+        let bytes = bytes_per_decoded_token(&config, 2);
+        Some(Bf16Report {
+            vs_f32: d.tokens_per_s / f32_tps.max(1e-9),
+            decode_roofline_tokens_per_s: copy * 1e9 / bytes as f64,
+            bytes_per_decoded_token: bytes,
+            decode_batch1: d,
+        })
+    };
     let adapters = if a.skip_adapters || a.model.is_some() {
         Vec::new()
     } else {
@@ -212,12 +241,24 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         threads: rayon::current_num_threads(),
         ceilings,
         topologies,
+        bf16,
         adapters,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_table(&report);
+        if let Some(b) = &report.bf16 {
+            println!();
+            println!(
+                "bf16 weights in memory: decode batch 1 {:.0} tok/s = {:.2}x the f32 checkpoint, {:.0}% of its roofline ({:.0} tok/s at {:.1} MB per token)",
+                b.decode_batch1.tokens_per_s,
+                b.vs_f32,
+                100.0 * b.decode_batch1.tokens_per_s / b.decode_roofline_tokens_per_s,
+                b.decode_roofline_tokens_per_s,
+                b.bytes_per_decoded_token as f64 / 1e6
+            );
+        }
         if !report.adapters.is_empty() {
             crate::bench_adapters::print_table(&report.adapters);
         }

@@ -125,6 +125,11 @@ pub trait Backend: Send + Sync + 'static {
     fn name(&self) -> String;
 
     fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<Self::Matrix>;
+    /// A matrix from raw bf16 bits, kept as bf16 where the backend can (the default widens).
+    fn matrix_bf16(&self, rows: usize, cols: usize, data: Vec<u16>) -> Result<Self::Matrix> {
+        let widened = data.into_iter().map(|b| f32::from_bits((b as u32) << 16)).collect();
+        self.matrix(rows, cols, widened)
+    }
     fn matrix_shape(&self, m: &Self::Matrix) -> (usize, usize);
     fn vector(&self, data: Vec<f32>) -> Result<Self::Vector>;
     fn kv_store(&self, layout: KvLayout) -> Result<Self::KvStore>;

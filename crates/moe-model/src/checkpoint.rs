@@ -196,6 +196,26 @@ impl Checkpoint {
         s.tensors.get(name).map(|t| t.0.clone())
     }
 
+    /// Tensor `name` as raw bf16 bits when it is stored as BF16 (checked to have `shape`), else
+    /// `None` (read it with [`Checkpoint::read`]).
+    pub fn read_bf16(&self, name: &str, shape: &[usize]) -> Result<Option<Vec<u16>>> {
+        let Some(&idx) = self.by_name.get(name) else { return Ok(None) };
+        let shard = &self.shards[idx];
+        let (dtype, got, range) = &shard.tensors[name];
+        if dtype != "BF16" {
+            return Ok(None);
+        }
+        if got.as_slice() != shape {
+            return Err(ModelError::ShapeMismatch {
+                path: shard.path.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: got.clone(),
+            });
+        }
+        Ok(Some(shard.map[range.clone()].chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()))
+    }
+
     /// Reads tensor `name` as f32, checking it has exactly `shape`.
     pub fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let &idx = self

@@ -1,6 +1,7 @@
 //! Loading a checkpoint's tensors into backend weights, with the names and shapes each
 //! architecture uses. q/k/v are fused into one `[q+k+v, H]` matrix and each SwiGLU's gate and up
-//! projections into one `[2I, H]` matrix, so each needs one matrix multiply per step.
+//! projections into one `[2I, H]` matrix, so each needs one matrix multiply per step. Matrices
+//! stored as bf16 stay bf16 (the backend widens them in its kernels); vectors become f32.
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{Architecture, ModelConfig, QkNorm};
@@ -52,6 +53,9 @@ struct Loader<'a, B: Backend> {
 
 impl<B: Backend> Loader<'_, B> {
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<B::Matrix> {
+        if let Some(bits) = self.ckpt.read_bf16(name, &[rows, cols])? {
+            return Ok(self.backend.matrix_bf16(rows, cols, bits)?);
+        }
         let data = self.ckpt.read(name, &[rows, cols])?;
         Ok(self.backend.matrix(rows, cols, data)?)
     }
@@ -63,6 +67,13 @@ impl<B: Backend> Loader<'_, B> {
     /// Stacks the rows of several `[r_i, cols]` tensors into one matrix.
     fn stacked(&self, parts: &[(String, usize)], cols: usize) -> Result<B::Matrix> {
         let rows: usize = parts.iter().map(|p| p.1).sum();
+        if parts.iter().all(|(name, _)| self.ckpt.dtype_of(name).as_deref() == Some("BF16")) {
+            let mut bits = Vec::with_capacity(rows * cols);
+            for (name, r) in parts {
+                bits.extend(self.ckpt.read_bf16(name, &[*r, cols])?.unwrap_or_default());
+            }
+            return Ok(self.backend.matrix_bf16(rows, cols, bits)?);
+        }
         let mut data = Vec::with_capacity(rows * cols);
         for (name, r) in parts {
             data.extend(self.ckpt.read(name, &[*r, cols])?);

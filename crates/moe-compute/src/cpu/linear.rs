@@ -1,10 +1,13 @@
-//! `x · Wᵀ` on the CPU. Few rows (decode) are bound by reading W once: each thread streams a
-//! block of W's rows and dots them with every input row while they sit in L1. Many rows
-//! (prefill, busy experts) go to the cache-blocked SIMD kernel of the `gemm` crate.
+//! `x · Wᵀ` on the CPU, for f32 or bf16 W. Few rows (decode) are bound by reading W once: each
+//! thread streams a block of W's rows and dots them with every input row while they sit in L1
+//! (bf16 rows widened in registers: half the bytes). Many rows (prefill, busy experts) go to the
+//! cache-blocked SIMD kernel of the `gemm` crate; bf16 W is widened a block of rows at a time
+//! into a per-thread buffer that stays in cache while the block's product runs.
 
-use super::simd::dot;
+use super::simd::{bf16_to_f32, dot, dot_bf16};
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 /// Up to this many input rows use the streaming kernel; above, the blocked GEMM wins.
 const STREAM_MAX_ROWS: usize = 6;
@@ -26,8 +29,37 @@ impl SendPtr {
     }
 }
 
+/// Row-major `[n, k]` weights as stored.
+#[derive(Clone, Copy, Debug)]
+pub enum Weights<'a> {
+    F32(&'a [f32]),
+    /// Raw bf16 bits.
+    Bf16(&'a [u16]),
+}
+
+impl Weights<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Weights::F32(w) => w.len(),
+            Weights::Bf16(w) => w.len(),
+        }
+    }
+}
+
+/// Rows of W widened per block in the bf16 blocked path.
+const BF16_BLOCK_ROWS: usize = 64;
+
+thread_local! {
+    static WIDENED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
 /// `out[m×n] = x[m×k] · w[n×k]ᵀ`.
 pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    matmul_tw(x, m, k, Weights::F32(w), n, out)
+}
+
+/// [`matmul_t`] for f32 or bf16 weights.
+pub fn matmul_tw(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut [f32]) {
     debug_assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
     if m == 0 || n == 0 {
         return;
@@ -36,19 +68,22 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f
         out[..m * n].fill(0.0);
         return;
     }
-    if m <= STREAM_MAX_ROWS {
-        stream(x, m, k, w, n, out);
-    } else {
-        blocked(x, m, k, w, n, out);
+    match w {
+        _ if m <= STREAM_MAX_ROWS => stream(x, m, k, w, n, out),
+        Weights::F32(w) => blocked(x, m, k, w, n, out),
+        Weights::Bf16(w) => blocked_bf16(x, m, k, w, n, out),
     }
 }
 
-fn stream(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+fn stream(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut [f32]) {
     let block = |cols: std::ops::Range<usize>, dst: SendPtr| {
         for j in cols {
-            let wj = &w[j * k..(j + 1) * k];
             for r in 0..m {
-                let v = dot(&x[r * k..(r + 1) * k], wj);
+                let xr = &x[r * k..(r + 1) * k];
+                let v = match w {
+                    Weights::F32(w) => dot(xr, &w[j * k..(j + 1) * k]),
+                    Weights::Bf16(w) => dot_bf16(xr, &w[j * k..(j + 1) * k]),
+                };
                 // SAFETY: j < n and r < m, so r*n + j is inside out; column blocks are disjoint
                 // between threads.
                 unsafe { *dst.get().add(r * n + j) = v };
@@ -66,6 +101,53 @@ fn stream(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
         let cols = c * chunk..((c + 1) * chunk).min(n);
         block(cols, dst);
     });
+}
+
+/// bf16 W: each block of rows is widened into this thread's buffer, then multiplied into its
+/// columns of `out` (blocks write disjoint columns, so they run in parallel).
+fn blocked_bf16(x: &[f32], m: usize, k: usize, w: &[u16], n: usize, out: &mut [f32]) {
+    let dst = SendPtr(out.as_mut_ptr());
+    let block = |b: usize| {
+        let j0 = b * BF16_BLOCK_ROWS;
+        let nb = BF16_BLOCK_ROWS.min(n - j0);
+        WIDENED.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.clear();
+            buf.extend(w[j0 * k..(j0 + nb) * k].iter().map(|&v| bf16_to_f32(v)));
+            // SAFETY: the destination is columns j0..j0+nb of the m×n row-major out (col stride
+            // 1, row stride n), inside out and disjoint between blocks; lhs x is m×k row-major;
+            // rhs is the widened block's transpose, k×nb, read from its nb×k row-major storage.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    nb,
+                    k,
+                    dst.get().add(j0),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    buf.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        });
+    };
+    let blocks = n.div_ceil(BF16_BLOCK_ROWS);
+    if m * n * k < PARALLEL_MIN_WORK * 4 || rayon::current_num_threads() <= 1 {
+        (0..blocks).for_each(block);
+    } else {
+        (0..blocks).into_par_iter().for_each(block);
+    }
 }
 
 fn blocked(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
@@ -119,13 +201,21 @@ mod tests {
 
     #[test]
     fn both_paths_match_naive() {
-        for &(m, k, n) in &[(1, 64, 300), (3, 17, 5), (6, 128, 257), (7, 33, 9), (40, 96, 130)] {
+        for &(m, k, n) in &[(1, 64, 300), (3, 17, 5), (6, 128, 257), (7, 33, 9), (40, 96, 130), (64, 512, 700)] {
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0).collect();
             let w: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 9.0).collect();
             let mut out = vec![f32::NAN; m * n];
             matmul_t(&x, m, k, &w, n, &mut out);
             for (a, b) in out.iter().zip(naive(&x, m, k, &w, n)) {
                 assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{m}x{k}x{n}: {a} vs {b}");
+            }
+            // bf16 weights give the products of their widened values, on both paths.
+            let bits: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+            let widened: Vec<f32> = bits.iter().map(|&b| bf16_to_f32(b)).collect();
+            let mut out16 = vec![f32::NAN; m * n];
+            matmul_tw(&x, m, k, Weights::Bf16(&bits), n, &mut out16);
+            for (a, b) in out16.iter().zip(naive(&x, m, k, &widened, n)) {
+                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "bf16 {m}x{k}x{n}: {a} vs {b}");
             }
         }
     }

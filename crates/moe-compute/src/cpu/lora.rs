@@ -4,7 +4,7 @@
 //! Rows of many adapters (and of none) go through one call; a decode batch of 64 rows with 64
 //! different adapters is 64 one-row segments, each streaming its own A and B once.
 
-use super::{matmul_t, simd, HostTensor};
+use super::{matmul_tw, simd, HostTensor};
 use crate::LoraWeights;
 
 /// `out[r, col..col + B.rows] += scale · (x_r · Aᵀ) · Bᵀ` for every row with a pair.
@@ -30,9 +30,9 @@ pub(super) fn lora_segments<'l>(
         let (m, rank, n) = (end - r, pair.a.rows, pair.b.rows);
         debug_assert!(pair.a.cols == k && pair.b.cols == rank && col + n <= out.cols);
         shrink.reshape(m, rank);
-        matmul_t(&x.data[r * k..end * k], m, k, &pair.a.data, rank, &mut shrink.data);
+        matmul_tw(&x.data[r * k..end * k], m, k, pair.a.weights(), rank, &mut shrink.data);
         expand.reshape(m, n);
-        matmul_t(&shrink.data, m, rank, &pair.b.data, n, &mut expand.data);
+        matmul_tw(&shrink.data, m, rank, pair.b.weights(), n, &mut expand.data);
         for i in 0..m {
             simd::axpy(pair.scale, expand.row(i), &mut out.row_mut(r + i)[col..col + n]);
         }
@@ -43,7 +43,7 @@ pub(super) fn lora_segments<'l>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::CpuBackend;
+    use crate::cpu::{CpuBackend, HostMatrix, MatrixData};
     use crate::{Backend, ExpertLora, ExpertPlan, FfnScratch, SwigluWeights};
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
@@ -58,20 +58,32 @@ mod tests {
             .collect()
     }
 
-    fn mat(rows: usize, cols: usize, seed: u64) -> HostTensor {
-        HostTensor { rows, cols, data: rand(rows * cols, seed) }
+    fn mat(rows: usize, cols: usize, seed: u64) -> HostMatrix {
+        HostMatrix::f32(rows, cols, rand(rows * cols, seed))
+    }
+
+    fn vals(m: &HostMatrix) -> &[f32] {
+        match &m.data {
+            MatrixData::F32(v) => v,
+            MatrixData::Bf16(_) => panic!("f32 expected"),
+        }
+    }
+
+    fn act(m: &HostMatrix) -> HostTensor {
+        HostTensor { rows: m.rows, cols: m.cols, data: vals(m).to_vec() }
     }
 
     /// `W + scale · B·A` as a plain matrix.
-    fn merged(w: &HostTensor, l: &LoraWeights<CpuBackend>) -> HostTensor {
-        let mut m = w.clone();
+    fn merged(w: &HostMatrix, l: &LoraWeights<CpuBackend>) -> HostMatrix {
+        let (a, b) = (vals(&l.a), vals(&l.b));
+        let mut m = vals(w).to_vec();
         for i in 0..w.rows {
             for j in 0..w.cols {
-                let ba: f32 = (0..l.a.rows).map(|t| l.b.data[i * l.b.cols + t] * l.a.data[t * l.a.cols + j]).sum();
-                m.data[i * w.cols + j] += l.scale * ba;
+                let ba: f32 = (0..l.a.rows).map(|t| b[i * l.b.cols + t] * a[t * l.a.cols + j]).sum();
+                m[i * w.cols + j] += l.scale * ba;
             }
         }
-        m
+        HostMatrix::f32(w.rows, w.cols, m)
     }
 
     fn pair(rank: usize, inp: usize, out: usize, seed: u64, scale: f32) -> LoraWeights<CpuBackend> {
@@ -92,7 +104,7 @@ mod tests {
         let pairs = [pair(4, h, n, 10, 0.5), pair(2, h, n, 20, 2.0), pair(8, h, n, 30, 0.25)];
         // Rows: base, p0, p0, p1, base, p2, p1.
         let which = [None, Some(0), Some(0), Some(1), None, Some(2), Some(1)];
-        let x = mat(which.len(), h, 2);
+        let x = act(&mat(which.len(), h, 2));
         let mut out = HostTensor::default();
         be.linear(&x, &w, None, &mut out);
         let mut s = FfnScratch::new(&be);
@@ -113,7 +125,7 @@ mod tests {
     #[test]
     fn column_offset_touches_only_its_columns() {
         let be = CpuBackend::new();
-        let x = mat(3, 8, 5);
+        let x = act(&mat(3, 8, 5));
         let p = pair(2, 8, 4, 6, 1.0);
         let mut out = HostTensor { rows: 3, cols: 12, data: vec![0.0; 36] };
         let mut s = FfnScratch::new(&be);
@@ -137,13 +149,11 @@ mod tests {
         };
         let experts = vec![SwigluWeights { gate_up: gu.clone(), down: down.clone() }];
         // The merged expert: gate rows then up rows of gate_up.
-        let mut gu_m = gu.clone();
-        let g = merged(&HostTensor { rows: i, cols: h, data: gu.data[..i * h].to_vec() }, lora.gate.as_ref().unwrap());
-        let u = merged(&HostTensor { rows: i, cols: h, data: gu.data[i * h..].to_vec() }, lora.up.as_ref().unwrap());
-        gu_m.data[..i * h].copy_from_slice(&g.data);
-        gu_m.data[i * h..].copy_from_slice(&u.data);
+        let g = merged(&HostMatrix::f32(i, h, vals(&gu)[..i * h].to_vec()), lora.gate.as_ref().unwrap());
+        let u = merged(&HostMatrix::f32(i, h, vals(&gu)[i * h..].to_vec()), lora.up.as_ref().unwrap());
+        let gu_m = HostMatrix::f32(2 * i, h, [vals(&g), vals(&u)].concat());
         let merged_experts = vec![SwigluWeights { gate_up: gu_m, down: merged(&down, lora.down.as_ref().unwrap()) }];
-        let x = mat(4, h, 3);
+        let x = act(&mat(4, h, 3));
         let mut plan = ExpertPlan::default();
         plan.rebuild(1, 1, &[(0, 1.0), (0, 0.5), (0, 0.25), (0, 2.0)]);
         let mut s = FfnScratch::new(&be);

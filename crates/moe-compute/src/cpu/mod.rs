@@ -9,7 +9,7 @@ mod lora;
 mod simd;
 
 pub use attention::CpuKvStore;
-pub use linear::matmul_t;
+pub use linear::{matmul_t, matmul_tw, Weights};
 
 use crate::{
     AttentionSeq, AttentionShape, Backend, ComputeError, ExpertPlan, FfnScratch, KvLayout, Result, RowExpertLora,
@@ -42,6 +42,56 @@ impl HostTensor {
     }
 }
 
+/// A weight matrix, `[rows, cols]` row-major, kept in the checkpoint's precision: f32, or bf16
+/// (half the memory and half the bytes per decoded token; widened to f32 in the kernels).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: MatrixData,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum MatrixData {
+    F32(Vec<f32>),
+    /// Raw bf16 bits.
+    Bf16(Vec<u16>),
+}
+
+impl HostMatrix {
+    pub fn f32(rows: usize, cols: usize, data: Vec<f32>) -> Self {
+        Self { rows, cols, data: MatrixData::F32(data) }
+    }
+
+    pub fn weights(&self) -> Weights<'_> {
+        match &self.data {
+            MatrixData::F32(w) => Weights::F32(w),
+            MatrixData::Bf16(w) => Weights::Bf16(w),
+        }
+    }
+
+    /// Row `r` widened to f32 into `out`.
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let span = r * self.cols..(r + 1) * self.cols;
+        match &self.data {
+            MatrixData::F32(w) => out.copy_from_slice(&w[span]),
+            MatrixData::Bf16(w) => {
+                for (o, &b) in out.iter_mut().zip(&w[span]) {
+                    *o = simd::bf16_to_f32(b);
+                }
+            }
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            MatrixData::F32(w) => 4 * w.len(),
+            MatrixData::Bf16(w) => 2 * w.len(),
+        }
+    }
+}
+
 /// The CPU backend. Uses rayon's global pool (its size is the process's thread count).
 #[derive(Clone, Debug, Default)]
 pub struct CpuBackend;
@@ -65,7 +115,7 @@ fn rms_norm_slice(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 impl Backend for CpuBackend {
-    type Matrix = HostTensor;
+    type Matrix = HostMatrix;
     type Vector = Vec<f32>;
     type Act = HostTensor;
     type KvStore = CpuKvStore;
@@ -74,14 +124,21 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
-    fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<HostTensor> {
+    fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<HostMatrix> {
         if data.len() != rows * cols {
             return Err(ComputeError::MatrixSize { rows, cols, expected: rows * cols, got: data.len() });
         }
-        Ok(HostTensor { rows, cols, data })
+        Ok(HostMatrix::f32(rows, cols, data))
     }
 
-    fn matrix_shape(&self, m: &HostTensor) -> (usize, usize) {
+    fn matrix_bf16(&self, rows: usize, cols: usize, data: Vec<u16>) -> Result<HostMatrix> {
+        if data.len() != rows * cols {
+            return Err(ComputeError::MatrixSize { rows, cols, expected: rows * cols, got: data.len() });
+        }
+        Ok(HostMatrix { rows, cols, data: MatrixData::Bf16(data) })
+    }
+
+    fn matrix_shape(&self, m: &HostMatrix) -> (usize, usize) {
         (m.rows, m.cols)
     }
 
@@ -111,21 +168,21 @@ impl Backend for CpuBackend {
         out.extend_from_slice(&a.data);
     }
 
-    fn embed(&self, table: &HostTensor, ids: &[u32], out: &mut HostTensor) -> Result<()> {
+    fn embed(&self, table: &HostMatrix, ids: &[u32], out: &mut HostTensor) -> Result<()> {
         out.reshape(ids.len(), table.cols);
         for (i, &id) in ids.iter().enumerate() {
             if id as usize >= table.rows {
                 return Err(ComputeError::IdOutOfRange { id, rows: table.rows });
             }
-            out.row_mut(i).copy_from_slice(table.row(id as usize));
+            table.row_into(id as usize, out.row_mut(i));
         }
         Ok(())
     }
 
-    fn linear(&self, x: &HostTensor, w: &HostTensor, bias: Option<&Vec<f32>>, out: &mut HostTensor) {
+    fn linear(&self, x: &HostTensor, w: &HostMatrix, bias: Option<&Vec<f32>>, out: &mut HostTensor) {
         debug_assert_eq!(x.cols, w.cols);
         out.reshape(x.rows, w.rows);
-        matmul_t(&x.data, x.rows, x.cols, &w.data, w.rows, &mut out.data);
+        matmul_tw(&x.data, x.rows, x.cols, w.weights(), w.rows, &mut out.data);
         if let Some(b) = bias {
             for r in 0..out.rows {
                 for (o, bv) in out.row_mut(r).iter_mut().zip(b) {
