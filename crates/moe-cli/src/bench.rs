@@ -55,6 +55,23 @@ struct Topology {
     dispatch_round_trip_us: Option<f64>,
 }
 
+/// Peak resident memory of this process after the embedded cluster's runs, against the
+/// weights (as loaded) plus the engine's KV-cache budget.
+#[derive(Serialize)]
+struct MemoryReport {
+    peak_rss_bytes: usize,
+    weight_bytes: usize,
+    kv_budget_bytes: usize,
+    ratio: f64,
+}
+
+/// The process's peak resident set (VmHWM), where /proc tells it.
+fn peak_rss_bytes() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: usize = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Decode at batch 1 with the same checkpoint stored (and kept in memory) as bf16.
 #[derive(Serialize)]
 struct Bf16Report {
@@ -71,6 +88,7 @@ struct Report {
     threads: usize,
     ceilings: Ceilings,
     topologies: Vec<Topology>,
+    memory: Option<MemoryReport>,
     bf16: Option<Bf16Report>,
     adapters: Vec<crate::bench_adapters::AdapterRun>,
 }
@@ -180,6 +198,21 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         None => crate::model_args::cached_model_dir("bench-model", &moe_demo::DemoSpec::bench())?,
     };
     let config = moe_model::ModelConfig::from_dir(&dir)?;
+    let engine_config = EngineConfig { max_batch_tokens: 512, max_running: 64, ..Default::default() };
+    let mut topologies = Vec::new();
+    let memory = {
+        let engine = moe_cluster::embedded(&dir, a.workers, engine_config.clone())?;
+        topologies.push(measure(&format!("embedded ({} workers)", a.workers), &engine, a.new_tokens)?);
+        let weight_bytes = std::fs::metadata(dir.join("model.safetensors")).map(|m| m.len() as usize).unwrap_or(0);
+        peak_rss_bytes().map(|peak| MemoryReport {
+            peak_rss_bytes: peak,
+            weight_bytes,
+            kv_budget_bytes: engine_config.kv_cache_bytes,
+            ratio: peak as f64 / (weight_bytes + engine_config.kv_cache_bytes).max(1) as f64,
+        })
+    };
+    // Ceilings after the embedded run, so their buffers (and a second copy of every expert)
+    // are not in the embedded run's peak memory.
     eprintln!("measuring ceilings");
     let copy = moe_bench::memory_copy_gbps(256);
     let gemm = moe_bench::gemm_peak_gflops(1024);
@@ -199,12 +232,6 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         decode_roofline_tokens_per_s: copy * 1e9 / bytes as f64,
         prefill_roofline_tokens_per_s: gemm * 1e9 / flops,
     };
-    let engine_config = EngineConfig { max_batch_tokens: 512, max_running: 64, ..Default::default() };
-    let mut topologies = Vec::new();
-    {
-        let engine = moe_cluster::embedded(&dir, a.workers, engine_config.clone())?;
-        topologies.push(measure(&format!("embedded ({} workers)", a.workers), &engine, a.new_tokens)?);
-    }
     if !a.skip_remote {
         let (_children, addrs) = spawn_workers(&dir, a.workers)?;
         let rt = tokio::runtime::Runtime::new()?;
@@ -241,6 +268,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         threads: rayon::current_num_threads(),
         ceilings,
         topologies,
+        memory,
         bf16,
         adapters,
     };
@@ -248,6 +276,15 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_table(&report);
+        if let Some(m) = &report.memory {
+            println!(
+                "peak resident memory after the embedded runs: {:.0} MB = {:.2}x (weights {:.0} MB + KV budget {:.0} MB)",
+                m.peak_rss_bytes as f64 / 1e6,
+                m.ratio,
+                m.weight_bytes as f64 / 1e6,
+                m.kv_budget_bytes as f64 / 1e6
+            );
+        }
         if let Some(b) = &report.bf16 {
             println!();
             println!(
