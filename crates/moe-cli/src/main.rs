@@ -9,6 +9,7 @@ mod config_file;
 mod demo;
 mod engine_args;
 mod generate;
+mod kernels;
 mod logits;
 mod model_args;
 mod router;
@@ -32,6 +33,9 @@ struct Cli {
     /// the environment take precedence over it.
     #[arg(long, global = true, env = "MOE_CONFIG")]
     config: Option<std::path::PathBuf>,
+    /// Where to compute: cpu, or cuda:N (needs a build with --features cuda).
+    #[arg(long, global = true, env = "MOE_DEVICE", default_value = "cpu")]
+    device: moe_compute::Device,
     #[command(subcommand)]
     command: Command,
 }
@@ -52,6 +56,8 @@ enum Command {
     Router(router::RouterArgs),
     /// Measure this machine's ceilings and the cluster's throughput and latency against them.
     Bench(bench::BenchArgs),
+    /// The CUDA kernels: compile them with NVRTC (no GPU needed), or list them.
+    Kernels(kernels::KernelsArgs),
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -84,6 +90,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    cli.device.ensure_supported().map_err(|e| anyhow::anyhow!("--device {}: {e}", cli.device))?;
     if let Some(n) = cli.threads {
         anyhow::ensure!(n > 0, "--threads must be at least 1");
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("starting the compute thread pool")?;
@@ -96,5 +103,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker(a) => worker::run(a),
         Command::Router(a) => router::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Kernels(a) => kernels::run(a),
     }
 }

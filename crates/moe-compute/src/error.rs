@@ -13,6 +13,10 @@ pub enum ComputeError {
     PagesTooFew { needed: usize, have: usize },
     #[error("KV store of {bytes} bytes could not be allocated")]
     KvAlloc { bytes: usize },
+    #[error("invalid device {0:?}: use cpu or cuda:N")]
+    BadDevice(String),
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 pub type Result<T> = std::result::Result<T, ComputeError>;

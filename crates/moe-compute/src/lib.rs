@@ -7,9 +7,14 @@
 //! This crate does not know about checkpoints, tokenizers or architectures.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+mod device;
 mod error;
+pub mod kernels;
 mod plan;
 
+pub use device::Device;
 pub use error::{ComputeError, Result};
 pub use plan::ExpertPlan;
 

@@ -1,0 +1,40 @@
+// RMSNorm fused with the residual add: h = x (+ residual); residual_out = h (when given);
+// out = h / sqrt(mean(h^2) + eps) * w. One block per row; f32 math for every dtype.
+
+extern "C" __global__ void rmsnorm_f32(const float* __restrict__ x, const float* __restrict__ residual,
+                                       float* __restrict__ residual_out, const float* __restrict__ w,
+                                       float* __restrict__ out, int cols, float eps) {
+    __shared__ float scratch[32];
+    const long row = blockIdx.x;
+    const float* xr = x + row * cols;
+    const float* rr = residual ? residual + row * cols : nullptr;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float h = xr[c] + (rr ? rr[c] : 0.0f);
+        if (residual_out) residual_out[row * cols + c] = h;
+        ss += h * h;
+    }
+    float inv = rsqrtf(block_sum(ss, scratch) / (float)cols + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float h = xr[c] + (rr ? rr[c] : 0.0f);
+        out[row * cols + c] = h * inv * w[c];
+    }
+}
+
+extern "C" __global__ void rmsnorm_bf16(const bf16_t* __restrict__ x, const bf16_t* __restrict__ residual,
+                                        bf16_t* __restrict__ residual_out, const float* __restrict__ w,
+                                        bf16_t* __restrict__ out, int cols, float eps) {
+    __shared__ float scratch[32];
+    const long row = blockIdx.x;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float h = bf16_to_f32(x[row * cols + c]) + (residual ? bf16_to_f32(residual[row * cols + c]) : 0.0f);
+        if (residual_out) residual_out[row * cols + c] = f32_to_bf16(h);
+        ss += h * h;
+    }
+    float inv = rsqrtf(block_sum(ss, scratch) / (float)cols + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float h = bf16_to_f32(x[row * cols + c]) + (residual ? bf16_to_f32(residual[row * cols + c]) : 0.0f);
+        out[row * cols + c] = f32_to_bf16(h * inv * w[c]);
+    }
+}
