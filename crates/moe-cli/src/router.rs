@@ -33,6 +33,17 @@ pub struct RouterArgs {
     /// How long one layer's expert call may take before the worker counts as dead.
     #[arg(long, env = "MOE_DISPATCH_TIMEOUT_MS", default_value_t = 10_000)]
     pub dispatch_timeout_ms: u64,
+    /// CA (PEM) of the workers' certificates: talk to workers over TLS.
+    #[arg(long, env = "MOE_WORKER_CA")]
+    pub worker_ca: Option<PathBuf>,
+    /// This router's client certificate and key (PEM) for workers that require mutual TLS.
+    #[arg(long, env = "MOE_WORKER_CLIENT_CERT", requires = "worker_client_key", requires = "worker_ca")]
+    pub worker_client_cert: Option<PathBuf>,
+    #[arg(long, env = "MOE_WORKER_CLIENT_KEY", requires = "worker_client_cert")]
+    pub worker_client_key: Option<PathBuf>,
+    /// The name in the workers' certificates, when it is not the address's host.
+    #[arg(long, env = "MOE_WORKER_TLS_DOMAIN", requires = "worker_ca")]
+    pub worker_tls_domain: Option<String>,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -50,6 +61,7 @@ pub fn run(a: RouterArgs) -> anyhow::Result<()> {
             Wire::F32 => WireDtype::F32,
         },
         deadline: Duration::from_millis(a.dispatch_timeout_ms.max(1)),
+        tls: transport_tls(&a)?,
         ..Default::default()
     };
     let adapter_options = a.adapters.options()?;
@@ -77,4 +89,15 @@ pub fn run(a: RouterArgs) -> anyhow::Result<()> {
         let cluster = Arc::new(StaticCluster(a.workers.len()));
         run_until_signal(|stop| serve_all(engine, cluster, None, &a.model, &a.http, listeners, stop), GRACE).await
     })
+}
+
+fn transport_tls(a: &RouterArgs) -> anyhow::Result<Option<moe_dispatch::TransportTls>> {
+    use anyhow::Context;
+    let Some(ca) = &a.worker_ca else { return Ok(None) };
+    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let identity = match (&a.worker_client_cert, &a.worker_client_key) {
+        (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+        _ => None,
+    };
+    Ok(Some(moe_dispatch::TransportTls { ca_pem: read(ca)?, identity, domain: a.worker_tls_domain.clone() }))
 }

@@ -35,8 +35,20 @@ pub struct WorkerArgs {
     /// Memory for resident adapters, in MiB.
     #[arg(long, env = "MOE_MAX_ADAPTER_MB", default_value_t = 4096)]
     pub max_adapter_mb: usize,
+    /// This worker's TLS certificate (PEM); with --tls-key, the worker serves only TLS.
+    #[arg(long, env = "MOE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, env = "MOE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that signs the routers' client certificates: mutual TLS, other clients refused.
+    #[arg(long, env = "MOE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     #[command(flatten)]
     pub etcd: EtcdArgs,
+}
+
+fn read_pem(path: &std::path::Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
 }
 
 pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
@@ -52,6 +64,14 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
         host = host.with_adapter_dir(dir.clone(), limits);
     }
     let host = Arc::new(host);
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(c), Some(k)) => Some(moe_worker::WorkerTls {
+            cert_pem: read_pem(c, "--tls-cert")?,
+            key_pem: read_pem(k, "--tls-key")?,
+            client_ca_pem: a.tls_client_ca.as_deref().map(|p| read_pem(p, "--tls-client-ca")).transpose()?,
+        }),
+        _ => None,
+    };
     let hosted: usize = host.hosted().iter().map(|(_, e)| e.len()).sum();
     anyhow::ensure!(hosted > 0, "the expert spec {:?} selects no experts of this model", a.experts);
     let rt = tokio::runtime::Runtime::new()?;
@@ -84,7 +104,7 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
                         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), r).await;
                     }
                 };
-                moe_worker::serve_worker(host, id, listener, drain).await
+                moe_worker::serve_worker_with(host, id, listener, tls, drain).await
             },
             GRACE,
         )

@@ -32,6 +32,19 @@ pub struct GrpcTransportConfig {
     pub max_rows_bytes: usize,
     /// Where each worker's dispatch latency and failures are recorded.
     pub metrics: moe_metrics::Registry,
+    /// TLS to the workers (`https`), with this process's client identity for mutual TLS.
+    pub tls: Option<TransportTls>,
+}
+
+/// PEM material for TLS from a router to its workers.
+#[derive(Clone, Debug)]
+pub struct TransportTls {
+    /// The CA that signed the workers' certificates.
+    pub ca_pem: Vec<u8>,
+    /// This router's certificate and key, for workers that require client certificates.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the workers' certificates carry, when it is not the address's host.
+    pub domain: Option<String>,
 }
 
 impl Default for GrpcTransportConfig {
@@ -42,6 +55,7 @@ impl Default for GrpcTransportConfig {
             connect_timeout: Duration::from_secs(3),
             max_rows_bytes: 8 << 20,
             metrics: moe_metrics::Registry::new(),
+            tls: None,
         }
     }
 }
@@ -72,9 +86,22 @@ fn unavailable(addr: &str, message: impl std::fmt::Display) -> DispatchError {
 }
 
 fn endpoint(addr: &str, config: &GrpcTransportConfig) -> Result<Endpoint> {
-    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    Ok(Endpoint::from_shared(uri)
-        .map_err(|e| unavailable(addr, format!("invalid address: {e}")))?
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    let bare = addr.split_once("://").map(|(_, rest)| rest).unwrap_or(addr);
+    let mut ep = Endpoint::from_shared(format!("{scheme}://{bare}"))
+        .map_err(|e| unavailable(addr, format!("invalid address: {e}")))?;
+    if let Some(tls) = &config.tls {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let mut cfg = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+        if let Some((cert, key)) = &tls.identity {
+            cfg = cfg.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(d) = &tls.domain {
+            cfg = cfg.domain_name(d.clone());
+        }
+        ep = ep.tls_config(cfg).map_err(|e| unavailable(addr, format!("TLS configuration: {e}")))?;
+    }
+    Ok(ep
         .tcp_nodelay(true)
         .connect_timeout(config.connect_timeout)
         .http2_keep_alive_interval(Duration::from_secs(10))

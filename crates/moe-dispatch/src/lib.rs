@@ -13,6 +13,6 @@ mod placement;
 
 pub use dispatcher::{Dispatcher, WorkerBatch, WorkerTransport};
 pub use error::{DispatchError, Result};
-pub use grpc::{GrpcTransport, GrpcTransportConfig};
+pub use grpc::{GrpcTransport, GrpcTransportConfig, TransportTls};
 pub use in_process::InProcessTransport;
 pub use placement::Placement;

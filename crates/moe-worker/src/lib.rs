@@ -11,5 +11,5 @@ mod spec;
 
 pub use error::{Result, WorkerError};
 pub use host::{ComputeInput, ExpertHost};
-pub use service::{serve_worker, ExpertWorkerService};
+pub use service::{serve_worker, serve_worker_with, ExpertWorkerService, WorkerTls};
 pub use spec::ExpertSpec;

@@ -149,6 +149,26 @@ pub async fn serve_worker(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    serve_worker_with(host, worker_id, listener, None, shutdown).await
+}
+
+/// PEM files of a worker's TLS identity; with `client_ca`, clients must present a certificate
+/// it signed (mutual TLS). A worker with TLS refuses plaintext connections.
+#[derive(Clone, Debug)]
+pub struct WorkerTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+/// [`serve_worker`] with optional TLS.
+pub async fn serve_worker_with(
+    host: Arc<ExpertHost>,
+    worker_id: String,
+    listener: tokio::net::TcpListener,
+    tls: Option<WorkerTls>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     use moe_proto::v1::expert_worker_server::ExpertWorkerServer;
     const MAX_MESSAGE_BYTES: usize = 64 << 20;
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -161,8 +181,16 @@ pub async fn serve_worker(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(t) = tls {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(t.cert_pem, t.key_pem));
+        if let Some(ca) = t.client_ca_pem {
+            cfg = cfg.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(cfg)?;
+    }
+    builder
         .add_service(health)
         .add_service(reflection)
         .add_service(svc)
