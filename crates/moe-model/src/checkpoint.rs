@@ -45,6 +45,12 @@ fn open_shard(path: &Path) -> Result<Shard> {
 
 type TensorIndex = HashMap<String, (String, Vec<usize>, std::ops::Range<usize>)>;
 
+/// Checks a whole safetensors file image and returns its tensor count (for fuzzing and tools:
+/// every malformed input is an error message, never a panic).
+pub fn check_safetensors(file: &[u8]) -> std::result::Result<usize, String> {
+    parse_header(file).map(|t| t.len())
+}
+
 /// Reads and checks a safetensors header: every tensor's byte range must match its shape and
 /// dtype and lie within the file. Errors name the tensor and the numbers that disagree.
 fn parse_header(file: &[u8]) -> std::result::Result<TensorIndex, String> {

@@ -13,3 +13,6 @@ pub mod v1 {
 
 /// The encoded `FileDescriptorSet` of package `moe.v1`, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("moe_v1_descriptor");
+
+/// The protobuf runtime the generated types use (for decoding raw messages, e.g. in fuzzing).
+pub use prost;
