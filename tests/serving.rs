@@ -482,3 +482,54 @@ async fn stop_sequences_logprobs_and_deadlines() {
     wait_for("pages to return", || stats.free_pages.load(Ordering::SeqCst) == stats.total_pages.load(Ordering::SeqCst))
         .await;
 }
+
+/// `moe loadgen` against `moe serve --demo`: every request ends exactly once, with adapters and
+/// streams mixed in; with a deadline too short to finish, the failures are DEADLINE_EXCEEDED and
+/// still terminal (never a hang or a normal finish).
+#[test]
+fn loadgen_sees_exactly_one_terminal_state_per_request() {
+    let server = spawn_server(&["serve", "--demo", "--listen", "127.0.0.1:0"]);
+    let out = moe(&[
+        "loadgen",
+        "--endpoint",
+        &server.addr,
+        "--requests",
+        "40",
+        "--concurrency",
+        "8",
+        "--max-new-tokens",
+        "8",
+        "--prompt-len",
+        "2-40",
+        "--adapter",
+        "",
+        "--adapter",
+        "gate",
+        "--json",
+    ]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let v = out.json();
+    assert_eq!(v["outcomes"], serde_json::json!({"ok": 40}), "{v}");
+    assert_eq!(v["violations"], serde_json::json!([]));
+    assert!(v["tokens_per_s"].as_f64().unwrap_or(0.0) > 0.0);
+
+    let out = moe(&[
+        "loadgen",
+        "--endpoint",
+        &server.addr,
+        "--requests",
+        "12",
+        "--concurrency",
+        "4",
+        "--max-new-tokens",
+        "2000",
+        "--timeout-ms",
+        "30",
+        "--stream-share",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let v = out.json();
+    assert_eq!(v["outcomes"]["deadline_exceeded"], 12, "{v}");
+}

@@ -10,6 +10,7 @@ mod demo;
 mod engine_args;
 mod generate;
 mod kernels;
+mod loadgen;
 mod logits;
 mod model_args;
 mod router;
@@ -56,6 +57,8 @@ enum Command {
     Router(router::RouterArgs),
     /// Measure this machine's ceilings and the cluster's throughput and latency against them.
     Bench(bench::BenchArgs),
+    /// Drive a router with load and check that every request ends exactly once.
+    Loadgen(loadgen::LoadgenArgs),
     /// The CUDA kernels: compile them with NVRTC (no GPU needed), or list them.
     Kernels(kernels::KernelsArgs),
 }
@@ -104,5 +107,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Router(a) => router::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Kernels(a) => kernels::run(a),
+        Command::Loadgen(a) => loadgen::run(a),
     }
 }

@@ -1,0 +1,243 @@
+//! `moe loadgen`: drives a router with a bounded number of requests at a fixed concurrency
+//! (prompt lengths from a range, a share of streaming requests, adapters and tenant keys in
+//! turn) and reports throughput, latency percentiles and outcomes by status code. It also checks
+//! that every request reached exactly one terminal state: a stream that ends without a final
+//! message, sends anything after it, reports a token count that differs from what it streamed,
+//! or outlives its deadline plus a margin counts as a violation, and the run exits non-zero.
+
+use anyhow::Context;
+use clap::Args;
+use moe_proto::v1::generate_request::Prompt;
+use moe_proto::v1::generate_stream_response::Event;
+use moe_proto::v1::inference_client::InferenceClient;
+use moe_proto::v1::{GenerateRequest, ModelInfoRequest, SamplingParams, TokenIds};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug)]
+pub struct LoadgenArgs {
+    /// The router (host:port or http://host:port).
+    #[arg(long, env = "MOE_ENDPOINT")]
+    pub endpoint: String,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Requests in all (the run always stops).
+    #[arg(long, default_value_t = 100)]
+    pub requests: usize,
+    /// Prompt lengths in tokens, uniformly in MIN-MAX.
+    #[arg(long, default_value = "4-64")]
+    pub prompt_len: String,
+    #[arg(long, default_value_t = 16)]
+    pub max_new_tokens: u32,
+    /// Share of requests that stream (0 to 1).
+    #[arg(long, default_value_t = 0.5)]
+    pub stream_share: f64,
+    /// Adapters to use in turn (repeatable; "" is the base model).
+    #[arg(long)]
+    pub adapter: Vec<String>,
+    /// Tenant API keys to use in turn (repeatable).
+    #[arg(long, hide_env_values = true)]
+    pub api_key: Vec<String>,
+    /// Per-request deadline sent to the server, in ms.
+    #[arg(long, default_value_t = 60_000)]
+    pub timeout_ms: u64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Default)]
+struct Tally {
+    outcomes: BTreeMap<String, usize>,
+    latencies_ms: Vec<f64>,
+    ttft_ms: Vec<f64>,
+    tokens: usize,
+    violations: Vec<String>,
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn code_name(s: &tonic::Status) -> String {
+    moe_router::outcome_label(s.code()).to_string()
+}
+
+pub fn run(a: LoadgenArgs) -> anyhow::Result<()> {
+    let (lo, hi) = a
+        .prompt_len
+        .split_once('-')
+        .and_then(|(l, h)| Some((l.trim().parse::<usize>().ok()?, h.trim().parse::<usize>().ok()?)))
+        .filter(|(l, h)| *l >= 1 && l <= h)
+        .context("--prompt-len must be MIN-MAX with 1 <= MIN <= MAX")?;
+    anyhow::ensure!(a.concurrency > 0, "--concurrency must be at least 1");
+    anyhow::ensure!((0.0..=1.0).contains(&a.stream_share), "--stream-share must be between 0 and 1");
+    let uri = if a.endpoint.contains("://") { a.endpoint.clone() } else { format!("http://{}", a.endpoint) };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let channel = tonic::transport::Endpoint::from_shared(uri.clone())?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {uri}"))?;
+        let client = InferenceClient::new(channel);
+        let vocab = client.clone().model_info(ModelInfoRequest {}).await.map_err(|s| anyhow::anyhow!("ModelInfo: {s}"))?;
+        let vocab = vocab.into_inner().vocab_size.max(1) as u64;
+        let next = Arc::new(AtomicUsize::new(0));
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let a = Arc::new(a);
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..a.concurrency {
+            let (mut client, next, tally, a) = (client.clone(), next.clone(), tally.clone(), a.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= a.requests {
+                        return;
+                    }
+                    // SplitMix64 of (seed, i): the same run every time.
+                    let mut z = a.seed.wrapping_add((i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                    let mut rnd = || {
+                        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                        let mut x = z;
+                        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                        x ^ (x >> 31)
+                    };
+                    let len = lo + (rnd() as usize) % (hi - lo + 1);
+                    let ids: Vec<u32> = (0..len).map(|_| (rnd() % vocab) as u32).collect();
+                    let stream = (rnd() % 10_000) as f64 / 10_000.0 < a.stream_share;
+                    let adapter = if a.adapter.is_empty() { String::new() } else { a.adapter[i % a.adapter.len()].clone() };
+                    let mut req = tonic::Request::new(GenerateRequest {
+                        prompt: Some(Prompt::TokenIds(TokenIds { ids })),
+                        sampling: Some(SamplingParams { max_new_tokens: Some(a.max_new_tokens), ..Default::default() }),
+                        adapter_id: adapter,
+                        timeout_ms: a.timeout_ms as u32,
+                    });
+                    if !a.api_key.is_empty() {
+                        if let Ok(v) = format!("Bearer {}", a.api_key[i % a.api_key.len()]).parse() {
+                            req.metadata_mut().insert("authorization", v);
+                        }
+                    }
+                    let limit = Duration::from_millis(a.timeout_ms) + Duration::from_secs(5);
+                    let t0 = Instant::now();
+                    let result = tokio::time::timeout(limit, one(&mut client, req, stream, t0)).await;
+                    let elapsed = t0.elapsed().as_secs_f64() * 1e3;
+                    let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+                    match result {
+                        Err(_) => {
+                            t.violations.push(format!("request {i}: no terminal state within {} ms", limit.as_millis()));
+                            *t.outcomes.entry("hung".into()).or_default() += 1;
+                        }
+                        Ok(Err(v)) => {
+                            t.violations.push(format!("request {i}: {v}"));
+                            *t.outcomes.entry("violation".into()).or_default() += 1;
+                        }
+                        Ok(Ok(Ended::Ok { tokens, ttft_ms })) => {
+                            *t.outcomes.entry("ok".into()).or_default() += 1;
+                            t.tokens += tokens;
+                            t.latencies_ms.push(elapsed);
+                            if let Some(x) = ttft_ms {
+                                t.ttft_ms.push(x);
+                            }
+                        }
+                        Ok(Ok(Ended::Status(code))) => *t.outcomes.entry(code).or_default() += 1,
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.context("a load task panicked")?;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+        let ended: usize = t.outcomes.values().sum();
+        if ended != a.requests {
+            let msg = format!("{} requests sent, {ended} accounted for", a.requests);
+            t.violations.push(msg);
+        }
+        let report = serde_json::json!({
+            "requests": a.requests,
+            "concurrency": a.concurrency,
+            "seconds": secs,
+            "requests_per_s": a.requests as f64 / secs.max(1e-9),
+            "tokens_per_s": t.tokens as f64 / secs.max(1e-9),
+            "latency_ms": {"p50": pct(&mut t.latencies_ms, 0.5), "p90": pct(&mut t.latencies_ms, 0.9), "p99": pct(&mut t.latencies_ms, 0.99)},
+            "ttft_ms": {"p50": pct(&mut t.ttft_ms, 0.5), "p99": pct(&mut t.ttft_ms, 0.99)},
+            "outcomes": t.outcomes,
+            "violations": t.violations,
+        });
+        if a.json {
+            println!("{report}");
+        } else {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        anyhow::ensure!(t.violations.is_empty(), "{} requests broke the terminal-state rule", t.violations.len());
+        Ok(())
+    })
+}
+
+enum Ended {
+    Ok { tokens: usize, ttft_ms: Option<f64> },
+    Status(String),
+}
+
+/// One request to its terminal state; `Err` is a broken rule.
+async fn one(
+    client: &mut InferenceClient<tonic::transport::Channel>,
+    req: tonic::Request<GenerateRequest>,
+    stream: bool,
+    t0: Instant,
+) -> Result<Ended, String> {
+    if !stream {
+        return match client.generate(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                let usage = r.usage.map(|u| u.completion_tokens as usize).unwrap_or(usize::MAX);
+                if usage != r.token_ids.len() {
+                    return Err(format!("usage says {usage} tokens, the answer has {}", r.token_ids.len()));
+                }
+                Ok(Ended::Ok { tokens: r.token_ids.len(), ttft_ms: None })
+            }
+            Err(s) => Ok(Ended::Status(code_name(&s))),
+        };
+    }
+    let mut s = match client.generate_stream(req).await {
+        Ok(s) => s.into_inner(),
+        Err(st) => return Ok(Ended::Status(code_name(&st))),
+    };
+    let (mut tokens, mut ttft, mut finished) = (0usize, None, None);
+    loop {
+        match s.message().await {
+            Ok(Some(m)) => match m.event {
+                _ if finished.is_some() => return Err("a message after the final one".into()),
+                Some(Event::Delta(d)) => {
+                    if ttft.is_none() && !d.token_ids.is_empty() {
+                        ttft = Some(t0.elapsed().as_secs_f64() * 1e3);
+                    }
+                    tokens += d.token_ids.len();
+                }
+                Some(Event::Finished(f)) => finished = Some(f.usage.map(|u| u.completion_tokens as usize)),
+                None => return Err("an empty stream message".into()),
+            },
+            Ok(None) => {
+                return match finished {
+                    Some(Some(n)) if n == tokens => Ok(Ended::Ok { tokens, ttft_ms: ttft }),
+                    Some(n) => Err(format!("finished with usage {n:?} after streaming {tokens} tokens")),
+                    None => Err("the stream ended without a final message or an error".into()),
+                };
+            }
+            Err(st) if finished.is_none() => return Ok(Ended::Status(code_name(&st))),
+            Err(st) => return Err(format!("an error after the final message: {st}")),
+        }
+    }
+}
