@@ -231,3 +231,39 @@ fn batch_mixing_8_adapters_and_base_rows_equals_solo() {
         assert!(rel_err(&[solo[1].0.clone()], &[solo[0].0.clone()]) > 1e-3);
     }
 }
+
+/// Adapters that must be refused at load, each with an error naming what is wrong: NaN weights,
+/// a rank above the maximum, another base model's shapes, an unsupported target.
+#[test]
+fn bad_adapters_are_refused_naming_the_module() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = fixture("mixtral");
+    let (model, _) = load_router_model(&dir).expect("model");
+    let try_load = |path: &Path| {
+        let identity = AdapterIdentity { id: "x".into(), path: "x".into(), digest: String::new() };
+        load_adapter(path, identity, &model.config, model.backend(), AdapterParts::all())
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    // NaN in a weight.
+    let nan = tmp.path().join("nan");
+    write_random_adapter(&dir, &nan, &["gate"], 2, 1);
+    let mut st = RawSafetensors::read(&nan.join("adapter_model.safetensors"));
+    let name = st.names().into_iter().find(|n| n.ends_with("lora_B.weight")).expect("a B");
+    let off = st.header[&name]["data_offsets"][0].as_u64().expect("offset") as usize;
+    st.data[off..off + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    st.write(&nan.join("adapter_model.safetensors"));
+    let e = try_load(&nan);
+    assert!(e.contains("non-finite") && e.contains("block_sparse_moe.gate"), "{e}");
+    // Rank above the maximum.
+    let big = tmp.path().join("big");
+    write_random_adapter(&dir, &big, &["gate"], 600, 2);
+    let e = try_load(&big);
+    assert!(e.contains("rank 600 is above the maximum"), "{e}");
+    // Another base model (qwen3's head_dim 24 makes q_proj 96 wide).
+    let other = tmp.path().join("other");
+    write_random_adapter(&fixture("qwen3_moe"), &other, &["q"], 4, 3);
+    let e = try_load(&other);
+    assert!(e.contains("self_attn.q_proj") && e.contains("lora_B is [96, 4]"), "{e}");
+}

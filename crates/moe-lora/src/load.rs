@@ -54,6 +54,13 @@ pub fn load_adapter<B: Backend>(
             continue;
         }
         let (a, b) = manifest.read_pair(m, &identity.id)?;
+        if let Some(bad) = a.iter().chain(&b).find(|v| !v.is_finite()) {
+            return Err(crate::LoraError::Module {
+                adapter: identity.id.clone(),
+                module: m.module.clone(),
+                message: format!("weights contain a non-finite value ({bad})"),
+            });
+        }
         bytes += 4 * (a.len() + b.len());
         let pair = LoraWeights {
             a: backend.matrix(m.rank, m.in_features, a)?,

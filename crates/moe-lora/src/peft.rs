@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const KEY_PREFIX: &str = "base_model.model.";
+/// Ranks above this are refused (a LoRA of higher rank is no longer low-rank, and would let one
+/// tenant's adapter cost more than the base layer).
+pub const MAX_RANK: usize = 512;
 
 /// What `target_modules` names: a list (a module matches when its name is, or ends with
 /// `.` + an entry) or a regular expression that must match the whole module name.
@@ -313,6 +316,9 @@ impl AdapterManifest {
                 }
             }
             let (rank, scale) = config.rank_and_scale(module);
+            if rank > MAX_RANK {
+                return Err(module_err(module, format!("rank {rank} is above the maximum of {MAX_RANK}")));
+            }
             let b_key = format!("{KEY_PREFIX}{module}.lora_B.weight");
             let a_shape = weights.shape_of(key).unwrap_or_default().to_vec();
             let b_shape =
