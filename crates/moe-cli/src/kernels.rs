@@ -75,5 +75,5 @@ fn compile(arch: String, files: Vec<std::path::PathBuf>) -> anyhow::Result<()> {
 #[cfg(not(feature = "cuda"))]
 fn compile(_arch: String, _files: Vec<std::path::PathBuf>) -> anyhow::Result<()> {
     let _ = KernelSource::full_source;
-    anyhow::bail!("this binary was built without CUDA support (cargo build --release --features cuda)")
+    anyhow::bail!("this binary was built without CUDA support (build moe-cli with its default `cuda` feature)")
 }

@@ -54,7 +54,7 @@ impl Device {
             }
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => Err(ComputeError::Cuda(
-                "this binary was built without CUDA support (cargo build --release --features cuda)".into(),
+                "this binary was built without CUDA support (build moe-cli with its default `cuda` feature)".into(),
             )),
         }
     }
