@@ -83,9 +83,20 @@ def policy(name, objects):
     return [f"FAIL {name}: {e}" for e in errors]
 
 
+def validator():
+    """The kubernetes-validate command: the module of this Python, else the script on PATH."""
+    try:
+        import kubernetes_validate  # noqa: F401
+        return [sys.executable, "-m", "kubernetes_validate"]
+    except ImportError:
+        path = shutil.which("kubernetes-validate")
+        return [path] if path else None
+
+
 def main():
     k8s_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "k8s")
-    if not shutil.which("kubernetes-validate"):
+    validate = validator()
+    if not validate:
         print("kubernetes-validate is not installed (pip install kubernetes-validate)")
         sys.exit(3)
     failures = []
@@ -94,7 +105,7 @@ def main():
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
             f.write(text)
             path = f.name
-        r = subprocess.run(["kubernetes-validate", "--strict", "--quiet", path], capture_output=True, text=True)
+        r = subprocess.run(validate + ["--strict", "--quiet", path], capture_output=True, text=True)
         os.unlink(path)
         if r.returncode != 0:
             failures.append(f"FAIL {name}: schema validation:\n{r.stdout}{r.stderr}")
