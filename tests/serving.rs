@@ -318,7 +318,9 @@ async fn unreachable_worker_means_unavailable_not_a_hang() {
     assert!(err.message().contains("layer 0"), "{}", err.message());
     assert!(started.elapsed() < Duration::from_secs(20));
     let stats = server.engine.stats();
-    assert_eq!(stats.free_pages.load(Ordering::SeqCst), stats.total_pages.load(Ordering::SeqCst));
+    // The engine publishes its counters after the step that failed the request.
+    wait_for("pages to return", || stats.free_pages.load(Ordering::SeqCst) == stats.total_pages.load(Ordering::SeqCst))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -532,4 +534,73 @@ fn loadgen_sees_exactly_one_terminal_state_per_request() {
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
     let v = out.json();
     assert_eq!(v["outcomes"]["deadline_exceeded"], 12, "{v}");
+}
+
+/// A router killed mid-stream: the client's stream ends with an error at once (never a clean
+/// end that would pass for a finish, never a hang).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_killed_mid_stream_fails_the_stream_promptly() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    endless_model(tmp.path());
+    let server = spawn_server(&["serve", "--model", tmp.path().to_str().expect("utf8"), "--listen", "127.0.0.1:0"]);
+    let mut c = client(&format!("http://{}", server.addr)).await;
+    let long = request(vec![5, 6, 7], SamplingParams { max_new_tokens: Some(4000), ..Default::default() });
+    let mut s = c.generate_stream(long).await.expect("stream").into_inner();
+    assert!(s.message().await.expect("first").is_some());
+    drop(server); // SIGKILL
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream must end within 5 s of the router dying");
+    let err = ended.expect_err("a dead router must not look like a normal end of stream");
+    assert!(matches!(err.code(), Code::Unavailable | Code::Unknown | Code::Internal), "{err:?}");
+    eprintln!("stream ended with {:?}: {}", err.code(), err.message());
+}
+
+/// A router stopping (SIGTERM) mid-stream lets the stream run while it drains, then ends it with
+/// UNAVAILABLE before its 5 s grace period runs out (never a cut connection or a hang).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_stopping_ends_open_streams_with_unavailable() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // Big enough that 4000 tokens take longer than the drain.
+    endless_model_sized(tmp.path(), 256, 4);
+    let server = spawn_server(&["serve", "--model", tmp.path().to_str().expect("utf8"), "--listen", "127.0.0.1:0"]);
+    let mut c = client(&format!("http://{}", server.addr)).await;
+    let long = || request(vec![5, 6, 7], SamplingParams { max_new_tokens: Some(4000), ..Default::default() });
+    let mut s = c.generate_stream(long()).await.expect("stream").into_inner();
+    assert!(s.message().await.expect("first").is_some());
+    let t0 = std::time::Instant::now();
+    sigterm(&server.child);
+    // While draining, new requests are refused with UNAVAILABLE.
+    let mut refused = false;
+    for _ in 0..50 {
+        match c.generate(long()).await {
+            Err(e) if e.code() == Code::Unavailable && e.message().contains("shutting down") => {
+                refused = true;
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert!(refused, "a draining router must refuse new requests with UNAVAILABLE");
+    let ended = tokio::time::timeout(Duration::from_secs(8), async {
+        loop {
+            match s.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream must end before the grace period");
+    let err = ended.expect_err("stopping must not look like a normal end of stream");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("shutting down"), "{}", err.message());
+    assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
 }

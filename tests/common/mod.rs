@@ -210,9 +210,15 @@ pub fn spawn_server(args: &[&str]) -> Server {
 /// A small random model with no end-of-sequence token and a long context, so that generation
 /// runs as long as a test needs.
 pub fn endless_model(dir: &Path) {
+    endless_model_sized(dir, 64, 2);
+}
+
+/// [`endless_model`] with a chosen hidden size and layer count (slower models for tests that
+/// need generation to outlast something).
+pub fn endless_model_sized(dir: &Path, hidden_size: usize, num_layers: usize) {
     let spec = moe_demo::DemoSpec {
-        hidden_size: 64,
-        num_layers: 2,
+        hidden_size,
+        num_layers,
         num_heads: 4,
         num_kv_heads: 2,
         intermediate_size: 64,

@@ -47,7 +47,19 @@ pub async fn serve_all(
     listeners: Listeners,
     stop: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let stop = stop.shared();
+    // On shutdown: refuse new requests, let running ones finish, and fail what is still open
+    // with UNAVAILABLE shortly before the grace period ends, so no stream is cut without a status.
+    let stopping = engine.clone();
+    let stop = async move {
+        stop.await;
+        stopping.begin_drain();
+        tokio::spawn(async move {
+            tokio::time::sleep(crate::engine_args::GRACE.saturating_sub(std::time::Duration::from_millis(1500))).await;
+            stopping.begin_shutdown();
+        });
+    }
+    .boxed()
+    .shared();
     let grpc = moe_router::serve_inference(engine.clone(), cluster, ready, listeners.grpc, stop.clone());
     let Some(http_listener) = listeners.http else { return grpc.await };
     let name = http.served_model_name.clone().unwrap_or_else(|| {

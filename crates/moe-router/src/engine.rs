@@ -60,6 +60,12 @@ pub struct EngineStats {
     pub running: AtomicUsize,
     pub waiting: AtomicUsize,
     pub steps: AtomicUsize,
+    /// Set when the server starts draining: new requests are refused with UNAVAILABLE, running
+    /// ones go on.
+    pub draining: std::sync::atomic::AtomicBool,
+    /// Set when the drain time is up: open requests fail with UNAVAILABLE, so clients see a
+    /// status instead of a dropped connection.
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 struct Submission {
@@ -211,7 +217,22 @@ impl Engine {
 
     /// Queues a validated request; its events arrive on the returned channel. A full queue is
     /// refused at once with RESOURCE_EXHAUSTED.
+    /// Stops taking requests (UNAVAILABLE); running ones continue.
+    pub fn begin_drain(&self) {
+        self.stats.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops taking requests and fails every open one with UNAVAILABLE (the server is going
+    /// away: clients should retry elsewhere).
+    pub fn begin_shutdown(&self) {
+        self.stats.draining.store(true, Ordering::SeqCst);
+        self.stats.stopping.store(true, Ordering::SeqCst);
+    }
+
     pub fn submit(&self, req: ValidatedRequest) -> Result<(u64, UnboundedReceiver<Event>), RouterError> {
+        if self.stats.draining.load(Ordering::SeqCst) {
+            return Err(RouterError::Unavailable("the router is shutting down; retry on another router".into()));
+        }
         let pages_needed = (req.prompt.len() + req.max_new_tokens).div_ceil(self.config.page_size);
         let total = self.stats.total_pages.load(Ordering::Relaxed);
         if pages_needed > total {
@@ -298,6 +319,9 @@ impl Worker {
             while let Ok(s) = self.rx.try_recv() {
                 self.waiting.push_back(s);
             }
+            if self.stats.stopping.load(Ordering::SeqCst) {
+                self.fail_all_for_shutdown();
+            }
             self.reap();
             self.admit();
             self.publish();
@@ -323,6 +347,23 @@ impl Worker {
     /// Records a request's terminal state.
     fn ended(&self, outcome: &str, tenant: &str, prompt: usize, generated: usize, submitted: Instant) {
         self.metrics.ended(outcome, tenant, prompt, generated, submitted.elapsed());
+    }
+
+    /// Ends every waiting and running request with UNAVAILABLE, freeing its pages and pins.
+    fn fail_all_for_shutdown(&mut self) {
+        let err = RouterError::Unavailable("the router is shutting down; retry on another router".into());
+        for mut w in self.waiting.drain(..) {
+            w.req.adapter = None;
+            self.metrics.ended("unavailable", w.tenant(), w.req.prompt.len(), 0, w.submitted.elapsed());
+            let _ = w.events.send(Event::Failed(err.clone()));
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        for mut s in self.running.drain(..) {
+            s.req.adapter = None;
+            self.kv.pages.release(&mut s.cache);
+            self.metrics.ended("unavailable", s.tenant(), s.req.prompt.len(), s.generated, s.submitted.elapsed());
+            let _ = s.events.send(Event::Failed(err.clone()));
+        }
     }
 
     /// Drops requests whose client went away and fails expired ones, freeing their pages.
