@@ -69,8 +69,10 @@ fn setup(tmp: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
 }
 
 fn engine(model: &Path, adapters: &Path, max_adapters: usize, tenants: Option<&str>) -> Engine {
-    let opts =
-        AdapterOptions { dir: Some(adapters.into()), limits: RegistryLimits { max_adapters, max_bytes: 1 << 30 } };
+    let opts = AdapterOptions {
+        dir: Some(adapters.into()),
+        limits: RegistryLimits { max_adapters, max_bytes: 1 << 30, ..Default::default() },
+    };
     let e = moe_cluster::embedded_with(model, 2, EngineConfig::default(), &opts).expect("engine");
     match tenants {
         Some(t) => e.with_tenants(Arc::new(Tenants::parse(t).expect("tenants"))),

@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", p.display());
     }
     tonic_prost_build::configure()
+        .codec_path("crate::codec::StrictCodec")
         .bytes(".moe.v1.ExpertRequest.rows")
         .bytes(".moe.v1.ExpertResponse.rows")
         .file_descriptor_set_path(out.join("moe_v1_descriptor.bin"))

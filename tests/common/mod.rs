@@ -2,6 +2,8 @@
 //! logits, and reading/rewriting safetensors files byte by byte (to make broken checkpoints).
 #![allow(dead_code)]
 
+pub mod relay;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;

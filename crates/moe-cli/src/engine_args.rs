@@ -54,6 +54,10 @@ pub struct AdapterServeArgs {
     /// Memory for resident adapters, in MiB.
     #[arg(long, env = "MOE_MAX_ADAPTER_MB", default_value_t = 4096)]
     pub max_adapter_mb: usize,
+    /// Highest LoRA rank accepted; adapters with a module above it are refused at load.
+    #[arg(long, env = "MOE_MAX_LORA_RANK", default_value_t = moe_lora::DEFAULT_MAX_RANK,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=512))]
+    pub max_lora_rank: usize,
     /// Tenants file (TOML: api keys, allowed adapters, concurrency limits); requests must then
     /// present `authorization: Bearer KEY`.
     #[arg(long, env = "MOE_TENANTS")]
@@ -70,6 +74,7 @@ impl AdapterServeArgs {
             limits: moe_lora::RegistryLimits {
                 max_adapters: self.max_adapters,
                 max_bytes: self.max_adapter_mb.saturating_mul(1 << 20),
+                max_rank: self.max_lora_rank,
             },
         })
     }

@@ -33,6 +33,10 @@ pub struct RouterArgs {
     /// How long one layer's expert call may take before the worker counts as dead.
     #[arg(long, env = "MOE_DISPATCH_TIMEOUT_MS", default_value_t = 10_000)]
     pub dispatch_timeout_ms: u64,
+    /// Hedge slow workers: when a layer's expert call has no answer after this many ms, send it
+    /// to a replica holding the same experts as well and use the first answer (0: off).
+    #[arg(long, env = "MOE_HEDGE_AFTER_MS", default_value_t = 0)]
+    pub hedge_after_ms: u64,
     /// CA (PEM) of the workers' certificates: talk to workers over TLS.
     #[arg(long, env = "MOE_WORKER_CA")]
     pub worker_ca: Option<PathBuf>,
@@ -62,6 +66,7 @@ pub fn run(a: RouterArgs) -> anyhow::Result<()> {
         },
         deadline: Duration::from_millis(a.dispatch_timeout_ms.max(1)),
         tls: transport_tls(&a)?,
+        hedge_after: (a.hedge_after_ms > 0).then(|| Duration::from_millis(a.hedge_after_ms)),
         ..Default::default()
     };
     let adapter_options = a.adapters.options()?;

@@ -35,6 +35,10 @@ pub struct WorkerArgs {
     /// Memory for resident adapters, in MiB.
     #[arg(long, env = "MOE_MAX_ADAPTER_MB", default_value_t = 4096)]
     pub max_adapter_mb: usize,
+    /// Highest LoRA rank accepted; adapters with a module above it are refused at load.
+    #[arg(long, env = "MOE_MAX_LORA_RANK", default_value_t = moe_lora::DEFAULT_MAX_RANK,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=512))]
+    pub max_lora_rank: usize,
     /// This worker's TLS certificate (PEM); with --tls-key, the worker serves only TLS.
     #[arg(long, env = "MOE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -60,6 +64,7 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
         let limits = moe_lora::RegistryLimits {
             max_adapters: a.max_adapters,
             max_bytes: a.max_adapter_mb.saturating_mul(1 << 20),
+            max_rank: a.max_lora_rank,
         };
         host = host.with_adapter_dir(dir.clone(), limits);
     }

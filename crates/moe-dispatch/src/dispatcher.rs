@@ -28,6 +28,18 @@ pub struct WorkerBatch {
     pub row_adapters: Vec<u32>,
     /// The distinct request ids of these rows (for the worker's logs).
     pub request_ids: Vec<u64>,
+    /// Another live worker that holds every expert of this batch: where a transport may send
+    /// the same batch when this one is slow (hedging).
+    pub hedge: Option<usize>,
+}
+
+/// What came back for one worker batch: one combined row per batch row, and the adapters (slot
+/// into the layer's adapter list, reason) the worker could not load. Rows carrying those were
+/// not computed and must fail, never be used.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BatchOutput {
+    pub rows: Vec<f32>,
+    pub failed_adapters: Vec<(u32, String)>,
 }
 
 /// Runs worker batches somewhere: in this process, over gRPC, or any faster data plane.
@@ -44,7 +56,7 @@ pub trait WorkerTransport: Send + Sync {
         hidden: usize,
         adapters: &[AdapterIdentity],
         batches: &[WorkerBatch],
-        outputs: &mut [Vec<f32>],
+        outputs: &mut [BatchOutput],
         results: &mut [Result<()>],
     );
 }
@@ -54,7 +66,7 @@ pub const SUSPECT_FOR: Duration = Duration::from_secs(5);
 
 struct Scratch {
     batches: Vec<WorkerBatch>,
-    outputs: Vec<Vec<f32>>,
+    outputs: Vec<BatchOutput>,
     results: Vec<Result<()>>,
     slot_of: Vec<Option<usize>>,
     /// (row, expert, weight) still to be computed this layer, grouped by row.
@@ -116,6 +128,19 @@ impl<T: WorkerTransport> Dispatcher<T> {
                 *slot = Some(Instant::now() + SUSPECT_FOR);
             }
         }
+    }
+
+    /// A live worker other than `b.worker` holding every expert of `b`, chosen in turn.
+    fn hedge_for(&self, layer: usize, b: &WorkerBatch, suspect: &[bool], turn: usize) -> Option<usize> {
+        let first = *b.experts.first()?;
+        let holders = self.placement.holders(layer, first);
+        let ok = |w: usize| {
+            w != b.worker
+                && !suspect.get(w).copied().unwrap_or(false)
+                && b.experts.iter().all(|&e| self.placement.holders(layer, e).contains(&w))
+        };
+        let n = holders.len();
+        (0..n).map(|i| holders[(turn + i) % n]).find(|&w| ok(w))
     }
 
     /// Groups pending (row, expert, weight) entries by worker, skipping suspect workers. A row's
@@ -209,6 +234,9 @@ impl<T: WorkerTransport> Dispatcher<T> {
             b.experts.push(e);
             b.weights.push(wt);
         }
+        for b in &mut s.batches[..used] {
+            b.hedge = self.hedge_for(layer, b, suspect, turn);
+        }
         // Batches past `used` keep their buffers for later steps.
         Ok(used)
     }
@@ -234,7 +262,7 @@ impl<T: WorkerTransport> ExpertExecutor<CpuBackend> for Dispatcher<T> {
         for _round in 0..=self.num_workers {
             let used = self.group(layer, x, routes.row_adapter, routes.row_request, s, unserved).map_err(to_model)?;
             if s.outputs.len() < used {
-                s.outputs.resize_with(used, Vec::new);
+                s.outputs.resize_with(used, BatchOutput::default);
             }
             s.results.clear();
             s.results.resize_with(used, || Ok(()));
@@ -251,16 +279,35 @@ impl<T: WorkerTransport> ExpertExecutor<CpuBackend> for Dispatcher<T> {
                 let b = &s.batches[i];
                 let o = &s.outputs[i];
                 let result = match &s.results[i] {
-                    Ok(()) if o.len() != b.row_ids.len() * x.cols => Err(DispatchError::Rejected {
+                    Ok(()) if o.rows.len() != b.row_ids.len() * x.cols => Err(DispatchError::Rejected {
                         worker: self.transport.worker_name(b.worker),
-                        message: format!("returned {} values for {} rows", o.len(), b.row_ids.len()),
+                        message: format!("returned {} values for {} rows", o.rows.len(), b.row_ids.len()),
                     }),
                     other => other.clone(),
                 };
                 match result {
                     Ok(()) => {
                         for (j, &r) in b.row_ids.iter().enumerate() {
-                            for (acc, v) in out.row_mut(r as usize).iter_mut().zip(&o[j * x.cols..(j + 1) * x.cols]) {
+                            if !o.failed_adapters.is_empty() {
+                                let slot = b.row_adapters.get(j).copied().unwrap_or(0);
+                                if let Some((_, why)) = o.failed_adapters.iter().find(|(s, _)| *s == slot) {
+                                    // Only this row's request fails; never use its zero row.
+                                    let id =
+                                        routes.adapters.get(slot as usize - 1).map(|a| a.id.as_str()).unwrap_or("?");
+                                    let worker = self.transport.worker_name(b.worker);
+                                    tracing::warn!(layer, %worker, adapter = id, reason = %why, "adapter failed on a worker");
+                                    if !unserved.iter().any(|u| u.0 == r) {
+                                        unserved.push((
+                                            r,
+                                            format!("adapter {id:?} failed to load on worker {worker}: {why}"),
+                                        ));
+                                    }
+                                    continue;
+                                }
+                            }
+                            for (acc, v) in
+                                out.row_mut(r as usize).iter_mut().zip(&o.rows[j * x.cols..(j + 1) * x.cols])
+                            {
                                 *acc += v;
                             }
                         }
@@ -307,11 +354,11 @@ mod tests {
             hidden: usize,
             _adapters: &[AdapterIdentity],
             batches: &[WorkerBatch],
-            outputs: &mut [Vec<f32>],
+            outputs: &mut [BatchOutput],
             results: &mut [Result<()>],
         ) {
             for ((b, o), r) in batches.iter().zip(outputs.iter_mut()).zip(results.iter_mut()) {
-                *o = vec![0.0; b.row_ids.len() * hidden];
+                o.rows = vec![0.0; b.row_ids.len() * hidden];
                 *r = Ok(());
             }
             if let Ok(mut v) = self.0.lock() {

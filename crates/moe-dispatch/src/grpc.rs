@@ -1,11 +1,11 @@
 //! The gRPC transport: one long-lived bidirectional `ComputeStream` per worker, requests matched
 //! to responses by id, batches to different workers in flight at once, every wait bounded by a
 //! deadline, and large batches split so no message nears the size limit. A broken or silent
-//! stream is dropped and reopened on the next call.
+//! stream is dropped and reopened on the next call. With `hedge_after`, a batch that has no
+//! answer after that long is sent to a replica too, and the first good answer is used.
 
-use crate::dispatcher::{WorkerBatch, WorkerTransport};
+use crate::dispatcher::{BatchOutput, WorkerBatch, WorkerTransport};
 use crate::error::{DispatchError, Result};
-use futures::FutureExt;
 use moe_model::AdapterIdentity;
 use moe_proto::v1::expert_worker_client::ExpertWorkerClient;
 use moe_proto::v1::{AdapterRef, DescribeRequest, DescribeResponse, ExpertRequest, ExpertResponse, WireDtype};
@@ -34,6 +34,8 @@ pub struct GrpcTransportConfig {
     pub metrics: moe_metrics::Registry,
     /// TLS to the workers (`https`), with this process's client identity for mutual TLS.
     pub tls: Option<TransportTls>,
+    /// Send a batch to a replica as well when its worker has not answered after this long.
+    pub hedge_after: Option<Duration>,
 }
 
 /// PEM material for TLS from a router to its workers.
@@ -56,11 +58,29 @@ impl Default for GrpcTransportConfig {
             max_rows_bytes: 8 << 20,
             metrics: moe_metrics::Registry::new(),
             tls: None,
+            hedge_after: None,
         }
     }
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ExpertResponse>>>>;
+
+/// Forgets a call's request ids however the call ends (answered, timed out, or dropped because
+/// a hedge won), so a silent worker's map does not grow.
+struct PendingGuard {
+    pending: Pending,
+    ids: Vec<u64>,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.pending.lock() {
+            for id in &self.ids {
+                p.remove(id);
+            }
+        }
+    }
+}
 
 #[derive(Clone)]
 struct OpenStream {
@@ -206,7 +226,7 @@ impl GrpcTransport {
         hidden: usize,
         adapters: &[AdapterRef],
         b: &WorkerBatch,
-        out: &mut Vec<f32>,
+        out: &mut BatchOutput,
     ) -> Result<()> {
         let w = self.workers.get(b.worker).ok_or_else(|| unavailable(&format!("#{}", b.worker), "no such worker"))?;
         // One deadline bounds everything below: a frozen worker stops reading, and then even
@@ -224,6 +244,7 @@ impl GrpcTransport {
         let row_bytes = hidden * wire::bytes_per_value(self.config.wire);
         let per_msg = (self.config.max_rows_bytes / row_bytes.max(1)).max(1);
         let mut waiters = Vec::new();
+        let mut guard = PendingGuard { pending: stream.pending.clone(), ids: Vec::new() };
         let mut pair_start = 0usize;
         for (chunk, pairs) in b.row_pairs.chunks(per_msg).enumerate() {
             let first_row = chunk * per_msg;
@@ -252,7 +273,8 @@ impl GrpcTransport {
             if let Ok(mut p) = stream.pending.lock() {
                 p.insert(id, tx);
             }
-            waiters.push((id, rx));
+            waiters.push(rx);
+            guard.ids.push(id);
             match tokio::time::timeout_at(deadline, stream.tx.send(req)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => {
@@ -265,9 +287,10 @@ impl GrpcTransport {
                 }
             }
         }
-        out.clear();
+        out.rows.clear();
+        out.failed_adapters.clear();
         let mut decoded = Vec::new();
-        for (id, rx) in waiters {
+        for rx in waiters {
             let resp = match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(_)) => {
@@ -275,9 +298,6 @@ impl GrpcTransport {
                     return Err(unavailable(&w.addr, "stream closed before the answer"));
                 }
                 Err(_) => {
-                    if let Ok(mut p) = stream.pending.lock() {
-                        p.remove(&id);
-                    }
                     // A silent worker may hold the stream forever; start afresh next time.
                     self.reset(w);
                     return Err(timed_out());
@@ -289,9 +309,82 @@ impl GrpcTransport {
             let dtype = WireDtype::try_from(resp.dtype).unwrap_or(self.config.wire);
             wire::decode_rows(&resp.rows, dtype, hidden, &mut decoded)
                 .map_err(|e| DispatchError::Rejected { worker: w.addr.clone(), message: e.to_string() })?;
-            out.extend_from_slice(&decoded);
+            out.rows.extend_from_slice(&decoded);
+            for f in resp.failed_adapters {
+                if !out.failed_adapters.iter().any(|(s, _)| *s == f.slot) {
+                    out.failed_adapters.push((f.slot, f.message));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// [`Self::call`] on an owned output, so two calls can race.
+    async fn call_owned(
+        &self,
+        layer: usize,
+        hidden: usize,
+        adapters: &[AdapterRef],
+        b: &WorkerBatch,
+        mut out: BatchOutput,
+    ) -> (Result<()>, BatchOutput) {
+        let worker = self.worker_name(b.worker);
+        let span = tracing::debug_span!("dispatch", %worker, layer, rows = b.row_ids.len());
+        let started = std::time::Instant::now();
+        let r = self.call(layer, hidden, adapters, b, &mut out).instrument(span).await;
+        self.config.metrics.observe(
+            "moe_dispatch_seconds",
+            "One layer's expert round trip to a worker.",
+            &[("worker", &worker), ("outcome", if r.is_ok() { "ok" } else { "error" })],
+            &moe_metrics::LATENCY_BUCKETS,
+            started.elapsed().as_secs_f64(),
+        );
+        (r, out)
+    }
+
+    /// Calls `b.worker`; when it has not answered after `hedge_after` and the batch has a
+    /// replica, calls that too and keeps the first success (or the last failure).
+    async fn call_hedged(
+        &self,
+        layer: usize,
+        hidden: usize,
+        adapters: &[AdapterRef],
+        b: &WorkerBatch,
+        out: &mut BatchOutput,
+    ) -> Result<()> {
+        let primary = self.call_owned(layer, hidden, adapters, b, std::mem::take(out));
+        tokio::pin!(primary);
+        let (after, replica) = match (self.config.hedge_after, b.hedge) {
+            (Some(after), Some(replica)) => (after, replica),
+            _ => {
+                let (r, o) = primary.await;
+                *out = o;
+                return r;
+            }
+        };
+        let (r, o) = match tokio::time::timeout(after, &mut primary).await {
+            Ok(done) => done,
+            Err(_) => {
+                let slow = self.worker_name(b.worker);
+                let hedge_batch = WorkerBatch { worker: replica, hedge: None, ..b.clone() };
+                tracing::debug!(layer, worker = %slow, replica = %self.worker_name(replica), "hedging a slow dispatch");
+                let second = self.call_owned(layer, hidden, adapters, &hedge_batch, BatchOutput::default());
+                tokio::pin!(second);
+                let (done, winner) = tokio::select! {
+                    p = &mut primary => if p.0.is_ok() { (p, "primary") } else { ((&mut second).await, "replica") },
+                    s = &mut second => if s.0.is_ok() { (s, "replica") } else { ((&mut primary).await, "primary") },
+                };
+                self.config.metrics.inc(
+                    "moe_dispatch_hedges_total",
+                    "Dispatches sent to a replica as well because the worker was slow, by which answered first.",
+                    &[("worker", &slow), ("winner", winner)],
+                    1.0,
+                );
+                done
+            }
+        };
+        *out = o;
+        r
     }
 }
 
@@ -306,7 +399,7 @@ impl WorkerTransport for GrpcTransport {
         hidden: usize,
         adapters: &[AdapterIdentity],
         batches: &[WorkerBatch],
-        outputs: &mut [Vec<f32>],
+        outputs: &mut [BatchOutput],
         results: &mut [Result<()>],
     ) {
         let adapters: Vec<AdapterRef> = adapters
@@ -316,23 +409,10 @@ impl WorkerTransport for GrpcTransport {
         let adapters = &adapters;
         // Called from the router's compute thread, never from inside the runtime.
         let all = self.runtime.block_on(async {
-            let calls = batches.iter().zip(outputs.iter_mut()).map(|(b, out)| {
-                let span = tracing::debug_span!("dispatch", worker = %self.worker_name(b.worker), layer, rows = b.row_ids.len());
-                let worker = self.worker_name(b.worker);
-                let started = std::time::Instant::now();
-                self.call(layer, hidden, adapters, b, out).instrument(span).map(move |r| {
-                    let m = &self.config.metrics;
-                    let outcome = if r.is_ok() { "ok" } else { "error" };
-                    m.observe(
-                        "moe_dispatch_seconds",
-                        "One layer's expert round trip to a worker.",
-                        &[("worker", &worker), ("outcome", outcome)],
-                        &moe_metrics::LATENCY_BUCKETS,
-                        started.elapsed().as_secs_f64(),
-                    );
-                    r
-                })
-            });
+            let calls = batches
+                .iter()
+                .zip(outputs.iter_mut())
+                .map(|(b, out)| self.call_hedged(layer, hidden, adapters, b, out));
             futures::future::join_all(calls).await
         });
         for (slot, r) in results.iter_mut().zip(all) {

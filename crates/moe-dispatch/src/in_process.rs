@@ -1,7 +1,7 @@
 //! The in-process transport: worker batches run as direct calls into hosts in this process (the
 //! embedded cluster). No sockets, no serialization; the same host code as a gRPC worker.
 
-use crate::dispatcher::{WorkerBatch, WorkerTransport};
+use crate::dispatcher::{BatchOutput, WorkerBatch, WorkerTransport};
 use crate::error::{DispatchError, Result};
 use moe_model::AdapterIdentity;
 use moe_worker::{ComputeInput, ExpertHost};
@@ -32,7 +32,7 @@ impl WorkerTransport for InProcessTransport {
         hidden: usize,
         adapters: &[AdapterIdentity],
         batches: &[WorkerBatch],
-        outputs: &mut [Vec<f32>],
+        outputs: &mut [BatchOutput],
         results: &mut [Result<()>],
     ) {
         for ((b, out), result) in batches.iter().zip(outputs.iter_mut()).zip(results.iter_mut()) {
@@ -48,7 +48,7 @@ impl InProcessTransport {
         hidden: usize,
         adapters: &[AdapterIdentity],
         b: &WorkerBatch,
-        out: &mut Vec<f32>,
+        out: &mut BatchOutput,
     ) -> Result<()> {
         let host = self.hosts.get(b.worker).ok_or_else(|| DispatchError::Unavailable {
             worker: self.worker_name(b.worker),
@@ -64,7 +64,11 @@ impl InProcessTransport {
             adapters,
             row_adapters: &b.row_adapters,
         };
-        host.compute(&input, out)
-            .map_err(|e| DispatchError::Rejected { worker: self.worker_name(b.worker), message: e.to_string() })
+        let failed = host
+            .compute(&input, &mut out.rows)
+            .map_err(|e| DispatchError::Rejected { worker: self.worker_name(b.worker), message: e.to_string() })?;
+        out.failed_adapters.clear();
+        out.failed_adapters.extend(failed.into_iter().map(|f| (f.slot, f.message)));
+        Ok(())
     }
 }

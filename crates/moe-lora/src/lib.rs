@@ -16,4 +16,6 @@ mod registry;
 pub use error::{LoraError, Result};
 pub use load::{load_adapter, AdapterParts};
 pub use peft::{AdapterManifest, LoraTarget, ModuleKind, PeftConfig, TargetModule};
-pub use registry::{validate_id, validate_rel_path, AdapterInfo, AdapterRegistry, RegistryLimits, Resident};
+pub use registry::{
+    validate_id, validate_rel_path, AdapterInfo, AdapterRegistry, RegistryLimits, Resident, DEFAULT_MAX_RANK,
+};

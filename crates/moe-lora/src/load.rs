@@ -15,17 +15,26 @@ pub struct AdapterParts<'a> {
     pub dense: bool,
     /// Pairs of expert `(layer, expert)` when this returns true.
     pub experts: &'a (dyn Fn(usize, usize) -> bool + Sync),
+    /// Modules of a higher rank are refused (the operator's `--max-lora-rank`).
+    pub max_rank: usize,
 }
 
 impl AdapterParts<'static> {
     /// Everything (a model that runs its own experts).
     pub fn all() -> Self {
-        Self { dense: true, experts: &|_, _| true }
+        Self { dense: true, experts: &|_, _| true, max_rank: crate::peft::MAX_RANK }
     }
 
     /// What a router holds: no expert pairs.
     pub fn router() -> Self {
-        Self { dense: true, experts: &|_, _| false }
+        Self { dense: true, experts: &|_, _| false, max_rank: crate::peft::MAX_RANK }
+    }
+}
+
+impl<'a> AdapterParts<'a> {
+    /// The same parts, refusing modules of rank above `max_rank`.
+    pub fn with_max_rank(self, max_rank: usize) -> Self {
+        Self { max_rank, ..self }
     }
 }
 
@@ -39,6 +48,13 @@ pub fn load_adapter<B: Backend>(
 ) -> Result<AdapterWeights<B>> {
     let manifest = AdapterManifest::read(dir, &identity.id, cfg)?;
     identity.digest = manifest.digest.clone();
+    if let Some(m) = manifest.modules.iter().find(|m| m.rank > parts.max_rank) {
+        return Err(crate::LoraError::Module {
+            adapter: identity.id.clone(),
+            module: m.module.clone(),
+            message: format!("rank {} is above the configured maximum of {} (--max-lora-rank)", m.rank, parts.max_rank),
+        });
+    }
     let mut layers: Vec<LayerLora<B>> = (0..cfg.num_layers).map(|_| LayerLora::default()).collect();
     let mut bytes = 0usize;
     for m in &manifest.modules {

@@ -29,16 +29,21 @@ impl<B: Backend> Resident for AdapterWeights<B> {
     }
 }
 
+/// The default `--max-lora-rank`.
+pub const DEFAULT_MAX_RANK: usize = 64;
+
 /// Bounds on what stays resident.
 #[derive(Clone, Copy, Debug)]
 pub struct RegistryLimits {
     pub max_adapters: usize,
     pub max_bytes: usize,
+    /// Adapters with a module of higher rank are refused at load.
+    pub max_rank: usize,
 }
 
 impl Default for RegistryLimits {
     fn default() -> Self {
-        Self { max_adapters: 64, max_bytes: 4 << 30 }
+        Self { max_adapters: 64, max_bytes: 4 << 30, max_rank: DEFAULT_MAX_RANK }
     }
 }
 
@@ -360,12 +365,15 @@ mod tests {
             std::fs::create_dir(dir.path().join(id)).unwrap();
             std::fs::write(dir.path().join(id).join("adapter_config.json"), "{}").unwrap();
         }
-        let reg =
-            AdapterRegistry::new(Some(dir.path().into()), RegistryLimits { max_adapters, max_bytes }, |_, mut i| {
+        let reg = AdapterRegistry::new(
+            Some(dir.path().into()),
+            RegistryLimits { max_adapters, max_bytes, ..Default::default() },
+            |_, mut i| {
                 let bytes = if i.id == "big" { 1000 } else { 10 };
                 i.digest = "d".into();
                 Ok(Fake(i, bytes))
-            });
+            },
+        );
         (dir, reg)
     }
 

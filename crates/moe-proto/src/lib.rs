@@ -3,6 +3,7 @@
 //! server reflection, and the encoding of hidden-state rows as raw little-endian bf16 or f32
 //! bytes. It holds no logic beyond that.
 
+pub mod codec;
 pub mod wire;
 
 /// Generated messages, clients and servers of package `moe.v1`.

@@ -108,6 +108,7 @@ pub fn router_adapters(
 ) -> RouterAdapters {
     AdapterRegistry::new(root, limits, move |dir, identity| {
         let parts = if experts { AdapterParts::all() } else { AdapterParts::router() };
+        let parts = parts.with_max_rank(limits.max_rank);
         load_adapter(dir, identity, &model.config, model.backend(), parts)
     })
 }

@@ -19,6 +19,6 @@ pub use engine::{router_adapters, Engine, EngineConfig, EngineStats, RouterAdapt
 pub use engine_metrics::{outcome_label, EngineMetrics};
 pub use error::RouterError;
 pub use request::{Event, FinishReason, GenerationParams, PromptInput, ValidatedRequest};
-pub use server::{inference_routes, serve_inference};
+pub use server::{inference_routes, serve_inference, MAX_MESSAGE_BYTES};
 pub use service::{ClusterStatus, InferenceService, StaticCluster};
 pub use tenants::{Tenant, Tenants};

@@ -32,6 +32,10 @@ pub struct GenerationParams {
 }
 
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 64;
+/// At most this many stop sequences per request.
+pub const MAX_STOP_SEQUENCES: usize = 16;
+/// At most this many bytes per stop sequence.
+pub const MAX_STOP_BYTES: usize = 1024;
 
 /// A request that passed validation, ready for the engine.
 #[derive(Clone, Debug)]
@@ -118,8 +122,11 @@ impl ValidatedRequest {
             return Err(RouterError::invalid("temperature", format!("must be >= 0, got {temperature}")));
         }
         let top_k = p.top_k.unwrap_or(0);
-        if top_k < 0 {
-            return Err(RouterError::invalid("top_k", format!("must be >= 0, got {top_k}")));
+        if top_k < 0 || top_k as usize > config.vocab_size {
+            return Err(RouterError::invalid(
+                "top_k",
+                format!("must be 0 (off) to vocab_size {}, got {top_k}", config.vocab_size),
+            ));
         }
         let top_p = p.top_p.unwrap_or(1.0);
         if !(top_p > 0.0 && top_p <= 1.0) {
@@ -129,11 +136,23 @@ impl ValidatedRequest {
         if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
             return Err(RouterError::invalid("repetition_penalty", format!("must be > 0, got {repetition_penalty}")));
         }
+        if p.stop.len() > MAX_STOP_SEQUENCES {
+            return Err(RouterError::invalid(
+                "stop",
+                format!("{} stop sequences; at most {MAX_STOP_SEQUENCES} are allowed", p.stop.len()),
+            ));
+        }
+        if let Some((i, s)) = p.stop.iter().enumerate().find(|(_, s)| s.len() > MAX_STOP_BYTES) {
+            return Err(RouterError::invalid(
+                "stop",
+                format!("stop sequence {i} is {} bytes; at most {MAX_STOP_BYTES} are allowed", s.len()),
+            ));
+        }
+        if let Some(i) = p.stop.iter().position(|s| s.is_empty()) {
+            return Err(RouterError::invalid("stop", format!("stop sequence {i} is empty")));
+        }
         if !p.stop.is_empty() && !codec.has_tokenizer() {
             return Err(RouterError::invalid("stop", "stop sequences need the model's tokenizer.json"));
-        }
-        if let Some(s) = p.stop.iter().find(|s| s.is_empty()) {
-            return Err(RouterError::invalid("stop", format!("stop sequences must not be empty ({s:?})")));
         }
         let timeout = p.timeout.filter(|t| !t.is_zero()).unwrap_or(default_timeout);
         Ok(Self {

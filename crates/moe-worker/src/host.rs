@@ -17,6 +17,14 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+/// An adapter of a request that this worker could not load: rows carrying it were not computed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdapterFailure {
+    /// 1-based index into the request's adapters.
+    pub slot: u32,
+    pub message: String,
+}
+
 /// The expert pairs of the adapters this worker has loaded.
 pub type WorkerAdapters = AdapterRegistry<AdapterWeights<CpuBackend>>;
 
@@ -115,7 +123,11 @@ impl ExpertHost {
         let backend = self.backend.clone();
         self.adapters = Some(AdapterRegistry::new(Some(root), limits, move |dir, identity| {
             let hosted = hosted.clone();
-            let parts = AdapterParts { dense: false, experts: &move |l, e| hosted.contains(&(l, e)) };
+            let parts = AdapterParts {
+                dense: false,
+                experts: &move |l, e| hosted.contains(&(l, e)),
+                max_rank: limits.max_rank,
+            };
             load_adapter(dir, identity, &config, &backend, parts)
         }));
         self
@@ -194,22 +206,41 @@ impl ExpertHost {
         hosted.ok_or(WorkerError::UnknownLayer { layer: input.layer, num_layers: c.num_layers })
     }
 
-    /// The adapters of a request, loaded (pinned for the call) and checked against their digest.
-    fn resolve_adapters(&self, input: &ComputeInput<'_>) -> Result<Vec<Arc<AdapterWeights<CpuBackend>>>> {
+    /// The adapters of a request, loaded (pinned for the call) and checked against their digest;
+    /// `None` for one that failed, with its 1-based slot and the reason in `failed`.
+    fn resolve_adapters(
+        &self,
+        input: &ComputeInput<'_>,
+        failed: &mut Vec<AdapterFailure>,
+    ) -> Result<Vec<Option<Arc<AdapterWeights<CpuBackend>>>>> {
         if input.adapters.is_empty() || input.row_adapters.iter().all(|&a| a == 0) {
             return Ok(Vec::new());
         }
         let registry = self.adapters.as_ref().ok_or_else(|| {
             WorkerError::InvalidRequest("rows carry LoRA adapters, but this worker has no --adapter-dir".into())
         })?;
-        input.adapters.iter().map(|id| registry.acquire_identity(id).map_err(WorkerError::from)).collect()
+        Ok(input
+            .adapters
+            .iter()
+            .enumerate()
+            .map(|(i, id)| match registry.acquire_identity(id) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    tracing::warn!(adapter = %id.id, error = %e, "adapter failed to load; its rows fail");
+                    failed.push(AdapterFailure { slot: i as u32 + 1, message: e.to_string() });
+                    None
+                }
+            })
+            .collect())
     }
 
-    /// Computes the combined rows into `out` (`rows x hidden_size`). Runs on the calling thread
-    /// and the compute pool; call it from a blocking context, not an async task.
-    pub fn compute(&self, input: &ComputeInput<'_>, out: &mut Vec<f32>) -> Result<()> {
+    /// Computes the combined rows into `out` (`rows x hidden_size`). Rows whose adapter could
+    /// not be loaded are left zero and their adapters returned: the caller must fail those rows.
+    /// Runs on the calling thread and the compute pool; call it from a blocking context.
+    pub fn compute(&self, input: &ComputeInput<'_>, out: &mut Vec<f32>) -> Result<Vec<AdapterFailure>> {
         let layer = self.validate(input)?;
-        let adapters = self.resolve_adapters(input)?;
+        let mut failed = Vec::new();
+        let adapters = self.resolve_adapters(input, &mut failed)?;
         let h = self.config.hidden_size;
         let rows = input.row_pairs.len();
         let mut s = self.scratch.lock().ok().and_then(|mut p| p.pop()).unwrap_or_else(|| Scratch {
@@ -230,7 +261,7 @@ impl ExpertHost {
             let (layer_idx, ids) = (input.layer, &layer.ids);
             let lookup = |r: usize, local: usize| {
                 let slot = *input.row_adapters.get(r)? as usize;
-                adapters.get(slot.checked_sub(1)?)?.expert(layer_idx, *ids.get(local)? as usize)
+                adapters.get(slot.checked_sub(1)?)?.as_ref()?.expert(layer_idx, *ids.get(local)? as usize)
             };
             self.backend.expert_ffn_lora(&s.x, &layer.weights, &s.plan, &lookup, &mut s.ffn, &mut s.out);
         }
@@ -239,6 +270,13 @@ impl ExpertHost {
         if let Ok(mut pool) = self.scratch.lock() {
             pool.push(s);
         }
-        Ok(())
+        if !failed.is_empty() {
+            for (r, slot) in input.row_adapters.iter().enumerate() {
+                if failed.iter().any(|f| f.slot == *slot) {
+                    out[r * h..(r + 1) * h].fill(0.0);
+                }
+            }
+        }
+        Ok(failed)
     }
 }

@@ -59,8 +59,17 @@ async fn run(host: Arc<ExpertHost>, req: ExpertRequest) -> Result<ExpertResponse
             row_adapters: &req.row_adapters,
         };
         let mut out = Vec::new();
-        host.compute(&input, &mut out)?;
-        Ok(ExpertResponse { id: req.id, dtype: dtype as i32, rows: wire::encode(&out, dtype).into(), error: None })
+        let failed = host.compute(&input, &mut out)?;
+        Ok(ExpertResponse {
+            id: req.id,
+            dtype: dtype as i32,
+            rows: wire::encode(&out, dtype).into(),
+            error: None,
+            failed_adapters: failed
+                .into_iter()
+                .map(|f| moe_proto::v1::AdapterFailure { slot: f.slot, message: f.message })
+                .collect(),
+        })
     })
     .await
     .map_err(|e| WorkerError::Internal(e.to_string()))?
@@ -111,6 +120,7 @@ impl ExpertWorker for ExpertWorkerService {
                             dtype,
                             rows: Default::default(),
                             error: Some(ExpertError { code: e.code() as i32, message: e.to_string() }),
+                            failed_adapters: Vec::new(),
                         }
                     }
                 };
