@@ -27,6 +27,16 @@ pub struct LoadgenArgs {
     /// Requests in all (the run always stops).
     #[arg(long, default_value_t = 100)]
     pub requests: usize,
+    /// Stop sending new requests after this many seconds (0: when --requests are sent).
+    #[arg(long, default_value_t = 0.0)]
+    pub duration_secs: f64,
+    /// After a RESOURCE_EXHAUSTED answer, a client waits this long before its next request.
+    #[arg(long, default_value_t = 50)]
+    pub shed_backoff_ms: u64,
+    /// Samples this process's resident memory (Linux /proc) every second and reports its
+    /// slope: the soak check (point it at the server).
+    #[arg(long)]
+    pub watch_pid: Option<u32>,
     /// Prompt lengths in tokens, uniformly in MIN-MAX.
     #[arg(long, default_value = "4-64")]
     pub prompt_len: String,
@@ -92,18 +102,27 @@ pub fn run(a: LoadgenArgs) -> anyhow::Result<()> {
         let vocab = client.clone().model_info(ModelInfoRequest {}).await.map_err(|s| anyhow::anyhow!("ModelInfo: {s}"))?;
         let vocab = vocab.into_inner().vocab_size.max(1) as u64;
         let next = Arc::new(AtomicUsize::new(0));
+        let issued = Arc::new(AtomicUsize::new(0));
         let tally = Arc::new(Mutex::new(Tally::default()));
         let a = Arc::new(a);
         let started = Instant::now();
+        let until = (a.duration_secs > 0.0).then(|| started + Duration::from_secs_f64(a.duration_secs));
+        let samples: Samples = Arc::default();
+        let rss = a.watch_pid.map(|pid| tokio::spawn(sample_rss(pid, started, samples.clone())));
         let mut tasks = Vec::new();
         for _ in 0..a.concurrency {
             let (mut client, next, tally, a) = (client.clone(), next.clone(), tally.clone(), a.clone());
+            let issued = issued.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
+                    if until.is_some_and(|u| Instant::now() >= u) {
+                        return;
+                    }
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= a.requests {
                         return;
                     }
+                    issued.fetch_add(1, Ordering::Relaxed);
                     // SplitMix64 of (seed, i): the same run every time.
                     let mut z = a.seed.wrapping_add((i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
                     let mut rnd = || {
@@ -132,6 +151,8 @@ pub fn run(a: LoadgenArgs) -> anyhow::Result<()> {
                     let t0 = Instant::now();
                     let result = tokio::time::timeout(limit, one(&mut client, req, stream, t0)).await;
                     let elapsed = t0.elapsed().as_secs_f64() * 1e3;
+                    let shed = matches!(&result, Ok(Ok(Ended::Status(c))) if c == "resource_exhausted");
+                    {
                     let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
                     match result {
                         Err(_) => {
@@ -152,6 +173,10 @@ pub fn run(a: LoadgenArgs) -> anyhow::Result<()> {
                         }
                         Ok(Ok(Ended::Status(code))) => *t.outcomes.entry(code).or_default() += 1,
                     }
+                    }
+                    if shed {
+                        tokio::time::sleep(Duration::from_millis(a.shed_backoff_ms)).await;
+                    }
                 }
             }));
         }
@@ -161,20 +186,30 @@ pub fn run(a: LoadgenArgs) -> anyhow::Result<()> {
         let secs = started.elapsed().as_secs_f64();
         let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
         let ended: usize = t.outcomes.values().sum();
-        if ended != a.requests {
-            let msg = format!("{} requests sent, {ended} accounted for", a.requests);
+        let sent = issued.load(Ordering::Relaxed);
+        if ended != sent {
+            let msg = format!("{sent} requests sent, {ended} accounted for");
             t.violations.push(msg);
         }
+        let rss = match rss {
+            Some(task) => {
+                task.abort();
+                let v = samples.lock().map(|v| v.clone()).unwrap_or_default();
+                rss_report(&v)
+            }
+            None => serde_json::Value::Null,
+        };
         let report = serde_json::json!({
-            "requests": a.requests,
+            "requests": sent,
             "concurrency": a.concurrency,
             "seconds": secs,
-            "requests_per_s": a.requests as f64 / secs.max(1e-9),
+            "requests_per_s": sent as f64 / secs.max(1e-9),
             "tokens_per_s": t.tokens as f64 / secs.max(1e-9),
             "latency_ms": {"p50": pct(&mut t.latencies_ms, 0.5), "p90": pct(&mut t.latencies_ms, 0.9), "p99": pct(&mut t.latencies_ms, 0.99)},
             "ttft_ms": {"p50": pct(&mut t.ttft_ms, 0.5), "p99": pct(&mut t.ttft_ms, 0.99)},
             "outcomes": t.outcomes,
             "violations": t.violations,
+            "rss": rss,
         });
         if a.json {
             println!("{report}");
@@ -240,4 +275,45 @@ async fn one(
             Err(st) => return Err(format!("an error after the final message: {st}")),
         }
     }
+}
+
+type Samples = Arc<Mutex<Vec<(f64, f64)>>>;
+
+/// Appends (seconds since start, resident MiB of `pid`) to `into` once a second, until aborted.
+async fn sample_rss(pid: u32, started: Instant, into: Samples) {
+    loop {
+        if let Some(mib) = rss_mib(pid) {
+            if let Ok(mut v) = into.lock() {
+                v.push((started.elapsed().as_secs_f64(), mib));
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// First, last and peak resident memory, and the least-squares slope over the second half of
+/// the run (after warm-up), in MiB per minute.
+fn rss_report(samples: &[(f64, f64)]) -> serde_json::Value {
+    if samples.len() < 2 {
+        return serde_json::json!({"samples": samples.len()});
+    }
+    let tail = &samples[samples.len() / 2..];
+    let n = tail.len() as f64;
+    let (mt, mr) = (tail.iter().map(|s| s.0).sum::<f64>() / n, tail.iter().map(|s| s.1).sum::<f64>() / n);
+    let cov: f64 = tail.iter().map(|s| (s.0 - mt) * (s.1 - mr)).sum();
+    let var: f64 = tail.iter().map(|s| (s.0 - mt).powi(2)).sum();
+    let slope = if var > 0.0 { cov / var * 60.0 } else { 0.0 };
+    serde_json::json!({
+        "samples": samples.len(),
+        "first_mib": samples[0].1,
+        "last_mib": samples[samples.len() - 1].1,
+        "peak_mib": samples.iter().map(|s| s.1).fold(0.0, f64::max),
+        "slope_mib_per_min_second_half": slope,
+    })
 }

@@ -39,9 +39,26 @@ impl HttpState {
     }
 }
 
-/// Refreshes the gauges read from elsewhere (adapter residency), then renders everything.
+/// Refreshes the gauges read from elsewhere (engine state, tenant permits, adapter residency),
+/// then renders everything. After load stops these return to their baseline, which tests check.
 async fn metrics(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
     let r = state.engine.metrics();
+    let s = state.engine.stats();
+    let (total, free) = (s.total_pages.load(Ordering::Relaxed), s.free_pages.load(Ordering::Relaxed));
+    r.set("moe_queue_depth", "Requests waiting for admission.", &[], s.waiting.load(Ordering::Relaxed) as f64);
+    r.set("moe_running_requests", "Requests in the running batch.", &[], s.running.load(Ordering::Relaxed) as f64);
+    r.set("moe_kv_cache_pages_used", "KV-cache pages held by requests.", &[], total.saturating_sub(free) as f64);
+    r.set("moe_kv_cache_pages_total", "KV-cache pages in the pool.", &[], total as f64);
+    if let Some(tenants) = state.engine.tenants() {
+        for t in tenants.all() {
+            r.set(
+                "moe_tenant_in_flight",
+                "Requests of each tenant holding an admission permit.",
+                &[("tenant", &t.name)],
+                t.in_flight() as f64,
+            );
+        }
+    }
     if let Some(reg) = state.engine.adapters() {
         let (resident, pinned, bytes) = reg.usage();
         r.set("moe_adapters_resident", "LoRA adapters resident on this router.", &[], resident as f64);

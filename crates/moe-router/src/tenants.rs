@@ -168,6 +168,11 @@ impl Tenants {
     pub fn get(&self, name: &str) -> Option<&Arc<Tenant>> {
         self.tenants.iter().find(|t| t.name == name)
     }
+
+    /// Every tenant, in file order.
+    pub fn all(&self) -> &[Arc<Tenant>] {
+        &self.tenants
+    }
 }
 
 #[cfg(test)]
