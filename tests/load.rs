@@ -24,7 +24,9 @@ fn sixty_seconds_at_twice_the_admission_limit_with_three_tenants() {
     let text: String = ["one", "two", "three"]
         .iter()
         .zip(KEYS)
-        .map(|(n, k)| format!("[[tenants]]\nname = \"{n}\"\napi_key = \"{k}\"\nadapters = [\"*\"]\nmax_concurrent = 2\n\n"))
+        .map(|(n, k)| {
+            format!("[[tenants]]\nname = \"{n}\"\napi_key = \"{k}\"\nadapters = [\"*\"]\nmax_concurrent = 2\n\n")
+        })
         .collect();
     std::fs::write(&tenants, text).expect("write");
     let http = format!("127.0.0.1:{}", free_port());

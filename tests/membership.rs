@@ -253,3 +253,116 @@ fn etcd_cluster_loses_no_request_when_a_replica_dies() {
     });
     generations_survive_a_kill(&engine, tmp.path(), &mut workers);
 }
+
+/// A three-member etcd cluster whose leader is killed while requests run, and restarted: every
+/// request completes with the failure-free tokens, the workers' leases survive the election,
+/// and the router's watch goes on (a worker that registers afterwards is used once the first
+/// two are gone).
+#[test]
+fn etcd_leader_restart_loses_no_request_and_the_watch_goes_on() {
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let Some(mut etcd) = EtcdCluster::start() else { return };
+    let urls = etcd.urls();
+    let dir = fixture("mixtral");
+    let d = dir.to_str().expect("utf8");
+    let case = &expected("mixtral")["cases"][2];
+    let prompt = u32s(&case["token_ids"]);
+    let want = u32s(&case["greedy_new_tokens"])[..8].to_vec();
+    let worker = |ttl: &str| {
+        spawn_server(&[
+            "worker",
+            "--model",
+            d,
+            "--experts",
+            "all",
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd",
+            &urls,
+            "--cluster",
+            "lead",
+            "--lease-ttl-secs",
+            ttl,
+        ])
+    };
+    let (a, b) = (worker("3"), worker("3"));
+    let router = spawn_server(&[
+        "router",
+        "--model",
+        d,
+        "--etcd",
+        &urls,
+        "--cluster",
+        "lead",
+        "--listen",
+        "127.0.0.1:0",
+        "--wire",
+        "f32",
+    ]);
+    eventually("the router to be ready", 20, || rt.block_on(health(&router.addr)) == ServingStatus::Serving as i32);
+    assert_eq!(rt.block_on(generate(&router.addr, prompt.clone())).map_err(|e| e.to_string()), Ok(want.clone()));
+
+    let mut leader = None;
+    eventually("an etcd leader", 10, || {
+        leader = etcd.leader(&rt, 0);
+        leader.is_some()
+    });
+    let leader = leader.expect("leader");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, prompt, stop) = (router.addr.clone(), prompt.clone(), stop.clone());
+            rt.spawn(async move {
+                let mut results = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    results.push(generate(&addr, prompt.clone()).await);
+                }
+                results
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    etcd.kill(leader);
+    let other = (leader + 1) % 3;
+    eventually("a new etcd leader", 15, || etcd.leader(&rt, other).is_some_and(|l| l != leader));
+    // Past the workers' 3 s TTL: their leases were kept alive through the new leader.
+    std::thread::sleep(Duration::from_secs(4));
+    etcd.launch(leader);
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut n = 0;
+    for h in load {
+        for r in rt.block_on(h).expect("task") {
+            assert_eq!(r.map_err(|e| e.to_string()), Ok(want.clone()), "a request during the leader change");
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "only {n} requests ran");
+    let members = watch_all(&rt, &urls, "lead");
+    eventually("both workers still registered", 10, || members.borrow().len() == 2);
+
+    // The router's watch survived: a new worker is used once the first two are gone.
+    let c = worker("3");
+    eventually("three workers registered", 10, || members.borrow().len() == 3);
+    drop((a, b));
+    eventually("the killed workers' leases to expire", 20, || members.borrow().len() == 1);
+    assert_eq!(members.borrow()[0].address, c.addr);
+    let mut last = Err(tonic::Status::unknown("not run"));
+    eventually("the router to use the new worker", 20, || {
+        last = rt.block_on(generate(&router.addr, prompt.clone()));
+        last.is_ok()
+    });
+    assert_eq!(last.map_err(|e| e.to_string()), Ok(want));
+}
+
+fn watch_all(
+    rt: &tokio::runtime::Runtime,
+    urls: &str,
+    cluster: &str,
+) -> tokio::sync::watch::Receiver<Vec<WorkerRecord>> {
+    let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+    let endpoints = urls.split(',').map(String::from).collect();
+    let opts = EtcdOptions { endpoints, cluster: cluster.into(), ..Default::default() };
+    rt.spawn(watch_workers(opts, tx, tokio_util::sync::CancellationToken::new()));
+    rx
+}

@@ -309,6 +309,88 @@ impl Drop for Etcd {
     }
 }
 
+/// A three-member etcd cluster on loopback (each member its own ports and data), for leader
+/// failure tests. `None` when etcd is not installed, as for [`Etcd::start`].
+pub struct EtcdCluster {
+    members: Vec<(String, u16, u16, Option<std::process::Child>)>,
+    data: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    pub fn start() -> Option<EtcdCluster> {
+        let probe = Etcd::start()?;
+        drop(probe);
+        let members = (0..3).map(|i| (format!("m{i}"), free_port(), free_port(), None)).collect();
+        let mut c = EtcdCluster { members, data: tempfile::tempdir().expect("tmp") };
+        for i in 0..3 {
+            c.launch(i);
+        }
+        Some(c)
+    }
+
+    /// Every member's client URL, comma separated (for `--etcd`).
+    pub fn urls(&self) -> String {
+        self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.1)).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].1)
+    }
+
+    /// Starts (or restarts) member `i` on its ports and data.
+    pub fn launch(&mut self, i: usize) {
+        let initial: Vec<String> = self.members.iter().map(|m| format!("{}=http://127.0.0.1:{}", m.0, m.2)).collect();
+        let (name, client, peer) =
+            (self.members[i].0.clone(), self.url(i), format!("http://127.0.0.1:{}", self.members[i].2));
+        let child = Command::new("etcd")
+            .args(["--name", &name, "--data-dir"])
+            .arg(self.data.path().join(&name))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &initial.join(","), "--initial-cluster-token", "moe-test"])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("etcd");
+        self.members[i].3 = Some(child);
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].3.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The index of the current leader, asked of member `via` through etcd's JSON gateway.
+    pub fn leader(&self, rt: &tokio::runtime::Runtime, via: usize) -> Option<usize> {
+        let url = format!("{}/v3/maintenance/status", self.url(via));
+        let status: Value = rt.block_on(async {
+            let r = reqwest::Client::new().post(url).body("{}").send().await.ok()?;
+            r.json().await.ok()
+        })?;
+        let leader = status["leader"].as_str()?.to_string();
+        let members_url = format!("{}/v3/cluster/member/list", self.url(via));
+        let list: Value = rt.block_on(async {
+            let r = reqwest::Client::new().post(members_url).body("{}").send().await.ok()?;
+            r.json().await.ok()
+        })?;
+        let name = list["members"].as_array()?.iter().find(|m| m["ID"].as_str() == Some(&leader))?["name"]
+            .as_str()?
+            .to_string();
+        self.members.iter().position(|m| m.0 == name)
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
 /// Sends SIGTERM to a child process.
 pub fn sigterm(child: &std::process::Child) {
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
