@@ -15,7 +15,10 @@ extern "C" __global__ void topk_gating_f32(const float* __restrict__ logits, int
     for (int e = lane; e < experts; e += 32) m = fmaxf(m, l[e]);
     m = warp_max(m);
     float sum = 0.0f;
-    for (int e = lane; e < experts; e += 32) sum += __expf(l[e] - m);
+    for (int e = lane; e < experts; e += 32) {
+        const float v = l[e];
+        if (v == v) sum += __expf(v - m);  // a NaN logit is never chosen nor counted
+    }
     sum = warp_sum(sum);
     unsigned int chosen = 0;  // bit i: expert lane + 32 * i already taken
     float total = 0.0f;

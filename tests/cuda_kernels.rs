@@ -4,6 +4,9 @@
 //! MOE_NVRTC_LIB_DIR. Skips with a note when it is missing, unless MOE_REQUIRE_NVRTC is set (as
 //! .ci/run does).
 
+mod common;
+
+use common::moe;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -73,4 +76,19 @@ fn a_compile_error_names_the_file_and_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("broken_f32.cu(3)") && stderr.contains("undefined_name"), "{stderr}");
+}
+
+/// `moe kernels check` on a machine without a GPU (this one, CI) is a clear error, never a
+/// panic; where a GPU is present it runs the quick check and must pass.
+#[test]
+fn kernel_check_without_a_gpu_is_a_clear_error() {
+    let out = moe(&["kernels", "check", "--quick", "--iters", "1"]);
+    if out.code == 0 {
+        assert!(out.stdout.contains("grouped_gemm_bf16"), "{}", out.stdout);
+        return;
+    }
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    assert!(out.stderr.contains("CUDA"), "{}", out.stderr);
+    let out = moe(&["kernels", "check", "--iters", "0"]);
+    assert_ne!(out.code, 0);
 }

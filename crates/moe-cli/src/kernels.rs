@@ -1,6 +1,7 @@
 //! `moe kernels`: the CUDA kernels. `compile` runs NVRTC over every kernel (or the files given)
 //! for an architecture and prints a table; it needs only libnvrtc, no GPU, and is what CI runs.
-//! `list` prints the kernels and their entry points.
+//! `list` prints the kernels and their entry points. `check` runs every kernel on a GPU against
+//! the CPU backend and times it (see kernels/check.sh).
 
 use clap::{Args, Subcommand};
 use moe_compute::kernels::{KernelSource, KERNELS};
@@ -24,6 +25,23 @@ pub enum KernelsCommand {
     },
     /// List the kernels and their entry points.
     List,
+    /// Run every kernel on the GPU against the CPU backend (random inputs, poisoned outputs,
+    /// ragged and zero-token expert loads), then time each one against cuBLAS and the copy
+    /// bandwidth. Exits non-zero when any kernel is wrong.
+    Check {
+        /// The GPU's ordinal (as in cuda:N).
+        #[arg(long, default_value_t = 0)]
+        gpu: usize,
+        /// Small timing shapes (a smoke run of a few seconds).
+        #[arg(long)]
+        quick: bool,
+        /// Timed launches per kernel.
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// Also write the report as a markdown table to this file.
+        #[arg(long)]
+        markdown: Option<std::path::PathBuf>,
+    },
 }
 
 pub fn run(a: KernelsArgs) -> anyhow::Result<()> {
@@ -35,7 +53,28 @@ pub fn run(a: KernelsArgs) -> anyhow::Result<()> {
             Ok(())
         }
         KernelsCommand::Compile { arch, file } => compile(arch, file),
+        KernelsCommand::Check { gpu, quick, iters, markdown } => check(gpu, quick, iters, markdown),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn check(ordinal: usize, quick: bool, iters: usize, markdown: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    anyhow::ensure!(iters >= 1, "--iters must be at least 1");
+    let opts = moe_compute::cuda::check::CheckOptions { ordinal, quick, iters };
+    let report = moe_compute::cuda::check::run_check(&opts)?;
+    let text = report.markdown();
+    println!("{text}");
+    if let Some(path) = markdown {
+        std::fs::write(&path, &text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    let failed: Vec<&str> = report.rows.iter().filter(|r| !r.passed).map(|r| r.kernel.as_str()).collect();
+    anyhow::ensure!(failed.is_empty(), "{} checks failed: {}", failed.len(), failed.join(", "));
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn check(_gpu: usize, _quick: bool, _iters: usize, _markdown: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    anyhow::bail!("this binary was built without CUDA support (build moe-cli with its default `cuda` feature)")
 }
 
 #[cfg(feature = "cuda")]

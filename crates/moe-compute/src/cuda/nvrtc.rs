@@ -15,7 +15,7 @@ pub struct KernelPtx {
 }
 
 /// Runs a cudarc call, turning its panic on a missing library into an error.
-fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, ComputeError> {
+pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, ComputeError> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let r = std::panic::catch_unwind(AssertUnwindSafe(f));
