@@ -92,6 +92,16 @@ struct Report {
     memory: Option<MemoryReport>,
     bf16: Option<Bf16Report>,
     adapters: Vec<crate::bench_adapters::AdapterRun>,
+    overlap: Vec<OverlapRun>,
+}
+
+/// Remote decode with two-batch overlap (the default) against the same run without it.
+#[derive(Serialize)]
+struct OverlapRun {
+    batch: usize,
+    with_overlap_tokens_per_s: f64,
+    without_overlap_tokens_per_s: f64,
+    ratio: f64,
 }
 
 struct Workers(Vec<Child>);
@@ -233,12 +243,30 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         decode_roofline_tokens_per_s: copy * 1e9 / bytes as f64,
         prefill_roofline_tokens_per_s: gemm * 1e9 / flops,
     };
+    let mut overlap = Vec::new();
     if !a.skip_remote {
         let (_children, addrs) = spawn_workers(&dir, a.workers)?;
         let rt = tokio::runtime::Runtime::new()?;
-        let engine = rt.block_on(moe_cluster::remote(&dir, &addrs, GrpcTransportConfig::default(), engine_config))?;
+        let engine =
+            rt.block_on(moe_cluster::remote(&dir, &addrs, GrpcTransportConfig::default(), engine_config.clone()))?;
         let mut t = measure(&format!("router + {} worker processes (bf16 wire)", a.workers), &engine, a.new_tokens)?;
         t.dispatch_round_trip_us = Some(dispatch_round_trip_us(&rt, &dir, &addrs)?);
+        drop(engine);
+        let no_overlap = EngineConfig { two_batch_overlap: false, ..engine_config.clone() };
+        let plain = rt.block_on(moe_cluster::remote(&dir, &addrs, GrpcTransportConfig::default(), no_overlap))?;
+        for batch in [16usize, 64] {
+            eprintln!("router without two-batch overlap: decode batch {batch}");
+            let _ = decode(&plain, batch, 4).map_err(anyhow::Error::msg)?; // warm-up
+            let off = decode(&plain, batch, a.new_tokens).map_err(anyhow::Error::msg)?.tokens_per_s;
+            if let Some(on) = t.decode.iter().find(|d| d.batch == batch).map(|d| d.tokens_per_s) {
+                overlap.push(OverlapRun {
+                    batch,
+                    with_overlap_tokens_per_s: on,
+                    without_overlap_tokens_per_s: off,
+                    ratio: on / off.max(1e-9),
+                });
+            }
+        }
         topologies.push(t);
     }
     let bf16 = if a.model.is_some() {
@@ -272,6 +300,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         memory,
         bf16,
         adapters,
+        overlap,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -284,6 +313,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 m.ratio,
                 m.weight_bytes as f64 / 1e6,
                 m.kv_budget_bytes as f64 / 1e6
+            );
+        }
+        for o in &report.overlap {
+            println!(
+                "two-batch overlap, router + workers, decode batch {}: {:.0} tok/s with, {:.0} without = {:.2}x",
+                o.batch, o.with_overlap_tokens_per_s, o.without_overlap_tokens_per_s, o.ratio
             );
         }
         if let Some(b) = &report.bf16 {

@@ -22,6 +22,10 @@ pub struct EngineArgs {
     /// Deadline of requests that set none, in seconds.
     #[arg(long, env = "MOE_REQUEST_TIMEOUT_SECS", default_value_t = 600)]
     pub request_timeout_secs: u64,
+    /// Two-batch overlap with remote workers: each step's batch runs as two interleaved halves,
+    /// one half's attention overlapping the other's expert round trips (`false` to turn off).
+    #[arg(long, env = "MOE_TWO_BATCH_OVERLAP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub two_batch_overlap: bool,
 }
 
 impl EngineArgs {
@@ -36,6 +40,7 @@ impl EngineArgs {
             kv_cache_bytes: self.kv_cache_mb << 20,
             page_size: 16,
             default_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
+            two_batch_overlap: self.two_batch_overlap,
             ..Default::default()
         })
     }

@@ -57,6 +57,9 @@ pub enum ClusterError {
 
 pub type Result<T> = std::result::Result<T, ClusterError>;
 
+/// The dispatcher of the current membership.
+type RemoteDispatcher = Arc<Dispatcher<GrpcTransport>>;
+
 /// Loads the dense part of the model and the tokenizer (what a router holds).
 pub fn load_router_model(dir: &Path) -> Result<(Arc<Model<CpuBackend>>, Arc<TextCodec>)> {
     let model = Model::load_with(dir, CpuBackend::new(), false)?;
@@ -280,6 +283,44 @@ impl ExpertExecutor<CpuBackend> for MembershipDispatcher {
         match d {
             Some(d) => d.run_experts(layer, x, routes, out, unserved),
             None => Err(moe_model::ModelError::Experts { layer, message: "no workers are registered".into() }),
+        }
+    }
+
+    fn overlaps(&self) -> bool {
+        true
+    }
+
+    /// Starts on the current dispatcher, which the ticket keeps: membership may change before
+    /// the finish, and the call must end where it began.
+    fn start_experts(
+        &self,
+        layer: usize,
+        x: &moe_compute::cpu::HostTensor,
+        routes: &moe_model::ExpertRoutes<'_>,
+    ) -> moe_model::Result<moe_model::ExpertTicket> {
+        let d = self.current.read().ok().and_then(|c| c.clone());
+        let Some(d) = d else {
+            return Err(moe_model::ModelError::Experts { layer, message: "no workers are registered".into() });
+        };
+        let ticket = d.start_experts(layer, x, routes)?;
+        Ok(moe_model::ExpertTicket(Some(Box::new((d, ticket)))))
+    }
+
+    fn finish_experts(
+        &self,
+        ticket: moe_model::ExpertTicket,
+        layer: usize,
+        x: &moe_compute::cpu::HostTensor,
+        routes: &moe_model::ExpertRoutes<'_>,
+        out: &mut moe_compute::cpu::HostTensor,
+        unserved: &mut Vec<(u32, String)>,
+    ) -> moe_model::Result<()> {
+        match ticket.0.and_then(|t| t.downcast::<(RemoteDispatcher, moe_model::ExpertTicket)>().ok()) {
+            Some(started) => {
+                let (d, inner) = *started;
+                d.finish_experts(inner, layer, x, routes, out, unserved)
+            }
+            None => self.run_experts(layer, x, routes, out, unserved),
         }
     }
 }

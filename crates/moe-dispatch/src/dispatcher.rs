@@ -7,7 +7,7 @@
 use crate::error::{DispatchError, Result};
 use crate::placement::Placement;
 use moe_compute::cpu::{CpuBackend, HostTensor};
-use moe_model::{AdapterIdentity, ExpertExecutor, ExpertRoutes, ModelError};
+use moe_model::{AdapterIdentity, ExpertExecutor, ExpertRoutes, ExpertTicket, ModelError};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -59,6 +59,53 @@ pub trait WorkerTransport: Send + Sync {
         outputs: &mut [BatchOutput],
         results: &mut [Result<()>],
     );
+
+    /// Whether [`Self::start`] returns before the batches have run.
+    fn overlaps(&self) -> bool {
+        false
+    }
+
+    /// Starts the batches without waiting for them; the default runs them now.
+    fn start(
+        &self,
+        layer: usize,
+        hidden: usize,
+        adapters: Vec<AdapterIdentity>,
+        batches: Vec<WorkerBatch>,
+    ) -> InFlightCall {
+        let mut outputs = vec![BatchOutput::default(); batches.len()];
+        let mut results: Vec<Result<()>> = vec![Ok(()); batches.len()];
+        self.execute(layer, hidden, &adapters, &batches, &mut outputs, &mut results);
+        InFlightCall::Done(CallResult { batches, outputs, results })
+    }
+}
+
+/// What a started call gives back: its batches, and each one's output and outcome.
+pub struct CallResult {
+    pub batches: Vec<WorkerBatch>,
+    pub outputs: Vec<BatchOutput>,
+    pub results: Vec<Result<()>>,
+}
+
+/// A call started with [`WorkerTransport::start`].
+pub enum InFlightCall {
+    Done(CallResult),
+    Waiting(Box<dyn FnOnce() -> std::result::Result<CallResult, DispatchError> + Send>),
+}
+
+impl InFlightCall {
+    pub fn wait(self) -> std::result::Result<CallResult, DispatchError> {
+        match self {
+            InFlightCall::Done(r) => Ok(r),
+            InFlightCall::Waiting(f) => f(),
+        }
+    }
+}
+
+/// A started layer: the call, and the rows no holder could take (reported at the finish).
+struct Started {
+    call: InFlightCall,
+    unserved: Vec<(u32, String)>,
 }
 
 /// How long a worker that failed a call is left out before it is tried again.
@@ -242,25 +289,86 @@ impl<T: WorkerTransport> Dispatcher<T> {
     }
 }
 
-impl<T: WorkerTransport> ExpertExecutor<CpuBackend> for Dispatcher<T> {
-    fn run_experts(
+impl<T: WorkerTransport> Dispatcher<T> {
+    /// Adds the successful batches' rows into `out`, reports rows whose adapter failed on the
+    /// worker in `unserved`, and queues the pairs of dead or silent workers in `retry`.
+    #[allow(clippy::too_many_arguments)]
+    fn absorb(
+        &self,
+        layer: usize,
+        cols: usize,
+        adapters: &[AdapterIdentity],
+        batches: &[WorkerBatch],
+        outputs: &[BatchOutput],
+        results: &[Result<()>],
+        out: &mut HostTensor,
+        unserved: &mut Vec<(u32, String)>,
+        retry: &mut Vec<(u32, u32, f32)>,
+    ) -> Result<()> {
+        for ((b, o), result) in batches.iter().zip(outputs).zip(results) {
+            let result = match result {
+                Ok(()) if o.rows.len() != b.row_ids.len() * cols => Err(DispatchError::Rejected {
+                    worker: self.transport.worker_name(b.worker),
+                    message: format!("returned {} values for {} rows", o.rows.len(), b.row_ids.len()),
+                }),
+                other => other.clone(),
+            };
+            match result {
+                Ok(()) => {
+                    for (j, &r) in b.row_ids.iter().enumerate() {
+                        if !o.failed_adapters.is_empty() {
+                            let slot = b.row_adapters.get(j).copied().unwrap_or(0);
+                            if let Some((_, why)) = o.failed_adapters.iter().find(|(s, _)| *s == slot) {
+                                // Only this row's request fails; never use its zero row.
+                                let id = adapters.get(slot as usize - 1).map(|a| a.id.as_str()).unwrap_or("?");
+                                let worker = self.transport.worker_name(b.worker);
+                                tracing::warn!(layer, %worker, adapter = id, reason = %why, "adapter failed on a worker");
+                                if !unserved.iter().any(|u| u.0 == r) {
+                                    unserved
+                                        .push((r, format!("adapter {id:?} failed to load on worker {worker}: {why}")));
+                                }
+                                continue;
+                            }
+                        }
+                        for (acc, v) in out.row_mut(r as usize).iter_mut().zip(&o.rows[j * cols..(j + 1) * cols]) {
+                            *acc += v;
+                        }
+                    }
+                }
+                Err(e @ (DispatchError::Unavailable { .. } | DispatchError::Deadline { .. })) => {
+                    tracing::warn!(layer, worker = %self.transport.worker_name(b.worker), error = %e, "worker failed; retrying on replicas");
+                    self.mark_suspect(b.worker);
+                    let mut pair = 0usize;
+                    for (j, &r) in b.row_ids.iter().enumerate() {
+                        for _ in 0..b.row_pairs[j] {
+                            retry.push((r, b.experts[pair], b.weights[pair]));
+                            pair += 1;
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `s.pending` to workers round after round until every pair is computed or has no
+    /// live holder left.
+    fn rounds(
         &self,
         layer: usize,
         x: &HostTensor,
         routes: &ExpertRoutes<'_>,
+        s: &mut Scratch,
         out: &mut HostTensor,
         unserved: &mut Vec<(u32, String)>,
-    ) -> moe_model::Result<()> {
-        let to_model = |e: DispatchError| ModelError::Experts { layer, message: e.to_string() };
-        let mut guard =
-            self.scratch.lock().map_err(|_| to_model(DispatchError::Placement("dispatcher state poisoned".into())))?;
-        let s = &mut *guard;
-        let k = routes.top_k.max(1);
-        s.pending.clear();
-        s.pending.extend(routes.choices.iter().enumerate().map(|(i, &(e, w))| ((i / k) as u32, e, w)));
+    ) -> Result<()> {
         // Each round either finishes or leaves out at least one more worker.
         for _round in 0..=self.num_workers {
-            let used = self.group(layer, x, routes.row_adapter, routes.row_request, s, unserved).map_err(to_model)?;
+            if s.pending.is_empty() {
+                return Ok(());
+            }
+            let used = self.group(layer, x, routes.row_adapter, routes.row_request, s, unserved)?;
             if s.outputs.len() < used {
                 s.outputs.resize_with(used, BatchOutput::default);
             }
@@ -275,64 +383,116 @@ impl<T: WorkerTransport> ExpertExecutor<CpuBackend> for Dispatcher<T> {
                 &mut s.results[..used],
             );
             s.retry.clear();
-            for i in 0..used {
-                let b = &s.batches[i];
-                let o = &s.outputs[i];
-                let result = match &s.results[i] {
-                    Ok(()) if o.rows.len() != b.row_ids.len() * x.cols => Err(DispatchError::Rejected {
-                        worker: self.transport.worker_name(b.worker),
-                        message: format!("returned {} values for {} rows", o.rows.len(), b.row_ids.len()),
-                    }),
-                    other => other.clone(),
-                };
-                match result {
-                    Ok(()) => {
-                        for (j, &r) in b.row_ids.iter().enumerate() {
-                            if !o.failed_adapters.is_empty() {
-                                let slot = b.row_adapters.get(j).copied().unwrap_or(0);
-                                if let Some((_, why)) = o.failed_adapters.iter().find(|(s, _)| *s == slot) {
-                                    // Only this row's request fails; never use its zero row.
-                                    let id =
-                                        routes.adapters.get(slot as usize - 1).map(|a| a.id.as_str()).unwrap_or("?");
-                                    let worker = self.transport.worker_name(b.worker);
-                                    tracing::warn!(layer, %worker, adapter = id, reason = %why, "adapter failed on a worker");
-                                    if !unserved.iter().any(|u| u.0 == r) {
-                                        unserved.push((
-                                            r,
-                                            format!("adapter {id:?} failed to load on worker {worker}: {why}"),
-                                        ));
-                                    }
-                                    continue;
-                                }
-                            }
-                            for (acc, v) in
-                                out.row_mut(r as usize).iter_mut().zip(&o.rows[j * x.cols..(j + 1) * x.cols])
-                            {
-                                *acc += v;
-                            }
-                        }
-                    }
-                    Err(e @ (DispatchError::Unavailable { .. } | DispatchError::Deadline { .. })) => {
-                        tracing::warn!(layer, worker = %self.transport.worker_name(b.worker), error = %e, "worker failed; retrying on replicas");
-                        self.mark_suspect(b.worker);
-                        let mut pair = 0usize;
-                        for (j, &r) in b.row_ids.iter().enumerate() {
-                            for _ in 0..b.row_pairs[j] {
-                                s.retry.push((r, b.experts[pair], b.weights[pair]));
-                                pair += 1;
-                            }
-                        }
-                    }
-                    Err(e) => return Err(to_model(e)),
-                }
-            }
-            if s.retry.is_empty() {
-                return Ok(());
-            }
+            self.absorb(
+                layer,
+                x.cols,
+                routes.adapters,
+                &s.batches[..used],
+                &s.outputs[..used],
+                &s.results[..used],
+                out,
+                unserved,
+                &mut s.retry,
+            )?;
             s.retry.sort_by_key(|&(r, _, _)| r);
             std::mem::swap(&mut s.pending, &mut s.retry);
         }
-        Err(to_model(DispatchError::Placement("every holder failed".into())))
+        if s.pending.is_empty() {
+            return Ok(());
+        }
+        Err(DispatchError::Placement("every holder failed".into()))
+    }
+
+    fn scratch(&self, layer: usize) -> moe_model::Result<std::sync::MutexGuard<'_, Scratch>> {
+        self.scratch.lock().map_err(|_| ModelError::Experts { layer, message: "dispatcher state poisoned".into() })
+    }
+}
+
+fn to_model(layer: usize) -> impl Fn(DispatchError) -> ModelError {
+    move |e| ModelError::Experts { layer, message: e.to_string() }
+}
+
+fn load_pending(s: &mut Scratch, routes: &ExpertRoutes<'_>) {
+    let k = routes.top_k.max(1);
+    s.pending.clear();
+    s.pending.extend(routes.choices.iter().enumerate().map(|(i, &(e, w))| ((i / k) as u32, e, w)));
+}
+
+impl<T: WorkerTransport> ExpertExecutor<CpuBackend> for Dispatcher<T> {
+    fn run_experts(
+        &self,
+        layer: usize,
+        x: &HostTensor,
+        routes: &ExpertRoutes<'_>,
+        out: &mut HostTensor,
+        unserved: &mut Vec<(u32, String)>,
+    ) -> moe_model::Result<()> {
+        let mut guard = self.scratch(layer)?;
+        let s = &mut *guard;
+        load_pending(s, routes);
+        self.rounds(layer, x, routes, s, out, unserved).map_err(to_model(layer))
+    }
+
+    fn overlaps(&self) -> bool {
+        self.transport.overlaps()
+    }
+
+    /// Groups the rows and starts the calls; the batches travel with the call (copies, so the
+    /// scratch is free for the other half meanwhile).
+    fn start_experts(
+        &self,
+        layer: usize,
+        x: &HostTensor,
+        routes: &ExpertRoutes<'_>,
+    ) -> moe_model::Result<ExpertTicket> {
+        let mut guard = self.scratch(layer)?;
+        let s = &mut *guard;
+        load_pending(s, routes);
+        let mut unserved = Vec::new();
+        let used =
+            self.group(layer, x, routes.row_adapter, routes.row_request, s, &mut unserved).map_err(to_model(layer))?;
+        let batches = s.batches[..used].to_vec();
+        drop(guard);
+        let call = self.transport.start(layer, x.cols, routes.adapters.to_vec(), batches);
+        Ok(ExpertTicket(Some(Box::new(Started { call, unserved }))))
+    }
+
+    fn finish_experts(
+        &self,
+        ticket: ExpertTicket,
+        layer: usize,
+        x: &HostTensor,
+        routes: &ExpertRoutes<'_>,
+        out: &mut HostTensor,
+        unserved: &mut Vec<(u32, String)>,
+    ) -> moe_model::Result<()> {
+        let Some(started) = ticket.0.and_then(|t| t.downcast::<Started>().ok()) else {
+            return self.run_experts(layer, x, routes, out, unserved);
+        };
+        unserved.extend(started.unserved);
+        let done = started.call.wait().map_err(to_model(layer))?;
+        let mut retry = Vec::new();
+        self.absorb(
+            layer,
+            x.cols,
+            routes.adapters,
+            &done.batches,
+            &done.outputs,
+            &done.results,
+            out,
+            unserved,
+            &mut retry,
+        )
+        .map_err(to_model(layer))?;
+        if retry.is_empty() {
+            return Ok(());
+        }
+        // Failover: the remaining pairs go to replicas, synchronously, as in run_experts.
+        retry.sort_by_key(|&(r, _, _)| r);
+        let mut guard = self.scratch(layer)?;
+        let s = &mut *guard;
+        s.pending = retry;
+        self.rounds(layer, x, routes, s, out, unserved).map_err(to_model(layer))
     }
 }
 

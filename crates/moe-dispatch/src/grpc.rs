@@ -4,7 +4,7 @@
 //! stream is dropped and reopened on the next call. With `hedge_after`, a batch that has no
 //! answer after that long is sent to a replica too, and the first good answer is used.
 
-use crate::dispatcher::{BatchOutput, WorkerBatch, WorkerTransport};
+use crate::dispatcher::{BatchOutput, CallResult, InFlightCall, WorkerBatch, WorkerTransport};
 use crate::error::{DispatchError, Result};
 use moe_model::AdapterIdentity;
 use moe_proto::v1::expert_worker_client::ExpertWorkerClient;
@@ -94,7 +94,12 @@ struct WorkerConn {
     stream: Mutex<Option<OpenStream>>,
 }
 
+/// Cheap to share: the connections live behind an `Arc`, so started calls run as tasks.
 pub struct GrpcTransport {
+    inner: Arc<GrpcInner>,
+}
+
+struct GrpcInner {
     runtime: tokio::runtime::Handle,
     workers: Vec<WorkerConn>,
     config: GrpcTransportConfig,
@@ -156,7 +161,8 @@ impl GrpcTransport {
             workers.push(WorkerConn { addr: addr.clone(), endpoint: ep, stream: Mutex::new(None) });
         }
         let runtime = tokio::runtime::Handle::current();
-        Ok((Self { runtime, workers, config, next_id: AtomicU64::new(1) }, described))
+        let inner = GrpcInner { runtime, workers, config, next_id: AtomicU64::new(1) };
+        Ok((Self { inner: Arc::new(inner) }, described))
     }
 
     /// A transport to workers whose hosted experts are already known (from membership records):
@@ -166,7 +172,33 @@ impl GrpcTransport {
             .iter()
             .map(|a| Ok(WorkerConn { addr: a.clone(), endpoint: endpoint(a, &config)?, stream: Mutex::new(None) }))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { runtime: tokio::runtime::Handle::current(), workers, config, next_id: AtomicU64::new(1) })
+        let inner =
+            GrpcInner { runtime: tokio::runtime::Handle::current(), workers, config, next_id: AtomicU64::new(1) };
+        Ok(Self { inner: Arc::new(inner) })
+    }
+}
+
+fn adapter_refs(adapters: &[AdapterIdentity]) -> Vec<AdapterRef> {
+    adapters.iter().map(|a| AdapterRef { id: a.id.clone(), path: a.path.clone(), digest: a.digest.clone() }).collect()
+}
+
+impl GrpcInner {
+    fn worker_name(&self, worker: usize) -> String {
+        self.workers.get(worker).map(|w| w.addr.clone()).unwrap_or_else(|| format!("#{worker}"))
+    }
+
+    /// Every batch at once; each output and outcome in its slot.
+    async fn run_all(
+        &self,
+        layer: usize,
+        hidden: usize,
+        adapters: &[AdapterRef],
+        batches: &[WorkerBatch],
+        outputs: &mut [BatchOutput],
+    ) -> Vec<Result<()>> {
+        let calls =
+            batches.iter().zip(outputs.iter_mut()).map(|(b, out)| self.call_hedged(layer, hidden, adapters, b, out));
+        futures::future::join_all(calls).await
     }
 
     async fn open(&self, w: &WorkerConn) -> Result<OpenStream> {
@@ -390,7 +422,32 @@ impl GrpcTransport {
 
 impl WorkerTransport for GrpcTransport {
     fn worker_name(&self, worker: usize) -> String {
-        self.workers.get(worker).map(|w| w.addr.clone()).unwrap_or_else(|| format!("#{worker}"))
+        self.inner.worker_name(worker)
+    }
+
+    fn overlaps(&self) -> bool {
+        true
+    }
+
+    fn start(
+        &self,
+        layer: usize,
+        hidden: usize,
+        adapters: Vec<AdapterIdentity>,
+        batches: Vec<WorkerBatch>,
+    ) -> InFlightCall {
+        let inner = self.inner.clone();
+        let task = self.inner.runtime.spawn(async move {
+            let refs = adapter_refs(&adapters);
+            let mut outputs = vec![BatchOutput::default(); batches.len()];
+            let results = inner.run_all(layer, hidden, &refs, &batches, &mut outputs).await;
+            CallResult { batches, outputs, results }
+        });
+        let runtime = self.inner.runtime.clone();
+        // Waited on from the router's compute thread, never from inside the runtime.
+        InFlightCall::Waiting(Box::new(move || {
+            runtime.block_on(task).map_err(|e| DispatchError::Placement(format!("dispatch task failed: {e}")))
+        }))
     }
 
     fn execute(
@@ -402,19 +459,9 @@ impl WorkerTransport for GrpcTransport {
         outputs: &mut [BatchOutput],
         results: &mut [Result<()>],
     ) {
-        let adapters: Vec<AdapterRef> = adapters
-            .iter()
-            .map(|a| AdapterRef { id: a.id.clone(), path: a.path.clone(), digest: a.digest.clone() })
-            .collect();
-        let adapters = &adapters;
+        let adapters = adapter_refs(adapters);
         // Called from the router's compute thread, never from inside the runtime.
-        let all = self.runtime.block_on(async {
-            let calls = batches
-                .iter()
-                .zip(outputs.iter_mut())
-                .map(|(b, out)| self.call_hedged(layer, hidden, adapters, b, out));
-            futures::future::join_all(calls).await
-        });
+        let all = self.inner.runtime.block_on(self.inner.run_all(layer, hidden, &adapters, batches, outputs));
         for (slot, r) in results.iter_mut().zip(all) {
             *slot = r;
         }

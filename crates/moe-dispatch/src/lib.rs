@@ -11,7 +11,7 @@ mod grpc;
 mod in_process;
 mod placement;
 
-pub use dispatcher::{BatchOutput, Dispatcher, WorkerBatch, WorkerTransport, SUSPECT_FOR};
+pub use dispatcher::{BatchOutput, CallResult, Dispatcher, InFlightCall, WorkerBatch, WorkerTransport, SUSPECT_FOR};
 pub use error::{DispatchError, Result};
 pub use grpc::{GrpcTransport, GrpcTransportConfig, TransportTls};
 pub use in_process::InProcessTransport;

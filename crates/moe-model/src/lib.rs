@@ -10,6 +10,7 @@ pub mod config;
 mod error;
 pub mod kv;
 mod model;
+mod overlap;
 pub mod routing;
 pub mod weights;
 
@@ -17,4 +18,5 @@ pub use adapter::{AdapterIdentity, AdapterWeights, LayerLora};
 pub use config::{Architecture, ModelConfig, QkNorm};
 pub use error::{ModelError, Result};
 pub use kv::{PageAllocator, SequenceCache};
-pub use model::{BatchItem, ExpertExecutor, ExpertRoutes, KvCache, LogitsFor, Model, Workspace};
+pub use model::{BatchItem, ExpertExecutor, ExpertRoutes, ExpertTicket, KvCache, LogitsFor, Model, Workspace};
+pub use overlap::overlap_split;

@@ -26,7 +26,36 @@ pub trait ExpertExecutor<B: Backend>: Send + Sync {
         out: &mut B::Act,
         unserved: &mut Vec<(u32, String)>,
     ) -> Result<()>;
+
+    /// Whether [`Self::start_experts`] returns before the experts have run (remote workers), so
+    /// that the caller can compute something else meanwhile (two-batch overlap).
+    fn overlaps(&self) -> bool {
+        false
+    }
+
+    /// Starts the experts of a layer without waiting for them. The default defers all work to
+    /// [`Self::finish_experts`]. `x` and `routes` must be the same at the finish.
+    fn start_experts(&self, _layer: usize, _x: &B::Act, _routes: &ExpertRoutes<'_>) -> Result<ExpertTicket> {
+        Ok(ExpertTicket(None))
+    }
+
+    /// Waits for a started call and adds its results into `out` as [`Self::run_experts`] does.
+    fn finish_experts(
+        &self,
+        ticket: ExpertTicket,
+        layer: usize,
+        x: &B::Act,
+        routes: &ExpertRoutes<'_>,
+        out: &mut B::Act,
+        unserved: &mut Vec<(u32, String)>,
+    ) -> Result<()> {
+        let _ = ticket;
+        self.run_experts(layer, x, routes, out, unserved)
+    }
 }
+
+/// An expert call in flight: the executor's own state, opaque to the model.
+pub struct ExpertTicket(pub Option<Box<dyn std::any::Any + Send>>);
 
 /// The routing decision of one MoE layer for a batch: `top_k` (expert, weight) pairs per row,
 /// and the same grouped by expert; and which rows carry an adapter with expert pairs.
@@ -45,8 +74,8 @@ pub struct ExpertRoutes<'a> {
 /// A loaded model on a backend.
 pub struct Model<B: Backend> {
     pub config: ModelConfig,
-    backend: B,
-    weights: ModelWeights<B>,
+    pub(crate) backend: B,
+    pub(crate) weights: ModelWeights<B>,
     inv_freq: Vec<f32>,
     attn_shape: AttentionShape,
 }
@@ -95,34 +124,34 @@ pub enum LogitsFor {
 
 /// Buffers reused across forward calls so that steady-state decoding does not allocate.
 pub struct Workspace<B: Backend> {
-    hidden: B::Act,
-    normed: B::Act,
-    qkv: B::Act,
-    attn: B::Act,
-    proj: B::Act,
-    ffn_out: B::Act,
-    shared_out: B::Act,
-    gate_logits: B::Act,
-    rope: B::Act,
-    selected: B::Act,
-    logits: B::Act,
-    scratch: FfnScratch<B>,
-    plan: ExpertPlan,
-    choices: Vec<(u32, f32)>,
-    host: Vec<f32>,
-    ids: Vec<u32>,
-    positions: Vec<u32>,
-    out_rows: Vec<u32>,
-    seqs: Vec<AttentionSeq>,
-    page_table: Vec<u32>,
-    unserved: Vec<(u32, String)>,
+    pub(crate) hidden: B::Act,
+    pub(crate) normed: B::Act,
+    pub(crate) qkv: B::Act,
+    pub(crate) attn: B::Act,
+    pub(crate) proj: B::Act,
+    pub(crate) ffn_out: B::Act,
+    pub(crate) shared_out: B::Act,
+    pub(crate) gate_logits: B::Act,
+    pub(crate) rope: B::Act,
+    pub(crate) selected: B::Act,
+    pub(crate) logits: B::Act,
+    pub(crate) scratch: FfnScratch<B>,
+    pub(crate) plan: ExpertPlan,
+    pub(crate) choices: Vec<(u32, f32)>,
+    pub(crate) host: Vec<f32>,
+    pub(crate) ids: Vec<u32>,
+    pub(crate) positions: Vec<u32>,
+    pub(crate) out_rows: Vec<u32>,
+    pub(crate) seqs: Vec<AttentionSeq>,
+    pub(crate) page_table: Vec<u32>,
+    pub(crate) unserved: Vec<(u32, String)>,
     /// Batch item of every row.
-    row_item: Vec<u32>,
-    adapter_table: Vec<AdapterIdentity>,
-    row_adapter: Vec<u32>,
+    pub(crate) row_item: Vec<u32>,
+    pub(crate) adapter_table: Vec<AdapterIdentity>,
+    pub(crate) row_adapter: Vec<u32>,
     /// Tokens routed to each (layer, expert) since the caller last drained them.
-    expert_tokens: Vec<u64>,
-    row_request: Vec<u64>,
+    pub(crate) expert_tokens: Vec<u64>,
+    pub(crate) row_request: Vec<u64>,
 }
 
 impl<B: Backend> Workspace<B> {
@@ -260,14 +289,41 @@ impl<B: Backend> Model<B> {
         logits: &mut Vec<f32>,
         experts: Option<&dyn ExpertExecutor<B>>,
     ) -> Result<()> {
-        let b = &self.backend;
-        let c = &self.config;
+        self.validate_batch(batch)?;
+        self.prepare(ws, kv, batch, which)?;
+        let items: &[BatchItem<'_, B>] = batch;
+        for (i, layer) in self.weights.layers.iter().enumerate() {
+            self.layer_pre(ws, kv, i, layer, items)?;
+            self.layer_ffn(ws, i, layer, experts, items)?;
+            self.backend.add(&mut ws.hidden, &ws.ffn_out);
+        }
+        self.final_logits(ws, logits);
         for item in batch.iter_mut() {
+            item.cache.len += item.tokens.len();
+        }
+        Ok(())
+    }
+
+    pub(crate) fn validate_batch(&self, batch: &[BatchItem<'_, B>]) -> Result<()> {
+        for item in batch.iter() {
             if item.tokens.is_empty() {
                 return Err(ModelError::EmptyPrompt);
             }
             self.validate_tokens(item.tokens, item.cache.len)?;
         }
+        Ok(())
+    }
+
+    /// Reserves the items' pages and lays out the batch in `ws`: token ids, positions, output
+    /// rows, adapters, attention sequences, then the embeddings and rotary tables.
+    pub(crate) fn prepare(
+        &self,
+        ws: &mut Workspace<B>,
+        kv: &mut KvCache<B>,
+        batch: &mut [BatchItem<'_, B>],
+        which: LogitsFor,
+    ) -> Result<()> {
+        let b = &self.backend;
         for item in batch.iter_mut() {
             kv.pages.reserve(item.cache, item.cache.len + item.tokens.len())?;
         }
@@ -303,25 +359,53 @@ impl<B: Backend> Model<B> {
 
         b.embed(&self.weights.embed, &ws.ids, &mut ws.hidden)?;
         b.rope_table(&ws.positions, &self.inv_freq, &mut ws.rope);
-        let items: &[BatchItem<'_, B>] = batch;
-        for (i, layer) in self.weights.layers.iter().enumerate() {
-            self.attention_block(ws, kv, i, layer, items)?;
-            b.rms_norm(&ws.hidden, &layer.post_attention_norm, c.rms_norm_eps, &mut ws.normed);
-            match &layer.ffn {
-                FfnWeights::Dense(mlp) => b.swiglu(&ws.normed, mlp, &mut ws.scratch, &mut ws.ffn_out),
-                FfnWeights::Moe(moe) => self.moe_block(ws, i, moe, experts, items)?,
-            }
-            b.add(&mut ws.hidden, &ws.ffn_out);
+        Ok(())
+    }
+
+    /// Attention of one layer, its post-attention norm and, for an MoE layer, the routing.
+    pub(crate) fn layer_pre(
+        &self,
+        ws: &mut Workspace<B>,
+        kv: &mut KvCache<B>,
+        i: usize,
+        layer: &LayerWeights<B>,
+        items: &[BatchItem<'_, B>],
+    ) -> Result<()> {
+        self.attention_block(ws, kv, i, layer, items)?;
+        self.backend.rms_norm(&ws.hidden, &layer.post_attention_norm, self.config.rms_norm_eps, &mut ws.normed);
+        if let FfnWeights::Moe(moe) = &layer.ffn {
+            self.moe_route(ws, i, moe, items);
         }
+        Ok(())
+    }
+
+    /// The feed-forward part of one layer into `ws.ffn_out` (after [`Self::layer_pre`]).
+    pub(crate) fn layer_ffn(
+        &self,
+        ws: &mut Workspace<B>,
+        i: usize,
+        layer: &LayerWeights<B>,
+        experts: Option<&dyn ExpertExecutor<B>>,
+        items: &[BatchItem<'_, B>],
+    ) -> Result<()> {
+        match &layer.ffn {
+            FfnWeights::Dense(mlp) => self.backend.swiglu(&ws.normed, mlp, &mut ws.scratch, &mut ws.ffn_out),
+            FfnWeights::Moe(moe) => {
+                self.moe_experts(ws, i, moe, experts, items)?;
+                self.moe_shared(ws, moe);
+            }
+        }
+        Ok(())
+    }
+
+    /// The final norm and LM head over the output rows, into `logits`.
+    pub(crate) fn final_logits(&self, ws: &mut Workspace<B>, logits: &mut Vec<f32>) {
+        let (b, c) = (&self.backend, &self.config);
         b.gather_rows(&ws.hidden, &ws.out_rows, &mut ws.selected);
         b.rms_norm(&ws.selected, &self.weights.norm, c.rms_norm_eps, &mut ws.normed);
         let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
         b.linear(&ws.normed, head, None, &mut ws.logits);
         b.download(&ws.logits, logits);
-        for item in batch.iter_mut() {
-            item.cache.len += item.tokens.len();
-        }
-        Ok(())
     }
 
     /// Maps rows to items and lists the adapters whose expert pairs workers must apply.
@@ -396,14 +480,9 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    fn moe_block(
-        &self,
-        ws: &mut Workspace<B>,
-        layer: usize,
-        moe: &MoeWeights<B>,
-        experts: Option<&dyn ExpertExecutor<B>>,
-        items: &[BatchItem<'_, B>],
-    ) -> Result<()> {
+    /// Gate logits (with any gate LoRA), each row's top-k experts, the plan, the expert load
+    /// counters, and `ffn_out` zeroed for the experts to add into.
+    fn moe_route(&self, ws: &mut Workspace<B>, layer: usize, moe: &MoeWeights<B>, items: &[BatchItem<'_, B>]) {
         let (b, c) = (&self.backend, &self.config);
         let (rows, _) = b.act_shape(&ws.normed);
         b.linear(&ws.normed, &moe.gate, None, &mut ws.gate_logits);
@@ -429,6 +508,18 @@ impl<B: Backend> Model<B> {
             ws.expert_tokens[layer * c.num_experts + e as usize] += 1;
         }
         b.zeros(rows, c.hidden_size, &mut ws.ffn_out);
+    }
+
+    /// The routed experts of an MoE layer (after [`Self::moe_route`]), added into `ffn_out`.
+    fn moe_experts(
+        &self,
+        ws: &mut Workspace<B>,
+        layer: usize,
+        moe: &MoeWeights<B>,
+        experts: Option<&dyn ExpertExecutor<B>>,
+        items: &[BatchItem<'_, B>],
+    ) -> Result<()> {
+        let (b, c) = (&self.backend, &self.config);
         match experts {
             Some(executor) => {
                 let routes = ExpertRoutes {
@@ -457,12 +548,17 @@ impl<B: Backend> Model<B> {
                 return Err(ModelError::Experts { layer, message: "this model was loaded without its experts".into() })
             }
         }
+        Ok(())
+    }
+
+    /// The shared expert (Qwen2-MoE), added into `ffn_out`.
+    pub(crate) fn moe_shared(&self, ws: &mut Workspace<B>, moe: &MoeWeights<B>) {
+        let b = &self.backend;
         if let Some((shared, shared_gate)) = &moe.shared {
             b.swiglu(&ws.normed, shared, &mut ws.scratch, &mut ws.shared_out);
             b.linear(&ws.normed, shared_gate, None, &mut ws.gate_logits);
             b.add_sigmoid_gated(&mut ws.ffn_out, &ws.shared_out, &ws.gate_logits);
         }
-        Ok(())
     }
 }
 

@@ -36,6 +36,9 @@ pub struct EngineConfig {
     pub default_timeout: Duration,
     /// Where the engine reports (shared with the API servers and transports of the process).
     pub metrics: moe_metrics::Registry,
+    /// With remote experts, split each step's batch in two halves and interleave them layer by
+    /// layer, so one half's attention runs while the other half's experts are on the workers.
+    pub two_batch_overlap: bool,
 }
 
 impl Default for EngineConfig {
@@ -48,6 +51,7 @@ impl Default for EngineConfig {
             page_size: 16,
             default_timeout: Duration::from_secs(600),
             metrics: moe_metrics::Registry::new(),
+            two_batch_overlap: true,
         }
     }
 }
@@ -136,6 +140,7 @@ impl Engine {
             experts,
             kv,
             ws: model.workspace(),
+            ws_b: model.workspace(),
             rx,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -292,6 +297,8 @@ struct Worker {
     experts: Option<Arc<dyn ExpertExecutor<CpuBackend>>>,
     kv: KvCache<CpuBackend>,
     ws: moe_model::Workspace<CpuBackend>,
+    /// The second half's workspace under two-batch overlap.
+    ws_b: moe_model::Workspace<CpuBackend>,
     rx: Receiver<Submission>,
     waiting: VecDeque<Submission>,
     running: Vec<Sequence>,
@@ -496,8 +503,32 @@ impl Worker {
             return;
         }
         let experts = self.experts.as_deref();
-        let result =
-            self.model.forward_with(&mut self.ws, &mut self.kv, &mut batch, LogitsFor::Last, &mut self.logits, experts);
+        let split = match experts {
+            Some(e) if self.config.two_batch_overlap && batch.len() >= 2 && e.overlaps() => {
+                moe_model::overlap_split(&batch)
+            }
+            _ => 0,
+        };
+        let result = match experts {
+            Some(e) if split > 0 => self.model.forward_overlapped(
+                &mut self.ws,
+                &mut self.ws_b,
+                &mut self.kv,
+                &mut batch,
+                split,
+                LogitsFor::Last,
+                &mut self.logits,
+                e,
+            ),
+            _ => self.model.forward_with(
+                &mut self.ws,
+                &mut self.kv,
+                &mut batch,
+                LogitsFor::Last,
+                &mut self.logits,
+                experts,
+            ),
+        };
         drop(batch);
         self.metrics.expert_tokens(self.model.config.num_experts, self.ws.expert_tokens_mut());
         if let Err(e) = result {
