@@ -252,13 +252,13 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         let mut t = measure(&format!("router + {} worker processes (bf16 wire)", a.workers), &engine, a.new_tokens)?;
         t.dispatch_round_trip_us = Some(dispatch_round_trip_us(&rt, &dir, &addrs)?);
         drop(engine);
-        let no_overlap = EngineConfig { two_batch_overlap: false, ..engine_config.clone() };
-        let plain = rt.block_on(moe_cluster::remote(&dir, &addrs, GrpcTransportConfig::default(), no_overlap))?;
+        let with_overlap = EngineConfig { two_batch_overlap: true, ..engine_config.clone() };
+        let tbo = rt.block_on(moe_cluster::remote(&dir, &addrs, GrpcTransportConfig::default(), with_overlap))?;
         for batch in [16usize, 64] {
-            eprintln!("router without two-batch overlap: decode batch {batch}");
-            let _ = decode(&plain, batch, 4).map_err(anyhow::Error::msg)?; // warm-up
-            let off = decode(&plain, batch, a.new_tokens).map_err(anyhow::Error::msg)?.tokens_per_s;
-            if let Some(on) = t.decode.iter().find(|d| d.batch == batch).map(|d| d.tokens_per_s) {
+            eprintln!("router with two-batch overlap: decode batch {batch}");
+            let _ = decode(&tbo, batch, 4).map_err(anyhow::Error::msg)?; // warm-up
+            let on = decode(&tbo, batch, a.new_tokens).map_err(anyhow::Error::msg)?.tokens_per_s;
+            if let Some(off) = t.decode.iter().find(|d| d.batch == batch).map(|d| d.tokens_per_s) {
                 overlap.push(OverlapRun {
                     batch,
                     with_overlap_tokens_per_s: on,

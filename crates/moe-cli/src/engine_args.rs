@@ -23,8 +23,9 @@ pub struct EngineArgs {
     #[arg(long, env = "MOE_REQUEST_TIMEOUT_SECS", default_value_t = 600)]
     pub request_timeout_secs: u64,
     /// Two-batch overlap with remote workers: each step's batch runs as two interleaved halves,
-    /// one half's attention overlapping the other's expert round trips (`false` to turn off).
-    #[arg(long, env = "MOE_TWO_BATCH_OVERLAP", default_value_t = true, action = clap::ArgAction::Set)]
+    /// one half's attention overlapping the other's expert round trips. Pays where routers and
+    /// workers run on their own processors; measure with `moe bench`.
+    #[arg(long, env = "MOE_TWO_BATCH_OVERLAP", default_value_t = false, action = clap::ArgAction::Set)]
     pub two_batch_overlap: bool,
 }
 

@@ -38,6 +38,9 @@ pub struct EngineConfig {
     pub metrics: moe_metrics::Registry,
     /// With remote experts, split each step's batch in two halves and interleave them layer by
     /// layer, so one half's attention runs while the other half's experts are on the workers.
+    /// Off by default: it pays where routers and workers have their own processors (on one
+    /// machine, as in `moe bench`, both halves compete for the same cores and each expert's
+    /// weights are read twice per step); `moe bench` measures it both ways.
     pub two_batch_overlap: bool,
 }
 
@@ -51,7 +54,7 @@ impl Default for EngineConfig {
             page_size: 16,
             default_timeout: Duration::from_secs(600),
             metrics: moe_metrics::Registry::new(),
-            two_batch_overlap: true,
+            two_batch_overlap: false,
         }
     }
 }
