@@ -1,8 +1,9 @@
 //! Faults between a router process and its worker processes on loopback, through a relay that
 //! can slow or partition one worker's link: a slow worker is hedged to a replica, a partitioned
 //! worker is left out after the dispatch deadline and used again once healed, and a worker whose
-//! copy of an adapter differs fails only the requests using that adapter. Greedy outputs equal
-//! a failure-free run and every request ends in exactly one terminal state.
+//! copy of an adapter differs fails only the requests using that adapter, and a worker over its
+//! batch memory budget refuses the step instead of allocating. Greedy outputs equal a
+//! failure-free run and every request ends in exactly one terminal state.
 
 mod common;
 
@@ -147,4 +148,26 @@ fn adapter_failing_on_a_worker_fails_only_its_requests() {
             }
         }
     });
+}
+
+/// A worker whose batch memory budget (`--max-batch-mb`) a prefill would exceed answers
+/// RESOURCE_EXHAUSTED instead of allocating: the step fails promptly with an error naming the
+/// budget (never a hang or a crashed worker), and the next, smaller request is served.
+#[test]
+fn worker_over_its_memory_budget_fails_the_step_with_an_error() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    endless_model_sized(tmp.path(), 256, 2);
+    let m = tmp.path().to_str().expect("utf8");
+    let w =
+        spawn_server(&["worker", "--model", m, "--experts", "all", "--listen", "127.0.0.1:0", "--max-batch-mb", "1"]);
+    let r = router(m, &[&w.addr], &[]);
+    let long: Vec<u32> = (0..600).map(|i| 1 + (i % 250) as u32).collect();
+    let started = std::time::Instant::now();
+    let out = moe(&["generate", "--endpoint", &r.addr, "--token-ids", &ids_arg(&long), "--max-new-tokens", "2"]);
+    assert_ne!(out.code, 0, "a prefill over the worker's budget must fail");
+    assert!(out.stderr.contains("--max-batch-mb"), "{}", out.stderr);
+    assert!(started.elapsed() < Duration::from_secs(30), "the failure took {:?}", started.elapsed());
+    let out = moe(&["generate", "--endpoint", &r.addr, "--token-ids", "5,6,7", "--max-new-tokens", "4", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(u32s(&out.json()["token_ids"]).len(), 4);
 }

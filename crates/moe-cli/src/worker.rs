@@ -39,6 +39,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "MOE_MAX_LORA_RANK", default_value_t = moe_lora::DEFAULT_MAX_RANK,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=512))]
     pub max_lora_rank: usize,
+    /// Working memory one expert request may use, in MiB (0: no limit); larger requests are
+    /// answered RESOURCE_EXHAUSTED instead of being attempted.
+    #[arg(long, env = "MOE_MAX_BATCH_MB", default_value_t = 0)]
+    pub max_batch_mb: usize,
     /// This worker's TLS certificate (PEM); with --tls-key, the worker serves only TLS.
     #[arg(long, env = "MOE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -68,6 +72,7 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
         };
         host = host.with_adapter_dir(dir.clone(), limits);
     }
+    let host = host.with_batch_budget((a.max_batch_mb > 0).then(|| a.max_batch_mb.saturating_mul(1 << 20)));
     let host = Arc::new(host);
     let tls = match (&a.tls_cert, &a.tls_key) {
         (Some(c), Some(k)) => Some(moe_worker::WorkerTls {

@@ -16,6 +16,9 @@ pub enum WorkerError {
     Adapter(#[from] moe_lora::LoraError),
     #[error("compute task failed: {0}")]
     Internal(String),
+    /// The request needs more memory than this worker may use for one batch.
+    #[error("{0}")]
+    ResourceExhausted(String),
 }
 
 pub type Result<T> = std::result::Result<T, WorkerError>;
@@ -27,6 +30,7 @@ impl WorkerError {
                 tonic::Code::InvalidArgument
             }
             WorkerError::Spec { .. } => tonic::Code::InvalidArgument,
+            WorkerError::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
             WorkerError::Adapter(e) => match e {
                 moe_lora::LoraError::InvalidId { .. } => tonic::Code::InvalidArgument,
                 moe_lora::LoraError::NotFound { .. } => tonic::Code::NotFound,

@@ -81,6 +81,9 @@ pub struct ExpertHost {
     fingerprint: String,
     scratch: Mutex<Vec<Scratch>>,
     adapters: Option<WorkerAdapters>,
+    /// Working memory one request may need at most (`--max-batch-mb`); larger ones are refused
+    /// with RESOURCE_EXHAUSTED before anything is allocated.
+    max_batch_bytes: Option<usize>,
 }
 
 impl ExpertHost {
@@ -110,6 +113,7 @@ impl ExpertHost {
             layers,
             scratch: Mutex::new(Vec::new()),
             adapters: None,
+            max_batch_bytes: None,
         })
     }
 
@@ -131,6 +135,19 @@ impl ExpertHost {
             load_adapter(dir, identity, &config, &backend, parts)
         }));
         self
+    }
+
+    /// Refuses requests whose working memory would exceed `bytes`, instead of allocating it.
+    pub fn with_batch_budget(mut self, bytes: Option<usize>) -> Self {
+        self.max_batch_bytes = bytes;
+        self
+    }
+
+    /// The working memory a request needs: its rows and outputs, and per (row, expert) pair the
+    /// gathered row, the fused gate/up and hidden activations and the expert's output.
+    pub fn batch_bytes(&self, rows: usize, pairs: usize) -> usize {
+        let (h, i) = (self.config.hidden_size, self.config.expert_intermediate_size);
+        4 * (2 * rows * h + pairs * (2 * h + 3 * i))
     }
 
     /// The adapter registry, when this worker serves adapters.
@@ -206,6 +223,19 @@ impl ExpertHost {
         hosted.ok_or(WorkerError::UnknownLayer { layer: input.layer, num_layers: c.num_layers })
     }
 
+    /// Refuses a request over the batch memory budget, naming both sizes.
+    pub fn check_budget(&self, rows: usize, pairs: usize) -> Result<()> {
+        let need = self.batch_bytes(rows, pairs);
+        match self.max_batch_bytes {
+            Some(max) if need > max => Err(WorkerError::ResourceExhausted(format!(
+                "a batch of {rows} rows and {pairs} expert pairs needs {:.1} MiB of working memory; this worker allows {:.1} MiB (--max-batch-mb)",
+                need as f64 / (1 << 20) as f64,
+                max as f64 / (1 << 20) as f64
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The adapters of a request, loaded (pinned for the call) and checked against their digest;
     /// `None` for one that failed, with its 1-based slot and the reason in `failed`.
     fn resolve_adapters(
@@ -239,6 +269,11 @@ impl ExpertHost {
     /// Runs on the calling thread and the compute pool; call it from a blocking context.
     pub fn compute(&self, input: &ComputeInput<'_>, out: &mut Vec<f32>) -> Result<Vec<AdapterFailure>> {
         let layer = self.validate(input)?;
+        self.check_budget(input.row_pairs.len(), input.experts.len())?;
+        let need = input.row_pairs.len() * self.config.hidden_size;
+        out.try_reserve(need.saturating_sub(out.len())).map_err(|_| {
+            WorkerError::ResourceExhausted(format!("cannot allocate {} bytes for the output rows", 4 * need))
+        })?;
         let mut failed = Vec::new();
         let adapters = self.resolve_adapters(input, &mut failed)?;
         let h = self.config.hidden_size;

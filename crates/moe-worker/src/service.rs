@@ -34,7 +34,14 @@ async fn run(host: Arc<ExpertHost>, req: ExpertRequest) -> Result<ExpertResponse
         .map_err(|_| WorkerError::InvalidRequest(format!("unknown wire dtype {}", req.dtype)))?;
     tokio::task::spawn_blocking(move || {
         let hidden = req.hidden_size as usize;
+        // Refuse what would not fit before allocating anything; an allocation that fails is an
+        // error answer, not an abort.
+        host.check_budget(req.row_pairs.len(), req.experts.len())?;
+        let values = req.rows.len() / wire::bytes_per_value(dtype).max(1);
         let mut rows = Vec::new();
+        rows.try_reserve_exact(values).map_err(|_| {
+            WorkerError::ResourceExhausted(format!("cannot allocate {} bytes for the request's rows", 4 * values))
+        })?;
         let n = wire::decode_rows(&req.rows, dtype, hidden, &mut rows)
             .map_err(|e| WorkerError::InvalidRequest(format!("rows: {e}")))?;
         if n != req.row_pairs.len() {
