@@ -145,29 +145,6 @@ fn setup(tmp: &Path) -> Engine {
         .with_tenants(Arc::new(Tenants::parse(&tenants).expect("tenants")))
 }
 
-async fn serve(engine: Engine) -> (String, tokio::sync::oneshot::Sender<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = format!("http://{}", listener.local_addr().expect("addr"));
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = moe_router::serve_inference(engine, Arc::new(moe_router::StaticCluster(2)), None, listener, async {
-            let _ = rx.await;
-        })
-        .await;
-    });
-    (addr, stop)
-}
-
-async fn client(addr: &str) -> Client {
-    for _ in 0..50 {
-        if let Ok(c) = InferenceClient::connect(addr.to_string()).await {
-            return c.max_encoding_message_size(64 << 20).max_decoding_message_size(64 << 20);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("cannot connect to {addr}");
-}
-
 /// A small request that must succeed: the server is still serving.
 async fn still_serving(c: &mut Client, after: &str) {
     let r = c.generate(keyed(req(tokens(3), |_| {}), Some(ACME))).await;
@@ -214,8 +191,9 @@ async fn wait_baseline(engine: &Engine, what: &str) {
 async fn hostile_inputs_get_their_codes_and_others_are_served() {
     let tmp = tempfile::tempdir().expect("tmp");
     let engine = setup(tmp.path());
-    let (addr, _stop) = serve(engine.clone()).await;
-    let mut c = client(&addr).await;
+    let api = serve_api(engine.clone()).await;
+    let addr = api.addr.clone();
+    let mut c = api_client(&addr).await.max_encoding_message_size(64 << 20).max_decoding_message_size(64 << 20);
 
     // The canary: beta's long stream with its adapter, solo first for the expected tokens.
     let canary_req = || {

@@ -16,44 +16,13 @@ use moe_proto::v1::generate_request::Prompt;
 use moe_proto::v1::generate_stream_response::Event as StreamEvent;
 use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::{ExpertRequest, GenerateRequest, SamplingParams, TokenIds, WireDtype};
-use moe_router::{Engine, EngineConfig};
+use moe_router::EngineConfig;
 use moe_worker::{ExpertHost, ExpertSpec};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::Code;
-
-struct Running {
-    addr: String,
-    engine: Engine,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn serve(engine: Engine) -> Running {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = format!("http://{}", listener.local_addr().expect("addr"));
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let e = engine.clone();
-    tokio::spawn(async move {
-        let _ =
-            moe_router::serve_inference(e, std::sync::Arc::new(moe_router::StaticCluster(2)), None, listener, async {
-                let _ = rx.await;
-            })
-            .await;
-    });
-    Running { addr, engine, _stop: stop }
-}
-
-async fn client(addr: &str) -> InferenceClient<tonic::transport::Channel> {
-    for _ in 0..50 {
-        if let Ok(c) = InferenceClient::connect(addr.to_string()).await {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("cannot connect to {addr}");
-}
 
 fn request(ids: Vec<u32>, s: SamplingParams) -> GenerateRequest {
     GenerateRequest {
@@ -68,7 +37,7 @@ fn request(ids: Vec<u32>, s: SamplingParams) -> GenerateRequest {
 async fn concurrent_mixed_streams_equal_their_solo_results() {
     let dir = fixture("mixtral");
     let cfg = EngineConfig { max_batch_tokens: 48, max_running: 64, ..Default::default() };
-    let server = serve(moe_cluster::embedded(&dir, 2, cfg).expect("engine")).await;
+    let server = serve_api(moe_cluster::embedded(&dir, 2, cfg).expect("engine")).await;
     let full = Model::load(&dir, CpuBackend::new()).expect("model");
     let mut cases = Vec::new();
     for i in 0..64u32 {
@@ -105,7 +74,7 @@ async fn concurrent_mixed_streams_equal_their_solo_results() {
             },
         );
         tokio::spawn(async move {
-            let mut c = client(&addr).await;
+            let mut c = api_client(&addr).await;
             let mut stream = c.generate_stream(req).await.expect("stream").into_inner();
             let (mut ids, mut finished) = (Vec::new(), 0);
             while let Some(msg) = stream.message().await.expect("message") {
@@ -145,12 +114,12 @@ async fn cancelled_stream_frees_its_pages_and_full_queue_is_refused() {
     let tmp = tempfile::tempdir().expect("tmp");
     endless_model(tmp.path());
     let cfg = EngineConfig { max_running: 1, max_waiting: 1, ..Default::default() };
-    let server = serve(moe_cluster::embedded(tmp.path(), 2, cfg).expect("engine")).await;
+    let server = serve_api(moe_cluster::embedded(tmp.path(), 2, cfg).expect("engine")).await;
     let stats = server.engine.stats();
     let total = stats.total_pages.load(Ordering::SeqCst);
     let long = || request(vec![5, 6, 7], SamplingParams { max_new_tokens: Some(4000), ..Default::default() });
 
-    let mut c = client(&server.addr).await;
+    let mut c = api_client(&server.addr).await;
     let mut a = c.generate_stream(long()).await.expect("a").into_inner();
     assert!(a.message().await.expect("first").is_some());
     assert!(stats.free_pages.load(Ordering::SeqCst) < total, "a running request holds pages");
@@ -173,8 +142,9 @@ async fn cancelled_stream_frees_its_pages_and_full_queue_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_codes_naming_the_field() {
-    let server = serve(moe_cluster::embedded(&fixture("mixtral"), 1, EngineConfig::default()).expect("engine")).await;
-    let mut c = client(&server.addr).await;
+    let server =
+        serve_api(moe_cluster::embedded(&fixture("mixtral"), 1, EngineConfig::default()).expect("engine")).await;
+    let mut c = api_client(&server.addr).await;
     let s = |f: fn(&mut SamplingParams)| {
         let mut p = SamplingParams::default();
         f(&mut p);
@@ -301,8 +271,8 @@ async fn unreachable_worker_means_unavailable_not_a_hang() {
     let engine = moe_cluster::remote(&dir, std::slice::from_ref(&worker.addr), cfg, EngineConfig::default())
         .await
         .expect("router");
-    let server = serve(engine).await;
-    let mut c = client(&server.addr).await;
+    let server = serve_api(engine).await;
+    let mut c = api_client(&server.addr).await;
     let ok = c.generate(request(vec![1, 2, 3], SamplingParams { max_new_tokens: Some(2), ..Default::default() })).await;
     assert_eq!(ok.expect("worker up").into_inner().token_ids.len(), 2);
     drop(worker);
@@ -443,8 +413,8 @@ fn serve_with_tenants_file_and_api_key() {
 async fn stop_sequences_logprobs_and_deadlines() {
     let tmp = tempfile::tempdir().expect("tmp");
     endless_model(tmp.path());
-    let server = serve(moe_cluster::embedded(tmp.path(), 1, EngineConfig::default()).expect("engine")).await;
-    let mut c = client(&server.addr).await;
+    let server = serve_api(moe_cluster::embedded(tmp.path(), 1, EngineConfig::default()).expect("engine")).await;
+    let mut c = api_client(&server.addr).await;
     let text_req = |stop: Vec<String>, logprobs: bool| GenerateRequest {
         prompt: Some(Prompt::Text("The cat".into())),
         sampling: Some(SamplingParams { max_new_tokens: Some(48), stop, logprobs, ..Default::default() }),
@@ -543,7 +513,7 @@ async fn router_killed_mid_stream_fails_the_stream_promptly() {
     let tmp = tempfile::tempdir().expect("tmp");
     endless_model(tmp.path());
     let server = spawn_server(&["serve", "--model", tmp.path().to_str().expect("utf8"), "--listen", "127.0.0.1:0"]);
-    let mut c = client(&format!("http://{}", server.addr)).await;
+    let mut c = api_client(&format!("http://{}", server.addr)).await;
     let long = request(vec![5, 6, 7], SamplingParams { max_new_tokens: Some(4000), ..Default::default() });
     let mut s = c.generate_stream(long).await.expect("stream").into_inner();
     assert!(s.message().await.expect("first").is_some());
@@ -571,7 +541,7 @@ async fn router_stopping_ends_open_streams_with_unavailable() {
     // Big enough that 4000 tokens take longer than the drain.
     endless_model_sized(tmp.path(), 256, 4);
     let server = spawn_server(&["serve", "--model", tmp.path().to_str().expect("utf8"), "--listen", "127.0.0.1:0"]);
-    let mut c = client(&format!("http://{}", server.addr)).await;
+    let mut c = api_client(&format!("http://{}", server.addr)).await;
     let long = || request(vec![5, 6, 7], SamplingParams { max_new_tokens: Some(4000), ..Default::default() });
     let mut s = c.generate_stream(long()).await.expect("stream").into_inner();
     assert!(s.message().await.expect("first").is_some());

@@ -27,34 +27,6 @@ const ACME: &str = "acme-key-0123456789";
 const BETA: &str = "beta-key-0123456789";
 const OPS: &str = "ops-key-0123456789ab";
 
-struct Running {
-    addr: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn serve(engine: Engine) -> Running {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = format!("http://{}", listener.local_addr().expect("addr"));
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = moe_router::serve_inference(engine, Arc::new(moe_router::StaticCluster(2)), None, listener, async {
-            let _ = rx.await;
-        })
-        .await;
-    });
-    Running { addr, _stop: stop }
-}
-
-async fn client(addr: &str) -> InferenceClient<tonic::transport::Channel> {
-    for _ in 0..50 {
-        if let Ok(c) = InferenceClient::connect(addr.to_string()).await {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("cannot connect to {addr}");
-}
-
 /// An endless model, four random adapters a0..a3 and one for another model's shapes ("bad").
 fn setup(tmp: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let model = tmp.join("model");
@@ -121,8 +93,8 @@ async fn resident(c: &mut InferenceClient<tonic::transport::Channel>) -> Vec<(St
 async fn adapter_output_equals_local_generation_with_that_adapter() {
     let tmp = tempfile::tempdir().expect("tmp");
     let (model_dir, adapters) = setup(tmp.path());
-    let server = serve(engine(&model_dir, &adapters, 8, None)).await;
-    let mut c = client(&server.addr).await;
+    let server = serve_api(engine(&model_dir, &adapters, 8, None)).await;
+    let mut c = api_client(&server.addr).await;
     let full = Model::load(&model_dir, CpuBackend::new()).expect("model");
     let local = |adapter: Option<&str>| {
         let ad = adapter.map(|id| {
@@ -152,8 +124,8 @@ async fn adapter_output_equals_local_generation_with_that_adapter() {
 async fn loading_eviction_pinning_and_admin_rpcs() {
     let tmp = tempfile::tempdir().expect("tmp");
     let (model_dir, adapters) = setup(tmp.path());
-    let server = serve(engine(&model_dir, &adapters, 2, None)).await;
-    let mut c = client(&server.addr).await;
+    let server = serve_api(engine(&model_dir, &adapters, 2, None)).await;
+    let mut c = api_client(&server.addr).await;
 
     let all = c.list_adapters(ListAdaptersRequest {}).await.expect("list").into_inner();
     assert_eq!(all.max_adapters, 2);
@@ -259,8 +231,8 @@ async fn tenant_rules_answer_with_their_codes() {
         admin = true
         "#
     );
-    let server = serve(engine(&model_dir, &adapters, 8, Some(&tenants))).await;
-    let mut c = client(&server.addr).await;
+    let server = serve_api(engine(&model_dir, &adapters, 8, Some(&tenants))).await;
+    let mut c = api_client(&server.addr).await;
 
     for (key, code) in [(None, Code::Unauthenticated), (Some("wrong-key-0123456789"), Code::Unauthenticated)] {
         let err = c.generate(gen("", 2, key)).await.expect_err("no access");

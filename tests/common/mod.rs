@@ -2,6 +2,9 @@
 //! logits, and reading/rewriting safetensors files byte by byte (to make broken checkpoints).
 #![allow(dead_code)]
 
+pub mod api;
+#[allow(unused_imports)]
+pub use api::{api_client, serve_api, Api};
 pub mod relay;
 
 use serde_json::Value;

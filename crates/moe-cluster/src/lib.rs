@@ -203,6 +203,15 @@ impl moe_router::ClusterStatus for MembershipDispatcher {
 }
 
 impl MembershipDispatcher {
+    /// The dispatcher of the current membership, or an error when no worker is registered.
+    fn current(&self, layer: usize) -> moe_model::Result<RemoteDispatcher> {
+        self.current
+            .read()
+            .ok()
+            .and_then(|c| c.clone())
+            .ok_or_else(|| moe_model::ModelError::Experts { layer, message: "no workers are registered".into() })
+    }
+
     /// What is missing now, empty when every expert has a holder.
     pub fn missing(&self) -> String {
         self.missing.read().map(|m| m.clone()).unwrap_or_default()
@@ -279,11 +288,7 @@ impl ExpertExecutor<CpuBackend> for MembershipDispatcher {
         out: &mut moe_compute::cpu::HostTensor,
         unserved: &mut Vec<(u32, String)>,
     ) -> moe_model::Result<()> {
-        let d = self.current.read().ok().and_then(|c| c.clone());
-        match d {
-            Some(d) => d.run_experts(layer, x, routes, out, unserved),
-            None => Err(moe_model::ModelError::Experts { layer, message: "no workers are registered".into() }),
-        }
+        self.current(layer)?.run_experts(layer, x, routes, out, unserved)
     }
 
     fn overlaps(&self) -> bool {
@@ -298,10 +303,7 @@ impl ExpertExecutor<CpuBackend> for MembershipDispatcher {
         x: &moe_compute::cpu::HostTensor,
         routes: &moe_model::ExpertRoutes<'_>,
     ) -> moe_model::Result<moe_model::ExpertTicket> {
-        let d = self.current.read().ok().and_then(|c| c.clone());
-        let Some(d) = d else {
-            return Err(moe_model::ModelError::Experts { layer, message: "no workers are registered".into() });
-        };
+        let d = self.current(layer)?;
         let ticket = d.start_experts(layer, x, routes)?;
         Ok(moe_model::ExpertTicket(Some(Box::new((d, ticket)))))
     }

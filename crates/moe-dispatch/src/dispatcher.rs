@@ -65,6 +65,12 @@ pub trait WorkerTransport: Send + Sync {
         false
     }
 
+    /// Whether this transport sends slow batches to [`WorkerBatch::hedge`] too (only then is
+    /// the replica looked up).
+    fn hedges(&self) -> bool {
+        false
+    }
+
     /// Starts the batches without waiting for them; the default runs them now.
     fn start(
         &self,
@@ -281,8 +287,9 @@ impl<T: WorkerTransport> Dispatcher<T> {
             b.experts.push(e);
             b.weights.push(wt);
         }
+        let hedges = self.transport.hedges();
         for b in &mut s.batches[..used] {
-            b.hedge = self.hedge_for(layer, b, suspect, turn);
+            b.hedge = if hedges { self.hedge_for(layer, b, suspect, turn) } else { None };
         }
         // Batches past `used` keep their buffers for later steps.
         Ok(used)
@@ -406,16 +413,19 @@ impl<T: WorkerTransport> Dispatcher<T> {
     fn scratch(&self, layer: usize) -> moe_model::Result<std::sync::MutexGuard<'_, Scratch>> {
         self.scratch.lock().map_err(|_| ModelError::Experts { layer, message: "dispatcher state poisoned".into() })
     }
+
+    /// The scratch, locked, with `pending` holding every (row, expert, weight) of `routes`.
+    fn loaded(&self, layer: usize, routes: &ExpertRoutes<'_>) -> moe_model::Result<std::sync::MutexGuard<'_, Scratch>> {
+        let mut s = self.scratch(layer)?;
+        let k = routes.top_k.max(1);
+        s.pending.clear();
+        s.pending.extend(routes.choices.iter().enumerate().map(|(i, &(e, w))| ((i / k) as u32, e, w)));
+        Ok(s)
+    }
 }
 
 fn to_model(layer: usize) -> impl Fn(DispatchError) -> ModelError {
     move |e| ModelError::Experts { layer, message: e.to_string() }
-}
-
-fn load_pending(s: &mut Scratch, routes: &ExpertRoutes<'_>) {
-    let k = routes.top_k.max(1);
-    s.pending.clear();
-    s.pending.extend(routes.choices.iter().enumerate().map(|(i, &(e, w))| ((i / k) as u32, e, w)));
 }
 
 impl<T: WorkerTransport> ExpertExecutor<CpuBackend> for Dispatcher<T> {
@@ -427,10 +437,8 @@ impl<T: WorkerTransport> ExpertExecutor<CpuBackend> for Dispatcher<T> {
         out: &mut HostTensor,
         unserved: &mut Vec<(u32, String)>,
     ) -> moe_model::Result<()> {
-        let mut guard = self.scratch(layer)?;
-        let s = &mut *guard;
-        load_pending(s, routes);
-        self.rounds(layer, x, routes, s, out, unserved).map_err(to_model(layer))
+        let mut s = self.loaded(layer, routes)?;
+        self.rounds(layer, x, routes, &mut s, out, unserved).map_err(to_model(layer))
     }
 
     fn overlaps(&self) -> bool {
@@ -445,9 +453,8 @@ impl<T: WorkerTransport> ExpertExecutor<CpuBackend> for Dispatcher<T> {
         x: &HostTensor,
         routes: &ExpertRoutes<'_>,
     ) -> moe_model::Result<ExpertTicket> {
-        let mut guard = self.scratch(layer)?;
+        let mut guard = self.loaded(layer, routes)?;
         let s = &mut *guard;
-        load_pending(s, routes);
         let mut unserved = Vec::new();
         let used =
             self.group(layer, x, routes.row_adapter, routes.row_request, s, &mut unserved).map_err(to_model(layer))?;

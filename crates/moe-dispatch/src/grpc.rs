@@ -429,6 +429,10 @@ impl WorkerTransport for GrpcTransport {
         true
     }
 
+    fn hedges(&self) -> bool {
+        self.inner.config.hedge_after.is_some()
+    }
+
     fn start(
         &self,
         layer: usize,

@@ -154,7 +154,34 @@ pub struct Workspace<B: Backend> {
     pub(crate) row_request: Vec<u64>,
 }
 
+/// One MoE layer's expert call, borrowed from a workspace: the rows, their routing, and where
+/// the results and the unserved rows go.
+pub(crate) struct ExpertIo<'w, B: Backend> {
+    pub x: &'w B::Act,
+    pub routes: ExpertRoutes<'w>,
+    pub out: &'w mut B::Act,
+    pub unserved: &'w mut Vec<(u32, String)>,
+}
+
 impl<B: Backend> Workspace<B> {
+    /// The routed rows of the layer just gated (after `moe_route`), split into what an
+    /// [`ExpertExecutor`] reads and what it writes.
+    pub(crate) fn expert_io(&mut self, top_k: usize) -> ExpertIo<'_, B> {
+        ExpertIo {
+            x: &self.normed,
+            routes: ExpertRoutes {
+                top_k,
+                choices: &self.choices,
+                plan: &self.plan,
+                adapters: &self.adapter_table,
+                row_adapter: &self.row_adapter,
+                row_request: &self.row_request,
+            },
+            out: &mut self.ffn_out,
+            unserved: &mut self.unserved,
+        }
+    }
+
     /// Batch rows (in the order of the last forward call's items and tokens) whose experts could
     /// not all be computed, with the reason; their outputs are not to be used.
     pub fn unserved_rows(&self) -> &[(u32, String)] {
@@ -522,15 +549,8 @@ impl<B: Backend> Model<B> {
         let (b, c) = (&self.backend, &self.config);
         match experts {
             Some(executor) => {
-                let routes = ExpertRoutes {
-                    top_k: c.top_k,
-                    choices: &ws.choices,
-                    plan: &ws.plan,
-                    adapters: &ws.adapter_table,
-                    row_adapter: &ws.row_adapter,
-                    row_request: &ws.row_request,
-                };
-                executor.run_experts(layer, &ws.normed, &routes, &mut ws.ffn_out, &mut ws.unserved)?;
+                let io = ws.expert_io(c.top_k);
+                executor.run_experts(layer, io.x, &io.routes, io.out, io.unserved)?;
             }
             None if moe.experts.len() == c.num_experts => {
                 let any = items

@@ -15,7 +15,7 @@
 //! Each half is an ordinary batch of its own sequences, so results equal the plain forward.
 
 use crate::error::Result;
-use crate::model::{BatchItem, ExpertExecutor, ExpertRoutes, ExpertTicket, KvCache, LogitsFor, Model, Workspace};
+use crate::model::{BatchItem, ExpertExecutor, ExpertTicket, KvCache, LogitsFor, Model, Workspace};
 use crate::weights::{FfnWeights, LayerWeights};
 use moe_compute::Backend;
 
@@ -55,13 +55,14 @@ impl<B: Backend> Model<B> {
             }
             self.finish(ws_b, i, layer, experts, ticket_b)?;
         }
-        let mut logits_b = Vec::new();
         self.final_logits(ws, logits);
+        // The second half's logits go through its (now idle) gating buffer: no allocation.
+        let mut logits_b = std::mem::take(&mut ws_b.host);
         self.final_logits(ws_b, &mut logits_b);
         logits.extend_from_slice(&logits_b);
+        ws_b.host = logits_b;
         let rows_a = ws.ids.len() as u32;
-        let moved: Vec<(u32, String)> = ws_b.unserved.drain(..).map(|(r, why)| (r + rows_a, why)).collect();
-        ws.unserved.extend(moved);
+        ws.unserved.extend(ws_b.unserved.drain(..).map(|(r, why)| (r + rows_a, why)));
         if ws.expert_tokens.len() < ws_b.expert_tokens.len() {
             ws.expert_tokens.resize(ws_b.expert_tokens.len(), 0);
         }
@@ -89,8 +90,8 @@ impl<B: Backend> Model<B> {
         self.layer_pre(ws, kv, i, layer, items)?;
         match &layer.ffn {
             FfnWeights::Moe(_) => {
-                let routes = routes_of(ws, self.config.top_k);
-                Ok(Some(experts.start_experts(i, &ws.normed, &routes)?))
+                let io = ws.expert_io(self.config.top_k);
+                Ok(Some(experts.start_experts(i, io.x, &io.routes)?))
             }
             FfnWeights::Dense(_) => {
                 self.layer_ffn(ws, i, layer, Some(experts), items)?;
@@ -110,15 +111,8 @@ impl<B: Backend> Model<B> {
         ticket: Option<ExpertTicket>,
     ) -> Result<()> {
         let (Some(ticket), FfnWeights::Moe(moe)) = (ticket, &layer.ffn) else { return Ok(()) };
-        let routes = ExpertRoutes {
-            top_k: self.config.top_k,
-            choices: &ws.choices,
-            plan: &ws.plan,
-            adapters: &ws.adapter_table,
-            row_adapter: &ws.row_adapter,
-            row_request: &ws.row_request,
-        };
-        experts.finish_experts(ticket, i, &ws.normed, &routes, &mut ws.ffn_out, &mut ws.unserved)?;
+        let io = ws.expert_io(self.config.top_k);
+        experts.finish_experts(ticket, i, io.x, &io.routes, io.out, io.unserved)?;
         self.moe_shared(ws, moe);
         self.backend.add(&mut ws.hidden, &ws.ffn_out);
         Ok(())
@@ -140,15 +134,4 @@ pub fn overlap_split<B: Backend>(batch: &[BatchItem<'_, B>]) -> usize {
         }
     }
     batch.len() / 2
-}
-
-fn routes_of<B: Backend>(ws: &Workspace<B>, top_k: usize) -> ExpertRoutes<'_> {
-    ExpertRoutes {
-        top_k,
-        choices: &ws.choices,
-        plan: &ws.plan,
-        adapters: &ws.adapter_table,
-        row_adapter: &ws.row_adapter,
-        row_request: &ws.row_request,
-    }
 }

@@ -50,8 +50,13 @@ impl<U: Message + Default> Decoder for StrictDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        U::decode(buf).map(Some).map_err(|e| Status::invalid_argument(format!("malformed message: {e}")))
+        U::decode(buf).map(Some).map_err(malformed)
     }
+}
+
+/// The status of a message that does not decode: the caller's fault, naming message and field.
+fn malformed(e: prost::DecodeError) -> Status {
+    Status::invalid_argument(format!("malformed message: {e}"))
 }
 
 #[cfg(test)]
@@ -63,7 +68,8 @@ mod tests {
         // GenerateRequest.adapter_id (field 4, length-delimited) = b"\xff\xfe".
         let bytes = [0x22, 0x02, 0xff, 0xfe];
         let e = crate::v1::GenerateRequest::decode(&bytes[..]).expect_err("must fail");
-        let status = Status::invalid_argument(format!("malformed message: {e}"));
+        let status = malformed(e);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().contains("adapter_id"), "{}", status.message());
         assert!(status.message().contains("UTF-8"), "{}", status.message());
     }
