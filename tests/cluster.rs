@@ -11,7 +11,7 @@ use moe_compute::cpu::CpuBackend;
 use moe_dispatch::GrpcTransportConfig;
 use moe_model::{BatchItem, ExpertExecutor, LogitsFor, Model, SequenceCache};
 use moe_proto::v1::WireDtype;
-use moe_router::{Engine, EngineConfig, Event, GenerationParams, PromptInput, ValidatedRequest};
+use moe_router::{Engine, EngineConfig, EngineParts, Event, GenerationParams, PromptInput, ValidatedRequest};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ fn engine_greedy(engine: &Engine, ids: &[u32], n: usize) -> Vec<u32> {
         PromptInput::Ids(ids.to_vec()),
         &params,
         engine.codec(),
-        &engine.model().config,
+        engine.model_config(),
         Duration::from_secs(60),
     )
     .expect("valid");
@@ -54,7 +54,7 @@ fn engine_greedy(engine: &Engine, ids: &[u32], n: usize) -> Vec<u32> {
 fn embedded_cluster_matches_transformers_with_1_and_3_workers() {
     for arch in ARCHS {
         let dir = fixture(arch);
-        let (model, _) = load_router_model(&dir).expect("dense model");
+        let (model, _) = load_router_model(&dir, moe_compute::cpu::CpuBackend::new()).expect("dense model");
         for workers in [1, 3] {
             let dispatcher = in_process_dispatcher(&dir, workers).expect("workers");
             for case in expected(arch)["cases"].as_array().expect("cases") {
@@ -92,7 +92,7 @@ fn worker_processes_over_grpc_match_transformers() {
         let dir = fixture(arch);
         let workers = uneven_workers(arch);
         let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
-        let (model, _) = load_router_model(&dir).expect("dense model");
+        let (model, _) = load_router_model(&dir, moe_compute::cpu::CpuBackend::new()).expect("dense model");
         // f32 on the wire, once more with every batch split into messages of a few rows, and
         // bf16 (the default) within bf16 tolerance.
         for (wire, max_rows_bytes, tol) in
@@ -179,16 +179,17 @@ fn missing_expert_fails_only_the_requests_that_need_it() {
     use moe_dispatch::{Dispatcher, InProcessTransport, Placement};
     use moe_worker::{ExpertHost, ExpertSpec};
     let dir = fixture("mixtral");
-    let host = Arc::new(ExpertHost::load(&dir, &"0:0-3,1:0-2".parse::<ExpertSpec>().expect("spec")).expect("host"));
+    let spec = "0:0-3,1:0-2".parse::<ExpertSpec>().expect("spec");
+    let host = Arc::new(ExpertHost::load(&dir, &spec, CpuBackend::new()).expect("host"));
     let mut placement = Placement::new(2, 4);
     for (layer, experts) in host.hosted() {
         placement.add(0, layer, &experts).expect("add");
     }
     let dispatcher: Arc<dyn ExpertExecutor<CpuBackend>> =
         Arc::new(Dispatcher::new(InProcessTransport::new(vec![host]), placement, 1));
-    let (model, codec) = load_router_model(&dir).expect("dense");
-    let engine = Engine::start(model, codec, Some(dispatcher), EngineConfig::default()).expect("engine");
-    let full = Model::load(&dir, CpuBackend::new()).expect("model");
+    let (model, codec) = load_router_model(&dir, CpuBackend::new()).expect("dense");
+    let parts = EngineParts { model, codec, experts: Some(dispatcher), adapters: None };
+    let engine = Engine::start(parts, EngineConfig::default()).expect("engine");
     let mut streams = Vec::new();
     for t in 0..24u32 {
         let params = GenerationParams { max_new_tokens: Some(1), ..Default::default() };
@@ -196,7 +197,7 @@ fn missing_expert_fails_only_the_requests_that_need_it() {
             PromptInput::Ids(vec![t * 5 % 128]),
             &params,
             engine.codec(),
-            &engine.model().config,
+            engine.model_config(),
             Duration::from_secs(60),
         )
         .expect("valid");
@@ -209,14 +210,7 @@ fn missing_expert_fails_only_the_requests_that_need_it() {
             match s.blocking_recv().expect("terminal event") {
                 Event::Delta { token_ids, .. } => got.extend(token_ids),
                 Event::Finished { .. } => {
-                    let mut g = moe_generate::Generator::new(&full, 2).expect("gen");
-                    let req = moe_generate::GenerateRequest {
-                        prompt: vec![token],
-                        max_new_tokens: 1,
-                        sampling: Default::default(),
-                        stop_ids: vec![],
-                    };
-                    assert_eq!(got, g.generate(&req).expect("solo").token_ids, "token {token}");
+                    assert_eq!(got, solo_greedy(&dir, &[token], 1), "token {token}");
                     ok += 1;
                     break;
                 }
@@ -279,10 +273,13 @@ fn two_batch_overlap_matches_the_plain_forward() {
         let dir = fixture(arch);
         let workers = uneven_workers(arch);
         let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
-        let (model, _) = load_router_model(&dir).expect("dense model");
+        let (model, _) = load_router_model(&dir, moe_compute::cpu::CpuBackend::new()).expect("dense model");
         let cfg = GrpcTransportConfig { wire: WireDtype::F32, ..Default::default() };
         let dispatcher = Arc::new(rt.block_on(remote_dispatcher(&model.config, &addrs, cfg.clone())).expect("connect"));
-        assert!(dispatcher.overlaps(), "the gRPC dispatcher must start calls without waiting");
+        assert!(
+            ExpertExecutor::<CpuBackend>::overlaps(dispatcher.as_ref()),
+            "the gRPC dispatcher must start calls without waiting"
+        );
         let cases = expected(arch)["cases"].as_array().expect("cases").clone();
         let prompts: Vec<Vec<u32>> = cases.iter().take(3).map(|c| u32s(&c["token_ids"])).collect();
         let (m, d) = (model.clone(), dispatcher.clone());

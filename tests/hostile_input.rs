@@ -222,8 +222,8 @@ async fn hostile_inputs_get_their_codes_and_others_are_served() {
         (ids, finished)
     });
 
-    let vocab = engine.model_arc().config.vocab_size as i32;
-    let max_pos = engine.model_arc().config.max_position_embeddings;
+    let vocab = engine.model_config().vocab_size as i32;
+    let max_pos = engine.model_config().max_position_embeddings;
     let inv = Code::InvalidArgument;
     let cases: Vec<(&str, GenerateRequest, Code, &str)> = vec![
         ("empty prompt", req(tokens(0), |_| {}), inv, "the prompt is empty"),

@@ -7,10 +7,8 @@ mod common;
 
 use common::*;
 use moe_cluster::AdapterOptions;
-use moe_compute::cpu::CpuBackend;
-use moe_generate::{GenerateRequest as LocalRequest, Generator, SamplingParams as LocalSampling, TextCodec};
-use moe_lora::{load_adapter, AdapterParts, RegistryLimits};
-use moe_model::{AdapterIdentity, Model};
+use moe_generate::TextCodec;
+use moe_lora::RegistryLimits;
 use moe_router::{EngineConfig, Tenants};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -90,21 +88,14 @@ fn setup(tmp: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
 
 /// Greedy text of local generation (with an adapter from the adapter dir).
 fn local_text(model_dir: &Path, adapters: &Path, prompt: &str, n: usize, adapter: Option<&str>) -> String {
-    let model = Model::load(model_dir, CpuBackend::new()).expect("model");
     let codec = TextCodec::from_dir(model_dir).expect("codec");
-    let ad = adapter.map(|id| {
-        let identity = AdapterIdentity { id: id.into(), path: id.into(), digest: String::new() };
-        load_adapter(&adapters.join(id), identity, &model.config, model.backend(), AdapterParts::all())
-            .expect("adapter")
-    });
-    let mut g = Generator::new(&model, 256).expect("generator").with_adapter(ad.as_ref());
-    let req = LocalRequest {
-        prompt: codec.encode(prompt).expect("encode"),
-        max_new_tokens: n,
-        sampling: LocalSampling::default(),
-        stop_ids: vec![],
+    let params = moe_router::GenerationParams {
+        max_new_tokens: Some(n as u32),
+        adapter_id: adapter.unwrap_or_default().to_string(),
+        ..Default::default()
     };
-    codec.decode(&g.generate(&req).expect("generate").token_ids)
+    let ids = solo_generate(model_dir, &codec.encode(prompt).expect("encode"), params, Some(adapters));
+    codec.decode(&ids)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,8 @@
 //! A 60-second load at twice the admission limit with three tenants against `moe serve --demo`:
 //! every request ends in exactly one terminal state (loadgen's check), the excess is shed with
 //! RESOURCE_EXHAUSTED and nothing else fails, and afterwards running and waiting requests, KV
-//! pages, tenant permits and adapter pins are all back to zero on `/metrics`.
+//! pages, tenant permits and adapter pins are all back to zero on `/metrics`. And a short
+//! loadgen run with adapters, streams and too-short deadlines: still one terminal state each.
 
 mod common;
 
@@ -96,4 +97,55 @@ fn sixty_seconds_at_twice_the_admission_limit_with_three_tenants() {
             && zero("moe_adapters_pinned")
     });
     assert_eq!(gauge(&last, "moe_tenant_in_flight").len(), 3, "{last}");
+}
+
+/// `moe loadgen` against `moe serve --demo`: every request ends exactly once, with adapters and
+/// streams mixed in; with a deadline too short to finish, the failures are DEADLINE_EXCEEDED and
+/// still terminal (never a hang or a normal finish).
+#[test]
+fn loadgen_sees_exactly_one_terminal_state_per_request() {
+    let server = spawn_server(&["serve", "--demo", "--listen", "127.0.0.1:0"]);
+    let out = moe(&[
+        "loadgen",
+        "--endpoint",
+        &server.addr,
+        "--requests",
+        "40",
+        "--concurrency",
+        "8",
+        "--max-new-tokens",
+        "8",
+        "--prompt-len",
+        "2-40",
+        "--adapter",
+        "",
+        "--adapter",
+        "gate",
+        "--json",
+    ]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let v = out.json();
+    assert_eq!(v["outcomes"], serde_json::json!({"ok": 40}), "{v}");
+    assert_eq!(v["violations"], serde_json::json!([]));
+    assert!(v["tokens_per_s"].as_f64().unwrap_or(0.0) > 0.0);
+
+    let out = moe(&[
+        "loadgen",
+        "--endpoint",
+        &server.addr,
+        "--requests",
+        "12",
+        "--concurrency",
+        "4",
+        "--max-new-tokens",
+        "2000",
+        "--timeout-ms",
+        "30",
+        "--stream-share",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let v = out.json();
+    assert_eq!(v["outcomes"]["deadline_exceeded"], 12, "{v}");
 }

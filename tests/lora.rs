@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use moe_cluster::{in_process_dispatcher_with, load_router_model, remote_dispatcher, AdapterOptions};
+use moe_cluster::{in_process_dispatcher_on, load_router_model, remote_dispatcher, AdapterOptions};
 use moe_compute::cpu::CpuBackend;
 use moe_dispatch::GrpcTransportConfig;
 use moe_lora::{load_adapter, AdapterParts, RegistryLimits};
@@ -94,9 +94,9 @@ fn embedded_cluster_with_adapters_matches_transformers() {
     for arch in ARCHS {
         let dir = fixture(arch);
         let adapters = dir.join("adapters");
-        let (model, _) = load_router_model(&dir).expect("dense model");
+        let (model, _) = load_router_model(&dir, moe_compute::cpu::CpuBackend::new()).expect("dense model");
         let opts = AdapterOptions { dir: Some(adapters.clone()), limits: RegistryLimits::default() };
-        let dispatcher = in_process_dispatcher_with(&dir, 3, &opts).expect("workers");
+        let dispatcher = in_process_dispatcher_on(moe_compute::Device::Cpu, &dir, 3, &opts).expect("workers");
         for name in ADAPTERS {
             let adapter = load(&model, &adapters.join(name), name, AdapterParts::router());
             for case in adapter_expected(arch, name)["cases"].as_array().expect("cases") {
@@ -129,7 +129,7 @@ fn worker_processes_over_grpc_with_adapters_match_transformers() {
             })
             .collect();
         let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
-        let (model, _) = load_router_model(&dir).expect("dense model");
+        let (model, _) = load_router_model(&dir, moe_compute::cpu::CpuBackend::new()).expect("dense model");
         let cfg = GrpcTransportConfig { wire: WireDtype::F32, ..Default::default() };
         let dispatcher = Arc::new(rt.block_on(remote_dispatcher(&model.config, &addrs, cfg)).expect("connect"));
         for name in ADAPTERS {
@@ -168,9 +168,9 @@ fn batch_mixing_8_adapters_and_base_rows_equals_solo() {
         write_random_adapter(&dir, &tmp.path().join(format!("a{i}")), k, 2 + i % 3, 100 + i as u64);
     }
     let full = Model::load(&dir, CpuBackend::new()).expect("model");
-    let (dense, _) = load_router_model(&dir).expect("dense model");
+    let (dense, _) = load_router_model(&dir, moe_compute::cpu::CpuBackend::new()).expect("dense model");
     let opts = AdapterOptions { dir: Some(tmp.path().into()), limits: RegistryLimits::default() };
-    let dispatcher = in_process_dispatcher_with(&dir, 3, &opts).expect("workers");
+    let dispatcher = in_process_dispatcher_on(moe_compute::Device::Cpu, &dir, 3, &opts).expect("workers");
     let local: Vec<_> =
         (0..8).map(|i| load(&full, &tmp.path().join(format!("a{i}")), &format!("a{i}"), AdapterParts::all())).collect();
     let routed: Vec<_> = (0..8)
@@ -238,7 +238,7 @@ fn batch_mixing_8_adapters_and_base_rows_equals_solo() {
 fn bad_adapters_are_refused_naming_the_module() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = fixture("mixtral");
-    let (model, _) = load_router_model(&dir).expect("model");
+    let (model, _) = load_router_model(&dir, moe_compute::cpu::CpuBackend::new()).expect("model");
     let try_load = |path: &Path| {
         let identity = AdapterIdentity { id: "x".into(), path: "x".into(), digest: String::new() };
         load_adapter(path, identity, &model.config, model.backend(), AdapterParts::all())

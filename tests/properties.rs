@@ -86,7 +86,10 @@ fn config_and_adapter_and_tenant_parsers_never_panic() {
 
 #[test]
 fn worker_message_decoding_validation_and_compute_never_panic() {
-    let host = moe_worker::ExpertHost::load(&fixture("mixtral"), &"0:0-1,1:2".parse().expect("spec")).expect("host");
+    use moe_worker::ExpertCompute;
+    let spec = "0:0-1,1:2".parse().expect("spec");
+    let host =
+        moe_worker::ExpertHost::load(&fixture("mixtral"), &spec, moe_compute::cpu::CpuBackend::new()).expect("host");
     let mut rng = Rng(3);
     let mut out = Vec::new();
     let mut rows = Vec::new();

@@ -7,10 +7,7 @@ mod common;
 
 use common::*;
 use moe_cluster::AdapterOptions;
-use moe_compute::cpu::CpuBackend;
-use moe_generate::{GenerateRequest as LocalRequest, Generator, SamplingParams as LocalSampling};
-use moe_lora::{load_adapter, AdapterParts, RegistryLimits};
-use moe_model::{AdapterIdentity, Model};
+use moe_lora::RegistryLimits;
 use moe_proto::v1::generate_request::Prompt;
 use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::{
@@ -95,21 +92,13 @@ async fn adapter_output_equals_local_generation_with_that_adapter() {
     let (model_dir, adapters) = setup(tmp.path());
     let server = serve_api(engine(&model_dir, &adapters, 8, None)).await;
     let mut c = api_client(&server.addr).await;
-    let full = Model::load(&model_dir, CpuBackend::new()).expect("model");
     let local = |adapter: Option<&str>| {
-        let ad = adapter.map(|id| {
-            let identity = AdapterIdentity { id: id.into(), path: id.into(), digest: String::new() };
-            load_adapter(&adapters.join(id), identity, &full.config, full.backend(), AdapterParts::all())
-                .expect("adapter")
-        });
-        let mut g = Generator::new(&full, 64).expect("generator").with_adapter(ad.as_ref());
-        let req = LocalRequest {
-            prompt: vec![5, 6, 7],
-            max_new_tokens: 12,
-            sampling: LocalSampling::default(),
-            stop_ids: vec![],
+        let params = moe_router::GenerationParams {
+            max_new_tokens: Some(12),
+            adapter_id: adapter.unwrap_or_default().to_string(),
+            ..Default::default()
         };
-        g.generate(&req).expect("local").token_ids
+        solo_generate(&model_dir, &[5, 6, 7], params, Some(&adapters))
     };
     let base = c.generate(gen("", 12, None)).await.expect("base").into_inner().token_ids;
     assert_eq!(base, local(None));

@@ -5,6 +5,9 @@
 pub mod api;
 #[allow(unused_imports)]
 pub use api::{api_client, serve_api, Api};
+pub mod etcd;
+#[allow(unused_imports)]
+pub use etcd::{Etcd, EtcdCluster};
 pub mod relay;
 
 use serde_json::Value;
@@ -244,156 +247,6 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
-/// An etcd server on free loopback ports with a temporary data dir, stopped when dropped.
-pub struct Etcd {
-    child: Option<std::process::Child>,
-    data: tempfile::TempDir,
-    pub client_port: u16,
-    peer_port: u16,
-}
-
-impl Etcd {
-    /// Starts etcd, or returns `None` (with a note on stderr) when the `etcd` binary is not
-    /// installed and `MOE_REQUIRE_ETCD` is unset. `.ci/run` installs etcd and sets
-    /// `MOE_REQUIRE_ETCD=1`, so in CI a missing etcd fails these tests instead of skipping them.
-    pub fn start() -> Option<Etcd> {
-        let installed = Command::new("etcd").arg("--version").output().is_ok_and(|o| o.status.success());
-        if !installed {
-            assert!(
-                std::env::var_os("MOE_REQUIRE_ETCD").is_none(),
-                "MOE_REQUIRE_ETCD is set but the etcd server is not installed (Debian package etcd-server)"
-            );
-            eprintln!("skipping: the etcd server is not installed (Debian package etcd-server; .ci/run installs it)");
-            return None;
-        }
-        let data = tempfile::tempdir().expect("tmp");
-        let mut e = Etcd { child: None, data, client_port: free_port(), peer_port: free_port() };
-        e.launch();
-        Some(e)
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
-    }
-
-    /// Starts (or restarts) the server on the same ports and data.
-    pub fn launch(&mut self) {
-        let client = self.url();
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
-            .args(["--name", "t", "--data-dir"])
-            .arg(self.data.path().join("data"))
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("t={peer}")])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("the etcd server is needed for these tests (Debian package etcd-server; .ci/run installs it)");
-        self.child = Some(child);
-        let start = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
-            assert!(start.elapsed() < std::time::Duration::from_secs(20), "etcd did not start");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// A three-member etcd cluster on loopback (each member its own ports and data), for leader
-/// failure tests. `None` when etcd is not installed, as for [`Etcd::start`].
-pub struct EtcdCluster {
-    members: Vec<(String, u16, u16, Option<std::process::Child>)>,
-    data: tempfile::TempDir,
-}
-
-impl EtcdCluster {
-    pub fn start() -> Option<EtcdCluster> {
-        let probe = Etcd::start()?;
-        drop(probe);
-        let members = (0..3).map(|i| (format!("m{i}"), free_port(), free_port(), None)).collect();
-        let mut c = EtcdCluster { members, data: tempfile::tempdir().expect("tmp") };
-        for i in 0..3 {
-            c.launch(i);
-        }
-        Some(c)
-    }
-
-    /// Every member's client URL, comma separated (for `--etcd`).
-    pub fn urls(&self) -> String {
-        self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.1)).collect::<Vec<_>>().join(",")
-    }
-
-    pub fn url(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].1)
-    }
-
-    /// Starts (or restarts) member `i` on its ports and data.
-    pub fn launch(&mut self, i: usize) {
-        let initial: Vec<String> = self.members.iter().map(|m| format!("{}=http://127.0.0.1:{}", m.0, m.2)).collect();
-        let (name, client, peer) =
-            (self.members[i].0.clone(), self.url(i), format!("http://127.0.0.1:{}", self.members[i].2));
-        let child = Command::new("etcd")
-            .args(["--name", &name, "--data-dir"])
-            .arg(self.data.path().join(&name))
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &initial.join(","), "--initial-cluster-token", "moe-test"])
-            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("etcd");
-        self.members[i].3 = Some(child);
-    }
-
-    pub fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.members[i].3.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// The index of the current leader, asked of member `via` through etcd's JSON gateway.
-    pub fn leader(&self, rt: &tokio::runtime::Runtime, via: usize) -> Option<usize> {
-        let url = format!("{}/v3/maintenance/status", self.url(via));
-        let status: Value = rt.block_on(async {
-            let r = reqwest::Client::new().post(url).body("{}").send().await.ok()?;
-            r.json().await.ok()
-        })?;
-        let leader = status["leader"].as_str()?.to_string();
-        let members_url = format!("{}/v3/cluster/member/list", self.url(via));
-        let list: Value = rt.block_on(async {
-            let r = reqwest::Client::new().post(members_url).body("{}").send().await.ok()?;
-            r.json().await.ok()
-        })?;
-        let name = list["members"].as_array()?.iter().find(|m| m["ID"].as_str() == Some(&leader))?["name"]
-            .as_str()?
-            .to_string();
-        self.members.iter().position(|m| m.0 == name)
-    }
-}
-
-impl Drop for EtcdCluster {
-    fn drop(&mut self) {
-        for i in 0..self.members.len() {
-            self.kill(i);
-        }
-    }
-}
-
 /// Sends SIGTERM to a child process.
 pub fn sigterm(child: &std::process::Child) {
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
@@ -416,7 +269,6 @@ pub const REPLICATED_SPECS: [&str; 3] = ["*:0-5", "*:4-7,*:0-1", "*:2-3,*:6-7"];
 /// equal, token for token, to the single-process model's.
 pub fn generations_survive_a_kill(engine: &moe_router::Engine, dir: &Path, workers: &mut [Option<Server>]) {
     use moe_router::{Event, GenerationParams, PromptInput, ValidatedRequest};
-    let full = moe_model::Model::load(dir, moe_compute::cpu::CpuBackend::new()).expect("model");
     let n_new = 200usize;
     let prompts: Vec<Vec<u32>> =
         (0..16u32).map(|i| (0..(3 + i % 7)).map(|j| (i * 37 + j * 11) % 300).collect()).collect();
@@ -427,7 +279,7 @@ pub fn generations_survive_a_kill(engine: &moe_router::Engine, dir: &Path, worke
             PromptInput::Ids(p.clone()),
             &params,
             engine.codec(),
-            &engine.model().config,
+            engine.model_config(),
             std::time::Duration::from_secs(120),
         )
         .expect("valid");
@@ -455,14 +307,7 @@ pub fn generations_survive_a_kill(engine: &moe_router::Engine, dir: &Path, worke
         assert!(g.len() == n_new, "request {i} finished early");
     }
     for (i, (p, g)) in prompts.iter().zip(&got).enumerate() {
-        let mut gen = moe_generate::Generator::new(&full, p.len() + n_new).expect("generator");
-        let req = moe_generate::GenerateRequest {
-            prompt: p.clone(),
-            max_new_tokens: n_new,
-            sampling: Default::default(),
-            stop_ids: vec![],
-        };
-        assert_eq!(g, &gen.generate(&req).expect("solo").token_ids, "request {i} differs from the run without failure");
+        assert_eq!(g, &solo_greedy(dir, p, n_new), "request {i} differs from the run without failure");
     }
 }
 
@@ -533,4 +378,48 @@ pub fn write_random_adapter(model_dir: &Path, out: &Path, targets: &[&str], rank
     RawSafetensors::from_tensors(&tensors).write(&out.join("adapter_model.safetensors"));
     let cfg = serde_json::json!({"peft_type": "LORA", "r": rank, "lora_alpha": rank, "bias": "none"});
     std::fs::write(out.join("adapter_config.json"), cfg.to_string()).expect("write adapter config");
+}
+
+/// The tokens of one request generated alone by a local engine on the whole model (its own
+/// experts, the prompt in one prefill chunk): the reference that served generation must equal.
+/// `adapter_dir` serves `params.adapter_id`. Runs on a thread of its own (it blocks).
+pub fn solo_generate(
+    model_dir: &Path,
+    prompt: &[u32],
+    params: moe_router::GenerationParams,
+    adapter_dir: Option<&Path>,
+) -> Vec<u32> {
+    let (dir, prompt, adapter_dir) = (model_dir.to_path_buf(), prompt.to_vec(), adapter_dir.map(Path::to_path_buf));
+    std::thread::spawn(move || {
+        use moe_router::{EngineConfig, Event, PromptInput, ValidatedRequest};
+        let cfg = EngineConfig { max_batch_tokens: prompt.len().max(1), max_running: 1, ..Default::default() };
+        let adapters = moe_cluster::AdapterOptions { dir: adapter_dir, ..Default::default() };
+        let engine = moe_cluster::local_engine(moe_compute::Device::Cpu, &dir, cfg, &adapters).expect("local engine");
+        let timeout = std::time::Duration::from_secs(600);
+        let mut req =
+            ValidatedRequest::new(PromptInput::Ids(prompt), &params, engine.codec(), engine.model_config(), timeout)
+                .expect("valid request");
+        if !params.adapter_id.is_empty() {
+            let registry = engine.adapters().expect("adapters");
+            req.adapter = Some(registry.pin(&params.adapter_id).expect("adapter"));
+        }
+        let (_, mut events) = engine.submit(req).expect("submit");
+        let mut got = Vec::new();
+        loop {
+            match events.blocking_recv() {
+                Some(Event::Delta { token_ids, .. }) => got.extend(token_ids),
+                Some(Event::Finished { .. }) => return got,
+                Some(Event::Failed(e)) => panic!("solo generation failed: {e}"),
+                None => panic!("solo generation: no terminal event"),
+            }
+        }
+    })
+    .join()
+    .expect("solo generation thread")
+}
+
+/// [`solo_generate`], greedy, `n` new tokens.
+pub fn solo_greedy(model_dir: &Path, prompt: &[u32], n: usize) -> Vec<u32> {
+    let params = moe_router::GenerationParams { max_new_tokens: Some(n as u32), ..Default::default() };
+    solo_generate(model_dir, prompt, params, None)
 }

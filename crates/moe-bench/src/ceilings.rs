@@ -38,7 +38,7 @@ pub fn gemm_peak_gflops(n: usize) -> f64 {
 
 /// Grouped expert FFN rate of a worker hosting every expert: `rows` rows, each routed to `top_k`
 /// experts in turn, GFLOP/s (best of a few runs).
-pub fn expert_gflops(host: &moe_worker::ExpertHost, layer: usize, rows: usize) -> f64 {
+pub fn expert_gflops(host: &dyn moe_worker::ExpertCompute, layer: usize, rows: usize) -> f64 {
     let c = host.config();
     let (h, k, e) = (c.hidden_size, c.top_k, c.num_experts);
     let x: Vec<f32> = (0..rows * h).map(|i| ((i % 13) as f32 - 6.0) * 0.05).collect();

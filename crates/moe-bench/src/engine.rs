@@ -2,11 +2,9 @@
 //! same API path requests take.
 
 use crate::Percentiles;
-use moe_compute::cpu::CpuBackend;
-use moe_model::AdapterWeights;
+use moe_lora::AdapterPin;
 use moe_router::{Engine, Event, GenerationParams, PromptInput, ValidatedRequest};
 use serde::Serialize;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug, Serialize)]
@@ -26,7 +24,7 @@ pub struct DecodeReport {
 }
 
 /// The adapter of request `i` of a run (`None`: the base model).
-pub type AdapterOf<'a> = &'a dyn Fn(usize) -> Option<Arc<AdapterWeights<CpuBackend>>>;
+pub type AdapterOf<'a> = &'a dyn Fn(usize) -> Option<AdapterPin>;
 
 fn request(engine: &Engine, prompt: Vec<u32>, max_new: usize) -> Result<ValidatedRequest, String> {
     let params = GenerationParams { max_new_tokens: Some(max_new as u32), ..Default::default() };
@@ -34,7 +32,7 @@ fn request(engine: &Engine, prompt: Vec<u32>, max_new: usize) -> Result<Validate
         PromptInput::Ids(prompt),
         &params,
         engine.codec(),
-        &engine.model().config,
+        engine.model_config(),
         Duration::from_secs(600),
     )
     .map_err(|e| e.to_string())
@@ -91,7 +89,7 @@ fn prompt(len: usize, seed: usize, vocab: usize) -> Vec<u32> {
 
 /// Prefill of one prompt of `len` tokens (time to its first token).
 pub fn prefill(engine: &Engine, len: usize) -> Result<PrefillReport, String> {
-    let vocab = engine.model().config.vocab_size;
+    let vocab = engine.model_config().vocab_size;
     let (start, times) = run(engine, vec![prompt(len, 1, vocab)], 1, &|_| None)?;
     let ttft = times[0].first().map(|t| t.duration_since(start)).unwrap_or_default().as_secs_f64();
     Ok(PrefillReport { prompt_tokens: len, tokens_per_s: len as f64 / ttft.max(1e-9), ttft_ms: ttft * 1e3 })
@@ -111,7 +109,7 @@ pub fn decode_with(
     new_tokens: usize,
     adapter_of: AdapterOf<'_>,
 ) -> Result<DecodeReport, String> {
-    let vocab = engine.model().config.vocab_size;
+    let vocab = engine.model_config().vocab_size;
     let prompts = (0..batch).map(|i| prompt(16, i + 2, vocab)).collect();
     let (start, times) = run(engine, prompts, new_tokens, adapter_of)?;
     let firsts: Vec<Instant> = times.iter().filter_map(|t| t.first().copied()).collect();

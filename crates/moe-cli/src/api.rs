@@ -60,14 +60,47 @@ pub async fn serve_all(
     }
     .boxed()
     .shared();
+    let failed = engine_failure(engine.clone());
     let grpc = moe_router::serve_inference(engine.clone(), cluster, ready, listeners.grpc, stop.clone());
-    let Some(http_listener) = listeners.http else { return grpc.await };
+    let Some(http_listener) = listeners.http else {
+        return tokio::select! {
+            r = grpc => r,
+            e = failed => Err(e.into()),
+        };
+    };
     let name = http.served_model_name.clone().unwrap_or_else(|| {
         model_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "moe".into())
     });
     let chat = moe_http::ChatTemplate::from_model_dir(model_dir)?;
     let state = Arc::new(moe_http::HttpState::new(engine, name, chat));
     let http = moe_http::serve_http(state, http_listener, stop);
-    let (a, b) = tokio::join!(grpc, http);
-    a.and(b)
+    let both = async {
+        let (a, b) = tokio::join!(grpc, http);
+        a.and(b)
+    };
+    tokio::select! {
+        r = both => r,
+        e = failed => Err(e.into()),
+    }
+}
+
+/// Resolves once the engine has failed, after a short pause in which the servers still answer
+/// (open requests get their INTERNAL status, health reads NOT_SERVING, new requests get
+/// UNAVAILABLE); the process then exits non-zero so that it is restarted.
+async fn engine_failure(engine: moe_router::Engine) -> String {
+    let mut health = engine.watch_health();
+    let why = loop {
+        if let moe_router::EngineHealth::Failed(why) = &*health.borrow_and_update() {
+            break why.clone();
+        }
+        if health.changed().await.is_err() {
+            // The compute loop ended without failing (the process is stopping): never resolve.
+            if let moe_router::EngineHealth::Failed(why) = &*health.borrow() {
+                break why.clone();
+            }
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    format!("the engine failed: {why}")
 }

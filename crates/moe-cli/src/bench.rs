@@ -151,7 +151,7 @@ fn measure(name: &str, engine: &Engine, new_tokens: usize) -> anyhow::Result<Top
     eprintln!("{name}: prefill");
     let _ = prefill(engine, 8).map_err(anyhow::Error::msg)?; // warm-up
                                                              // 512 tokens, or what the model's context allows.
-    let max_pos = engine.model().config.max_position_embeddings;
+    let max_pos = engine.model_config().max_position_embeddings;
     let pre = prefill(engine, 512.min(max_pos.saturating_sub(2)).max(1)).map_err(anyhow::Error::msg)?;
     let mut dec = Vec::new();
     for batch in [1usize, 16, 64] {
@@ -165,18 +165,19 @@ fn measure(name: &str, engine: &Engine, new_tokens: usize) -> anyhow::Result<Top
 
 /// Median time of one layer's expert dispatch of a single row to the remote workers.
 fn dispatch_round_trip_us(rt: &tokio::runtime::Runtime, dir: &Path, addrs: &[String]) -> anyhow::Result<f64> {
-    use moe_compute::cpu::HostTensor;
+    use moe_compute::cpu::{CpuBackend, HostTensor};
     use moe_compute::ExpertPlan;
-    use moe_model::{ExpertExecutor, ExpertRoutes, ModelConfig};
+    use moe_model::{ExpertExecutor, ExpertRoutes, LayerCall, ModelConfig};
     let config = ModelConfig::from_dir(dir)?;
     let d = rt.block_on(moe_cluster::remote_dispatcher(&config, addrs, GrpcTransportConfig::default()))?;
     let layer = config.moe_layers().first().copied().context("the model has no MoE layer")?;
     let h = config.hidden_size;
+    let backend = CpuBackend::new();
     let x = HostTensor { rows: 1, cols: h, data: vec![0.1; h] };
     let choices: Vec<(u32, f32)> = (0..config.top_k as u32).map(|e| (e, 1.0 / config.top_k as f32)).collect();
     let mut plan = ExpertPlan::default();
     plan.rebuild(config.num_experts, config.top_k, &choices);
-    let routes = ExpertRoutes {
+    let routes = || ExpertRoutes {
         top_k: config.top_k,
         choices: &choices,
         plan: &plan,
@@ -191,7 +192,15 @@ fn dispatch_round_trip_us(rt: &tokio::runtime::Runtime, dir: &Path, addrs: &[Str
             let mut v = Vec::new();
             for _ in 0..300 {
                 let t = Instant::now();
-                let _ = d.run_experts(layer, &x, &routes, &mut out, &mut unserved);
+                let call = LayerCall {
+                    backend: &backend,
+                    layer,
+                    x: &x,
+                    routes: routes(),
+                    out: &mut out,
+                    unserved: &mut unserved,
+                };
+                let _ = ExpertExecutor::<CpuBackend>::run_experts(&d, call);
                 v.push(t.elapsed().as_secs_f64() * 1e6);
             }
             v
@@ -228,9 +237,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let copy = moe_bench::memory_copy_gbps(256);
     let gemm = moe_bench::gemm_peak_gflops(1024);
     let expert = {
-        let host = moe_worker::ExpertHost::load(&dir, &moe_worker::ExpertSpec::All)?;
+        let options = moe_cluster::HostOptions::default();
+        let host = moe_cluster::expert_host(moe_compute::Device::Cpu, &dir, &moe_worker::ExpertSpec::All, &options)?;
         let layer = config.moe_layers().first().copied().unwrap_or(0);
-        moe_bench::expert_gflops(&host, layer, 512)
+        moe_bench::expert_gflops(host.as_ref(), layer, 512)
     };
     let bytes = bytes_per_decoded_token(&config, 4);
     let flops = flops_per_prefill_token(&config);

@@ -61,7 +61,7 @@ fn adapter_dir(spec: &DemoSpec) -> anyhow::Result<PathBuf> {
 fn run_set(engine: &Engine, set: &str, distinct: usize, new_tokens: usize) -> anyhow::Result<DecodeReport> {
     let registry = engine.adapters().context("the engine has no adapter registry")?;
     let pinned: Vec<_> = (0..distinct)
-        .map(|i| registry.acquire(&format!("{set}-{i}")).map_err(anyhow::Error::from))
+        .map(|i| registry.pin(&format!("{set}-{i}")).map_err(anyhow::Error::from))
         .collect::<anyhow::Result<_>>()?;
     let of = |i: usize| if pinned.is_empty() { None } else { Some(pinned[i % pinned.len()].clone()) };
     decode_with(engine, BATCH, new_tokens, &of).map_err(anyhow::Error::msg)

@@ -27,6 +27,10 @@ pub struct EngineArgs {
     /// workers run on their own processors; measure with `moe bench`.
     #[arg(long, env = "MOE_TWO_BATCH_OVERLAP", default_value_t = false, action = clap::ArgAction::Set)]
     pub two_batch_overlap: bool,
+    /// Fault injection for tests of the engine's supervision: the compute loop panics after
+    /// this many steps. Never use it in production.
+    #[arg(long, env = "MOE_FAULT_PANIC_AFTER_STEPS", hide = true)]
+    pub fault_panic_after_steps: Option<usize>,
 }
 
 impl EngineArgs {
@@ -42,6 +46,7 @@ impl EngineArgs {
             page_size: 16,
             default_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
             two_batch_overlap: self.two_batch_overlap,
+            panic_after_steps: self.fault_panic_after_steps,
             ..Default::default()
         })
     }

@@ -3,7 +3,12 @@
 use crate::model_args::{parse_token_ids, AdapterArgs, ModelArgs, TokenIds};
 use anyhow::Context;
 use clap::Args;
-use moe_generate::{GenerateRequest, Generator, SamplingParams, TextCodec};
+use moe_cluster::AdapterOptions;
+use moe_generate::TextCodec;
+use moe_model::ModelConfig;
+use moe_router::{EngineConfig, Event, FinishReason, GenerationParams, PromptInput, ValidatedRequest};
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -45,55 +50,104 @@ pub struct GenerateArgs {
     /// With --endpoint: print tokens as they arrive.
     #[arg(long, env = "MOE_STREAM", requires = "endpoint")]
     pub stream: bool,
-    /// With --endpoint: stop when the text contains this (repeatable).
-    #[arg(long, requires = "endpoint")]
+    /// Stop when the text contains this (repeatable); the text ends before it.
+    #[arg(long)]
     pub stop: Vec<String>,
-    /// With --endpoint: penalty on tokens already present (1 = none).
-    #[arg(long, env = "MOE_REPETITION_PENALTY", requires = "endpoint")]
+    /// Penalty on tokens already present, as transformers applies it (1 = none).
+    #[arg(long, env = "MOE_REPETITION_PENALTY")]
     pub repetition_penalty: Option<f32>,
 }
 
-pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+pub fn run(args: GenerateArgs, device: moe_compute::Device) -> anyhow::Result<()> {
     if args.endpoint.is_some() {
         return crate::client::run(args);
     }
-    let (dir, model) = args.model.load()?;
+    let dir = args.model.dir()?;
+    let config = ModelConfig::from_dir(&dir)?;
+    // The adapter is served by the engine's registry: its parent dir is the adapter dir.
+    let located = args.adapter.locate(&dir)?;
+    let (adapters, adapter_id) = match &located {
+        None => (AdapterOptions::default(), String::new()),
+        Some((adapter_dir, id)) => {
+            let root = adapter_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let opts = AdapterOptions { dir: Some(root.to_path_buf()), ..Default::default() };
+            (opts, id.clone())
+        }
+    };
     let codec = TextCodec::from_dir(&dir)?;
     let prompt = match (&args.prompt, &args.token_ids) {
         (Some(text), _) => codec.encode(text).context("encoding the prompt")?,
         (None, Some(ids)) => ids.0.clone(),
         (None, None) => anyhow::bail!("give --prompt or --token-ids"),
     };
-    let sampling =
-        SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
-    let max_tokens = (prompt.len() + args.max_new_tokens).min(model.config.max_position_embeddings);
-    let req = GenerateRequest {
-        prompt,
-        max_new_tokens: args.max_new_tokens,
-        sampling,
-        stop_ids: model.config.eos_token_ids.clone(),
+    // One sequence: a KV cache for it alone, and the whole prompt in one prefill chunk.
+    let room = config.max_position_embeddings.saturating_sub(prompt.len());
+    let max_new = args.max_new_tokens.min(room);
+    let page_size = 16;
+    let page_bytes = 2 * 4 * config.num_layers * page_size * config.num_kv_heads * config.head_dim;
+    let engine_config = EngineConfig {
+        max_batch_tokens: prompt.len().max(1),
+        max_running: 1,
+        max_waiting: 1,
+        kv_cache_bytes: (prompt.len() + max_new).div_ceil(page_size).max(1) * page_bytes,
+        page_size,
+        ..Default::default()
     };
-    let adapter = args.adapter.load(&dir, &model)?;
-    let mut generator = Generator::new(&model, max_tokens)?.with_adapter(adapter.as_ref());
-    let out = generator.generate(&req)?;
-    let text = codec.decode(&out.token_ids);
+    let engine = moe_cluster::local_engine(device, &dir, engine_config, &adapters)
+        .map_err(|e| anyhow::anyhow!("--device {device}: {e}"))?;
+    let params = GenerationParams {
+        max_new_tokens: Some(max_new as u32),
+        temperature: Some(args.temperature),
+        top_k: Some(args.top_k.min(i32::MAX as usize) as i32),
+        top_p: Some(args.top_p),
+        seed: Some(args.seed),
+        stop: args.stop.clone(),
+        repetition_penalty: args.repetition_penalty,
+        ..Default::default()
+    };
+    let mut req = ValidatedRequest::new(
+        PromptInput::Ids(prompt),
+        &params,
+        engine.codec(),
+        &config,
+        Duration::from_secs(24 * 3600),
+    )?;
+    if !adapter_id.is_empty() {
+        let registry = engine.adapters().context("the engine serves no adapters")?;
+        req.adapter = Some(registry.pin(&adapter_id).with_context(|| format!("loading adapter {adapter_id:?}"))?);
+    }
+    let prompt_len = req.prompt.len();
+    let started = Instant::now();
+    let (_, mut events) = engine.submit(req)?;
+    let (mut ids, mut text, mut first_token) = (Vec::new(), String::new(), None);
+    let finish = loop {
+        match events.blocking_recv() {
+            Some(Event::Delta { text: t, token_ids, .. }) => {
+                first_token.get_or_insert_with(Instant::now);
+                ids.extend(token_ids);
+                text.push_str(&t);
+            }
+            Some(Event::Finished { reason, .. }) => break reason,
+            Some(Event::Failed(e)) => return Err(e.into()),
+            None => anyhow::bail!("the engine stopped without finishing the request"),
+        }
+    };
     if args.stats {
-        let prefill = req.prompt.len() as f64 / out.prefill_time.as_secs_f64().max(1e-9);
-        let decoded = out.token_ids.len().saturating_sub(1);
-        let decode = decoded as f64 / out.decode_time.as_secs_f64().max(1e-9);
+        let first = first_token.unwrap_or_else(Instant::now);
+        let prefill = prompt_len as f64 / (first - started).as_secs_f64().max(1e-9);
+        let decode = ids.len().saturating_sub(1) as f64 / first.elapsed().as_secs_f64().max(1e-9);
         eprintln!(
-            "prompt {} tokens, prefill {:.1} tok/s; generated {} tokens, decode {:.1} tok/s ({})",
-            req.prompt.len(),
-            prefill,
-            out.token_ids.len(),
-            decode,
-            model.backend_name()
+            "prompt {prompt_len} tokens, prefill {prefill:.1} tok/s; generated {} tokens, decode {decode:.1} tok/s ({})",
+            ids.len(),
+            engine.backend_name()
         );
     }
+    let finish_reason = match finish {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    };
     if args.json {
-        let v =
-            serde_json::json!({"token_ids": out.token_ids, "text": text, "finish_reason": out.finish_reason.as_str()});
-        println!("{v}");
+        println!("{}", serde_json::json!({"token_ids": ids, "text": text, "finish_reason": finish_reason}));
     } else {
         println!("{text}");
     }

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Args;
-use moe_compute::cpu::CpuBackend;
+use moe_compute::Backend;
 use moe_demo::{write_demo_model, DemoSpec};
 use moe_lora::{load_adapter, validate_id, AdapterParts};
 use moe_model::{AdapterIdentity, AdapterWeights, Model};
@@ -27,13 +27,6 @@ impl ModelArgs {
             (None, false) => anyhow::bail!("give --model DIR (or --demo for the built-in demo model)"),
         }
     }
-
-    pub fn load(&self) -> anyhow::Result<(PathBuf, Model<CpuBackend>)> {
-        let dir = self.dir()?;
-        let model =
-            Model::load(&dir, CpuBackend::new()).with_context(|| format!("loading model from {}", dir.display()))?;
-        Ok((dir, model))
-    }
 }
 
 /// The LoRA adapter flags of local commands.
@@ -49,13 +42,9 @@ pub struct AdapterArgs {
 }
 
 impl AdapterArgs {
-    /// Loads the adapter (every pair: this process runs its own experts), if one was given. An
-    /// id is looked up in --adapter-dir, else in the model's own `adapters/` dir.
-    pub fn load(
-        &self,
-        model_dir: &Path,
-        model: &Model<CpuBackend>,
-    ) -> anyhow::Result<Option<AdapterWeights<CpuBackend>>> {
+    /// Where the adapter is: its directory and id, if one was given. An id is looked up in
+    /// --adapter-dir, else in the model's own `adapters/` dir.
+    pub fn locate(&self, model_dir: &Path) -> anyhow::Result<Option<(PathBuf, String)>> {
         let Some(arg) = &self.adapter else { return Ok(None) };
         let as_dir = Path::new(arg);
         let root = self.adapter_dir.clone().or_else(|| Some(model_dir.join("adapters")).filter(|d| d.is_dir()));
@@ -68,6 +57,12 @@ impl AdapterArgs {
         } else {
             anyhow::bail!("--adapter {arg:?} is not a directory with adapter_config.json (or give --adapter-dir)");
         };
+        Ok(Some((dir, id)))
+    }
+
+    /// Loads the adapter (every pair: this process runs its own experts), if one was given.
+    pub fn load<B: Backend>(&self, model_dir: &Path, model: &Model<B>) -> anyhow::Result<Option<AdapterWeights<B>>> {
+        let Some((dir, id)) = self.locate(model_dir)? else { return Ok(None) };
         let identity = AdapterIdentity { path: id.clone(), id, digest: String::new() };
         let adapter = load_adapter(&dir, identity, &model.config, model.backend(), AdapterParts::all())
             .with_context(|| format!("loading adapter {}", dir.display()))?;

@@ -56,7 +56,7 @@ pub struct RouterArgs {
     pub http: HttpArgs,
 }
 
-pub fn run(a: RouterArgs) -> anyhow::Result<()> {
+pub fn run(a: RouterArgs, device: moe_compute::Device) -> anyhow::Result<()> {
     let engine_config = a.engine.config()?;
     let transport = GrpcTransportConfig {
         metrics: engine_config.metrics.clone(),
@@ -76,9 +76,10 @@ pub fn run(a: RouterArgs) -> anyhow::Result<()> {
             let (tx, rx) = tokio::sync::watch::channel(Vec::new());
             let cancel = tokio_util::sync::CancellationToken::new();
             tokio::spawn(moe_membership::watch_workers(opts, tx, cancel.clone()));
-            let (engine, dispatcher, ready) = moe_cluster::membership_router(&a.model, rx, transport, engine_config)?;
-            let engine = a.adapters.with_tenants(moe_cluster::with_adapters(engine, &adapter_options))?;
-            let status: Arc<dyn moe_router::ClusterStatus> = dispatcher;
+            let (engine, dispatcher, ready) =
+                moe_cluster::membership_router_on(device, &a.model, rx, transport, engine_config, &adapter_options)?;
+            let engine = a.adapters.with_tenants(engine)?;
+            let status: Arc<dyn moe_router::ClusterStatus> = Arc::new(moe_cluster::MembershipCluster(dispatcher));
             let listeners = bind_all(&a.listen, &a.http, "router").await?;
             let r = run_until_signal(
                 |stop| serve_all(engine, status.clone(), Some(ready), &a.model, &a.http, listeners, stop),
@@ -88,8 +89,9 @@ pub fn run(a: RouterArgs) -> anyhow::Result<()> {
             cancel.cancel();
             return r;
         }
-        let engine = moe_cluster::remote(&a.model, &a.workers, transport, engine_config).await?;
-        let engine = a.adapters.with_tenants(moe_cluster::with_adapters(engine, &adapter_options))?;
+        let engine =
+            moe_cluster::remote_on(device, &a.model, &a.workers, transport, engine_config, &adapter_options).await?;
+        let engine = a.adapters.with_tenants(engine)?;
         let listeners = bind_all(&a.listen, &a.http, "router").await?;
         let cluster = Arc::new(StaticCluster(a.workers.len()));
         run_until_signal(|stop| serve_all(engine, cluster, None, &a.model, &a.http, listeners, stop), GRACE).await

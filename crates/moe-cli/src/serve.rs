@@ -25,14 +25,15 @@ pub struct ServeArgs {
     pub http: HttpArgs,
 }
 
-pub fn run(a: ServeArgs) -> anyhow::Result<()> {
+pub fn run(a: ServeArgs, device: moe_compute::Device) -> anyhow::Result<()> {
     let dir = a.model.dir()?;
     let mut options = a.adapters.options()?;
     if options.dir.is_none() && dir.join("adapters").is_dir() {
         // The model's own adapters (the demo model ships three).
         options.dir = Some(dir.join("adapters"));
     }
-    let engine = moe_cluster::embedded_with(&dir, a.workers, a.engine.config()?, &options)?;
+    let engine = moe_cluster::embedded_on(device, &dir, a.workers, a.engine.config()?, &options)
+        .map_err(|e| anyhow::anyhow!("--device {device}: {e}"))?;
     let engine = a.adapters.with_tenants(engine)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {

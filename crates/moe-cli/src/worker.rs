@@ -3,9 +3,8 @@
 use crate::engine_args::{bind, run_until_signal, EtcdArgs, GRACE};
 use anyhow::Context;
 use clap::Args;
-use moe_worker::{ExpertHost, ExpertSpec};
+use moe_worker::ExpertSpec;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub struct WorkerArgs {
@@ -59,10 +58,12 @@ fn read_pem(path: &std::path::Path, what: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
 }
 
-pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
+pub fn run(a: WorkerArgs, device: moe_compute::Device) -> anyhow::Result<()> {
     let spec: ExpertSpec = a.experts.parse()?;
-    let mut host =
-        ExpertHost::load(&a.model, &spec).with_context(|| format!("loading experts from {}", a.model.display()))?;
+    let mut options = moe_cluster::HostOptions {
+        adapters: None,
+        max_batch_bytes: (a.max_batch_mb > 0).then(|| a.max_batch_mb.saturating_mul(1 << 20)),
+    };
     if let Some(dir) = &a.adapter_dir {
         anyhow::ensure!(dir.is_dir(), "--adapter-dir {} is not a directory", dir.display());
         let limits = moe_lora::RegistryLimits {
@@ -70,10 +71,11 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
             max_bytes: a.max_adapter_mb.saturating_mul(1 << 20),
             max_rank: a.max_lora_rank,
         };
-        host = host.with_adapter_dir(dir.clone(), limits);
+        options.adapters = Some((dir.clone(), limits));
     }
-    let host = host.with_batch_budget((a.max_batch_mb > 0).then(|| a.max_batch_mb.saturating_mul(1 << 20)));
-    let host = Arc::new(host);
+    let host = moe_cluster::expert_host(device, &a.model, &spec, &options)
+        .map_err(|e| anyhow::anyhow!("--device {device}: {e}"))
+        .with_context(|| format!("loading experts from {}", a.model.display()))?;
     let tls = match (&a.tls_cert, &a.tls_key) {
         (Some(c), Some(k)) => Some(moe_worker::WorkerTls {
             cert_pem: read_pem(c, "--tls-cert")?,
@@ -90,14 +92,14 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
         let bound = listener.local_addr()?.to_string();
         let advertise = a.advertise.clone().unwrap_or(bound);
         let id = a.worker_id.clone().unwrap_or_else(|| advertise.clone());
-        tracing::info!(worker = %id, hosted, "serving experts");
+        tracing::info!(worker = %id, hosted, device = %host.device(), "serving experts");
         let cancel = tokio_util::sync::CancellationToken::new();
         let registration = a.etcd.options().map(|opts| {
             let record = moe_membership::WorkerRecord {
                 id: id.clone(),
                 address: advertise.clone(),
                 experts: host.hosted().into_iter().map(|(l, e)| (l as u32, e)).collect(),
-                device: "cpu".into(),
+                device: host.device().to_string(),
                 fingerprint: host.fingerprint().to_string(),
                 version: env!("CARGO_PKG_VERSION").into(),
             };

@@ -36,30 +36,6 @@ impl fmt::Display for Device {
     }
 }
 
-impl Device {
-    /// Checks that this process can compute on the device. Only the CPU backend exists so far:
-    /// `cuda:N` probes the GPU (with the `cuda` feature) and then says what is missing, rather
-    /// than silently computing on the CPU.
-    pub fn ensure_supported(self) -> Result<(), ComputeError> {
-        match self {
-            Device::Cpu => Ok(()),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(n) => {
-                let info = crate::cuda::probe_device(n)?;
-                Err(ComputeError::Cuda(format!(
-                    "found {} (compute capability {}.{}), but the CUDA backend's device ops are not built yet; \
-                     the kernels compile (`moe kernels compile`), use --device cpu for now",
-                    info.name, info.compute_capability.0, info.compute_capability.1
-                )))
-            }
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => Err(ComputeError::Cuda(
-                "this binary was built without CUDA support (build moe-cli with its default `cuda` feature)".into(),
-            )),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

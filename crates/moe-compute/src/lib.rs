@@ -13,10 +13,12 @@ mod device;
 mod error;
 pub mod kernels;
 mod plan;
+mod select;
 
 pub use device::Device;
 pub use error::{ComputeError, Result};
 pub use plan::ExpertPlan;
+pub use select::{on_device, OnBackend};
 
 use std::ops::Range;
 
@@ -65,14 +67,14 @@ pub struct AttentionSeq {
 
 /// One expert's (or a dense MLP's) SwiGLU weights: `gate_up` is `[2*I, H]` (gate rows first, then
 /// up rows), `down` is `[H, I]`.
-pub struct SwigluWeights<B: Backend + ?Sized> {
+pub struct SwigluWeights<B: Backend> {
     pub gate_up: B::Matrix,
     pub down: B::Matrix,
 }
 
 /// Reusable buffers for [`Backend::expert_ffn`], [`Backend::swiglu`] and [`Backend::lora_add`],
 /// so that the decode loop does not allocate.
-pub struct FfnScratch<B: Backend + ?Sized> {
+pub struct FfnScratch<B: Backend> {
     pub rows: B::Act,
     pub gate_up: B::Act,
     pub hidden: B::Act,
@@ -96,7 +98,7 @@ impl<B: Backend> FfnScratch<B> {
 
 /// One low-rank pair of a LoRA adapter: `a` is `[r, in]`, `b` is `[out, r]`, and the layer's
 /// output gains `scale · x · Aᵀ · Bᵀ` (the same as using the merged weight `W + scale · B·A`).
-pub struct LoraWeights<B: Backend + ?Sized> {
+pub struct LoraWeights<B: Backend> {
     pub a: B::Matrix,
     pub b: B::Matrix,
     pub scale: f32,
@@ -104,7 +106,7 @@ pub struct LoraWeights<B: Backend + ?Sized> {
 
 /// An adapter's pairs for one expert's SwiGLU: on its gate and up projections (added into the
 /// fused `[gate | up]` activation) and on its down projection.
-pub struct ExpertLora<B: Backend + ?Sized> {
+pub struct ExpertLora<B: Backend> {
     pub gate: Option<LoraWeights<B>>,
     pub up: Option<LoraWeights<B>>,
     pub down: Option<LoraWeights<B>>,
@@ -120,7 +122,7 @@ pub type RowExpertLora<'l, B> = dyn Fn(usize, usize) -> Option<&'l ExpertLora<B>
 /// The operations a compute device provides. Activations are row-major `[rows, cols]` f32;
 /// matrices are `[out, in]` as in a Hugging Face `Linear` (so `linear` computes `x · Wᵀ`).
 /// Accumulation is always f32.
-pub trait Backend: Send + Sync + 'static {
+pub trait Backend: Clone + Send + Sync + 'static {
     type Matrix: Send + Sync;
     type Vector: Send + Sync;
     type Act: Send;
@@ -128,6 +130,8 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A short name for logs, e.g. `cpu (2 threads)`.
     fn name(&self) -> String;
+    /// The device this backend computes on.
+    fn device(&self) -> Device;
 
     fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<Self::Matrix>;
     /// A matrix from raw bf16 bits, kept as bf16 where the backend can (the default widens).

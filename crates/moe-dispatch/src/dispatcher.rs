@@ -3,134 +3,47 @@
 //! marked suspect for a while and the (row, expert) pairs it owed are sent, in the same step, to
 //! another holder of the same experts. Expert calls are pure functions of their inputs, so the
 //! retry gives the same result. Only when some expert has no holder left does the layer fail.
+//! Rows are on the host here (the wire's side); [`crate::executor`] moves them to and from the
+//! backend.
 
 use crate::error::{DispatchError, Result};
 use crate::placement::Placement;
-use moe_compute::cpu::{CpuBackend, HostTensor};
-use moe_model::{AdapterIdentity, ExpertExecutor, ExpertRoutes, ExpertTicket, ModelError};
+use crate::transport::{BatchOutput, WorkerBatch, WorkerTransport};
+use moe_model::{AdapterIdentity, ExpertRoutes, ModelError};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// The rows of one layer and step that go to one worker.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct WorkerBatch {
-    pub worker: usize,
-    /// Which rows of the layer input these are, in order.
-    pub row_ids: Vec<u32>,
-    /// `row_ids.len() x hidden` values.
-    pub rows: Vec<f32>,
-    pub row_pairs: Vec<u32>,
-    pub experts: Vec<u32>,
-    pub weights: Vec<f32>,
-    /// Per row, the adapter slot (0: none) into the layer's adapter list; empty when no row
-    /// carries an adapter with expert pairs.
-    pub row_adapters: Vec<u32>,
-    /// The distinct request ids of these rows (for the worker's logs).
-    pub request_ids: Vec<u64>,
-    /// Another live worker that holds every expert of this batch: where a transport may send
-    /// the same batch when this one is slow (hedging).
-    pub hedge: Option<usize>,
-}
-
-/// What came back for one worker batch: one combined row per batch row, and the adapters (slot
-/// into the layer's adapter list, reason) the worker could not load. Rows carrying those were
-/// not computed and must fail, never be used.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct BatchOutput {
-    pub rows: Vec<f32>,
-    pub failed_adapters: Vec<(u32, String)>,
-}
-
-/// Runs worker batches somewhere: in this process, over gRPC, or any faster data plane.
-pub trait WorkerTransport: Send + Sync {
-    /// A name for worker `i` in errors and logs (its address).
-    fn worker_name(&self, worker: usize) -> String;
-    /// Runs every batch (at most one per worker, in parallel where possible), writing each
-    /// batch's combined rows into the matching `outputs` entry and its outcome into `results`.
-    /// `adapters` are the adapters the batches' `row_adapters` index.
-    #[allow(clippy::too_many_arguments)]
-    fn execute(
-        &self,
-        layer: usize,
-        hidden: usize,
-        adapters: &[AdapterIdentity],
-        batches: &[WorkerBatch],
-        outputs: &mut [BatchOutput],
-        results: &mut [Result<()>],
-    );
-
-    /// Whether [`Self::start`] returns before the batches have run.
-    fn overlaps(&self) -> bool {
-        false
-    }
-
-    /// Whether this transport sends slow batches to [`WorkerBatch::hedge`] too (only then is
-    /// the replica looked up).
-    fn hedges(&self) -> bool {
-        false
-    }
-
-    /// Starts the batches without waiting for them; the default runs them now.
-    fn start(
-        &self,
-        layer: usize,
-        hidden: usize,
-        adapters: Vec<AdapterIdentity>,
-        batches: Vec<WorkerBatch>,
-    ) -> InFlightCall {
-        let mut outputs = vec![BatchOutput::default(); batches.len()];
-        let mut results: Vec<Result<()>> = vec![Ok(()); batches.len()];
-        self.execute(layer, hidden, &adapters, &batches, &mut outputs, &mut results);
-        InFlightCall::Done(CallResult { batches, outputs, results })
-    }
-}
-
-/// What a started call gives back: its batches, and each one's output and outcome.
-pub struct CallResult {
-    pub batches: Vec<WorkerBatch>,
-    pub outputs: Vec<BatchOutput>,
-    pub results: Vec<Result<()>>,
-}
-
-/// A call started with [`WorkerTransport::start`].
-pub enum InFlightCall {
-    Done(CallResult),
-    Waiting(Box<dyn FnOnce() -> std::result::Result<CallResult, DispatchError> + Send>),
-}
-
-impl InFlightCall {
-    pub fn wait(self) -> std::result::Result<CallResult, DispatchError> {
-        match self {
-            InFlightCall::Done(r) => Ok(r),
-            InFlightCall::Waiting(f) => f(),
-        }
-    }
-}
-
-/// A started layer: the call, and the rows no holder could take (reported at the finish).
-struct Started {
-    call: InFlightCall,
-    unserved: Vec<(u32, String)>,
-}
 
 /// How long a worker that failed a call is left out before it is tried again.
 pub const SUSPECT_FOR: Duration = Duration::from_secs(5);
 
-struct Scratch {
+pub(crate) struct Scratch {
+    /// The layer's input rows and the sum of the experts' results, on the host (the wire's side).
+    pub(crate) x: Vec<f32>,
+    pub(crate) out: Vec<f32>,
+    pub(crate) pending: Vec<(u32, u32, f32)>,
     batches: Vec<WorkerBatch>,
     outputs: Vec<BatchOutput>,
     results: Vec<Result<()>>,
     slot_of: Vec<Option<usize>>,
-    /// (row, expert, weight) still to be computed this layer, grouped by row.
-    pending: Vec<(u32, u32, f32)>,
     retry: Vec<(u32, u32, f32)>,
     suspect: Vec<bool>,
     row_workers: Vec<usize>,
 }
 
-/// An [`ExpertExecutor`] that sends rows to workers through a transport.
+/// An [`moe_model::ExpertExecutor`] that sends rows to workers through a transport. Cheap to
+/// clone: a started call holds the dispatcher it began on.
 pub struct Dispatcher<T: WorkerTransport> {
+    pub(crate) core: Arc<DispatcherCore<T>>,
+}
+
+impl<T: WorkerTransport> Clone for Dispatcher<T> {
+    fn clone(&self) -> Self {
+        Self { core: self.core.clone() }
+    }
+}
+
+pub(crate) struct DispatcherCore<T: WorkerTransport> {
     transport: T,
     placement: Placement,
     num_workers: usize,
@@ -141,13 +54,15 @@ pub struct Dispatcher<T: WorkerTransport> {
 
 impl<T: WorkerTransport> Dispatcher<T> {
     pub fn new(transport: T, placement: Placement, num_workers: usize) -> Self {
-        Self {
+        let core = DispatcherCore {
             transport,
             placement,
             num_workers,
             next: AtomicUsize::new(0),
             suspect_until: Mutex::new(vec![None; num_workers]),
             scratch: Mutex::new(Scratch {
+                x: Vec::new(),
+                out: Vec::new(),
                 batches: Vec::new(),
                 outputs: Vec::new(),
                 results: Vec::new(),
@@ -157,22 +72,49 @@ impl<T: WorkerTransport> Dispatcher<T> {
                 suspect: Vec::new(),
                 row_workers: Vec::new(),
             }),
-        }
+        };
+        Self { core: Arc::new(core) }
     }
 
     pub fn transport(&self) -> &T {
-        &self.transport
+        &self.core.transport
     }
 
     pub fn placement(&self) -> &Placement {
-        &self.placement
+        &self.core.placement
     }
 
     /// Workers currently left out after a failure.
     pub fn suspects(&self) -> Vec<usize> {
         let now = Instant::now();
-        let s = self.suspect_until.lock().map(|v| v.clone()).unwrap_or_default();
+        let s = self.core.suspect_until.lock().map(|v| v.clone()).unwrap_or_default();
         s.iter().enumerate().filter(|(_, t)| t.is_some_and(|t| t > now)).map(|(i, _)| i).collect()
+    }
+
+    /// Until when each suspect worker is left out, by name (carried over when membership
+    /// changes, so a worker that stays keeps its state).
+    pub fn suspects_by_name(&self) -> Vec<(String, Instant)> {
+        let now = Instant::now();
+        let s = self.core.suspect_until.lock().map(|v| v.clone()).unwrap_or_default();
+        s.iter()
+            .enumerate()
+            .filter_map(|(w, t)| t.filter(|t| *t > now).map(|t| (self.core.transport.worker_name(w), t)))
+            .collect()
+    }
+
+    /// Leaves `worker` out until `until`.
+    pub fn set_suspect_until(&self, worker: usize, until: Instant) {
+        if let Ok(mut v) = self.core.suspect_until.lock() {
+            if let Some(slot) = v.get_mut(worker) {
+                *slot = Some(until);
+            }
+        }
+    }
+}
+
+impl<T: WorkerTransport> DispatcherCore<T> {
+    pub(crate) fn transport(&self) -> &T {
+        &self.transport
     }
 
     fn mark_suspect(&self, worker: usize) {
@@ -181,6 +123,19 @@ impl<T: WorkerTransport> Dispatcher<T> {
                 *slot = Some(Instant::now() + SUSPECT_FOR);
             }
         }
+    }
+
+    /// The rows of `batches` grouped for the first round (after [`Self::loaded`]).
+    pub(crate) fn group_first(
+        &self,
+        layer: usize,
+        cols: usize,
+        routes: &ExpertRoutes<'_>,
+        s: &mut Scratch,
+        unserved: &mut Vec<(u32, String)>,
+    ) -> Result<Vec<WorkerBatch>> {
+        let used = self.group(layer, cols, routes.row_adapter, routes.row_request, s, unserved)?;
+        Ok(s.batches[..used].to_vec())
     }
 
     /// A live worker other than `b.worker` holding every expert of `b`, chosen in turn.
@@ -202,7 +157,7 @@ impl<T: WorkerTransport> Dispatcher<T> {
     fn group(
         &self,
         layer: usize,
-        x: &HostTensor,
+        cols: usize,
         row_adapter: &[u32],
         row_request: &[u64],
         s: &mut Scratch,
@@ -215,6 +170,7 @@ impl<T: WorkerTransport> Dispatcher<T> {
             Err(_) => s.suspect.resize(self.num_workers, false),
         }
         let suspect = &s.suspect;
+        let x = &s.x;
         s.slot_of.clear();
         s.slot_of.resize(self.num_workers, None);
         for b in s.batches.iter_mut() {
@@ -270,7 +226,7 @@ impl<T: WorkerTransport> Dispatcher<T> {
             let b = &mut s.batches[slot];
             if b.row_ids.last() != Some(&r) {
                 b.row_ids.push(r);
-                b.rows.extend_from_slice(x.row(r as usize));
+                b.rows.extend_from_slice(&x[r as usize * cols..(r as usize + 1) * cols]);
                 b.row_pairs.push(0);
                 if let Some(&a) = row_adapter.get(r as usize) {
                     b.row_adapters.push(a);
@@ -296,11 +252,11 @@ impl<T: WorkerTransport> Dispatcher<T> {
     }
 }
 
-impl<T: WorkerTransport> Dispatcher<T> {
+impl<T: WorkerTransport> DispatcherCore<T> {
     /// Adds the successful batches' rows into `out`, reports rows whose adapter failed on the
     /// worker in `unserved`, and queues the pairs of dead or silent workers in `retry`.
     #[allow(clippy::too_many_arguments)]
-    fn absorb(
+    pub(crate) fn absorb(
         &self,
         layer: usize,
         cols: usize,
@@ -308,7 +264,7 @@ impl<T: WorkerTransport> Dispatcher<T> {
         batches: &[WorkerBatch],
         outputs: &[BatchOutput],
         results: &[Result<()>],
-        out: &mut HostTensor,
+        out: &mut [f32],
         unserved: &mut Vec<(u32, String)>,
         retry: &mut Vec<(u32, u32, f32)>,
     ) -> Result<()> {
@@ -327,7 +283,11 @@ impl<T: WorkerTransport> Dispatcher<T> {
                             let slot = b.row_adapters.get(j).copied().unwrap_or(0);
                             if let Some((_, why)) = o.failed_adapters.iter().find(|(s, _)| *s == slot) {
                                 // Only this row's request fails; never use its zero row.
-                                let id = adapters.get(slot as usize - 1).map(|a| a.id.as_str()).unwrap_or("?");
+                                let id = (slot as usize)
+                                    .checked_sub(1)
+                                    .and_then(|i| adapters.get(i))
+                                    .map(|a| a.id.as_str())
+                                    .unwrap_or("?");
                                 let worker = self.transport.worker_name(b.worker);
                                 tracing::warn!(layer, %worker, adapter = id, reason = %why, "adapter failed on a worker");
                                 if !unserved.iter().any(|u| u.0 == r) {
@@ -337,7 +297,9 @@ impl<T: WorkerTransport> Dispatcher<T> {
                                 continue;
                             }
                         }
-                        for (acc, v) in out.row_mut(r as usize).iter_mut().zip(&o.rows[j * cols..(j + 1) * cols]) {
+                        let row = r as usize * cols..(r as usize + 1) * cols;
+                        let Some(acc_row) = out.get_mut(row) else { continue };
+                        for (acc, v) in acc_row.iter_mut().zip(&o.rows[j * cols..(j + 1) * cols]) {
                             *acc += v;
                         }
                     }
@@ -361,13 +323,13 @@ impl<T: WorkerTransport> Dispatcher<T> {
 
     /// Sends `s.pending` to workers round after round until every pair is computed or has no
     /// live holder left.
-    fn rounds(
+    /// `s.x` holds the layer's rows (`cols` each) and results are added into `s.out`.
+    pub(crate) fn rounds(
         &self,
         layer: usize,
-        x: &HostTensor,
+        cols: usize,
         routes: &ExpertRoutes<'_>,
         s: &mut Scratch,
-        out: &mut HostTensor,
         unserved: &mut Vec<(u32, String)>,
     ) -> Result<()> {
         // Each round either finishes or leaves out at least one more worker.
@@ -375,7 +337,7 @@ impl<T: WorkerTransport> Dispatcher<T> {
             if s.pending.is_empty() {
                 return Ok(());
             }
-            let used = self.group(layer, x, routes.row_adapter, routes.row_request, s, unserved)?;
+            let used = self.group(layer, cols, routes.row_adapter, routes.row_request, s, unserved)?;
             if s.outputs.len() < used {
                 s.outputs.resize_with(used, BatchOutput::default);
             }
@@ -383,23 +345,24 @@ impl<T: WorkerTransport> Dispatcher<T> {
             s.results.resize_with(used, || Ok(()));
             self.transport.execute(
                 layer,
-                x.cols,
+                cols,
                 routes.adapters,
                 &s.batches[..used],
                 &mut s.outputs[..used],
                 &mut s.results[..used],
             );
             s.retry.clear();
+            let Scratch { batches, outputs, results, out, retry, .. } = &mut *s;
             self.absorb(
                 layer,
-                x.cols,
+                cols,
                 routes.adapters,
-                &s.batches[..used],
-                &s.outputs[..used],
-                &s.results[..used],
+                &batches[..used],
+                &outputs[..used],
+                &results[..used],
                 out,
                 unserved,
-                &mut s.retry,
+                retry,
             )?;
             s.retry.sort_by_key(|&(r, _, _)| r);
             std::mem::swap(&mut s.pending, &mut s.retry);
@@ -410,12 +373,16 @@ impl<T: WorkerTransport> Dispatcher<T> {
         Err(DispatchError::Placement("every holder failed".into()))
     }
 
-    fn scratch(&self, layer: usize) -> moe_model::Result<std::sync::MutexGuard<'_, Scratch>> {
+    pub(crate) fn scratch(&self, layer: usize) -> moe_model::Result<std::sync::MutexGuard<'_, Scratch>> {
         self.scratch.lock().map_err(|_| ModelError::Experts { layer, message: "dispatcher state poisoned".into() })
     }
 
     /// The scratch, locked, with `pending` holding every (row, expert, weight) of `routes`.
-    fn loaded(&self, layer: usize, routes: &ExpertRoutes<'_>) -> moe_model::Result<std::sync::MutexGuard<'_, Scratch>> {
+    pub(crate) fn loaded(
+        &self,
+        layer: usize,
+        routes: &ExpertRoutes<'_>,
+    ) -> moe_model::Result<std::sync::MutexGuard<'_, Scratch>> {
         let mut s = self.scratch(layer)?;
         let k = routes.top_k.max(1);
         s.pending.clear();
@@ -424,91 +391,15 @@ impl<T: WorkerTransport> Dispatcher<T> {
     }
 }
 
-fn to_model(layer: usize) -> impl Fn(DispatchError) -> ModelError {
-    move |e| ModelError::Experts { layer, message: e.to_string() }
-}
-
-impl<T: WorkerTransport> ExpertExecutor<CpuBackend> for Dispatcher<T> {
-    fn run_experts(
-        &self,
-        layer: usize,
-        x: &HostTensor,
-        routes: &ExpertRoutes<'_>,
-        out: &mut HostTensor,
-        unserved: &mut Vec<(u32, String)>,
-    ) -> moe_model::Result<()> {
-        let mut s = self.loaded(layer, routes)?;
-        self.rounds(layer, x, routes, &mut s, out, unserved).map_err(to_model(layer))
-    }
-
-    fn overlaps(&self) -> bool {
-        self.transport.overlaps()
-    }
-
-    /// Groups the rows and starts the calls; the batches travel with the call (copies, so the
-    /// scratch is free for the other half meanwhile).
-    fn start_experts(
-        &self,
-        layer: usize,
-        x: &HostTensor,
-        routes: &ExpertRoutes<'_>,
-    ) -> moe_model::Result<ExpertTicket> {
-        let mut guard = self.loaded(layer, routes)?;
-        let s = &mut *guard;
-        let mut unserved = Vec::new();
-        let used =
-            self.group(layer, x, routes.row_adapter, routes.row_request, s, &mut unserved).map_err(to_model(layer))?;
-        let batches = s.batches[..used].to_vec();
-        drop(guard);
-        let call = self.transport.start(layer, x.cols, routes.adapters.to_vec(), batches);
-        Ok(ExpertTicket(Some(Box::new(Started { call, unserved }))))
-    }
-
-    fn finish_experts(
-        &self,
-        ticket: ExpertTicket,
-        layer: usize,
-        x: &HostTensor,
-        routes: &ExpertRoutes<'_>,
-        out: &mut HostTensor,
-        unserved: &mut Vec<(u32, String)>,
-    ) -> moe_model::Result<()> {
-        let Some(started) = ticket.0.and_then(|t| t.downcast::<Started>().ok()) else {
-            return self.run_experts(layer, x, routes, out, unserved);
-        };
-        unserved.extend(started.unserved);
-        let done = started.call.wait().map_err(to_model(layer))?;
-        let mut retry = Vec::new();
-        self.absorb(
-            layer,
-            x.cols,
-            routes.adapters,
-            &done.batches,
-            &done.outputs,
-            &done.results,
-            out,
-            unserved,
-            &mut retry,
-        )
-        .map_err(to_model(layer))?;
-        if retry.is_empty() {
-            return Ok(());
-        }
-        // Failover: the remaining pairs go to replicas, synchronously, as in run_experts.
-        retry.sort_by_key(|&(r, _, _)| r);
-        let mut guard = self.scratch(layer)?;
-        let s = &mut *guard;
-        s.pending = retry;
-        self.rounds(layer, x, routes, s, out, unserved).map_err(to_model(layer))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::BatchOutput;
+    use moe_compute::cpu::{CpuBackend, HostTensor};
     use moe_compute::ExpertPlan;
+    use moe_model::{ExpertExecutor, LayerCall};
 
-    /// Records the batches it is given and answers zeros.
+    /// Records the batches it is given and answers each row with its worker's number.
     struct Recorder(Mutex<Vec<WorkerBatch>>);
 
     impl WorkerTransport for Recorder {
@@ -525,7 +416,7 @@ mod tests {
             results: &mut [Result<()>],
         ) {
             for ((b, o), r) in batches.iter().zip(outputs.iter_mut()).zip(results.iter_mut()) {
-                o.rows = vec![0.0; b.row_ids.len() * hidden];
+                o.rows = vec![1.0 + b.worker as f32; b.row_ids.len() * hidden];
                 *r = Ok(());
             }
             if let Ok(mut v) = self.0.lock() {
@@ -544,7 +435,7 @@ mod tests {
         let choices = [(0, 0.5), (1, 0.5), (0, 0.6), (1, 0.4), (1, 0.7), (0, 0.3)];
         let mut plan = ExpertPlan::default();
         plan.rebuild(2, 2, &choices);
-        let routes = ExpertRoutes {
+        let routes = moe_model::ExpertRoutes {
             top_k: 2,
             choices: &choices,
             plan: &plan,
@@ -552,9 +443,12 @@ mod tests {
             row_adapter: &[0, 1, 0],
             row_request: &[7, 7, 9],
         };
+        let backend = CpuBackend::new();
         let x = HostTensor { rows: 3, cols: 4, data: vec![1.0; 12] };
         let mut out = HostTensor { rows: 3, cols: 4, data: vec![0.0; 12] };
-        d.run_experts(0, &x, &routes, &mut out, &mut Vec::new()).unwrap();
+        let mut unserved = Vec::new();
+        let call = LayerCall { backend: &backend, layer: 0, x: &x, routes, out: &mut out, unserved: &mut unserved };
+        ExpertExecutor::<CpuBackend>::run_experts(&d, call).unwrap();
         let sent = d.transport().0.lock().unwrap().clone();
         let w0 = sent.iter().find(|b| b.worker == 0).unwrap();
         let w1 = sent.iter().find(|b| b.worker == 1).unwrap();
@@ -564,5 +458,55 @@ mod tests {
         );
         assert_eq!((w1.row_ids.as_slice(), w1.request_ids.as_slice()), (&[0, 1, 2][..], &[7, 9][..]));
         assert_eq!((w0.weights.as_slice(), w1.weights.as_slice()), (&[0.5, 0.6, 0.3][..], &[0.5, 0.4, 0.7][..]));
+        // Each row is the sum of both workers' answers, back on the backend.
+        assert_eq!(out.data, vec![3.0; 12]);
+    }
+
+    /// A worker that names an adapter slot of 0 (no adapter) as failed fails that row, without
+    /// underflowing the slot.
+    #[test]
+    fn a_failed_adapter_slot_of_zero_fails_its_rows_without_a_panic() {
+        struct ZeroSlot;
+        impl WorkerTransport for ZeroSlot {
+            fn worker_name(&self, worker: usize) -> String {
+                format!("w{worker}")
+            }
+            fn execute(
+                &self,
+                _layer: usize,
+                hidden: usize,
+                _adapters: &[AdapterIdentity],
+                batches: &[WorkerBatch],
+                outputs: &mut [BatchOutput],
+                results: &mut [Result<()>],
+            ) {
+                for ((b, o), r) in batches.iter().zip(outputs.iter_mut()).zip(results.iter_mut()) {
+                    o.rows = vec![0.0; b.row_ids.len() * hidden];
+                    o.failed_adapters = vec![(0, "bogus".into())];
+                    *r = Ok(());
+                }
+            }
+        }
+        let mut placement = Placement::new(1, 1);
+        placement.add(0, 0, &[0]).unwrap();
+        let d = Dispatcher::new(ZeroSlot, placement, 1);
+        let choices = [(0, 1.0)];
+        let mut plan = ExpertPlan::default();
+        plan.rebuild(1, 1, &choices);
+        let routes = moe_model::ExpertRoutes {
+            top_k: 1,
+            choices: &choices,
+            plan: &plan,
+            adapters: &[],
+            row_adapter: &[0],
+            row_request: &[],
+        };
+        let backend = CpuBackend::new();
+        let x = HostTensor { rows: 1, cols: 2, data: vec![1.0; 2] };
+        let mut out = HostTensor { rows: 1, cols: 2, data: vec![0.0; 2] };
+        let mut unserved = Vec::new();
+        let call = LayerCall { backend: &backend, layer: 0, x: &x, routes, out: &mut out, unserved: &mut unserved };
+        ExpertExecutor::<CpuBackend>::run_experts(&d, call).unwrap();
+        assert_eq!(unserved.len(), 1, "{unserved:?}");
     }
 }

@@ -4,8 +4,8 @@
 //! stream is dropped and reopened on the next call. With `hedge_after`, a batch that has no
 //! answer after that long is sent to a replica too, and the first good answer is used.
 
-use crate::dispatcher::{BatchOutput, CallResult, InFlightCall, WorkerBatch, WorkerTransport};
 use crate::error::{DispatchError, Result};
+use crate::transport::{BatchOutput, CallResult, InFlightCall, WorkerBatch, WorkerTransport};
 use moe_model::AdapterIdentity;
 use moe_proto::v1::expert_worker_client::ExpertWorkerClient;
 use moe_proto::v1::{AdapterRef, DescribeRequest, DescribeResponse, ExpertRequest, ExpertResponse, WireDtype};
@@ -101,7 +101,8 @@ pub struct GrpcTransport {
 
 struct GrpcInner {
     runtime: tokio::runtime::Handle,
-    workers: Vec<WorkerConn>,
+    /// Shared with the transports of later memberships while the worker stays.
+    workers: Vec<Arc<WorkerConn>>,
     config: GrpcTransportConfig,
     next_id: AtomicU64,
 }
@@ -158,7 +159,7 @@ impl GrpcTransport {
                 .map_err(|s| unavailable(addr, format!("Describe failed: {}", s.message())))?
                 .into_inner();
             described.push(d);
-            workers.push(WorkerConn { addr: addr.clone(), endpoint: ep, stream: Mutex::new(None) });
+            workers.push(Arc::new(WorkerConn { addr: addr.clone(), endpoint: ep, stream: Mutex::new(None) }));
         }
         let runtime = tokio::runtime::Handle::current();
         let inner = GrpcInner { runtime, workers, config, next_id: AtomicU64::new(1) };
@@ -168,9 +169,27 @@ impl GrpcTransport {
     /// A transport to workers whose hosted experts are already known (from membership records):
     /// no call is made now; each worker's stream opens on first use. Call inside the runtime.
     pub fn lazy(addrs: &[String], config: GrpcTransportConfig) -> Result<Self> {
+        Self::lazy_reusing(addrs, config, None)
+    }
+
+    /// [`Self::lazy`], keeping the connection (and open stream) of every worker that `previous`
+    /// already has: a membership change touches only the workers that came or went.
+    pub fn lazy_reusing(
+        addrs: &[String],
+        config: GrpcTransportConfig,
+        previous: Option<&GrpcTransport>,
+    ) -> Result<Self> {
+        let kept = |a: &String| previous.and_then(|p| p.inner.workers.iter().find(|w| &w.addr == a)).cloned();
         let workers = addrs
             .iter()
-            .map(|a| Ok(WorkerConn { addr: a.clone(), endpoint: endpoint(a, &config)?, stream: Mutex::new(None) }))
+            .map(|a| match kept(a) {
+                Some(w) => Ok(w),
+                None => Ok(Arc::new(WorkerConn {
+                    addr: a.clone(),
+                    endpoint: endpoint(a, &config)?,
+                    stream: Mutex::new(None),
+                })),
+            })
             .collect::<Result<Vec<_>>>()?;
         let inner =
             GrpcInner { runtime: tokio::runtime::Handle::current(), workers, config, next_id: AtomicU64::new(1) };

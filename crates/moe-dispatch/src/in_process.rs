@@ -1,22 +1,22 @@
 //! The in-process transport: worker batches run as direct calls into hosts in this process (the
 //! embedded cluster). No sockets, no serialization; the same host code as a gRPC worker.
 
-use crate::dispatcher::{BatchOutput, WorkerBatch, WorkerTransport};
 use crate::error::{DispatchError, Result};
+use crate::transport::{BatchOutput, WorkerBatch, WorkerTransport};
 use moe_model::AdapterIdentity;
-use moe_worker::{ComputeInput, ExpertHost};
+use moe_worker::{ComputeInput, ExpertCompute};
 use std::sync::Arc;
 
 pub struct InProcessTransport {
-    hosts: Vec<Arc<ExpertHost>>,
+    hosts: Vec<Arc<dyn ExpertCompute>>,
 }
 
 impl InProcessTransport {
-    pub fn new(hosts: Vec<Arc<ExpertHost>>) -> Self {
+    pub fn new(hosts: Vec<Arc<dyn ExpertCompute>>) -> Self {
         Self { hosts }
     }
 
-    pub fn hosts(&self) -> &[Arc<ExpertHost>] {
+    pub fn hosts(&self) -> &[Arc<dyn ExpertCompute>] {
         &self.hosts
     }
 }

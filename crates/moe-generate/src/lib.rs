@@ -1,14 +1,14 @@
-//! `moe-generate` turns a loaded [`moe_model::Model`] into text generation: the tokenizer
-//! (`tokenizer.json` through the `tokenizers` crate, optional), sampling (greedy, temperature,
-//! top-k, top-p, seeded), and the prefill-then-decode loop with its stop rules. It does not
-//! schedule several requests; the router does that.
+//! `moe-generate` holds what generation needs around a model: the tokenizer (`tokenizer.json`
+//! through the `tokenizers` crate, optional), sampling (greedy, temperature, top-k, top-p,
+//! seeded), and one prompt's logits ([`PromptLogits`]). The generation loop is the router's engine
+//! (continuous batching, stop rules), used in process by `moe generate` and by every server.
 
 mod error;
-mod generator;
+mod prompt_logits;
 mod sampler;
-mod text;
+mod tokenizer;
 
 pub use error::{GenerateError, Result};
-pub use generator::{FinishReason, GenerateOutput, GenerateRequest, Generator};
+pub use prompt_logits::PromptLogits;
 pub use sampler::{Sampler, SamplingParams};
-pub use text::TextCodec;
+pub use tokenizer::TextCodec;

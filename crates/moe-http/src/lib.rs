@@ -64,7 +64,7 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
         r.set("moe_adapters_resident", "LoRA adapters resident on this router.", &[], resident as f64);
         r.set("moe_adapters_pinned", "Resident adapters used by running requests.", &[], pinned as f64);
         r.set("moe_adapter_bytes", "Bytes of resident adapters.", &[], bytes as f64);
-        let c = &reg.counters;
+        let c = reg.counters();
         r.set("moe_adapter_loads", "Adapter loads since start.", &[], c.loads.load(Ordering::Relaxed) as f64);
         r.set(
             "moe_adapter_load_failures",

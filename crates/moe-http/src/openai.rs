@@ -178,7 +178,7 @@ async fn start(
             prompt,
             &params,
             engine.codec(),
-            &engine.model().config,
+            engine.model_config(),
             engine.config().default_timeout,
         )?;
         let mut admission = admit(engine, authorization(headers), &adapter).await?;

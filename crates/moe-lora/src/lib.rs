@@ -8,14 +8,17 @@
 //! The math of applying adapters is the compute backend's (`lora_add`, `expert_ffn_lora`), and
 //! the forward pass's (`moe_model::AdapterWeights`); this crate does not serve or authenticate.
 
+mod catalog;
 mod error;
 mod load;
 mod peft;
 mod registry;
 
+pub use catalog::{AdapterCatalog, AdapterPin};
 pub use error::{LoraError, Result};
 pub use load::{load_adapter, AdapterParts};
 pub use peft::{AdapterManifest, LoraTarget, ModuleKind, PeftConfig, TargetModule};
 pub use registry::{
-    validate_id, validate_rel_path, AdapterInfo, AdapterRegistry, RegistryLimits, Resident, DEFAULT_MAX_RANK,
+    validate_id, validate_rel_path, AdapterInfo, AdapterRegistry, RegistryCounters, RegistryLimits, Resident,
+    DEFAULT_MAX_RANK,
 };

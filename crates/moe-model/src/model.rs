@@ -2,74 +2,17 @@
 //! new tokens (a whole prompt, a prefill chunk, or one decode token) and their paged KV cache.
 //! Architecture differences are data (config flags, optional weights), not separate code paths.
 
-use crate::adapter::{AdapterIdentity, AdapterWeights};
+use crate::adapter::AdapterWeights;
 use crate::checkpoint::Checkpoint;
 use crate::config::{ModelConfig, QkNorm};
 use crate::error::{ModelError, Result};
+use crate::experts::ExpertExecutor;
 use crate::kv::{PageAllocator, SequenceCache};
 use crate::routing::route_row;
 use crate::weights::{load_weights, FfnWeights, LayerWeights, ModelWeights, MoeWeights};
-use moe_compute::{AttentionSeq, AttentionShape, Backend, ExpertPlan, FfnScratch, KvLayout, LoraWeights};
+pub use crate::workspace::Workspace;
+use moe_compute::{AttentionSeq, AttentionShape, Backend, KvLayout, LoraWeights};
 use std::path::Path;
-
-/// Where the routed experts of an MoE layer run: in this process (the model's own weights) or
-/// on workers. Implementations add, for every row r of `x`, `Σ_j w_rj · expert_{e_rj}(x_r)` into
-/// `out`, which is `[rows, H]` and zeroed on entry. Rows that cannot be served (an expert with
-/// no live holder) are reported in `unserved` with the reason, and the others still computed:
-/// the caller fails only the sequences those rows belong to. An `Err` fails the whole step.
-pub trait ExpertExecutor<B: Backend>: Send + Sync {
-    fn run_experts(
-        &self,
-        layer: usize,
-        x: &B::Act,
-        routes: &ExpertRoutes<'_>,
-        out: &mut B::Act,
-        unserved: &mut Vec<(u32, String)>,
-    ) -> Result<()>;
-
-    /// Whether [`Self::start_experts`] returns before the experts have run (remote workers), so
-    /// that the caller can compute something else meanwhile (two-batch overlap).
-    fn overlaps(&self) -> bool {
-        false
-    }
-
-    /// Starts the experts of a layer without waiting for them. The default defers all work to
-    /// [`Self::finish_experts`]. `x` and `routes` must be the same at the finish.
-    fn start_experts(&self, _layer: usize, _x: &B::Act, _routes: &ExpertRoutes<'_>) -> Result<ExpertTicket> {
-        Ok(ExpertTicket(None))
-    }
-
-    /// Waits for a started call and adds its results into `out` as [`Self::run_experts`] does.
-    fn finish_experts(
-        &self,
-        ticket: ExpertTicket,
-        layer: usize,
-        x: &B::Act,
-        routes: &ExpertRoutes<'_>,
-        out: &mut B::Act,
-        unserved: &mut Vec<(u32, String)>,
-    ) -> Result<()> {
-        let _ = ticket;
-        self.run_experts(layer, x, routes, out, unserved)
-    }
-}
-
-/// An expert call in flight: the executor's own state, opaque to the model.
-pub struct ExpertTicket(pub Option<Box<dyn std::any::Any + Send>>);
-
-/// The routing decision of one MoE layer for a batch: `top_k` (expert, weight) pairs per row,
-/// and the same grouped by expert; and which rows carry an adapter with expert pairs.
-pub struct ExpertRoutes<'a> {
-    pub top_k: usize,
-    pub choices: &'a [(u32, f32)],
-    pub plan: &'a ExpertPlan,
-    /// The adapters with expert pairs among this batch's rows.
-    pub adapters: &'a [AdapterIdentity],
-    /// Per row: 0 for none, `i` for `adapters[i - 1]`. Empty when no row has one.
-    pub row_adapter: &'a [u32],
-    /// Per row, the id of its request (0: none); empty when unknown.
-    pub row_request: &'a [u64],
-}
 
 /// A loaded model on a backend.
 pub struct Model<B: Backend> {
@@ -120,110 +63,6 @@ pub enum LogitsFor {
     All,
     /// Only the last new token of each item (what generation samples from).
     Last,
-}
-
-/// Buffers reused across forward calls so that steady-state decoding does not allocate.
-pub struct Workspace<B: Backend> {
-    pub(crate) hidden: B::Act,
-    pub(crate) normed: B::Act,
-    pub(crate) qkv: B::Act,
-    pub(crate) attn: B::Act,
-    pub(crate) proj: B::Act,
-    pub(crate) ffn_out: B::Act,
-    pub(crate) shared_out: B::Act,
-    pub(crate) gate_logits: B::Act,
-    pub(crate) rope: B::Act,
-    pub(crate) selected: B::Act,
-    pub(crate) logits: B::Act,
-    pub(crate) scratch: FfnScratch<B>,
-    pub(crate) plan: ExpertPlan,
-    pub(crate) choices: Vec<(u32, f32)>,
-    pub(crate) host: Vec<f32>,
-    pub(crate) ids: Vec<u32>,
-    pub(crate) positions: Vec<u32>,
-    pub(crate) out_rows: Vec<u32>,
-    pub(crate) seqs: Vec<AttentionSeq>,
-    pub(crate) page_table: Vec<u32>,
-    pub(crate) unserved: Vec<(u32, String)>,
-    /// Batch item of every row.
-    pub(crate) row_item: Vec<u32>,
-    pub(crate) adapter_table: Vec<AdapterIdentity>,
-    pub(crate) row_adapter: Vec<u32>,
-    /// Tokens routed to each (layer, expert) since the caller last drained them.
-    pub(crate) expert_tokens: Vec<u64>,
-    pub(crate) row_request: Vec<u64>,
-}
-
-/// One MoE layer's expert call, borrowed from a workspace: the rows, their routing, and where
-/// the results and the unserved rows go.
-pub(crate) struct ExpertIo<'w, B: Backend> {
-    pub x: &'w B::Act,
-    pub routes: ExpertRoutes<'w>,
-    pub out: &'w mut B::Act,
-    pub unserved: &'w mut Vec<(u32, String)>,
-}
-
-impl<B: Backend> Workspace<B> {
-    /// The routed rows of the layer just gated (after `moe_route`), split into what an
-    /// [`ExpertExecutor`] reads and what it writes.
-    pub(crate) fn expert_io(&mut self, top_k: usize) -> ExpertIo<'_, B> {
-        ExpertIo {
-            x: &self.normed,
-            routes: ExpertRoutes {
-                top_k,
-                choices: &self.choices,
-                plan: &self.plan,
-                adapters: &self.adapter_table,
-                row_adapter: &self.row_adapter,
-                row_request: &self.row_request,
-            },
-            out: &mut self.ffn_out,
-            unserved: &mut self.unserved,
-        }
-    }
-
-    /// Batch rows (in the order of the last forward call's items and tokens) whose experts could
-    /// not all be computed, with the reason; their outputs are not to be used.
-    pub fn unserved_rows(&self) -> &[(u32, String)] {
-        &self.unserved
-    }
-
-    /// Tokens routed to each expert (`[layer * num_experts + expert]`) since the caller last
-    /// zeroed them: the expert load that placement and metrics need.
-    pub fn expert_tokens_mut(&mut self) -> &mut [u64] {
-        &mut self.expert_tokens
-    }
-
-    pub fn new(backend: &B) -> Self {
-        Self {
-            hidden: backend.act(),
-            normed: backend.act(),
-            qkv: backend.act(),
-            attn: backend.act(),
-            proj: backend.act(),
-            ffn_out: backend.act(),
-            shared_out: backend.act(),
-            gate_logits: backend.act(),
-            rope: backend.act(),
-            selected: backend.act(),
-            logits: backend.act(),
-            scratch: FfnScratch::new(backend),
-            plan: ExpertPlan::default(),
-            choices: Vec::new(),
-            host: Vec::new(),
-            ids: Vec::new(),
-            positions: Vec::new(),
-            out_rows: Vec::new(),
-            seqs: Vec::new(),
-            page_table: Vec::new(),
-            unserved: Vec::new(),
-            row_item: Vec::new(),
-            adapter_table: Vec::new(),
-            row_adapter: Vec::new(),
-            expert_tokens: Vec::new(),
-            row_request: Vec::new(),
-        }
-    }
 }
 
 impl<B: Backend> Model<B> {
@@ -548,10 +387,7 @@ impl<B: Backend> Model<B> {
     ) -> Result<()> {
         let (b, c) = (&self.backend, &self.config);
         match experts {
-            Some(executor) => {
-                let io = ws.expert_io(c.top_k);
-                executor.run_experts(layer, io.x, &io.routes, io.out, io.unserved)?;
-            }
+            Some(executor) => executor.run_experts(ws.layer_call(b, layer, c.top_k))?,
             None if moe.experts.len() == c.num_experts => {
                 let any = items
                     .iter()

@@ -15,7 +15,8 @@
 //! Each half is an ordinary batch of its own sequences, so results equal the plain forward.
 
 use crate::error::Result;
-use crate::model::{BatchItem, ExpertExecutor, ExpertTicket, KvCache, LogitsFor, Model, Workspace};
+use crate::experts::{ExpertExecutor, ExpertTicket};
+use crate::model::{BatchItem, KvCache, LogitsFor, Model, Workspace};
 use crate::weights::{FfnWeights, LayerWeights};
 use moe_compute::Backend;
 
@@ -85,13 +86,12 @@ impl<B: Backend> Model<B> {
         layer: &LayerWeights<B>,
         experts: &dyn ExpertExecutor<B>,
         items: &[BatchItem<'_, B>],
-    ) -> Result<Option<ExpertTicket>> {
+    ) -> Result<Option<ExpertTicket<B>>> {
         // The unserved rows of the whole forward accumulate across layers.
         self.layer_pre(ws, kv, i, layer, items)?;
         match &layer.ffn {
             FfnWeights::Moe(_) => {
-                let io = ws.expert_io(self.config.top_k);
-                Ok(Some(experts.start_experts(i, io.x, &io.routes)?))
+                Ok(Some(experts.start_experts(&ws.layer_call(&self.backend, i, self.config.top_k))?))
             }
             FfnWeights::Dense(_) => {
                 self.layer_ffn(ws, i, layer, Some(experts), items)?;
@@ -108,11 +108,10 @@ impl<B: Backend> Model<B> {
         i: usize,
         layer: &LayerWeights<B>,
         experts: &dyn ExpertExecutor<B>,
-        ticket: Option<ExpertTicket>,
+        ticket: Option<ExpertTicket<B>>,
     ) -> Result<()> {
         let (Some(ticket), FfnWeights::Moe(moe)) = (ticket, &layer.ffn) else { return Ok(()) };
-        let io = ws.expert_io(self.config.top_k);
-        experts.finish_experts(ticket, i, io.x, &io.routes, io.out, io.unserved)?;
+        ticket.finish(experts, ws.layer_call(&self.backend, i, self.config.top_k))?;
         self.moe_shared(ws, moe);
         self.backend.add(&mut ws.hidden, &ws.ffn_out);
         Ok(())

@@ -5,16 +5,14 @@
 use crate::engine::Engine;
 use crate::error::RouterError;
 use crate::tenants::Tenant;
-use moe_compute::cpu::CpuBackend;
 use moe_lora::validate_id;
-use moe_model::AdapterWeights;
 use std::sync::Arc;
 use tokio::sync::OwnedSemaphorePermit;
 
 /// What a request holds while it runs: its tenant's slot and its pinned adapter.
 #[derive(Default)]
 pub struct Admission {
-    pub adapter: Option<Arc<AdapterWeights<CpuBackend>>>,
+    pub adapter: Option<moe_lora::AdapterPin>,
     /// The tenant's name, when tenants are configured.
     pub tenant: Option<String>,
     /// Held, not read: dropping it frees the tenant's slot.
@@ -64,9 +62,9 @@ pub async fn admit(engine: &Engine, authorization: Option<&str>, adapter_id: &st
             RouterError::NotFound(format!("adapter {adapter_id:?}: this router serves no adapters (no --adapter-dir)"))
         })?;
         let id = adapter_id.to_string();
-        let loaded = match registry.get_resident(&id) {
+        let loaded = match registry.pin_resident(&id) {
             Some(a) => a,
-            None => tokio::task::spawn_blocking(move || registry.acquire(&id))
+            None => tokio::task::spawn_blocking(move || registry.pin(&id))
                 .await
                 .map_err(|e| RouterError::Internal(format!("adapter load task: {e}")))??,
         };

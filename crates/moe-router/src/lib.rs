@@ -6,6 +6,7 @@
 //! experts run is not its business: it is handed a [`moe_model::ExpertExecutor`].
 
 pub mod access;
+mod detokenize;
 mod engine;
 mod engine_metrics;
 mod error;
@@ -13,9 +14,8 @@ mod request;
 mod server;
 mod service;
 mod tenants;
-mod text;
 
-pub use engine::{router_adapters, Engine, EngineConfig, EngineStats, RouterAdapters};
+pub use engine::{router_adapters, Engine, EngineConfig, EngineHealth, EngineParts, EngineStats, RouterAdapters};
 pub use engine_metrics::{outcome_label, EngineMetrics};
 pub use error::RouterError;
 pub use request::{Event, FinishReason, GenerationParams, PromptInput, ValidatedRequest};

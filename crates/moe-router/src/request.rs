@@ -2,11 +2,8 @@
 //! rejection names the field), and the events a request produces.
 
 use crate::error::RouterError;
-use moe_compute::cpu::CpuBackend;
 use moe_generate::{SamplingParams, TextCodec};
-use moe_model::AdapterWeights;
 use moe_model::ModelConfig;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The prompt: text for the tokenizer, or token ids.
@@ -50,7 +47,7 @@ pub struct ValidatedRequest {
     pub deadline: Instant,
     pub timeout: Duration,
     /// The LoRA adapter, resolved and pinned (resident while this request holds it).
-    pub adapter: Option<Arc<AdapterWeights<CpuBackend>>>,
+    pub adapter: Option<moe_lora::AdapterPin>,
     /// The tenant's name (a metrics label), when tenants are configured.
     pub tenant: Option<String>,
 }
@@ -102,7 +99,10 @@ impl ValidatedRequest {
         if prompt.len() >= max_pos {
             return Err(RouterError::invalid(
                 "prompt",
-                format!("prompt of {} tokens leaves no room in the context of {max_pos} tokens", prompt.len()),
+                format!(
+                    "prompt of {} tokens leaves no room in the context of {max_pos} tokens (max_position_embeddings)",
+                    prompt.len()
+                ),
             ));
         }
         let room = max_pos - prompt.len();
@@ -112,7 +112,10 @@ impl ValidatedRequest {
             Some(n) if n as usize > room => {
                 return Err(RouterError::invalid(
                     "max_new_tokens",
-                    format!("{n} new tokens after a prompt of {} exceed the context of {max_pos} tokens", prompt.len()),
+                    format!(
+                        "{n} new tokens after a prompt of {} exceed the context of {max_pos} tokens (max_position_embeddings)",
+                        prompt.len()
+                    ),
                 ))
             }
             Some(n) => n as usize,

@@ -19,26 +19,37 @@ pub async fn inference_routes(
     ready: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> Result<Router, tonic_reflection::server::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    match ready {
-        None => reporter.set_serving::<InferenceServer<InferenceService>>().await,
-        Some(mut ready) => {
-            tokio::spawn(async move {
-                loop {
-                    let now = *ready.borrow_and_update();
-                    if now {
-                        reporter.set_serving::<InferenceServer<InferenceService>>().await;
-                        reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
-                    } else {
-                        reporter.set_not_serving::<InferenceServer<InferenceService>>().await;
-                        reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-                    }
-                    if ready.changed().await.is_err() {
-                        return;
-                    }
+    // SERVING while the engine runs and (when given) `ready` holds; NOT_SERVING for good once
+    // the engine has failed.
+    let mut engine_health = engine.watch_health();
+    let mut ready = ready;
+    let mut engine_open = true;
+    tokio::spawn(async move {
+        loop {
+            let failed = matches!(*engine_health.borrow_and_update(), crate::engine::EngineHealth::Failed(_));
+            let is_ready = ready.as_mut().is_none_or(|r| *r.borrow_and_update());
+            if is_ready && !failed {
+                reporter.set_serving::<InferenceServer<InferenceService>>().await;
+                reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+            } else {
+                reporter.set_not_serving::<InferenceServer<InferenceService>>().await;
+                reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            }
+            let ready_changed = async {
+                match ready.as_mut() {
+                    Some(r) => r.changed().await.is_ok(),
+                    None => std::future::pending().await,
                 }
-            });
+            };
+            tokio::select! {
+                r = engine_health.changed(), if engine_open => engine_open = r.is_ok(),
+                ok = ready_changed => if !ok { ready = None },
+            }
+            if !engine_open && ready.is_none() {
+                return;
+            }
         }
-    }
+    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -76,7 +76,7 @@ impl InferenceService {
             timeout: (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms as u64)),
         };
         let e = &self.engine;
-        ValidatedRequest::new(prompt, &params, e.codec(), &e.model().config, e.config().default_timeout)
+        ValidatedRequest::new(prompt, &params, e.codec(), e.model_config(), e.config().default_timeout)
     }
 
     /// Validation first (cheap, and nothing is held on failure), then the tenant's rights and
@@ -209,7 +209,7 @@ impl Inference for InferenceService {
     }
 
     async fn model_info(&self, _request: Request<ModelInfoRequest>) -> Result<Response<ModelInfoResponse>, Status> {
-        let c = &self.engine.model().config;
+        let c = self.engine.model_config();
         Ok(Response::new(ModelInfoResponse {
             architecture: c.architecture.hf_name().to_string(),
             vocab_size: c.vocab_size as u32,
@@ -255,18 +255,10 @@ impl Inference for InferenceService {
         let req = request.into_inner();
         let id = req.id.clone();
         tracing::info!(adapter = %id, path = %req.path, "load adapter");
-        let loaded = tokio::task::spawn_blocking(move || registry.load(&req.id, &req.path))
+        let info = tokio::task::spawn_blocking(move || registry.load(&req.id, &req.path))
             .await
             .map_err(|e| RouterError::Internal(format!("adapter load task: {e}")))?
             .map_err(RouterError::from)?;
-        let info = moe_lora::AdapterInfo {
-            id,
-            path: loaded.identity.path.clone(),
-            resident: true,
-            pinned: 0,
-            bytes: loaded.bytes,
-            digest: loaded.identity.digest.clone(),
-        };
         Ok(Response::new(LoadAdapterResponse { adapter: Some(adapter_info(&info)) }))
     }
 

@@ -7,8 +7,7 @@
 
 use crate::error::{Result, WorkerError};
 use crate::spec::ExpertSpec;
-use moe_compute::cpu::{CpuBackend, HostTensor};
-use moe_compute::{Backend, ExpertPlan, FfnScratch, SwigluWeights};
+use moe_compute::{Backend, Device, ExpertPlan, FfnScratch, SwigluWeights};
 use moe_lora::{load_adapter, AdapterParts, AdapterRegistry, RegistryLimits};
 use moe_model::checkpoint::Checkpoint;
 use moe_model::weights::load_expert;
@@ -26,21 +25,21 @@ pub struct AdapterFailure {
 }
 
 /// The expert pairs of the adapters this worker has loaded.
-pub type WorkerAdapters = AdapterRegistry<AdapterWeights<CpuBackend>>;
+pub type WorkerAdapters<B> = AdapterRegistry<AdapterWeights<B>>;
 
 /// One layer's hosted experts, in local order, and the map from expert id to local index.
-struct HostedLayer {
+struct HostedLayer<B: Backend> {
     ids: Vec<u32>,
     local: HashMap<u32, usize>,
-    weights: Vec<SwigluWeights<CpuBackend>>,
+    weights: Vec<SwigluWeights<B>>,
 }
 
 /// Buffers of one computation, pooled so that steady-state serving does not allocate.
-struct Scratch {
-    ffn: FfnScratch<CpuBackend>,
+struct Scratch<B: Backend> {
+    ffn: FfnScratch<B>,
     plan: ExpertPlan,
-    x: HostTensor,
-    out: HostTensor,
+    x: B::Act,
+    out: B::Act,
 }
 
 /// One request's inputs, already decoded from the wire.
@@ -73,28 +72,44 @@ impl<'a> ComputeInput<'a> {
     }
 }
 
-/// The experts one worker hosts.
-pub struct ExpertHost {
+/// What the worker service and the in-process transport need of a host, whatever its device:
+/// the non-generic handle of an [`ExpertHost`].
+pub trait ExpertCompute: Send + Sync {
+    fn config(&self) -> &ModelConfig;
+    fn fingerprint(&self) -> &str;
+    /// The device the experts compute on (published in `Describe` and the etcd record).
+    fn device(&self) -> Device;
+    /// (layer, expert ids) for every layer with hosted experts.
+    fn hosted(&self) -> Vec<(usize, Vec<u32>)>;
+    /// Refuses a request over the batch memory budget, naming both sizes.
+    fn check_budget(&self, rows: usize, pairs: usize) -> Result<()>;
+    /// Computes the combined rows into `out` (`rows x hidden_size`). Rows whose adapter could
+    /// not be loaded are left zero and their adapters returned: the caller must fail those rows.
+    /// Runs on the calling thread and the compute pool; call it from a blocking context.
+    fn compute(&self, input: &ComputeInput<'_>, out: &mut Vec<f32>) -> Result<Vec<AdapterFailure>>;
+}
+
+/// The experts one worker hosts, on backend `B`.
+pub struct ExpertHost<B: Backend> {
     config: ModelConfig,
-    backend: CpuBackend,
-    layers: Vec<Option<HostedLayer>>,
+    backend: B,
+    layers: Vec<Option<HostedLayer<B>>>,
     fingerprint: String,
-    scratch: Mutex<Vec<Scratch>>,
-    adapters: Option<WorkerAdapters>,
+    scratch: Mutex<Vec<Scratch<B>>>,
+    adapters: Option<WorkerAdapters<B>>,
     /// Working memory one request may need at most (`--max-batch-mb`); larger ones are refused
     /// with RESOURCE_EXHAUSTED before anything is allocated.
     max_batch_bytes: Option<usize>,
 }
 
-impl ExpertHost {
-    /// Loads the experts `spec` selects from the model directory, and nothing else.
-    pub fn load(dir: &Path, spec: &ExpertSpec) -> Result<Self> {
+impl<B: Backend> ExpertHost<B> {
+    /// Loads the experts `spec` selects from the model directory onto `backend`, and nothing else.
+    pub fn load(dir: &Path, spec: &ExpertSpec, backend: B) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
         let moe_layers: Vec<usize> = (0..config.num_layers).filter(|&l| config.is_moe_layer(l)).collect();
         let chosen = spec.resolve(&moe_layers, config.num_layers, config.num_experts)?;
-        let backend = CpuBackend::new();
-        let mut layers: Vec<Option<HostedLayer>> = (0..config.num_layers).map(|_| None).collect();
+        let mut layers: Vec<Option<HostedLayer<B>>> = (0..config.num_layers).map(|_| None).collect();
         for (layer, expert) in chosen {
             let w = load_expert(&ckpt, &config, &backend, layer, expert)?;
             let l = layers[layer].get_or_insert_with(|| HostedLayer {
@@ -151,16 +166,12 @@ impl ExpertHost {
     }
 
     /// The adapter registry, when this worker serves adapters.
-    pub fn adapters(&self) -> Option<&WorkerAdapters> {
+    pub fn adapters(&self) -> Option<&WorkerAdapters<B>> {
         self.adapters.as_ref()
     }
 
-    pub fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    pub fn fingerprint(&self) -> &str {
-        &self.fingerprint
+    pub fn backend(&self) -> &B {
+        &self.backend
     }
 
     /// (layer, expert ids) for every layer with hosted experts.
@@ -172,7 +183,7 @@ impl ExpertHost {
         self.layers.get(layer).and_then(|l| l.as_ref()).is_some_and(|l| l.local.contains_key(&expert))
     }
 
-    fn validate<'a>(&'a self, input: &ComputeInput<'_>) -> Result<&'a HostedLayer> {
+    fn validate<'a>(&'a self, input: &ComputeInput<'_>) -> Result<&'a HostedLayer<B>> {
         let c = &self.config;
         if input.layer >= c.num_layers || !c.is_moe_layer(input.layer) {
             return Err(WorkerError::UnknownLayer { layer: input.layer, num_layers: c.num_layers });
@@ -223,26 +234,13 @@ impl ExpertHost {
         hosted.ok_or(WorkerError::UnknownLayer { layer: input.layer, num_layers: c.num_layers })
     }
 
-    /// Refuses a request over the batch memory budget, naming both sizes.
-    pub fn check_budget(&self, rows: usize, pairs: usize) -> Result<()> {
-        let need = self.batch_bytes(rows, pairs);
-        match self.max_batch_bytes {
-            Some(max) if need > max => Err(WorkerError::ResourceExhausted(format!(
-                "a batch of {rows} rows and {pairs} expert pairs needs {:.1} MiB of working memory; this worker allows {:.1} MiB (--max-batch-mb)",
-                need as f64 / (1 << 20) as f64,
-                max as f64 / (1 << 20) as f64
-            ))),
-            _ => Ok(()),
-        }
-    }
-
     /// The adapters of a request, loaded (pinned for the call) and checked against their digest;
     /// `None` for one that failed, with its 1-based slot and the reason in `failed`.
     fn resolve_adapters(
         &self,
         input: &ComputeInput<'_>,
         failed: &mut Vec<AdapterFailure>,
-    ) -> Result<Vec<Option<Arc<AdapterWeights<CpuBackend>>>>> {
+    ) -> Result<Vec<Option<Arc<AdapterWeights<B>>>>> {
         if input.adapters.is_empty() || input.row_adapters.iter().all(|&a| a == 0) {
             return Ok(Vec::new());
         }
@@ -263,11 +261,38 @@ impl ExpertHost {
             })
             .collect())
     }
+}
 
-    /// Computes the combined rows into `out` (`rows x hidden_size`). Rows whose adapter could
-    /// not be loaded are left zero and their adapters returned: the caller must fail those rows.
-    /// Runs on the calling thread and the compute pool; call it from a blocking context.
-    pub fn compute(&self, input: &ComputeInput<'_>, out: &mut Vec<f32>) -> Result<Vec<AdapterFailure>> {
+impl<B: Backend> ExpertCompute for ExpertHost<B> {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    fn device(&self) -> Device {
+        self.backend.device()
+    }
+
+    fn hosted(&self) -> Vec<(usize, Vec<u32>)> {
+        ExpertHost::hosted(self)
+    }
+
+    fn check_budget(&self, rows: usize, pairs: usize) -> Result<()> {
+        let need = self.batch_bytes(rows, pairs);
+        match self.max_batch_bytes {
+            Some(max) if need > max => Err(WorkerError::ResourceExhausted(format!(
+                "a batch of {rows} rows and {pairs} expert pairs needs {:.1} MiB of working memory; this worker allows {:.1} MiB (--max-batch-mb)",
+                need as f64 / (1 << 20) as f64,
+                max as f64 / (1 << 20) as f64
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn compute(&self, input: &ComputeInput<'_>, out: &mut Vec<f32>) -> Result<Vec<AdapterFailure>> {
         let layer = self.validate(input)?;
         self.check_budget(input.row_pairs.len(), input.experts.len())?;
         let need = input.row_pairs.len() * self.config.hidden_size;
@@ -281,8 +306,8 @@ impl ExpertHost {
         let mut s = self.scratch.lock().ok().and_then(|mut p| p.pop()).unwrap_or_else(|| Scratch {
             ffn: FfnScratch::new(&self.backend),
             plan: ExpertPlan::default(),
-            x: HostTensor::default(),
-            out: HostTensor::default(),
+            x: self.backend.act(),
+            out: self.backend.act(),
         });
         let entries = input.row_pairs.iter().enumerate().flat_map(|(r, &n)| std::iter::repeat_n(r as u32, n as usize));
         let entries =
@@ -300,8 +325,7 @@ impl ExpertHost {
             };
             self.backend.expert_ffn_lora(&s.x, &layer.weights, &s.plan, &lookup, &mut s.ffn, &mut s.out);
         }
-        out.clear();
-        out.extend_from_slice(&s.out.data);
+        self.backend.download(&s.out, out);
         if let Ok(mut pool) = self.scratch.lock() {
             pool.push(s);
         }

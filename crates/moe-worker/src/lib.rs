@@ -10,6 +10,6 @@ mod service;
 mod spec;
 
 pub use error::{Result, WorkerError};
-pub use host::{AdapterFailure, ComputeInput, ExpertHost};
+pub use host::{AdapterFailure, ComputeInput, ExpertCompute, ExpertHost, WorkerAdapters};
 pub use service::{serve_worker, serve_worker_with, ExpertWorkerService, WorkerTls};
 pub use spec::ExpertSpec;

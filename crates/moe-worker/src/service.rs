@@ -1,9 +1,9 @@
-//! The `ExpertWorker` gRPC service over an [`ExpertHost`]. Compute runs on blocking threads (the
+//! The `ExpertWorker` gRPC service over an expert host ([`ExpertCompute`]). Compute runs on blocking threads (the
 //! compute pool), never on the async runtime. On the long-lived stream a bad message gets a
 //! response carrying an error and the stream goes on; the unary call returns a status.
 
 use crate::error::WorkerError;
-use crate::host::{ComputeInput, ExpertHost};
+use crate::host::{ComputeInput, ExpertCompute};
 use moe_model::AdapterIdentity;
 use moe_proto::v1::expert_worker_server::ExpertWorker;
 use moe_proto::v1::{
@@ -18,18 +18,18 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 pub struct ExpertWorkerService {
-    host: Arc<ExpertHost>,
+    host: Arc<dyn ExpertCompute>,
     worker_id: String,
 }
 
 impl ExpertWorkerService {
-    pub fn new(host: Arc<ExpertHost>, worker_id: impl Into<String>) -> Self {
+    pub fn new(host: Arc<dyn ExpertCompute>, worker_id: impl Into<String>) -> Self {
         Self { host, worker_id: worker_id.into() }
     }
 }
 
 /// Decodes, validates and computes one request on a blocking thread.
-async fn run(host: Arc<ExpertHost>, req: ExpertRequest) -> Result<ExpertResponse, WorkerError> {
+async fn run(host: Arc<dyn ExpertCompute>, req: ExpertRequest) -> Result<ExpertResponse, WorkerError> {
     let dtype = WireDtype::try_from(req.dtype)
         .map_err(|_| WorkerError::InvalidRequest(format!("unknown wire dtype {}", req.dtype)))?;
     tokio::task::spawn_blocking(move || {
@@ -151,7 +151,7 @@ impl ExpertWorker for ExpertWorkerService {
                 .collect(),
             model_fingerprint: self.host.fingerprint().to_string(),
             hidden_size: c.hidden_size as u32,
-            device: "cpu".into(),
+            device: self.host.device().to_string(),
             num_layers: c.num_layers as u32,
             num_experts: c.num_experts as u32,
         }))
@@ -161,7 +161,7 @@ impl ExpertWorker for ExpertWorkerService {
 /// Serves `ExpertWorker` (with grpc.health.v1 and reflection) on `listener` until `shutdown`.
 /// Message limits are raised deliberately: a large prefill step's rows may be many megabytes.
 pub async fn serve_worker(
-    host: Arc<ExpertHost>,
+    host: Arc<dyn ExpertCompute>,
     worker_id: String,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
@@ -180,7 +180,7 @@ pub struct WorkerTls {
 
 /// [`serve_worker`] with optional TLS.
 pub async fn serve_worker_with(
-    host: Arc<ExpertHost>,
+    host: Arc<dyn ExpertCompute>,
     worker_id: String,
     listener: tokio::net::TcpListener,
     tls: Option<WorkerTls>,

@@ -124,6 +124,10 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
+    fn device(&self) -> crate::Device {
+        crate::Device::Cpu
+    }
+
     fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<HostMatrix> {
         if data.len() != rows * cols {
             return Err(ComputeError::MatrixSize { rows, cols, expected: rows * cols, got: data.len() });

@@ -1,0 +1,210 @@
+//! Following membership: the live workers (from etcd, an in-memory registry, or a static list
+//! whose workers described themselves) become a placement and a gRPC dispatcher. Changes apply
+//! as differences: a worker that stays keeps its connection, its open stream and its suspect
+//! state; only workers that came or went open or close connections, and a re-sent identical
+//! snapshot (etcd re-sends the whole set after every reconnect) changes nothing. One policy for
+//! a worker that serves another model or lists experts the model does not have, wherever it
+//! comes from: skip it, log it once, list it in `refused`.
+
+use crate::dispatcher::Dispatcher;
+use crate::grpc::{GrpcTransport, GrpcTransportConfig};
+use crate::placement::Placement;
+use moe_compute::Backend;
+use moe_membership::WorkerRecord;
+use moe_model::{ExpertExecutor, ExpertTicket, LayerCall, ModelConfig, ModelError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// The usable workers of a membership snapshot, their placement, and what is missing.
+#[derive(Debug)]
+pub struct MembershipPlan {
+    pub addrs: Vec<String>,
+    pub placement: Placement,
+    /// `id (address): reason` for every worker left out.
+    pub refused: Vec<String>,
+    /// The (layer, expert) pairs no usable worker holds.
+    pub missing: Vec<(usize, u32)>,
+}
+
+impl MembershipPlan {
+    /// Every expert of `config` has a holder.
+    pub fn is_complete(&self) -> bool {
+        self.missing.is_empty()
+    }
+
+    pub fn describe_missing(&self) -> String {
+        Placement::describe_missing(&self.missing)
+    }
+}
+
+/// Keeps the workers that serve this model with experts it has, in record order.
+pub fn plan_membership(config: &ModelConfig, records: &[WorkerRecord]) -> MembershipPlan {
+    let ours = config.fingerprint();
+    let mut addrs = Vec::new();
+    let mut refused = Vec::new();
+    let mut placement = Placement::new(config.num_layers, config.num_experts);
+    for r in records {
+        if r.fingerprint != ours {
+            tracing::error!(worker = %r.id, address = %r.address, theirs = %r.fingerprint, %ours,
+                "refusing worker: it serves a different model (fingerprint mismatch)");
+            refused.push(format!(
+                "{} ({}): serves a different model (fingerprint {}, ours {ours})",
+                r.id, r.address, r.fingerprint
+            ));
+            continue;
+        }
+        let fits = r.experts.iter().all(|(layer, experts)| {
+            (*layer as usize) < config.num_layers
+                && config.is_moe_layer(*layer as usize)
+                && experts.iter().all(|&e| (e as usize) < config.num_experts)
+        });
+        if !fits {
+            tracing::error!(worker = %r.id, address = %r.address, "refusing worker: its expert list does not fit the model");
+            refused.push(format!("{} ({}): its expert list does not fit the model", r.id, r.address));
+            continue;
+        }
+        let w = addrs.len();
+        for (layer, experts) in &r.experts {
+            // Checked just above, so this cannot fail.
+            let _ = placement.add(w, *layer as usize, experts);
+        }
+        addrs.push(r.address.clone());
+    }
+    let missing = placement.missing(&config.moe_layers());
+    MembershipPlan { addrs, placement, refused, missing }
+}
+
+/// What readiness and `ModelInfo` report about the worker pool.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MembershipStatus {
+    pub workers: usize,
+    /// Empty when every expert has a live holder.
+    pub missing: String,
+    pub refused: Vec<String>,
+}
+
+/// An expert executor that follows membership (see the module doc).
+pub struct MembershipDispatcher {
+    config: ModelConfig,
+    transport: GrpcTransportConfig,
+    current: RwLock<Option<Dispatcher<GrpcTransport>>>,
+    /// The snapshot `current` was built from (sorted by id).
+    applied: Mutex<Option<Vec<WorkerRecord>>>,
+    status: RwLock<MembershipStatus>,
+    rebuilds: AtomicUsize,
+}
+
+impl MembershipDispatcher {
+    /// No workers yet: not ready until the first snapshot arrives.
+    pub fn new(config: ModelConfig, transport: GrpcTransportConfig) -> Self {
+        Self {
+            config,
+            transport,
+            current: RwLock::new(None),
+            applied: Mutex::new(None),
+            status: RwLock::new(MembershipStatus { workers: 0, missing: "no workers yet".into(), refused: Vec::new() }),
+            rebuilds: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn status(&self) -> MembershipStatus {
+        self.status.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// How many snapshots changed the dispatcher (identical re-sends do not count).
+    pub fn rebuilds(&self) -> usize {
+        self.rebuilds.load(Ordering::Relaxed)
+    }
+
+    /// The dispatcher of the current membership, if any worker is registered.
+    pub fn current(&self) -> Option<Dispatcher<GrpcTransport>> {
+        self.current.read().ok().and_then(|c| c.clone())
+    }
+
+    fn current_for(&self, layer: usize) -> moe_model::Result<Dispatcher<GrpcTransport>> {
+        self.current().ok_or_else(|| ModelError::Experts { layer, message: "no workers are registered".into() })
+    }
+
+    /// Applies a snapshot; returns whether every expert has a live holder. Call inside the
+    /// runtime that drives the streams.
+    pub fn apply(&self, records: &[WorkerRecord]) -> bool {
+        let mut sorted = records.to_vec();
+        sorted.sort_by(|a, b| a.id.cmp(&b.id));
+        {
+            let Ok(mut applied) = self.applied.lock() else { return false };
+            if applied.as_ref() == Some(&sorted) {
+                return self.status().missing.is_empty();
+            }
+            *applied = Some(sorted.clone());
+        }
+        let plan = plan_membership(&self.config, &sorted);
+        let previous = self.current();
+        match GrpcTransport::lazy_reusing(&plan.addrs, self.transport.clone(), previous.as_ref().map(|d| d.transport()))
+        {
+            Ok(t) => {
+                let d = Dispatcher::new(t, plan.placement.clone(), plan.addrs.len());
+                if let Some(old) = &previous {
+                    for (name, until) in old.suspects_by_name() {
+                        if let Some(w) = plan.addrs.iter().position(|a| *a == name) {
+                            d.set_suspect_until(w, until);
+                        }
+                    }
+                }
+                if let Ok(mut c) = self.current.write() {
+                    *c = Some(d);
+                }
+                self.rebuilds.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot build the worker transport"),
+        }
+        let missing = plan.describe_missing();
+        let complete = plan.is_complete();
+        if complete {
+            tracing::info!(workers = plan.addrs.len(), "every expert has a live holder: ready");
+        } else {
+            tracing::warn!(workers = plan.addrs.len(), missing = %missing, "not ready: experts without a live holder");
+        }
+        if let Ok(mut s) = self.status.write() {
+            *s = MembershipStatus { workers: plan.addrs.len(), missing, refused: plan.refused };
+        }
+        complete
+    }
+}
+
+impl<B: Backend> ExpertExecutor<B> for MembershipDispatcher {
+    fn run_experts(&self, call: LayerCall<'_, B>) -> moe_model::Result<()> {
+        self.current_for(call.layer)?.run_experts(call)
+    }
+
+    fn overlaps(&self) -> bool {
+        true
+    }
+
+    /// Starts on the current dispatcher; the ticket holds it, so the call ends where it began
+    /// even if membership changes before the finish.
+    fn start_experts(&self, call: &LayerCall<'_, B>) -> moe_model::Result<ExpertTicket<B>> {
+        self.current_for(call.layer)?.start_experts(call)
+    }
+}
+
+/// Follows `members` (call inside the runtime): returns the dispatcher and a readiness watch.
+pub fn follow_membership(
+    config: ModelConfig,
+    mut members: tokio::sync::watch::Receiver<Vec<WorkerRecord>>,
+    transport: GrpcTransportConfig,
+) -> (Arc<MembershipDispatcher>, tokio::sync::watch::Receiver<bool>) {
+    let d = Arc::new(MembershipDispatcher::new(config, transport));
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    let dd = d.clone();
+    tokio::spawn(async move {
+        loop {
+            let snapshot = members.borrow_and_update().clone();
+            let ready = dd.apply(&snapshot);
+            ready_tx.send_replace(ready);
+            if members.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    (d, ready_rx)
+}

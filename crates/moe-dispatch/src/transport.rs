@@ -1,0 +1,102 @@
+//! The narrow seam under the dispatcher: one layer's rows for one worker ([`WorkerBatch`]), what
+//! comes back ([`BatchOutput`]), and the [`WorkerTransport`] trait that runs batches in this
+//! process, over gRPC, or over any faster data plane.
+
+use crate::error::{DispatchError, Result};
+use moe_model::AdapterIdentity;
+
+/// The rows of one layer and step that go to one worker.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WorkerBatch {
+    pub worker: usize,
+    /// Which rows of the layer input these are, in order.
+    pub row_ids: Vec<u32>,
+    /// `row_ids.len() x hidden` values.
+    pub rows: Vec<f32>,
+    pub row_pairs: Vec<u32>,
+    pub experts: Vec<u32>,
+    pub weights: Vec<f32>,
+    /// Per row, the adapter slot (0: none) into the layer's adapter list; empty when no row
+    /// carries an adapter with expert pairs.
+    pub row_adapters: Vec<u32>,
+    /// The distinct request ids of these rows (for the worker's logs).
+    pub request_ids: Vec<u64>,
+    /// Another live worker that holds every expert of this batch: where a transport may send
+    /// the same batch when this one is slow (hedging).
+    pub hedge: Option<usize>,
+}
+
+/// What came back for one worker batch: one combined row per batch row, and the adapters (slot
+/// into the layer's adapter list, reason) the worker could not load. Rows carrying those were
+/// not computed and must fail, never be used.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BatchOutput {
+    pub rows: Vec<f32>,
+    pub failed_adapters: Vec<(u32, String)>,
+}
+
+/// Runs worker batches somewhere: in this process, over gRPC, or any faster data plane.
+pub trait WorkerTransport: Send + Sync {
+    /// A name for worker `i` in errors and logs (its address).
+    fn worker_name(&self, worker: usize) -> String;
+    /// Runs every batch (at most one per worker, in parallel where possible), writing each
+    /// batch's combined rows into the matching `outputs` entry and its outcome into `results`.
+    /// `adapters` are the adapters the batches' `row_adapters` index.
+    #[allow(clippy::too_many_arguments)]
+    fn execute(
+        &self,
+        layer: usize,
+        hidden: usize,
+        adapters: &[AdapterIdentity],
+        batches: &[WorkerBatch],
+        outputs: &mut [BatchOutput],
+        results: &mut [Result<()>],
+    );
+
+    /// Whether [`Self::start`] returns before the batches have run.
+    fn overlaps(&self) -> bool {
+        false
+    }
+
+    /// Whether this transport sends slow batches to [`WorkerBatch::hedge`] too (only then is
+    /// the replica looked up).
+    fn hedges(&self) -> bool {
+        false
+    }
+
+    /// Starts the batches without waiting for them; the default runs them now.
+    fn start(
+        &self,
+        layer: usize,
+        hidden: usize,
+        adapters: Vec<AdapterIdentity>,
+        batches: Vec<WorkerBatch>,
+    ) -> InFlightCall {
+        let mut outputs = vec![BatchOutput::default(); batches.len()];
+        let mut results: Vec<Result<()>> = vec![Ok(()); batches.len()];
+        self.execute(layer, hidden, &adapters, &batches, &mut outputs, &mut results);
+        InFlightCall::Done(CallResult { batches, outputs, results })
+    }
+}
+
+/// What a started call gives back: its batches, and each one's output and outcome.
+pub struct CallResult {
+    pub batches: Vec<WorkerBatch>,
+    pub outputs: Vec<BatchOutput>,
+    pub results: Vec<Result<()>>,
+}
+
+/// A call started with [`WorkerTransport::start`].
+pub enum InFlightCall {
+    Done(CallResult),
+    Waiting(Box<dyn FnOnce() -> std::result::Result<CallResult, DispatchError> + Send>),
+}
+
+impl InFlightCall {
+    pub fn wait(self) -> std::result::Result<CallResult, DispatchError> {
+        match self {
+            InFlightCall::Done(r) => Ok(r),
+            InFlightCall::Waiting(f) => f(),
+        }
+    }
+}

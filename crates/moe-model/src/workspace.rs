@@ -1,0 +1,103 @@
+//! Buffers reused across forward calls, so that steady-state decoding does not allocate, and
+//! the views a layer's expert call borrows from them.
+
+use crate::adapter::AdapterIdentity;
+use crate::experts::{ExpertRoutes, LayerCall};
+use moe_compute::{AttentionSeq, Backend, ExpertPlan, FfnScratch};
+
+/// Buffers reused across forward calls so that steady-state decoding does not allocate.
+pub struct Workspace<B: Backend> {
+    pub(crate) hidden: B::Act,
+    pub(crate) normed: B::Act,
+    pub(crate) qkv: B::Act,
+    pub(crate) attn: B::Act,
+    pub(crate) proj: B::Act,
+    pub(crate) ffn_out: B::Act,
+    pub(crate) shared_out: B::Act,
+    pub(crate) gate_logits: B::Act,
+    pub(crate) rope: B::Act,
+    pub(crate) selected: B::Act,
+    pub(crate) logits: B::Act,
+    pub(crate) scratch: FfnScratch<B>,
+    pub(crate) plan: ExpertPlan,
+    pub(crate) choices: Vec<(u32, f32)>,
+    pub(crate) host: Vec<f32>,
+    pub(crate) ids: Vec<u32>,
+    pub(crate) positions: Vec<u32>,
+    pub(crate) out_rows: Vec<u32>,
+    pub(crate) seqs: Vec<AttentionSeq>,
+    pub(crate) page_table: Vec<u32>,
+    pub(crate) unserved: Vec<(u32, String)>,
+    /// Batch item of every row.
+    pub(crate) row_item: Vec<u32>,
+    pub(crate) adapter_table: Vec<AdapterIdentity>,
+    pub(crate) row_adapter: Vec<u32>,
+    /// Tokens routed to each (layer, expert) since the caller last drained them.
+    pub(crate) expert_tokens: Vec<u64>,
+    pub(crate) row_request: Vec<u64>,
+}
+
+impl<B: Backend> Workspace<B> {
+    /// The expert call of MoE layer `layer` just gated (after `moe_route`), borrowed from this
+    /// workspace: what an [`ExpertExecutor`] reads and what it writes.
+    pub(crate) fn layer_call<'w>(&'w mut self, backend: &'w B, layer: usize, top_k: usize) -> LayerCall<'w, B> {
+        LayerCall {
+            backend,
+            layer,
+            x: &self.normed,
+            routes: ExpertRoutes {
+                top_k,
+                choices: &self.choices,
+                plan: &self.plan,
+                adapters: &self.adapter_table,
+                row_adapter: &self.row_adapter,
+                row_request: &self.row_request,
+            },
+            out: &mut self.ffn_out,
+            unserved: &mut self.unserved,
+        }
+    }
+
+    /// Batch rows (in the order of the last forward call's items and tokens) whose experts could
+    /// not all be computed, with the reason; their outputs are not to be used.
+    pub fn unserved_rows(&self) -> &[(u32, String)] {
+        &self.unserved
+    }
+
+    /// Tokens routed to each expert (`[layer * num_experts + expert]`) since the caller last
+    /// zeroed them: the expert load that placement and metrics need.
+    pub fn expert_tokens_mut(&mut self) -> &mut [u64] {
+        &mut self.expert_tokens
+    }
+
+    pub fn new(backend: &B) -> Self {
+        Self {
+            hidden: backend.act(),
+            normed: backend.act(),
+            qkv: backend.act(),
+            attn: backend.act(),
+            proj: backend.act(),
+            ffn_out: backend.act(),
+            shared_out: backend.act(),
+            gate_logits: backend.act(),
+            rope: backend.act(),
+            selected: backend.act(),
+            logits: backend.act(),
+            scratch: FfnScratch::new(backend),
+            plan: ExpertPlan::default(),
+            choices: Vec::new(),
+            host: Vec::new(),
+            ids: Vec::new(),
+            positions: Vec::new(),
+            out_rows: Vec::new(),
+            seqs: Vec::new(),
+            page_table: Vec::new(),
+            unserved: Vec::new(),
+            row_item: Vec::new(),
+            adapter_table: Vec::new(),
+            row_adapter: Vec::new(),
+            expert_tokens: Vec::new(),
+            row_request: Vec::new(),
+        }
+    }
+}

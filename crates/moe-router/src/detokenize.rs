@@ -1,0 +1,102 @@
+//! Streaming detokenization: the text of the generated ids so far, released in deltas that never
+//! split a UTF-8 character or the start of a possible stop sequence, and cut before the first
+//! stop sequence. Incremental (as TGI and vLLM do it): each token decodes only the few ids since
+//! the last complete text, as `decode(ids[prefix..])` minus `decode(ids[prefix..read])`, so a
+//! long output costs O(n), not O(n²); stop sequences are searched only where new text can
+//! complete one.
+
+use moe_generate::TextCodec;
+
+#[derive(Debug, Default)]
+pub struct DetokenizeStream {
+    ids: Vec<u32>,
+    /// `ids[prefix_offset..read_offset]` decode to the tail of `text` that later ids may change
+    /// (a leading space, a merged character); `ids[read_offset..]` are not in `text` yet.
+    prefix_offset: usize,
+    read_offset: usize,
+    text: String,
+    sent: usize,
+    stops: Vec<String>,
+    hold_chars: usize,
+    longest_stop: usize,
+}
+
+impl DetokenizeStream {
+    pub fn new(stops: Vec<String>) -> Self {
+        let hold_chars = stops.iter().map(|s| s.chars().count()).max().unwrap_or(1).saturating_sub(1);
+        let longest_stop = stops.iter().map(String::len).max().unwrap_or(0);
+        Self { stops, hold_chars, longest_stop, ..Default::default() }
+    }
+
+    /// Decodes the ids not yet in `text`; with `complete`, even an unfinished character.
+    /// Returns where the new text starts.
+    fn absorb(&mut self, codec: &TextCodec, complete: bool) -> usize {
+        let before = self.text.len();
+        if self.read_offset == self.ids.len() {
+            return before;
+        }
+        let prefix = codec.decode(&self.ids[self.prefix_offset..self.read_offset]);
+        let full = codec.decode(&self.ids[self.prefix_offset..]);
+        // An incomplete multi-byte character decodes as U+FFFD until its last byte arrives.
+        let ready = complete || !full.ends_with('\u{FFFD}');
+        if ready && full.len() > prefix.len() && full.is_char_boundary(prefix.len()) {
+            self.text.push_str(&full[prefix.len()..]);
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+        }
+        before
+    }
+
+    /// Adds a generated token; returns the text now safe to send and whether a stop sequence
+    /// was completed (the text then ends just before it).
+    pub fn push(&mut self, codec: &TextCodec, id: u32) -> (String, bool) {
+        self.ids.push(id);
+        let new_from = self.absorb(codec, false);
+        if self.cut_at_stop(new_from) {
+            return (self.take_until(self.text.len()), true);
+        }
+        let mut end = self.text.len();
+        for _ in 0..self.hold_chars {
+            match self.text[..end].char_indices().next_back() {
+                Some((i, _)) => end = i,
+                None => break,
+            }
+        }
+        (self.take_until(end), false)
+    }
+
+    /// Cuts `text` before the first stop sequence that text from `new_from` on completes.
+    fn cut_at_stop(&mut self, new_from: usize) -> bool {
+        if self.stops.is_empty() || new_from == self.text.len() {
+            return false;
+        }
+        let mut from = new_from.saturating_sub(self.longest_stop.saturating_sub(1));
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        let window = &self.text[from..];
+        match self.stops.iter().filter_map(|s| window.find(s.as_str())).min() {
+            Some(pos) => {
+                self.text.truncate(from + pos);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Everything not yet sent (at the end of generation), without stop sequences.
+    pub fn flush(&mut self, codec: &TextCodec) -> String {
+        let new_from = self.absorb(codec, true);
+        self.cut_at_stop(new_from);
+        self.take_until(self.text.len())
+    }
+
+    fn take_until(&mut self, end: usize) -> String {
+        if end <= self.sent || !self.text.is_char_boundary(self.sent) || !self.text.is_char_boundary(end) {
+            return String::new();
+        }
+        let delta = self.text[self.sent..end].to_string();
+        self.sent = end;
+        delta
+    }
+}

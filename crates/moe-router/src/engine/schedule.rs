@@ -1,0 +1,132 @@
+//! Who is in the batch: dropping requests whose client went away or whose deadline passed
+//! (freeing their pages), admitting waiting requests in arrival order while their whole KV need
+//! fits, and failing everything at shutdown or after a failure.
+
+use super::compute_loop::{ComputeLoop, Sequence};
+use crate::detokenize::DetokenizeStream;
+use crate::error::RouterError;
+use crate::request::Event;
+use moe_compute::Backend;
+use moe_generate::Sampler;
+use moe_model::{AdapterWeights, SequenceCache};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+impl<B: Backend> ComputeLoop<B> {
+    /// Ends every waiting and running request with `err` (counted as `outcome`), freeing its
+    /// pages and pins.
+    pub(super) fn fail_all(&mut self, err: &RouterError, outcome: &str) {
+        for mut w in self.waiting.drain(..) {
+            w.req.adapter = None;
+            self.metrics.ended(outcome, w.tenant(), w.req.prompt.len(), 0, w.submitted.elapsed());
+            let _ = w.events.send(Event::Failed(err.clone()));
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        for mut s in self.running.drain(..) {
+            self.kv.pages.release(&mut s.cache);
+            self.metrics.ended(outcome, s.tenant(), s.req.prompt.len(), s.generated, s.submitted.elapsed());
+            s.end(Event::Failed(err.clone()));
+        }
+    }
+
+    /// Drops requests whose client went away and fails expired ones, freeing their pages.
+    pub(super) fn reap(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &self.running[i];
+            let expired = now >= s.req.deadline;
+            if s.events.is_closed() || expired {
+                let mut s = self.running.swap_remove(i);
+                if expired && !s.events.is_closed() {
+                    s.end(Event::Failed(RouterError::DeadlineExceeded { millis: s.req.timeout.as_millis() as u64 }));
+                }
+                tracing::debug!(request = s.id, expired, "request left the batch");
+                self.kv.pages.release(&mut s.cache);
+                let outcome = if expired { "deadline_exceeded" } else { "cancelled" };
+                self.metrics.ended(outcome, s.tenant(), s.req.prompt.len(), s.generated, s.submitted.elapsed());
+            } else {
+                i += 1;
+            }
+        }
+        let before = self.waiting.len();
+        let metrics = self.metrics.clone();
+        self.waiting.retain_mut(|w| {
+            if w.events.is_closed() {
+                metrics.ended("cancelled", w.tenant(), w.req.prompt.len(), 0, w.submitted.elapsed());
+                return false;
+            }
+            if now >= w.req.deadline {
+                w.req.adapter = None;
+                metrics.ended("deadline_exceeded", w.tenant(), w.req.prompt.len(), 0, w.submitted.elapsed());
+                let _ = w
+                    .events
+                    .send(Event::Failed(RouterError::DeadlineExceeded { millis: w.req.timeout.as_millis() as u64 }));
+                return false;
+            }
+            true
+        });
+        self.stats.waiting.fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
+    }
+
+    /// The weights of the adapter a request pinned, from this engine's registry.
+    fn adapter_weights(
+        &self,
+        pin: Option<&moe_lora::AdapterPin>,
+    ) -> Result<Option<Arc<AdapterWeights<B>>>, RouterError> {
+        let Some(pin) = pin else { return Ok(None) };
+        let registry = self.adapters.as_ref().ok_or_else(|| {
+            RouterError::Internal(format!("adapter {:?} was pinned, but this engine has no adapters", pin.id()))
+        })?;
+        registry.resolve(pin).map(Some).map_err(|e| RouterError::Internal(e.to_string()))
+    }
+
+    /// Moves waiting requests into the batch, in arrival order, while their whole KV need fits.
+    pub(super) fn admit(&mut self) {
+        while self.running.len() < self.config.max_running {
+            let Some(front) = self.waiting.front() else { break };
+            let need = front.req.prompt.len() + front.req.max_new_tokens;
+            let mut cache = SequenceCache::default();
+            if self.kv.pages.reserve(&mut cache, need).is_err() {
+                break;
+            }
+            let Some(mut sub) = self.waiting.pop_front() else { break };
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            let resolved = self.adapter_weights(sub.req.adapter.as_ref());
+            // The weights are the pin from here on.
+            sub.req.adapter = None;
+            let started = resolved.and_then(|adapter| {
+                let sampler = Sampler::new(sub.req.sampling.clone())
+                    .map_err(|e| RouterError::invalid("sampling", e.to_string()))?;
+                Ok((adapter, sampler))
+            });
+            let (adapter, sampler) = match started {
+                Ok(s) => s,
+                Err(e) => {
+                    let outcome = crate::engine_metrics::outcome_label(e.code());
+                    self.metrics.ended(outcome, sub.tenant(), sub.req.prompt.len(), 0, sub.submitted.elapsed());
+                    let _ = sub.events.send(Event::Failed(e));
+                    self.kv.pages.release(&mut cache);
+                    continue;
+                }
+            };
+            let text = DetokenizeStream::new(sub.req.stop.clone());
+            let mut tokens = Vec::with_capacity(need);
+            tokens.extend_from_slice(&sub.req.prompt);
+            self.running.push(Sequence {
+                id: sub.id,
+                req: sub.req,
+                adapter,
+                events: sub.events,
+                cache,
+                tokens,
+                generated: 0,
+                sampler,
+                text,
+                submitted: sub.submitted,
+                last_token: sub.submitted,
+            });
+        }
+    }
+}

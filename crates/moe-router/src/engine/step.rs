@@ -1,0 +1,108 @@
+//! One forward step: decode tokens first (one each, so long prefills never stall running
+//! streams), then prefill chunks under the token budget; the batch goes through the model (with
+//! two-batch overlap when configured and the experts are remote); a failed step fails its
+//! requests, rows an expert could not serve fail only their own request, and the rest sample.
+
+use super::compute_loop::ComputeLoop;
+use crate::engine_metrics::outcome_label;
+use crate::error::RouterError;
+use crate::request::Event;
+use moe_compute::Backend;
+use moe_model::{BatchItem, LogitsFor};
+
+impl<B: Backend> ComputeLoop<B> {
+    pub(super) fn step(&mut self) {
+        let (mut chunk, mut members, mut done) =
+            (std::mem::take(&mut self.chunk), std::mem::take(&mut self.members), std::mem::take(&mut self.done));
+        self.step_with(&mut chunk, &mut members, &mut done);
+        (self.chunk, self.members, self.done) = (chunk, members, done);
+    }
+
+    /// How many new tokens each running sequence brings to this step (`chunk[i]`).
+    fn plan_chunks(&self, chunk: &mut Vec<usize>) {
+        let mut budget = self.config.max_batch_tokens.max(1);
+        chunk.clear();
+        chunk.resize(self.running.len(), 0);
+        for (i, s) in self.running.iter().enumerate() {
+            if s.cache.len + 1 == s.tokens.len() && budget > 0 {
+                chunk[i] = 1;
+                budget -= 1;
+            }
+        }
+        for (i, s) in self.running.iter().enumerate() {
+            let left = s.tokens.len() - s.cache.len;
+            if chunk[i] == 0 && left > 0 && budget > 0 {
+                let n = left.min(budget);
+                chunk[i] = n;
+                budget -= n;
+            }
+        }
+    }
+
+    fn step_with(&mut self, chunk: &mut Vec<usize>, members: &mut Vec<usize>, done: &mut Vec<usize>) {
+        self.plan_chunks(chunk);
+        let mut batch: Vec<BatchItem<'_, B>> = Vec::new();
+        members.clear();
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if chunk[i] > 0 {
+                let start = s.cache.len;
+                let item = BatchItem::new(&s.tokens[start..start + chunk[i]], &mut s.cache);
+                batch.push(item.with_adapter(s.adapter.as_deref()).with_request(s.id));
+                members.push(i);
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let experts = self.experts.as_deref();
+        let split = match experts {
+            Some(e) if self.config.two_batch_overlap && batch.len() >= 2 && e.overlaps() => {
+                moe_model::overlap_split(&batch)
+            }
+            _ => 0,
+        };
+        let result = match experts {
+            Some(e) if split > 0 => self.model.forward_overlapped(
+                &mut self.ws,
+                &mut self.ws_b,
+                &mut self.kv,
+                &mut batch,
+                split,
+                LogitsFor::Last,
+                &mut self.logits,
+                e,
+            ),
+            _ => self.model.forward_with(
+                &mut self.ws,
+                &mut self.kv,
+                &mut batch,
+                LogitsFor::Last,
+                &mut self.logits,
+                experts,
+            ),
+        };
+        drop(batch);
+        self.metrics.expert_tokens(self.model.config.num_experts, self.ws.expert_tokens_mut());
+        if let Err(e) = result {
+            let err = RouterError::from(e);
+            tracing::warn!(error = %err, "step failed; failing its requests");
+            members.sort_unstable_by(|a, b| b.cmp(a));
+            for &i in members.iter() {
+                let mut s = self.running.swap_remove(i);
+                let elapsed = s.submitted.elapsed();
+                self.metrics.ended(outcome_label(err.code()), s.tenant(), s.req.prompt.len(), s.generated, elapsed);
+                s.end(Event::Failed(err.clone()));
+                self.kv.pages.release(&mut s.cache);
+            }
+            return;
+        }
+        done.clear();
+        self.emit(chunk, members, done);
+        done.sort_unstable_by(|a, b| b.cmp(a));
+        done.dedup();
+        for &i in done.iter() {
+            let mut s = self.running.swap_remove(i);
+            self.kv.pages.release(&mut s.cache);
+        }
+    }
+}
