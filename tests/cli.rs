@@ -180,3 +180,30 @@ fn json_logs_are_one_object_per_line() {
         assert!(v["level"].is_string() && v["fields"].is_object(), "{l}");
     }
 }
+
+/// `--device` reaches one selection function for every command that computes: `cpu` serves,
+/// `cuda:0` fails cleanly here (no GPU, and no CUDA backend yet) with a message naming the
+/// device, a non-zero exit and no panic.
+#[test]
+fn device_selection_is_one_function_and_cuda_fails_cleanly() {
+    let dir = fixture("mixtral");
+    let model = dir.to_str().expect("utf8");
+    for command in [
+        vec!["worker", "--model", model, "--listen", "127.0.0.1:0"],
+        vec!["serve", "--model", model, "--listen", "127.0.0.1:0"],
+        vec!["generate", "--model", model, "--token-ids", "1,2,3", "--max-new-tokens", "2"],
+        vec!["logits", "--model", model, "--token-ids", "1,2,3"],
+    ] {
+        let mut args = vec!["--device", "cuda:0"];
+        args.extend(&command);
+        let out = moe(&args);
+        assert_ne!(out.code, 0, "{command:?} on cuda:0 must fail here");
+        assert!(out.stderr.contains("cuda:0") && out.stderr.to_lowercase().contains("cuda"), "{}", out.stderr);
+        assert!(!out.stderr.contains("panicked"), "{command:?}: {}", out.stderr);
+    }
+    let out = moe(&["--device", "cpu", "generate", "--model", model, "--token-ids", "1,2,3", "--max-new-tokens", "2"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = moe(&["--device", "gpu", "generate", "--model", model, "--token-ids", "1,2,3"]);
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("gpu"), "{}", out.stderr);
+}

@@ -1,8 +1,10 @@
 //! Parity with Hugging Face transformers on the committed fixtures (see
 //! tests/fixtures/make_fixtures.py): full logits of `moe logits` within 1e-4 relative for every
 //! architecture and prompt (1 token up to 40, crossing several 16-token KV pages), greedy
-//! generation token for token, bf16/f16 and sharded checkpoints, and KV-cache decoding equal to
-//! recomputing the whole sequence.
+//! generation token for token (local `moe generate` runs through the router's engine), greedy
+//! generation with a repetition penalty and stop strings equal to transformers' `generate` with
+//! the same settings (tests/fixtures/make_generate_fixtures.py), bf16/f16 and sharded
+//! checkpoints, and KV-cache decoding equal to recomputing the whole sequence.
 
 mod common;
 
@@ -53,6 +55,46 @@ fn greedy_generation_matches_transformers_token_for_token() {
             assert_eq!(u32s(&v["token_ids"]), want, "{arch}, prompt of {} tokens", ids.len());
             assert_eq!(v["finish_reason"], "length");
         }
+    }
+}
+
+/// `moe generate --repetition-penalty R --stop S` (no server) equals transformers' `generate`
+/// with `repetition_penalty=R, stop_strings=[S]`: the same tokens (the one completing the stop
+/// string included), the text cut before the stop string, and the finish reason.
+#[test]
+fn generate_with_repetition_penalty_and_stop_strings_matches_transformers() {
+    let fixtures = fixture("generate");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("expected.json")).expect("expected.json"))
+            .expect("json");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cases = expected["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 8, "fixture cases");
+    for case in cases {
+        let arch = case["arch"].as_str().expect("arch");
+        let dir = tmp.path().join(arch);
+        if !dir.exists() {
+            copy_fixture(arch, &dir);
+            std::fs::copy(fixtures.join("tokenizer.json"), dir.join("tokenizer.json")).expect("tokenizer");
+        }
+        let n = case["max_new_tokens"].to_string();
+        let ids = ids_arg(&u32s(&case["prompt"]));
+        let mut args = vec!["generate", "--model", dir.to_str().expect("utf8"), "--token-ids", &ids];
+        args.extend(["--max-new-tokens", &n, "--json"]);
+        let penalty = case["repetition_penalty"].as_f64().map(|p| p.to_string());
+        if let Some(p) = &penalty {
+            args.extend(["--repetition-penalty", p]);
+        }
+        if let Some(stop) = case["stop"].as_str() {
+            args.extend(["--stop", stop]);
+        }
+        let out = moe(&args);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let v = out.json();
+        let what = format!("{arch}, penalty {penalty:?}, stop {:?}", case["stop"]);
+        assert_eq!(u32s(&v["token_ids"]), u32s(&case["token_ids"]), "{what}");
+        assert_eq!(v["text"], case["text"], "{what}");
+        assert_eq!(v["finish_reason"], case["finish_reason"], "{what}");
     }
 }
 

@@ -39,7 +39,8 @@ impl OnBackend for LogitsOnDevice<'_> {
 
 pub fn run(args: LogitsArgs, device: Device) -> anyhow::Result<()> {
     let dir = args.model.dir()?;
-    let (vocab, logits) = on_device(device, LogitsOnDevice(&dir, &args))??;
+    let (vocab, logits) =
+        on_device(device, LogitsOnDevice(&dir, &args)).map_err(|e| anyhow::anyhow!("--device {device}: {e}"))??;
     let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     serde_json::to_writer(&mut out, &serde_json::json!({ "logits": rows }))?;

@@ -1,8 +1,9 @@
 //! `moe-compute` owns the device abstraction: the [`Backend`] trait with every numeric operation
 //! the model needs, and the always-built CPU backend ([`cpu::CpuBackend`]).
 //!
-//! The model crate is written against [`Backend`] only, so a CUDA backend can be added behind a
-//! cargo feature without touching model code. Weights, activations and the paged KV store are
+//! Everything above this crate is written against [`Backend`] only; [`on_device`] is the one
+//! place a [`Device`] becomes a backend, so a CUDA backend is added here (its module and
+//! `select.rs`) without touching the model, router, worker or dispatch code. Weights, activations and the paged KV store are
 //! backend-owned associated types; routing decisions come back to the host as small tables.
 //! This crate does not know about checkpoints, tokenizers or architectures.
 

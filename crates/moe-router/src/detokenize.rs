@@ -100,3 +100,59 @@ impl DetokenizeStream {
         delta
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::DetokenizeStream;
+    use moe_generate::TextCodec;
+
+    fn codec() -> (tempfile::TempDir, TextCodec) {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(dir.path().join("tokenizer.json"), moe_demo::byte_level_tokenizer_json()).expect("write");
+        let codec = TextCodec::from_dir(dir.path()).expect("codec");
+        (dir, codec)
+    }
+
+    /// The deltas of a byte-per-token stream, and whether it stopped.
+    fn stream(codec: &TextCodec, text: &str, stops: &[&str]) -> (Vec<String>, bool) {
+        let mut s = DetokenizeStream::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut deltas = Vec::new();
+        for b in text.bytes() {
+            let (d, stopped) = s.push(codec, b as u32);
+            deltas.push(d);
+            if stopped {
+                return (deltas, true);
+            }
+        }
+        deltas.push(s.flush(codec));
+        (deltas, false)
+    }
+
+    #[test]
+    fn deltas_add_up_to_the_whole_text_and_never_split_a_character() {
+        let (_dir, codec) = codec();
+        let text = "naïve café — 日本語 🙂 done";
+        let (deltas, stopped) = stream(&codec, text, &[]);
+        assert!(!stopped);
+        assert_eq!(deltas.concat(), text);
+        // Multi-byte characters arrive whole: some deltas are empty while their bytes gather.
+        assert!(deltas.iter().any(|d| d.is_empty()));
+        assert!(deltas.iter().all(|d| !d.contains('\u{FFFD}')));
+    }
+
+    #[test]
+    fn stop_sequences_cut_the_text_and_are_never_sent() {
+        let (_dir, codec) = codec();
+        let (deltas, stopped) = stream(&codec, "one two STOP three", &["STOP", "zzz"]);
+        assert!(stopped);
+        assert_eq!(deltas.concat(), "one two ");
+        // A stop sequence split across many tokens (and characters) is still found.
+        let (deltas, stopped) = stream(&codec, "alpha 日本 beta", &["本 b"]);
+        assert!(stopped);
+        assert_eq!(deltas.concat(), "alpha 日");
+        // Text that only starts like a stop sequence is released at the end.
+        let (deltas, stopped) = stream(&codec, "ends with ST", &["STOP"]);
+        assert!(!stopped);
+        assert_eq!(deltas.concat(), "ends with ST");
+    }
+}
