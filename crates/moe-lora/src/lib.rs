@@ -9,15 +9,17 @@
 //! the forward pass's (`moe_model::AdapterWeights`); this crate does not serve or authenticate.
 
 mod catalog;
+mod config;
 mod error;
 mod load;
 mod peft;
 mod registry;
 
 pub use catalog::{AdapterCatalog, AdapterPin};
+pub use config::{PeftConfig, TargetModules};
 pub use error::{LoraError, Result};
 pub use load::{load_adapter, AdapterParts};
-pub use peft::{AdapterManifest, LoraTarget, ModuleKind, PeftConfig, TargetModule};
+pub use peft::{AdapterManifest, FusedProj, LoraTarget, ModuleKind, TargetModule};
 pub use registry::{
     validate_id, validate_rel_path, AdapterInfo, AdapterRegistry, RegistryCounters, RegistryLimits, Resident,
     DEFAULT_MAX_RANK,

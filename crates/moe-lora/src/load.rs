@@ -3,7 +3,7 @@
 //! single-process model all of them.
 
 use crate::error::Result;
-use crate::peft::{AdapterManifest, ExpertProj, ModuleKind};
+use crate::peft::{AdapterManifest, ExpertProj, FusedProj, ModuleKind, TargetModule};
 use moe_compute::{Backend, ExpertLora, LoraWeights};
 use moe_model::{AdapterIdentity, AdapterWeights, LayerLora, ModelConfig};
 use std::path::Path;
@@ -59,50 +59,132 @@ pub fn load_adapter<B: Backend>(
     let mut bytes = 0usize;
     for m in &manifest.modules {
         let layer = &mut layers[m.target.layer];
-        let wanted = match m.target.kind {
-            ModuleKind::Expert { expert, .. } => {
+        let (expert, proj) = match m.target.kind {
+            ModuleKind::FusedExperts { proj } => {
                 layer.has_expert_lora = true;
-                (parts.experts)(m.target.layer, expert)
+                let wanted: Vec<usize> = (0..m.experts).filter(|&e| (parts.experts)(m.target.layer, e)).collect();
+                if wanted.is_empty() {
+                    continue;
+                }
+                let (a, b) = read_finite(&manifest, m, &identity.id)?;
+                for e in wanted {
+                    let (a_e, b_e) = expert_slice(&a, &b, m, e);
+                    let slot = expert_slot(layer, cfg.num_experts, e);
+                    let mut pair = |a: Vec<f32>, b: Vec<f32>, out: usize| -> Result<LoraWeights<B>> {
+                        bytes += 4 * (a.len() + b.len());
+                        Ok(LoraWeights {
+                            a: backend.matrix(m.rank, m.in_features, a)?,
+                            b: backend.matrix(out, m.rank, b)?,
+                            scale: m.scale,
+                        })
+                    };
+                    match proj {
+                        FusedProj::GateUp => {
+                            // Gate rows first, then up rows, as in the fused weight.
+                            let i = m.out_features / 2;
+                            let (gate_b, up_b) = b_e.split_at(i * m.rank);
+                            slot.gate = Some(pair(a_e.clone(), gate_b.to_vec(), i)?);
+                            slot.up = Some(pair(a_e, up_b.to_vec(), i)?);
+                        }
+                        FusedProj::Down => slot.down = Some(pair(a_e, b_e, m.out_features)?),
+                    }
+                }
+                continue;
             }
-            _ => parts.dense,
+            ModuleKind::Expert { expert, proj } => {
+                layer.has_expert_lora = true;
+                if !(parts.experts)(m.target.layer, expert) {
+                    continue;
+                }
+                (Some(expert), Some(proj))
+            }
+            _ if !parts.dense => continue,
+            _ => (None, None),
         };
-        if !wanted {
-            continue;
-        }
-        let (a, b) = manifest.read_pair(m, &identity.id)?;
-        if let Some(bad) = a.iter().chain(&b).find(|v| !v.is_finite()) {
-            return Err(crate::LoraError::Module {
-                adapter: identity.id.clone(),
-                module: m.module.clone(),
-                message: format!("weights contain a non-finite value ({bad})"),
-            });
-        }
+        let (a, b) = read_finite(&manifest, m, &identity.id)?;
         bytes += 4 * (a.len() + b.len());
         let pair = LoraWeights {
             a: backend.matrix(m.rank, m.in_features, a)?,
             b: backend.matrix(m.out_features, m.rank, b)?,
             scale: m.scale,
         };
-        let slot = match m.target.kind {
-            ModuleKind::Q => &mut layer.q,
-            ModuleKind::K => &mut layer.k,
-            ModuleKind::V => &mut layer.v,
-            ModuleKind::O => &mut layer.o,
-            ModuleKind::Gate => &mut layer.gate,
-            ModuleKind::Expert { expert, proj } => {
-                if layer.experts.len() < cfg.num_experts {
-                    layer.experts.resize_with(cfg.num_experts, || None);
-                }
-                let e = layer.experts[expert].get_or_insert_with(|| ExpertLora { gate: None, up: None, down: None });
+        let slot = match (m.target.kind, expert, proj) {
+            (ModuleKind::Q, ..) => &mut layer.q,
+            (ModuleKind::K, ..) => &mut layer.k,
+            (ModuleKind::V, ..) => &mut layer.v,
+            (ModuleKind::O, ..) => &mut layer.o,
+            (ModuleKind::Gate, ..) => &mut layer.gate,
+            (_, Some(e), Some(proj)) => {
+                let slot = expert_slot(layer, cfg.num_experts, e);
                 match proj {
-                    ExpertProj::Gate => &mut e.gate,
-                    ExpertProj::Up => &mut e.up,
-                    ExpertProj::Down => &mut e.down,
+                    ExpertProj::Gate => &mut slot.gate,
+                    ExpertProj::Up => &mut slot.up,
+                    ExpertProj::Down => &mut slot.down,
                 }
             }
+            _ => continue,
         };
         *slot = Some(pair);
     }
     tracing::info!(adapter = %identity.id, digest = %identity.digest, modules = manifest.modules.len(), bytes, "adapter loaded");
     Ok(AdapterWeights { identity, layers, bytes })
+}
+
+/// Reads a module's pair, refusing non-finite weights.
+fn read_finite(manifest: &AdapterManifest, m: &TargetModule, adapter: &str) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (a, b) = manifest.read_pair(m, adapter)?;
+    if let Some(bad) = a.iter().chain(&b).find(|v| !v.is_finite()) {
+        return Err(crate::LoraError::Module {
+            adapter: adapter.into(),
+            module: m.module.clone(),
+            message: format!("weights contain a non-finite value ({bad})"),
+        });
+    }
+    Ok((a, b))
+}
+
+/// Expert `e`'s own pair out of a fused one: rows `e·r..(e+1)·r` of A (`[E·r, in]`, expert-major)
+/// and, of B (`[out, E·r]`, expert index fastest), the columns `j·E + e` for `j < r`.
+fn expert_slice(a: &[f32], b: &[f32], m: &TargetModule, e: usize) -> (Vec<f32>, Vec<f32>) {
+    let (r, n, inp) = (m.rank, m.experts, m.in_features);
+    let a_e = a[e * r * inp..(e + 1) * r * inp].to_vec();
+    let mut b_e = Vec::with_capacity(m.out_features * r);
+    for row in b.chunks_exact(n * r) {
+        b_e.extend((0..r).map(|j| row[j * n + e]));
+    }
+    (a_e, b_e)
+}
+
+/// Expert `e`'s LoRA slot of a layer, created on first use.
+fn expert_slot<B: Backend>(layer: &mut LayerLora<B>, num_experts: usize, e: usize) -> &mut ExpertLora<B> {
+    if layer.experts.len() < num_experts {
+        layer.experts.resize_with(num_experts, || None);
+    }
+    layer.experts[e].get_or_insert_with(|| ExpertLora { gate: None, up: None, down: None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peft::LoraTarget;
+
+    #[test]
+    fn fused_pairs_split_as_peft_reshapes_them() {
+        // E = 2 experts, r = 2, in = 3, out = 2. PEFT: A.reshape(E, r, in), B.reshape(out, r, E).
+        let m = TargetModule {
+            module: "m".into(),
+            target: LoraTarget { layer: 0, kind: ModuleKind::FusedExperts { proj: FusedProj::Down } },
+            rank: 2,
+            experts: 2,
+            in_features: 3,
+            out_features: 2,
+            scale: 1.0,
+        };
+        let a: Vec<f32> = (0..12).map(|x| x as f32).collect();
+        // B[o, j*E + e] = 100*o + 10*j + e
+        let b: Vec<f32> = (0..2).flat_map(|o| (0..4).map(move |c| (100 * o + 10 * (c / 2) + c % 2) as f32)).collect();
+        let (a1, b1) = expert_slice(&a, &b, &m, 1);
+        assert_eq!(a1, vec![6.0, 7.0, 8.0, 9.0, 10.0, 11.0]);
+        assert_eq!(b1, vec![1.0, 11.0, 101.0, 111.0]);
+    }
 }

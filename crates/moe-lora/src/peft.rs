@@ -4,12 +4,10 @@
 //! [`AdapterManifest::read`] maps every module to what it adapts in the base model and checks
 //! its shapes from the file header alone, so a bad adapter is refused before any weight is read.
 
+use crate::config::PeftConfig;
 use crate::error::{LoraError, Result};
 use moe_model::checkpoint::Checkpoint;
 use moe_model::{Architecture, ModelConfig};
-use regex::Regex;
-use serde_json::Value;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -18,137 +16,6 @@ const KEY_PREFIX: &str = "base_model.model.";
 /// Ranks above this are refused (a LoRA of higher rank is no longer low-rank, and would let one
 /// tenant's adapter cost more than the base layer).
 pub const MAX_RANK: usize = 512;
-
-/// What `target_modules` names: a list (a module matches when its name is, or ends with
-/// `.` + an entry) or a regular expression that must match the whole module name.
-#[derive(Clone, Debug)]
-pub enum TargetModules {
-    List(Vec<String>),
-    Regex(Regex),
-}
-
-impl TargetModules {
-    pub fn matches(&self, module: &str) -> bool {
-        match self {
-            TargetModules::List(names) => {
-                names.iter().any(|t| module == t || module.strip_suffix(t.as_str()).is_some_and(|p| p.ends_with('.')))
-            }
-            TargetModules::Regex(re) => re.find(module).is_some_and(|m| m.start() == 0 && m.end() == module.len()),
-        }
-    }
-}
-
-/// The fields of `adapter_config.json` that change the math.
-#[derive(Clone, Debug)]
-pub struct PeftConfig {
-    pub r: usize,
-    pub lora_alpha: f32,
-    pub use_rslora: bool,
-    pub target_modules: Option<TargetModules>,
-    pub rank_pattern: BTreeMap<String, usize>,
-    pub alpha_pattern: BTreeMap<String, f32>,
-}
-
-/// PEFT's pattern rule: a key applies to a module whose name equals it or matches
-/// `(.*\.)?(key)$`.
-fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, module: &str) -> Option<T> {
-    if let Some(v) = patterns.get(module) {
-        return Some(*v);
-    }
-    patterns.iter().find_map(|(k, v)| {
-        let re = Regex::new(&format!(r"^(?:.*\.)?(?:{k})$")).ok()?;
-        re.is_match(module).then_some(*v)
-    })
-}
-
-impl PeftConfig {
-    /// Parses `adapter_config.json`, refusing the variants whose math we do not implement.
-    pub fn parse(text: &str, path: &Path) -> Result<Self> {
-        let bad = |message: String| LoraError::Config { path: path.to_path_buf(), message };
-        let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let obj = v.as_object().ok_or_else(|| bad("expected a JSON object".into()))?;
-        if let Some(t) = obj.get("peft_type").and_then(Value::as_str) {
-            if t != "LORA" {
-                return Err(bad(format!("peft_type is {t:?}; only LORA adapters are supported")));
-            }
-        }
-        for flag in ["use_dora", "fan_in_fan_out", "lora_bias"] {
-            if obj.get(flag).and_then(Value::as_bool) == Some(true) {
-                return Err(bad(format!("`{flag}: true` is not supported")));
-            }
-        }
-        if let Some(b) = obj.get("bias").and_then(Value::as_str) {
-            if b != "none" {
-                return Err(bad(format!("bias is {b:?}; only \"none\" is supported")));
-            }
-        }
-        if obj.get("modules_to_save").and_then(Value::as_array).is_some_and(|a| !a.is_empty()) {
-            return Err(bad("modules_to_save (fully trained copies of modules) is not supported".into()));
-        }
-        let positive_int = |key: &str, v: &Value| -> Result<usize> {
-            v.as_u64()
-                .filter(|&n| n > 0 && n <= 1 << 16)
-                .map(|n| n as usize)
-                .ok_or_else(|| bad(format!("{key} must be a positive integer (at most 65536), got {v}")))
-        };
-        let number = |key: &str, v: &Value| -> Result<f32> {
-            v.as_f64()
-                .filter(|x| x.is_finite())
-                .map(|x| x as f32)
-                .ok_or_else(|| bad(format!("{key} must be a number, got {v}")))
-        };
-        let r = match obj.get("r") {
-            Some(v) => positive_int("r", v)?,
-            None => 8,
-        };
-        let lora_alpha = match obj.get("lora_alpha") {
-            Some(v) => number("lora_alpha", v)?,
-            None => 8.0,
-        };
-        let use_rslora = obj.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
-        let target_modules = match obj.get("target_modules") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(TargetModules::Regex(
-                Regex::new(s).map_err(|e| bad(format!("target_modules is not a valid regular expression: {e}")))?,
-            )),
-            Some(Value::Array(a)) => Some(TargetModules::List(
-                a.iter()
-                    .map(|x| {
-                        x.as_str()
-                            .map(str::to_string)
-                            .ok_or_else(|| bad(format!("target_modules entry {x} is not a string")))
-                    })
-                    .collect::<Result<_>>()?,
-            )),
-            Some(other) => return Err(bad(format!("target_modules must be a list or a string, got {other}"))),
-        };
-        let mut rank_pattern = BTreeMap::new();
-        if let Some(m) = obj.get("rank_pattern").and_then(Value::as_object) {
-            for (k, v) in m {
-                rank_pattern.insert(k.clone(), positive_int(&format!("rank_pattern[{k:?}]"), v)?);
-            }
-        }
-        let mut alpha_pattern = BTreeMap::new();
-        if let Some(m) = obj.get("alpha_pattern").and_then(Value::as_object) {
-            for (k, v) in m {
-                alpha_pattern.insert(k.clone(), number(&format!("alpha_pattern[{k:?}]"), v)?);
-            }
-        }
-        for k in rank_pattern.keys().chain(alpha_pattern.keys()) {
-            Regex::new(k).map_err(|e| bad(format!("pattern {k:?} is not a valid regular expression: {e}")))?;
-        }
-        Ok(Self { r, lora_alpha, use_rslora, target_modules, rank_pattern, alpha_pattern })
-    }
-
-    /// (rank, scale) of a module: its patterns or the defaults; scale is alpha / r, or
-    /// alpha / sqrt(r) with rsLoRA.
-    pub fn rank_and_scale(&self, module: &str) -> (usize, f32) {
-        let r = pattern_value(&self.rank_pattern, module).unwrap_or(self.r);
-        let alpha = pattern_value(&self.alpha_pattern, module).unwrap_or(self.lora_alpha);
-        let scale = if self.use_rslora { alpha / (r as f32).sqrt() } else { alpha / r as f32 };
-        (r, scale)
-    }
-}
 
 /// Which projection of an expert.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,6 +38,21 @@ pub enum ModuleKind {
         expert: usize,
         proj: ExpertProj,
     },
+    /// Every routed expert's fused parameter at once (transformers 5's `experts.gate_up_proj`
+    /// `[E, 2I, H]` or `experts.down_proj` `[E, H, I]`, PEFT `target_parameters`): `lora_A` is
+    /// `[E·r, in]` expert-major, `lora_B` is `[out, E·r]` with the expert index fastest
+    /// (PEFT's `ParamWrapper`: A as `(E, r, in)`, B as `(out, r, E)`).
+    FusedExperts {
+        proj: FusedProj,
+    },
+}
+
+/// Which fused expert parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FusedProj {
+    /// `gate_up_proj`: gate rows, then up rows.
+    GateUp,
+    Down,
 }
 
 /// Where a LoRA pair applies.
@@ -185,7 +67,10 @@ pub struct LoraTarget {
 pub struct TargetModule {
     pub module: String,
     pub target: LoraTarget,
+    /// Rank per expert for fused experts, else the pair's rank.
     pub rank: usize,
+    /// Experts stacked in the pair (the model's count for fused experts, else 1).
+    pub experts: usize,
     pub in_features: usize,
     pub out_features: usize,
     pub scale: f32,
@@ -205,6 +90,21 @@ fn fnv1a(hash: &mut u64, bytes: &[u8]) {
     for &b in bytes {
         *hash ^= b as u64;
         *hash = hash.wrapping_mul(0x0000_0100_0000_01B3);
+    }
+}
+
+/// The fused parameter a pair of `[E·r, in]` / `[out, E·r]` adapts: gate_up_proj maps H to 2I,
+/// down_proj I to H (never both: that would need I = H = 2I).
+fn fused_proj(a: &[usize], b: &[usize], c: &ModelConfig) -> std::result::Result<(FusedProj, usize, usize), String> {
+    let (h, i) = (c.hidden_size, c.expert_intermediate_size);
+    match (a.get(1).copied(), b.first().copied()) {
+        (Some(inp), Some(out)) if (inp, out) == (h, 2 * i) => Ok((FusedProj::GateUp, inp, out)),
+        (Some(inp), Some(out)) if (inp, out) == (i, h) => Ok((FusedProj::Down, inp, out)),
+        _ => Err(format!(
+            "fused expert LoRA with lora_A {a:?} and lora_B {b:?} fits neither experts.gate_up_proj \
+             (lora_A [E·r, {h}], lora_B [{}, E·r]) nor experts.down_proj (lora_A [E·r, {i}], lora_B [{h}, E·r])",
+            2 * i
+        )),
     }
 }
 
@@ -228,7 +128,8 @@ fn classify(module: &str, cfg: &ModelConfig) -> std::result::Result<(LoraTarget,
         "self_attn.o_proj" => (ModuleKind::O, qw, h),
         _ => {
             let prefix = c.architecture.moe_prefix();
-            let moe = rest.strip_prefix(prefix).and_then(|r| r.strip_prefix('.'));
+            // Mixtral's modules are `mlp.*` in transformers 5 and `block_sparse_moe.*` before.
+            let moe = rest.strip_prefix(prefix).or_else(|| rest.strip_prefix("mlp")).and_then(|r| r.strip_prefix('.'));
             let Some(moe) = moe.filter(|_| c.is_moe_layer(layer)) else {
                 return Err(format!(
                     "not a supported target: LoRA applies to self_attn.{{q,k,v,o}}_proj, {prefix}.gate and \
@@ -237,6 +138,9 @@ fn classify(module: &str, cfg: &ModelConfig) -> std::result::Result<(LoraTarget,
             };
             if moe == "gate" {
                 (ModuleKind::Gate, h, c.num_experts)
+            } else if moe == "experts" || moe == "experts.base_layer" {
+                // Which fused parameter comes from the pair's shapes (see `fused_proj`).
+                (ModuleKind::FusedExperts { proj: FusedProj::GateUp }, 0, 0)
             } else if let Some(e) = moe.strip_prefix("experts.") {
                 let (e, proj) = e.split_once('.').ok_or("no projection after the expert index")?;
                 let expert: usize = e.parse().map_err(|_| format!("{e:?} is not an expert index"))?;
@@ -309,30 +213,63 @@ impl AdapterManifest {
                         .into(),
                 ));
             };
-            let (target, in_features, out_features) = classify(module, cfg).map_err(|m| module_err(module, m))?;
-            if let Some(t) = &config.target_modules {
-                if !t.matches(module) {
-                    return Err(module_err(module, "has LoRA tensors but is not named by target_modules".into()));
+            let (mut target, mut in_features, mut out_features) =
+                classify(module, cfg).map_err(|m| module_err(module, m))?;
+            let b_key = format!("{KEY_PREFIX}{module}.lora_B.weight");
+            let a_shape = weights.shape_of(key).unwrap_or_default().to_vec();
+            let b_shape =
+                weights.shape_of(&b_key).ok_or_else(|| module_err(module, "has lora_A but no lora_B".into()))?.to_vec();
+            let mut experts = 1;
+            let param = match target.kind {
+                ModuleKind::FusedExperts { .. } => {
+                    let (proj, inp, out) = fused_proj(&a_shape, &b_shape, cfg).map_err(|m| module_err(module, m))?;
+                    (target.kind, in_features, out_features, experts) =
+                        (ModuleKind::FusedExperts { proj }, inp, out, cfg.num_experts);
+                    if proj == FusedProj::GateUp {
+                        "gate_up_proj"
+                    } else {
+                        "down_proj"
+                    }
                 }
+                _ => "weight",
+            };
+            if !config.targets(module, param) {
+                return Err(module_err(
+                    module,
+                    format!("has LoRA tensors but neither target_modules nor target_parameters names it ({param})"),
+                ));
+            }
+            // PEFT (0.21) restricts target_modules to layers_to_transform, but applies
+            // target_parameters on every layer; the tensors show what it did, so only the former
+            // is checked.
+            let by_module = config.target_modules.as_ref().is_some_and(|t| t.matches(module));
+            if by_module && !config.transforms_layer(target.layer) {
+                return Err(module_err(module, format!("layer {} is not in layers_to_transform", target.layer)));
             }
             let (rank, scale) = config.rank_and_scale(module);
             if rank > MAX_RANK {
                 return Err(module_err(module, format!("rank {rank} is above the maximum of {MAX_RANK}")));
             }
-            let b_key = format!("{KEY_PREFIX}{module}.lora_B.weight");
-            let a_shape = weights.shape_of(key).unwrap_or_default().to_vec();
-            let b_shape =
-                weights.shape_of(&b_key).ok_or_else(|| module_err(module, "has lora_A but no lora_B".into()))?.to_vec();
-            if a_shape != [rank, in_features] || b_shape != [out_features, rank] {
+            let rows = experts * rank;
+            if a_shape != [rows, in_features] || b_shape != [out_features, rows] {
+                let per = if experts > 1 { format!(" ({experts} experts x rank {rank})") } else { String::new() };
                 return Err(module_err(
                     module,
                     format!(
                         "lora_A is {a_shape:?} and lora_B is {b_shape:?}, but rank {rank} on this base model needs \
-                         lora_A [{rank}, {in_features}] and lora_B [{out_features}, {rank}]"
+                         lora_A [{rows}, {in_features}] and lora_B [{out_features}, {rows}]{per}"
                     ),
                 ));
             }
-            modules.push(TargetModule { module: module.to_string(), target, rank, in_features, out_features, scale });
+            modules.push(TargetModule {
+                module: module.to_string(),
+                target,
+                rank,
+                experts,
+                in_features,
+                out_features,
+                scale,
+            });
         }
         for key in &names {
             if let Some(module) = key.strip_prefix(KEY_PREFIX).and_then(|k| k.strip_suffix(".lora_B.weight")) {
@@ -357,57 +294,7 @@ impl AdapterManifest {
                 .read(&format!("{KEY_PREFIX}{}.{suffix}", m.module), shape)
                 .map_err(|source| LoraError::Checkpoint { adapter: adapter.into(), source })
         };
-        Ok((read("lora_A.weight", &[m.rank, m.in_features])?, read("lora_B.weight", &[m.out_features, m.rank])?))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cfg(text: &str) -> Result<PeftConfig> {
-        PeftConfig::parse(text, Path::new("adapter_config.json"))
-    }
-
-    #[test]
-    fn scale_follows_rank_and_alpha_patterns_and_rslora() {
-        let c = cfg(
-            r#"{"r": 8, "lora_alpha": 16, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"layers\\.1\\..*gate": 2}}"#,
-        )
-        .unwrap();
-        assert_eq!(c.rank_and_scale("model.layers.0.self_attn.k_proj"), (8, 2.0));
-        assert_eq!(c.rank_and_scale("model.layers.0.self_attn.q_proj"), (4, 4.0));
-        assert_eq!(c.rank_and_scale("model.layers.1.mlp.gate"), (8, 0.25));
-        let rs = cfg(r#"{"r": 4, "lora_alpha": 8, "use_rslora": true}"#).unwrap();
-        assert_eq!(rs.rank_and_scale("x"), (4, 4.0));
-    }
-
-    #[test]
-    fn target_modules_list_and_regex() {
-        let l = cfg(r#"{"target_modules": ["gate", "q_proj"]}"#).unwrap().target_modules.unwrap();
-        assert!(l.matches("model.layers.0.block_sparse_moe.gate"));
-        assert!(l.matches("model.layers.0.self_attn.q_proj"));
-        assert!(!l.matches("model.layers.0.mlp.shared_expert_gate"));
-        assert!(!l.matches("model.layers.0.mlp.experts.0.gate_proj"));
-        let r = cfg(r#"{"target_modules": ".*\\.mlp\\.gate"}"#).unwrap().target_modules.unwrap();
-        assert!(r.matches("model.layers.3.mlp.gate"));
-        assert!(!r.matches("model.layers.3.mlp.gate_proj"));
-    }
-
-    #[test]
-    fn refuses_what_it_cannot_apply() {
-        for (text, needle) in [
-            (r#"{"use_dora": true}"#, "use_dora"),
-            (r#"{"bias": "all"}"#, "bias"),
-            (r#"{"peft_type": "IA3"}"#, "LORA"),
-            (r#"{"r": 0}"#, "positive"),
-            (r#"{"r": "8"}"#, "positive"),
-            (r#"{"modules_to_save": ["lm_head"]}"#, "modules_to_save"),
-            (r#"{"target_modules": "("}"#, "regular expression"),
-            ("[", "JSON"),
-        ] {
-            let e = cfg(text).err().map(|e| e.to_string()).unwrap_or_default();
-            assert!(e.contains(needle), "{text}: {e}");
-        }
+        let rows = m.rank * m.experts;
+        Ok((read("lora_A.weight", &[rows, m.in_features])?, read("lora_B.weight", &[m.out_features, rows])?))
     }
 }
