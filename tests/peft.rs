@@ -152,3 +152,26 @@ fn unsupported_peft_features_are_refused_naming_them() {
         assert!(!got.stderr.contains("panicked"), "{}", got.stderr);
     }
 }
+
+#[test]
+fn adapter_inspect_names_targets_or_the_reason() {
+    let dir = fixture("olmoe");
+    let model = dir.to_str().expect("utf8");
+    let experts = dir.join("peft").join("experts");
+    let out = moe(&["adapter", "inspect", experts.to_str().expect("utf8"), "--model", model, "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v = out.json();
+    let modules = v["modules"].as_array().expect("modules");
+    assert_eq!(modules.len(), 4, "{v}");
+    assert!(modules.iter().all(|m| m["experts"] == 8 && m["applied_on"] == "workers hosting the experts"), "{v}");
+    assert!(modules.iter().any(|m| m["target"] == "all experts, fused gate_up_proj"), "{v}");
+    let gate = dir.join("peft").join("layers");
+    let out = moe(&["adapter", "inspect", gate.to_str().expect("utf8"), "--model", model, "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.json()["modules"].as_array().expect("modules").iter().any(|m| m["applied_on"] == "router"));
+    // Another model's adapter: refused with the module and the reason.
+    let foreign = fixture("qwen3_moe").join("peft").join("attn");
+    let out = moe(&["adapter", "inspect", foreign.to_str().expect("utf8"), "--model", model]);
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("cannot be served") && out.stderr.contains("self_attn"), "{}", out.stderr);
+}

@@ -1,6 +1,7 @@
 //! The `moe` command. Every flag can also be set through a `MOE_*` environment variable.
 //! Library errors become one `error: …` line on stderr and a non-zero exit, never a panic.
 
+mod adapter;
 mod api;
 mod bench;
 mod bench_adapters;
@@ -61,6 +62,8 @@ enum Command {
     Loadgen(loadgen::LoadgenArgs),
     /// The CUDA kernels: compile them with NVRTC (no GPU needed), or list them.
     Kernels(kernels::KernelsArgs),
+    /// LoRA adapters: `inspect DIR` shows what one adapts, or why it cannot be served.
+    Adapter(adapter::AdapterArgs),
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -107,5 +110,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Kernels(a) => kernels::run(a),
         Command::Loadgen(a) => loadgen::run(a),
+        Command::Adapter(a) => adapter::run(a),
     }
 }

@@ -1,6 +1,9 @@
-//! Random PEFT LoRA adapters for the demo layout (Mixtral names), so that tenants' adapters can
-//! be tried and measured with no downloads: `adapter_config.json` + `adapter_model.safetensors`
-//! with `base_model.model.<module>.lora_A/B.weight` pairs on the chosen targets of every layer.
+//! Random PEFT LoRA adapters for the demo layout, written as current PEFT (0.21, transformers 5)
+//! writes them, so that tenants' adapters can be tried and measured with no downloads:
+//! `adapter_config.json` + `adapter_model.safetensors` with `base_model.model.<module>.lora_A/B.weight`
+//! pairs; attention through `target_modules`, the MoE gate (`mlp.gate.weight`) and the fused
+//! experts (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`: one pair for all experts, the
+//! first under `experts.base_layer`) through `target_parameters`.
 
 use crate::{DemoError, DemoSpec, Result, Rng, Tensor};
 use safetensors::Dtype;
@@ -15,7 +18,7 @@ pub enum DemoTarget {
     O,
     /// The MoE gate (the router linear): a tenant's own expert routing.
     Gate,
-    /// Every routed expert's w1, w3 and w2.
+    /// Every routed expert's fused gate/up and down projections.
     Experts,
 }
 
@@ -43,30 +46,39 @@ pub fn write_demo_adapter(
     let (h, i, e) = (spec.hidden_size, spec.intermediate_size, spec.num_experts);
     let kvw = spec.num_kv_heads * (h / spec.num_heads);
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let mut modules: Vec<(String, usize, usize)> = Vec::new();
+    // (module, in, out, rows of A: rank, or experts x rank for a fused pair)
+    let mut modules: Vec<(String, usize, usize, usize)> = Vec::new();
+    let mut target_modules: Vec<&str> = Vec::new();
+    let mut target_parameters: Vec<&str> = Vec::new();
+    for t in targets {
+        match t {
+            DemoTarget::Q => target_modules.push("q_proj"),
+            DemoTarget::K => target_modules.push("k_proj"),
+            DemoTarget::V => target_modules.push("v_proj"),
+            DemoTarget::O => target_modules.push("o_proj"),
+            DemoTarget::Gate => target_parameters.push("mlp.gate.weight"),
+            DemoTarget::Experts => target_parameters.extend(["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+        }
+    }
     for l in 0..spec.num_layers {
         let p = format!("model.layers.{l}");
         for t in targets {
             match t {
-                DemoTarget::Q => modules.push((format!("{p}.self_attn.q_proj"), h, h)),
-                DemoTarget::K => modules.push((format!("{p}.self_attn.k_proj"), h, kvw)),
-                DemoTarget::V => modules.push((format!("{p}.self_attn.v_proj"), h, kvw)),
-                DemoTarget::O => modules.push((format!("{p}.self_attn.o_proj"), h, h)),
-                DemoTarget::Gate => modules.push((format!("{p}.block_sparse_moe.gate"), h, e)),
+                DemoTarget::Q => modules.push((format!("{p}.self_attn.q_proj"), h, h, rank)),
+                DemoTarget::K => modules.push((format!("{p}.self_attn.k_proj"), h, kvw, rank)),
+                DemoTarget::V => modules.push((format!("{p}.self_attn.v_proj"), h, kvw, rank)),
+                DemoTarget::O => modules.push((format!("{p}.self_attn.o_proj"), h, h, rank)),
+                DemoTarget::Gate => modules.push((format!("{p}.mlp.gate"), h, e, rank)),
                 DemoTarget::Experts => {
-                    for x in 0..e {
-                        let q = format!("{p}.block_sparse_moe.experts.{x}");
-                        modules.push((format!("{q}.w1"), h, i));
-                        modules.push((format!("{q}.w3"), h, i));
-                        modules.push((format!("{q}.w2"), i, h));
-                    }
+                    modules.push((format!("{p}.mlp.experts.base_layer"), h, 2 * i, e * rank));
+                    modules.push((format!("{p}.mlp.experts"), i, h, e * rank));
                 }
             }
         }
     }
     let mut tensors = Vec::new();
-    for (m, inp, out) in modules {
-        let (a, b) = pair(&mut rng, rank, inp, out, strength);
+    for (m, inp, out, rows) in modules {
+        let (a, b) = pair(&mut rng, rows, inp, out, strength);
         tensors.push((format!("base_model.model.{m}.lora_A.weight"), a));
         tensors.push((format!("base_model.model.{m}.lora_B.weight"), b));
     }
@@ -79,7 +91,9 @@ pub fn write_demo_adapter(
         "r": rank,
         "lora_alpha": rank,
         "bias": "none",
-        "target_modules": null,
+        "target_modules": target_modules,
+        "target_parameters": target_parameters,
+        "lora_dropout": 0.0,
     });
     let cfg_path = dir.join("adapter_config.json");
     std::fs::write(&cfg_path, config.to_string()).map_err(|error| DemoError::Io { path: cfg_path, error })
