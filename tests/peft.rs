@@ -1,9 +1,9 @@
 //! Adapters made by the real `peft` package (0.21, transformers 5; see
 //! tests/fixtures/make_peft_fixtures.py) give PEFT's own forward: the MoE gate through
 //! `target_parameters`, attention through `target_modules`, the fused experts (one pair per
-//! parameter for every expert, nested `base_layer` naming) and a `layers_to_transform` adapter,
-//! for all four architectures, through `moe logits --adapter` and through a router with two
-//! worker processes over gRPC (the workers load only their experts' slices). And what PEFT can
+//! parameter for every expert, nested `base_layer` naming), a `layers_to_transform` adapter and
+//! rank/alpha patterns keyed by parameter names, for all four architectures, through `moe logits
+//! --adapter` and through a router with two worker processes over gRPC (the workers load only their experts' slices). And what PEFT can
 //! write but this project cannot apply is refused at load, naming it.
 
 mod common;
@@ -18,7 +18,7 @@ use moe_proto::v1::WireDtype;
 use std::path::Path;
 use std::sync::Arc;
 
-const ADAPTERS: [&str; 4] = ["gate", "attn", "experts", "layers"];
+const ADAPTERS: [&str; 5] = ["gate", "attn", "experts", "layers", "patterns"];
 
 fn peft_expected(arch: &str, name: &str) -> serde_json::Value {
     let path = fixture(arch).join("peft").join(name).join("expected.json");

@@ -246,7 +246,13 @@ impl AdapterManifest {
             if by_module && !config.transforms_layer(target.layer) {
                 return Err(module_err(module, format!("layer {} is not in layers_to_transform", target.layer)));
             }
-            let (rank, scale) = config.rank_and_scale(module);
+            // PEFT keys rank_pattern / alpha_pattern by module name for target_modules, and by
+            // parameter name (`…mlp.gate.weight`, `…experts.gate_up_proj`) for target_parameters.
+            let pattern_name = match by_module {
+                true => module.to_string(),
+                false => format!("{}.{param}", module.strip_suffix(".base_layer").unwrap_or(module)),
+            };
+            let (rank, scale) = config.rank_and_scale(&pattern_name);
             if rank > MAX_RANK {
                 return Err(module_err(module, format!("rank {rank} is above the maximum of {MAX_RANK}")));
             }
