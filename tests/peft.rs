@@ -3,8 +3,9 @@
 //! `target_parameters`, attention through `target_modules`, the fused experts (one pair per
 //! parameter for every expert, nested `base_layer` naming), a `layers_to_transform` adapter and
 //! rank/alpha patterns keyed by parameter names, for all four architectures, through `moe logits
-//! --adapter` and through a router with two worker processes over gRPC (the workers load only their experts' slices). And what PEFT can
-//! write but this project cannot apply is refused at load, naming it.
+//! --adapter` and through a router with two worker processes over gRPC (the workers load only
+//! their experts' slices). And what PEFT can write but this project cannot apply is refused at
+//! load, naming it.
 
 mod common;
 
