@@ -270,9 +270,9 @@ impl<T: WorkerTransport> DispatcherCore<T> {
     ) -> Result<()> {
         for ((b, o), result) in batches.iter().zip(outputs).zip(results) {
             let result = match result {
-                Ok(()) if o.rows.len() != b.row_ids.len() * cols => Err(DispatchError::Rejected {
+                Ok(()) => check_answer(b, o, cols, adapters.len()).map_err(|message| DispatchError::Malformed {
                     worker: self.transport.worker_name(b.worker),
-                    message: format!("returned {} values for {} rows", o.rows.len(), b.row_ids.len()),
+                    message,
                 }),
                 other => other.clone(),
             };
@@ -304,7 +304,11 @@ impl<T: WorkerTransport> DispatcherCore<T> {
                         }
                     }
                 }
-                Err(e @ (DispatchError::Unavailable { .. } | DispatchError::Deadline { .. })) => {
+                Err(
+                    e @ (DispatchError::Unavailable { .. }
+                    | DispatchError::Deadline { .. }
+                    | DispatchError::Malformed { .. }),
+                ) => {
                     tracing::warn!(layer, worker = %self.transport.worker_name(b.worker), error = %e, "worker failed; retrying on replicas");
                     self.mark_suspect(b.worker);
                     let mut pair = 0usize;
@@ -389,4 +393,16 @@ impl<T: WorkerTransport> DispatcherCore<T> {
         s.pending.extend(routes.choices.iter().enumerate().map(|(i, &(e, w))| ((i / k) as u32, e, w)));
         Ok(s)
     }
+}
+
+/// Whether a worker's answer fits its batch: one row of `cols` values per batch row, and failed
+/// adapter slots that name adapters of the call (1-based).
+fn check_answer(b: &WorkerBatch, o: &BatchOutput, cols: usize, adapters: usize) -> std::result::Result<(), String> {
+    if o.rows.len() != b.row_ids.len() * cols {
+        return Err(format!("{} values for {} rows of {cols}", o.rows.len(), b.row_ids.len()));
+    }
+    if let Some((slot, _)) = o.failed_adapters.iter().find(|(s, _)| *s == 0 || *s as usize > adapters) {
+        return Err(format!("failed adapter slot {slot}, but the call has {adapters} adapters"));
+    }
+    Ok(())
 }

@@ -8,6 +8,10 @@ pub enum DispatchError {
     Deadline { worker: String, millis: u64 },
     #[error("worker {worker} rejected the request: {message}")]
     Rejected { worker: String, message: String },
+    /// The worker answered something that does not fit what was asked (row count, adapter slot,
+    /// wire dtype, undecodable rows): treated as that worker's failure, its rows go to a replica.
+    #[error("worker {worker} sent a malformed answer: {message}")]
+    Malformed { worker: String, message: String },
     #[error("layer {layer} expert {expert} has no worker holding it")]
     NoHolder { layer: usize, expert: u32 },
     #[error("placement: {0}")]

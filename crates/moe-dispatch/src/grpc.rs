@@ -357,9 +357,10 @@ impl GrpcInner {
             if let Some(e) = resp.error {
                 return Err(DispatchError::Rejected { worker: w.addr.clone(), message: e.message });
             }
-            let dtype = WireDtype::try_from(resp.dtype).unwrap_or(self.config.wire);
-            wire::decode_rows(&resp.rows, dtype, hidden, &mut decoded)
-                .map_err(|e| DispatchError::Rejected { worker: w.addr.clone(), message: e.to_string() })?;
+            let malformed = |message: String| DispatchError::Malformed { worker: w.addr.clone(), message };
+            let dtype = WireDtype::try_from(resp.dtype)
+                .map_err(|_| malformed(format!("unknown wire dtype {} in the answer", resp.dtype)))?;
+            wire::decode_rows(&resp.rows, dtype, hidden, &mut decoded).map_err(|e| malformed(e.to_string()))?;
             out.rows.extend_from_slice(&decoded);
             for f in resp.failed_adapters {
                 if !out.failed_adapters.iter().any(|(s, _)| *s == f.slot) {

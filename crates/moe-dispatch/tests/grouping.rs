@@ -73,8 +73,8 @@ fn rows_go_once_per_worker_with_their_request_ids_and_adapters() {
     assert_eq!(out.data, vec![3.0; 12]);
 }
 
-/// A worker that names an adapter slot of 0 (no adapter) as failed fails that row, without
-/// underflowing the slot.
+/// A worker that names an adapter slot of 0 (no adapter) as failed sent a malformed answer: it
+/// is left out (no panic, no underflow), and with no other holder the row fails alone.
 #[test]
 fn a_failed_adapter_slot_of_zero_fails_its_rows_without_a_panic() {
     struct ZeroSlot;
@@ -119,4 +119,66 @@ fn a_failed_adapter_slot_of_zero_fails_its_rows_without_a_panic() {
     let call = LayerCall { backend: &backend, layer: 0, x: &x, routes, out: &mut out, unserved: &mut unserved };
     ExpertExecutor::<CpuBackend>::run_experts(&d, call).unwrap();
     assert_eq!(unserved.len(), 1, "{unserved:?}");
+}
+
+/// Worker 0 answers malformed (too few values, an adapter slot of 0, a slot past the call's
+/// adapters); worker 1 holds the same expert and answers well. Every call ends with worker 1's
+/// rows, worker 0 is left out as a suspect, and nothing panics.
+#[test]
+fn malformed_answers_fail_over_to_a_replica() {
+    struct Bad(usize);
+    impl WorkerTransport for Bad {
+        fn worker_name(&self, worker: usize) -> String {
+            format!("w{worker}")
+        }
+        fn execute(
+            &self,
+            _layer: usize,
+            hidden: usize,
+            _adapters: &[AdapterIdentity],
+            batches: &[WorkerBatch],
+            outputs: &mut [BatchOutput],
+            results: &mut [Result<()>],
+        ) {
+            for ((b, o), r) in batches.iter().zip(outputs.iter_mut()).zip(results.iter_mut()) {
+                *o = BatchOutput { rows: vec![2.0; b.row_ids.len() * hidden], failed_adapters: Vec::new() };
+                if b.worker == 0 {
+                    match self.0 {
+                        0 => o.rows.pop().map(|_| ()).unwrap_or(()),
+                        1 => o.failed_adapters = vec![(0, "bogus".into())],
+                        _ => o.failed_adapters = vec![(7, "bogus".into())],
+                    }
+                }
+                *r = Ok(());
+            }
+        }
+    }
+    for kind in 0..3 {
+        let mut placement = Placement::new(1, 1);
+        placement.add(0, 0, &[0]).unwrap();
+        placement.add(1, 0, &[0]).unwrap();
+        let d = Dispatcher::new(Bad(kind), placement, 2);
+        for _ in 0..3 {
+            let choices = [(0, 1.0), (0, 1.0)];
+            let mut plan = ExpertPlan::default();
+            plan.rebuild(1, 1, &choices);
+            let routes = moe_model::ExpertRoutes {
+                top_k: 1,
+                choices: &choices,
+                plan: &plan,
+                adapters: &[],
+                row_adapter: &[],
+                row_request: &[],
+            };
+            let backend = CpuBackend::new();
+            let x = HostTensor { rows: 2, cols: 3, data: vec![1.0; 6] };
+            let mut out = HostTensor { rows: 2, cols: 3, data: vec![0.0; 6] };
+            let mut unserved = Vec::new();
+            let call = LayerCall { backend: &backend, layer: 0, x: &x, routes, out: &mut out, unserved: &mut unserved };
+            ExpertExecutor::<CpuBackend>::run_experts(&d, call).expect("the step goes on");
+            assert!(unserved.is_empty(), "kind {kind}: {unserved:?}");
+            assert_eq!(out.data, vec![2.0; 6], "kind {kind}: only the good worker's rows are used");
+        }
+        assert_eq!(d.suspects(), vec![0], "kind {kind}: the malformed worker is left out");
+    }
 }
