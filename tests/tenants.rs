@@ -274,3 +274,45 @@ async fn tenant_rules_answer_with_their_codes() {
     let all = c.list_adapters(with_key(ListAdaptersRequest {}, Some(OPS))).await.expect("list").into_inner();
     assert_eq!(all.adapters.len(), 5);
 }
+
+/// With tenants configured every RPC but health and reflection needs a key, and the key comes
+/// first: an unauthenticated 4 MiB prompt is refused as UNAUTHENTICATED before any tokenizer
+/// work; with a key, a text over `--max-prompt-bytes` is INVALID_ARGUMENT naming the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_comes_before_any_work() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (model_dir, adapters) = setup(tmp.path());
+    let tenants = format!("[[tenants]]\nname = \"acme\"\napi_key = \"{ACME}\"\n");
+    let server = serve_api(engine(&model_dir, &adapters, 8, Some(&tenants))).await;
+    let mut c = api_client(&server.addr).await;
+    let tokenize = |key: Option<&str>, text: String| with_key(moe_proto::v1::TokenizeRequest { text }, key);
+    let err = c.tokenize(tokenize(None, "hello".into())).await.expect_err("Tokenize needs a key");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let ok = c.tokenize(tokenize(Some(ACME), "hello".into())).await.expect("Tokenize with a key");
+    assert!(!ok.into_inner().token_ids.is_empty());
+    let err = c.model_info(with_key(moe_proto::v1::ModelInfoRequest {}, None)).await.expect_err("ModelInfo");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    c.model_info(with_key(moe_proto::v1::ModelInfoRequest {}, Some(ACME))).await.expect("ModelInfo with a key");
+
+    let huge = "x".repeat(4 << 20);
+    let request = |key: Option<&str>| {
+        with_key(
+            GenerateRequest {
+                prompt: Some(Prompt::Text(huge.clone())),
+                sampling: None,
+                adapter_id: String::new(),
+                timeout_ms: 0,
+            },
+            key,
+        )
+    };
+    // UNAUTHENTICATED, not the size: the key is checked before the size, and the size before the
+    // tokenizer.
+    let err = c.generate(request(None)).await.expect_err("no key");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let err = c.generate(request(Some(ACME))).await.expect_err("too long");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("--max-prompt-bytes"), "{err:?}");
+    let err = c.tokenize(tokenize(Some(ACME), huge.clone())).await.expect_err("too long to tokenize");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+}

@@ -27,6 +27,10 @@ pub struct EngineArgs {
     /// workers run on their own processors; measure with `moe bench`.
     #[arg(long, env = "MOE_TWO_BATCH_OVERLAP", default_value_t = false, action = clap::ArgAction::Set)]
     pub two_batch_overlap: bool,
+    /// Text prompts longer than this many bytes are refused (INVALID_ARGUMENT) before the
+    /// tokenizer runs.
+    #[arg(long, env = "MOE_MAX_PROMPT_BYTES", default_value_t = 1 << 20)]
+    pub max_prompt_bytes: usize,
     /// Fault injection for tests of the engine's supervision: the compute loop panics after
     /// this many steps. Never use it in production.
     #[arg(long, env = "MOE_FAULT_PANIC_AFTER_STEPS", hide = true)]
@@ -47,6 +51,7 @@ impl EngineArgs {
             default_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
             two_batch_overlap: self.two_batch_overlap,
             panic_after_steps: self.fault_panic_after_steps,
+            max_prompt_bytes: self.max_prompt_bytes,
             ..Default::default()
         })
     }

@@ -56,9 +56,26 @@ impl InferenceService {
         Self { engine, cluster }
     }
 
-    fn validate(&self, req: GenerateRequest) -> Result<ValidatedRequest, RouterError> {
+    /// Refuses text over `--max-prompt-bytes` before any tokenizer work.
+    fn check_text_size(&self, field: &'static str, text: &str) -> Result<(), RouterError> {
+        let max = self.engine.config().max_prompt_bytes;
+        if text.len() > max {
+            return Err(RouterError::invalid(
+                field,
+                format!("{} bytes of text; this router accepts at most {max} (--max-prompt-bytes)", text.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Converts and validates a request; text is tokenized on a blocking thread, never on the
+    /// async runtime.
+    async fn validate(&self, req: GenerateRequest) -> Result<ValidatedRequest, RouterError> {
         let prompt = match req.prompt {
-            Some(Prompt::Text(t)) => PromptInput::Text(t),
+            Some(Prompt::Text(t)) => {
+                self.check_text_size("prompt", &t)?;
+                PromptInput::Text(t)
+            }
             Some(Prompt::TokenIds(ids)) => PromptInput::Ids(ids.ids),
             None => return Err(RouterError::invalid("prompt", "give either text or token_ids")),
         };
@@ -75,14 +92,18 @@ impl InferenceService {
             adapter_id: req.adapter_id,
             timeout: (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms as u64)),
         };
-        let e = &self.engine;
-        ValidatedRequest::new(prompt, &params, e.codec(), e.model_config(), e.config().default_timeout)
+        let (codec, config) = (self.engine.codec_arc(), self.engine.model_config().clone());
+        let timeout = self.engine.config().default_timeout;
+        tokio::task::spawn_blocking(move || ValidatedRequest::new(prompt, &params, &codec, &config, timeout))
+            .await
+            .map_err(|e| RouterError::Internal(format!("validation task: {e}")))?
     }
 
-    /// Validation first (cheap, and nothing is held on failure), then the tenant's rights and
-    /// slot, then the adapter.
+    /// The caller's key first (an unauthenticated request does no work), then validation
+    /// (nothing is held on failure), then the tenant's rights and slot, then the adapter.
     async fn prepare(&self, request: &Request<GenerateRequest>) -> Result<(ValidatedRequest, Admission), RouterError> {
-        let mut validated = self.validate(request.get_ref().clone())?;
+        authenticate(&self.engine, authorization(request))?;
+        let mut validated = self.validate(request.get_ref().clone()).await?;
         let mut admission = admit(&self.engine, authorization(request), &request.get_ref().adapter_id).await?;
         // The request holds the one pin; the engine drops it when the request ends.
         validated.adapter = admission.adapter.take();
@@ -200,15 +221,22 @@ impl Inference for InferenceService {
     }
 
     async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
-        let codec = self.engine.codec();
+        authenticate(&self.engine, authorization(&request))?;
+        let codec = self.engine.codec_arc();
         if !codec.has_tokenizer() {
             return Err(RouterError::invalid("text", "the model has no tokenizer.json").into());
         }
-        let ids = codec.encode(&request.into_inner().text).map_err(|e| RouterError::invalid("text", e.to_string()))?;
+        let text = request.into_inner().text;
+        self.check_text_size("text", &text)?;
+        let ids = tokio::task::spawn_blocking(move || codec.encode(&text))
+            .await
+            .map_err(|e| RouterError::Internal(format!("tokenizer task: {e}")))?
+            .map_err(|e| RouterError::invalid("text", e.to_string()))?;
         Ok(Response::new(TokenizeResponse { token_ids: ids }))
     }
 
-    async fn model_info(&self, _request: Request<ModelInfoRequest>) -> Result<Response<ModelInfoResponse>, Status> {
+    async fn model_info(&self, request: Request<ModelInfoRequest>) -> Result<Response<ModelInfoResponse>, Status> {
+        authenticate(&self.engine, authorization(&request))?;
         let c = self.engine.model_config();
         Ok(Response::new(ModelInfoResponse {
             architecture: c.architecture.hf_name().to_string(),

@@ -46,6 +46,9 @@ pub struct EngineConfig {
     /// machine, as in `moe bench`, both halves compete for the same cores and each expert's
     /// weights are read twice per step); `moe bench` measures it both ways.
     pub two_batch_overlap: bool,
+    /// Text prompts (and `Tokenize` texts) longer than this many bytes are refused before the
+    /// tokenizer runs.
+    pub max_prompt_bytes: usize,
     /// Fault injection for the supervision tests: the compute loop panics after this many
     /// steps. Never set in production.
     pub panic_after_steps: Option<usize>,
@@ -62,6 +65,7 @@ impl Default for EngineConfig {
             default_timeout: Duration::from_secs(600),
             metrics: moe_metrics::Registry::new(),
             two_batch_overlap: false,
+            max_prompt_bytes: 1 << 20,
             panic_after_steps: None,
         }
     }
