@@ -338,6 +338,31 @@ async fn embedded_server_process_health_reflection_tokenize_and_cli_stream() {
         other => panic!("unexpected reflection answer {other:?}"),
     };
     assert!(listed.iter().any(|s| s == "moe.v1.Inference"), "{listed:?}");
+    {
+        // The same through v1alpha (what Python's grpcio-reflection and Postman speak).
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient as AlphaClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest as AlphaRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse as AlphaResponse;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let list = AlphaRequest::ListServices(String::new());
+        tx.send(tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(list),
+        })
+        .await
+        .expect("send");
+        drop(tx);
+        let mut refl = AlphaClient::new(channel.clone())
+            .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("v1alpha reflection")
+            .into_inner();
+        let listed = match refl.next().await.expect("answer").expect("ok").message_response {
+            Some(AlphaResponse::ListServicesResponse(l)) => l.service.into_iter().map(|s| s.name).collect::<Vec<_>>(),
+            other => panic!("unexpected v1alpha reflection answer {other:?}"),
+        };
+        assert!(listed.iter().any(|s| s == "moe.v1.Inference"), "v1alpha: {listed:?}");
+    }
 
     let mut c = InferenceClient::new(channel);
     let ids = c.tokenize(TokenizeRequest { text: "Hi!".into() }).await.expect("tokenize").into_inner().token_ids;

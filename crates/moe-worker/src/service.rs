@@ -190,10 +190,12 @@ pub async fn serve_worker_with(
     const MAX_MESSAGE_BYTES: usize = 64 << 20;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<ExpertWorkerServer<ExpertWorkerService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let (reflection, reflection_alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
     let svc = ExpertWorkerServer::new(ExpertWorkerService::new(host, worker_id))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -210,6 +212,7 @@ pub async fn serve_worker_with(
     builder
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
