@@ -315,9 +315,10 @@ async fn hostile_inputs_get_their_codes_and_others_are_served() {
     }
     let limit = moe_router::MAX_MESSAGE_BYTES;
     let under = req(Prompt::Text("a ".repeat((limit - 4096) / 2)), |_| {});
-    let err = c.generate(keyed(under, Some(ACME))).await.expect_err("too long for the context");
+    let err = c.generate(keyed(under, Some(ACME))).await.expect_err("too long to tokenize");
     assert_eq!(err.code(), inv, "just under the size limit: {err:?}");
-    assert!(err.message().contains("context"), "{}", err.message());
+    // Refused before the tokenizer runs, naming the limit.
+    assert!(err.message().contains("--max-prompt-bytes"), "{}", err.message());
     still_serving(&mut c, "a message just under the limit").await;
     let over = req(Prompt::Text("a".repeat(limit + 16)), |_| {});
     let err = c.generate(keyed(over, Some(ACME))).await.expect_err("over the size limit");
