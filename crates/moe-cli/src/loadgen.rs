@@ -99,7 +99,12 @@ pub fn run(a: LoadgenArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot connect to {uri}"))?;
         let client = InferenceClient::new(channel);
-        let vocab = client.clone().model_info(ModelInfoRequest {}).await.map_err(|s| anyhow::anyhow!("ModelInfo: {s}"))?;
+        // With tenants, ModelInfo needs a key like every other RPC: use the first.
+        let mut info = tonic::Request::new(ModelInfoRequest {});
+        if let Some(v) = a.api_key.first().and_then(|k| format!("Bearer {k}").parse().ok()) {
+            info.metadata_mut().insert("authorization", v);
+        }
+        let vocab = client.clone().model_info(info).await.map_err(|s| anyhow::anyhow!("ModelInfo: {s}"))?;
         let vocab = vocab.into_inner().vocab_size.max(1) as u64;
         let next = Arc::new(AtomicUsize::new(0));
         let issued = Arc::new(AtomicUsize::new(0));
