@@ -1,0 +1,117 @@
+//! A worker that answers over gRPC with an unknown wire dtype is a failed worker, not a source of
+//! numbers (the answer is not decoded as the dtype the router asked for): its rows fail over to a replica, the call succeeds
+//! with the replica's answer, and the bad worker is left out as a suspect.
+
+use moe_compute::cpu::{CpuBackend, HostTensor};
+use moe_compute::ExpertPlan;
+use moe_dispatch::{Dispatcher, GrpcTransport, GrpcTransportConfig, Placement};
+use moe_model::{ExpertExecutor, ExpertRoutes, LayerCall, ModelConfig};
+use moe_proto::v1::expert_worker_server::{ExpertWorker, ExpertWorkerServer};
+use moe_proto::v1::{DescribeRequest, DescribeResponse, ExpertRequest, ExpertResponse};
+use moe_worker::{ExpertCompute, ExpertHost, ExpertSpec};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+/// Answers every request with `dtype` 99 and rows of the right size for f32 (all zeros), so that
+/// only the dtype check can tell this answer is not to be used.
+struct LyingWorker;
+
+type Answers = Pin<Box<dyn Stream<Item = Result<ExpertResponse, Status>> + Send>>;
+
+fn lie(req: &ExpertRequest) -> ExpertResponse {
+    let bytes = 4 * req.row_pairs.len() * req.hidden_size as usize;
+    ExpertResponse { id: req.id, dtype: 99, rows: vec![0u8; bytes].into(), error: None, failed_adapters: Vec::new() }
+}
+
+#[tonic::async_trait]
+impl ExpertWorker for LyingWorker {
+    async fn compute(&self, request: Request<ExpertRequest>) -> Result<Response<ExpertResponse>, Status> {
+        Ok(Response::new(lie(request.get_ref())))
+    }
+
+    type ComputeStreamStream = Answers;
+
+    async fn compute_stream(
+        &self,
+        request: Request<Streaming<ExpertRequest>>,
+    ) -> Result<Response<Self::ComputeStreamStream>, Status> {
+        let answers = request.into_inner().map(|m| m.map(|r| lie(&r)));
+        Ok(Response::new(Box::pin(answers)))
+    }
+
+    async fn describe(&self, _request: Request<DescribeRequest>) -> Result<Response<DescribeResponse>, Status> {
+        Err(Status::unimplemented("not needed"))
+    }
+}
+
+#[test]
+fn an_unknown_wire_dtype_fails_over_to_a_replica() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let spec =
+        moe_demo::DemoSpec { num_layers: 1, hidden_size: 64, intermediate_size: 96, ..moe_demo::DemoSpec::demo() };
+    moe_demo::write_demo_model(tmp.path(), &spec).expect("demo model");
+    let config = ModelConfig::from_dir(tmp.path()).expect("config");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let host = ExpertHost::load(tmp.path(), &ExpertSpec::All, CpuBackend::new()).expect("host");
+    let (h, e) = (config.hidden_size, config.num_experts);
+    let rows = 3;
+    let x: Vec<f32> = (0..rows * h).map(|i| ((i % 5) as f32 - 2.0) * 0.1).collect();
+    let want = {
+        let row_pairs = vec![1u32; rows];
+        let experts = vec![0u32; rows];
+        let input = moe_worker::ComputeInput::base(0, h, &x, &row_pairs, &experts, &[1.0; 3]);
+        let mut out = Vec::new();
+        host.compute(&input, &mut out).expect("local");
+        out
+    };
+    let addrs: Vec<String> = rt.block_on(async {
+        let liar = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let liar_addr = liar.local_addr().expect("addr").to_string();
+        let incoming = tonic::transport::server::TcpIncoming::from(liar);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ExpertWorkerServer::new(LyingWorker))
+                .serve_with_incoming(incoming),
+        );
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let good_addr = good.local_addr().expect("addr").to_string();
+        let host: Arc<dyn ExpertCompute> = Arc::new(host);
+        tokio::spawn(moe_worker::serve_worker(host, "good".into(), good, std::future::pending::<()>()));
+        vec![liar_addr, good_addr]
+    });
+    let mut placement = Placement::new(config.num_layers, e);
+    let all: Vec<u32> = (0..e as u32).collect();
+    placement.add(0, 0, &all).expect("liar holds every expert");
+    placement.add(1, 0, &all).expect("good holds every expert");
+    let transport = {
+        let _guard = rt.enter();
+        let cfg = GrpcTransportConfig { wire: moe_proto::v1::WireDtype::F32, ..Default::default() };
+        GrpcTransport::lazy(&addrs, cfg).expect("transport")
+    };
+    let d = Dispatcher::new(transport, placement, 2);
+    let backend = CpuBackend::new();
+    for _ in 0..3 {
+        let choices = vec![(0u32, 1.0f32); rows];
+        let mut plan = ExpertPlan::default();
+        plan.rebuild(e, 1, &choices);
+        let routes = ExpertRoutes {
+            top_k: 1,
+            choices: &choices,
+            plan: &plan,
+            adapters: &[],
+            row_adapter: &[],
+            row_request: &[],
+        };
+        let xt = HostTensor { rows, cols: h, data: x.clone() };
+        let mut out = HostTensor { rows, cols: h, data: vec![0.0; rows * h] };
+        let mut unserved = Vec::new();
+        let call = LayerCall { backend: &backend, layer: 0, x: &xt, routes, out: &mut out, unserved: &mut unserved };
+        ExpertExecutor::<CpuBackend>::run_experts(&d, call).expect("the call fails over instead of failing");
+        assert!(unserved.is_empty(), "{unserved:?}");
+        let close = out.data.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-4 * (1.0 + b.abs()));
+        assert!(close, "only the good worker's rows are used");
+    }
+    assert_eq!(d.suspects(), vec![0], "the worker with the unknown dtype is left out");
+}
