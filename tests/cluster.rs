@@ -9,23 +9,11 @@ use common::*;
 use moe_cluster::{in_process_dispatcher, load_router_model, remote_dispatcher};
 use moe_compute::cpu::CpuBackend;
 use moe_dispatch::GrpcTransportConfig;
-use moe_model::{BatchItem, ExpertExecutor, LogitsFor, Model, SequenceCache};
+use moe_model::{BatchItem, ExpertExecutor, LogitsFor, SequenceCache};
 use moe_proto::v1::WireDtype;
 use moe_router::{Engine, EngineConfig, EngineParts, Event, GenerationParams, PromptInput, ValidatedRequest};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Full logits of a prompt through a dense-only model and the given expert executor.
-fn logits_with(model: &Model<CpuBackend>, experts: &dyn ExpertExecutor<CpuBackend>, ids: &[u32]) -> Vec<Vec<f32>> {
-    let mut ws = model.workspace();
-    let mut kv = model.kv_cache(16, 16).expect("kv");
-    let mut cache = SequenceCache::default();
-    let mut out = Vec::new();
-    model
-        .forward_with(&mut ws, &mut kv, &mut [BatchItem::new(ids, &mut cache)], LogitsFor::All, &mut out, Some(experts))
-        .expect("forward");
-    out.chunks(model.config.vocab_size).map(|r| r.to_vec()).collect()
-}
 
 /// Greedy generation through an engine (the router's batching loop).
 fn engine_greedy(engine: &Engine, ids: &[u32], n: usize) -> Vec<u32> {
@@ -59,7 +47,7 @@ fn embedded_cluster_matches_transformers_with_1_and_3_workers() {
             let dispatcher = in_process_dispatcher(&dir, workers).expect("workers");
             for case in expected(arch)["cases"].as_array().expect("cases") {
                 let ids = u32s(&case["token_ids"]);
-                let err = rel_err(&logits_with(&model, &dispatcher, &ids), &matrix(&case["logits"]));
+                let err = rel_err(&logits_with(&model, Some(&dispatcher), None, &ids), &matrix(&case["logits"]));
                 assert!(err < 1e-4, "{arch}, {workers} workers, {} tokens: relative error {err}", ids.len());
             }
             let engine = moe_cluster::embedded(&dir, workers, EngineConfig::default()).expect("engine");
@@ -105,7 +93,8 @@ fn worker_processes_over_grpc_match_transformers() {
                 let ids = u32s(&case["token_ids"]);
                 let (m, d) = (model.clone(), dispatcher.clone());
                 // The gRPC transport blocks on the runtime: call it from a plain thread.
-                let got = std::thread::spawn(move || logits_with(&m, d.as_ref(), &ids)).join().expect("thread");
+                let got =
+                    std::thread::spawn(move || logits_with(&m, Some(d.as_ref()), None, &ids)).join().expect("thread");
                 let err = rel_err(&got, &matrix(&case["logits"]));
                 assert!(
                     err < tol,

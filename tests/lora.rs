@@ -23,22 +23,6 @@ fn adapter_expected(arch: &str, name: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("adapter fixture")).expect("json")
 }
 
-/// Full logits of one prompt with an adapter, through `experts` (or the model's own).
-fn logits_with(
-    model: &Model<CpuBackend>,
-    experts: Option<&dyn ExpertExecutor<CpuBackend>>,
-    adapter: Option<&AdapterWeights<CpuBackend>>,
-    ids: &[u32],
-) -> Vec<Vec<f32>> {
-    let mut ws = model.workspace();
-    let mut kv = model.kv_cache(16, 16).expect("kv");
-    let mut cache = SequenceCache::default();
-    let mut out = Vec::new();
-    let mut batch = [BatchItem::new(ids, &mut cache).with_adapter(adapter)];
-    model.forward_with(&mut ws, &mut kv, &mut batch, LogitsFor::All, &mut out, experts).expect("forward");
-    out.chunks(model.config.vocab_size).map(|r| r.to_vec()).collect()
-}
-
 fn load(model: &Model<CpuBackend>, dir: &Path, id: &str, parts: AdapterParts<'_>) -> AdapterWeights<CpuBackend> {
     let identity = AdapterIdentity { id: id.into(), path: id.into(), digest: String::new() };
     load_adapter(dir, identity, &model.config, model.backend(), parts).expect("adapter loads")

@@ -14,7 +14,7 @@ use moe_cluster::{load_router_model, remote_dispatcher};
 use moe_compute::cpu::CpuBackend;
 use moe_dispatch::GrpcTransportConfig;
 use moe_lora::{load_adapter, AdapterParts};
-use moe_model::{AdapterIdentity, AdapterWeights, BatchItem, ExpertExecutor, LogitsFor, Model, SequenceCache};
+use moe_model::AdapterIdentity;
 use moe_proto::v1::WireDtype;
 use std::path::Path;
 use std::sync::Arc;
@@ -24,21 +24,6 @@ const ADAPTERS: [&str; 5] = ["gate", "attn", "experts", "layers", "patterns"];
 fn peft_expected(arch: &str, name: &str) -> serde_json::Value {
     let path = fixture(arch).join("peft").join(name).join("expected.json");
     serde_json::from_str(&std::fs::read_to_string(path).expect("peft fixture")).expect("json")
-}
-
-fn logits_with(
-    model: &Model<CpuBackend>,
-    experts: &dyn ExpertExecutor<CpuBackend>,
-    adapter: &AdapterWeights<CpuBackend>,
-    ids: &[u32],
-) -> Vec<Vec<f32>> {
-    let mut ws = model.workspace();
-    let mut kv = model.kv_cache(16, 16).expect("kv");
-    let mut cache = SequenceCache::default();
-    let mut out = Vec::new();
-    let mut batch = [BatchItem::new(ids, &mut cache).with_adapter(Some(adapter))];
-    model.forward_with(&mut ws, &mut kv, &mut batch, LogitsFor::All, &mut out, Some(experts)).expect("forward");
-    out.chunks(model.config.vocab_size).map(|r| r.to_vec()).collect()
 }
 
 #[test]
@@ -105,7 +90,9 @@ fn router_with_two_worker_processes_matches_peft() {
             for case in peft_expected(arch, name)["cases"].as_array().expect("cases") {
                 let ids = u32s(&case["token_ids"]);
                 let (m, disp, ad) = (model.clone(), dispatcher.clone(), adapter.clone());
-                let got = std::thread::spawn(move || logits_with(&m, disp.as_ref(), &ad, &ids)).join().expect("thread");
+                let got = std::thread::spawn(move || logits_with(&m, Some(disp.as_ref()), Some(&ad), &ids))
+                    .join()
+                    .expect("thread");
                 let err = rel_err(&got, &matrix(&case["logits"]));
                 assert!(err < 1e-4, "{arch}/{name} through 2 workers: relative error {err}");
             }

@@ -423,3 +423,20 @@ pub fn solo_greedy(model_dir: &Path, prompt: &[u32], n: usize) -> Vec<u32> {
     let params = moe_router::GenerationParams { max_new_tokens: Some(n as u32), ..Default::default() };
     solo_generate(model_dir, prompt, params, None)
 }
+
+/// Full logits of one prompt (`vocab_size` per position) through `model`, its routed experts on
+/// `experts` (or its own), with `adapter` (or none).
+pub fn logits_with(
+    model: &moe_model::Model<moe_compute::cpu::CpuBackend>,
+    experts: Option<&dyn moe_model::ExpertExecutor<moe_compute::cpu::CpuBackend>>,
+    adapter: Option<&moe_model::AdapterWeights<moe_compute::cpu::CpuBackend>>,
+    ids: &[u32],
+) -> Vec<Vec<f32>> {
+    let mut ws = model.workspace();
+    let mut kv = model.kv_cache(16, 16).expect("kv");
+    let mut cache = moe_model::SequenceCache::default();
+    let mut out = Vec::new();
+    let mut batch = [moe_model::BatchItem::new(ids, &mut cache).with_adapter(adapter)];
+    model.forward_with(&mut ws, &mut kv, &mut batch, moe_model::LogitsFor::All, &mut out, experts).expect("forward");
+    out.chunks(model.config.vocab_size).map(|r| r.to_vec()).collect()
+}

@@ -2,11 +2,11 @@
 //! dispatcher as remote ones) and the local engine (the model with its own experts, for
 //! `moe generate` and anything else that runs one process without workers).
 
-use crate::{check_complete, load_router_model, router_registry, AdapterOptions, ClusterError, Result};
+use crate::{check_complete, router_registry, start_router_engine, AdapterOptions, ClusterError, Result};
 use moe_compute::{on_device, Backend, Device, OnBackend};
 use moe_dispatch::{Dispatcher, InProcessTransport, Placement};
 use moe_generate::TextCodec;
-use moe_model::{ExpertExecutor, Model};
+use moe_model::Model;
 use moe_router::{Engine, EngineConfig, EngineParts};
 use moe_worker::{ExpertCompute, ExpertHost, ExpertSpec};
 use std::path::Path;
@@ -89,10 +89,7 @@ pub fn embedded_on(
         fn run<B: Backend>(self, backend: B) -> Result<Engine> {
             let Embedded(dir, workers, engine, adapters) = self;
             let dispatcher = in_process_dispatcher_backend(&backend, dir, workers, adapters)?;
-            let (model, codec) = load_router_model(dir, backend)?;
-            let experts: Arc<dyn ExpertExecutor<B>> = Arc::new(dispatcher);
-            let adapters = router_registry(&model, adapters, false);
-            Ok(Engine::start(EngineParts { model, codec, experts: Some(experts), adapters }, engine)?)
+            start_router_engine(dir, backend, Arc::new(dispatcher), engine, adapters)
         }
     }
     on_device(device, Embedded(dir, workers, engine, adapters))?

@@ -73,6 +73,21 @@ fn router_registry<B: Backend>(
     Some(Arc::new(moe_router::router_adapters(model.clone(), Some(dir), adapters.limits, experts)))
 }
 
+/// A router engine on `backend`: the dense part of the model in `dir`, its adapter registry
+/// (attention and gate pairs), and the routed experts on `experts`.
+fn start_router_engine<B: Backend>(
+    dir: &Path,
+    backend: B,
+    experts: Arc<dyn moe_model::ExpertExecutor<B>>,
+    engine: moe_router::EngineConfig,
+    adapters: &AdapterOptions,
+) -> Result<moe_router::Engine> {
+    let (model, codec) = load_router_model(dir, backend)?;
+    let adapters = router_registry(&model, adapters, false);
+    let parts = moe_router::EngineParts { model, codec, experts: Some(experts), adapters };
+    Ok(moe_router::Engine::start(parts, engine)?)
+}
+
 fn check_complete(placement: &Placement, config: &moe_model::ModelConfig, refused: &[String]) -> Result<()> {
     let missing = placement.missing(&config.moe_layers());
     if missing.is_empty() {

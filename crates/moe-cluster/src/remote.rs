@@ -4,7 +4,7 @@
 //! fit the model, is skipped, logged and listed as refused; a static router then refuses to
 //! start while some expert has no holder, a membership router reports not ready.
 
-use crate::{check_complete, load_router_model, router_registry, AdapterOptions, ClusterError, Result};
+use crate::{check_complete, start_router_engine, AdapterOptions, ClusterError, Result};
 use moe_compute::{on_device, Backend, Device, OnBackend};
 use moe_dispatch::{
     follow_membership, plan_membership, Dispatcher, GrpcTransport, GrpcTransportConfig, MembershipDispatcher,
@@ -12,7 +12,7 @@ use moe_dispatch::{
 use moe_membership::WorkerRecord;
 use moe_model::{ExpertExecutor, ModelConfig};
 use moe_proto::v1::DescribeResponse;
-use moe_router::{ClusterStatus, Engine, EngineConfig, EngineParts};
+use moe_router::{ClusterStatus, Engine, EngineConfig};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -87,13 +87,11 @@ fn router_on(
         type Output = Result<Engine>;
         fn run<B: Backend>(self, backend: B) -> Result<Engine> {
             let Router(dir, experts, engine, adapters) = self;
-            let (model, codec) = load_router_model(dir, backend)?;
             let experts: Arc<dyn ExpertExecutor<B>> = match experts {
                 RouterExperts::Static(d) => Arc::new(d),
                 RouterExperts::Membership(d) => d,
             };
-            let adapters = router_registry(&model, adapters, false);
-            Ok(Engine::start(EngineParts { model, codec, experts: Some(experts), adapters }, engine)?)
+            start_router_engine(dir, backend, experts, engine, adapters)
         }
     }
     on_device(device, Router(dir, experts, engine, adapters))?

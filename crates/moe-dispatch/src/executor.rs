@@ -14,6 +14,13 @@ fn to_model(layer: usize) -> impl Fn(DispatchError) -> ModelError {
     move |e| ModelError::Experts { layer, message: e.to_string() }
 }
 
+/// The host sum of a layer's expert results starts at zero, as `LayerCall::out` does on entry,
+/// so the output never has to leave the device.
+fn zeroed(buf: &mut Vec<f32>, len: usize) {
+    buf.clear();
+    buf.resize(len, 0.0);
+}
+
 impl<B: Backend, T: WorkerTransport + 'static> ExpertExecutor<B> for Dispatcher<T> {
     fn run_experts(&self, call: LayerCall<'_, B>) -> moe_model::Result<()> {
         let core = &self.core;
@@ -21,7 +28,7 @@ impl<B: Backend, T: WorkerTransport + 'static> ExpertExecutor<B> for Dispatcher<
         let (rows, cols) = b.act_shape(call.x);
         let mut s = core.loaded(call.layer, &call.routes)?;
         b.download(call.x, &mut s.x);
-        b.download(call.out, &mut s.out);
+        zeroed(&mut s.out, rows * cols);
         let result = core.rounds(call.layer, cols, &call.routes, &mut s, call.unserved);
         b.upload(rows, cols, &s.out, call.out);
         result.map_err(to_model(call.layer))
@@ -67,7 +74,7 @@ impl<B: Backend, T: WorkerTransport + 'static> StartedExperts<B> for StartedCall
         let (rows, cols) = b.act_shape(call.x);
         let mut guard = core.scratch(layer)?;
         let s = &mut *guard;
-        b.download(call.out, &mut s.out);
+        zeroed(&mut s.out, rows * cols);
         let mut retry = Vec::new();
         let absorbed = core.absorb(
             layer,

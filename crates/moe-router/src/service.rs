@@ -92,7 +92,7 @@ impl InferenceService {
             adapter_id: req.adapter_id,
             timeout: (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms as u64)),
         };
-        let (codec, config) = (self.engine.codec_arc(), self.engine.model_config().clone());
+        let (codec, config) = (self.engine.codec_arc(), self.engine.model_config_arc());
         let timeout = self.engine.config().default_timeout;
         tokio::task::spawn_blocking(move || ValidatedRequest::new(prompt, &params, &codec, &config, timeout))
             .await

@@ -206,6 +206,11 @@ impl Engine {
         &self.model_config
     }
 
+    /// The model's configuration, shared (for work moved off the async runtime).
+    pub fn model_config_arc(&self) -> Arc<ModelConfig> {
+        self.model_config.clone()
+    }
+
     /// The compute backend's name, for logs.
     pub fn backend_name(&self) -> &str {
         &self.backend_name
