@@ -1,18 +1,7 @@
-//! `x · Wᵀ` on the CPU, for f32 or bf16 W. Few rows (decode) are bound by reading W once: each
-//! thread streams a block of W's rows and dots them with every input row while they sit in L1
-//! (bf16 rows widened in registers: half the bytes). Many rows (prefill, busy experts) go to the
-//! cache-blocked SIMD kernel of the `gemm` crate; bf16 W is widened a block of rows at a time
-//! into a per-thread buffer that stays in cache while the block's product runs.
-
-use super::simd::{bf16_to_f32, dot, dot_bf16};
-use gemm::Parallelism;
-use rayon::prelude::*;
-use std::cell::RefCell;
-
-/// Up to this many input rows use the streaming kernel; above, the blocked GEMM wins.
-const STREAM_MAX_ROWS: usize = 6;
-/// Below this many multiply-adds a call runs on the calling thread (threads cost ~µs to wake).
-const PARALLEL_MIN_WORK: usize = 1 << 15;
+//! `x · Wᵀ` on the CPU, for f32 or bf16 W: the operand types and the entry points, which all
+//! go to the batch-invariant kernel ([`super::invariant`]): a row's result is the same whatever
+//! else is in the call, and that kernel is also the fastest we have for 1 to 512 rows (register
+//! tiles of up to 4 rows × 8 weight rows, bf16 widened in registers).
 
 /// A raw pointer that may cross threads; every user writes a disjoint region.
 #[derive(Clone, Copy)]
@@ -38,19 +27,12 @@ pub enum Weights<'a> {
 }
 
 impl Weights<'_> {
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             Weights::F32(w) => w.len(),
             Weights::Bf16(w) => w.len(),
         }
     }
-}
-
-/// Rows of W widened per block in the bf16 blocked path.
-const BF16_BLOCK_ROWS: usize = 64;
-
-thread_local! {
-    static WIDENED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `out[m×n] = x[m×k] · w[n×k]ᵀ`.
@@ -60,134 +42,13 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f
 
 /// [`matmul_t`] for f32 or bf16 weights.
 pub fn matmul_tw(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut [f32]) {
-    debug_assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        out[..m * n].fill(0.0);
-        return;
-    }
-    match w {
-        _ if m <= STREAM_MAX_ROWS => stream(x, m, k, w, n, out),
-        Weights::F32(w) => blocked(x, m, k, w, n, out),
-        Weights::Bf16(w) => blocked_bf16(x, m, k, w, n, out),
-    }
-}
-
-fn stream(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut [f32]) {
-    let block = |cols: std::ops::Range<usize>, dst: SendPtr| {
-        for j in cols {
-            for r in 0..m {
-                let xr = &x[r * k..(r + 1) * k];
-                let v = match w {
-                    Weights::F32(w) => dot(xr, &w[j * k..(j + 1) * k]),
-                    Weights::Bf16(w) => dot_bf16(xr, &w[j * k..(j + 1) * k]),
-                };
-                // SAFETY: j < n and r < m, so r*n + j is inside out; column blocks are disjoint
-                // between threads.
-                unsafe { *dst.get().add(r * n + j) = v };
-            }
-        }
-    };
-    let dst = SendPtr(out.as_mut_ptr());
-    let threads = rayon::current_num_threads();
-    if threads <= 1 || m * n * k < PARALLEL_MIN_WORK {
-        block(0..n, dst);
-        return;
-    }
-    let chunk = n.div_ceil(threads * 4).max(16);
-    (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
-        let cols = c * chunk..((c + 1) * chunk).min(n);
-        block(cols, dst);
-    });
-}
-
-/// bf16 W: each block of rows is widened into this thread's buffer, then multiplied into its
-/// columns of `out` (blocks write disjoint columns, so they run in parallel).
-fn blocked_bf16(x: &[f32], m: usize, k: usize, w: &[u16], n: usize, out: &mut [f32]) {
-    let dst = SendPtr(out.as_mut_ptr());
-    let block = |b: usize| {
-        let j0 = b * BF16_BLOCK_ROWS;
-        let nb = BF16_BLOCK_ROWS.min(n - j0);
-        WIDENED.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            buf.clear();
-            buf.extend(w[j0 * k..(j0 + nb) * k].iter().map(|&v| bf16_to_f32(v)));
-            // SAFETY: the destination is columns j0..j0+nb of the m×n row-major out (col stride
-            // 1, row stride n), inside out and disjoint between blocks; lhs x is m×k row-major;
-            // rhs is the widened block's transpose, k×nb, read from its nb×k row-major storage.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    nb,
-                    k,
-                    dst.get().add(j0),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    buf.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
-        });
-    };
-    let blocks = n.div_ceil(BF16_BLOCK_ROWS);
-    if m * n * k < PARALLEL_MIN_WORK * 4 || rayon::current_num_threads() <= 1 {
-        (0..blocks).for_each(block);
-    } else {
-        (0..blocks).into_par_iter().for_each(block);
-    }
-}
-
-fn blocked(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
-    let par = if m * n * k < PARALLEL_MIN_WORK * 4 {
-        Parallelism::None
-    } else {
-        Parallelism::Rayon(rayon::current_num_threads())
-    };
-    // SAFETY: dst is m×n row-major (col stride 1, row stride n); lhs x is m×k row-major; rhs is
-    // Wᵀ, k×n, read through W's n×k row-major storage (row stride 1, col stride k). All three
-    // slices were checked to hold at least those many elements. read_dst is false, so out's
-    // previous contents are ignored.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+    super::invariant::matmul(x, m, k, w, n, out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::simd::bf16_to_f32;
 
     fn naive(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
         let mut out = vec![0.0; m * n];
@@ -200,7 +61,7 @@ mod tests {
     }
 
     #[test]
-    fn both_paths_match_naive() {
+    fn matches_naive() {
         for &(m, k, n) in &[(1, 64, 300), (3, 17, 5), (6, 128, 257), (7, 33, 9), (40, 96, 130), (64, 512, 700)] {
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0).collect();
             let w: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 9.0).collect();

@@ -4,6 +4,7 @@
 //! once they have grown).
 
 mod attention;
+pub mod invariant;
 mod linear;
 mod lora;
 mod simd;
