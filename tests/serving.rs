@@ -248,7 +248,7 @@ async fn worker_rejects_malformed_messages_and_keeps_serving() {
         assert!(err.message().contains(needle), "{needle:?} not in {:?}", err.message());
     }
     let ok = c.compute(good()).await.expect("valid request").into_inner();
-    assert_eq!(ok.rows.len(), 2 * 64 * 4);
+    assert_eq!(ok.rows.len(), 3 * 64 * 4, "one answer row per (row, expert) pair");
 
     // On the stream, a bad message gets an error response and the stream goes on.
     let (tx, rx) = tokio::sync::mpsc::channel(4);

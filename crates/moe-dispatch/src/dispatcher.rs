@@ -1,11 +1,13 @@
-//! Turning one MoE layer's routing into one batch per worker, summing what comes back, and
-//! failing over: when a worker does not answer (connection refused or reset, deadline), it is
+//! Turning one MoE layer's routing into one batch per worker, collecting what comes back (one
+//! result per (row, expert) pair, summed in a fixed order by [`crate::combine`]), and failing
+//! over: when a worker does not answer (connection refused or reset, deadline), it is
 //! marked suspect for a while and the (row, expert) pairs it owed are sent, in the same step, to
 //! another holder of the same experts. Expert calls are pure functions of their inputs, so the
 //! retry gives the same result. Only when some expert has no holder left does the layer fail.
 //! Rows are on the host here (the wire's side); [`crate::executor`] moves them to and from the
 //! backend.
 
+use crate::combine::Contributions;
 use crate::error::{DispatchError, Result};
 use crate::placement::Placement;
 use crate::transport::{BatchOutput, WorkerBatch, WorkerTransport};
@@ -21,6 +23,8 @@ pub(crate) struct Scratch {
     /// The layer's input rows and the sum of the experts' results, on the host (the wire's side).
     pub(crate) x: Vec<f32>,
     pub(crate) out: Vec<f32>,
+    /// Each (row, expert) result until the layer's are all in.
+    pub(crate) contrib: Contributions,
     pub(crate) pending: Vec<(u32, u32, f32)>,
     batches: Vec<WorkerBatch>,
     outputs: Vec<BatchOutput>,
@@ -63,6 +67,7 @@ impl<T: WorkerTransport> Dispatcher<T> {
             scratch: Mutex::new(Scratch {
                 x: Vec::new(),
                 out: Vec::new(),
+                contrib: Contributions::default(),
                 batches: Vec::new(),
                 outputs: Vec::new(),
                 results: Vec::new(),
@@ -253,21 +258,23 @@ impl<T: WorkerTransport> DispatcherCore<T> {
 }
 
 impl<T: WorkerTransport> DispatcherCore<T> {
-    /// Adds the successful batches' rows into `out`, reports rows whose adapter failed on the
-    /// worker in `unserved`, and queues the pairs of dead or silent workers in `retry`.
+    /// Stores the successful batches' (row, expert) results in `contrib`, reports rows whose
+    /// adapter failed on the worker in `unserved`, and queues the pairs of dead or silent
+    /// workers in `retry`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn absorb(
         &self,
         layer: usize,
         cols: usize,
-        adapters: &[AdapterIdentity],
+        routes: &ExpertRoutes<'_>,
         batches: &[WorkerBatch],
         outputs: &[BatchOutput],
         results: &[Result<()>],
-        out: &mut [f32],
+        contrib: &mut Contributions,
         unserved: &mut Vec<(u32, String)>,
         retry: &mut Vec<(u32, u32, f32)>,
     ) -> Result<()> {
+        let adapters: &[AdapterIdentity] = routes.adapters;
         for ((b, o), result) in batches.iter().zip(outputs).zip(results) {
             let result = match result {
                 Ok(()) => check_answer(b, o, cols, adapters.len()).map_err(|message| DispatchError::Malformed {
@@ -278,7 +285,10 @@ impl<T: WorkerTransport> DispatcherCore<T> {
             };
             match result {
                 Ok(()) => {
+                    let mut pair = 0usize;
                     for (j, &r) in b.row_ids.iter().enumerate() {
+                        let pairs = pair..pair + b.row_pairs[j] as usize;
+                        pair = pairs.end;
                         if !o.failed_adapters.is_empty() {
                             let slot = b.row_adapters.get(j).copied().unwrap_or(0);
                             if let Some((_, why)) = o.failed_adapters.iter().find(|(s, _)| *s == slot) {
@@ -297,10 +307,8 @@ impl<T: WorkerTransport> DispatcherCore<T> {
                                 continue;
                             }
                         }
-                        let row = r as usize * cols..(r as usize + 1) * cols;
-                        let Some(acc_row) = out.get_mut(row) else { continue };
-                        for (acc, v) in acc_row.iter_mut().zip(&o.rows[j * cols..(j + 1) * cols]) {
-                            *acc += v;
+                        for p in pairs {
+                            contrib.put(routes.choices, r, b.experts[p], &o.rows[p * cols..(p + 1) * cols]);
                         }
                     }
                 }
@@ -327,7 +335,7 @@ impl<T: WorkerTransport> DispatcherCore<T> {
 
     /// Sends `s.pending` to workers round after round until every pair is computed or has no
     /// live holder left.
-    /// `s.x` holds the layer's rows (`cols` each) and results are added into `s.out`.
+    /// `s.x` holds the layer's rows (`cols` each) and results are stored in `s.contrib`.
     pub(crate) fn rounds(
         &self,
         layer: usize,
@@ -356,15 +364,15 @@ impl<T: WorkerTransport> DispatcherCore<T> {
                 &mut s.results[..used],
             );
             s.retry.clear();
-            let Scratch { batches, outputs, results, out, retry, .. } = &mut *s;
+            let Scratch { batches, outputs, results, contrib, retry, .. } = &mut *s;
             self.absorb(
                 layer,
                 cols,
-                routes.adapters,
+                routes,
                 &batches[..used],
                 &outputs[..used],
                 &results[..used],
-                out,
+                contrib,
                 unserved,
                 retry,
             )?;
@@ -395,11 +403,11 @@ impl<T: WorkerTransport> DispatcherCore<T> {
     }
 }
 
-/// Whether a worker's answer fits its batch: one row of `cols` values per batch row, and failed
-/// adapter slots that name adapters of the call (1-based).
+/// Whether a worker's answer fits its batch: one row of `cols` values per (row, expert) pair,
+/// and failed adapter slots that name adapters of the call (1-based).
 fn check_answer(b: &WorkerBatch, o: &BatchOutput, cols: usize, adapters: usize) -> std::result::Result<(), String> {
-    if o.rows.len() != b.row_ids.len() * cols {
-        return Err(format!("{} values for {} rows of {cols}", o.rows.len(), b.row_ids.len()));
+    if o.rows.len() != b.experts.len() * cols {
+        return Err(format!("{} values for {} (row, expert) pairs of {cols}", o.rows.len(), b.experts.len()));
     }
     if let Some((slot, _)) = o.failed_adapters.iter().find(|(s, _)| *s == 0 || *s as usize > adapters) {
         return Err(format!("failed adapter slot {slot}, but the call has {adapters} adapters"));

@@ -1,6 +1,7 @@
 //! The dispatcher as the model sees it: an [`ExpertExecutor`] on any backend. A layer's rows
 //! come to the host with `download` (the copy the wire needs anyway), travel to the workers, and
-//! their sum goes back with `upload`. A started call ([`StartedCall`]) holds the dispatcher it
+//! the sum of their (row, expert) results, in the fixed order of [`crate::combine`], goes back
+//! with `upload`. A started call ([`StartedCall`]) holds the dispatcher it
 //! began on and finishes itself, failover included.
 
 use crate::dispatcher::{Dispatcher, DispatcherCore};
@@ -28,8 +29,11 @@ impl<B: Backend, T: WorkerTransport + 'static> ExpertExecutor<B> for Dispatcher<
         let (rows, cols) = b.act_shape(call.x);
         let mut s = core.loaded(call.layer, &call.routes)?;
         b.download(call.x, &mut s.x);
-        zeroed(&mut s.out, rows * cols);
+        s.contrib.reset(rows, call.routes.top_k, cols);
         let result = core.rounds(call.layer, cols, &call.routes, &mut s, call.unserved);
+        let s = &mut *s;
+        zeroed(&mut s.out, rows * cols);
+        s.contrib.sum_into(call.routes.choices, &mut s.out);
         b.upload(rows, cols, &s.out, call.out);
         result.map_err(to_model(call.layer))
     }
@@ -74,16 +78,16 @@ impl<B: Backend, T: WorkerTransport + 'static> StartedExperts<B> for StartedCall
         let (rows, cols) = b.act_shape(call.x);
         let mut guard = core.scratch(layer)?;
         let s = &mut *guard;
-        zeroed(&mut s.out, rows * cols);
+        s.contrib.reset(rows, call.routes.top_k, cols);
         let mut retry = Vec::new();
         let absorbed = core.absorb(
             layer,
             cols,
-            call.routes.adapters,
+            &call.routes,
             &done.batches,
             &done.outputs,
             &done.results,
-            &mut s.out,
+            &mut s.contrib,
             call.unserved,
             &mut retry,
         );
@@ -98,6 +102,8 @@ impl<B: Backend, T: WorkerTransport + 'static> StartedExperts<B> for StartedCall
             }
             Err(e) => Err(e),
         };
+        zeroed(&mut s.out, rows * cols);
+        s.contrib.sum_into(call.routes.choices, &mut s.out);
         b.upload(rows, cols, &s.out, call.out);
         result.map_err(to_model(layer))
     }

@@ -270,7 +270,7 @@ impl GrpcInner {
         }
     }
 
-    /// Sends one worker's batch (split into messages as needed) and collects the combined rows.
+    /// Sends one worker's batch (split into messages as needed) and collects its per-pair rows.
     async fn call(
         &self,
         layer: usize,
@@ -297,10 +297,12 @@ impl GrpcInner {
         let mut waiters = Vec::new();
         let mut guard = PendingGuard { pending: stream.pending.clone(), ids: Vec::new() };
         let mut pair_start = 0usize;
-        for (chunk, pairs) in b.row_pairs.chunks(per_msg).enumerate() {
-            let first_row = chunk * per_msg;
+        // Each message carries at most `per_msg` rows and `per_msg` (row, expert) pairs (one
+        // answer row each), so neither direction outgrows the message limit.
+        for (first_row, end_row) in message_spans(&b.row_pairs, per_msg) {
+            let pairs = &b.row_pairs[first_row..end_row];
             let n_pairs: usize = pairs.iter().map(|&p| p as usize).sum();
-            let rows = &b.rows[first_row * hidden..(first_row + pairs.len()) * hidden];
+            let rows = &b.rows[first_row * hidden..end_row * hidden];
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let req = ExpertRequest {
                 id,
@@ -312,11 +314,7 @@ impl GrpcInner {
                 experts: b.experts[pair_start..pair_start + n_pairs].to_vec(),
                 weights: b.weights[pair_start..pair_start + n_pairs].to_vec(),
                 adapters: if b.row_adapters.is_empty() { Vec::new() } else { adapters.to_vec() },
-                row_adapters: b
-                    .row_adapters
-                    .get(first_row..first_row + pairs.len())
-                    .map(<[u32]>::to_vec)
-                    .unwrap_or_default(),
+                row_adapters: b.row_adapters.get(first_row..end_row).map(<[u32]>::to_vec).unwrap_or_default(),
                 request_ids: b.request_ids.clone(),
             };
             pair_start += n_pairs;
@@ -489,5 +487,37 @@ impl WorkerTransport for GrpcTransport {
         for (slot, r) in results.iter_mut().zip(all) {
             *slot = r;
         }
+    }
+}
+
+/// Splits a batch's rows into messages of at most `per_msg` rows and `per_msg` pairs (a row
+/// with more pairs than that travels alone): `(first row, end row)` of each message.
+fn message_spans(row_pairs: &[u32], per_msg: usize) -> Vec<(usize, usize)> {
+    let mut spans = Vec::new();
+    let (mut start, mut pairs) = (0usize, 0usize);
+    for (r, &p) in row_pairs.iter().enumerate() {
+        let p = p as usize;
+        if r > start && (r - start == per_msg || pairs + p > per_msg) {
+            spans.push((start, r));
+            (start, pairs) = (r, 0);
+        }
+        pairs += p;
+    }
+    if start < row_pairs.len() {
+        spans.push((start, row_pairs.len()));
+    }
+    spans
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_hold_at_most_per_msg_rows_and_pairs() {
+        assert_eq!(message_spans(&[1, 1, 1, 1, 1], 2), vec![(0, 2), (2, 4), (4, 5)]);
+        assert_eq!(message_spans(&[2, 2, 1, 3], 3), vec![(0, 1), (1, 3), (3, 4)]);
+        assert_eq!(message_spans(&[5, 1], 2), vec![(0, 1), (1, 2)]);
+        assert!(message_spans(&[], 4).is_empty());
     }
 }

@@ -8,9 +8,11 @@
 //!
 //! The chain one layer's expert call takes: the model's [`moe_model::ExpertExecutor`] is a
 //! [`Dispatcher`] (or a [`MembershipDispatcher`] that holds the current one); `executor.rs` moves
-//! the rows off the backend, `dispatcher.rs` groups them per worker and sums the answers, and a
-//! transport carries them.
+//! the rows off the backend, `dispatcher.rs` groups them per worker and collects the answers,
+//! `combine.rs` adds each row's (row, expert) results in ascending expert order (so placement,
+//! replicas and failover never change a bit), and a transport carries them.
 
+mod combine;
 mod dispatcher;
 mod error;
 mod executor;

@@ -26,7 +26,8 @@ pub struct WorkerBatch {
     pub hedge: Option<usize>,
 }
 
-/// What came back for one worker batch: one combined row per batch row, and the adapters (slot
+/// What came back for one worker batch: one row per (row, expert) pair of the batch, in the
+/// batch's pair order (`weight · expert(row)`), and the adapters (slot
 /// into the layer's adapter list, reason) the worker could not load. Rows carrying those were
 /// not computed and must fail, never be used.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -40,7 +41,7 @@ pub trait WorkerTransport: Send + Sync {
     /// A name for worker `i` in errors and logs (its address).
     fn worker_name(&self, worker: usize) -> String;
     /// Runs every batch (at most one per worker, in parallel where possible), writing each
-    /// batch's combined rows into the matching `outputs` entry and its outcome into `results`.
+    /// batch's per-pair rows into the matching `outputs` entry and its outcome into `results`.
     /// `adapters` are the adapters the batches' `row_adapters` index.
     #[allow(clippy::too_many_arguments)]
     fn execute(

@@ -21,7 +21,7 @@ struct LyingWorker;
 type Answers = Pin<Box<dyn Stream<Item = Result<ExpertResponse, Status>> + Send>>;
 
 fn lie(req: &ExpertRequest) -> ExpertResponse {
-    let bytes = 4 * req.row_pairs.len() * req.hidden_size as usize;
+    let bytes = 4 * req.experts.len() * req.hidden_size as usize; // one row per pair
     ExpertResponse { id: req.id, dtype: 99, rows: vec![0u8; bytes].into(), error: None, failed_adapters: Vec::new() }
 }
 

@@ -1,6 +1,7 @@
 //! The hosted experts and their computation: given rows of one layer and each row's
-//! (expert, weight) pairs, run each expert once over all its rows (grouped) and return one
-//! combined row per input row. Shared by the gRPC service and the in-process dispatcher, so the
+//! (expert, weight) pairs, run each expert once over all its rows (grouped) and return one row
+//! per pair, `weight · expert(row)`, for the router to add in its fixed order (a worker never
+//! sums a row's experts: the sum's order would then depend on placement). Shared by the gRPC service and the in-process dispatcher, so the
 //! two give identical results. Rows may carry a LoRA adapter (by identity); the worker loads the
 //! pairs of its hosted experts from its own adapter dir, keeps them in a bounded registry, and
 //! refuses a version whose digest differs from the router's.
@@ -38,6 +39,9 @@ struct HostedLayer<B: Backend> {
 struct Scratch<B: Backend> {
     ffn: FfnScratch<B>,
     plan: ExpertPlan,
+    /// The input row of each pair, and the rows repeated once per pair.
+    pair_row: Vec<u32>,
+    pair_x: Vec<f32>,
     x: B::Act,
     out: B::Act,
 }
@@ -83,8 +87,9 @@ pub trait ExpertCompute: Send + Sync {
     fn hosted(&self) -> Vec<(usize, Vec<u32>)>;
     /// Refuses a request over the batch memory budget, naming both sizes.
     fn check_budget(&self, rows: usize, pairs: usize) -> Result<()>;
-    /// Computes the combined rows into `out` (`rows x hidden_size`). Rows whose adapter could
-    /// not be loaded are left zero and their adapters returned: the caller must fail those rows.
+    /// Computes one row per (row, expert) pair into `out` (`pairs x hidden_size`, in the
+    /// request's pair order). Pairs of rows whose adapter could not be loaded are left zero and
+    /// their adapters returned: the caller must fail those rows.
     /// Runs on the calling thread and the compute pool; call it from a blocking context.
     fn compute(&self, input: &ComputeInput<'_>, out: &mut Vec<f32>) -> Result<Vec<AdapterFailure>>;
 }
@@ -158,11 +163,12 @@ impl<B: Backend> ExpertHost<B> {
         self
     }
 
-    /// The working memory a request needs: its rows and outputs, and per (row, expert) pair the
-    /// gathered row, the fused gate/up and hidden activations and the expert's output.
+    /// The working memory a request needs: its rows, and per (row, expert) pair the row (on the
+    /// host and the device), the gathered row, the fused gate/up and hidden activations, the
+    /// expert's output and the answer row.
     pub fn batch_bytes(&self, rows: usize, pairs: usize) -> usize {
         let (h, i) = (self.config.hidden_size, self.config.expert_intermediate_size);
-        4 * (2 * rows * h + pairs * (2 * h + 3 * i))
+        4 * (rows * h + pairs * (5 * h + 3 * i))
     }
 
     /// The adapter registry, when this worker serves adapters.
@@ -295,46 +301,58 @@ impl<B: Backend> ExpertCompute for ExpertHost<B> {
     fn compute(&self, input: &ComputeInput<'_>, out: &mut Vec<f32>) -> Result<Vec<AdapterFailure>> {
         let layer = self.validate(input)?;
         self.check_budget(input.row_pairs.len(), input.experts.len())?;
-        let need = input.row_pairs.len() * self.config.hidden_size;
+        let h = self.config.hidden_size;
+        let pairs = input.experts.len();
+        let need = pairs * h;
         out.try_reserve(need.saturating_sub(out.len())).map_err(|_| {
             WorkerError::ResourceExhausted(format!("cannot allocate {} bytes for the output rows", 4 * need))
         })?;
         let mut failed = Vec::new();
         let adapters = self.resolve_adapters(input, &mut failed)?;
-        let h = self.config.hidden_size;
-        let rows = input.row_pairs.len();
         let mut s = self.scratch.lock().ok().and_then(|mut p| p.pop()).unwrap_or_else(|| Scratch {
             ffn: FfnScratch::new(&self.backend),
             plan: ExpertPlan::default(),
+            pair_row: Vec::new(),
+            pair_x: Vec::new(),
             x: self.backend.act(),
             out: self.backend.act(),
         });
-        let entries = input.row_pairs.iter().enumerate().flat_map(|(r, &n)| std::iter::repeat_n(r as u32, n as usize));
-        let entries =
-            entries.zip(input.experts.iter().zip(input.weights)).map(|(r, (e, w))| (r, layer.local[e] as u32, *w));
+        // One input row per pair, so that each answer row is one expert's alone.
+        s.pair_row.clear();
+        for (r, &n) in input.row_pairs.iter().enumerate() {
+            s.pair_row.extend(std::iter::repeat_n(r as u32, n as usize));
+        }
+        s.pair_x.clear();
+        for &r in &s.pair_row {
+            s.pair_x.extend_from_slice(&input.rows[r as usize * h..(r as usize + 1) * h]);
+        }
+        let entries = input.experts.iter().zip(input.weights).enumerate();
+        let entries = entries.map(|(p, (e, w))| (p as u32, layer.local[e] as u32, *w));
         s.plan.rebuild_from(layer.ids.len(), entries);
-        self.backend.upload(rows, h, input.rows, &mut s.x);
-        self.backend.zeros(rows, h, &mut s.out);
+        let Scratch { ffn, plan, pair_row, pair_x, x, out: dev_out } = &mut s;
+        self.backend.upload(pairs, h, pair_x, x);
+        self.backend.zeros(pairs, h, dev_out);
         if adapters.is_empty() {
-            self.backend.expert_ffn(&s.x, &layer.weights, &s.plan, &mut s.ffn, &mut s.out);
+            self.backend.expert_ffn(x, &layer.weights, plan, ffn, dev_out);
         } else {
-            let (layer_idx, ids) = (input.layer, &layer.ids);
-            let lookup = |r: usize, local: usize| {
-                let slot = *input.row_adapters.get(r)? as usize;
+            let (layer_idx, ids, pair_row) = (input.layer, &layer.ids, &*pair_row);
+            let lookup = |p: usize, local: usize| {
+                let slot = *input.row_adapters.get(*pair_row.get(p)? as usize)? as usize;
                 adapters.get(slot.checked_sub(1)?)?.as_ref()?.expert(layer_idx, *ids.get(local)? as usize)
             };
-            self.backend.expert_ffn_lora(&s.x, &layer.weights, &s.plan, &lookup, &mut s.ffn, &mut s.out);
+            self.backend.expert_ffn_lora(x, &layer.weights, plan, &lookup, ffn, dev_out);
         }
-        self.backend.download(&s.out, out);
-        if let Ok(mut pool) = self.scratch.lock() {
-            pool.push(s);
-        }
+        self.backend.download(dev_out, out);
         if !failed.is_empty() {
-            for (r, slot) in input.row_adapters.iter().enumerate() {
-                if failed.iter().any(|f| f.slot == *slot) {
-                    out[r * h..(r + 1) * h].fill(0.0);
+            for (p, &r) in s.pair_row.iter().enumerate() {
+                let slot = input.row_adapters.get(r as usize).copied().unwrap_or(0);
+                if failed.iter().any(|f| f.slot == slot) {
+                    out[p * h..(p + 1) * h].fill(0.0);
                 }
             }
+        }
+        if let Ok(mut pool) = self.scratch.lock() {
+            pool.push(s);
         }
         Ok(failed)
     }
