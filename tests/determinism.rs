@@ -140,11 +140,22 @@ fn remote(
     rt.block_on(moe_cluster::remote(dir, &addrs, transport, cfg)).expect("router")
 }
 
+/// A small random model with top-4 routing (so a token's sum has enough terms for its order to
+/// matter), no end-of-sequence token and a long context.
+fn model(dir: &Path) {
+    endless_model_sized(dir, 64, 2);
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    cfg["num_experts_per_tok"] = 4.into();
+    std::fs::write(&path, cfg.to_string()).expect("write");
+}
+
 #[test]
 fn outputs_are_bitwise_identical_across_batching_chunking_placement_hedging_and_failover() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
-    endless_model_sized(dir, 64, 2);
+    model(dir);
     let d = dir.to_str().expect("utf8");
     let prompts = prompts();
     let reqs: Vec<Request<'_>> = prompts.iter().map(|p| (p.as_slice(), "")).collect();
@@ -205,7 +216,7 @@ fn outputs_are_bitwise_identical_across_batching_chunking_placement_hedging_and_
 fn a_mixed_batch_of_adapters_gives_each_request_its_solo_result() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("model");
-    endless_model_sized(&dir, 64, 2);
+    model(&dir);
     let adapters = tmp.path().join("adapters");
     write_random_adapter(&dir, &adapters.join("gate"), &["gate"], 4, 11);
     write_random_adapter(&dir, &adapters.join("experts"), &["experts"], 4, 12);
