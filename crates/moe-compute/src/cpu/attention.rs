@@ -8,10 +8,11 @@
 //! Both paths compute one canonical sequence of operations per (row, head), so a token's
 //! attention is the same bit for bit in decode, in any prefill chunk and in any batch: scores are
 //! canonical dot products ([`super::invariant`]) times the scale, the softmax runs over the keys
-//! in reach in position order ([`softmax_scaled`]), and the output adds `p_j · v_j` in position
-//! order ([`weighted_values`]).
+//! in reach in position order ([`softmax_scaled`]), and each output element is the canonical
+//! dot product of the weights and the values over key positions aligned to 8
+//! ([`lane_weighted_rows`] in decode; one product over a zero-padded, aligned range in prefill).
 
-use super::invariant::dots;
+use super::invariant::{dots, lane_weighted_rows};
 use super::linear::{matmul_t, SendPtr};
 use crate::{AttentionSeq, AttentionShape, ComputeError, KvLayout, Result};
 use rayon::prelude::*;
@@ -142,7 +143,10 @@ pub fn paged_attention(
                 p += count;
             }
             softmax_scaled(&mut scores, shape.scale);
-            weighted_values(&scores, |j| &values[store.slot_offset(pages, first + j) + kvh * hd..][..hd], o);
+            LANES.with(|lanes| {
+                let v = |j: usize| &values[store.slot_offset(pages, first + j) + kvh * hd..][..hd];
+                lane_weighted_rows(&scores, first, v, o, &mut lanes.borrow_mut());
+            });
         });
     };
     if work * hd * 16 < 1 << 14 || rayon::current_num_threads() <= 1 {
@@ -170,10 +174,11 @@ const TILED_MIN_ROWS: usize = 32;
 const TILE_ROWS: usize = 64;
 
 thread_local! {
-    /// Per-thread buffers of the tiled path: K, V, Q, scores.
-    static TILE_BUFS: RefCell<[Vec<f32>; 4]> = RefCell::new(Default::default());
-    /// Per-thread scores of the row-by-row path.
+    /// Per-thread buffers of the tiled path: K, Vᵀ, Q, scores, outputs.
+    static TILE_BUFS: RefCell<[Vec<f32>; 5]> = RefCell::new(Default::default());
+    /// Per-thread scores and value lanes of the row-by-row path.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static LANES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The canonical softmax of one row's scores in reach, in place: scaled, shifted by their
@@ -192,27 +197,6 @@ fn softmax_scaled(s: &mut [f32], scale: f32) {
     let inv = 1.0 / sum;
     for v in s.iter_mut() {
         *v *= inv;
-    }
-}
-
-/// Columns of the output kept in registers while the values stream by.
-const VALUE_CHUNK: usize = 16;
-
-/// `o = Σ_j p[j] · v(j)`, each element summed in position order from zero (multiply, then add).
-fn weighted_values<'v>(p: &[f32], v: impl Fn(usize) -> &'v [f32], o: &mut [f32]) {
-    let hd = o.len();
-    let mut d0 = 0;
-    while d0 < hd {
-        let width = VALUE_CHUNK.min(hd - d0);
-        let mut acc = [0f32; VALUE_CHUNK];
-        for (j, &pj) in p.iter().enumerate() {
-            let vj = &v(j)[d0..d0 + width];
-            for (a, x) in acc.iter_mut().zip(vj) {
-                *a += pj * x;
-            }
-        }
-        o[d0..d0 + width].copy_from_slice(&acc[..width]);
-        d0 += width;
     }
 }
 
@@ -241,18 +225,26 @@ impl TileCtx<'_> {
             Some(w) if w > 0 => (pos + 1).saturating_sub(w),
             _ => 0,
         };
-        let k0 = first_of(pos0);
-        let nk = pos_end - k0; // keys k0..pos_end are in reach of some row of the tile
+        // Keys k0..pos_end are in reach of some row of the tile; the range is widened to start at
+        // a multiple of 8 and padded to one (zero keys and values, zero weights), so that each
+        // output sums its positions in the same lanes as decode does (`lane_weighted_rows`).
+        let k0 = first_of(pos0) & !7;
+        let real = pos_end - k0;
+        let nk = real.div_ceil(8) * 8;
         let rows = self.group * tr;
         TILE_BUFS.with(|bufs| {
             let mut bufs = bufs.borrow_mut();
-            let [kb, vb, qb, sb] = &mut *bufs;
+            let [kb, vt, qb, sb, ob] = &mut *bufs;
+            kb.clear();
             kb.resize(nk * hd, 0.0);
-            vb.resize(nk * hd, 0.0);
-            for j in 0..nk {
+            vt.clear();
+            vt.resize(hd * nk, 0.0);
+            for j in 0..real {
                 let off = self.store.slot_offset(pages, k0 + j) + g * hd;
                 kb[j * hd..(j + 1) * hd].copy_from_slice(&self.keys[off..off + hd]);
-                vb[j * hd..(j + 1) * hd].copy_from_slice(&self.values[off..off + hd]);
+                for (d, &v) in self.values[off..off + hd].iter().enumerate() {
+                    vt[d * nk + j] = v;
+                }
             }
             // Q of every head of the group: rows (head-major) x head_dim.
             qb.resize(rows * hd, 0.0);
@@ -267,17 +259,25 @@ impl TileCtx<'_> {
             sb.resize(rows * nk, 0.0);
             matmul_t(qb, rows, hd, kb, nk, sb);
             for r in 0..rows {
-                let (hi_idx, i) = (r / tr, r % tr);
-                let pos = pos0 + i;
+                let pos = pos0 + r % tr;
                 let (lo, hi) = (first_of(pos) - k0, pos + 1 - k0); // keys in reach of this row
-                let s = &mut sb[r * nk + lo..r * nk + hi];
-                softmax_scaled(s, shape.scale);
-                let h = g * self.group + hi_idx;
-                let row = seq.rows.start + t0 + i;
-                // SAFETY: (row, head h) belongs to this tile alone (tiles split rows and KV
-                // heads, and head h is in KV head g's group); inside out by construction.
-                let o = unsafe { std::slice::from_raw_parts_mut(self.dst.get().add(row * self.out_cols + h * hd), hd) };
-                weighted_values(s, |j| &vb[(lo + j) * hd..(lo + j + 1) * hd], o);
+                let s = &mut sb[r * nk..(r + 1) * nk];
+                softmax_scaled(&mut s[lo..hi], shape.scale);
+                s[..lo].fill(0.0);
+                s[hi..].fill(0.0);
+            }
+            ob.resize(rows * hd, 0.0);
+            matmul_t(sb, rows, nk, vt, hd, ob);
+            for hi in 0..self.group {
+                let h = g * self.group + hi;
+                for i in 0..tr {
+                    let row = seq.rows.start + t0 + i;
+                    // SAFETY: (row, head h) belongs to this tile alone (tiles split rows and KV
+                    // heads, and head h is in KV head g's group); inside out by construction.
+                    let o =
+                        unsafe { std::slice::from_raw_parts_mut(self.dst.get().add(row * self.out_cols + h * hd), hd) };
+                    o.copy_from_slice(&ob[(hi * tr + i) * hd..(hi * tr + i + 1) * hd]);
+                }
             }
         });
     }
@@ -347,5 +347,48 @@ mod tests {
             let max_diff = tiled.iter().zip(&rowwise).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
             assert!(max_diff == 0.0, "window {window:?}: tiled and row-by-row differ by {max_diff}");
         }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    #[test]
+    #[ignore = "timing, by hand"]
+    fn prefill_512_timing() {
+        let (heads, kv, hd, page) = (8usize, 2usize, 64usize, 16usize);
+        let cols = (heads + 2 * kv) * hd;
+        let shape = AttentionShape {
+            n_heads: heads,
+            n_kv_heads: kv,
+            head_dim: hd,
+            q_col: 0,
+            k_col: heads * hd,
+            v_col: (heads + kv) * hd,
+            scale: 0.125,
+            sliding_window: None,
+        };
+        let layout = KvLayout { layers: 1, num_pages: 64, page_size: page, n_kv_heads: kv, head_dim: hd };
+        let qkv: Vec<f32> = (0..512 * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 400.0).collect();
+        let table: Vec<u32> = (0..32).collect();
+        let mut store = CpuKvStore::new(layout).unwrap();
+        let mut out = vec![0.0; 512 * heads * hd];
+        let seq = [AttentionSeq { rows: 0..512, start_pos: 0, pages: 0..32 }];
+        let t = std::time::Instant::now();
+        for _ in 0..10 {
+            paged_attention(&qkv, cols, &shape, &seq, &table, &mut store, 0, &mut out).unwrap();
+        }
+        eprintln!("prefill 512 attention: {:.2} ms per layer", t.elapsed().as_secs_f64() * 100.0);
+        let one: Vec<f32> = qkv[511 * cols..512 * cols].to_vec();
+        let decode: Vec<f32> = (0..16).flat_map(|_| one.iter().copied()).collect();
+        let seqs: Vec<AttentionSeq> =
+            (0..16).map(|i| AttentionSeq { rows: i..i + 1, start_pos: 511, pages: 0..32 }).collect();
+        let mut out = vec![0.0; 16 * heads * hd];
+        let t = std::time::Instant::now();
+        for _ in 0..100 {
+            paged_attention(&decode, cols, &shape, &seqs, &table, &mut store, 0, &mut out).unwrap();
+        }
+        eprintln!("decode 16 x 512 attention: {:.3} ms per layer", t.elapsed().as_secs_f64() * 10.0);
     }
 }

@@ -118,6 +118,51 @@ pub fn dots(a: &[f32], b: &[f32], stride: usize, out: &mut [f32]) {
     }
 }
 
+/// `out[d]` = the canonical dot product of the weights `p` and column `d` of the rows `v(j)`,
+/// where `p[0]` sits at absolute position `start` and the dot runs over the surrounding range
+/// aligned to 8 (`start & !7` up to a multiple of 8) with zero weights outside `p`: lane l sums
+/// the positions ≡ l (mod 8) in order. This equals the element of a [`matmul`] whose k range
+/// starts at a multiple of 8 and is padded to one with zero weights, so attention outputs do not
+/// depend on where a tile starts. `lanes` is scratch (8 × `out.len()` values).
+pub fn lane_weighted_rows<'v>(
+    p: &[f32],
+    start: usize,
+    v: impl Fn(usize) -> &'v [f32],
+    out: &mut [f32],
+    lanes: &mut Vec<f32>,
+) {
+    let hd = out.len();
+    lanes.clear();
+    lanes.resize(8 * hd, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        for (j, &pj) in p.iter().enumerate() {
+            let l = (start + j) % 8;
+            let row = &v(j)[..hd];
+            // SAFETY: the CPU has AVX2 and FMA (checked); both slices hold hd values.
+            unsafe { avx::fma_row(pj, row, &mut lanes[l * hd..(l + 1) * hd]) };
+        }
+        reduce_lanes(lanes, out);
+        return;
+    }
+    for (j, &pj) in p.iter().enumerate() {
+        let l = (start + j) % 8;
+        for (a, x) in lanes[l * hd..(l + 1) * hd].iter_mut().zip(&v(j)[..hd]) {
+            *a = pj.mul_add(*x, *a);
+        }
+    }
+    reduce_lanes(lanes, out);
+}
+
+/// The canonical lane reduction, column by column.
+fn reduce_lanes(lanes: &[f32], out: &mut [f32]) {
+    let hd = out.len();
+    let l = |i: usize, d: usize| lanes[i * hd + d];
+    for (d, o) in out.iter_mut().enumerate() {
+        *o = ((l(0, d) + l(4, d)) + (l(2, d) + l(6, d))) + ((l(1, d) + l(5, d)) + (l(3, d) + l(7, d)));
+    }
+}
+
 /// One block: rows × columns of out, swept in register tiles.
 ///
 /// # Safety
@@ -168,6 +213,8 @@ mod avx {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
+    /// # Safety
+    /// `p` points to 8 readable f32 values, on a CPU with AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn load_f32(p: *const f32) -> __m256 {
@@ -175,6 +222,9 @@ mod avx {
     }
 
     /// 8 bf16 values widened to 8 f32 lanes (zero-extend, shift into the high half).
+    ///
+    /// # Safety
+    /// `p` points to 8 readable u16 values, on a CPU with AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn load_bf16(p: *const u16) -> __m256 {
@@ -192,6 +242,9 @@ mod avx {
     }
 
     /// The canonical lane reduction: `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`.
+    ///
+    /// # Safety
+    /// Only on a CPU with AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn hsum(acc: __m256) -> f32 {
@@ -200,9 +253,35 @@ mod avx {
         _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
     }
 
+    /// `acc[d] = fma(p, row[d], acc[d])` for every d.
+    ///
+    /// # Safety
+    /// Only on a CPU with AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn fma_row(p: f32, row: &[f32], acc: &mut [f32]) {
+        let n = acc.len().min(row.len());
+        let pv = _mm256_set1_ps(p);
+        let mut d = 0;
+        while d + 8 <= n {
+            // SAFETY: d + 8 <= n bounds both reads and the write.
+            let a = _mm256_loadu_ps(acc.as_ptr().add(d));
+            let x = _mm256_loadu_ps(row.as_ptr().add(d));
+            _mm256_storeu_ps(acc.as_mut_ptr().add(d), _mm256_fmadd_ps(pv, x, a));
+            d += 8;
+        }
+        while d < n {
+            acc[d] = p.mul_add(row[d], acc[d]);
+            d += 1;
+        }
+    }
+
     macro_rules! kernels {
         ($tile:ident, $sweep:ident, $t:ty, $load:ident, $widen:ident) => {
             /// MR rows × NR columns of out, one accumulator per element.
+            ///
+            /// # Safety
+            /// `x` holds MR rows of k values, `w` NR rows of k values `ldw` apart, `out` MR rows
+            /// of NR values `n` apart, no other thread writes those; the CPU has AVX2 and FMA.
             #[target_feature(enable = "avx2,fma")]
             unsafe fn $tile<const MR: usize, const NR: usize>(
                 x: *const f32,
@@ -345,6 +424,32 @@ mod tests {
         for (j, g) in got.iter().enumerate() {
             let want = canonical_dot(&a, |i| b[j * stride + i], k);
             assert_eq!(g.to_bits(), want.to_bits(), "key {j}");
+        }
+    }
+
+    /// The lane kernel equals a matmul element over the aligned, zero-padded range.
+    #[test]
+    fn lane_weighted_rows_equal_padded_matmul() {
+        let (hd, n, start) = (20usize, 13usize, 11usize);
+        let p = values(n, 7);
+        let rows = values(n * hd, 8);
+        let mut got = vec![0.0; hd];
+        let mut lanes = Vec::new();
+        lane_weighted_rows(&p, start, |j| &rows[j * hd..(j + 1) * hd], &mut got, &mut lanes);
+        let (k0, end) = (start & !7, (start + n).div_ceil(8) * 8);
+        let k = end - k0;
+        let mut padded = vec![0.0f32; k];
+        padded[start - k0..start - k0 + n].copy_from_slice(&p);
+        let mut vt = vec![0.0f32; hd * k]; // column d of the rows, over the padded range
+        for j in 0..n {
+            for d in 0..hd {
+                vt[d * k + start - k0 + j] = rows[j * hd + d];
+            }
+        }
+        let mut want = vec![0.0; hd];
+        matmul(&padded, 1, k, Weights::F32(&vt), hd, &mut want);
+        for d in 0..hd {
+            assert_eq!(got[d].to_bits(), want[d].to_bits(), "column {d}");
         }
     }
 

@@ -104,6 +104,8 @@ fn prefill_case(g: &Gpu, rng: &mut Rng, l: &Layout, lens: &[usize], window: usiz
     {
         let mut b = g.stream.launch_builder(g.func("kv_write_f32")?);
         b.arg(&dqkv).arg(&si).arg(&kc).arg(&vc).arg(&mut dk).arg(&mut dv).arg(&dslots).arg(&kvi).arg(&hdi);
+        // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+        // (types and order), and every buffer was allocated for the sizes this grid covers.
         launched(unsafe { b.launch(grid(rows as u32, 1, 1, 128)) }, "kv_write_f32")?;
     }
     g.sync()?;
@@ -135,6 +137,8 @@ fn prefill_case(g: &Gpu, rng: &mut Rng, l: &Layout, lens: &[usize], window: usiz
         let mut b = g.stream.launch_builder(g.func("attention_prefill_f32")?);
         b.arg(&dqkv).arg(&si).arg(&qc).arg(&dk).arg(&dv).arg(&dtable).arg(&dstarts).arg(&drs).arg(&drp);
         b.arg(&mut dout).arg(&nh).arg(&kvi).arg(&hdi).arg(&ps).arg(&scale).arg(&wi);
+        // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+        // (types and order), and every buffer was allocated for the sizes this grid covers.
         launched(unsafe { b.launch(grid(rows as u32, l.n_heads as u32, 1, 128)) }, "attention_prefill_f32")?;
     }
     g.sync()?;
@@ -170,6 +174,8 @@ fn decode_case(g: &Gpu, rng: &mut Rng, l: &Layout, lens: &[usize], copy: f64) ->
         let mut b = g.stream.launch_builder(g.func("paged_attention_decode_f32")?);
         b.arg(&dq).arg(&qs).arg(&qc).arg(&dk).arg(&dv).arg(&dtable).arg(&dstarts).arg(&dlens).arg(dout);
         b.arg(&nh).arg(&kvi).arg(&hdi).arg(&ps).arg(&scale).arg(&wi);
+        // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+        // (types and order), and every buffer was allocated for the sizes this grid covers.
         launched(unsafe { b.launch(grid(lens.len() as u32, l.n_heads as u32, 1, 128)) }, "paged_attention_decode_f32")
     };
     run(&mut dout)?;

@@ -48,6 +48,8 @@ pub(super) fn rmsnorm(g: &Gpu, rng: &mut Rng, quick: bool, copy: f64) -> Result<
                 b.arg(&null).arg(&null);
             }
             b.arg(&dw).arg(dout).arg(&ci).arg(&eps);
+            // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+            // (types and order), and every buffer was allocated for the sizes this grid covers.
             launched(unsafe { b.launch(grid(rows as u32, 1, 1, threads)) }, "rmsnorm_f32")
         };
         launch(&mut dro, &mut dout)?;
@@ -76,6 +78,8 @@ pub(super) fn rmsnorm(g: &Gpu, rng: &mut Rng, quick: bool, copy: f64) -> Result<
                 b.arg(&null).arg(&null);
             }
             b.arg(&dw).arg(dout).arg(&ci).arg(&eps);
+            // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+            // (types and order), and every buffer was allocated for the sizes this grid covers.
             launched(unsafe { b.launch(grid(rows as u32, 1, 1, threads)) }, "rmsnorm_bf16")
         };
         launch_b(&mut drob, &mut doutb)?;
@@ -119,6 +123,8 @@ pub(super) fn rope(g: &Gpu, rng: &mut Rng, quick: bool, copy: f64) -> Result<Vec
         let run = |name: &str, dx: &mut cudarc::driver::CudaSlice<f32>| {
             let mut b = g.stream.launch_builder(g.func(name)?);
             b.arg(dx).arg(&si).arg(&ci).arg(&hi).arg(&di).arg(&dpos).arg(&dfreq);
+            // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+            // (types and order), and every buffer was allocated for the sizes this grid covers.
             launched(unsafe { b.launch(grid(rows as u32, 1, 1, 128)) }, name)
         };
         let mut dx = g.up(&x)?;
@@ -133,6 +139,8 @@ pub(super) fn rope(g: &Gpu, rng: &mut Rng, quick: bool, copy: f64) -> Result<Vec
         {
             let mut b = g.stream.launch_builder(g.func("rope_bf16")?);
             b.arg(&mut dxb).arg(&si).arg(&ci).arg(&hi).arg(&di).arg(&dpos).arg(&dfreq);
+            // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+            // (types and order), and every buffer was allocated for the sizes this grid covers.
             launched(unsafe { b.launch(grid(rows as u32, 1, 1, 128)) }, "rope_bf16")?;
         }
         g.sync()?;
@@ -167,6 +175,8 @@ pub(super) fn swiglu(g: &Gpu, rng: &mut Rng, quick: bool, copy: f64) -> Result<V
         let run = |dout: &mut cudarc::driver::CudaSlice<f32>| {
             let mut b = g.stream.launch_builder(g.func("swiglu_f32")?);
             b.arg(&dgu).arg(dout).arg(&rl).arg(&ii);
+            // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+            // (types and order), and every buffer was allocated for the sizes this grid covers.
             launched(unsafe { b.launch(grid(blocks, 1, 1, 256)) }, "swiglu_f32")
         };
         run(&mut dout)?;
@@ -179,6 +189,8 @@ pub(super) fn swiglu(g: &Gpu, rng: &mut Rng, quick: bool, copy: f64) -> Result<V
         let run_b = |dout: &mut cudarc::driver::CudaSlice<u16>| {
             let mut b = g.stream.launch_builder(g.func("swiglu_bf16")?);
             b.arg(&dgub).arg(dout).arg(&rl).arg(&ii);
+            // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+            // (types and order), and every buffer was allocated for the sizes this grid covers.
             launched(unsafe { b.launch(grid(blocks, 1, 1, 256)) }, "swiglu_bf16")
         };
         run_b(&mut doutb)?;
@@ -237,6 +249,8 @@ pub(super) fn topk_gating(g: &Gpu, rng: &mut Rng, quick: bool, copy: f64) -> Res
         let run = |dids: &mut cudarc::driver::CudaSlice<i32>, dw: &mut cudarc::driver::CudaSlice<f32>| {
             let mut b = g.stream.launch_builder(g.func("topk_gating_f32")?);
             b.arg(&dl).arg(&ri).arg(&ei).arg(&ki).arg(&rn).arg(dids).arg(dw);
+            // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+            // (types and order), and every buffer was allocated for the sizes this grid covers.
             launched(unsafe { b.launch(grid(blocks, 1, 1, 32 * warps_per_block)) }, "topk_gating_f32")
         };
         run(&mut dids, &mut dw)?;
@@ -313,6 +327,8 @@ pub(super) fn permute(g: &Gpu, rng: &mut Rng, quick: bool, copy: f64) -> Result<
         let run = |dperm: &mut cudarc::driver::CudaSlice<f32>| {
             let mut b = g.stream.launch_builder(g.func("moe_permute_f32")?);
             b.arg(&dx).arg(&dmap).arg(dperm).arg(&si).arg(&ci);
+            // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+            // (types and order), and every buffer was allocated for the sizes this grid covers.
             launched(unsafe { b.launch(grid(blocks, 1, 1, 256)) }, "moe_permute_f32")
         };
         run(&mut dperm)?;
@@ -323,6 +339,8 @@ pub(super) fn permute(g: &Gpu, rng: &mut Rng, quick: bool, copy: f64) -> Result<
         {
             let mut b = g.stream.launch_builder(g.func("moe_permute_bf16")?);
             b.arg(&dx).arg(&dmap).arg(&mut dpermb).arg(&si).arg(&ci);
+            // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+            // (types and order), and every buffer was allocated for the sizes this grid covers.
             launched(unsafe { b.launch(grid(blocks, 1, 1, 256)) }, "moe_permute_bf16")?;
         }
         g.sync()?;
@@ -349,6 +367,8 @@ pub(super) fn permute(g: &Gpu, rng: &mut Rng, quick: bool, copy: f64) -> Result<
         let run_u = |dbase: &mut cudarc::driver::CudaSlice<f32>| {
             let mut b = g.stream.launch_builder(g.func("moe_unpermute_f32")?);
             b.arg(&dy).arg(&dsp).arg(&dwt).arg(dbase).arg(&ri).arg(&ki).arg(&ci);
+            // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+            // (types and order), and every buffer was allocated for the sizes this grid covers.
             launched(unsafe { b.launch(grid((rows as u32).min(65_535), 1, 1, 256)) }, "moe_unpermute_f32")
         };
         run_u(&mut dbase)?;
@@ -426,6 +446,8 @@ pub(super) fn sampling(g: &Gpu, rng: &mut Rng, quick: bool, copy: f64) -> Result
         let run = |dout: &mut cudarc::driver::CudaSlice<i32>| {
             let mut b = g.stream.launch_builder(g.func("sample_greedy_f32")?);
             b.arg(&dl).arg(&vi).arg(dout);
+            // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+            // (types and order), and every buffer was allocated for the sizes this grid covers.
             launched(unsafe { b.launch(grid(rows as u32, 1, 1, 1024)) }, "sample_greedy_f32")
         };
         run(&mut dout)?;
@@ -451,6 +473,8 @@ pub(super) fn sampling(g: &Gpu, rng: &mut Rng, quick: bool, copy: f64) -> Result
         let run_p = |dout: &mut cudarc::driver::CudaSlice<i32>| {
             let mut b = g.stream.launch_builder(g.func("sample_top_p_f32")?);
             b.arg(&dc).arg(&vi).arg(&temperature).arg(&top_p).arg(&du).arg(dout);
+            // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+            // (types and order), and every buffer was allocated for the sizes this grid covers.
             launched(unsafe { b.launch(grid(rows as u32, 1, 1, 1024)) }, "sample_top_p_f32")
         };
         run_p(&mut doutp)?;

@@ -55,6 +55,7 @@ pub(super) fn cublas_tflops(g: &Gpu, quick: bool) -> Option<f64> {
             ldc: m as i32,
         };
         let ms = g.time(|| {
+            // SAFETY: da, db and dc were allocated for the m×k, k×n and m×n elements `cfg` describes.
             unsafe { blas.gemm(cfg, &da, &db, &mut dc) }.map_err(|e| ComputeError::Cuda(format!("cuBLAS gemm: {e}")))
         })?;
         Ok(2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12)
@@ -122,6 +123,8 @@ pub(super) fn grouped(g: &Gpu, rng: &mut Rng, quick: bool, cublas: Option<f64>) 
         let run = |dout: &mut CudaSlice<f32>| {
             let mut b = g.stream.launch_builder(g.func("grouped_gemm_bf16")?);
             b.arg(&dx).arg(&dw).arg(dout).arg(&doff).arg(&ni).arg(&ki);
+            // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+            // (types and order), and every buffer was allocated for the sizes this grid covers.
             launched(unsafe { b.launch(cfg) }, "grouped_gemm_bf16")
         };
         run(&mut dout)?;
@@ -158,6 +161,8 @@ pub(super) fn grouped(g: &Gpu, rng: &mut Rng, quick: bool, cublas: Option<f64>) 
         let run_s = |dh: &mut CudaSlice<u16>| {
             let mut b = g.stream.launch_builder(g.func("grouped_gemm_swiglu_bf16")?);
             b.arg(&dx).arg(&dwgu).arg(dh).arg(&doff).arg(&ii).arg(&ki);
+            // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+            // (types and order), and every buffer was allocated for the sizes this grid covers.
             launched(unsafe { b.launch(cfg) }, "grouped_gemm_swiglu_bf16")
         };
         run_s(&mut dh)?;
@@ -246,6 +251,8 @@ pub(super) fn lora(g: &Gpu, rng: &mut Rng, quick: bool, copy: f64) -> Result<Vec
         let shrink = |dtmp: &mut CudaSlice<f32>| {
             let mut bld = g.stream.launch_builder(g.func("lora_shrink_f32")?);
             bld.arg(&dx).arg(&ii).arg(&dap).arg(&dranks).arg(&dmap).arg(dtmp).arg(&mri);
+            // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+            // (types and order), and every buffer was allocated for the sizes this grid covers.
             launched(unsafe { bld.launch(grid(rows as u32, 1, 1, 128)) }, "lora_shrink_f32")
         };
         let col_blocks = (out_dim as u32).div_ceil(256).min(64);
@@ -261,6 +268,8 @@ pub(super) fn lora(g: &Gpu, rng: &mut Rng, quick: bool, copy: f64) -> Result<Vec
                 .arg(&si)
                 .arg(&ci)
                 .arg(&oi);
+            // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+            // (types and order), and every buffer was allocated for the sizes this grid covers.
             launched(unsafe { bld.launch(grid(rows as u32, col_blocks, 1, 256)) }, "lora_expand_f32")
         };
         shrink(&mut dtmp)?;
