@@ -14,6 +14,7 @@ mod device;
 mod error;
 pub mod kernels;
 mod plan;
+pub mod rng;
 mod select;
 
 pub use device::Device;

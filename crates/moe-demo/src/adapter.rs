@@ -25,7 +25,7 @@ pub enum DemoTarget {
 fn pair(rng: &mut Rng, rank: usize, inp: usize, out: usize, strength: f32) -> (Tensor, Tensor) {
     let a_scale = 2.0 * 3f32.sqrt() / (inp as f32).sqrt();
     let mut values =
-        |n: usize, scale: f32| -> Vec<u8> { (0..n).flat_map(|_| (rng.uniform() * scale).to_le_bytes()).collect() };
+        |n: usize, scale: f32| -> Vec<u8> { (0..n).flat_map(|_| (rng.signed() * scale).to_le_bytes()).collect() };
     let a = Tensor { dtype: Dtype::F32, shape: vec![rank, inp], bytes: values(rank * inp, a_scale) };
     let b = Tensor { dtype: Dtype::F32, shape: vec![out, rank], bytes: values(out * rank, strength) };
     (a, b)
@@ -45,7 +45,7 @@ pub fn write_demo_adapter(
     std::fs::create_dir_all(dir).map_err(|error| DemoError::Io { path: dir.to_path_buf(), error })?;
     let (h, i, e) = (spec.hidden_size, spec.intermediate_size, spec.num_experts);
     let kvw = spec.num_kv_heads * (h / spec.num_heads);
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     // (module, in, out, rows of A: rank, or experts x rank for a fused pair)
     let mut modules: Vec<(String, usize, usize, usize)> = Vec::new();
     let mut target_modules: Vec<&str> = Vec::new();

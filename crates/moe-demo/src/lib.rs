@@ -134,28 +134,14 @@ impl View for &Tensor {
     }
 }
 
-/// SplitMix64, for reproducible weights from a seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
+/// Reproducible weights from a seed.
+type Rng = moe_compute::rng::SplitMix64;
 
 fn tensor(rng: &mut Rng, dtype: DemoDtype, shape: &[usize], std: f32) -> Tensor {
     let n: usize = shape.iter().product();
     // Uniform with the requested standard deviation.
     let a = std * 3f32.sqrt();
-    let values = (0..n).map(|_| rng.uniform() * a);
+    let values = (0..n).map(|_| rng.signed() * a);
     let (dtype, bytes) = match dtype {
         DemoDtype::F32 => (Dtype::F32, values.flat_map(|v| v.to_le_bytes()).collect()),
         DemoDtype::Bf16 => (Dtype::BF16, values.flat_map(|v| half::bf16::from_f32(v).to_le_bytes()).collect()),
@@ -179,7 +165,7 @@ pub fn write_demo_model(dir: &Path, spec: &DemoSpec) -> Result<usize> {
     let (h, i, e) = (spec.hidden_size, spec.intermediate_size, spec.num_experts);
     let hd = h / spec.num_heads;
     let kvw = spec.num_kv_heads * hd;
-    let mut rng = Rng(spec.seed);
+    let mut rng = Rng::new(spec.seed);
     let dt = spec.dtype;
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     let proj = 1.0 / (h as f32).sqrt();

@@ -33,23 +33,8 @@ impl SamplingParams {
     }
 }
 
-/// SplitMix64: small, fast, and stable across crate versions (so seeds stay reproducible).
-#[derive(Clone, Debug)]
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    fn next_f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-}
+/// Each sampler's own generator (the project's one RNG), so seeds stay reproducible.
+type Rng = moe_compute::rng::SplitMix64;
 
 /// A sampler with its own random state and reusable candidate buffer.
 pub struct Sampler {
@@ -61,7 +46,7 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
-        Ok(Self { rng: Rng(params.seed), params, candidates: Vec::new() })
+        Ok(Self { rng: Rng::new(params.seed), params, candidates: Vec::new() })
     }
 
     /// Index of the largest logit (the first one on ties, as `torch.argmax`).
@@ -109,7 +94,7 @@ impl Sampler {
             c.truncate(keep);
             sum = c.iter().map(|x| x.1).sum();
         }
-        let mut r = self.rng.next_f32() * sum;
+        let mut r = self.rng.unit() * sum;
         for x in c.iter() {
             if r < x.1 {
                 return x.0;

@@ -188,25 +188,20 @@ pub(crate) fn grid(x: u32, y: u32, z: u32, threads: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (x.max(1), y.max(1), z.max(1)), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// A small deterministic generator (xorshift64*), so a failing case can be rerun.
-pub(crate) struct Rng(u64);
+/// The check's inputs come from the project's one generator, seeded, so a failing case can be
+/// rerun.
+pub(crate) struct Rng(crate::rng::SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        Self(crate::rng::SplitMix64::new(seed))
     }
     /// Uniform in [-1, 1).
     pub fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        self.0.signed()
     }
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        self.0.below(n)
     }
     pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| self.uniform() * scale).collect()
