@@ -2,8 +2,10 @@
 //! result per (row, expert) pair, summed in a fixed order by [`crate::combine`]), and failing
 //! over: when a worker does not answer (connection refused or reset, deadline), it is
 //! marked suspect for a while and the (row, expert) pairs it owed are sent, in the same step, to
-//! another holder of the same experts. Expert calls are pure functions of their inputs, so the
-//! retry gives the same result. Only when some expert has no holder left does the layer fail.
+//! another holder of the same experts; a worker that refuses a call (over its batch budget, an
+//! expert it no longer hosts, a bad adapter dir) is left out of that call only and its pairs go
+//! to replicas too. Expert calls are pure functions of their inputs, so the retry gives the same
+//! bits. A row with no holder left fails alone (its request), never the batch.
 //! Rows are on the host here (the wire's side); [`crate::executor`] moves them to and from the
 //! backend.
 
@@ -25,6 +27,10 @@ pub(crate) struct Scratch {
     pub(crate) out: Vec<f32>,
     /// Each (row, expert) result until the layer's are all in.
     pub(crate) contrib: Contributions,
+    /// Workers that refused this call (left out of its later rounds, not suspected for other
+    /// calls), and the last refusal, quoted to rows that then have no holder.
+    pub(crate) refused: Vec<bool>,
+    pub(crate) refusal: Option<String>,
     pub(crate) pending: Vec<(u32, u32, f32)>,
     batches: Vec<WorkerBatch>,
     outputs: Vec<BatchOutput>,
@@ -68,6 +74,8 @@ impl<T: WorkerTransport> Dispatcher<T> {
                 x: Vec::new(),
                 out: Vec::new(),
                 contrib: Contributions::default(),
+                refused: Vec::new(),
+                refusal: None,
                 batches: Vec::new(),
                 outputs: Vec::new(),
                 results: Vec::new(),
@@ -122,6 +130,10 @@ impl<T: WorkerTransport> DispatcherCore<T> {
         &self.transport
     }
 
+    pub(crate) fn num_workers(&self) -> usize {
+        self.num_workers
+    }
+
     fn mark_suspect(&self, worker: usize) {
         if let Ok(mut v) = self.suspect_until.lock() {
             if let Some(slot) = v.get_mut(worker) {
@@ -174,6 +186,10 @@ impl<T: WorkerTransport> DispatcherCore<T> {
             Ok(v) => s.suspect.extend(v.iter().map(|t| t.is_some_and(|t| t > now))),
             Err(_) => s.suspect.resize(self.num_workers, false),
         }
+        for (suspect, &refused) in s.suspect.iter_mut().zip(&s.refused) {
+            *suspect |= refused;
+        }
+        let refusal = s.refusal.as_deref();
         let suspect = &s.suspect;
         let x = &s.x;
         s.slot_of.clear();
@@ -206,7 +222,11 @@ impl<T: WorkerTransport> DispatcherCore<T> {
                     if n == 0 {
                         // Only this row fails; the others of the batch go on.
                         if unserved.last().map(|u| u.0) != Some(r) {
-                            unserved.push((r, DispatchError::NoHolder { layer, expert: e }.to_string()));
+                            let why = DispatchError::NoHolder { layer, expert: e }.to_string();
+                            unserved.push((
+                                r,
+                                refusal.map_or_else(|| why.clone(), |r| format!("{why} that accepts it: {r}")),
+                            ));
                         }
                         continue;
                     }
@@ -258,9 +278,10 @@ impl<T: WorkerTransport> DispatcherCore<T> {
 }
 
 impl<T: WorkerTransport> DispatcherCore<T> {
-    /// Stores the successful batches' (row, expert) results in `contrib`, reports rows whose
-    /// adapter failed on the worker in `unserved`, and queues the pairs of dead or silent
-    /// workers in `retry`.
+    /// Stores the successful batches' (row, expert) results in `s.contrib`, reports rows whose
+    /// adapter failed on the worker in `unserved`, and queues in `s.retry` the pairs of dead or
+    /// silent workers (then suspected) and of workers that refused the call (then left out of
+    /// this call only): replicas take them, and rows with none left fail alone.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn absorb(
         &self,
@@ -270,10 +291,10 @@ impl<T: WorkerTransport> DispatcherCore<T> {
         batches: &[WorkerBatch],
         outputs: &[BatchOutput],
         results: &[Result<()>],
-        contrib: &mut Contributions,
+        s: &mut Absorbed<'_>,
         unserved: &mut Vec<(u32, String)>,
-        retry: &mut Vec<(u32, u32, f32)>,
     ) -> Result<()> {
+        let Absorbed { contrib, retry, refused, refusal } = s;
         let adapters: &[AdapterIdentity] = routes.adapters;
         for ((b, o), result) in batches.iter().zip(outputs).zip(results) {
             let result = match result {
@@ -315,10 +336,21 @@ impl<T: WorkerTransport> DispatcherCore<T> {
                 Err(
                     e @ (DispatchError::Unavailable { .. }
                     | DispatchError::Deadline { .. }
-                    | DispatchError::Malformed { .. }),
+                    | DispatchError::Malformed { .. }
+                    | DispatchError::Rejected { .. }),
                 ) => {
-                    tracing::warn!(layer, worker = %self.transport.worker_name(b.worker), error = %e, "worker failed; retrying on replicas");
-                    self.mark_suspect(b.worker);
+                    if matches!(e, DispatchError::Rejected { .. }) {
+                        // The worker is alive but will not take this call (over its batch
+                        // budget, an expert it no longer hosts, ...): another holder may.
+                        tracing::warn!(layer, worker = %self.transport.worker_name(b.worker), error = %e, "worker refused; retrying on replicas");
+                        if let Some(x) = refused.get_mut(b.worker) {
+                            *x = true;
+                        }
+                        **refusal = Some(e.to_string());
+                    } else {
+                        tracing::warn!(layer, worker = %self.transport.worker_name(b.worker), error = %e, "worker failed; retrying on replicas");
+                        self.mark_suspect(b.worker);
+                    }
                     let mut pair = 0usize;
                     for (j, &r) in b.row_ids.iter().enumerate() {
                         for _ in 0..b.row_pairs[j] {
@@ -364,7 +396,8 @@ impl<T: WorkerTransport> DispatcherCore<T> {
                 &mut s.results[..used],
             );
             s.retry.clear();
-            let Scratch { batches, outputs, results, contrib, retry, .. } = &mut *s;
+            let Scratch { batches, outputs, results, contrib, retry, refused, refusal, .. } = &mut *s;
+            let mut absorbed = Absorbed { contrib, retry, refused, refusal };
             self.absorb(
                 layer,
                 cols,
@@ -372,9 +405,8 @@ impl<T: WorkerTransport> DispatcherCore<T> {
                 &batches[..used],
                 &outputs[..used],
                 &results[..used],
-                contrib,
+                &mut absorbed,
                 unserved,
-                retry,
             )?;
             s.retry.sort_by_key(|&(r, _, _)| r);
             std::mem::swap(&mut s.pending, &mut s.retry);
@@ -396,10 +428,28 @@ impl<T: WorkerTransport> DispatcherCore<T> {
         routes: &ExpertRoutes<'_>,
     ) -> moe_model::Result<std::sync::MutexGuard<'_, Scratch>> {
         let mut s = self.scratch(layer)?;
+        s.start_call(self.num_workers);
         let k = routes.top_k.max(1);
         s.pending.clear();
         s.pending.extend(routes.choices.iter().enumerate().map(|(i, &(e, w))| ((i / k) as u32, e, w)));
         Ok(s)
+    }
+}
+
+/// Where [`DispatcherCore::absorb`] puts what it learns from one round.
+pub(crate) struct Absorbed<'a> {
+    pub contrib: &'a mut Contributions,
+    pub retry: &'a mut Vec<(u32, u32, f32)>,
+    pub refused: &'a mut Vec<bool>,
+    pub refusal: &'a mut Option<String>,
+}
+
+impl Scratch {
+    /// Forgets the previous call's refusals.
+    pub(crate) fn start_call(&mut self, workers: usize) {
+        self.refused.clear();
+        self.refused.resize(workers, false);
+        self.refusal = None;
     }
 }
 

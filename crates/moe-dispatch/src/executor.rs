@@ -79,7 +79,10 @@ impl<B: Backend, T: WorkerTransport + 'static> StartedExperts<B> for StartedCall
         let mut guard = core.scratch(layer)?;
         let s = &mut *guard;
         s.contrib.reset(rows, call.routes.top_k, cols);
+        s.start_call(core.num_workers());
         let mut retry = Vec::new();
+        let crate::dispatcher::Scratch { contrib, refused, refusal, .. } = s;
+        let mut into = crate::dispatcher::Absorbed { contrib, retry: &mut retry, refused, refusal };
         let absorbed = core.absorb(
             layer,
             cols,
@@ -87,9 +90,8 @@ impl<B: Backend, T: WorkerTransport + 'static> StartedExperts<B> for StartedCall
             &done.batches,
             &done.outputs,
             &done.results,
-            &mut s.contrib,
+            &mut into,
             call.unserved,
-            &mut retry,
         );
         let result = match absorbed {
             Ok(()) if retry.is_empty() => Ok(()),

@@ -19,8 +19,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
-/// Messages are capped here on both ends; batches are split well below it.
-pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Messages are capped at the expert protocol's one limit; batches are split well below it.
+pub const MAX_MESSAGE_BYTES: usize = moe_proto::EXPERT_MAX_MESSAGE_BYTES;
 
 #[derive(Clone, Debug)]
 pub struct GrpcTransportConfig {

@@ -1,10 +1,12 @@
-//! A worker that answers over gRPC with an unknown wire dtype is a failed worker, not a source of
-//! numbers (the answer is not decoded as the dtype the router asked for): its rows fail over to a replica, the call succeeds
-//! with the replica's answer, and the bad worker is left out as a suspect.
+//! Bad workers fail only what they must. A worker that answers over gRPC with an unknown wire
+//! dtype is a failed worker, not a source of numbers (the answer is not decoded as the dtype the
+//! router asked for): its rows fail over to a replica, the call succeeds with the replica's
+//! answer, and the bad worker is left out as a suspect. A worker that refuses a call is left out
+//! of that call: a replica computes its rows, or, with none, only those rows fail.
 
 use moe_compute::cpu::{CpuBackend, HostTensor};
 use moe_compute::ExpertPlan;
-use moe_dispatch::{Dispatcher, GrpcTransport, GrpcTransportConfig, Placement};
+use moe_dispatch::{Dispatcher, GrpcTransport, GrpcTransportConfig, InProcessTransport, Placement};
 use moe_model::{ExpertExecutor, ExpertRoutes, LayerCall, ModelConfig};
 use moe_proto::v1::expert_worker_server::{ExpertWorker, ExpertWorkerServer};
 use moe_proto::v1::{DescribeRequest, DescribeResponse, ExpertRequest, ExpertResponse};
@@ -114,4 +116,77 @@ fn an_unknown_wire_dtype_fails_over_to_a_replica() {
         assert!(close, "only the good worker's rows are used");
     }
     assert_eq!(d.suspects(), vec![0], "the worker with the unknown dtype is left out");
+}
+
+/// One layer call of `rows` rows, each routed to `experts` (top-k = their count, equal weights).
+fn call_rows(
+    d: &Dispatcher<InProcessTransport>,
+    x: &[f32],
+    rows: usize,
+    h: usize,
+    experts: &[u32],
+    e: usize,
+) -> (Vec<f32>, Vec<(u32, String)>) {
+    let k = experts.len();
+    let choices: Vec<(u32, f32)> = (0..rows).flat_map(|_| experts.iter().map(|&x| (x, 1.0 / k as f32))).collect();
+    let mut plan = ExpertPlan::default();
+    plan.rebuild(e, k, &choices);
+    let routes =
+        ExpertRoutes { top_k: k, choices: &choices, plan: &plan, adapters: &[], row_adapter: &[], row_request: &[] };
+    let backend = CpuBackend::new();
+    let xt = HostTensor { rows, cols: h, data: x.to_vec() };
+    let mut out = HostTensor { rows, cols: h, data: vec![0.0; rows * h] };
+    let mut unserved = Vec::new();
+    let call = LayerCall { backend: &backend, layer: 0, x: &xt, routes, out: &mut out, unserved: &mut unserved };
+    ExpertExecutor::<CpuBackend>::run_experts(d, call).expect("a refusal never fails the whole call");
+    (out.data, unserved)
+}
+
+/// A worker that refuses a call (here: over its `--max-batch-mb`) is not a failure of the batch:
+/// with a replica the rows are computed there, bit for bit the same; without one only the rows
+/// that needed that worker fail, naming the refusal, and the others are computed.
+#[test]
+fn a_refusing_worker_fails_over_to_a_replica_or_fails_only_its_rows() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let spec =
+        moe_demo::DemoSpec { num_layers: 1, hidden_size: 64, intermediate_size: 96, ..moe_demo::DemoSpec::demo() };
+    moe_demo::write_demo_model(tmp.path(), &spec).expect("demo model");
+    let config = ModelConfig::from_dir(tmp.path()).expect("config");
+    let (h, e, rows) = (config.hidden_size, config.num_experts, 4);
+    let x: Vec<f32> = (0..rows * h).map(|i| ((i % 9) as f32 - 4.0) * 0.1).collect();
+    let host = |budget: Option<usize>| -> Arc<dyn ExpertCompute> {
+        let host = ExpertHost::load(tmp.path(), &ExpertSpec::All, CpuBackend::new()).expect("host");
+        Arc::new(host.with_batch_budget(budget))
+    };
+    // The reference: one worker that accepts everything.
+    let all: Vec<u32> = (0..e as u32).collect();
+    let mut one = Placement::new(config.num_layers, e);
+    one.add(0, 0, &all).expect("placement");
+    let reference = Dispatcher::new(InProcessTransport::new(vec![host(None)]), one, 1);
+    let (want, none) = call_rows(&reference, &x, rows, h, &[0, 3], e);
+    assert!(none.is_empty());
+
+    // Worker 0 refuses every call; worker 1 holds every expert too.
+    let mut both = Placement::new(config.num_layers, e);
+    both.add(0, 0, &all).expect("placement");
+    both.add(1, 0, &all).expect("placement");
+    let d = Dispatcher::new(InProcessTransport::new(vec![host(Some(1)), host(None)]), both, 2);
+    for _ in 0..4 {
+        let (got, unserved) = call_rows(&d, &x, rows, h, &[0, 3], e);
+        assert!(unserved.is_empty(), "{unserved:?}");
+        assert_eq!(got, want, "the replica's answer is the same bits");
+    }
+    assert!(d.suspects().is_empty(), "a refusal is not a failure of the worker");
+
+    // Without a replica for expert 0: rows routed to it fail, naming the refusal; others are served.
+    let mut split = Placement::new(config.num_layers, e);
+    split.add(0, 0, &[0]).expect("placement");
+    split.add(1, 0, &all[1..]).expect("placement");
+    let d = Dispatcher::new(InProcessTransport::new(vec![host(Some(1)), host(None)]), split, 2);
+    let (_, unserved) = call_rows(&d, &x, rows, h, &[0, 3], e);
+    assert_eq!(unserved.len(), rows, "{unserved:?}");
+    assert!(unserved.iter().all(|(_, why)| why.contains("max-batch-mb")), "{unserved:?}");
+    let (got, unserved) = call_rows(&d, &x, rows, h, &[3, 5], e);
+    assert!(unserved.is_empty(), "rows that do not need the refusing worker are served: {unserved:?}");
+    assert_eq!(got, call_rows(&reference, &x, rows, h, &[3, 5], e).0);
 }

@@ -27,7 +27,7 @@ impl WorkerTransport for Recorder {
         results: &mut [Result<()>],
     ) {
         for ((b, o), r) in batches.iter().zip(outputs.iter_mut()).zip(results.iter_mut()) {
-            o.rows = vec![1.0 + b.worker as f32; b.row_ids.len() * hidden];
+            o.rows = vec![1.0 + b.worker as f32; b.experts.len() * hidden]; // one row per pair
             *r = Ok(());
         }
         if let Ok(mut v) = self.0.lock() {
