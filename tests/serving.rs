@@ -241,6 +241,23 @@ async fn worker_rejects_malformed_messages_and_keeps_serving() {
         (ExpertRequest { row_pairs: vec![1, 1], ..good() }, "row_pairs add up to 2"),
         (ExpertRequest { hidden_size: 32, ..good() }, "row_pairs has 2 entries"),
         (ExpertRequest { dtype: 9, ..good() }, "unknown wire dtype"),
+        // Sizes are bounded by the model: at most top_k distinct experts per row.
+        (
+            ExpertRequest { row_pairs: vec![3, 0], experts: vec![0, 1, 0], ..good() },
+            "row 0 has 3 (expert, weight) pairs; the model routes a token to at most 2",
+        ),
+        (ExpertRequest { experts: vec![0, 1, 1], ..good() }, "row 1 names expert 1 twice"),
+        // One message that would make the worker allocate gigabytes (5M pairs for one row,
+        // 25 MB on the wire): refused before any allocation of that size.
+        (
+            ExpertRequest {
+                row_pairs: vec![5_000_000, 0],
+                experts: vec![0; 5_000_000],
+                weights: vec![1.0; 5_000_000],
+                ..good()
+            },
+            "the model routes a token to at most 2",
+        ),
     ];
     for (req, needle) in &bad {
         let err = c.compute(req.clone()).await.expect_err("must fail");
@@ -259,7 +276,7 @@ async fn worker_rejects_malformed_messages_and_keeps_serving() {
     let r1 = responses.next().await.expect("r1").expect("ok");
     let r2 = responses.next().await.expect("r2").expect("ok");
     assert_eq!((r1.id, r1.error.as_ref().map(|e| e.code)), (10, Some(Code::InvalidArgument as i32)));
-    assert_eq!((r2.id, r2.error, r2.rows.len()), (11, None, 2 * 64 * 4));
+    assert_eq!((r2.id, r2.error, r2.rows.len()), (11, None, 3 * 64 * 4));
     assert_eq!(&r2.rows[..], &ok.rows[..], "stream and unary agree");
 }
 

@@ -38,8 +38,8 @@ pub struct WorkerArgs {
     #[arg(long, env = "MOE_MAX_LORA_RANK", default_value_t = moe_lora::DEFAULT_MAX_RANK,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=512))]
     pub max_lora_rank: usize,
-    /// Working memory one expert request may use, in MiB (0: no limit); larger requests are
-    /// answered RESOURCE_EXHAUSTED instead of being attempted.
+    /// Working memory one expert request may use, in MiB (0: a quarter of this machine's
+    /// memory); larger requests are answered RESOURCE_EXHAUSTED instead of being attempted.
     #[arg(long, env = "MOE_MAX_BATCH_MB", default_value_t = 0)]
     pub max_batch_mb: usize,
     /// This worker's TLS certificate (PEM); with --tls-key, the worker serves only TLS.
@@ -62,7 +62,7 @@ pub fn run(a: WorkerArgs, device: moe_compute::Device) -> anyhow::Result<()> {
     let spec: ExpertSpec = a.experts.parse()?;
     let mut options = moe_cluster::HostOptions {
         adapters: None,
-        max_batch_bytes: (a.max_batch_mb > 0).then(|| a.max_batch_mb.saturating_mul(1 << 20)),
+        max_batch_bytes: Some(batch_budget_mb(a.max_batch_mb).saturating_mul(1 << 20)),
     };
     if let Some(dir) = &a.adapter_dir {
         anyhow::ensure!(dir.is_dir(), "--adapter-dir {} is not a directory", dir.display());
@@ -122,4 +122,16 @@ pub fn run(a: WorkerArgs, device: moe_compute::Device) -> anyhow::Result<()> {
         )
         .await
     })
+}
+
+/// The batch budget in MiB: the flag, or by default a quarter of this machine's memory (4 GiB
+/// where /proc/meminfo cannot be read), so that no single request can exhaust it.
+fn batch_budget_mb(flag: usize) -> usize {
+    if flag > 0 {
+        return flag;
+    }
+    let total_kb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse::<usize>().ok());
+    total_kb.map(|kb| (kb / 1024 / 4).max(64)).unwrap_or(4096)
 }

@@ -13,6 +13,13 @@ pub mod v1 {
 }
 
 /// The encoded `FileDescriptorSet` of package `moe.v1`, for `tonic-reflection`.
+/// Largest `ExpertWorker` message either side (router transport, worker server) sends or
+/// accepts; the router splits a step's rows into messages well below it.
+pub const EXPERT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Largest public `Inference` message the router accepts or sends.
+pub const INFERENCE_MAX_MESSAGE_BYTES: usize = 16 << 20;
+
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("moe_v1_descriptor");
 
 /// The protobuf runtime the generated types use (for decoding raw messages, e.g. in fuzzing).

@@ -9,7 +9,7 @@ use tonic::transport::server::{Router, TcpIncoming};
 use tonic::transport::Server;
 
 /// Largest message the public API accepts or sends.
-pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+pub const MAX_MESSAGE_BYTES: usize = moe_proto::INFERENCE_MAX_MESSAGE_BYTES;
 
 /// A tonic router with Inference, grpc.health.v1 and reflection. Health is SERVING, or follows
 /// `ready` when given (a router is not ready while some expert has no live holder).

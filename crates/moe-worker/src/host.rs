@@ -17,6 +17,9 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+/// Scratch buffers of a call needing more than this are dropped after it instead of pooled.
+const POOLED_SCRATCH_MAX_BYTES: usize = 256 << 20;
+
 /// An adapter of a request that this worker could not load: rows carrying it were not computed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdapterFailure {
@@ -216,6 +219,23 @@ impl<B: Backend> ExpertHost<B> {
                 input.weights.len()
             )));
         }
+        // Sizes are bounded by the model, so one message cannot make this worker allocate
+        // without limit: at most top_k distinct experts per row.
+        let mut start = 0usize;
+        for (r, &n) in input.row_pairs.iter().enumerate() {
+            let n = n as usize;
+            if n > c.top_k {
+                return Err(WorkerError::InvalidRequest(format!(
+                    "row {r} has {n} (expert, weight) pairs; the model routes a token to at most {}",
+                    c.top_k
+                )));
+            }
+            let row = &input.experts[start..start + n];
+            if let Some((i, e)) = row.iter().enumerate().find(|(i, e)| row[..*i].contains(e)) {
+                return Err(WorkerError::InvalidRequest(format!("row {r} names expert {e} twice (pair {i})")));
+            }
+            start += n;
+        }
         if !input.row_adapters.is_empty() && input.row_adapters.len() != rows {
             return Err(WorkerError::InvalidRequest(format!(
                 "row_adapters has {} entries for {rows} rows",
@@ -351,8 +371,11 @@ impl<B: Backend> ExpertCompute for ExpertHost<B> {
                 }
             }
         }
-        if let Ok(mut pool) = self.scratch.lock() {
-            pool.push(s);
+        // Buffers grown by an unusually large call are freed, not pooled.
+        if self.batch_bytes(input.row_pairs.len(), pairs) <= POOLED_SCRATCH_MAX_BYTES {
+            if let Ok(mut pool) = self.scratch.lock() {
+                pool.push(s);
+            }
         }
         Ok(failed)
     }

@@ -187,7 +187,7 @@ pub async fn serve_worker_with(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     use moe_proto::v1::expert_worker_server::ExpertWorkerServer;
-    const MAX_MESSAGE_BYTES: usize = 64 << 20;
+    const MAX_MESSAGE_BYTES: usize = moe_proto::EXPERT_MAX_MESSAGE_BYTES;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<ExpertWorkerServer<ExpertWorkerService>>().await;
     let reflection = || {
