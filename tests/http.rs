@@ -175,12 +175,32 @@ async fn errors_map_to_http_statuses_and_streams_end_with_an_error_event() {
         (json!({"prompt": "Hi"}), None, 401, "authorization"),
         (json!({"prompt": "Hi"}), Some("wrong-key-0123456789"), 401, "unknown api key"),
         (json!({"prompt": "Hi", "model": "other"}), key, 403, "may not use"),
+        // Bodies that do not fit the schema: 400 in OpenAI's shape naming the field (what the
+        // `openai` client turns into BadRequestError), not a plain-text 422.
+        (json!({"prompt": "Hi", "max_tokens": -5}), key, 400, "max_tokens"),
+        (json!({"prompt": "Hi", "temperature": "hot"}), key, 400, "temperature"),
     ] {
         let (got, text) = http.post("/v1/completions", body.clone(), k).await;
         assert_eq!(got, status, "{body}: {text}");
         let v: Value = serde_json::from_str(&text).expect("error json");
         assert!(v["error"]["message"].as_str().unwrap_or("").contains(needle), "{text}");
+        if status == 400 {
+            assert_eq!(v["error"]["type"], "invalid_request_error", "{text}");
+            assert_eq!(v["error"]["param"], needle, "{text}");
+        }
     }
+    let resp = http
+        .client
+        .post(format!("{}/v1/chat/completions", http.base))
+        .bearer_auth("acme-key-0123456789")
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(resp.status().as_u16(), 400);
+    let v: Value = serde_json::from_str(&resp.text().await.expect("body")).expect("error json");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
     // Over the tenant's limit: 429 while a long stream runs.
     let long = json!({"prompt": "Hi", "max_tokens": 4000, "stream": true});
     let resp = http

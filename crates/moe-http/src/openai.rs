@@ -1,31 +1,72 @@
-//! The OpenAI-compatible endpoints. Requests are validated exactly as on gRPC
-//! ([`moe_router::ValidatedRequest`]), tenant keys come from `Authorization: Bearer`, and the
+//! The OpenAI-compatible endpoints. The tenant key (`Authorization: Bearer`) is checked before
+//! the body is parsed; requests are then validated exactly as on gRPC (size limit first, the
+//! tokenizer on a blocking thread: [`moe_router::access::validate`]); a body that does not fit
+//! the schema is a 400 naming the field; and the
 //! `model` field names the base model or an adapter (as LoRAX does). gRPC codes map to HTTP
 //! statuses (400, 401, 403, 404, 429, 503, 504); errors have OpenAI's `{"error": {...}}` shape.
 //! A streamed failure ends the stream with an error event, never with a normal finish.
 
 use crate::chat::ChatMessage;
 use crate::HttpState;
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
-use moe_router::access::{admit, authenticate};
-use moe_router::{Event, FinishReason, GenerationParams, PromptInput, RouterError, ValidatedRequest};
+use moe_router::access::{admit, authenticate, validate};
+use moe_router::{Event, FinishReason, GenerationParams, PromptInput, RouterError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// An error answer: the gRPC code's HTTP status and OpenAI's error body.
-pub struct ApiError(pub RouterError);
+pub enum ApiError {
+    Router(RouterError),
+    /// A body that is not JSON or does not fit the request's schema: 400, naming the field
+    /// (`param`) where there is one, as OpenAI does (never axum's plain-text 422).
+    Body {
+        param: Option<String>,
+        message: String,
+    },
+}
 
 impl From<RouterError> for ApiError {
     fn from(e: RouterError) -> Self {
-        Self(e)
+        Self::Router(e)
     }
+}
+
+/// The request body as a JSON object, or a 400 saying why it is not one.
+fn json_object(raw: &[u8]) -> Result<Value, ApiError> {
+    match serde_json::from_slice::<Value>(raw) {
+        Ok(v) if v.is_object() => Ok(v),
+        Ok(_) => Err(ApiError::Body { param: None, message: "the body must be a JSON object".into() }),
+        Err(e) => Err(ApiError::Body { param: None, message: format!("the body is not valid JSON: {e}") }),
+    }
+}
+
+/// `v` (the field `name` of the body, or the whole body when `name` is empty) as a `T`, or the
+/// 400 that names the field that did not fit and why, as OpenAI does (never a plain-text 422).
+fn field<T: serde::de::DeserializeOwned>(v: &Value, name: &str) -> Result<T, ApiError> {
+    let value = if name.is_empty() { v } else { v.get(name).unwrap_or(&Value::Null) };
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let inner = e.path().to_string();
+        let path = match (name.is_empty(), inner == ".") {
+            (true, _) => inner,
+            (false, true) => name.to_string(),
+            (false, false) if inner.starts_with('[') => format!("{name}{inner}"),
+            (false, false) => format!("{name}.{inner}"),
+        };
+        let param = (path != ".").then(|| path.clone());
+        let message = match e.into_inner().to_string() {
+            m if name.is_empty() || v.get(name).is_some() => format!("{path}: {m}"),
+            _ => format!("{name}: this field is required"),
+        };
+        ApiError::Body { param, message }
+    })
 }
 
 pub fn http_status(code: tonic::Code) -> StatusCode {
@@ -45,6 +86,10 @@ pub fn http_status(code: tonic::Code) -> StatusCode {
 
 fn error_body(e: &RouterError) -> Value {
     let code = moe_router::outcome_label(e.code());
+    let param = match e {
+        RouterError::InvalidArgument { field, .. } => Some(*field),
+        _ => None,
+    };
     let kind = match e.code() {
         tonic::Code::InvalidArgument => "invalid_request_error",
         tonic::Code::Unauthenticated => "authentication_error",
@@ -53,12 +98,19 @@ fn error_body(e: &RouterError) -> Value {
         tonic::Code::ResourceExhausted => "rate_limit_error",
         _ => "server_error",
     };
-    json!({"error": {"message": e.to_string(), "type": kind, "code": code}})
+    json!({"error": {"message": e.to_string(), "type": kind, "param": param, "code": code}})
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (http_status(self.0.code()), Json(error_body(&self.0))).into_response()
+        match self {
+            ApiError::Router(e) => (http_status(e.code()), Json(error_body(&e))).into_response(),
+            ApiError::Body { param, message } => {
+                let error = json!({"message": message, "type": "invalid_request_error", "param": param,
+                                   "code": "invalid_argument"});
+                (StatusCode::BAD_REQUEST, Json(json!({"error": error}))).into_response()
+            }
+        }
     }
 }
 
@@ -111,17 +163,15 @@ pub struct SamplingFields {
     pub timeout_ms: Option<u64>,
 }
 
-#[derive(Deserialize)]
+/// `/v1/completions`: the prompt, and the sampling fields at the top level of the body.
 pub struct CompletionRequest {
     pub prompt: CompletionPrompt,
-    #[serde(flatten)]
     pub sampling: SamplingFields,
 }
 
-#[derive(Deserialize)]
+/// `/v1/chat/completions`: the messages, and the sampling fields at the top level of the body.
 pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
-    #[serde(flatten)]
     pub sampling: SamplingFields,
 }
 
@@ -174,13 +224,7 @@ async fn start(
             adapter_id: adapter.clone(),
             timeout: s.timeout_ms.filter(|&t| t > 0).map(Duration::from_millis),
         };
-        let mut req = ValidatedRequest::new(
-            prompt,
-            &params,
-            engine.codec(),
-            engine.model_config(),
-            engine.config().default_timeout,
-        )?;
+        let mut req = validate(engine, prompt, params).await?;
         let mut admission = admit(engine, authorization(headers), &adapter).await?;
         req.adapter = admission.adapter.take();
         req.tenant = admission.tenant.clone();
@@ -261,8 +305,11 @@ fn sse_stream(
 pub async fn completions(
     State(state): State<Arc<HttpState>>,
     headers: HeaderMap,
-    Json(req): Json<CompletionRequest>,
+    raw: Bytes,
 ) -> Result<Response, ApiError> {
+    authenticate(&state.engine, authorization(&headers))?;
+    let body = json_object(&raw)?;
+    let req = CompletionRequest { prompt: field(&body, "prompt")?, sampling: field(&body, "")? };
     let prompt = match req.prompt {
         CompletionPrompt::Text(t) => PromptInput::Text(t),
         CompletionPrompt::Ids(ids) => PromptInput::Ids(ids),
@@ -292,8 +339,11 @@ pub async fn completions(
 pub async fn chat_completions(
     State(state): State<Arc<HttpState>>,
     headers: HeaderMap,
-    Json(req): Json<ChatRequest>,
+    raw: Bytes,
 ) -> Result<Response, ApiError> {
+    authenticate(&state.engine, authorization(&headers))?;
+    let body = json_object(&raw)?;
+    let req = ChatRequest { messages: field(&body, "messages")?, sampling: field(&body, "")? };
     let text = state.chat.render(&req.messages).map_err(|m| RouterError::invalid("messages", m))?;
     let stream = req.sampling.stream;
     let (events, held, model) = start(&state, &headers, PromptInput::Text(text), req.sampling).await?;

@@ -4,6 +4,7 @@
 
 use crate::engine::Engine;
 use crate::error::RouterError;
+use crate::request::{GenerationParams, PromptInput, ValidatedRequest};
 use crate::tenants::Tenant;
 use moe_lora::validate_id;
 use std::sync::Arc;
@@ -86,4 +87,34 @@ pub fn adapter_info(a: &moe_lora::AdapterInfo) -> moe_proto::v1::AdapterInfo {
         bytes: a.bytes as u64,
         digest: a.digest.clone(),
     }
+}
+
+/// Validates a request for `engine` as every front end must: text over `--max-prompt-bytes` is
+/// refused before any tokenizer work, and tokenization runs on a blocking thread, never on the
+/// async runtime. Call it after [`authenticate`], so an unauthenticated request does no work.
+pub async fn validate(
+    engine: &Engine,
+    prompt: PromptInput,
+    params: GenerationParams,
+) -> Result<ValidatedRequest, RouterError> {
+    if let PromptInput::Text(text) = &prompt {
+        check_text_size(engine, "prompt", text)?;
+    }
+    let (codec, config) = (engine.codec_arc(), engine.model_config_arc());
+    let timeout = engine.config().default_timeout;
+    tokio::task::spawn_blocking(move || ValidatedRequest::new(prompt, &params, &codec, &config, timeout))
+        .await
+        .map_err(|e| RouterError::Internal(format!("validation task: {e}")))?
+}
+
+/// Refuses text over `--max-prompt-bytes` (INVALID_ARGUMENT naming `field` and the limit).
+pub fn check_text_size(engine: &Engine, field: &'static str, text: &str) -> Result<(), RouterError> {
+    let max = engine.config().max_prompt_bytes;
+    if text.len() > max {
+        return Err(RouterError::invalid(
+            field,
+            format!("{} bytes of text; this router accepts at most {max} (--max-prompt-bytes)", text.len()),
+        ));
+    }
+    Ok(())
 }

@@ -56,26 +56,11 @@ impl InferenceService {
         Self { engine, cluster }
     }
 
-    /// Refuses text over `--max-prompt-bytes` before any tokenizer work.
-    fn check_text_size(&self, field: &'static str, text: &str) -> Result<(), RouterError> {
-        let max = self.engine.config().max_prompt_bytes;
-        if text.len() > max {
-            return Err(RouterError::invalid(
-                field,
-                format!("{} bytes of text; this router accepts at most {max} (--max-prompt-bytes)", text.len()),
-            ));
-        }
-        Ok(())
-    }
-
     /// Converts and validates a request; text is tokenized on a blocking thread, never on the
     /// async runtime.
     async fn validate(&self, req: GenerateRequest) -> Result<ValidatedRequest, RouterError> {
         let prompt = match req.prompt {
-            Some(Prompt::Text(t)) => {
-                self.check_text_size("prompt", &t)?;
-                PromptInput::Text(t)
-            }
+            Some(Prompt::Text(t)) => PromptInput::Text(t),
             Some(Prompt::TokenIds(ids)) => PromptInput::Ids(ids.ids),
             None => return Err(RouterError::invalid("prompt", "give either text or token_ids")),
         };
@@ -92,11 +77,7 @@ impl InferenceService {
             adapter_id: req.adapter_id,
             timeout: (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms as u64)),
         };
-        let (codec, config) = (self.engine.codec_arc(), self.engine.model_config_arc());
-        let timeout = self.engine.config().default_timeout;
-        tokio::task::spawn_blocking(move || ValidatedRequest::new(prompt, &params, &codec, &config, timeout))
-            .await
-            .map_err(|e| RouterError::Internal(format!("validation task: {e}")))?
+        crate::access::validate(&self.engine, prompt, params).await
     }
 
     /// The caller's key first (an unauthenticated request does no work), then validation
@@ -227,7 +208,7 @@ impl Inference for InferenceService {
             return Err(RouterError::invalid("text", "the model has no tokenizer.json").into());
         }
         let text = request.into_inner().text;
-        self.check_text_size("text", &text)?;
+        crate::access::check_text_size(&self.engine, "text", &text)?;
         let ids = tokio::task::spawn_blocking(move || codec.encode(&text))
             .await
             .map_err(|e| RouterError::Internal(format!("tokenizer task: {e}")))?
