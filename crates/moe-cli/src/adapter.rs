@@ -23,7 +23,7 @@ pub enum AdapterCommand {
         #[command(flatten)]
         model: ModelArgs,
         /// One JSON object instead of a table.
-        #[arg(long)]
+        #[arg(long, env = "MOE_JSON")]
         json: bool,
     },
 }

@@ -18,21 +18,21 @@ pub struct BenchArgs {
     #[arg(long, env = "MOE_MODEL", conflicts_with = "make_bench_model")]
     pub model: Option<PathBuf>,
     /// Use the standard benchmark model (hidden 512, 8 layers, 8 experts top-2, vocab 32000).
-    #[arg(long)]
+    #[arg(long, env = "MOE_MAKE_BENCH_MODEL")]
     pub make_bench_model: bool,
     /// Workers of the embedded cluster and worker processes of the remote run.
     #[arg(long, env = "MOE_WORKERS", default_value_t = 2)]
     pub workers: usize,
     /// Tokens each request generates in the decode runs.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, env = "MOE_NEW_TOKENS", default_value_t = 32)]
     pub new_tokens: usize,
     /// Skip the router + worker processes run.
-    #[arg(long)]
+    #[arg(long, env = "MOE_SKIP_REMOTE")]
     pub skip_remote: bool,
     /// Skip the LoRA adapter runs.
-    #[arg(long)]
+    #[arg(long, env = "MOE_SKIP_ADAPTERS")]
     pub skip_adapters: bool,
-    #[arg(long)]
+    #[arg(long, env = "MOE_JSON")]
     pub json: bool,
 }
 

@@ -51,7 +51,7 @@ pub struct GenerateArgs {
     #[arg(long, env = "MOE_STREAM", requires = "endpoint")]
     pub stream: bool,
     /// Stop when the text contains this (repeatable); the text ends before it.
-    #[arg(long)]
+    #[arg(long, env = "MOE_STOP")]
     pub stop: Vec<String>,
     /// Penalty on tokens already present, as transformers applies it (1 = none).
     #[arg(long, env = "MOE_REPETITION_PENALTY")]

@@ -17,10 +17,10 @@ pub enum KernelsCommand {
     /// Compile every kernel to PTX with NVRTC (libnvrtc must be loadable; no GPU needed).
     Compile {
         /// Virtual architecture, e.g. compute_80, compute_90 (H100/H200).
-        #[arg(long, default_value = "compute_90")]
+        #[arg(long, env = "MOE_ARCH", default_value = "compute_90")]
         arch: String,
         /// Compile these .cu files (with the shared helpers) instead of the built-in kernels.
-        #[arg(long)]
+        #[arg(long, env = "MOE_FILE")]
         file: Vec<std::path::PathBuf>,
     },
     /// List the kernels and their entry points.
@@ -30,16 +30,16 @@ pub enum KernelsCommand {
     /// bandwidth. Exits non-zero when any kernel is wrong.
     Check {
         /// The GPU's ordinal (as in cuda:N).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, env = "MOE_GPU", default_value_t = 0)]
         gpu: usize,
         /// Small timing shapes (a smoke run of a few seconds).
-        #[arg(long)]
+        #[arg(long, env = "MOE_QUICK")]
         quick: bool,
         /// Timed launches per kernel.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, env = "MOE_ITERS", default_value_t = 20)]
         iters: usize,
         /// Also write the report as a markdown table to this file.
-        #[arg(long)]
+        #[arg(long, env = "MOE_MARKDOWN")]
         markdown: Option<std::path::PathBuf>,
     },
 }

@@ -22,41 +22,41 @@ pub struct LoadgenArgs {
     #[arg(long, env = "MOE_ENDPOINT")]
     pub endpoint: String,
     /// Requests in flight at once.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, env = "MOE_CONCURRENCY", default_value_t = 8)]
     pub concurrency: usize,
     /// Requests in all (the run always stops).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, env = "MOE_REQUESTS", default_value_t = 100)]
     pub requests: usize,
     /// Stop sending new requests after this many seconds (0: when --requests are sent).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, env = "MOE_DURATION_SECS", default_value_t = 0.0)]
     pub duration_secs: f64,
     /// After a RESOURCE_EXHAUSTED answer, a client waits this long before its next request.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, env = "MOE_SHED_BACKOFF_MS", default_value_t = 50)]
     pub shed_backoff_ms: u64,
     /// Samples this process's resident memory (Linux /proc) every second and reports its
     /// slope: the soak check (point it at the server).
-    #[arg(long)]
+    #[arg(long, env = "MOE_WATCH_PID")]
     pub watch_pid: Option<u32>,
     /// Prompt lengths in tokens, uniformly in MIN-MAX.
-    #[arg(long, default_value = "4-64")]
+    #[arg(long, env = "MOE_PROMPT_LEN", default_value = "4-64")]
     pub prompt_len: String,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, env = "MOE_MAX_NEW_TOKENS", default_value_t = 16)]
     pub max_new_tokens: u32,
     /// Share of requests that stream (0 to 1).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, env = "MOE_STREAM_SHARE", default_value_t = 0.5)]
     pub stream_share: f64,
     /// Adapters to use in turn (repeatable; "" is the base model).
-    #[arg(long)]
+    #[arg(long, env = "MOE_ADAPTER")]
     pub adapter: Vec<String>,
     /// Tenant API keys to use in turn (repeatable).
-    #[arg(long, hide_env_values = true)]
+    #[arg(long, env = "MOE_API_KEYS", value_delimiter = ',', hide_env_values = true)]
     pub api_key: Vec<String>,
     /// Per-request deadline sent to the server, in ms.
-    #[arg(long, default_value_t = 60_000)]
+    #[arg(long, env = "MOE_TIMEOUT_MS", default_value_t = 60_000)]
     pub timeout_ms: u64,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "MOE_SEED", default_value_t = 1)]
     pub seed: u64,
-    #[arg(long)]
+    #[arg(long, env = "MOE_JSON")]
     pub json: bool,
 }
 
@@ -128,15 +128,11 @@ pub fn run(a: LoadgenArgs) -> anyhow::Result<()> {
                         return;
                     }
                     issued.fetch_add(1, Ordering::Relaxed);
-                    // SplitMix64 of (seed, i): the same run every time.
-                    let mut z = a.seed.wrapping_add((i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                    let mut rnd = || {
-                        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                        let mut x = z;
-                        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                        x ^ (x >> 31)
-                    };
+                    // The project's generator seeded by (seed, i): the same run every time.
+                    let mut rng = moe_compute::rng::SplitMix64::new(
+                        a.seed.wrapping_add((i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                    );
+                    let mut rnd = || rng.next_u64();
                     let len = lo + (rnd() as usize) % (hi - lo + 1);
                     let ids: Vec<u32> = (0..len).map(|_| (rnd() % vocab) as u32).collect();
                     let stream = (rnd() % 10_000) as f64 / 10_000.0 < a.stream_share;

@@ -113,3 +113,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Adapter(a) => adapter::run(a),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// The promise of this file's first line: every flag of every command has a `MOE_*`
+    /// variable (and so a `--config` key).
+    #[test]
+    fn every_flag_has_a_moe_environment_variable() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if a.get_long().is_none() || id == "help" || id == "version" {
+                    continue;
+                }
+                match a.get_env() {
+                    Some(env) if env.to_string_lossy().starts_with("MOE_") => {}
+                    _ => missing.push(format!("{path} --{}", a.get_long().unwrap_or(id))),
+                }
+            }
+            for s in cmd.get_subcommands() {
+                walk(s, &format!("{path} {}", s.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "moe", &mut missing);
+        assert!(missing.is_empty(), "flags without a MOE_* variable: {missing:?}");
+    }
+}
