@@ -24,17 +24,18 @@ type Outcome = (Vec<u32>, Vec<u32>);
 /// 16 prompts of 1 to 200 tokens.
 fn prompts() -> Vec<Vec<u32>> {
     let lens = [1usize, 200, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 7, 30, 120, 64];
-    lens.iter()
-        .enumerate()
-        .map(|(i, &n)| (0..n).map(|j| ((i * 37 + j * 11 + j * j) % 300) as u32).collect())
-        .collect()
+    lens.iter().enumerate().map(|(i, &n)| (0..n).map(|j| ((i * 37 + j * 11 + j * j) % 300) as u32).collect()).collect()
 }
 
-fn submit(engine: &Engine, prompt: &[u32], adapter: &str) -> Receiver<Event> {
+/// Submits one request: greedy, or sampled (temperature 1, top-p 0.9) with `seed`.
+fn submit(engine: &Engine, prompt: &[u32], adapter: &str, seed: Option<u64>) -> Receiver<Event> {
     let params = GenerationParams {
         max_new_tokens: Some(NEW_TOKENS as u32),
         logprobs: true,
         adapter_id: adapter.to_string(),
+        temperature: seed.map(|_| 1.0),
+        top_p: seed.map(|_| 0.9),
+        seed,
         ..Default::default()
     };
     let mut req = ValidatedRequest::new(
@@ -73,11 +74,12 @@ fn finish(mut rx: Receiver<Event>, mut got: Outcome) -> Outcome {
     got
 }
 
-type Request<'a> = (&'a [u32], &'a str);
+/// A prompt, its adapter ("": none) and its sampling seed (`None`: greedy).
+type Request<'a> = (&'a [u32], &'a str, Option<u64>);
 
 /// Each request alone: submitted after the previous one finished.
 fn one_at_a_time(engine: &Engine, reqs: &[Request<'_>]) -> Vec<Outcome> {
-    reqs.iter().map(|(p, a)| finish(submit(engine, p, a), Outcome::default())).collect()
+    reqs.iter().map(|(p, a, seed)| finish(submit(engine, p, a, *seed), Outcome::default())).collect()
 }
 
 /// Every request submitted at once, in a shuffled order with small random gaps; `midway` runs
@@ -97,7 +99,7 @@ fn all_at_once(engine: &Engine, reqs: &[Request<'_>], seed: u64, midway: impl Fn
     }
     let mut streams: Vec<Option<Receiver<Event>>> = (0..reqs.len()).map(|_| None).collect();
     for &i in &order {
-        streams[i] = Some(submit(engine, reqs[i].0, reqs[i].1));
+        streams[i] = Some(submit(engine, reqs[i].0, reqs[i].1, reqs[i].2));
         std::thread::sleep(Duration::from_micros(next() % 3000));
     }
     let first = order[0];
@@ -158,7 +160,7 @@ fn outputs_are_bitwise_identical_across_batching_chunking_placement_hedging_and_
     model(dir);
     let d = dir.to_str().expect("utf8");
     let prompts = prompts();
-    let reqs: Vec<Request<'_>> = prompts.iter().map(|p| (p.as_slice(), "")).collect();
+    let reqs: Vec<Request<'_>> = prompts.iter().map(|p| (p.as_slice(), "", None)).collect();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
 
     // (a) one at a time, on one embedded worker.
@@ -222,7 +224,7 @@ fn a_mixed_batch_of_adapters_gives_each_request_its_solo_result() {
     write_random_adapter(&dir, &adapters.join("experts"), &["experts"], 4, 12);
     let prompts = prompts();
     let names = ["", "gate", "experts"];
-    let reqs: Vec<Request<'_>> = prompts.iter().enumerate().map(|(i, p)| (p.as_slice(), names[i % 3])).collect();
+    let reqs: Vec<Request<'_>> = prompts.iter().enumerate().map(|(i, p)| (p.as_slice(), names[i % 3], None)).collect();
     let options = moe_cluster::AdapterOptions { dir: Some(adapters), ..Default::default() };
     let engine = moe_cluster::embedded_with(&dir, 2, EngineConfig::default(), &options).expect("engine");
     let solo = one_at_a_time(&engine, &reqs);
@@ -230,7 +232,24 @@ fn a_mixed_batch_of_adapters_gives_each_request_its_solo_result() {
     // The adapters matter: each changes some request's output against the base model.
     for name in ["gate", "experts"] {
         let i = names.iter().position(|n| *n == name).expect("name");
-        let base = one_at_a_time(&engine, &[(prompts[i].as_slice(), "")]);
+        let base = one_at_a_time(&engine, &[(prompts[i].as_slice(), "", None)]);
         assert_ne!(base[0].1, solo[i].1, "the {name} adapter changes nothing");
     }
+}
+
+/// Seeded sampling draws from each request's own generator: the same tokens alone and in a
+/// batch, whatever its position.
+#[test]
+fn seeded_sampling_does_not_depend_on_the_batch() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    model(dir);
+    let prompts = prompts();
+    let reqs: Vec<Request<'_>> =
+        prompts.iter().enumerate().map(|(i, p)| (p.as_slice(), "", Some(100 + i as u64))).collect();
+    let engine = moe_cluster::embedded(dir, 2, EngineConfig::default()).expect("engine");
+    let solo = one_at_a_time(&engine, &reqs);
+    assert_same("seeded sampling at once", &all_at_once(&engine, &reqs, 11, || {}), &solo);
+    let greedy = one_at_a_time(&engine, &[(prompts[0].as_slice(), "", None)]);
+    assert_ne!(greedy[0].0, solo[0].0, "sampling at temperature 1 should leave the greedy path");
 }
