@@ -295,14 +295,29 @@ mod avx {
                 let full = k / 8 * 8;
                 let mut i = 0;
                 while i < full {
-                    let mut wv = [_mm256_setzero_ps(); NR];
-                    for (c, v) in wv.iter_mut().enumerate() {
-                        *v = $load(w.add(c * ldw + i));
-                    }
-                    for (r, row) in acc.iter_mut().enumerate() {
-                        let xv = _mm256_loadu_ps(x.add(r * k + i));
-                        for (a, wc) in row.iter_mut().zip(&wv) {
-                            *a = _mm256_fmadd_ps(xv, *wc, *a);
+                    // Keep MR·NR accumulators and the wider operand in registers (16 in all):
+                    // wide tiles hold the x rows and stream the weight rows, tall ones the reverse.
+                    if NR > MR {
+                        let mut xv = [_mm256_setzero_ps(); MR];
+                        for (r, v) in xv.iter_mut().enumerate() {
+                            *v = _mm256_loadu_ps(x.add(r * k + i));
+                        }
+                        for c in 0..NR {
+                            let wc = $load(w.add(c * ldw + i));
+                            for (row, xr) in acc.iter_mut().zip(&xv) {
+                                row[c] = _mm256_fmadd_ps(*xr, wc, row[c]);
+                            }
+                        }
+                    } else {
+                        let mut wv = [_mm256_setzero_ps(); NR];
+                        for (c, v) in wv.iter_mut().enumerate() {
+                            *v = $load(w.add(c * ldw + i));
+                        }
+                        for (r, row) in acc.iter_mut().enumerate() {
+                            let xv = _mm256_loadu_ps(x.add(r * k + i));
+                            for (a, wc) in row.iter_mut().zip(&wv) {
+                                *a = _mm256_fmadd_ps(xv, *wc, *a);
+                            }
                         }
                     }
                     i += 8;
@@ -459,5 +474,31 @@ mod tests {
         let b = values(37, 4);
         let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
         assert!((canonical_dot(&a, |i| b[i], 37) - naive).abs() < 1e-4);
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    #[test]
+    #[ignore = "timing, by hand with --release"]
+    fn decode_shapes() {
+        for &(m, k, n) in &[(1usize, 512usize, 2048usize), (1, 512, 32000), (16, 512, 2048), (64, 1024, 512)] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.01).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| (i % 11) as f32 * 0.01).collect();
+            let bits: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+            let mut out = vec![0.0; m * n];
+            for (name, wt) in [("f32", Weights::F32(&w)), ("bf16", Weights::Bf16(&bits))] {
+                let reps = (1_000_000_000 / (m * n * k)).max(3);
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    matmul(&x, m, k, wt, n, &mut out);
+                }
+                let s = t.elapsed().as_secs_f64() / reps as f64;
+                let gbs = (n * k * if name == "f32" { 4 } else { 2 }) as f64 / s / 1e9;
+                eprintln!("{m}x{k}x{n} {name}: {:.3} ms, {gbs:.1} GB/s of weights", s * 1e3);
+            }
+        }
     }
 }
