@@ -484,7 +484,9 @@ mod speed {
     #[test]
     #[ignore = "timing, by hand with --release"]
     fn decode_shapes() {
-        for &(m, k, n) in &[(1usize, 512usize, 2048usize), (1, 512, 32000), (1, 1024, 512), (16, 512, 2048), (64, 1024, 512)] {
+        for &(m, k, n) in
+            &[(1usize, 512usize, 2048usize), (1, 512, 32000), (1, 1024, 512), (16, 512, 2048), (64, 1024, 512)]
+        {
             let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.01).collect();
             let w: Vec<f32> = (0..n * k).map(|i| (i % 11) as f32 * 0.01).collect();
             let bits: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
