@@ -29,6 +29,8 @@ pub struct GenerationParams {
 }
 
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 64;
+/// The longest timeout a request may ask for (a week): longer ones are capped to it.
+pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// At most this many stop sequences per request.
 pub const MAX_STOP_SEQUENCES: usize = 16;
 /// At most this many bytes per stop sequence.
@@ -157,7 +159,9 @@ impl ValidatedRequest {
         if !p.stop.is_empty() && !codec.has_tokenizer() {
             return Err(RouterError::invalid("stop", "stop sequences need the model's tokenizer.json"));
         }
-        let timeout = p.timeout.filter(|t| !t.is_zero()).unwrap_or(default_timeout);
+        // A client's timeout is capped, so the deadline is always a representable instant.
+        let timeout = p.timeout.filter(|t| !t.is_zero()).unwrap_or(default_timeout).min(MAX_REQUEST_TIMEOUT);
+        let now = Instant::now();
         Ok(Self {
             prompt,
             max_new_tokens,
@@ -166,10 +170,29 @@ impl ValidatedRequest {
             repetition_penalty,
             logprobs: p.logprobs,
             stop_ids: config.eos_token_ids.clone(),
-            deadline: Instant::now() + timeout,
+            deadline: now.checked_add(timeout).unwrap_or(now),
             timeout,
             adapter: None,
             tenant: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// A client's timeout of u64::MAX milliseconds is capped instead of overflowing the deadline.
+    #[test]
+    fn huge_timeouts_are_capped() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mixtral");
+        let config = ModelConfig::from_dir(&dir).expect("config");
+        let codec = TextCodec::from_dir(&dir).expect("codec");
+        let p = GenerationParams { timeout: Some(Duration::from_millis(u64::MAX)), ..Default::default() };
+        let r = ValidatedRequest::new(PromptInput::Ids(vec![1, 2]), &p, &codec, &config, Duration::from_secs(60))
+            .expect("valid");
+        assert_eq!(r.timeout, MAX_REQUEST_TIMEOUT);
+        assert!(r.deadline > Instant::now() + Duration::from_secs(3600));
     }
 }

@@ -47,10 +47,33 @@ fn yes() -> bool {
     true
 }
 
+/// Longest API key accepted; keys are compared over this fixed length.
+const MAX_KEY_BYTES: usize = 256;
+
+/// An API key kept for comparisons whose time depends on neither its content nor its length:
+/// both sides are padded to [`MAX_KEY_BYTES`] and the lengths compared in constant time too.
+struct ApiKey {
+    padded: [u8; MAX_KEY_BYTES],
+    len: u64,
+}
+
+impl ApiKey {
+    fn new(key: &[u8]) -> Self {
+        let mut padded = [0u8; MAX_KEY_BYTES];
+        let n = key.len().min(MAX_KEY_BYTES);
+        padded[..n].copy_from_slice(&key[..n]);
+        Self { padded, len: key.len() as u64 }
+    }
+
+    fn matches(&self, other: &ApiKey) -> bool {
+        bool::from(self.padded.ct_eq(&other.padded) & self.len.ct_eq(&other.len))
+    }
+}
+
 /// One tenant.
 pub struct Tenant {
     pub name: String,
-    api_key: Vec<u8>,
+    api_key: ApiKey,
     adapters: Vec<String>,
     base_model: bool,
     pub admin: bool,
@@ -105,19 +128,31 @@ pub struct Tenants {
 impl Tenants {
     /// Parses the tenants file; errors say which tenant and field is wrong.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let file: TenantFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        // The parser's own message quotes the offending line, which may hold an api_key: say
+        // only where and what.
+        let file: TenantFile = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            match line {
+                Some(l) => format!("line {l}: {}", e.message().trim_end()),
+                None => e.message().trim_end().to_string(),
+            }
+        })?;
         let mut tenants: Vec<Arc<Tenant>> = Vec::new();
         for t in file.tenants {
             if t.name.is_empty() {
                 return Err("a tenant has an empty name".into());
             }
-            if t.api_key.len() < 16 {
-                return Err(format!("tenant {:?}: api_key must be at least 16 characters", t.name));
+            if t.api_key.len() < 16 || t.api_key.len() > MAX_KEY_BYTES {
+                return Err(format!(
+                    "tenant {:?}: api_key must be at least 16 and at most {MAX_KEY_BYTES} characters",
+                    t.name
+                ));
             }
             if tenants.iter().any(|o| o.name == t.name) {
                 return Err(format!("tenant {:?} appears twice", t.name));
             }
-            if tenants.iter().any(|o| bool::from(o.api_key.ct_eq(t.api_key.as_bytes()))) {
+            let key = ApiKey::new(t.api_key.as_bytes());
+            if tenants.iter().any(|o| o.api_key.matches(&key)) {
                 return Err(format!("tenant {:?} reuses another tenant's api_key", t.name));
             }
             if t.max_concurrent == Some(0) {
@@ -127,7 +162,7 @@ impl Tenants {
                 limit: t.max_concurrent.map(|n| Arc::new(Semaphore::new(n))),
                 max_concurrent: t.max_concurrent,
                 name: t.name,
-                api_key: t.api_key.into_bytes(),
+                api_key: key,
                 adapters: t.adapters,
                 base_model: t.base_model,
                 admin: t.admin,
@@ -155,10 +190,12 @@ impl Tenants {
             .ok_or_else(|| RouterError::Unauthenticated("authorization must be `Bearer <api key>`".into()))?
             .trim()
             .as_bytes();
+        let key = ApiKey::new(key);
         let mut found: Option<&Arc<Tenant>> = None;
         for t in &self.tenants {
-            // Every key is compared, matched or not, so timing does not tell which one matched.
-            if bool::from(t.api_key.ct_eq(key)) {
+            // Every key is compared over the same length, matched or not, so timing tells
+            // neither which one matched nor how long the keys are.
+            if t.api_key.matches(&key) {
                 found = Some(t);
             }
         }
@@ -228,5 +265,26 @@ mod tests {
             let e = Tenants::parse(text).unwrap_err();
             assert!(e.contains(needle), "{text}: {e}");
         }
+    }
+
+    /// A syntax error names the line, never quotes it: the line may hold a key.
+    #[test]
+    fn parse_errors_do_not_quote_keys() {
+        let text = "[[tenants]]\nname = \"a\"\napi_key = \"super-secret-key-0123456789\" junk\n";
+        let e = Tenants::parse(text).unwrap_err();
+        assert!(e.starts_with("line 3"), "{e}");
+        assert!(!e.contains("super-secret"), "the error quotes the key: {e}");
+    }
+
+    /// Keys match exactly: not a prefix, not an extension, not one over the length limit.
+    #[test]
+    fn keys_match_only_exactly() {
+        let t = Tenants::parse("[[tenants]]\nname = \"a\"\napi_key = \"0123456789abcdef\"").expect("parse");
+        assert!(t.authenticate(Some("Bearer 0123456789abcdef")).is_ok());
+        for wrong in ["0123456789abcde", "0123456789abcdef0", "0123456789abcdeF", &"0".repeat(300)] {
+            assert!(t.authenticate(Some(&format!("Bearer {wrong}"))).is_err(), "{wrong}");
+        }
+        let long = format!("[[tenants]]\nname = \"a\"\napi_key = \"{}\"", "k".repeat(257));
+        assert!(Tenants::parse(&long).unwrap_err().contains("at most 256"));
     }
 }
