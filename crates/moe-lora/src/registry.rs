@@ -218,7 +218,21 @@ impl<T: Resident> AdapterRegistry<T> {
             let mut l = self.loading.lock().unwrap_or_else(|p| p.into_inner());
             l.entry(id.to_string()).or_default().clone()
         };
-        let _one_load = gate.lock().unwrap_or_else(|p| p.into_inner());
+        let result = {
+            let _one_load = gate.lock().unwrap_or_else(|p| p.into_inner());
+            self.load_gated(root, id, rel, digest)
+        };
+        // The gate goes when no other load of this id waits on it, so ids that were asked for
+        // (existing or not) do not pile up.
+        let mut l = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        if l.get(id).is_some_and(|g| Arc::ptr_eq(g, &gate) && Arc::strong_count(g) == 2) {
+            l.remove(id);
+        }
+        result
+    }
+
+    /// Loads `id` while holding its gate (one load per id at a time).
+    fn load_gated(&self, root: &Path, id: &str, rel: &str, digest: Option<&str>) -> Result<Arc<T>> {
         if let Some(v) = self.get_resident(id) {
             if v.identity().path == rel && digest.is_none_or(|d| d == v.identity().digest) {
                 return Ok(v);
@@ -357,6 +371,16 @@ mod tests {
         fn bytes(&self) -> usize {
             self.1
         }
+    }
+
+    #[test]
+    fn ids_that_were_asked_for_leave_no_load_gate_behind() {
+        let (_dir, reg) = registry(4, 1 << 20);
+        for i in 0..100 {
+            assert!(reg.acquire(&format!("missing-{i}")).is_err());
+        }
+        let _ = reg.acquire("a");
+        assert!(reg.loading.lock().map(|l| l.is_empty()).unwrap_or(false), "load gates pile up");
     }
 
     fn registry(max_adapters: usize, max_bytes: usize) -> (tempfile::TempDir, AdapterRegistry<Fake>) {
