@@ -90,7 +90,10 @@ pub fn run(a: WorkerArgs, device: moe_compute::Device) -> anyhow::Result<()> {
     rt.block_on(async {
         let listener = bind(&a.listen, "worker").await?;
         let bound = listener.local_addr()?.to_string();
-        let advertise = a.advertise.clone().unwrap_or(bound);
+        let advertise = bracket_ipv6(&a.advertise.clone().unwrap_or(bound));
+        if let Some(why) = moe_dispatch::address_problem(&advertise) {
+            anyhow::bail!("--advertise: {why}");
+        }
         let id = a.worker_id.clone().unwrap_or_else(|| advertise.clone());
         tracing::info!(worker = %id, hosted, device = %host.device(), "serving experts");
         let cancel = tokio_util::sync::CancellationToken::new();
@@ -134,4 +137,26 @@ fn batch_budget_mb(flag: usize) -> usize {
         .ok()
         .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse::<usize>().ok());
     total_kb.map(|kb| (kb / 1024 / 4).max(64)).unwrap_or(4096)
+}
+
+/// `fd00::1:50061` (what `$(POD_IP):50061` gives for an IPv6 pod) as `[fd00::1]:50061`; any
+/// other address unchanged.
+fn bracket_ipv6(addr: &str) -> String {
+    match addr.rsplit_once(':') {
+        Some((host, port)) if host.parse::<std::net::Ipv6Addr>().is_ok() && port.parse::<u16>().is_ok() => {
+            format!("[{host}]:{port}")
+        }
+        _ => addr.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ipv6_advertise_addresses_get_brackets() {
+        assert_eq!(super::bracket_ipv6("fd00::1:50061"), "[fd00::1]:50061");
+        assert_eq!(super::bracket_ipv6("[fd00::1]:50061"), "[fd00::1]:50061");
+        assert_eq!(super::bracket_ipv6("10.0.0.5:50061"), "10.0.0.5:50061");
+        assert_eq!(super::bracket_ipv6("worker-0.workers:50061"), "worker-0.workers:50061");
+    }
 }

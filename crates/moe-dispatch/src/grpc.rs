@@ -111,6 +111,25 @@ fn unavailable(addr: &str, message: impl std::fmt::Display) -> DispatchError {
     DispatchError::Unavailable { worker: addr.to_string(), message: message.to_string() }
 }
 
+/// Why `addr` cannot be a worker's address (`host:port`, IPv6 in brackets), if it cannot.
+pub fn address_problem(addr: &str) -> Option<String> {
+    let bare = addr.split_once("://").map(|(_, rest)| rest).unwrap_or(addr);
+    let hint = |why: &str| {
+        let v6 =
+            bare.rsplit_once(':').filter(|(h, p)| h.parse::<std::net::Ipv6Addr>().is_ok() && p.parse::<u16>().is_ok());
+        match v6 {
+            Some((h, p)) => format!("{why}; an IPv6 address needs brackets: [{h}]:{p}"),
+            None => why.to_string(),
+        }
+    };
+    match format!("http://{bare}").parse::<tonic::codegen::http::Uri>() {
+        Err(e) => Some(hint(&format!("address {addr:?} does not parse: {e}"))),
+        Ok(uri) if uri.port_u16().is_none() => Some(hint(&format!("address {addr:?} has no port"))),
+        Ok(uri) if uri.path() != "/" && !uri.path().is_empty() => Some(format!("address {addr:?} has a path")),
+        Ok(_) => None,
+    }
+}
+
 fn endpoint(addr: &str, config: &GrpcTransportConfig) -> Result<Endpoint> {
     let scheme = if config.tls.is_some() { "https" } else { "http" };
     let bare = addr.split_once("://").map(|(_, rest)| rest).unwrap_or(addr);

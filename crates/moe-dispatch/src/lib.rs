@@ -24,7 +24,7 @@ mod transport;
 
 pub use dispatcher::{Dispatcher, SUSPECT_FOR};
 pub use error::{DispatchError, Result};
-pub use grpc::{GrpcTransport, GrpcTransportConfig, TransportTls};
+pub use grpc::{address_problem, GrpcTransport, GrpcTransportConfig, TransportTls};
 pub use in_process::InProcessTransport;
 pub use membership::{follow_membership, plan_membership, MembershipDispatcher, MembershipPlan, MembershipStatus};
 pub use placement::Placement;

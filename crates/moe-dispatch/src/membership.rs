@@ -53,6 +53,12 @@ pub fn plan_membership(config: &ModelConfig, records: &[WorkerRecord]) -> Member
             ));
             continue;
         }
+        if let Some(why) = crate::grpc::address_problem(&r.address) {
+            // One bad record is refused alone; the others still make the transport.
+            tracing::error!(worker = %r.id, address = %r.address, %why, "refusing worker: bad address");
+            refused.push(format!("{} ({}): {why}", r.id, r.address));
+            continue;
+        }
         let fits = r.experts.iter().all(|(layer, experts)| {
             (*layer as usize) < config.num_layers
                 && config.is_moe_layer(*layer as usize)
@@ -155,7 +161,22 @@ impl MembershipDispatcher {
                 }
                 self.rebuilds.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => tracing::error!(error = %e, "cannot build the worker transport"),
+            Err(e) => {
+                // Health must not claim what the dispatcher in use cannot do: not ready until a
+                // later snapshot builds (the next one is applied even if identical).
+                tracing::error!(error = %e, "cannot build the worker transport");
+                if let Ok(mut applied) = self.applied.lock() {
+                    *applied = None;
+                }
+                if let Ok(mut s) = self.status.write() {
+                    *s = MembershipStatus {
+                        workers: plan.addrs.len(),
+                        missing: format!("the worker transport could not be built: {e}"),
+                        refused: plan.refused,
+                    };
+                }
+                return false;
+            }
         }
         let missing = plan.describe_missing();
         let complete = plan.is_complete();
@@ -207,4 +228,42 @@ pub fn follow_membership(
         }
     });
     (d, ready_rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, address: &str, config: &ModelConfig) -> WorkerRecord {
+        let experts =
+            config.moe_layers().into_iter().map(|l| (l as u32, (0..config.num_experts as u32).collect())).collect();
+        WorkerRecord {
+            id: id.into(),
+            address: address.into(),
+            experts,
+            device: "cpu".into(),
+            fingerprint: config.fingerprint(),
+            version: String::new(),
+        }
+    }
+
+    /// A record whose address does not parse (an IPv6 pod IP without brackets) is refused alone,
+    /// with a hint; the others, bracketed IPv6 included, make the plan.
+    #[test]
+    fn a_bad_address_is_refused_alone() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mixtral");
+        let config = ModelConfig::from_dir(&dir).expect("config");
+        let records = [
+            record("a", "127.0.0.1:50061", &config),
+            record("b", "fd00::1:50061", &config),
+            record("c", "[fd00::2]:50061", &config),
+            record("d", "worker-3", &config),
+        ];
+        let plan = plan_membership(&config, &records);
+        assert_eq!(plan.addrs, vec!["127.0.0.1:50061".to_string(), "[fd00::2]:50061".to_string()]);
+        assert!(plan.is_complete());
+        assert_eq!(plan.refused.len(), 2, "{:?}", plan.refused);
+        assert!(plan.refused[0].contains("[fd00::1]:50061"), "{:?}", plan.refused);
+        assert!(plan.refused[1].contains("no port"), "{:?}", plan.refused);
+    }
 }
