@@ -1,7 +1,8 @@
 //! Turning one MoE layer's routing into one batch per worker, collecting what comes back (one
 //! result per (row, expert) pair, summed in a fixed order by [`crate::combine`]), and failing
 //! over: when a worker does not answer (connection refused or reset, deadline), it is
-//! marked suspect for a while and the (row, expert) pairs it owed are sent, in the same step, to
+//! marked suspect ([`crate::health`]: left out, then probed before it gets traffic again) and the
+//! (row, expert) pairs it owed are sent, in the same step, to
 //! another holder of the same experts; a worker that refuses a call (over its batch budget, an
 //! expert it no longer hosts, a bad adapter dir) is left out of that call only and its pairs go
 //! to replicas too. Expert calls are pure functions of their inputs, so the retry gives the same
@@ -11,15 +12,14 @@
 
 use crate::combine::Contributions;
 use crate::error::{DispatchError, Result};
+pub use crate::health::SUSPECT_FOR;
+use crate::health::{Availability, WorkerHealth};
 use crate::placement::Placement;
 use crate::transport::{BatchOutput, WorkerBatch, WorkerTransport};
 use moe_model::{AdapterIdentity, ExpertRoutes, ModelError};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// How long a worker that failed a call is left out before it is tried again.
-pub const SUSPECT_FOR: Duration = Duration::from_secs(5);
 
 pub(crate) struct Scratch {
     /// The layer's input rows and the sum of the experts' results, on the host (the wire's side).
@@ -38,6 +38,7 @@ pub(crate) struct Scratch {
     slot_of: Vec<Option<usize>>,
     retry: Vec<(u32, u32, f32)>,
     suspect: Vec<bool>,
+    availability: Vec<Availability>,
     row_workers: Vec<usize>,
 }
 
@@ -58,18 +59,23 @@ pub(crate) struct DispatcherCore<T: WorkerTransport> {
     placement: Placement,
     num_workers: usize,
     next: AtomicUsize,
-    suspect_until: Mutex<Vec<Option<Instant>>>,
+    health: WorkerHealth,
     scratch: Mutex<Scratch>,
 }
 
 impl<T: WorkerTransport> Dispatcher<T> {
     pub fn new(transport: T, placement: Placement, num_workers: usize) -> Self {
+        Self::with_suspect_for(transport, placement, num_workers, SUSPECT_FOR)
+    }
+
+    /// [`Self::new`] with another suspect period than [`SUSPECT_FOR`].
+    pub fn with_suspect_for(transport: T, placement: Placement, num_workers: usize, suspect_for: Duration) -> Self {
         let core = DispatcherCore {
             transport,
             placement,
             num_workers,
             next: AtomicUsize::new(0),
-            suspect_until: Mutex::new(vec![None; num_workers]),
+            health: WorkerHealth::new(num_workers, suspect_for),
             scratch: Mutex::new(Scratch {
                 x: Vec::new(),
                 out: Vec::new(),
@@ -83,6 +89,7 @@ impl<T: WorkerTransport> Dispatcher<T> {
                 pending: Vec::new(),
                 retry: Vec::new(),
                 suspect: Vec::new(),
+                availability: Vec::new(),
                 row_workers: Vec::new(),
             }),
         };
@@ -97,31 +104,21 @@ impl<T: WorkerTransport> Dispatcher<T> {
         &self.core.placement
     }
 
-    /// Workers currently left out after a failure.
+    /// Workers currently left out after a failure (suspect, or probed before traffic).
     pub fn suspects(&self) -> Vec<usize> {
-        let now = Instant::now();
-        let s = self.core.suspect_until.lock().map(|v| v.clone()).unwrap_or_default();
-        s.iter().enumerate().filter(|(_, t)| t.is_some_and(|t| t > now)).map(|(i, _)| i).collect()
+        self.core.health.suspects().into_iter().map(|(w, _)| w).collect()
     }
 
     /// Until when each suspect worker is left out, by name (carried over when membership
-    /// changes, so a worker that stays keeps its state).
+    /// changes, so a worker that stays keeps its state; one being probed is probed again).
     pub fn suspects_by_name(&self) -> Vec<(String, Instant)> {
-        let now = Instant::now();
-        let s = self.core.suspect_until.lock().map(|v| v.clone()).unwrap_or_default();
-        s.iter()
-            .enumerate()
-            .filter_map(|(w, t)| t.filter(|t| *t > now).map(|t| (self.core.transport.worker_name(w), t)))
-            .collect()
+        let h = self.core.health.suspects();
+        h.into_iter().map(|(w, until)| (self.core.transport.worker_name(w), until)).collect()
     }
 
-    /// Leaves `worker` out until `until`.
+    /// Leaves `worker` out until `until` (then it is probed).
     pub fn set_suspect_until(&self, worker: usize, until: Instant) {
-        if let Ok(mut v) = self.core.suspect_until.lock() {
-            if let Some(slot) = v.get_mut(worker) {
-                *slot = Some(until);
-            }
-        }
+        self.core.health.set_suspect_until(worker, until);
     }
 }
 
@@ -135,11 +132,7 @@ impl<T: WorkerTransport> DispatcherCore<T> {
     }
 
     fn mark_suspect(&self, worker: usize) {
-        if let Ok(mut v) = self.suspect_until.lock() {
-            if let Some(slot) = v.get_mut(worker) {
-                *slot = Some(Instant::now() + SUSPECT_FOR);
-            }
-        }
+        self.health.mark_suspect(worker);
     }
 
     /// The rows of `batches` grouped for the first round (after [`Self::loaded`]).
@@ -180,17 +173,20 @@ impl<T: WorkerTransport> DispatcherCore<T> {
         s: &mut Scratch,
         unserved: &mut Vec<(u32, String)>,
     ) -> Result<usize> {
-        let now = Instant::now();
+        self.health.snapshot(&self.transport, &mut s.availability);
         s.suspect.clear();
-        match self.suspect_until.lock() {
-            Ok(v) => s.suspect.extend(v.iter().map(|t| t.is_some_and(|t| t > now))),
-            Err(_) => s.suspect.resize(self.num_workers, false),
-        }
+        s.suspect.extend(s.availability.iter().map(|a| *a != Availability::Live));
+        s.suspect.resize(self.num_workers, true);
         for (suspect, &refused) in s.suspect.iter_mut().zip(&s.refused) {
             *suspect |= refused;
         }
         let refusal = s.refusal.as_deref();
         let suspect = &s.suspect;
+        let (availability, refused) = (&s.availability, &s.refused);
+        // A last resort: a worker being probed, for an expert no live worker holds.
+        let last_resort = |h: usize| {
+            availability.get(h) == Some(&Availability::LastResort) && !refused.get(h).copied().unwrap_or(false)
+        };
         let x = &s.x;
         s.slot_of.clear();
         s.slot_of.resize(self.num_workers, None);
@@ -219,7 +215,9 @@ impl<T: WorkerTransport> DispatcherCore<T> {
                 Some(w) => w,
                 None => {
                     let n = live().count();
-                    if n == 0 {
+                    if let (0, Some(h)) = (n, holders.iter().copied().find(|&h| last_resort(h))) {
+                        h
+                    } else if n == 0 {
                         // Only this row fails; the others of the batch go on.
                         if unserved.last().map(|u| u.0) != Some(r) {
                             let why = DispatchError::NoHolder { layer, expert: e }.to_string();
@@ -229,8 +227,9 @@ impl<T: WorkerTransport> DispatcherCore<T> {
                             ));
                         }
                         continue;
+                    } else {
+                        live().nth((turn + r as usize) % n).unwrap_or(holders[0])
                     }
-                    live().nth((turn + r as usize) % n).unwrap_or(holders[0])
                 }
             };
             if !row_workers.contains(&w) {

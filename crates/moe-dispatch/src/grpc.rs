@@ -470,6 +470,26 @@ impl WorkerTransport for GrpcTransport {
         self.inner.config.hedge_after.is_some()
     }
 
+    /// A `Describe` on a fresh connection within the connect timeout (at most 2 s): cheap, and
+    /// it answers only when the worker's server is really serving.
+    fn probe(&self, worker: usize, done: Box<dyn FnOnce(bool) + Send>) {
+        let Some(w) = self.inner.workers.get(worker).cloned() else {
+            return done(false);
+        };
+        let config = self.inner.config.clone();
+        let limit = config.connect_timeout.min(Duration::from_secs(2));
+        self.inner.runtime.spawn(async move {
+            let answered = tokio::time::timeout(limit, async {
+                let mut c = client(&w.addr, &w.endpoint, &config).await.ok()?;
+                c.describe(DescribeRequest {}).await.ok()
+            })
+            .await;
+            let ok = matches!(answered, Ok(Some(_)));
+            tracing::info!(worker = %w.addr, ok, "probed a suspect worker");
+            done(ok);
+        });
+    }
+
     fn start(
         &self,
         layer: usize,

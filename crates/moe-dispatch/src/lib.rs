@@ -17,6 +17,7 @@ mod dispatcher;
 mod error;
 mod executor;
 mod grpc;
+mod health;
 mod in_process;
 mod membership;
 mod placement;

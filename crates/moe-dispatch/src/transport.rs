@@ -59,6 +59,14 @@ pub trait WorkerTransport: Send + Sync {
         false
     }
 
+    /// Checks out of band whether `worker` answers (a suspect whose period ended), and calls
+    /// `done` with the verdict, now or later from another thread. The default (workers in this
+    /// process) says yes at once.
+    fn probe(&self, worker: usize, done: Box<dyn FnOnce(bool) + Send>) {
+        let _ = worker;
+        done(true);
+    }
+
     /// Whether this transport sends slow batches to [`WorkerBatch::hedge`] too (only then is
     /// the replica looked up).
     fn hedges(&self) -> bool {

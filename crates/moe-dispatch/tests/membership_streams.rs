@@ -52,7 +52,8 @@ async fn start_worker(dir: &Path, id: &str, spec: &str) -> Worker {
     Worker { record: WorkerRecord { address: proxy_addr.to_string(), ..record }, connections }
 }
 
-/// Layer 0 of `rows` rows, each routed to every expert with weight 1/E: every worker of the
+/// Layer 0 of `rows` rows, each routed to every expert with weight 1/E (the test model routes
+/// top-8 of 8): every worker of the
 /// membership gets rows. Returns the combined rows.
 fn call_layer(d: &MembershipDispatcher, config: &ModelConfig, rows: usize) -> Vec<f32> {
     let (h, e) = (config.hidden_size, config.num_experts);
@@ -101,8 +102,13 @@ fn close(a: &[f32], b: &[f32]) -> bool {
 #[test]
 fn a_membership_change_keeps_the_streams_of_workers_that_stay() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let spec =
-        moe_demo::DemoSpec { num_layers: 2, hidden_size: 64, intermediate_size: 96, ..moe_demo::DemoSpec::demo() };
+    let spec = moe_demo::DemoSpec {
+        num_layers: 2,
+        hidden_size: 64,
+        intermediate_size: 96,
+        top_k: 8,
+        ..moe_demo::DemoSpec::demo()
+    };
     moe_demo::write_demo_model(tmp.path(), &spec).expect("demo model");
     let dir = tmp.path();
     let config = ModelConfig::from_dir(dir).expect("config");

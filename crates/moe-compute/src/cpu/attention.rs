@@ -130,6 +130,13 @@ pub fn paged_attention(
         let n_keys = pos + 1 - first;
         SCORES.with(|buf| {
             let mut scores = buf.borrow_mut();
+            if scores.capacity() < n_keys {
+                // Once per thread: room for every position the store holds, so decode steps
+                // never allocate as the context grows.
+                let all = (store.layout.num_pages * store.layout.page_size).max(n_keys);
+                let len = scores.len();
+                scores.reserve(all.saturating_sub(len));
+            }
             scores.resize(n_keys, 0.0);
             // Scores page by page: a page's slots of this KV head are `stride` apart.
             let stride = shape.n_kv_heads * hd;
