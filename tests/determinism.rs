@@ -128,7 +128,21 @@ fn worker(dir: &str, experts: &str) -> Server {
     spawn_server(&["worker", "--model", dir, "--experts", experts, "--listen", "127.0.0.1:0"])
 }
 
-/// A router engine in this process over gRPC workers.
+/// A router engine in this process over gRPC workers; its dispatch metrics go to `metrics`.
+fn remote_with(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    addrs: &[&str],
+    wire: WireDtype,
+    hedge_after: Option<Duration>,
+    cfg: EngineConfig,
+    metrics: moe_metrics::Registry,
+) -> Engine {
+    let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    let transport = GrpcTransportConfig { wire, hedge_after, metrics, ..Default::default() };
+    rt.block_on(moe_cluster::remote(dir, &addrs, transport, cfg)).expect("router")
+}
+
 fn remote(
     rt: &tokio::runtime::Runtime,
     dir: &Path,
@@ -137,9 +151,7 @@ fn remote(
     hedge_after: Option<Duration>,
     cfg: EngineConfig,
 ) -> Engine {
-    let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
-    let transport = GrpcTransportConfig { wire, hedge_after, ..Default::default() };
-    rt.block_on(moe_cluster::remote(dir, &addrs, transport, cfg)).expect("router")
+    remote_with(rt, dir, addrs, wire, hedge_after, cfg, moe_metrics::Registry::new())
 }
 
 /// A small random model with top-4 routing (so a token's sum has enough terms for its order to
@@ -204,8 +216,12 @@ fn outputs_are_bitwise_identical_across_batching_chunking_placement_hedging_and_
     let relay = Relay::start(&a.addr);
     relay.set_delay(Duration::from_millis(40));
     let slow = [relay.addr.as_str(), addrs[1], addrs[2]];
-    let engine = remote(&rt, dir, &slow, WireDtype::F32, Some(Duration::from_millis(2)), engine_config(64, false));
+    let metrics = moe_metrics::Registry::new();
+    let hedge = Some(Duration::from_millis(2));
+    let engine = remote_with(&rt, dir, &slow, WireDtype::F32, hedge, engine_config(64, false), metrics.clone());
     assert_same("hedged to a replica", &all_at_once(&engine, &reqs, 8, || {}), &want);
+    let won = metrics.value("moe_dispatch_hedges_total", &[("worker", slow[0]), ("winner", "replica")]);
+    assert!(won.unwrap_or(0.0) >= 1.0, "no hedge was answered by the replica");
     // (e) the first worker is SIGKILLed mid-run; its rows fail over to the replica.
     let mut a = Some(a);
     let engine = remote(&rt, dir, &addrs, WireDtype::F32, None, engine_config(64, false));
