@@ -12,8 +12,8 @@
 //! dot product of the weights and the values over key positions aligned to 8
 //! ([`lane_weighted_rows`] in decode; one product over a zero-padded, aligned range in prefill).
 
-use super::invariant::{dots, lane_weighted_rows};
-use super::linear::{matmul_t, SendPtr};
+use super::invariant::{dots, lane_weighted_rows, matmul_on_this_thread};
+use super::linear::{SendPtr, Weights};
 use crate::{AttentionSeq, AttentionShape, ComputeError, KvLayout, Result};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -264,7 +264,8 @@ impl TileCtx<'_> {
                 }
             }
             sb.resize(rows * nk, 0.0);
-            matmul_t(qb, rows, hd, kb, nk, sb);
+            // Tiles already run in parallel and hold this thread's buffers: no nested fork.
+            matmul_on_this_thread(qb, rows, hd, Weights::F32(kb), nk, sb);
             for r in 0..rows {
                 let pos = pos0 + r % tr;
                 let (lo, hi) = (first_of(pos) - k0, pos + 1 - k0); // keys in reach of this row
@@ -274,7 +275,7 @@ impl TileCtx<'_> {
                 s[hi..].fill(0.0);
             }
             ob.resize(rows * hd, 0.0);
-            matmul_t(sb, rows, nk, vt, hd, ob);
+            matmul_on_this_thread(sb, rows, nk, Weights::F32(vt), hd, ob);
             for hi in 0..self.group {
                 let h = g * self.group + hi;
                 for i in 0..tr {

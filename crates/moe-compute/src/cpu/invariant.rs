@@ -60,6 +60,17 @@ fn has_avx2_fma() -> bool {
 
 /// `out[m×n] = x[m×k] · w[n×k]ᵀ`, each element the canonical dot product.
 pub fn matmul(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut [f32]) {
+    matmul_with(x, m, k, w, n, out, true)
+}
+
+/// [`matmul`] on the calling thread only: for callers that already run as one of many parallel
+/// tasks and hold thread-local buffers (a nested parallel call could make this thread pick up
+/// another such task while it waits).
+pub fn matmul_on_this_thread(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut [f32]) {
+    matmul_with(x, m, k, w, n, out, false)
+}
+
+fn matmul_with(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut [f32], may_fork: bool) {
     assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "matmul operands too short");
     if m == 0 || n == 0 {
         return;
@@ -69,7 +80,7 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut
         Weights::Bf16(_) => 2,
     };
     let threads = rayon::current_num_threads();
-    let parallel = threads > 1 && m * n * k >= PARALLEL_MIN_WORK;
+    let parallel = may_fork && threads > 1 && m * n * k >= PARALLEL_MIN_WORK;
     let mut cols = (WEIGHT_BLOCK_BYTES / (k.max(1) * w_bytes)).max(COL_ALIGN) / COL_ALIGN * COL_ALIGN;
     let row_blocks = m.div_ceil(ROW_BLOCK);
     if parallel {
