@@ -4,10 +4,12 @@
 //! answer, and the bad worker is left out as a suspect. A worker that refuses a call is left out
 //! of that call: a replica computes its rows, or, with none, only those rows fail.
 
-use moe_compute::cpu::{CpuBackend, HostTensor};
-use moe_compute::ExpertPlan;
+mod common;
+
+use common::run_layer;
+use moe_compute::cpu::CpuBackend;
 use moe_dispatch::{Dispatcher, GrpcTransport, GrpcTransportConfig, InProcessTransport, Placement};
-use moe_model::{ExpertExecutor, ExpertRoutes, LayerCall, ModelConfig};
+use moe_model::ModelConfig;
 use moe_proto::v1::expert_worker_server::{ExpertWorker, ExpertWorkerServer};
 use moe_proto::v1::{DescribeRequest, DescribeResponse, ExpertRequest, ExpertResponse};
 use moe_worker::{ExpertCompute, ExpertHost, ExpertSpec};
@@ -93,26 +95,10 @@ fn an_unknown_wire_dtype_fails_over_to_a_replica() {
         GrpcTransport::lazy(&addrs, cfg).expect("transport")
     };
     let d = Dispatcher::new(transport, placement, 2);
-    let backend = CpuBackend::new();
     for _ in 0..3 {
-        let choices = vec![(0u32, 1.0f32); rows];
-        let mut plan = ExpertPlan::default();
-        plan.rebuild(e, 1, &choices);
-        let routes = ExpertRoutes {
-            top_k: 1,
-            choices: &choices,
-            plan: &plan,
-            adapters: &[],
-            row_adapter: &[],
-            row_request: &[],
-        };
-        let xt = HostTensor { rows, cols: h, data: x.clone() };
-        let mut out = HostTensor { rows, cols: h, data: vec![0.0; rows * h] };
-        let mut unserved = Vec::new();
-        let call = LayerCall { backend: &backend, layer: 0, x: &xt, routes, out: &mut out, unserved: &mut unserved };
-        ExpertExecutor::<CpuBackend>::run_experts(&d, call).expect("the call fails over instead of failing");
+        let (out, unserved) = run_layer(&d, &x, h, e, 1, &vec![(0u32, 1.0f32); rows]);
         assert!(unserved.is_empty(), "{unserved:?}");
-        let close = out.data.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-4 * (1.0 + b.abs()));
+        let close = out.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-4 * (1.0 + b.abs()));
         assert!(close, "only the good worker's rows are used");
     }
     assert_eq!(d.suspects(), vec![0], "the worker with the unknown dtype is left out");
@@ -129,17 +115,7 @@ fn call_rows(
 ) -> (Vec<f32>, Vec<(u32, String)>) {
     let k = experts.len();
     let choices: Vec<(u32, f32)> = (0..rows).flat_map(|_| experts.iter().map(|&x| (x, 1.0 / k as f32))).collect();
-    let mut plan = ExpertPlan::default();
-    plan.rebuild(e, k, &choices);
-    let routes =
-        ExpertRoutes { top_k: k, choices: &choices, plan: &plan, adapters: &[], row_adapter: &[], row_request: &[] };
-    let backend = CpuBackend::new();
-    let xt = HostTensor { rows, cols: h, data: x.to_vec() };
-    let mut out = HostTensor { rows, cols: h, data: vec![0.0; rows * h] };
-    let mut unserved = Vec::new();
-    let call = LayerCall { backend: &backend, layer: 0, x: &xt, routes, out: &mut out, unserved: &mut unserved };
-    ExpertExecutor::<CpuBackend>::run_experts(d, call).expect("a refusal never fails the whole call");
-    (out.data, unserved)
+    run_layer(d, x, h, e, k, &choices)
 }
 
 /// A worker that refuses a call (here: over its `--max-batch-mb`) is not a failure of the batch:

@@ -4,11 +4,13 @@
 //! identical snapshot, a worker joining, and a worker leaving; the dispatcher is rebuilt only for
 //! real changes, and every call's result equals the local experts'.
 
-use moe_compute::cpu::{CpuBackend, HostTensor};
-use moe_compute::ExpertPlan;
+mod common;
+
+use common::run_layer;
+use moe_compute::cpu::CpuBackend;
 use moe_dispatch::{GrpcTransportConfig, MembershipDispatcher};
 use moe_membership::WorkerRecord;
-use moe_model::{ExpertExecutor, ExpertRoutes, LayerCall, Model, ModelConfig};
+use moe_model::{Model, ModelConfig};
 use moe_worker::{ExpertCompute, ExpertHost, ExpertSpec};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -58,18 +60,10 @@ async fn start_worker(dir: &Path, id: &str, spec: &str) -> Worker {
 fn call_layer(d: &MembershipDispatcher, config: &ModelConfig, rows: usize) -> Vec<f32> {
     let (h, e) = (config.hidden_size, config.num_experts);
     let choices: Vec<(u32, f32)> = (0..rows).flat_map(|_| (0..e as u32).map(|x| (x, 1.0 / e as f32))).collect();
-    let mut plan = ExpertPlan::default();
-    plan.rebuild(e, e, &choices);
-    let routes =
-        ExpertRoutes { top_k: e, choices: &choices, plan: &plan, adapters: &[], row_adapter: &[], row_request: &[] };
-    let backend = CpuBackend::new();
-    let x = HostTensor { rows, cols: h, data: (0..rows * h).map(|i| ((i % 7) as f32 - 3.0) * 0.1).collect() };
-    let mut out = HostTensor { rows, cols: h, data: vec![0.0; rows * h] };
-    let mut unserved = Vec::new();
-    let call = LayerCall { backend: &backend, layer: 0, x: &x, routes, out: &mut out, unserved: &mut unserved };
-    ExpertExecutor::<CpuBackend>::run_experts(d, call).expect("expert call");
+    let x: Vec<f32> = (0..rows * h).map(|i| ((i % 7) as f32 - 3.0) * 0.1).collect();
+    let (out, unserved) = run_layer(d, &x, h, e, e, &choices);
     assert!(unserved.is_empty(), "{unserved:?}");
-    out.data
+    out
 }
 
 /// The same layer on the model's own experts, in this process.

@@ -2,10 +2,11 @@
 //! traffic again only once the probe answers, except as the last resort for an expert that no
 //! live worker holds.
 
-use moe_compute::cpu::{CpuBackend, HostTensor};
-use moe_compute::ExpertPlan;
+mod common;
+
+use common::run_layer;
 use moe_dispatch::{BatchOutput, DispatchError, Dispatcher, Placement, Result, WorkerBatch, WorkerTransport};
-use moe_model::{AdapterIdentity, ExpertExecutor, ExpertRoutes, LayerCall};
+use moe_model::AdapterIdentity;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -57,19 +58,9 @@ fn call(d: &Dispatcher<Flaky>, expert: u32) -> Vec<usize> {
     if let Ok(mut v) = d.transport().rows_to.lock() {
         v.clear();
     }
-    let choices = vec![(expert, 1.0f32); 4];
-    let mut plan = ExpertPlan::default();
-    plan.rebuild(2, 1, &choices);
-    let routes =
-        ExpertRoutes { top_k: 1, choices: &choices, plan: &plan, adapters: &[], row_adapter: &[], row_request: &[] };
-    let backend = CpuBackend::new();
-    let x = HostTensor { rows: 4, cols: 2, data: vec![0.5; 8] };
-    let mut out = HostTensor { rows: 4, cols: 2, data: vec![0.0; 8] };
-    let mut unserved = Vec::new();
-    let call = LayerCall { backend: &backend, layer: 0, x: &x, routes, out: &mut out, unserved: &mut unserved };
-    ExpertExecutor::<CpuBackend>::run_experts(d, call).expect("call");
+    let (out, unserved) = run_layer(d, &[0.5; 8], 2, 2, 1, &[(expert, 1.0f32); 4]);
     assert!(unserved.is_empty(), "{unserved:?}");
-    assert_eq!(out.data, vec![1.0; 8]);
+    assert_eq!(out, vec![1.0; 8]);
     d.transport().rows_to.lock().map(|v| v.clone()).unwrap_or_default()
 }
 

@@ -51,21 +51,25 @@ fn json_object(raw: &[u8]) -> Result<Value, ApiError> {
 /// `v` (the field `name` of the body, or the whole body when `name` is empty) as a `T`, or the
 /// 400 that names the field that did not fit and why, as OpenAI does (never a plain-text 422).
 fn field<T: serde::de::DeserializeOwned>(v: &Value, name: &str) -> Result<T, ApiError> {
-    let value = if name.is_empty() { v } else { v.get(name).unwrap_or(&Value::Null) };
+    let value = match name {
+        "" => v,
+        _ => v.get(name).ok_or_else(|| ApiError::Body {
+            param: Some(name.to_string()),
+            message: format!("{name}: this field is required"),
+        })?,
+    };
     serde_path_to_error::deserialize(value).map_err(|e| {
-        let inner = e.path().to_string();
-        let path = match (name.is_empty(), inner == ".") {
-            (true, _) => inner,
-            (false, true) => name.to_string(),
-            (false, false) if inner.starts_with('[') => format!("{name}{inner}"),
-            (false, false) => format!("{name}.{inner}"),
+        let path = match e.path().to_string() {
+            inner if inner == "." => name.to_string(),
+            inner if name.is_empty() => inner,
+            inner if inner.starts_with('[') => format!("{name}{inner}"),
+            inner => format!("{name}.{inner}"),
         };
-        let param = (path != ".").then(|| path.clone());
-        let message = match e.into_inner().to_string() {
-            m if name.is_empty() || v.get(name).is_some() => format!("{path}: {m}"),
-            _ => format!("{name}: this field is required"),
+        let message = match path.as_str() {
+            "" => e.into_inner().to_string(),
+            p => format!("{p}: {}", e.into_inner()),
         };
-        ApiError::Body { param, message }
+        ApiError::Body { param: (!path.is_empty()).then_some(path), message }
     })
 }
 
