@@ -16,7 +16,8 @@ pub struct KernelsArgs {
 pub enum KernelsCommand {
     /// Compile every kernel to PTX with NVRTC (libnvrtc must be loadable; no GPU needed).
     Compile {
-        /// Virtual architecture, e.g. compute_80, compute_90 (H100/H200).
+        /// Virtual architecture for PTX, e.g. compute_80, compute_90 (H100/H200), or a real one
+        /// for a cubin as the backend loads it, e.g. sm_90.
         #[arg(long, env = "MOE_ARCH", default_value = "compute_90")]
         arch: String,
         /// Compile these .cu files (with the shared helpers) instead of the built-in kernels.
@@ -25,6 +26,19 @@ pub enum KernelsCommand {
     },
     /// List the kernels and their entry points.
     List,
+    /// Print the NVRTC and CUDA driver versions this process finds.
+    Versions,
+    /// Recompute the committed transformers/PEFT fixtures' logits on the device given with the
+    /// global --device, with and without each PEFT adapter, and compare (step 3 of the GPU
+    /// acceptance; on the CPU the same numbers the tests check).
+    Fixtures {
+        /// Directory of fixtures (each subdirectory: config.json, expected.json, optional peft/).
+        #[arg(long, env = "MOE_FIXTURES", default_value = "tests/fixtures")]
+        dir: std::path::PathBuf,
+        /// Largest allowed max|got - want| / max|want| (bf16 weights on a GPU: about 1e-2).
+        #[arg(long, env = "MOE_BOUND", default_value_t = 3e-2)]
+        bound: f64,
+    },
     /// Run every kernel on the GPU against the CPU backend (random inputs, poisoned outputs,
     /// ragged and zero-token expert loads), then time each one against cuBLAS and the copy
     /// bandwidth. Exits non-zero when any kernel is wrong.
@@ -41,11 +55,17 @@ pub enum KernelsCommand {
         /// Also write the report as a markdown table to this file.
         #[arg(long, env = "MOE_MARKDOWN")]
         markdown: Option<std::path::PathBuf>,
+        /// Run only this group (rmsnorm, rope, swiglu, topk_gating, permute, sampling, grouped,
+        /// lora, attention), so each can run in its own process.
+        #[arg(long, env = "MOE_ONLY")]
+        only: Option<String>,
     },
 }
 
-pub fn run(a: KernelsArgs) -> anyhow::Result<()> {
+pub fn run(a: KernelsArgs, device: moe_compute::Device) -> anyhow::Result<()> {
     match a.command {
+        KernelsCommand::Fixtures { dir, bound } => crate::fixture_check::run(&dir, device, bound),
+        KernelsCommand::Versions => versions(),
         KernelsCommand::List => {
             for k in KERNELS {
                 println!("{:<20} {}", k.file, k.entry_points.join(", "));
@@ -53,14 +73,25 @@ pub fn run(a: KernelsArgs) -> anyhow::Result<()> {
             Ok(())
         }
         KernelsCommand::Compile { arch, file } => compile(arch, file),
-        KernelsCommand::Check { gpu, quick, iters, markdown } => check(gpu, quick, iters, markdown),
+        KernelsCommand::Check { gpu, quick, iters, markdown, only } => check(gpu, quick, iters, markdown, only),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn check(ordinal: usize, quick: bool, iters: usize, markdown: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+fn check(
+    ordinal: usize,
+    quick: bool,
+    iters: usize,
+    markdown: Option<std::path::PathBuf>,
+    only: Option<String>,
+) -> anyhow::Result<()> {
     anyhow::ensure!(iters >= 1, "--iters must be at least 1");
-    let opts = moe_compute::cuda::check::CheckOptions { ordinal, quick, iters };
+    if let Some(o) = &only {
+        let groups = moe_compute::cuda::check::GROUPS;
+        anyhow::ensure!(groups.contains(&o.as_str()), "--only {o:?}: one of {}", groups.join(", "));
+    }
+    println!("{}", moe_compute::cuda::versions());
+    let opts = moe_compute::cuda::check::CheckOptions { ordinal, quick, iters, only };
     let report = moe_compute::cuda::check::run_check(&opts)?;
     let text = report.markdown();
     println!("{text}");
@@ -73,7 +104,13 @@ fn check(ordinal: usize, quick: bool, iters: usize, markdown: Option<std::path::
 }
 
 #[cfg(not(feature = "cuda"))]
-fn check(_gpu: usize, _quick: bool, _iters: usize, _markdown: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+fn check(
+    _gpu: usize,
+    _quick: bool,
+    _iters: usize,
+    _markdown: Option<std::path::PathBuf>,
+    _only: Option<String>,
+) -> anyhow::Result<()> {
     anyhow::bail!("this binary was built without CUDA support (build moe-cli with its default `cuda` feature)")
 }
 
@@ -92,6 +129,29 @@ fn compile(arch: String, files: Vec<std::path::PathBuf>) -> anyhow::Result<()> {
                 entry_points: &[],
             });
         }
+    }
+    if let Some(sm) = arch.strip_prefix("sm_") {
+        // A cubin (machine code for that device), as the CUDA backend loads it.
+        println!("{:<20} {:>10} {:>9}  entry points (sm_{sm}, cubin)", "kernel", "bytes", "ms");
+        for k in &sources {
+            let t = std::time::Instant::now();
+            let bin = moe_compute::cuda::compile_cubin(k, arch)?;
+            for e in k.entry_points {
+                anyhow::ensure!(
+                    bin.windows(e.len() + 1).any(|w| &w[..e.len()] == e.as_bytes() && w[e.len()] == 0),
+                    "{}: cubin lacks entry point {e}",
+                    k.file
+                );
+            }
+            println!(
+                "{:<20} {:>10} {:>9.0}  {}",
+                k.file,
+                bin.len(),
+                t.elapsed().as_secs_f64() * 1e3,
+                k.entry_points.join(", ")
+            );
+        }
+        return Ok(());
     }
     println!("{:<20} {:>10} {:>9}  entry points ({arch})", "kernel", "PTX bytes", "ms");
     for k in &sources {
@@ -114,5 +174,16 @@ fn compile(arch: String, files: Vec<std::path::PathBuf>) -> anyhow::Result<()> {
 #[cfg(not(feature = "cuda"))]
 fn compile(_arch: String, _files: Vec<std::path::PathBuf>) -> anyhow::Result<()> {
     let _ = KernelSource::full_source;
+    anyhow::bail!("this binary was built without CUDA support (build moe-cli with its default `cuda` feature)")
+}
+
+#[cfg(feature = "cuda")]
+fn versions() -> anyhow::Result<()> {
+    println!("{}", moe_compute::cuda::versions());
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn versions() -> anyhow::Result<()> {
     anyhow::bail!("this binary was built without CUDA support (build moe-cli with its default `cuda` feature)")
 }

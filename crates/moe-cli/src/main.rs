@@ -9,6 +9,7 @@ mod client;
 mod config_file;
 mod demo;
 mod engine_args;
+mod fixture_check;
 mod generate;
 mod kernels;
 mod loadgen;
@@ -108,7 +109,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker(a) => worker::run(a, cli.device),
         Command::Router(a) => router::run(a, cli.device),
         Command::Bench(a) => bench::run(a),
-        Command::Kernels(a) => kernels::run(a),
+        Command::Kernels(a) => kernels::run(a, cli.device),
         Command::Loadgen(a) => loadgen::run(a),
         Command::Adapter(a) => adapter::run(a),
     }

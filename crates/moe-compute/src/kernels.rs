@@ -34,6 +34,21 @@ pub const KERNELS: &[KernelSource] = &[
     kernel!("lora.cu", ["lora_shrink_f32", "lora_expand_f32"]),
     kernel!("paged_attention.cu", ["kv_write_f32", "paged_attention_decode_f32", "attention_prefill_f32"]),
     kernel!("sampling.cu", ["sample_greedy_f32", "sample_top_p_f32"]),
+    kernel!(
+        "backend.cu",
+        [
+            "to_bf16_f32",
+            "embed_bf16",
+            "embed_f32",
+            "add_bias_f32",
+            "add_f32",
+            "clamp_f32",
+            "rmsnorm_groups_f32",
+            "rope_table_f32",
+            "rope_apply_f32",
+            "sigmoid_gated_add_f32",
+        ]
+    ),
 ];
 
 impl KernelSource {

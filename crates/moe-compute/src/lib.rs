@@ -141,6 +141,16 @@ pub trait Backend: Clone + Send + Sync + 'static {
         let widened = data.into_iter().map(|b| f32::from_bits((b as u32) << 16)).collect();
         self.matrix(rows, cols, widened)
     }
+    /// An adapter's low-rank factor (`A` or `B`): kept in f32 where the backend would round
+    /// checkpoint weights (the GPU's BGMV kernels read f32 factors).
+    fn lora_matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<Self::Matrix> {
+        self.matrix(rows, cols, data)
+    }
+    /// Refuses, naming the numbers, when `bytes` more would not fit in the device's memory (the
+    /// model loader asks before loading weights; hosts' memory is not checked).
+    fn ensure_room(&self, _what: &str, _bytes: usize) -> Result<()> {
+        Ok(())
+    }
     fn matrix_shape(&self, m: &Self::Matrix) -> (usize, usize);
     fn vector(&self, data: Vec<f32>) -> Result<Self::Vector>;
     fn kv_store(&self, layout: KvLayout) -> Result<Self::KvStore>;

@@ -4,7 +4,7 @@
 //! backend it is given. A new backend touches this file and its own module, nothing else.
 
 use crate::cpu::CpuBackend;
-use crate::{Backend, ComputeError, Device, Result};
+use crate::{Backend, Device, Result};
 
 /// Something built on whichever backend a device selects.
 pub trait OnBackend {
@@ -16,27 +16,23 @@ pub trait OnBackend {
 pub fn on_device<F: OnBackend>(device: Device, f: F) -> Result<F::Output> {
     match device {
         Device::Cpu => Ok(f.run(CpuBackend::new())),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => Ok(f.run(cuda_backend(n)?)),
+        #[cfg(not(feature = "cuda"))]
         Device::Cuda(n) => Err(cuda_unavailable(n)),
     }
 }
 
-/// Why `cuda:N` cannot serve in this build: the GPU is probed (so a missing driver or device is
-/// named), but the CUDA backend's device ops are not written yet.
+/// The CUDA backend of device `n`, or why it cannot be opened (no driver, no device, a device
+/// older than compute capability 8.0, kernels that do not compile or load).
 #[cfg(feature = "cuda")]
-fn cuda_unavailable(n: usize) -> ComputeError {
-    match crate::cuda::probe_device(n) {
-        Ok(info) => ComputeError::Cuda(format!(
-            "found {} (compute capability {}.{}), but the CUDA backend's device ops are not built yet; \
-             the kernels compile (`moe kernels compile`), use --device cpu for now",
-            info.name, info.compute_capability.0, info.compute_capability.1
-        )),
-        Err(e) => e,
-    }
+fn cuda_backend(n: usize) -> Result<crate::cuda::CudaBackend> {
+    crate::cuda::CudaBackend::open(n)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_unavailable(_n: usize) -> ComputeError {
-    ComputeError::Cuda(
+fn cuda_unavailable(_n: usize) -> crate::ComputeError {
+    crate::ComputeError::Cuda(
         "this binary was built without CUDA support (build moe-cli with its default `cuda` feature)".into(),
     )
 }

@@ -73,8 +73,8 @@ pub fn load_adapter<B: Backend>(
                     let mut pair = |a: Vec<f32>, b: Vec<f32>, out: usize| -> Result<LoraWeights<B>> {
                         bytes += 4 * (a.len() + b.len());
                         Ok(LoraWeights {
-                            a: backend.matrix(m.rank, m.in_features, a)?,
-                            b: backend.matrix(out, m.rank, b)?,
+                            a: backend.lora_matrix(m.rank, m.in_features, a)?,
+                            b: backend.lora_matrix(out, m.rank, b)?,
                             scale: m.scale,
                         })
                     };
@@ -104,8 +104,8 @@ pub fn load_adapter<B: Backend>(
         let (a, b) = read_finite(&manifest, m, &identity.id)?;
         bytes += 4 * (a.len() + b.len());
         let pair = LoraWeights {
-            a: backend.matrix(m.rank, m.in_features, a)?,
-            b: backend.matrix(m.out_features, m.rank, b)?,
+            a: backend.lora_matrix(m.rank, m.in_features, a)?,
+            b: backend.lora_matrix(m.out_features, m.rank, b)?,
             scale: m.scale,
         };
         let slot = match (m.target.kind, expert, proj) {

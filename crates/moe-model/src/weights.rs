@@ -178,6 +178,16 @@ pub fn load_weights<B: Backend>(
     backend: &B,
     with_experts: bool,
 ) -> Result<ModelWeights<B>> {
+    // Refuse up front (naming the numbers) when the weights cannot fit on the device: every
+    // tensor this process loads, at 2 bytes per value as the GPU keeps them.
+    let needed: usize = ckpt
+        .names()
+        .into_iter()
+        .filter(|n| with_experts || !n.contains(".experts."))
+        .filter_map(|n| ckpt.shape_of(n))
+        .map(|s| 2 * s.iter().product::<usize>())
+        .sum();
+    backend.ensure_room("the model's weights", needed)?;
     let l = Loader { ckpt, backend, cfg };
     let h = cfg.hidden_size;
     let mut layers = Vec::with_capacity(cfg.num_layers);

@@ -4,12 +4,13 @@
 //! missing, so every entry here catches that and returns an error instead: `--device cpu` and
 //! the tests never depend on CUDA being present.
 //!
-//! [`check`] runs every kernel on the GPU against the CPU backend and times it (`moe kernels
-//! check`). The CUDA `Backend` implementation (device buffers, launches, cuBLAS for dense
-//! projections) is not written yet; see kernels/NOTES.md for what exists and what still needs a
-//! GPU run.
+//! [`backend`] is the CUDA `Backend` (device buffers, kernel launches, cuBLAS for the dense and
+//! per-expert products); [`check`] runs every kernel on the GPU against the CPU backend and times
+//! it (`moe kernels check`). kernels/NOTES.md says what has run on a GPU.
 
+pub mod backend;
 pub mod check;
 pub mod nvrtc;
 
-pub use nvrtc::{compile_kernel, probe_device, DeviceInfo, KernelPtx};
+pub use backend::CudaBackend;
+pub use nvrtc::{compile_cubin, compile_kernel, probe_device, versions, DeviceInfo, KernelPtx};

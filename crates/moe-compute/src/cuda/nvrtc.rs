@@ -81,3 +81,87 @@ pub fn probe_device(ordinal: usize) -> Result<DeviceInfo, ComputeError> {
     let minor = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).unwrap_or(0);
     Ok(DeviceInfo { ordinal, name, compute_capability: (major, minor) })
 }
+
+/// Cubins by (architecture, kernel file).
+type CubinCache = Mutex<HashMap<(String, &'static str), Arc<Vec<u8>>>>;
+
+fn cubin_cache() -> &'static CubinCache {
+    static CACHE: OnceLock<CubinCache> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Compiles one kernel file to a cubin for `sm` (e.g. `sm_90`), cached per architecture. A cubin
+/// is machine code for that device: unlike PTX it loads even when NVRTC is newer than the
+/// driver (PTX from a newer NVRTC fails with CUDA_ERROR_UNSUPPORTED_PTX_VERSION).
+pub fn compile_cubin(k: &KernelSource, sm: &str) -> Result<Arc<Vec<u8>>, ComputeError> {
+    let key = (sm.to_string(), k.file);
+    if let Some(bin) = cubin_cache().lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(bin);
+    }
+    let source = std::ffi::CString::new(k.full_source())
+        .map_err(|_| ComputeError::Cuda(format!("{} contains a NUL byte", k.file)))?;
+    let name = std::ffi::CString::new(k.file).map_err(|_| ComputeError::Cuda("kernel file name".into()))?;
+    let options = [format!("--gpu-architecture={sm}"), "--std=c++17".to_string()];
+    let compiled = guarded("NVRTC", || -> Result<Vec<u8>, String> {
+        use cudarc::nvrtc::{result, sys};
+        let prog = result::create_program(&source, Some(&name)).map_err(|e| e.to_string())?;
+        // SAFETY: `prog` was just created and is destroyed once below; the buffers passed to
+        // nvrtcGetCUBIN are sized by nvrtcGetCUBINSize for the same program.
+        let out = unsafe {
+            let compiled = result::compile_program(prog, &options);
+            let out = match compiled {
+                Err(e) => {
+                    let log = result::get_program_log(prog)
+                        .map(|l| String::from_utf8_lossy(&l.iter().map(|&c| c as u8).collect::<Vec<u8>>()).into_owned())
+                        .unwrap_or_default();
+                    Err(format!("{e}: {}", log.trim_end_matches('\0')))
+                }
+                Ok(()) => {
+                    let mut size = 0usize;
+                    let r = sys::nvrtcGetCUBINSize(prog, &mut size);
+                    if r != sys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+                        Err(format!("no cubin for {} ({r:?})", options[0]))
+                    } else {
+                        let mut bin = vec![0u8; size];
+                        let r = sys::nvrtcGetCUBIN(prog, bin.as_mut_ptr() as *mut std::ffi::c_char);
+                        if r == sys::nvrtcResult::NVRTC_SUCCESS {
+                            Ok(bin)
+                        } else {
+                            Err(format!("nvrtcGetCUBIN: {r:?}"))
+                        }
+                    }
+                }
+            };
+            let _ = result::destroy_program(prog);
+            out
+        };
+        out
+    })?;
+    let bin = Arc::new(compiled.map_err(|e| ComputeError::Cuda(format!("compiling {} for {sm}: {e}", k.file)))?);
+    if let Ok(mut c) = cubin_cache().lock() {
+        c.insert(key, bin.clone());
+    }
+    Ok(bin)
+}
+
+/// NVRTC's and the driver's versions, e.g. `NVRTC 13.2, driver 13.0`, for every check's header.
+pub fn versions() -> String {
+    let nvrtc = guarded("NVRTC", || {
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: plain out-parameters.
+        let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+        (r == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then(|| format!("{major}.{minor}"))
+    });
+    let driver = guarded("CUDA driver", || {
+        let mut v = 0;
+        // SAFETY: a plain out-parameter.
+        let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+        (r == cudarc::driver::sys::CUresult::CUDA_SUCCESS).then(|| format!("{}.{}", v / 1000, (v % 1000) / 10))
+    });
+    let show = |v: Result<Option<String>, ComputeError>| match v {
+        Ok(Some(v)) => v,
+        Ok(None) => "unknown".into(),
+        Err(_) => "not found".into(),
+    };
+    format!("NVRTC {}, driver {}", show(nvrtc), show(driver))
+}

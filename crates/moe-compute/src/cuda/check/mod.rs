@@ -26,11 +26,17 @@ pub struct CheckOptions {
     pub quick: bool,
     /// Timed launches per kernel (after one warm-up).
     pub iters: usize,
+    /// Only this group of [`GROUPS`] (each group can then run in its own process).
+    pub only: Option<String>,
 }
+
+/// The check's groups, in the order they run.
+pub const GROUPS: &[&str] =
+    &["rmsnorm", "rope", "swiglu", "topk_gating", "permute", "sampling", "grouped", "lora", "attention"];
 
 impl Default for CheckOptions {
     fn default() -> Self {
-        Self { ordinal: 0, quick: false, iters: 20 }
+        Self { ordinal: 0, quick: false, iters: 20, only: None }
     }
 }
 
@@ -269,15 +275,36 @@ pub fn run_check(opts: &CheckOptions) -> Result<CheckReport> {
     report.copy_gbps = gemm::copy_bandwidth(&gpu, opts.quick)?;
     report.cublas_tflops = gemm::cublas_tflops(&gpu, opts.quick);
     let copy = report.copy_gbps;
+    let cublas = report.cublas_tflops;
+    let runs = |g: &str| opts.only.as_deref().is_none_or(|o| o == g);
     let rows = &mut report.rows;
-    rows.extend(elementwise::rmsnorm(&gpu, &mut rng, opts.quick, copy)?);
-    rows.extend(elementwise::rope(&gpu, &mut rng, opts.quick, copy)?);
-    rows.extend(elementwise::swiglu(&gpu, &mut rng, opts.quick, copy)?);
-    rows.extend(elementwise::topk_gating(&gpu, &mut rng, opts.quick, copy)?);
-    rows.extend(elementwise::permute(&gpu, &mut rng, opts.quick, copy)?);
-    rows.extend(elementwise::sampling(&gpu, &mut rng, opts.quick, copy)?);
-    rows.extend(gemm::grouped(&gpu, &mut rng, opts.quick, report.cublas_tflops)?);
-    rows.extend(gemm::lora(&gpu, &mut rng, opts.quick, copy)?);
-    rows.extend(attention::paged(&gpu, &mut rng, opts.quick, copy)?);
+    let q = opts.quick;
+    if runs("rmsnorm") {
+        rows.extend(elementwise::rmsnorm(&gpu, &mut rng, q, copy)?);
+    }
+    if runs("rope") {
+        rows.extend(elementwise::rope(&gpu, &mut rng, q, copy)?);
+    }
+    if runs("swiglu") {
+        rows.extend(elementwise::swiglu(&gpu, &mut rng, q, copy)?);
+    }
+    if runs("topk_gating") {
+        rows.extend(elementwise::topk_gating(&gpu, &mut rng, q, copy)?);
+    }
+    if runs("permute") {
+        rows.extend(elementwise::permute(&gpu, &mut rng, q, copy)?);
+    }
+    if runs("sampling") {
+        rows.extend(elementwise::sampling(&gpu, &mut rng, q, copy)?);
+    }
+    if runs("grouped") {
+        rows.extend(gemm::grouped(&gpu, &mut rng, q, cublas)?);
+    }
+    if runs("lora") {
+        rows.extend(gemm::lora(&gpu, &mut rng, q, copy)?);
+    }
+    if runs("attention") {
+        rows.extend(attention::paged(&gpu, &mut rng, q, copy)?);
+    }
     Ok(report)
 }

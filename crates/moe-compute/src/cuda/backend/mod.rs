@@ -1,0 +1,190 @@
+//! The CUDA backend: weights, activations and the paged KV cache live on the GPU; dense
+//! projections and the per-expert products run on cuBLAS (bf16 inputs, f32 accumulation and
+//! output); everything else runs on the project's kernels (`kernels/*.cu`, compiled by NVRTC to a
+//! cubin for the device). The host sees only the wire rows (`upload`/`download`), the gate logits
+//! it routes on and the logits it samples from, plus small index tables ([`tables`]).
+//!
+//! One backend per device, shared by every engine and expert host of the process: all work goes
+//! to one stream, so buffers never need cross-stream synchronisation. The trait's operations
+//! cannot return errors; a failing launch or copy means the device is lost (a CUDA context is
+//! unusable after a fault), so it panics with the driver's message and the engine's supervision
+//! fails the open requests and exits for a restart.
+
+mod buffers;
+mod ops;
+pub mod tables;
+
+pub use buffers::{CudaAct, CudaKvStore, CudaMatrix, CudaVector, MatrixBuf};
+
+use super::nvrtc::{compile_cubin, guarded, probe_device};
+use crate::kernels::KERNELS;
+use crate::{ComputeError, Result};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The CUDA backend of one device (cheap to clone: a shared handle).
+#[derive(Clone)]
+pub struct CudaBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ordinal: usize,
+    name: String,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    funcs: HashMap<&'static str, CudaFunction>,
+    /// cuBLAS and the bf16 copies of GEMM inputs: one user at a time enqueues a cast and its GEMM.
+    blas: Mutex<Blas>,
+}
+
+pub(crate) struct Blas {
+    handle: CudaBlas,
+    x16: Option<CudaSlice<u16>>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.inner.name)
+    }
+}
+
+fn drv(what: &str) -> impl Fn(DriverError) -> ComputeError + '_ {
+    move |e| ComputeError::Cuda(format!("{what}: {e}"))
+}
+
+impl CudaBackend {
+    /// The backend of device `ordinal`, opened once per process: probes the device, refuses
+    /// compute capability below 8.0 (no bf16 tensor cores), compiles every kernel to a cubin for
+    /// its `sm_XY` and opens cuBLAS.
+    pub fn open(ordinal: usize) -> Result<Self> {
+        static OPEN: OnceLock<Mutex<HashMap<usize, CudaBackend>>> = OnceLock::new();
+        let open = OPEN.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut open = open.lock().map_err(|_| ComputeError::Cuda("backend registry poisoned".into()))?;
+        if let Some(b) = open.get(&ordinal) {
+            return Ok(b.clone());
+        }
+        let b = Self::open_new(ordinal)?;
+        open.insert(ordinal, b.clone());
+        Ok(b)
+    }
+
+    fn open_new(ordinal: usize) -> Result<Self> {
+        let info = probe_device(ordinal)?;
+        let (major, minor) = info.compute_capability;
+        if major < 8 {
+            return Err(ComputeError::Cuda(format!(
+                "cuda:{ordinal} ({}) has compute capability {major}.{minor}; the CUDA backend needs 8.0 or newer \
+                 (bf16 tensor cores)",
+                info.name
+            )));
+        }
+        let ctx = guarded("CUDA driver", || CudaContext::new(ordinal))?.map_err(drv("opening the device"))?;
+        // SAFETY: every buffer of this backend is used on its one stream, so the context need not
+        // record events to order streams.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
+        let sm = format!("sm_{major}{minor}");
+        let mut funcs = HashMap::new();
+        for k in KERNELS {
+            let cubin = compile_cubin(k, &sm)?;
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
+                .map_err(|e| ComputeError::Cuda(format!("loading {} ({sm}): {e}", k.file)))?;
+            for e in k.entry_points {
+                let f = module.load_function(e).map_err(|err| ComputeError::Cuda(format!("{e}: {err}")))?;
+                funcs.insert(*e, f);
+            }
+        }
+        let handle = guarded("cuBLAS", || CudaBlas::new(stream.clone()))?
+            .map_err(|e| ComputeError::Cuda(format!("opening cuBLAS: {e}")))?;
+        let name = format!("cuda:{ordinal} ({}, {sm})", info.name);
+        tracing::info!(device = %name, versions = %super::nvrtc::versions(), "CUDA backend ready");
+        let blas = Mutex::new(Blas { handle, x16: None });
+        Ok(Self { inner: Arc::new(Inner { ordinal, name, ctx, stream, funcs, blas }) })
+    }
+
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.inner.stream
+    }
+
+    pub(crate) fn func(&self, name: &str) -> &CudaFunction {
+        match self.inner.funcs.get(name) {
+            Some(f) => f,
+            None => self.fatal("loading kernels", format!("no kernel {name}")),
+        }
+    }
+
+    /// A device fault: the context cannot be trusted any more (see the module doc).
+    pub(crate) fn fatal(&self, what: &str, e: impl std::fmt::Display) -> ! {
+        panic!("CUDA failure on {} in {what}: {e}", self.inner.name)
+    }
+
+    pub(crate) fn checked<T, E: std::fmt::Display>(&self, r: std::result::Result<T, E>, what: &str) -> T {
+        r.unwrap_or_else(|e| self.fatal(what, e))
+    }
+
+    /// The raw device address of a buffer, for kernel arguments and cuBLAS.
+    pub(crate) fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        s.device_ptr(&self.inner.stream).0
+    }
+
+    /// Small host tables for one launch (page tables, index maps).
+    pub(crate) fn table<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        v: &[T],
+    ) -> CudaSlice<T> {
+        if v.is_empty() {
+            return self.checked(self.inner.stream.alloc_zeros::<T>(1), "allocating a table");
+        }
+        self.checked(self.inner.stream.clone_htod(v), "copying a table to the device")
+    }
+
+    /// Device memory (free, total), in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.inner.ctx.bind_to_thread().map_err(drv("binding the context"))?;
+        self.inner.ctx.mem_get_info().map_err(drv("querying memory"))
+    }
+
+    pub(crate) fn ensure_fits(&self, what: &str, bytes: usize) -> Result<()> {
+        let (free, total) = self.memory()?;
+        tables::ensure_fits(what, bytes, free, total, &format!("cuda:{}", self.inner.ordinal))
+    }
+
+    pub(crate) fn blas(&self) -> std::sync::MutexGuard<'_, Blas> {
+        self.inner.blas.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A one-dimensional launch of `blocks` blocks (at least one) of `threads` threads.
+pub(crate) fn grid(blocks: usize, y: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.clamp(1, i32::MAX as usize) as u32, y.clamp(1, 65535) as u32, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Blocks for a grid-strided elementwise loop over `n` elements.
+pub(crate) fn elementwise(n: usize) -> LaunchConfig {
+    grid(n.div_ceil(256).min(8192), 1, 256)
+}
+
+/// Launches kernel `$name` with the given arguments (device addresses as `u64`, then scalars of
+/// the kernel's parameter types, in order).
+macro_rules! launch {
+    ($be:expr, $name:literal, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+        use cudarc::driver::PushKernelArg;
+        let be = &$be;
+        let mut builder = be.stream().launch_builder(be.func($name));
+        $( let a = $arg; builder.arg(&a); )*
+        // SAFETY: the arguments match the kernel's parameter list in kernels/*.cu (types and
+        // order; device addresses are passed as u64), and every buffer they address was sized by
+        // the caller for the rows and columns this grid covers.
+        let r = unsafe { builder.launch($cfg) };
+        be.checked(r.map(|_| ()), $name);
+    }};
+}
+pub(crate) use launch;

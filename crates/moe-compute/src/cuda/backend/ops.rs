@@ -1,0 +1,511 @@
+//! `Backend` for the CUDA backend: each operation as kernel launches and cuBLAS calls on the
+//! backend's stream (see the module doc of `backend` for the error policy).
+
+use super::buffers::rounded;
+use super::tables::{AttentionTables, ExpertTables, LoraTable};
+use super::{elementwise, grid, launch, Blas, CudaAct, CudaBackend, CudaKvStore, CudaMatrix, CudaVector, MatrixBuf};
+use crate::{
+    AttentionSeq, AttentionShape, Backend, ComputeError, Device, ExpertPlan, FfnScratch, KvLayout, LoraWeights, Result,
+    RowExpertLora, RowLora, SwigluWeights,
+};
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use std::ops::Range;
+
+const F32: usize = 4;
+
+impl CudaBackend {
+    /// `out[m, n] = x[m, k] · Wᵀ` for `W` `[n, k]`, addresses given; bf16 weights multiply a bf16
+    /// copy of `x` (f32 accumulation and output), f32 weights multiply `x` as is.
+    fn gemm(&self, blas: &mut Blas, m: usize, x: u64, w: &CudaMatrix, out: u64) {
+        let (n, k) = (w.rows, w.cols);
+        if m == 0 || n == 0 {
+            return;
+        }
+        let (a, a_type, b, b_type) = match &w.data {
+            MatrixBuf::Bf16(_) => {
+                let x16 = self.ensure_u16(&mut blas.x16, m * k);
+                launch!(self, "to_bf16_f32", elementwise(m * k), [x, x16, (m * k) as i64]);
+                (self.matrix_ptr(w), cudaDataType::CUDA_R_16BF, x16, cudaDataType::CUDA_R_16BF)
+            }
+            MatrixBuf::F32(_) => (self.matrix_ptr(w), cudaDataType::CUDA_R_32F, x, cudaDataType::CUDA_R_32F),
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        self.checked(self.inner.ctx.bind_to_thread(), "binding the context");
+        // Row-major out = x · Wᵀ is column-major outᵀ[n, m] = W[n, k] (stored as [k, n], so
+        // transposed) · xᵀ[k, m].
+        // SAFETY: W holds n*k values, x (or its bf16 copy) m*k and out m*n, at the addresses
+        // given; alpha and beta are host f32 as CUBLAS_COMPUTE_32F expects.
+        let r = unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const _,
+                a as *const _,
+                a_type,
+                k as i32,
+                b as *const _,
+                b_type,
+                k as i32,
+                &beta as *const f32 as *const _,
+                out as *mut _,
+                cudaDataType::CUDA_R_32F,
+                n as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        self.checked(r, "cuBLAS GEMM");
+    }
+
+    /// BGMV over `rows` rows at `x` (`in_dim` columns): `out[r, col..] += scale · x_r Aᵀ Bᵀ` for
+    /// each row with a pair; one shrink and one expand launch for any mix of adapters.
+    #[allow(clippy::too_many_arguments)]
+    fn bgmv(
+        &self,
+        rows: usize,
+        x: u64,
+        in_dim: usize,
+        table: &LoraTable<'_, LoraWeights<Self>>,
+        tmp: &mut CudaAct,
+        out: u64,
+        out_stride: usize,
+        col: usize,
+    ) {
+        if table.pairs.is_empty() || rows == 0 {
+            return;
+        }
+        let mut a_ptrs = Vec::with_capacity(table.pairs.len());
+        let mut b_ptrs = Vec::with_capacity(table.pairs.len());
+        for p in &table.pairs {
+            let (MatrixBuf::F32(_), MatrixBuf::F32(_)) = (&p.a.data, &p.b.data) else {
+                self.fatal("LoRA", "adapter factors must be uploaded with lora_matrix (f32)");
+            };
+            a_ptrs.push(self.matrix_ptr(&p.a));
+            b_ptrs.push(self.matrix_ptr(&p.b));
+        }
+        let ranks: Vec<i32> = table.pairs.iter().map(|p| p.a.rows as i32).collect();
+        let scales: Vec<f32> = table.pairs.iter().map(|p| p.scale).collect();
+        let out_dim = table.pairs[0].b.rows;
+        let max_rank = ranks.iter().copied().max().unwrap_or(1).max(1) as usize;
+        let (da, db, dr, ds, dm) = (
+            self.table(&a_ptrs),
+            self.table(&b_ptrs),
+            self.table(&ranks),
+            self.table(&scales),
+            self.table(&table.row_adapter),
+        );
+        self.reshape(tmp, rows, max_rank);
+        let t = self.act_ptr(tmp);
+        let (pa, pb, pr, ps, pm) = (self.ptr(&da), self.ptr(&db), self.ptr(&dr), self.ptr(&ds), self.ptr(&dm));
+        launch!(self, "lora_shrink_f32", grid(rows, 1, 128), [x, in_dim as i32, pa, pr, pm, t, max_rank as i32]);
+        let col_blocks = out_dim.div_ceil(256).min(64);
+        launch!(
+            self,
+            "lora_expand_f32",
+            grid(rows, col_blocks, 256),
+            [t, max_rank as i32, pb, pr, ps, pm, out, out_stride as i32, col as i32, out_dim as i32]
+        );
+    }
+
+    fn swiglu_rows(&self, rows: usize, gate_up: u64, inter: usize, out: u64) {
+        if rows * inter > 0 {
+            launch!(self, "swiglu_f32", elementwise(rows * inter), [gate_up, out, rows as i64, inter as i32]);
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    type Matrix = CudaMatrix;
+    type Vector = CudaVector;
+    type Act = CudaAct;
+    type KvStore = CudaKvStore;
+
+    fn name(&self) -> String {
+        self.inner.name.clone()
+    }
+
+    fn device(&self) -> Device {
+        Device::Cuda(self.inner.ordinal)
+    }
+
+    fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<CudaMatrix> {
+        if data.len() != rows * cols {
+            return Err(ComputeError::MatrixSize { rows, cols, expected: rows * cols, got: data.len() });
+        }
+        self.upload_bf16_matrix(rows, cols, &rounded(&data))
+    }
+
+    fn matrix_bf16(&self, rows: usize, cols: usize, data: Vec<u16>) -> Result<CudaMatrix> {
+        if data.len() != rows * cols {
+            return Err(ComputeError::MatrixSize { rows, cols, expected: rows * cols, got: data.len() });
+        }
+        self.upload_bf16_matrix(rows, cols, &data)
+    }
+
+    fn lora_matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<CudaMatrix> {
+        if data.len() != rows * cols {
+            return Err(ComputeError::MatrixSize { rows, cols, expected: rows * cols, got: data.len() });
+        }
+        self.upload_f32_matrix(rows, cols, &data)
+    }
+
+    fn matrix_shape(&self, m: &CudaMatrix) -> (usize, usize) {
+        (m.rows, m.cols)
+    }
+
+    fn vector(&self, data: Vec<f32>) -> Result<CudaVector> {
+        self.upload_vector(&data)
+    }
+
+    fn kv_store(&self, layout: KvLayout) -> Result<CudaKvStore> {
+        self.new_kv_store(layout)
+    }
+
+    fn ensure_room(&self, what: &str, bytes: usize) -> Result<()> {
+        self.ensure_fits(what, bytes)
+    }
+
+    fn act(&self) -> CudaAct {
+        CudaAct::default()
+    }
+
+    fn act_shape(&self, a: &CudaAct) -> (usize, usize) {
+        (a.rows, a.cols)
+    }
+
+    fn upload(&self, rows: usize, cols: usize, data: &[f32], out: &mut CudaAct) {
+        self.reshape(out, rows, cols);
+        let n = rows * cols;
+        if n > 0 {
+            if let Some(buf) = out.buf.as_mut() {
+                let r = self.stream().memcpy_htod(&data[..n], buf);
+                self.checked(r, "copying rows to the device");
+            }
+        }
+    }
+
+    fn download(&self, a: &CudaAct, out: &mut Vec<f32>) {
+        let n = a.rows * a.cols;
+        out.clear();
+        out.resize(n, 0.0);
+        if let (Some(buf), true) = (a.buf.as_ref(), n > 0) {
+            let r = self.stream().memcpy_dtoh(&buf.slice(0..n), &mut out[..]);
+            self.checked(r, "copying rows from the device");
+            self.checked(self.stream().synchronize(), "waiting for the device");
+        }
+    }
+
+    fn embed(&self, table: &CudaMatrix, ids: &[u32], out: &mut CudaAct) -> Result<()> {
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= table.rows) {
+            return Err(ComputeError::IdOutOfRange { id, rows: table.rows });
+        }
+        self.reshape(out, ids.len(), table.cols);
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        let d = self.table(&ids);
+        let (t, pi, o) = (self.matrix_ptr(table), self.ptr(&d), self.act_ptr(out));
+        let cfg = grid(ids.len().min(65535), 1, 256);
+        match table.data {
+            MatrixBuf::Bf16(_) => launch!(self, "embed_bf16", cfg, [t, pi, o, ids.len() as i64, table.cols as i32]),
+            MatrixBuf::F32(_) => launch!(self, "embed_f32", cfg, [t, pi, o, ids.len() as i64, table.cols as i32]),
+        }
+        Ok(())
+    }
+
+    fn linear(&self, x: &CudaAct, w: &CudaMatrix, bias: Option<&CudaVector>, out: &mut CudaAct) {
+        debug_assert_eq!(x.cols, w.cols);
+        self.reshape(out, x.rows, w.rows);
+        if x.rows == 0 {
+            return;
+        }
+        let (px, po) = (self.act_ptr(x), self.act_ptr(out));
+        self.gemm(&mut self.blas(), x.rows, px, w, po);
+        if let Some(b) = bias {
+            let n = x.rows * w.rows;
+            launch!(self, "add_bias_f32", elementwise(n), [po, self.ptr(&b.buf), n as i64, w.rows as i32]);
+        }
+    }
+
+    fn rms_norm(&self, x: &CudaAct, w: &CudaVector, eps: f32, out: &mut CudaAct) {
+        self.reshape(out, x.rows, x.cols);
+        if x.rows == 0 {
+            return;
+        }
+        let (px, pw, po) = (self.act_ptr(x), self.ptr(&w.buf), self.act_ptr(out));
+        launch!(self, "rmsnorm_f32", grid(x.rows, 1, 256), [px, 0u64, 0u64, pw, po, x.cols as i32, eps]);
+    }
+
+    fn rms_norm_cols(&self, x: &mut CudaAct, cols: Range<usize>, group: usize, w: &CudaVector, eps: f32) {
+        let group = group.max(1);
+        let groups = cols.len() / group;
+        if x.rows == 0 || groups == 0 {
+            return;
+        }
+        let (px, pw) = (self.act_ptr(x), self.ptr(&w.buf));
+        launch!(
+            self,
+            "rmsnorm_groups_f32",
+            grid(x.rows, groups, 128),
+            [px, x.cols as i32, cols.start as i32, group as i32, pw, eps]
+        );
+    }
+
+    fn clamp(&self, x: &mut CudaAct, limit: f32) {
+        let n = x.rows * x.cols;
+        if n > 0 {
+            launch!(self, "clamp_f32", elementwise(n), [self.act_ptr(x), n as i64, limit]);
+        }
+    }
+
+    fn rope_table(&self, positions: &[u32], inv_freq: &[f32], out: &mut CudaAct) {
+        let half = inv_freq.len();
+        self.reshape(out, positions.len(), 2 * half);
+        if positions.is_empty() || half == 0 {
+            return;
+        }
+        let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+        let (dp, df) = (self.table(&pos), self.table(inv_freq));
+        let (pp, pf, po) = (self.ptr(&dp), self.ptr(&df), self.act_ptr(out));
+        launch!(self, "rope_table_f32", grid(positions.len(), 1, 128), [pp, pf, po, half as i32]);
+    }
+
+    fn rope(&self, x: &mut CudaAct, col: usize, n_heads: usize, head_dim: usize, table: &CudaAct) {
+        if x.rows == 0 {
+            return;
+        }
+        let (px, pt) = (self.act_ptr(x), self.act_ptr(table));
+        launch!(
+            self,
+            "rope_apply_f32",
+            grid(x.rows, 1, 128),
+            [px, x.cols as i32, col as i32, n_heads as i32, head_dim as i32, pt]
+        );
+    }
+
+    fn attention(
+        &self,
+        qkv: &CudaAct,
+        shape: &AttentionShape,
+        seqs: &[AttentionSeq],
+        page_table: &[u32],
+        store: &mut CudaKvStore,
+        layer: usize,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        let l = store.layout;
+        self.reshape(out, qkv.rows, shape.n_heads * shape.head_dim);
+        if qkv.rows == 0 {
+            return Ok(());
+        }
+        if layer >= l.layers {
+            return Err(ComputeError::Cuda(format!("layer {layer} outside the KV store of {} layers", l.layers)));
+        }
+        let t = AttentionTables::build(qkv.rows, seqs, page_table, l.page_size, l.num_pages)?;
+        let pages: Vec<i32> = page_table.iter().map(|&p| p as i32).collect();
+        let (d_slot, d_seq, d_pos, d_start, d_pages) = (
+            self.table(&t.slot_of_row),
+            self.table(&t.row_seq),
+            self.table(&t.row_pos),
+            self.table(&t.seq_page_start),
+            self.table(&pages),
+        );
+        let (q, k, v, o) = (self.act_ptr(qkv), self.ptr(&store.k[layer]), self.ptr(&store.v[layer]), self.act_ptr(out));
+        let (stride, kvh, hd) = (qkv.cols as i32, shape.n_kv_heads as i32, shape.head_dim as i32);
+        launch!(
+            self,
+            "kv_write_f32",
+            grid(qkv.rows, 1, 128),
+            [q, stride, shape.k_col as i32, shape.v_col as i32, k, v, self.ptr(&d_slot), kvh, hd]
+        );
+        let window = shape.sliding_window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
+        launch!(
+            self,
+            "attention_prefill_f32",
+            grid(qkv.rows, shape.n_heads, 128),
+            [
+                q,
+                stride,
+                shape.q_col as i32,
+                k,
+                v,
+                self.ptr(&d_pages),
+                self.ptr(&d_start),
+                self.ptr(&d_seq),
+                self.ptr(&d_pos),
+                o,
+                shape.n_heads as i32,
+                kvh,
+                hd,
+                l.page_size as i32,
+                shape.scale,
+                window
+            ]
+        );
+        Ok(())
+    }
+
+    fn add(&self, x: &mut CudaAct, y: &CudaAct) {
+        let n = (x.rows * x.cols).min(y.rows * y.cols);
+        if n > 0 {
+            launch!(self, "add_f32", elementwise(n), [self.act_ptr(x), self.act_ptr(y), n as i64]);
+        }
+    }
+
+    fn gather_rows(&self, x: &CudaAct, rows: &[u32], out: &mut CudaAct) {
+        self.reshape(out, rows.len(), x.cols);
+        if rows.is_empty() || x.cols == 0 {
+            return;
+        }
+        let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+        let d = self.table(&idx);
+        let (px, pi, po) = (self.act_ptr(x), self.ptr(&d), self.act_ptr(out));
+        launch!(
+            self,
+            "moe_permute_f32",
+            grid(rows.len().min(65535), 1, 256),
+            [px, pi, po, rows.len() as i32, x.cols as i32]
+        );
+    }
+
+    fn swiglu(&self, x: &CudaAct, w: &SwigluWeights<Self>, s: &mut FfnScratch<Self>, out: &mut CudaAct) {
+        self.linear(x, &w.gate_up, None, &mut s.gate_up);
+        let inter = w.gate_up.rows / 2;
+        self.reshape(&mut s.hidden, x.rows, inter);
+        if x.rows > 0 {
+            self.swiglu_rows(x.rows, self.act_ptr(&s.gate_up), inter, self.act_ptr(&s.hidden));
+        }
+        self.linear(&s.hidden, &w.down, None, out);
+    }
+
+    fn expert_ffn(
+        &self,
+        x: &CudaAct,
+        experts: &[SwigluWeights<Self>],
+        plan: &ExpertPlan,
+        s: &mut FfnScratch<Self>,
+        out: &mut CudaAct,
+    ) {
+        self.expert_ffn_lora(x, experts, plan, &|_, _| None, s, out);
+    }
+
+    fn lora_add(&self, x: &CudaAct, lora: &RowLora<'_, Self>, col: usize, s: &mut FfnScratch<Self>, out: &mut CudaAct) {
+        let table = LoraTable::build(x.rows, lora);
+        if table.pairs.is_empty() {
+            return;
+        }
+        let (px, po) = (self.act_ptr(x), self.act_ptr(out));
+        self.bgmv(x.rows, px, x.cols, &table, &mut s.lora_shrink, po, out.cols, col);
+    }
+
+    fn expert_ffn_lora(
+        &self,
+        x: &CudaAct,
+        experts: &[SwigluWeights<Self>],
+        plan: &ExpertPlan,
+        lora: &RowExpertLora<'_, Self>,
+        s: &mut FfnScratch<Self>,
+        out: &mut CudaAct,
+    ) {
+        let slots = plan.rows.len();
+        let num = plan.num_experts().min(experts.len());
+        if slots == 0 || num == 0 || x.rows == 0 {
+            return;
+        }
+        let (h, inter) = (x.cols, experts[0].gate_up.rows / 2);
+        let t = ExpertTables::build(plan, out.rows);
+        // Rows into expert order, then one GEMM per expert with rows for gate|up and for down.
+        let d_rows = self.table(&t.row_of_slot);
+        self.reshape(&mut s.rows, slots, h);
+        self.reshape(&mut s.gate_up, slots, 2 * inter);
+        self.reshape(&mut s.hidden, slots, inter);
+        self.reshape(&mut s.out, slots, h);
+        let (px, pr, xs, gu, hid, ys) = (
+            self.act_ptr(x),
+            self.ptr(&d_rows),
+            self.act_ptr(&s.rows),
+            self.act_ptr(&s.gate_up),
+            self.act_ptr(&s.hidden),
+            self.act_ptr(&s.out),
+        );
+        launch!(self, "moe_permute_f32", grid(slots.min(65535), 1, 256), [px, pr, xs, slots as i32, h as i32]);
+        let ranges: Vec<(usize, usize)> =
+            (0..num).map(|e| (plan.offsets[e], plan.offsets[e + 1])).filter(|(a, b)| b > a).collect();
+        {
+            let mut blas = self.blas();
+            for &(a, b) in &ranges {
+                let e = t.expert_of_slot[a] as usize;
+                let (xa, ga) = (xs + (a * h * F32) as u64, gu + (a * 2 * inter * F32) as u64);
+                self.gemm(&mut blas, b - a, xa, &experts[e].gate_up, ga);
+            }
+        }
+        let row_of = |slot: usize| (plan.rows[slot] as usize, t.expert_of_slot[slot] as usize);
+        let any_lora = (0..slots).any(|i| {
+            let (r, e) = row_of(i);
+            lora(r, e).is_some()
+        });
+        if any_lora {
+            let of = |i: usize| {
+                let (r, e) = row_of(i);
+                lora(r, e)
+            };
+            let gate = LoraTable::build(slots, |i| of(i).and_then(|l| l.gate.as_ref()));
+            self.bgmv(slots, xs, h, &gate, &mut s.lora_shrink, gu, 2 * inter, 0);
+            let up = LoraTable::build(slots, |i| of(i).and_then(|l| l.up.as_ref()));
+            self.bgmv(slots, xs, h, &up, &mut s.lora_shrink, gu, 2 * inter, inter);
+        }
+        self.swiglu_rows(slots, gu, inter, hid);
+        {
+            let mut blas = self.blas();
+            for &(a, b) in &ranges {
+                let e = t.expert_of_slot[a] as usize;
+                let (ha, ya) = (hid + (a * inter * F32) as u64, ys + (a * h * F32) as u64);
+                self.gemm(&mut blas, b - a, ha, &experts[e].down, ya);
+            }
+        }
+        if any_lora {
+            let of = |i: usize| {
+                let (r, e) = row_of(i);
+                lora(r, e).and_then(|l| l.down.as_ref())
+            };
+            let down = LoraTable::build(slots, of);
+            self.bgmv(slots, hid, inter, &down, &mut s.lora_shrink, ys, h, 0);
+        }
+        // Each output row adds its experts' weighted rows in ascending expert order.
+        let (d_pairs, d_weights) = (self.table(&t.slot_of_pair), self.table(&t.weight_of_pair));
+        let (po, pp, pw) = (self.act_ptr(out), self.ptr(&d_pairs), self.ptr(&d_weights));
+        launch!(
+            self,
+            "moe_unpermute_f32",
+            grid(out.rows.min(65535), 1, 256),
+            [ys, pp, pw, po, out.rows as i32, t.k as i32, h as i32]
+        );
+    }
+
+    fn add_sigmoid_gated(&self, out: &mut CudaAct, y: &CudaAct, gate: &CudaAct) {
+        if out.rows == 0 {
+            return;
+        }
+        let (po, py, pg) = (self.act_ptr(out), self.act_ptr(y), self.act_ptr(gate));
+        launch!(
+            self,
+            "sigmoid_gated_add_f32",
+            grid(out.rows.min(65535), 1, 256),
+            [po, py, pg, gate.cols as i32, out.rows as i64, out.cols as i32]
+        );
+    }
+
+    fn zeros(&self, rows: usize, cols: usize, out: &mut CudaAct) {
+        self.reshape(out, rows, cols);
+        let n = rows * cols;
+        if let (Some(buf), true) = (out.buf.as_mut(), n > 0) {
+            let r = self.stream().memset_zeros(&mut buf.slice_mut(0..n));
+            self.checked(r, "zeroing an activation");
+        }
+    }
+}
