@@ -5,6 +5,7 @@ mod adapter;
 mod api;
 mod bench;
 mod bench_adapters;
+mod bench_device;
 mod client;
 mod config_file;
 mod demo;
@@ -59,6 +60,9 @@ enum Command {
     Router(router::RouterArgs),
     /// Measure this machine's ceilings and the cluster's throughput and latency against them.
     Bench(bench::BenchArgs),
+    /// Throughput of Mixtral-8x7B-shaped layers with random weights on --device (no checkpoint):
+    /// prefill, decode at several batch sizes and the expert FFN, against the device's rooflines.
+    BenchDevice(bench_device::BenchDeviceArgs),
     /// Drive a router with load and check that every request ends exactly once.
     Loadgen(loadgen::LoadgenArgs),
     /// The CUDA kernels: compile them with NVRTC (no GPU needed), or list them.
@@ -109,6 +113,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker(a) => worker::run(a, cli.device),
         Command::Router(a) => router::run(a, cli.device),
         Command::Bench(a) => bench::run(a),
+        Command::BenchDevice(a) => bench_device::run(a, cli.device),
         Command::Kernels(a) => kernels::run(a, cli.device),
         Command::Loadgen(a) => loadgen::run(a),
         Command::Adapter(a) => adapter::run(a),

@@ -38,6 +38,10 @@ struct Inner {
     funcs: HashMap<&'static str, CudaFunction>,
     /// cuBLAS and the bf16 copies of GEMM inputs: one user at a time enqueues a cast and its GEMM.
     blas: Mutex<Blas>,
+    /// Keep f32 checkpoints in f32 (`MOE_CUDA_WEIGHTS=f32`): twice the memory, and GEMMs in f32,
+    /// so results match the CPU backend to rounding; what the acceptance uses to check the
+    /// backend's logic separately from bf16's precision.
+    f32_weights: bool,
 }
 
 pub(crate) struct Blas {
@@ -103,7 +107,13 @@ impl CudaBackend {
         let name = format!("cuda:{ordinal} ({}, {sm})", info.name);
         tracing::info!(device = %name, versions = %super::nvrtc::versions(), "CUDA backend ready");
         let blas = Mutex::new(Blas { handle, x16: None });
-        Ok(Self { inner: Arc::new(Inner { ordinal, name, ctx, stream, funcs, blas }) })
+        let f32_weights = match std::env::var("MOE_CUDA_WEIGHTS").as_deref() {
+            Ok("f32") => true,
+            Ok("bf16") | Err(_) => false,
+            Ok(other) => return Err(ComputeError::Cuda(format!("MOE_CUDA_WEIGHTS={other:?}: use bf16 or f32"))),
+        };
+        let name = if f32_weights { format!("{name}, f32 weights") } else { name };
+        Ok(Self { inner: Arc::new(Inner { ordinal, name, ctx, stream, funcs, blas, f32_weights }) })
     }
 
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
@@ -151,6 +161,10 @@ impl CudaBackend {
     pub(crate) fn ensure_fits(&self, what: &str, bytes: usize) -> Result<()> {
         let (free, total) = self.memory()?;
         tables::ensure_fits(what, bytes, free, total, &format!("cuda:{}", self.inner.ordinal))
+    }
+
+    pub(crate) fn f32_weights(&self) -> bool {
+        self.inner.f32_weights
     }
 
     pub(crate) fn blas(&self) -> std::sync::MutexGuard<'_, Blas> {

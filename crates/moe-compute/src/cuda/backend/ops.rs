@@ -136,12 +136,19 @@ impl Backend for CudaBackend {
         if data.len() != rows * cols {
             return Err(ComputeError::MatrixSize { rows, cols, expected: rows * cols, got: data.len() });
         }
+        if self.f32_weights() {
+            return self.upload_f32_matrix(rows, cols, &data);
+        }
         self.upload_bf16_matrix(rows, cols, &rounded(&data))
     }
 
     fn matrix_bf16(&self, rows: usize, cols: usize, data: Vec<u16>) -> Result<CudaMatrix> {
         if data.len() != rows * cols {
             return Err(ComputeError::MatrixSize { rows, cols, expected: rows * cols, got: data.len() });
+        }
+        if self.f32_weights() {
+            let widened: Vec<f32> = data.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
+            return self.upload_f32_matrix(rows, cols, &widened);
         }
         self.upload_bf16_matrix(rows, cols, &data)
     }

@@ -308,3 +308,10 @@ pub fn run_check(opts: &CheckOptions) -> Result<CheckReport> {
     }
     Ok(report)
 }
+
+/// The device's copy bandwidth (GB/s, read plus written) and cuBLAS dense bf16 GEMM (TFLOP/s,
+/// `None` when cuBLAS cannot be loaded): the rooflines `moe bench-device` reports against.
+pub fn baselines(ordinal: usize) -> Result<(f64, Option<f64>)> {
+    let (gpu, _, _) = Gpu::open(&CheckOptions { ordinal, ..Default::default() })?;
+    Ok((gemm::copy_bandwidth(&gpu, false)?, gemm::cublas_tflops(&gpu, false)))
+}

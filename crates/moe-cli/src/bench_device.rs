@@ -1,0 +1,295 @@
+//! `moe bench-device`: throughput of Mixtral-8x7B-shaped layers on a device, without a checkpoint
+//! (step 5 of the GPU acceptance). The weights are random bf16 made from a seed on the host's
+//! cores and uploaded once (a 2-layer model is ~6 GB); then prefill of 2048 tokens and decode at
+//! batch 1/16/64/256 run through the model's forward pass (the engine's scheduling is not in the
+//! numbers), and the grouped expert FFN alone on 4096 tokens, each next to its roofline: the
+//! device's copy bandwidth (decode) and cuBLAS's dense bf16 GEMM (prefill and experts), both
+//! measured in the same run when the device is a GPU.
+
+use anyhow::Context;
+use clap::Args;
+use moe_compute::{on_device, Backend, Device, ExpertPlan, FfnScratch, OnBackend, SwigluWeights};
+use moe_model::weights::{AttentionWeights, FfnWeights, LayerWeights, ModelWeights, MoeWeights};
+use moe_model::{BatchItem, LogitsFor, Model, ModelConfig, SequenceCache};
+use rayon::prelude::*;
+use std::fmt::Write as _;
+use std::time::Instant;
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchDeviceArgs {
+    /// Layers of the model (numbers are per step of this many layers, and scaled to 32).
+    #[arg(long, env = "MOE_BENCH_LAYERS", default_value_t = 2)]
+    pub layers: usize,
+    #[arg(long, env = "MOE_BENCH_HIDDEN", default_value_t = 4096)]
+    pub hidden: usize,
+    #[arg(long, env = "MOE_BENCH_INTERMEDIATE", default_value_t = 14336)]
+    pub intermediate: usize,
+    #[arg(long, env = "MOE_BENCH_VOCAB", default_value_t = 32000)]
+    pub vocab: usize,
+    /// Decode batch sizes.
+    #[arg(long, env = "MOE_BENCH_BATCHES", value_delimiter = ',', default_value = "1,16,64,256")]
+    pub batches: Vec<usize>,
+    #[arg(long, env = "MOE_BENCH_PREFILL", default_value_t = 2048)]
+    pub prefill: usize,
+    /// Decode steps timed per batch size.
+    #[arg(long, env = "MOE_BENCH_STEPS", default_value_t = 16)]
+    pub steps: usize,
+    /// Also write the table to this file.
+    #[arg(long, env = "MOE_MARKDOWN")]
+    pub markdown: Option<std::path::PathBuf>,
+}
+
+fn config(a: &BenchDeviceArgs) -> anyhow::Result<ModelConfig> {
+    let json = serde_json::json!({
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+        "hidden_size": a.hidden, "intermediate_size": a.intermediate, "num_hidden_layers": a.layers,
+        "num_attention_heads": (a.hidden / 128).max(1), "num_key_value_heads": (a.hidden / 512).max(1),
+        "head_dim": 128.min(a.hidden),
+        "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": a.vocab, "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6, "max_position_embeddings": 32768, "tie_word_embeddings": false
+    });
+    Ok(ModelConfig::parse(&json.to_string(), std::path::Path::new("<bench-device>"))?)
+}
+
+/// `n` random bf16 values, uniform in ±scale, from `seed` (in parallel).
+fn random_bf16(n: usize, seed: u64, scale: f32) -> Vec<u16> {
+    let mut out = vec![0u16; n];
+    out.par_chunks_mut(1 << 16).enumerate().for_each(|(i, chunk)| {
+        let mut rng = moe_compute::rng::SplitMix64::new(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        for v in chunk {
+            *v = (f32::to_bits(rng.signed() * scale) >> 16) as u16;
+        }
+    });
+    out
+}
+
+struct Random<'a, B: Backend> {
+    backend: &'a B,
+    seed: u64,
+}
+
+impl<B: Backend> Random<'_, B> {
+    fn matrix(&mut self, rows: usize, cols: usize) -> anyhow::Result<B::Matrix> {
+        self.seed += 1;
+        let scale = 1.0 / (cols as f32).sqrt();
+        Ok(self.backend.matrix_bf16(rows, cols, random_bf16(rows * cols, self.seed, scale))?)
+    }
+    fn ones(&self, n: usize) -> anyhow::Result<B::Vector> {
+        Ok(self.backend.vector(vec![1.0; n])?)
+    }
+    fn swiglu(&mut self, h: usize, inter: usize) -> anyhow::Result<SwigluWeights<B>> {
+        Ok(SwigluWeights { gate_up: self.matrix(2 * inter, h)?, down: self.matrix(h, inter)? })
+    }
+}
+
+fn weights<B: Backend>(b: &B, c: &ModelConfig) -> anyhow::Result<ModelWeights<B>> {
+    let h = c.hidden_size;
+    let (qw, kw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    b.ensure_room("the benchmark's weights", 2 * moe_bench::bytes_per_decoded_token(c, 1) * c.num_experts / c.top_k)?;
+    let mut r = Random { backend: b, seed: 17 };
+    let mut layers = Vec::new();
+    for _ in 0..c.num_layers {
+        let experts =
+            (0..c.num_experts).map(|_| r.swiglu(h, c.expert_intermediate_size)).collect::<anyhow::Result<_>>()?;
+        layers.push(LayerWeights {
+            input_norm: r.ones(h)?,
+            attention: AttentionWeights {
+                qkv: r.matrix(qw + 2 * kw, h)?,
+                qkv_bias: None,
+                o: r.matrix(h, qw)?,
+                q_norm: None,
+                k_norm: None,
+            },
+            post_attention_norm: r.ones(h)?,
+            ffn: FfnWeights::Moe(MoeWeights { gate: r.matrix(c.num_experts, h)?, experts, shared: None }),
+        });
+    }
+    Ok(ModelWeights {
+        embed: r.matrix(c.vocab_size, h)?,
+        layers,
+        norm: r.ones(h)?,
+        lm_head: Some(r.matrix(c.vocab_size, h)?),
+    })
+}
+
+/// The grouped expert FFN alone: 4096 tokens top-2 over 8 experts (cuBLAS per expert).
+fn expert_ffn_row<B: Backend>(
+    backend: &B,
+    c: &ModelConfig,
+    w: &ModelWeights<B>,
+    gemm_tflops: Option<f64>,
+) -> Option<(String, String, String, String)> {
+    let FfnWeights::Moe(m) = &w.layers.first()?.ffn else { return None };
+    let tokens = 4096usize;
+    let mut plan = ExpertPlan::default();
+    // Two distinct experts per token, every expert equally loaded over the batch.
+    let choices: Vec<(u32, f32)> = (0..tokens)
+        .flat_map(|t| {
+            let first = t % 8;
+            [(first as u32, 0.6), (((first + 1 + (t / 8) % 7) % 8) as u32, 0.4)]
+        })
+        .collect();
+    plan.rebuild(8, 2, &choices);
+    let x_host: Vec<f32> =
+        random_bf16(tokens * c.hidden_size, 5, 1.0).iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
+    let mut x = backend.act();
+    backend.upload(tokens, c.hidden_size, &x_host, &mut x);
+    let mut out = backend.act();
+    let mut s = FfnScratch::new(backend);
+    let mut host = Vec::new();
+    let mut run = |n: usize| {
+        for _ in 0..n {
+            backend.zeros(tokens, c.hidden_size, &mut out);
+            backend.expert_ffn(&x, &m.experts, &plan, &mut s, &mut out);
+        }
+        backend.download(&out, &mut host);
+    };
+    run(1);
+    let t = Instant::now();
+    run(5);
+    let s_per = t.elapsed().as_secs_f64() / 5.0;
+    let flops = 2.0 * (2 * tokens) as f64 * 3.0 * (c.hidden_size * c.expert_intermediate_size) as f64;
+    let tflops = flops / s_per / 1e12;
+    Some((
+        format!("expert FFN, {tokens} tokens top-2, 8 experts (cuBLAS per expert)"),
+        format!("{:.2} ms", s_per * 1e3),
+        format!("{tflops:.1} TFLOP/s"),
+        gemm_tflops.map(|g| format!("{:.0}% of cuBLAS", 100.0 * tflops / g)).unwrap_or_default(),
+    ))
+}
+
+struct Measure<'a>(&'a BenchDeviceArgs, ModelConfig);
+
+/// Rows of the report: (what, time, rate, roofline fraction).
+type Rows = Vec<(String, String, String, String)>;
+
+impl OnBackend for Measure<'_> {
+    type Output = anyhow::Result<(String, Rows)>;
+    fn run<B: Backend>(self, backend: B) -> Self::Output {
+        let Measure(a, c) = self;
+        let name = backend.name();
+        let t = Instant::now();
+        let w = weights(&backend, &c)?;
+        eprintln!("weights ready in {:.1} s", t.elapsed().as_secs_f64());
+        let (copy_gbps, gemm_tflops) = baselines(&backend);
+        let mut rows = Rows::new();
+        let expert_row = expert_ffn_row(&backend, &c, &w, gemm_tflops);
+        let model = Model::from_parts(c.clone(), w, backend.clone());
+        let max_batch = a.batches.iter().copied().max().unwrap_or(1);
+        let ctx = 128usize;
+        let pages = (max_batch * (ctx + a.steps + 16)).max(a.prefill + 16).div_ceil(16) + max_batch;
+        let mut kv = model.kv_cache(pages, 16)?;
+        let mut ws = model.workspace();
+        let mut logits = Vec::new();
+        let ids = |n: usize, s: usize| -> Vec<u32> {
+            (0..n).map(|i| ((i * 7919 + s * 104729) % c.vocab_size) as u32).collect()
+        };
+
+        // Prefill: one sequence of `prefill` tokens (after a short warm-up).
+        let flops_tok = moe_bench::flops_per_prefill_token(&c);
+        for (n, timed) in [(64usize, false), (a.prefill, true)] {
+            let toks = ids(n, 1);
+            let mut cache = SequenceCache::default();
+            let t = Instant::now();
+            model.forward(&mut ws, &mut kv, &mut [BatchItem::new(&toks, &mut cache)], LogitsFor::Last, &mut logits)?;
+            let s = t.elapsed().as_secs_f64();
+            kv.pages.release(&mut cache);
+            if timed {
+                let tflops = flops_tok * n as f64 / s / 1e12;
+                rows.push((
+                    format!("prefill {n} tokens"),
+                    format!("{:.1} ms", s * 1e3),
+                    format!("{:.0} tok/s, {tflops:.1} TFLOP/s", n as f64 / s),
+                    gemm_tflops.map(|g| format!("{:.0}% of cuBLAS", 100.0 * tflops / g)).unwrap_or_default(),
+                ));
+            }
+        }
+        // Decode: `batch` sequences of `ctx` tokens, then `steps` one-token steps.
+        let bytes_expert = 3 * c.hidden_size * c.expert_intermediate_size * 2;
+        let dense = moe_bench::bytes_per_decoded_token(&c, 2) - c.num_layers * c.top_k * bytes_expert;
+        for &batch in &a.batches {
+            let mut caches: Vec<SequenceCache> = (0..batch).map(|_| SequenceCache::default()).collect();
+            let prompts: Vec<Vec<u32>> = (0..batch).map(|i| ids(ctx, i + 2)).collect();
+            for chunk in (0..batch).collect::<Vec<_>>().chunks(16) {
+                let mut items: Vec<BatchItem<'_, B>> = Vec::new();
+                let (lo, hi) = (chunk[0], chunk[chunk.len() - 1] + 1);
+                for (p, cache) in prompts[lo..hi].iter().zip(caches[lo..hi].iter_mut()) {
+                    items.push(BatchItem::new(p, cache));
+                }
+                model.forward(&mut ws, &mut kv, &mut items, LogitsFor::Last, &mut logits)?;
+            }
+            let next: Vec<Vec<u32>> = (0..batch).map(|i| ids(1, i + 3)).collect();
+            let mut timed = 0.0;
+            for step in 0..a.steps + 1 {
+                let t = Instant::now();
+                let mut items: Vec<BatchItem<'_, B>> =
+                    next.iter().zip(caches.iter_mut()).map(|(tk, cache)| BatchItem::new(tk, cache)).collect();
+                model.forward(&mut ws, &mut kv, &mut items, LogitsFor::Last, &mut logits)?;
+                if step > 0 {
+                    timed += t.elapsed().as_secs_f64();
+                }
+            }
+            for cache in caches.iter_mut() {
+                kv.pages.release(cache);
+            }
+            let step_s = timed / a.steps.max(1) as f64;
+            // Weights a step must read: the dense part and every expert some row chose.
+            let touched = (c.num_experts as f64
+                * (1.0 - (1.0 - c.top_k as f64 / c.num_experts as f64).powi(batch as i32)))
+            .max(c.top_k as f64);
+            let bytes = dense as f64 + c.num_layers as f64 * touched * bytes_expert as f64;
+            let roof_s = copy_gbps.map(|g| bytes / (g * 1e9));
+            rows.push((
+                format!("decode batch {batch} (context {ctx})"),
+                format!("{:.2} ms/step", step_s * 1e3),
+                format!("{:.0} tok/s", batch as f64 / step_s),
+                roof_s.map(|r| format!("{:.0}% of HBM roofline", 100.0 * r / step_s)).unwrap_or_default(),
+            ));
+        }
+        rows.extend(expert_row);
+        let head = format!(
+            "{name}; {} layers of hidden {}, 8 experts x {} top-2, vocab {}; copy {} GB/s, cuBLAS bf16 {} TFLOP/s",
+            c.num_layers,
+            c.hidden_size,
+            c.expert_intermediate_size,
+            c.vocab_size,
+            copy_gbps.map(|g| format!("{g:.0}")).unwrap_or_else(|| "-".into()),
+            gemm_tflops.map(|g| format!("{g:.0}")).unwrap_or_else(|| "-".into()),
+        );
+        Ok((head, rows))
+    }
+}
+
+/// The device's copy bandwidth (GB/s) and cuBLAS bf16 GEMM peak (TFLOP/s), when it is a GPU.
+fn baselines<B: Backend>(backend: &B) -> (Option<f64>, Option<f64>) {
+    match backend.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => match moe_compute::cuda::check::baselines(n) {
+            Ok((copy, gemm)) => (Some(copy), gemm),
+            Err(e) => {
+                eprintln!("baselines unavailable: {e}");
+                (None, None)
+            }
+        },
+        _ => (None, None),
+    }
+}
+
+pub fn run(a: BenchDeviceArgs, device: Device) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.layers >= 1 && a.hidden >= 128 && a.hidden % 128 == 0,
+        "--layers >= 1, --hidden a multiple of 128"
+    );
+    anyhow::ensure!(!a.batches.is_empty() && a.batches.iter().all(|&b| b >= 1), "--batches: sizes of at least 1");
+    let c = config(&a)?;
+    let (head, rows) = on_device(device, Measure(&a, c)).map_err(|e| anyhow::anyhow!("--device {device}: {e}"))??;
+    let mut text = format!("{head}\n\n| run | time | rate | of roofline |\n|---|---|---|---|\n");
+    for (what, time, rate, frac) in rows {
+        let _ = writeln!(text, "| {what} | {time} | {rate} | {frac} |");
+    }
+    println!("{text}");
+    if let Some(p) = &a.markdown {
+        std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
