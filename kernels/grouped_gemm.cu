@@ -54,15 +54,14 @@ __device__ __forceinline__ void warp_tile(const bf16_t* x, long x_row0, int rows
     }
 }
 
-extern "C" __global__ void grouped_gemm_bf16(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w,
-                                             float* __restrict__ out, const int* __restrict__ offsets, int N,
-                                             int K) {
+// One expert's tile of the grouped GEMM, its weight `we` ([N, K]) already chosen.
+__device__ __forceinline__ void grouped_tile(const bf16_t* __restrict__ x, const bf16_t* __restrict__ we,
+                                             float* __restrict__ out, const int* __restrict__ offsets, int N, int K) {
     const int e = blockIdx.z;
     const int start = offsets[e], count = offsets[e + 1] - start;
     const int tile_row = blockIdx.y * TILE_M + (threadIdx.x >> 5) * 16;
     if (tile_row >= count) return;
     const int col0 = blockIdx.x * TILE_N;
-    const bf16_t* we = w + (long)e * N * K;
     float acc[8][4] = {};
     warp_tile<8>(x, start + tile_row, count - tile_row, we, col0, N, K, acc);
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -77,6 +76,22 @@ extern "C" __global__ void grouped_gemm_bf16(const bf16_t* __restrict__ x, const
             if (c + 1 < N) out[o + c + 1] = acc[nt][2 * half + 1];
         }
     }
+}
+
+// Every expert's weight in one [E][N][K] allocation.
+extern "C" __global__ void grouped_gemm_bf16(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w,
+                                             float* __restrict__ out, const int* __restrict__ offsets, int N,
+                                             int K) {
+    grouped_tile(x, w + (long)blockIdx.z * N * K, out, offsets, N, K);
+}
+
+// Each expert's weight where it is (w_ptrs[e]: the address of an [N, K] bf16 matrix), as the
+// backend holds them.
+extern "C" __global__ void grouped_gemm_ptrs_bf16(const bf16_t* __restrict__ x,
+                                                  const unsigned long long* __restrict__ w_ptrs,
+                                                  float* __restrict__ out, const int* __restrict__ offsets, int N,
+                                                  int K) {
+    grouped_tile(x, reinterpret_cast<const bf16_t*>(w_ptrs[blockIdx.z]), out, offsets, N, K);
 }
 
 // w_gate_up is [E][2I][K] (gate rows, then up rows); hidden is [slots][I] bf16.

@@ -118,7 +118,8 @@ fn expert_ffn_row<B: Backend>(
     c: &ModelConfig,
     w: &ModelWeights<B>,
     gemm_tflops: Option<f64>,
-) -> Option<(String, String, String, String)> {
+    path: &str,
+) -> Option<((String, String, String, String), Vec<f32>)> {
     let FfnWeights::Moe(m) = &w.layers.first()?.ffn else { return None };
     let tokens = 4096usize;
     let mut plan = ExpertPlan::default();
@@ -137,25 +138,26 @@ fn expert_ffn_row<B: Backend>(
     let mut out = backend.act();
     let mut s = FfnScratch::new(backend);
     let mut host = Vec::new();
-    let mut run = |n: usize| {
+    let mut run = |n: usize, host: &mut Vec<f32>| {
         for _ in 0..n {
             backend.zeros(tokens, c.hidden_size, &mut out);
             backend.expert_ffn(&x, &m.experts, &plan, &mut s, &mut out);
         }
-        backend.download(&out, &mut host);
+        backend.download(&out, host);
     };
-    run(1);
+    run(1, &mut host);
     let t = Instant::now();
-    run(5);
+    run(5, &mut host);
     let s_per = t.elapsed().as_secs_f64() / 5.0;
     let flops = 2.0 * (2 * tokens) as f64 * 3.0 * (c.hidden_size * c.expert_intermediate_size) as f64;
     let tflops = flops / s_per / 1e12;
-    Some((
-        format!("expert FFN, {tokens} tokens top-2, 8 experts (cuBLAS per expert)"),
+    let row = (
+        format!("expert FFN, {tokens} tokens top-2, 8 experts ({path})"),
         format!("{:.2} ms", s_per * 1e3),
         format!("{tflops:.1} TFLOP/s"),
         gemm_tflops.map(|g| format!("{:.0}% of cuBLAS", 100.0 * tflops / g)).unwrap_or_default(),
-    ))
+    );
+    Some((row, host))
 }
 
 struct Measure<'a>(&'a BenchDeviceArgs, ModelConfig);
@@ -173,7 +175,28 @@ impl OnBackend for Measure<'_> {
         eprintln!("weights ready in {:.1} s", t.elapsed().as_secs_f64());
         let (copy_gbps, gemm_tflops) = baselines(&backend);
         let mut rows = Rows::new();
-        let expert_row = expert_ffn_row(&backend, &c, &w, gemm_tflops);
+        let mut expert_rows = Vec::new();
+        if matches!(backend.device(), Device::Cuda(_)) {
+            // Both GPU paths on the same weights and routing: cuBLAS per expert, then ours.
+            #[cfg(feature = "cuda")]
+            {
+                use moe_compute::cuda::backend::{expert_gemm, set_expert_gemm, ExpertGemm};
+                let chosen = expert_gemm();
+                set_expert_gemm(ExpertGemm::Cublas);
+                let reference = expert_ffn_row(&backend, &c, &w, gemm_tflops, "cuBLAS per expert");
+                set_expert_gemm(ExpertGemm::Grouped);
+                let ours = expert_ffn_row(&backend, &c, &w, gemm_tflops, "grouped GEMM kernel");
+                set_expert_gemm(chosen);
+                if let (Some((_, want)), Some((row, got))) = (&reference, ours) {
+                    let err = crate::fixture_check::rel_err(&got, want);
+                    expert_rows.push((row.0, row.1, row.2, format!("{}; output vs cuBLAS path: {err:.1e}", row.3)));
+                }
+                expert_rows.extend(reference.map(|r| r.0));
+                expert_rows.reverse();
+            }
+        } else {
+            expert_rows.extend(expert_ffn_row(&backend, &c, &w, gemm_tflops, "host").map(|r| r.0));
+        }
         let model = Model::from_parts(c.clone(), w, backend.clone());
         let max_batch = a.batches.iter().copied().max().unwrap_or(1);
         let ctx = 128usize;
@@ -246,7 +269,7 @@ impl OnBackend for Measure<'_> {
                 roof_s.map(|r| format!("{:.0}% of HBM roofline", 100.0 * r / step_s)).unwrap_or_default(),
             ));
         }
-        rows.extend(expert_row);
+        rows.extend(expert_rows);
         let head = format!(
             "{name}; {} layers of hidden {}, 8 experts x {} top-2, vocab {}; copy {} GB/s, cuBLAS bf16 {} TFLOP/s",
             c.num_layers,

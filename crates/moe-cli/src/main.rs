@@ -40,6 +40,10 @@ struct Cli {
     /// Where to compute: cpu, or cuda:N (needs a build with the `cuda` feature, the default).
     #[arg(long, global = true, env = "MOE_DEVICE", default_value = "cpu")]
     device: moe_compute::Device,
+    /// How a GPU multiplies routed experts: cublas (one cuBLAS GEMM per expert, the default) or
+    /// grouped (the project's grouped GEMM kernel, every expert in one launch).
+    #[arg(long, global = true, env = "MOE_EXPERT_GEMM", default_value = "cublas", value_parser = ["cublas", "grouped"])]
+    expert_gemm: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -101,6 +105,8 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    #[cfg(feature = "cuda")]
+    moe_compute::cuda::backend::set_expert_gemm(cli.expert_gemm.parse()?);
     if let Some(n) = cli.threads {
         anyhow::ensure!(n > 0, "--threads must be at least 1");
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("starting the compute thread pool")?;

@@ -24,6 +24,44 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+/// How routed experts are multiplied (`--expert-gemm`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ExpertGemm {
+    /// One cuBLAS GEMM per expert with rows: correct by construction, and the default until a
+    /// GPU run shows the grouped kernel faster (kernels/NOTES.md).
+    #[default]
+    Cublas,
+    /// The project's grouped GEMM kernel: every expert in one launch (bf16 weights only; other
+    /// experts fall back to cuBLAS).
+    Grouped,
+}
+
+impl std::str::FromStr for ExpertGemm {
+    type Err = ComputeError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cublas" => Ok(Self::Cublas),
+            "grouped" => Ok(Self::Grouped),
+            other => Err(ComputeError::Cuda(format!("expert GEMM {other:?}: use cublas or grouped"))),
+        }
+    }
+}
+
+static EXPERT_GEMM: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Chooses the expert GEMM path for every CUDA backend of this process (read at each call).
+pub fn set_expert_gemm(mode: ExpertGemm) {
+    EXPERT_GEMM.store(mode == ExpertGemm::Grouped, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn expert_gemm() -> ExpertGemm {
+    if EXPERT_GEMM.load(std::sync::atomic::Ordering::Relaxed) {
+        ExpertGemm::Grouped
+    } else {
+        ExpertGemm::Cublas
+    }
+}
+
 /// The CUDA backend of one device (cheap to clone: a shared handle).
 #[derive(Clone)]
 pub struct CudaBackend {

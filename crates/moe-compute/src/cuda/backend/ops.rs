@@ -3,7 +3,10 @@
 
 use super::buffers::rounded;
 use super::tables::{AttentionTables, ExpertTables, LoraTable};
-use super::{elementwise, grid, launch, Blas, CudaAct, CudaBackend, CudaKvStore, CudaMatrix, CudaVector, MatrixBuf};
+use super::{
+    elementwise, expert_gemm, grid, launch, Blas, CudaAct, CudaBackend, CudaKvStore, CudaMatrix, CudaVector,
+    ExpertGemm, MatrixBuf,
+};
 use crate::{
     AttentionSeq, AttentionShape, Backend, ComputeError, Device, ExpertPlan, FfnScratch, KvLayout, LoraWeights, Result,
     RowExpertLora, RowLora, SwigluWeights,
@@ -440,22 +443,59 @@ impl Backend for CudaBackend {
             self.act_ptr(&s.hidden),
             self.act_ptr(&s.out),
         );
-        launch!(self, "moe_permute_f32", grid(slots.min(65535), 1, 256), [px, pr, xs, slots as i32, h as i32]);
-        let ranges: Vec<(usize, usize)> =
-            (0..num).map(|e| (plan.offsets[e], plan.offsets[e + 1])).filter(|(a, b)| b > a).collect();
-        {
-            let mut blas = self.blas();
-            for &(a, b) in &ranges {
-                let e = t.expert_of_slot[a] as usize;
-                let (xa, ga) = (xs + (a * h * F32) as u64, gu + (a * 2 * inter * F32) as u64);
-                self.gemm(&mut blas, b - a, xa, &experts[e].gate_up, ga);
-            }
-        }
         let row_of = |slot: usize| (plan.rows[slot] as usize, t.expert_of_slot[slot] as usize);
         let any_lora = (0..slots).any(|i| {
             let (r, e) = row_of(i);
             lora(r, e).is_some()
         });
+        let bf16 = |m: &CudaMatrix| matches!(m.data, MatrixBuf::Bf16(_));
+        let grouped =
+            expert_gemm() == ExpertGemm::Grouped && experts[..num].iter().all(|w| bf16(&w.gate_up) && bf16(&w.down));
+        if any_lora || !grouped {
+            launch!(self, "moe_permute_f32", grid(slots.min(65535), 1, 256), [px, pr, xs, slots as i32, h as i32]);
+        }
+        let ranges: Vec<(usize, usize)> =
+            (0..num).map(|e| (plan.offsets[e], plan.offsets[e + 1])).filter(|(a, b)| b > a).collect();
+        // The grouped kernel's tables: expert offsets and each expert's weight addresses.
+        let offsets: Vec<i32> = plan.offsets[..=num].iter().map(|&o| o as i32).collect();
+        let max_load = ranges.iter().map(|(a, b)| b - a).max().unwrap_or(0);
+        let group_cfg = |n: usize| cudarc::driver::LaunchConfig {
+            grid_dim: (n.div_ceil(64) as u32, max_load.div_ceil(64).clamp(1, 65535) as u32, num as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (d_off, d_gu, d_down) = if grouped {
+            let gu_ptrs: Vec<u64> = experts[..num].iter().map(|w| self.matrix_ptr(&w.gate_up)).collect();
+            let down_ptrs: Vec<u64> = experts[..num].iter().map(|w| self.matrix_ptr(&w.down)).collect();
+            (Some(self.table(&offsets)), Some(self.table(&gu_ptrs)), Some(self.table(&down_ptrs)))
+        } else {
+            (None, None, None)
+        };
+        {
+            let mut blas = self.blas();
+            if let (Some(off), Some(w)) = (&d_off, &d_gu) {
+                let x16 = self.ensure_u16(&mut blas.x16, slots * h.max(inter));
+                launch!(
+                    self,
+                    "moe_permute_bf16",
+                    grid(slots.min(65535), 1, 256),
+                    [px, pr, x16, slots as i32, h as i32]
+                );
+                let (po, pw) = (self.ptr(off), self.ptr(w));
+                launch!(
+                    self,
+                    "grouped_gemm_ptrs_bf16",
+                    group_cfg(2 * inter),
+                    [x16, pw, gu, po, (2 * inter) as i32, h as i32]
+                );
+            } else {
+                for &(a, b) in &ranges {
+                    let e = t.expert_of_slot[a] as usize;
+                    let (xa, ga) = (xs + (a * h * F32) as u64, gu + (a * 2 * inter * F32) as u64);
+                    self.gemm(&mut blas, b - a, xa, &experts[e].gate_up, ga);
+                }
+            }
+        }
         if any_lora {
             let of = |i: usize| {
                 let (r, e) = row_of(i);
@@ -469,10 +509,17 @@ impl Backend for CudaBackend {
         self.swiglu_rows(slots, gu, inter, hid);
         {
             let mut blas = self.blas();
-            for &(a, b) in &ranges {
-                let e = t.expert_of_slot[a] as usize;
-                let (ha, ya) = (hid + (a * inter * F32) as u64, ys + (a * h * F32) as u64);
-                self.gemm(&mut blas, b - a, ha, &experts[e].down, ya);
+            if let (Some(off), Some(w)) = (&d_off, &d_down) {
+                let h16 = self.ensure_u16(&mut blas.x16, slots * h.max(inter));
+                launch!(self, "to_bf16_f32", elementwise(slots * inter), [hid, h16, (slots * inter) as i64]);
+                let (po, pw) = (self.ptr(off), self.ptr(w));
+                launch!(self, "grouped_gemm_ptrs_bf16", group_cfg(h), [h16, pw, ys, po, h as i32, inter as i32]);
+            } else {
+                for &(a, b) in &ranges {
+                    let e = t.expert_of_slot[a] as usize;
+                    let (ha, ya) = (hid + (a * inter * F32) as u64, ys + (a * h * F32) as u64);
+                    self.gemm(&mut blas, b - a, ha, &experts[e].down, ya);
+                }
             }
         }
         if any_lora {

@@ -99,6 +99,27 @@ pub(super) fn rmsnorm(g: &Gpu, rng: &mut Rng, quick: bool, copy: f64) -> Result<
             rows_out.push(timed_bytes("rmsnorm_bf16", shape, ms, (4 * n * 2) as f64, copy));
         }
     }
+    // The residual stream updated in place: residual_out is the residual buffer itself.
+    let (rows, cols) = (5usize, 300usize);
+    let (x, r, w) = (rng.vec(rows * cols, 2.0), rng.vec(rows * cols, 1.0), rng.vec(cols, 1.0));
+    let h: Vec<f32> = x.iter().zip(&r).map(|(a, b)| a + b).collect();
+    let want = rmsnorm_ref(&h, rows, cols, &w, eps);
+    let (dx, mut dr, dw) = (g.up(&x)?, g.up(&r)?, g.up(&w)?);
+    let mut dout = g.poisoned(rows * cols)?;
+    let dr_ptr = {
+        use cudarc::driver::DevicePtrMut;
+        dr.device_ptr_mut(&g.stream).0
+    };
+    let ci = cols as i32;
+    let mut b = g.stream.launch_builder(g.func("rmsnorm_f32")?);
+    b.arg(&dx).arg(&dr_ptr).arg(&dr_ptr).arg(&dw).arg(&mut dout).arg(&ci).arg(&eps);
+    // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+    // (residual and residual_out alias on purpose: the kernel allows it).
+    launched(unsafe { b.launch(grid(rows as u32, 1, 1, 256)) }, "rmsnorm_f32")?;
+    g.sync()?;
+    let shape = format!("{rows}x{cols}, residual_out aliasing residual");
+    rows_out.push(compared("rmsnorm_f32 in place", shape.clone(), &g.down(&dout)?, &want, F32_BOUND));
+    rows_out.push(compared("rmsnorm_f32 in place residual", shape, &g.down(&dr)?, &h, F32_BOUND));
     Ok(rows_out)
 }
 
@@ -214,12 +235,24 @@ fn gating_ref(logits: &[f32], experts: usize, k: usize, renorm: bool) -> (Vec<i3
         let z: f64 = l.iter().map(|&v| ((v - m) as f64).exp()).filter(|v| !v.is_nan()).sum();
         let mut order: Vec<usize> = (0..experts).filter(|&e| !l[e].is_nan()).collect();
         order.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
-        let chosen: Vec<usize> = order.into_iter().take(k).collect();
-        let p: Vec<f64> = chosen.iter().map(|&e| ((l[e] - m) as f64).exp() / z).collect();
+        let mut chosen: Vec<usize> = order.into_iter().take(k).collect();
+        // Only NaN left: the lowest unchosen experts, weight 0; past the experts: -1, weight 0.
+        let mut nan_left = (0..experts).filter(|&e| l[e].is_nan());
+        while chosen.len() < k.min(experts) {
+            chosen.extend(nan_left.next());
+        }
+        let p: Vec<f64> = chosen
+            .iter()
+            .map(|&e| if l[e].is_nan() || z <= 0.0 { 0.0 } else { ((l[e] - m) as f64).exp() / z })
+            .collect();
         let total: f64 = p.iter().sum();
         for (e, pe) in chosen.iter().zip(&p) {
             ids.push(*e as i32);
             ws.push(if renorm && total > 0.0 { (pe / total) as f32 } else { *pe as f32 });
+        }
+        for _ in experts..k {
+            ids.push(-1);
+            ws.push(0.0);
         }
     }
     (ids, ws)
@@ -228,11 +261,20 @@ fn gating_ref(logits: &[f32], experts: usize, k: usize, renorm: bool) -> (Vec<i3
 pub(super) fn topk_gating(g: &Gpu, rng: &mut Rng, quick: bool, copy: f64) -> Result<Vec<CheckRow>> {
     let mut out = Vec::new();
     let big_rows = if quick { 4096 } else { 32768 };
-    for (rows, experts, k, renorm) in
-        [(37usize, 8usize, 2usize, true), (19, 60, 4, false), (9, 128, 8, true), (big_rows, 8, 2, true)]
-    {
+    for (rows, experts, k, renorm) in [
+        (37usize, 8usize, 2usize, true),
+        (19, 60, 4, false),
+        (9, 128, 8, true),
+        (3, 4, 3, true),
+        (2, 3, 5, false),
+        (big_rows, 8, 2, true),
+    ] {
         let mut logits = rng.vec(rows * experts, 3.0);
-        if rows < 100 {
+        if (rows, experts) == (3, 4) {
+            // Mostly NaN rows: an expert must never be chosen twice.
+            logits[..4].copy_from_slice(&[f32::NAN, 1.0, f32::NAN, f32::NAN]);
+            logits[4..8].fill(f32::NAN);
+        } else if rows < 100 {
             // A row with ties (lower index must win) and a row with a NaN.
             for (e, v) in logits[..experts].iter_mut().enumerate() {
                 *v = if e % 3 == 0 { 1.5 } else { -1.0 };
@@ -497,5 +539,31 @@ pub(super) fn sampling(g: &Gpu, rng: &mut Rng, quick: bool, copy: f64) -> Result
             out.push(timed_bytes("sample_top_p_f32", shape, ms, (rows * vocab * 4) as f64, copy));
         }
     }
+    // Rows with nothing or little to draw from: a NaN among finite logits (never drawn, for
+    // any uniform), all -inf and all NaN (the greedy token, 0): the output is always written.
+    let vocab = 100usize;
+    let mut logits = rng.vec(3 * vocab, 4.0);
+    logits[0] = f32::NAN;
+    logits[1] = 50.0; // nearly all the mass: a draw of NaN's neighbour would be a bug
+    logits[vocab..2 * vocab].fill(f32::NEG_INFINITY);
+    logits[2 * vocab..].fill(f32::NAN);
+    let uniforms = [0.0f32, 0.5, 0.999];
+    let (dl, du, vi) = (g.up(&logits)?, g.up(&uniforms)?, vocab as i32);
+    let mut dout = g.up(&vec![-1i32; 3])?;
+    let (temperature, top_p) = (1.0f32, 0.95f32);
+    let mut b = g.stream.launch_builder(g.func("sample_top_p_f32")?);
+    b.arg(&dl).arg(&vi).arg(&temperature).arg(&top_p).arg(&du).arg(&mut dout);
+    // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+    // (types and order), and every buffer was allocated for the sizes this grid covers.
+    launched(unsafe { b.launch(grid(3, 1, 1, 1024)) }, "sample_top_p_f32")?;
+    g.sync()?;
+    let got = g.down(&dout)?;
+    out.push(CheckRow {
+        kernel: "sample_top_p_f32".into(),
+        shape: "3 rows: a NaN logit, all -inf, all NaN".into(),
+        passed: got == [1, 0, 0],
+        note: format!("tokens {got:?} (want [1, 0, 0])"),
+        ..Default::default()
+    });
     Ok(out)
 }

@@ -105,9 +105,11 @@ pub(super) fn grouped(g: &Gpu, rng: &mut Rng, quick: bool, cublas: Option<f64>) 
     let (tokens, n_big, k_big) = if quick { (512, 14336, 4096) } else { (4096, 14336, 4096) };
     // (offsets, N, K, name): ragged loads with a zero-token expert and odd K; then Mixtral-8x7B.
     let small: Vec<i32> = vec![0, 5, 5, 75, 76];
+    let odd: Vec<i32> = vec![0, 3, 3, 10];
     let (_, _, big) = routing(rng, tokens, 8, 2, None);
     for (offsets, n, k, label) in [
         (small, 72usize, 40usize, "4 experts, loads 5/0/70/1"),
+        (odd, 70, 37, "3 experts, loads 3/0/7, odd K, N not a multiple of 8"),
         (big, n_big, k_big, "Mixtral-8x7B w1: 8 experts, top-2"),
     ] {
         let experts = offsets.len() - 1;
