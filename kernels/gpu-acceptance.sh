@@ -129,8 +129,40 @@ else
     note "- serve: **FAIL** (a server did not come up; see serve-dev.log, serve-cpu.log)"
     failed=1
 fi
-kill "$pid_dev" "$pid_cpu" 2>/dev/null
-wait "$pid_dev" "$pid_cpu" 2>/dev/null
+kill "$pid_dev" 2>/dev/null
+wait "$pid_dev" 2>/dev/null
+
+note "## 4b. a router and 2 worker processes on $dev (gRPC between them): 8 requests vs the CPU"
+pw1=$((port_dev + 2)); pw2=$((port_dev + 3)); pr=$((port_dev + 4))
+"$bin" --device "$dev" worker --model "$model" --experts shard:0/2 --listen "127.0.0.1:$pw1" > "$out/worker-1.log" 2>&1 &
+pid_w1=$!
+"$bin" --device "$dev" worker --model "$model" --experts shard:1/2 --listen "127.0.0.1:$pw2" > "$out/worker-2.log" 2>&1 &
+pid_w2=$!
+sleep 2
+"$bin" --device "$dev" router --model "$model" --workers "127.0.0.1:$pw1,127.0.0.1:$pw2" --listen "127.0.0.1:$pr" > "$out/router.log" 2>&1 &
+pid_r=$!
+if ready "$pr"; then
+    for i in $(seq 0 7); do
+        ids="$((i % 100 + 1)),$(((i * 7) % 120 + 3)),$(((i * 13) % 90 + 5)),$((i + 2))"
+        timeout 120 "$bin" generate --endpoint "http://127.0.0.1:$pr" --token-ids "$ids" --max-new-tokens 24 --json \
+            > "$out/serve/remote-$i.json" 2> "$out/serve/remote-$i.err" &
+    done
+    wait $(jobs -p | grep -v -e "^$pid_cpu\$" -e "^$pid_w1\$" -e "^$pid_w2\$" -e "^$pid_r\$") 2>/dev/null
+    done_n=0; same_dev=0
+    for i in $(seq 0 7); do
+        r=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["token_ids"])' "$out/serve/remote-$i.json" 2>/dev/null) || continue
+        d=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["token_ids"])' "$out/serve/dev-$i.json" 2>/dev/null)
+        done_n=$((done_n + 1))
+        [[ "$r" == "$d" ]] && same_dev=$((same_dev + 1))
+    done
+    note "- requests finished: $done_n of 8; identical to the in-process run on $dev: $same_dev of 8"
+    if [[ $done_n != 8 ]]; then note "- router + workers: **FAIL**"; failed=1; else note "- router + workers: pass"; fi
+else
+    note "- router + workers: **FAIL** (the router did not come up; see router.log, worker-*.log)"
+    failed=1
+fi
+kill "$pid_r" "$pid_w1" "$pid_w2" "$pid_cpu" 2>/dev/null
+wait "$pid_r" "$pid_w1" "$pid_w2" "$pid_cpu" 2>/dev/null
 
 if [[ $skip_bench == 0 && $dry == 0 ]] && "$bin" bench-device --help >/dev/null 2>&1; then
     note "## 5. throughput on Mixtral-8x7B-shaped layers (random weights made on the device)"

@@ -53,7 +53,9 @@ fn every_kernel_compiles_with_nvrtc() {
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
         .collect();
     assert!(files.len() >= 9, "{files:?}");
-    for arch in ["compute_90", "compute_80"] {
+    // PTX for two virtual architectures, and a cubin for the H100/H200's sm_90 as the CUDA
+    // backend loads it (PTX from an NVRTC newer than the driver does not load).
+    for arch in ["compute_90", "compute_80", "sm_90"] {
         let Some(out) = moe_with_nvrtc(&["kernels", "compile", "--arch", arch]) else { return };
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{arch}: {}{}", stdout, String::from_utf8_lossy(&out.stderr));
@@ -91,4 +93,62 @@ fn kernel_check_without_a_gpu_is_a_clear_error() {
     assert!(out.stderr.contains("CUDA"), "{}", out.stderr);
     let out = moe(&["kernels", "check", "--iters", "0"]);
     assert_ne!(out.code, 0);
+}
+
+/// The fixture check the GPU acceptance runs (step 3), here on the CPU backend: every
+/// architecture and PEFT adapter within 1e-4 of transformers, and a device that cannot be
+/// opened is a clear error.
+#[test]
+fn fixture_check_runs_every_architecture_and_adapter() {
+    let out = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["kernels", "fixtures", "--dir", "tests/fixtures", "--bound", "1e-4"])
+        .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/../..")
+        .output()
+        .expect("run moe");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for arch in ["mixtral", "mixtral_bf16", "olmoe", "qwen2_moe", "qwen3_moe"] {
+        assert!(stdout.contains(&format!("| {arch} | - |")), "{arch} missing:\n{stdout}");
+    }
+    for adapter in ["peft/gate", "peft/attn", "peft/experts"] {
+        assert_eq!(stdout.matches(&format!("| {adapter} |")).count(), 4, "{adapter}:\n{stdout}");
+    }
+    // A bound nothing can meet fails, naming the fixtures.
+    let strict = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["kernels", "fixtures", "--dir", "tests/fixtures", "--bound", "0"])
+        .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/../..")
+        .output()
+        .expect("run moe");
+    assert!(!strict.status.success());
+    assert!(String::from_utf8_lossy(&strict.stderr).contains("outside the bound"));
+    let gpu = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["--device", "cuda:0", "kernels", "fixtures", "--dir", "tests/fixtures"])
+        .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/../..")
+        .env("LD_LIBRARY_PATH", "/nonexistent")
+        .output()
+        .expect("run moe");
+    assert!(!gpu.status.success());
+    assert!(String::from_utf8_lossy(&gpu.stderr).contains("cuda:0"), "{}", String::from_utf8_lossy(&gpu.stderr));
+}
+
+/// `moe bench-device` (step 5 of the GPU acceptance) on small shapes on the CPU: every row is
+/// produced, and a bad --expert-gemm is refused.
+#[test]
+fn bench_device_reports_prefill_decode_and_experts() {
+    let out = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["bench-device", "--layers", "1", "--hidden", "128", "--intermediate", "256", "--vocab", "300"])
+        .args(["--batches", "1,3", "--prefill", "32", "--steps", "2"])
+        .output()
+        .expect("run moe");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for row in ["| prefill 32 tokens |", "| decode batch 1 ", "| decode batch 3 ", "| expert FFN, 4096 tokens"] {
+        assert!(stdout.contains(row), "{row} missing:\n{stdout}");
+    }
+    let bad = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["--expert-gemm", "fast", "bench-device"])
+        .output()
+        .expect("run moe");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("expert-gemm"));
 }

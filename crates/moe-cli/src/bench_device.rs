@@ -119,7 +119,7 @@ fn expert_ffn_row<B: Backend>(
     w: &ModelWeights<B>,
     gemm_tflops: Option<f64>,
     path: &str,
-) -> Option<((String, String, String, String), Vec<f32>)> {
+) -> Option<(Row, Vec<f32>)> {
     let FfnWeights::Moe(m) = &w.layers.first()?.ffn else { return None };
     let tokens = 4096usize;
     let mut plan = ExpertPlan::default();
@@ -162,8 +162,9 @@ fn expert_ffn_row<B: Backend>(
 
 struct Measure<'a>(&'a BenchDeviceArgs, ModelConfig);
 
-/// Rows of the report: (what, time, rate, roofline fraction).
-type Rows = Vec<(String, String, String, String)>;
+/// A row of the report: (what, time, rate, roofline fraction).
+type Row = (String, String, String, String);
+type Rows = Vec<Row>;
 
 impl OnBackend for Measure<'_> {
     type Output = anyhow::Result<(String, Rows)>;

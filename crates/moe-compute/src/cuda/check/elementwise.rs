@@ -549,7 +549,7 @@ pub(super) fn sampling(g: &Gpu, rng: &mut Rng, quick: bool, copy: f64) -> Result
     logits[2 * vocab..].fill(f32::NAN);
     let uniforms = [0.0f32, 0.5, 0.999];
     let (dl, du, vi) = (g.up(&logits)?, g.up(&uniforms)?, vocab as i32);
-    let mut dout = g.up(&vec![-1i32; 3])?;
+    let mut dout = g.up(&[-1i32; 3])?;
     let (temperature, top_p) = (1.0f32, 0.95f32);
     let mut b = g.stream.launch_builder(g.func("sample_top_p_f32")?);
     b.arg(&dl).arg(&vi).arg(&temperature).arg(&top_p).arg(&du).arg(&mut dout);
