@@ -30,7 +30,13 @@ fn tokens(n: usize) -> Prompt {
 fn req(prompt: Prompt, f: impl FnOnce(&mut SamplingParams)) -> GenerateRequest {
     let mut s = SamplingParams { max_new_tokens: Some(2), ..Default::default() };
     f(&mut s);
-    GenerateRequest { prompt: Some(prompt), sampling: Some(s), adapter_id: String::new(), timeout_ms: 0 }
+    GenerateRequest {
+        prompt: Some(prompt),
+        sampling: Some(s),
+        adapter_id: String::new(),
+        timeout_ms: 0,
+        cache_salt: String::new(),
+    }
 }
 
 fn keyed<T>(msg: T, key: Option<&str>) -> tonic::Request<T> {

@@ -139,6 +139,7 @@ fn request_validation_never_panics() {
             logprobs: rng.below(2) == 0,
             adapter_id: String::new(),
             timeout: None,
+            cache_salt: [None, Some(String::new()), Some("s".repeat(rng.below(400)))][rng.below(3)].clone(),
         };
         let prompt = if rng.below(3) == 0 {
             moe_router::PromptInput::Text(String::from_utf8_lossy(&rng.mutate(b"hello")).to_string())

@@ -29,6 +29,7 @@ fn request(ids: Vec<u32>, s: SamplingParams) -> GenerateRequest {
         sampling: Some(s),
         adapter_id: String::new(),
         timeout_ms: 0,
+        cache_salt: String::new(),
     }
 }
 

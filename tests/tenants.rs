@@ -55,6 +55,7 @@ fn gen(adapter: &str, max_new: u32, key: Option<&str>) -> tonic::Request<Generat
         sampling: Some(SamplingParams { max_new_tokens: Some(max_new), ..Default::default() }),
         adapter_id: adapter.into(),
         timeout_ms: 0,
+        cache_salt: String::new(),
     });
     if let Some(k) = key {
         r.metadata_mut().insert("authorization", format!("Bearer {k}").parse().expect("header"));
@@ -302,6 +303,7 @@ async fn authentication_comes_before_any_work() {
                 sampling: None,
                 adapter_id: String::new(),
                 timeout_ms: 0,
+                cache_salt: String::new(),
             },
             key,
         )

@@ -39,6 +39,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }),
         adapter_id: args.adapter.adapter.clone().unwrap_or_default(),
         timeout_ms: 0,
+        cache_salt: String::new(),
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {

@@ -31,6 +31,15 @@ pub struct EngineArgs {
     /// tokenizer runs.
     #[arg(long, env = "MOE_MAX_PROMPT_BYTES", default_value_t = 1 << 20)]
     pub max_prompt_bytes: usize,
+    /// Automatic prefix caching: full KV pages are kept after a request and reused by later
+    /// requests that start with the same tokens, on the same adapter, in the same scope.
+    #[arg(long, env = "MOE_PREFIX_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_cache: bool,
+    /// Who shares cached pages: `tenant` (requests of one tenant; no tenant can probe another's
+    /// prompts by timing) or `global` (every tenant on the same adapter). Without a tenants
+    /// file every request is in one scope either way.
+    #[arg(long, env = "MOE_PREFIX_CACHE_SCOPE", default_value = "tenant", value_parser = ["tenant", "global"])]
+    pub prefix_cache_scope: String,
     /// Fault injection for tests of the engine's supervision: the compute loop panics after
     /// this many steps. Never use it in production.
     #[arg(long, env = "MOE_FAULT_PANIC_AFTER_STEPS", hide = true)]
@@ -52,6 +61,12 @@ impl EngineArgs {
             two_batch_overlap: self.two_batch_overlap,
             panic_after_steps: self.fault_panic_after_steps,
             max_prompt_bytes: self.max_prompt_bytes,
+            prefix_cache: self.prefix_cache,
+            prefix_cache_scope: if self.prefix_cache_scope == "global" {
+                moe_router::PrefixCacheScope::Global
+            } else {
+                moe_router::PrefixCacheScope::Tenant
+            },
             ..Default::default()
         })
     }

@@ -165,6 +165,9 @@ pub struct SamplingFields {
     pub repetition_penalty: Option<f32>,
     pub n: Option<u32>,
     pub timeout_ms: Option<u64>,
+    /// Mixed into the prefix cache's keys (vLLM's extra field): only requests with the same
+    /// salt share cached pages.
+    pub cache_salt: Option<String>,
 }
 
 /// `/v1/completions`: the prompt, and the sampling fields at the top level of the body.
@@ -227,6 +230,7 @@ async fn start(
             logprobs: false,
             adapter_id: adapter.clone(),
             timeout: s.timeout_ms.filter(|&t| t > 0).map(Duration::from_millis),
+            cache_salt: s.cache_salt,
         };
         let mut req = validate(engine, prompt, params).await?;
         let mut admission = admit(engine, authorization(headers), &adapter).await?;
@@ -246,6 +250,7 @@ struct Collected {
     reason: FinishReason,
     prompt_tokens: usize,
     completion_tokens: usize,
+    cached_tokens: usize,
 }
 
 async fn collect(mut events: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Result<Collected, RouterError> {
@@ -253,8 +258,8 @@ async fn collect(mut events: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Res
     while let Some(ev) = events.recv().await {
         match ev {
             Event::Delta { text: t, .. } => text.push_str(&t),
-            Event::Finished { reason, prompt_tokens, completion_tokens } => {
-                return Ok(Collected { text, reason, prompt_tokens, completion_tokens })
+            Event::Finished { reason, prompt_tokens, completion_tokens, cached_tokens } => {
+                return Ok(Collected { text, reason, prompt_tokens, completion_tokens, cached_tokens })
             }
             Event::Failed(e) => return Err(e),
         }
@@ -264,7 +269,8 @@ async fn collect(mut events: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Res
 
 fn usage(c: &Collected) -> Value {
     json!({"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-           "total_tokens": c.prompt_tokens + c.completion_tokens})
+           "total_tokens": c.prompt_tokens + c.completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": c.cached_tokens}})
 }
 
 /// The stream of SSE events: one per delta (built by `chunk`), a final chunk with the finish

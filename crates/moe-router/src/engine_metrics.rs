@@ -29,6 +29,38 @@ pub fn outcome_label(code: tonic::Code) -> &'static str {
 }
 
 impl EngineMetrics {
+    /// A request's prompt met the prefix cache: `queried` prompt tokens, `hit` of them reused.
+    pub fn prefix_cache(&self, tenant: &str, queried: usize, hit: usize) {
+        let r = &self.registry;
+        let labels = [("tenant", tenant)];
+        r.inc(
+            "moe_prefix_cache_queries_tokens_total",
+            "Prompt tokens looked up in the prefix cache.",
+            &labels,
+            queried as f64,
+        );
+        r.inc(
+            "moe_prefix_cache_hits_tokens_total",
+            "Prompt tokens whose KV came from the prefix cache.",
+            &labels,
+            hit as f64,
+        );
+    }
+
+    /// The prefix cache's pages: published (`cached`), of which nobody holds `evictable`, and
+    /// evictions so far.
+    pub fn prefix_pages(&self, cached: usize, evictable: usize, evicted: u64) {
+        let r = &self.registry;
+        r.set("moe_prefix_cache_pages", "KV pages kept for reuse by the prefix cache.", &[], cached as f64);
+        r.set("moe_prefix_cache_evictable_pages", "Cached KV pages no running request holds.", &[], evictable as f64);
+        r.set(
+            "moe_prefix_cache_evicted_pages",
+            "Cached KV pages evicted to make room (since start).",
+            &[],
+            evicted as f64,
+        );
+    }
+
     pub fn first_token(&self, after: Duration) {
         self.registry.observe(
             "moe_time_to_first_token_seconds",

@@ -15,7 +15,9 @@ mod server;
 mod service;
 mod tenants;
 
-pub use engine::{router_adapters, Engine, EngineConfig, EngineHealth, EngineParts, EngineStats, RouterAdapters};
+pub use engine::{
+    router_adapters, Engine, EngineConfig, EngineHealth, EngineParts, EngineStats, PrefixCacheScope, RouterAdapters,
+};
 pub use engine_metrics::{outcome_label, EngineMetrics};
 pub use error::RouterError;
 pub use request::{Event, FinishReason, GenerationParams, PromptInput, ValidatedRequest};

@@ -26,6 +26,8 @@ pub struct GenerationParams {
     pub logprobs: bool,
     pub adapter_id: String,
     pub timeout: Option<Duration>,
+    /// Mixed into the prefix cache's keys (requests share cached pages only with equal salts).
+    pub cache_salt: Option<String>,
 }
 
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 64;
@@ -33,6 +35,8 @@ pub const DEFAULT_MAX_NEW_TOKENS: usize = 64;
 pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// At most this many stop sequences per request.
 pub const MAX_STOP_SEQUENCES: usize = 16;
+/// At most this many bytes of `cache_salt`.
+pub const MAX_CACHE_SALT_BYTES: usize = 256;
 /// At most this many bytes per stop sequence.
 pub const MAX_STOP_BYTES: usize = 1024;
 
@@ -52,6 +56,8 @@ pub struct ValidatedRequest {
     pub adapter: Option<moe_lora::AdapterPin>,
     /// The tenant's name (a metrics label), when tenants are configured.
     pub tenant: Option<String>,
+    /// See [`GenerationParams::cache_salt`].
+    pub cache_salt: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,7 +70,7 @@ pub enum FinishReason {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     Delta { text: String, token_ids: Vec<u32>, logprobs: Vec<f32> },
-    Finished { reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    Finished { reason: FinishReason, prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize },
     Failed(RouterError),
 }
 
@@ -174,6 +180,16 @@ impl ValidatedRequest {
             timeout,
             adapter: None,
             tenant: None,
+            cache_salt: match &p.cache_salt {
+                Some(salt) if salt.len() > MAX_CACHE_SALT_BYTES => {
+                    return Err(RouterError::invalid(
+                        "cache_salt",
+                        format!("{} bytes; at most {MAX_CACHE_SALT_BYTES}", salt.len()),
+                    ))
+                }
+                Some(salt) if !salt.is_empty() => Some(salt.clone()),
+                _ => None,
+            },
         })
     }
 }

@@ -76,6 +76,7 @@ impl InferenceService {
             logprobs: s.logprobs,
             adapter_id: req.adapter_id,
             timeout: (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms as u64)),
+            cache_salt: Some(req.cache_salt).filter(|s| !s.is_empty()),
         };
         crate::access::validate(&self.engine, prompt, params).await
     }
@@ -144,11 +145,12 @@ impl Inference for InferenceService {
                         out.token_ids.extend(token_ids);
                         out.logprobs.extend(logprobs);
                     }
-                    Event::Finished { reason, prompt_tokens, completion_tokens } => {
+                    Event::Finished { reason, prompt_tokens, completion_tokens, cached_tokens } => {
                         out.finish_reason = finish_reason(reason);
                         out.usage = Some(Usage {
                             prompt_tokens: prompt_tokens as u32,
                             completion_tokens: completion_tokens as u32,
+                            cached_tokens: cached_tokens as u32,
                         });
                         return Ok(Response::new(out));
                     }
@@ -179,7 +181,7 @@ impl Inference for InferenceService {
                 Event::Delta { text, token_ids, logprobs } => Ok(GenerateStreamResponse {
                     event: Some(StreamEvent::Delta(TokenDelta { text, token_ids, logprobs })),
                 }),
-                Event::Finished { reason, prompt_tokens, completion_tokens } => {
+                Event::Finished { reason, prompt_tokens, completion_tokens, cached_tokens } => {
                     finished = true;
                     Ok(GenerateStreamResponse {
                         event: Some(StreamEvent::Finished(Finished {
@@ -187,6 +189,7 @@ impl Inference for InferenceService {
                             usage: Some(Usage {
                                 prompt_tokens: prompt_tokens as u32,
                                 completion_tokens: completion_tokens as u32,
+                                cached_tokens: cached_tokens as u32,
                             }),
                             request_id: rid.clone(),
                         })),

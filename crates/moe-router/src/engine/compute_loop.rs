@@ -35,6 +35,10 @@ pub(super) struct Sequence<B: Backend> {
     pub text: DetokenizeStream,
     pub submitted: Instant,
     pub last_token: Instant,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_tokens: usize,
+    /// The prefix cache's namespace of this request (None: the cache is off).
+    pub prefix_namespace: Option<u128>,
 }
 
 impl<B: Backend> Sequence<B> {
@@ -166,6 +170,12 @@ impl<B: Backend> ComputeLoop<B> {
 
     pub fn publish(&self) {
         self.stats.free_pages.store(self.kv.pages.free_pages(), Ordering::SeqCst);
+        self.stats.referenced_pages.store(self.kv.pages.referenced_pages(), Ordering::SeqCst);
+        self.stats.cached_pages.store(self.kv.pages.cached_pages(), Ordering::SeqCst);
+        if self.config.prefix_cache {
+            let p = &self.kv.pages;
+            self.metrics.prefix_pages(p.cached_pages(), p.evictable_pages(), p.evicted_pages());
+        }
         self.stats.running.store(self.running.len(), Ordering::SeqCst);
         let total = self.kv.pages.num_pages();
         let waiting = self.stats.waiting.load(Ordering::Relaxed);

@@ -68,7 +68,8 @@ impl<B: Backend> ComputeLoop<B> {
             if let Some(reason) = finish {
                 self.metrics.ended("ok", s.tenant(), s.req.prompt.len(), s.generated, s.submitted.elapsed());
                 let (prompt_tokens, completion_tokens) = (s.req.prompt.len(), s.generated);
-                s.end(Event::Finished { reason, prompt_tokens, completion_tokens });
+                let cached_tokens = s.cached_tokens;
+                s.end(Event::Finished { reason, prompt_tokens, completion_tokens, cached_tokens });
                 done.push(i);
             }
         }

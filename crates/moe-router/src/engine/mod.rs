@@ -52,6 +52,22 @@ pub struct EngineConfig {
     /// Fault injection for the supervision tests: the compute loop panics after this many
     /// steps. Never set in production.
     pub panic_after_steps: Option<usize>,
+    /// Automatic prefix caching: full KV pages are kept after their request and reused by later
+    /// requests with the same tokens, adapter and scope (see `moe_model::prefix`).
+    pub prefix_cache: bool,
+    /// Who may share cached pages.
+    pub prefix_cache_scope: PrefixCacheScope,
+}
+
+/// Who may share prefix-cache pages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PrefixCacheScope {
+    /// Requests of the same tenant (and adapter and salt): no tenant can learn from timing
+    /// what another sent. Without tenants configured, every request is in one scope.
+    #[default]
+    Tenant,
+    /// Requests on the same adapter (and salt), across tenants.
+    Global,
 }
 
 impl Default for EngineConfig {
@@ -67,6 +83,8 @@ impl Default for EngineConfig {
             two_batch_overlap: false,
             max_prompt_bytes: 1 << 20,
             panic_after_steps: None,
+            prefix_cache: true,
+            prefix_cache_scope: PrefixCacheScope::Tenant,
         }
     }
 }
@@ -75,6 +93,10 @@ impl Default for EngineConfig {
 #[derive(Debug, Default)]
 pub struct EngineStats {
     pub total_pages: AtomicUsize,
+    /// Pages a running request holds.
+    pub referenced_pages: AtomicUsize,
+    /// Pages kept by the prefix cache (held or evictable).
+    pub cached_pages: AtomicUsize,
     pub free_pages: AtomicUsize,
     pub running: AtomicUsize,
     pub waiting: AtomicUsize,

@@ -82,14 +82,44 @@ impl<B: Backend> ComputeLoop<B> {
         registry.resolve(pin).map(Some).map_err(|e| RouterError::Internal(e.to_string()))
     }
 
-    /// Moves waiting requests into the batch, in arrival order, while their whole KV need fits.
+    /// The prefix cache's namespace of a request: its adapter (id and digest), its tenant under
+    /// scope `tenant`, and its salt.
+    fn prefix_namespace(&self, req: &crate::request::ValidatedRequest) -> Option<u128> {
+        if !self.config.prefix_cache {
+            return None;
+        }
+        let adapter = req.adapter.as_ref().map(|p| (p.identity().id.as_str(), p.identity().digest.as_str()));
+        let tenant = match self.config.prefix_cache_scope {
+            super::PrefixCacheScope::Tenant => req.tenant.as_deref(),
+            super::PrefixCacheScope::Global => None,
+        };
+        Some(moe_model::prefix::namespace(adapter, tenant, req.cache_salt.as_deref()))
+    }
+
+    /// Moves waiting requests into the batch, in arrival order, while their whole KV need fits
+    /// (pages found in the prefix cache are reused and not counted again).
     pub(super) fn admit(&mut self) {
         while self.running.len() < self.config.max_running {
             let Some(front) = self.waiting.front() else { break };
             let need = front.req.prompt.len() + front.req.max_new_tokens;
             let mut cache = SequenceCache::default();
+            let namespace = self.prefix_namespace(&front.req);
+            if let Some(ns) = namespace {
+                // Every full page before the last prompt token (which must be computed for its
+                // logits).
+                let ps = self.kv.pages.page_size();
+                let prompt = &front.req.prompt;
+                let keys = moe_model::prefix::page_keys(ns, prompt, ps, (prompt.len() - 1) / ps);
+                self.kv.pages.reuse(&mut cache, &keys);
+            }
             if self.kv.pages.reserve(&mut cache, need).is_err() {
+                self.kv.pages.release(&mut cache);
                 break;
+            }
+            let cached_tokens = cache.len;
+            if namespace.is_some() {
+                let tenant = front.tenant().to_string();
+                self.metrics.prefix_cache(&tenant, front.req.prompt.len(), cached_tokens);
             }
             let Some(mut sub) = self.waiting.pop_front() else { break };
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -126,6 +156,8 @@ impl<B: Backend> ComputeLoop<B> {
                 text,
                 submitted: sub.submitted,
                 last_token: sub.submitted,
+                cached_tokens,
+                prefix_namespace: namespace,
             });
         }
     }

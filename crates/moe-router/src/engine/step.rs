@@ -98,11 +98,29 @@ impl<B: Backend> ComputeLoop<B> {
         }
         done.clear();
         self.emit(chunk, members, done);
+        // Prompts whose prefill just completed share their full pages at once, so concurrent
+        // requests with the same prefix need not wait for this one to finish.
+        for &i in members.iter() {
+            let ready = self.running.get(i).is_some_and(|s| chunk[i] > 1 && s.cache.len >= s.req.prompt.len());
+            if ready {
+                share_pages(&mut self.kv.pages, &self.running[i]);
+            }
+        }
         done.sort_unstable_by(|a, b| b.cmp(a));
         done.dedup();
         for &i in done.iter() {
             let mut s = self.running.swap_remove(i);
+            share_pages(&mut self.kv.pages, &s);
             self.kv.pages.release(&mut s.cache);
         }
+    }
+}
+
+/// Publishes a sequence's full, written pages in the prefix cache (when it is on).
+fn share_pages<B: Backend>(pages: &mut moe_model::PageAllocator, s: &super::compute_loop::Sequence<B>) {
+    if let Some(ns) = s.prefix_namespace {
+        let ps = pages.page_size();
+        let keys = moe_model::prefix::page_keys(ns, &s.tokens, ps, s.cache.len.min(s.tokens.len()) / ps);
+        pages.publish(&s.cache, &keys);
     }
 }
