@@ -126,6 +126,12 @@ fn bench_reports_every_figure() {
     }
     let topologies = v["topologies"].as_array().expect("topologies");
     assert_eq!(topologies.len(), 2, "embedded and router + worker processes");
+    // The prefix-cache run reused the shared prefix's full pages (88 tokens fit the fixture's
+    // context of 96: five pages of 16).
+    let p = &v["prefix_cache"];
+    assert_eq!(p["prefix_tokens"], 88, "{p}");
+    assert_eq!(p["cached_tokens"], 80, "{p}");
+    assert!(p["ttft_on_ms"].as_f64().expect("on") > 0.0 && p["ttft_off_ms"].as_f64().expect("off") > 0.0);
     for t in topologies {
         assert_eq!(t["prefill"]["prompt_tokens"], 94);
         let batches: Vec<u64> =

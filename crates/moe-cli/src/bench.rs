@@ -93,6 +93,7 @@ struct Report {
     bf16: Option<Bf16Report>,
     adapters: Vec<crate::bench_adapters::AdapterRun>,
     overlap: Vec<OverlapRun>,
+    prefix_cache: Option<crate::bench_prefix::PrefixRun>,
 }
 
 /// Remote decode with two-batch overlap (the default) against the same run without it.
@@ -218,7 +219,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         None => crate::model_args::cached_model_dir("bench-model", &moe_demo::DemoSpec::bench())?,
     };
     let config = moe_model::ModelConfig::from_dir(&dir)?;
-    let engine_config = EngineConfig { max_batch_tokens: 512, max_running: 64, ..Default::default() };
+    // The prefix cache is off for the throughput runs (they repeat prompts; a hit would measure
+    // the cache, not the model); its own run below measures it.
+    let engine_config =
+        EngineConfig { max_batch_tokens: 512, max_running: 64, prefix_cache: false, ..Default::default() };
     let mut topologies = Vec::new();
     let memory = {
         let engine = moe_cluster::embedded(&dir, a.workers, engine_config.clone())?;
@@ -285,7 +289,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         let f32_tps = topologies.first().and_then(|t| t.decode.first()).map(|d| d.tokens_per_s).unwrap_or(0.0);
         let spec = moe_demo::DemoSpec { dtype: moe_demo::DemoDtype::Bf16, ..moe_demo::DemoSpec::bench() };
         let dir16 = crate::model_args::cached_model_dir("bench-model-bf16", &spec)?;
-        let engine = moe_cluster::embedded(&dir16, a.workers, EngineConfig { max_running: 64, ..Default::default() })?;
+        let engine = moe_cluster::embedded(
+            &dir16,
+            a.workers,
+            EngineConfig { max_running: 64, prefix_cache: false, ..Default::default() },
+        )?;
         eprintln!("embedded, bf16 weights: decode batch 1");
         let _ = decode(&engine, 1, 4).map_err(anyhow::Error::msg)?; // warm-up
         let d = decode(&engine, 1, a.new_tokens * 2).map_err(anyhow::Error::msg)?;
@@ -302,6 +310,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     } else {
         crate::bench_adapters::measure(&dir, a.workers, a.new_tokens)?
     };
+    eprintln!("prefix cache: TTFT with a shared 1024-token prefix, cache off and on");
+    let prefix_cache = Some(crate::bench_prefix::measure(&dir, a.workers, 1024)?);
     let report = Report {
         model: dir.display().to_string(),
         threads: rayon::current_num_threads(),
@@ -311,6 +321,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         bf16,
         adapters,
         overlap,
+        prefix_cache,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -323,6 +334,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 m.ratio,
                 m.weight_bytes as f64 / 1e6,
                 m.kv_budget_bytes as f64 / 1e6
+            );
+        }
+        if let Some(p) = &report.prefix_cache {
+            println!(
+                "prefix cache: a request sharing a {}-token prefix with a finished one: TTFT {:.1} ms with the cache, {:.1} ms without = {:.1}x ({} tokens reused)",
+                p.prefix_tokens, p.ttft_on_ms, p.ttft_off_ms, p.speedup, p.cached_tokens
             );
         }
         for o in &report.overlap {

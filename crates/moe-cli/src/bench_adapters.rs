@@ -80,7 +80,8 @@ pub fn measure(dir: &Path, workers: usize, new_tokens: usize) -> anyhow::Result<
         dir: Some(adapters),
         limits: moe_lora::RegistryLimits { max_adapters: 256, max_bytes: 8 << 30, ..Default::default() },
     };
-    let engine_config = EngineConfig { max_batch_tokens: 512, max_running: 64, ..Default::default() };
+    let engine_config =
+        EngineConfig { max_batch_tokens: 512, max_running: 64, prefix_cache: false, ..Default::default() };
     let engine = moe_cluster::embedded_with(dir, workers, engine_config, &opts)?;
     let _ = run_set(&engine, "gate", 0, 4)?; // warm-up
     let sets = [

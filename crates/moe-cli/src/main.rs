@@ -6,6 +6,7 @@ mod api;
 mod bench;
 mod bench_adapters;
 mod bench_device;
+mod bench_prefix;
 mod client;
 mod config_file;
 mod demo;
