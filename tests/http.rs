@@ -312,3 +312,27 @@ async fn router_process_exposes_dispatch_latency_per_worker() {
     }
     assert!(text.contains("moe_requests_total{outcome=\"ok\"} 1"), "{text}");
 }
+
+/// The prefix cache through the OpenAI API: a repeated long prompt reports its reused tokens in
+/// `usage.prompt_tokens_details.cached_tokens`, and another `cache_salt` is a miss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_prompts_report_cached_tokens() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (model, adapters) = setup(tmp.path());
+    let http = start(&model, &adapters, None).await;
+    let prompt = "The cat sat on the mat, and the dog sat on the log; then both of them went to sleep.";
+    let cached = |salt: &str| {
+        let body = json!({"prompt": prompt, "max_tokens": 2, "cache_salt": salt});
+        let http = &http;
+        async move {
+            let (status, text) = http.post("/v1/completions", body, None).await;
+            assert_eq!(status, 200, "{text}");
+            let v: Value = serde_json::from_str(&text).expect("json");
+            v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().expect("cached_tokens")
+        }
+    };
+    assert_eq!(cached("a").await, 0, "nothing cached yet");
+    let again = cached("a").await;
+    assert!(again >= 16 && again % 16 == 0, "full pages reused: {again}");
+    assert_eq!(cached("b").await, 0, "another salt is a miss");
+}
