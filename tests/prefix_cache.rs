@@ -1,9 +1,9 @@
 //! Automatic prefix caching: a request that shares full KV pages with an earlier one reuses them
 //! (`cached_tokens` says how many tokens) and gets the same token ids and logprob bits as with the
-//! cache off, on the base model and with gate, attention and expert adapters; another adapter,
-//! tenant (scope `tenant`) or salt is a miss, scope `global` shares across tenants; under KV
+//! cache off, on the base model and with gate, attention and expert adapters; another adapter
+//! (or the same id reloaded with new weights), tenant (scope `tenant`) or salt is a miss, scope `global` shares across tenants; under KV
 //! pressure cached pages are evicted without failing a request that fits, and afterwards no page
-//! is held.
+//! is held. The equality also holds with the experts in two worker processes.
 
 mod common;
 
@@ -141,6 +141,12 @@ fn adapters_tenants_and_salts_are_isolated() {
     assert_eq!(miss(Ask { tenant: Some("t1"), salt: Some("other"), ..ask(&b, "gate") }), 0, "another salt");
     assert_eq!(miss(Ask { tenant: Some("t1"), salt: None, ..ask(&b, "gate") }), 0, "no salt");
     assert_eq!(miss(Ask { tenant: Some("t1"), salt: Some("s"), ..ask(&b, "gate") }), 32, "everything equal: a hit");
+    // The adapter updated in place and reloaded under the same id: its digest differs, a miss.
+    write_random_adapter(&dir, &adapters.join("gate"), &["gate"], 4, 99);
+    let catalog = tenant_scope.adapters().expect("adapters");
+    catalog.unload("gate").expect("unload");
+    catalog.load("gate", "gate").expect("reload");
+    assert_eq!(miss(Ask { tenant: Some("t1"), salt: Some("s"), ..ask(&b, "gate") }), 0, "reloaded adapter");
     no_page_held(&tenant_scope);
 
     let global =
@@ -184,4 +190,43 @@ fn eviction_under_pressure_fails_nothing_and_releases_everything() {
     assert!(run(&engine, &ask(last, "")).cached > 0);
     no_page_held(&engine);
     assert!(engine.stats().cached_pages.load(Ordering::SeqCst) > 0, "cached pages stay, all evictable");
+}
+
+#[test]
+fn with_two_worker_processes_the_cache_changes_no_bit_either() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("model");
+    let adapters = setup(&dir);
+    let (d, a_dir) = (dir.to_str().expect("utf8"), adapters.to_str().expect("utf8"));
+    let workers: Vec<Server> = ["shard:0/2", "shard:1/2"]
+        .iter()
+        .map(|s| {
+            spawn_server(&["worker", "--model", d, "--experts", s, "--adapter-dir", a_dir, "--listen", "127.0.0.1:0"])
+        })
+        .collect();
+    let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let options = moe_cluster::AdapterOptions { dir: Some(adapters.clone()), ..Default::default() };
+    let remote = |cache: bool| {
+        let cfg = EngineConfig { prefix_cache: cache, ..Default::default() };
+        rt.block_on(moe_cluster::remote_on(
+            moe_compute::Device::Cpu,
+            &dir,
+            &addrs,
+            moe_dispatch::GrpcTransportConfig::default(),
+            cfg,
+            &options,
+        ))
+        .expect("router")
+    };
+    let (cached, plain) = (remote(true), remote(false));
+    let (a, b) = prompts();
+    for adapter in ["", "gate", "attn", "experts"] {
+        run(&cached, &ask(&a, adapter));
+        let second = run(&cached, &ask(&b, adapter));
+        assert_eq!(second.cached, 32, "{adapter:?}");
+        let want = run(&plain, &ask(&b, adapter));
+        assert_eq!((second.tokens, second.logprob_bits), (want.tokens, want.logprob_bits), "{adapter:?}");
+    }
+    no_page_held(&cached);
 }
