@@ -32,7 +32,16 @@ pub const KERNELS: &[KernelSource] = &[
     kernel!("permute.cu", ["moe_permute_f32", "moe_permute_bf16", "moe_unpermute_f32"]),
     kernel!("grouped_gemm.cu", ["grouped_gemm_bf16", "grouped_gemm_ptrs_bf16", "grouped_gemm_swiglu_bf16"]),
     kernel!("lora.cu", ["lora_shrink_f32", "lora_expand_f32"]),
-    kernel!("paged_attention.cu", ["kv_write_f32", "paged_attention_decode_f32", "attention_prefill_f32"]),
+    kernel!(
+        "paged_attention.cu",
+        [
+            "kv_write_f32",
+            "kv_write_bf16",
+            "paged_attention_decode_f32",
+            "attention_prefill_f32",
+            "attention_prefill_bf16"
+        ]
+    ),
     kernel!("sampling.cu", ["sample_greedy_f32", "sample_top_p_f32"]),
     kernel!(
         "backend.cu",

@@ -151,6 +151,11 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn ensure_room(&self, _what: &str, _bytes: usize) -> Result<()> {
         Ok(())
     }
+    /// Bytes per key or value element in this backend's KV store (the engine sizes its page
+    /// count from the KV budget with it): 4 for f32, 2 for bf16.
+    fn kv_bytes_per_value(&self) -> usize {
+        4
+    }
     fn matrix_shape(&self, m: &Self::Matrix) -> (usize, usize);
     fn vector(&self, data: Vec<f32>) -> Result<Self::Vector>;
     fn kv_store(&self, layout: KvLayout) -> Result<Self::KvStore>;

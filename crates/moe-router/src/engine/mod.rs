@@ -181,7 +181,8 @@ impl Engine {
         let model = parts.model.clone();
         let codec = parts.codec.clone();
         let c = &model.config;
-        let page_bytes = 2 * 4 * c.num_layers * config.page_size * c.num_kv_heads * c.head_dim;
+        let bpv = model.backend().kv_bytes_per_value();
+        let page_bytes = 2 * bpv * c.num_layers * config.page_size * c.num_kv_heads * c.head_dim;
         let pages = (config.kv_cache_bytes / page_bytes.max(1)).max(1);
         let kv = model.kv_cache(pages, config.page_size).map_err(|e| RouterError::Internal(e.to_string()))?;
         let stats = Arc::new(EngineStats::default());

@@ -32,11 +32,12 @@ pub struct CudaVector {
 }
 
 /// The paged KV cache: per layer, keys and values of `num_pages * page_size` slots, each
-/// `n_kv_heads * head_dim` f32.
+/// `n_kv_heads * head_dim` values, bf16 (or f32 with `MOE_CUDA_WEIGHTS=f32`), as raw bytes.
 pub struct CudaKvStore {
     pub(crate) layout: KvLayout,
-    pub(crate) k: Vec<CudaSlice<f32>>,
-    pub(crate) v: Vec<CudaSlice<f32>>,
+    pub(crate) bf16: bool,
+    pub(crate) k: Vec<CudaSlice<u8>>,
+    pub(crate) v: Vec<CudaSlice<u8>>,
 }
 
 impl CudaBackend {
@@ -120,15 +121,28 @@ impl CudaBackend {
     }
 
     pub(crate) fn new_kv_store(&self, layout: KvLayout) -> Result<CudaKvStore> {
-        self.ensure_fits("the KV cache", layout.bytes())?;
-        let per_layer = layout.num_pages * layout.page_size * layout.n_kv_heads * layout.head_dim;
+        let bpv = self.kv_value_bytes();
+        let bytes = layout.bytes() / 4 * bpv;
+        self.ensure_fits("the KV cache", bytes)?;
+        let per_layer = layout.num_pages * layout.page_size * layout.n_kv_heads * layout.head_dim * bpv;
         let mut k = Vec::with_capacity(layout.layers);
         let mut v = Vec::with_capacity(layout.layers);
         for _ in 0..layout.layers {
-            k.push(self.alloc::<f32>(per_layer).map_err(|_| ComputeError::KvAlloc { bytes: layout.bytes() })?);
-            v.push(self.alloc::<f32>(per_layer).map_err(|_| ComputeError::KvAlloc { bytes: layout.bytes() })?);
+            k.push(self.alloc::<u8>(per_layer).map_err(|_| ComputeError::KvAlloc { bytes })?);
+            v.push(self.alloc::<u8>(per_layer).map_err(|_| ComputeError::KvAlloc { bytes })?);
         }
-        Ok(CudaKvStore { layout, k, v })
+        Ok(CudaKvStore { layout, bf16: bpv == 2, k, v })
+    }
+
+    /// 2 (a bf16 KV cache, the default), or 4 when weights are kept in f32 or
+    /// `MOE_CUDA_KV=f32` asks for an f32 cache (twice the memory per token; see kernels/NOTES.md
+    /// for what each costs in speed today).
+    pub(crate) fn kv_value_bytes(&self) -> usize {
+        if self.f32_weights() || std::env::var("MOE_CUDA_KV").as_deref() == Ok("f32") {
+            4
+        } else {
+            2
+        }
     }
 }
 

@@ -175,6 +175,10 @@ impl Backend for CudaBackend {
         self.new_kv_store(layout)
     }
 
+    fn kv_bytes_per_value(&self) -> usize {
+        self.kv_value_bytes()
+    }
+
     fn ensure_room(&self, what: &str, bytes: usize) -> Result<()> {
         self.ensure_fits(what, bytes)
     }
@@ -327,36 +331,30 @@ impl Backend for CudaBackend {
         );
         let (q, k, v, o) = (self.act_ptr(qkv), self.ptr(&store.k[layer]), self.ptr(&store.v[layer]), self.act_ptr(out));
         let (stride, kvh, hd) = (qkv.cols as i32, shape.n_kv_heads as i32, shape.head_dim as i32);
-        launch!(
-            self,
-            "kv_write_f32",
-            grid(qkv.rows, 1, 128),
-            [q, stride, shape.k_col as i32, shape.v_col as i32, k, v, self.ptr(&d_slot), kvh, hd]
-        );
+        let (slots, pages_d, starts, seqs_d, pos) =
+            (self.ptr(&d_slot), self.ptr(&d_pages), self.ptr(&d_start), self.ptr(&d_seq), self.ptr(&d_pos));
+        let write_cfg = grid(qkv.rows, 1, 128);
+        let (kc, vc) = (shape.k_col as i32, shape.v_col as i32);
         let window = shape.sliding_window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
-        launch!(
-            self,
-            "attention_prefill_f32",
-            grid(qkv.rows, shape.n_heads, 128),
-            [
-                q,
-                stride,
-                shape.q_col as i32,
-                k,
-                v,
-                self.ptr(&d_pages),
-                self.ptr(&d_start),
-                self.ptr(&d_seq),
-                self.ptr(&d_pos),
-                o,
-                shape.n_heads as i32,
-                kvh,
-                hd,
-                l.page_size as i32,
-                shape.scale,
-                window
-            ]
-        );
+        let att_cfg = grid(qkv.rows, shape.n_heads, 128);
+        let (qc, nh, ps) = (shape.q_col as i32, shape.n_heads as i32, l.page_size as i32);
+        if store.bf16 {
+            launch!(self, "kv_write_bf16", write_cfg, [q, stride, kc, vc, k, v, slots, kvh, hd]);
+            launch!(
+                self,
+                "attention_prefill_bf16",
+                att_cfg,
+                [q, stride, qc, k, v, pages_d, starts, seqs_d, pos, o, nh, kvh, hd, ps, shape.scale, window]
+            );
+        } else {
+            launch!(self, "kv_write_f32", write_cfg, [q, stride, kc, vc, k, v, slots, kvh, hd]);
+            launch!(
+                self,
+                "attention_prefill_f32",
+                att_cfg,
+                [q, stride, qc, k, v, pages_d, starts, seqs_d, pos, o, nh, kvh, hd, ps, shape.scale, window]
+            );
+        }
         Ok(())
     }
 

@@ -142,8 +142,50 @@ fn prefill_case(g: &Gpu, rng: &mut Rng, l: &Layout, lens: &[usize], window: usiz
         launched(unsafe { b.launch(grid(rows as u32, l.n_heads as u32, 1, 128)) }, "attention_prefill_f32")?;
     }
     g.sync()?;
-    let label = if window > 0 { format!("{shape}, window {window}") } else { shape };
-    out.push(compared("attention_prefill_f32", label, &g.down(&dout)?, &want_att, F32_BOUND));
+    let label = if window > 0 { format!("{shape}, window {window}") } else { shape.clone() };
+    out.push(compared("attention_prefill_f32", label.clone(), &g.down(&dout)?, &want_att, F32_BOUND));
+
+    // The same over a bf16 cache: keys and values rounded once when written, f32 math after.
+    let (mut dk16, mut dv16) = (g.poisoned_bf16(cache_len)?, g.poisoned_bf16(cache_len)?);
+    {
+        let mut b = g.stream.launch_builder(g.func("kv_write_bf16")?);
+        b.arg(&dqkv).arg(&si).arg(&kc).arg(&vc).arg(&mut dk16).arg(&mut dv16).arg(&dslots).arg(&kvi).arg(&hdi);
+        // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+        // (types and order), and every buffer was allocated for the sizes this grid covers.
+        launched(unsafe { b.launch(grid(rows as u32, 1, 1, 128)) }, "kv_write_bf16")?;
+    }
+    g.sync()?;
+    let widen = |v: Vec<u16>| -> Vec<f32> { v.into_iter().map(super::from_bf16).collect() };
+    let (k16, v16) = (widen(g.down(&dk16)?), widen(g.down(&dv16)?));
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for (r, &slot) in slot_of_row.iter().enumerate() {
+        let slot = slot as usize;
+        got.extend_from_slice(&k16[slot * width..(slot + 1) * width]);
+        got.extend_from_slice(&v16[slot * width..(slot + 1) * width]);
+        let rounded =
+            |c: usize| qkv[r * stride + c..r * stride + c + width].iter().map(|&x| super::from_bf16(super::to_bf16(x)));
+        want.extend(rounded(k_col));
+        want.extend(rounded(v_col));
+    }
+    out.push(compared("kv_write_bf16", shape, &got, &want, 0.0));
+    let want_att16: Vec<f32> = (0..rows)
+        .flat_map(|r| {
+            let s = row_seq[r] as usize;
+            let q = &qkv[r * stride..r * stride + l.n_heads * l.hd];
+            attend_ref(q, &k16, &v16, &table, starts[s] as usize, row_pos[r] as usize, window, l)
+        })
+        .collect();
+    let mut dout16 = g.poisoned(rows * l.n_heads * l.hd)?;
+    {
+        let mut b = g.stream.launch_builder(g.func("attention_prefill_bf16")?);
+        b.arg(&dqkv).arg(&si).arg(&qc).arg(&dk16).arg(&dv16).arg(&dtable).arg(&dstarts).arg(&drs).arg(&drp);
+        b.arg(&mut dout16).arg(&nh).arg(&kvi).arg(&hdi).arg(&ps).arg(&scale).arg(&wi);
+        // SAFETY: the arguments pushed above match the kernel's parameter list in kernels/*.cu
+        // (types and order), and every buffer was allocated for the sizes this grid covers.
+        launched(unsafe { b.launch(grid(rows as u32, l.n_heads as u32, 1, 128)) }, "attention_prefill_bf16")?;
+    }
+    g.sync()?;
+    out.push(compared("attention_prefill_bf16", label, &g.down(&dout16)?, &want_att16, F32_BOUND));
     Ok(out)
 }
 
