@@ -24,6 +24,10 @@ pub async fn inference_routes(
     let mut engine_health = engine.watch_health();
     let mut ready = ready;
     let mut engine_open = true;
+    // NOT_SERVING from the first moment the routes exist (a probe before the task below runs
+    // must not get NOT_FOUND "service not registered"); the task then says what holds.
+    reporter.set_not_serving::<InferenceServer<InferenceService>>().await;
+    reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     tokio::spawn(async move {
         loop {
             let failed = matches!(*engine_health.borrow_and_update(), crate::engine::EngineHealth::Failed(_));
