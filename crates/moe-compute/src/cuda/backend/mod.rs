@@ -227,7 +227,7 @@ pub(crate) fn elementwise(n: usize) -> LaunchConfig {
 /// Launches kernel `$name` with the given arguments (device addresses as `u64`, then scalars of
 /// the kernel's parameter types, in order).
 macro_rules! launch {
-    ($be:expr, $name:literal, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+    ($be:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
         use cudarc::driver::PushKernelArg;
         let be = &$be;
         let mut builder = be.stream().launch_builder(be.func($name));

@@ -338,23 +338,18 @@ impl Backend for CudaBackend {
         let window = shape.sliding_window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
         let att_cfg = grid(qkv.rows, shape.n_heads, 128);
         let (qc, nh, ps) = (shape.q_col as i32, shape.n_heads as i32, l.page_size as i32);
-        if store.bf16 {
-            launch!(self, "kv_write_bf16", write_cfg, [q, stride, kc, vc, k, v, slots, kvh, hd]);
-            launch!(
-                self,
-                "attention_prefill_bf16",
-                att_cfg,
-                [q, stride, qc, k, v, pages_d, starts, seqs_d, pos, o, nh, kvh, hd, ps, shape.scale, window]
-            );
+        let (write, attend) = if store.bf16 {
+            ("kv_write_bf16", "attention_prefill_bf16")
         } else {
-            launch!(self, "kv_write_f32", write_cfg, [q, stride, kc, vc, k, v, slots, kvh, hd]);
-            launch!(
-                self,
-                "attention_prefill_f32",
-                att_cfg,
-                [q, stride, qc, k, v, pages_d, starts, seqs_d, pos, o, nh, kvh, hd, ps, shape.scale, window]
-            );
-        }
+            ("kv_write_f32", "attention_prefill_f32")
+        };
+        launch!(self, write, write_cfg, [q, stride, kc, vc, k, v, slots, kvh, hd]);
+        launch!(
+            self,
+            attend,
+            att_cfg,
+            [q, stride, qc, k, v, pages_d, starts, seqs_d, pos, o, nh, kvh, hd, ps, shape.scale, window]
+        );
         Ok(())
     }
 

@@ -215,13 +215,7 @@ impl Rng {
 }
 
 /// Round-to-nearest-even bf16 bits of `v`, as the kernels' f32_to_bf16.
-pub(crate) fn to_bf16(v: f32) -> u16 {
-    let u = v.to_bits();
-    if (u & 0x7fff_ffff) > 0x7f80_0000 {
-        return ((u >> 16) | 0x40) as u16;
-    }
-    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
-}
+pub(crate) use crate::cuda::backend::tables::to_bf16;
 
 pub(crate) fn from_bf16(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
