@@ -9,7 +9,7 @@ mod common;
 
 use common::relay::Relay;
 use common::*;
-use moe_dispatch::GrpcTransportConfig;
+use moe_dispatch::{GrpcTransportConfig, Hedging};
 use moe_proto::v1::WireDtype;
 use moe_router::{Engine, EngineConfig, Event, GenerationParams, PromptInput, ValidatedRequest};
 use std::path::Path;
@@ -134,12 +134,12 @@ fn remote(
     dir: &Path,
     addrs: &[&str],
     wire: WireDtype,
-    hedge_after: Option<Duration>,
+    hedging: Hedging,
     cfg: EngineConfig,
     metrics: moe_metrics::Registry,
 ) -> Engine {
     let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
-    let transport = GrpcTransportConfig { wire, hedge_after, metrics, ..Default::default() };
+    let transport = GrpcTransportConfig { wire, hedging, metrics, ..Default::default() };
     rt.block_on(moe_cluster::remote(dir, &addrs, transport, cfg)).expect("router")
 }
 
@@ -183,12 +183,14 @@ fn outputs_are_bitwise_identical_across_batching_chunking_placement_hedging_and_
         let owned = [a.addr.clone(), b.addr.clone(), r.addr.clone()];
         let addrs = [owned[0].as_str(), owned[1].as_str(), owned[2].as_str()];
         let cfg = engine_config(64, false);
-        let one =
-            one_at_a_time(&remote(&rt, dir, &addrs, WireDtype::Bf16, None, cfg.clone(), Default::default()), &reqs);
-        let engine = remote(&rt, dir, &addrs, WireDtype::Bf16, None, cfg.clone(), Default::default());
+        let one = one_at_a_time(
+            &remote(&rt, dir, &addrs, WireDtype::Bf16, Hedging::Adaptive, cfg.clone(), Default::default()),
+            &reqs,
+        );
+        let engine = remote(&rt, dir, &addrs, WireDtype::Bf16, Hedging::Adaptive, cfg.clone(), Default::default());
         assert_same("bf16 wire, all at once", &all_at_once(&engine, &reqs, 5, || {}), &one);
         let mut a = Some(a);
-        let engine = remote(&rt, dir, &addrs, WireDtype::Bf16, None, cfg, Default::default());
+        let engine = remote(&rt, dir, &addrs, WireDtype::Bf16, Hedging::Adaptive, cfg, Default::default());
         let killed = all_at_once(&engine, &reqs, 6, || a = None);
         assert!(a.is_none());
         assert_same("bf16 wire, a worker killed mid-run", &killed, &one);
@@ -200,21 +202,23 @@ fn outputs_are_bitwise_identical_across_batching_chunking_placement_hedging_and_
     let owned = [a.addr.clone(), b.addr.clone(), r.addr.clone()];
     let addrs = [owned[0].as_str(), owned[1].as_str(), owned[2].as_str()];
     // (g) two-batch overlap.
-    let engine = remote(&rt, dir, &addrs, WireDtype::F32, None, engine_config(64, true), Default::default());
+    let engine =
+        remote(&rt, dir, &addrs, WireDtype::F32, Hedging::Adaptive, engine_config(64, true), Default::default());
     assert_same("two-batch overlap", &all_at_once(&engine, &reqs, 7, || {}), &want);
     // (f) the first worker is slow, so its rows are hedged to (and answered by) the replica.
     let relay = Relay::start(&a.addr);
     relay.set_delay(Duration::from_millis(40));
     let slow = [relay.addr.as_str(), addrs[1], addrs[2]];
     let metrics = moe_metrics::Registry::new();
-    let hedge = Some(Duration::from_millis(2));
+    let hedge = Hedging::After(Duration::from_millis(2));
     let engine = remote(&rt, dir, &slow, WireDtype::F32, hedge, engine_config(64, false), metrics.clone());
     assert_same("hedged to a replica", &all_at_once(&engine, &reqs, 8, || {}), &want);
     let won = metrics.value("moe_dispatch_hedges_total", &[("worker", slow[0]), ("winner", "replica")]);
     assert!(won.unwrap_or(0.0) >= 1.0, "no hedge was answered by the replica");
     // (e) the first worker is SIGKILLed mid-run; its rows fail over to the replica.
     let mut a = Some(a);
-    let engine = remote(&rt, dir, &addrs, WireDtype::F32, None, engine_config(64, false), Default::default());
+    let engine =
+        remote(&rt, dir, &addrs, WireDtype::F32, Hedging::Adaptive, engine_config(64, false), Default::default());
     let killed = all_at_once(&engine, &reqs, 9, || a = None);
     assert!(a.is_none());
     assert_same("a worker killed mid-run", &killed, &want);

@@ -1,5 +1,6 @@
 //! Faults between a router process and its worker processes on loopback, through a relay that
-//! can slow or partition one worker's link: a slow worker is hedged to a replica, a partitioned
+//! can slow or partition one worker's link: a slow worker is hedged to a replica, a frozen one
+//! is hedged and suspected by default (adaptive deadlines), a partitioned
 //! worker is left out after the dispatch deadline and used again once healed, and a worker whose
 //! copy of an adapter differs fails only the requests using that adapter, and a worker over its
 //! batch memory budget refuses the step instead of allocating. Greedy outputs equal a
@@ -63,6 +64,55 @@ fn slow_worker_is_hedged_to_a_replica() {
         metric(&text, "moe_dispatch_hedges_total", &slow) >= won,
         "hedges are not counted for the slow worker:\n{text}"
     );
+}
+
+/// A frozen worker (its link passes nothing, as a SIGSTOPped process) with a replica and no
+/// hedging flags: by default each dispatch to it is hedged to the replica once it is late for
+/// its own history, the call it then never answers misses its adaptive deadline (far below the
+/// 10 s cap) and the worker is suspected, so later steps go to the replica alone. Tokens never
+/// change.
+#[test]
+fn frozen_worker_is_hedged_and_suspected_by_default() {
+    let dir = fixture("mixtral");
+    let d = dir.to_str().expect("utf8");
+    let a = spawn_server(&["worker", "--model", d, "--experts", "all", "--listen", "127.0.0.1:0"]);
+    let b = spawn_server(&["worker", "--model", d, "--experts", "all", "--listen", "127.0.0.1:0"]);
+    let relay = Relay::start(&a.addr);
+    let http = format!("127.0.0.1:{}", free_port());
+    let r = router(d, &[&relay.addr, &b.addr], &["--http-listen", &http]);
+    let case = &expected("mixtral")["cases"][3];
+    let (ids, want) = (ids_arg(&u32s(&case["token_ids"])), u32s(&case["greedy_new_tokens"]));
+    let n = want.len().to_string();
+    // Warm up: both workers build a history of call times.
+    for _ in 0..3 {
+        assert_eq!(generate(&r.addr, &ids, &n), want);
+    }
+    relay.set_partitioned(true);
+    let started = std::time::Instant::now();
+    assert_eq!(generate(&r.addr, &ids, &n), want, "with a frozen worker");
+    eprintln!("generation with a frozen worker took {:?}", started.elapsed());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let scrape = || {
+        rt.block_on(async {
+            reqwest::get(format!("http://{http}/metrics")).await.expect("scrape").text().await.expect("body")
+        })
+    };
+    let frozen = format!("worker=\"{}\"", relay.addr);
+    let mut text = String::new();
+    eventually("the frozen worker missed its deadline", 10, || {
+        text = scrape();
+        metric(&text, "moe_dispatch_missed_deadlines_total", &frozen) >= 1.0
+    });
+    assert!(metric(&text, "moe_dispatch_hedges_total", "winner=\"replica\"") >= 1.0, "no hedge won:\n{text}");
+    // Suspected: the next request sends it nothing (its dispatch count stays, once the calls
+    // it lost have all ended at their deadlines).
+    std::thread::sleep(Duration::from_secs(1));
+    let text = scrape();
+    let calls = |t: &str| metric(t, "moe_dispatch_seconds_count", &frozen);
+    let before = calls(&text);
+    assert_eq!(generate(&r.addr, &ids, &n), want, "with the frozen worker suspected");
+    assert_eq!(calls(&scrape()), before, "the suspected worker still got calls");
+    relay.set_partitioned(false);
 }
 
 /// A partition between the router and one worker (connections open, nothing passes): the

@@ -3,7 +3,7 @@
 use crate::api::{bind_all, serve_all, HttpArgs};
 use crate::engine_args::{run_until_signal, AdapterServeArgs, EngineArgs, EtcdArgs, GRACE};
 use clap::{Args, ValueEnum};
-use moe_dispatch::GrpcTransportConfig;
+use moe_dispatch::{GrpcTransportConfig, Hedging};
 use moe_proto::v1::WireDtype;
 use moe_router::StaticCluster;
 use std::path::PathBuf;
@@ -30,13 +30,17 @@ pub struct RouterArgs {
     /// Encoding of hidden rows between router and workers.
     #[arg(long, env = "MOE_WIRE", value_enum, default_value = "bf16")]
     pub wire: Wire,
-    /// How long one layer's expert call may take before the worker counts as dead.
+    /// How long one layer's expert call may take before the worker counts as dead, when no
+    /// replica could take its rows; with a replica, the deadline follows the worker's own call
+    /// times (25x its 95th percentile, at least 250 ms) and this is its cap.
     #[arg(long, env = "MOE_DISPATCH_TIMEOUT_MS", default_value_t = 10_000)]
     pub dispatch_timeout_ms: u64,
     /// Hedge slow workers: when a layer's expert call has no answer after this many ms, send it
-    /// to a replica holding the same experts as well and use the first answer (0: off).
-    #[arg(long, env = "MOE_HEDGE_AFTER_MS", default_value_t = 0)]
-    pub hedge_after_ms: u64,
+    /// to a replica holding the same experts as well and use the first answer. Unset: after 4x
+    /// the worker's 95th percentile for such a batch (at least 20 ms), whenever a replica
+    /// exists; 0: never.
+    #[arg(long, env = "MOE_HEDGE_AFTER_MS")]
+    pub hedge_after_ms: Option<u64>,
     /// CA (PEM) of the workers' certificates: talk to workers over TLS.
     #[arg(long, env = "MOE_WORKER_CA")]
     pub worker_ca: Option<PathBuf>,
@@ -66,7 +70,11 @@ pub fn run(a: RouterArgs, device: moe_compute::Device) -> anyhow::Result<()> {
         },
         deadline: Duration::from_millis(a.dispatch_timeout_ms.max(1)),
         tls: transport_tls(&a)?,
-        hedge_after: (a.hedge_after_ms > 0).then(|| Duration::from_millis(a.hedge_after_ms)),
+        hedging: match a.hedge_after_ms {
+            None => Hedging::Adaptive,
+            Some(0) => Hedging::Off,
+            Some(ms) => Hedging::After(Duration::from_millis(ms)),
+        },
         ..Default::default()
     };
     let adapter_options = a.adapters.options()?;

@@ -173,6 +173,12 @@ impl<T: WorkerTransport> DispatcherCore<T> {
         s: &mut Scratch,
         unserved: &mut Vec<(u32, String)>,
     ) -> Result<usize> {
+        for (w, at) in self.transport.take_missed() {
+            if self.health.mark_suspect_since(w, at) {
+                let worker = self.transport.worker_name(w);
+                tracing::warn!(%worker, "a worker missed its deadline behind a hedge; suspecting it");
+            }
+        }
         self.health.snapshot(&self.transport, &mut s.availability);
         s.suspect.clear();
         s.suspect.extend(s.availability.iter().map(|a| *a != Availability::Live));

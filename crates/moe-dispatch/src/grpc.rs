@@ -1,10 +1,14 @@
 //! The gRPC transport: one long-lived bidirectional `ComputeStream` per worker, requests matched
 //! to responses by id, batches to different workers in flight at once, every wait bounded by a
 //! deadline, and large batches split so no message nears the size limit. A broken or silent
-//! stream is dropped and reopened on the next call. With `hedge_after`, a batch that has no
-//! answer after that long is sent to a replica too, and the first good answer is used.
+//! stream is dropped and reopened on the next call. A batch whose experts a replica also holds
+//! is sent there too when its worker is slow ([`Hedging`]: by default after a multiple of that
+//! worker's usual time for such a batch), and the first good answer is used; the worker then
+//! has an adaptive deadline ([`crate::latency`]), and one that misses it, even behind a hedge
+//! that won, is reported ([`WorkerTransport::take_missed`]) so the dispatcher suspects it.
 
 use crate::error::{DispatchError, Result};
+use crate::latency::{give_up_after, hedge_delay, CallTimes, Hedging};
 use crate::transport::{BatchOutput, CallResult, InFlightCall, WorkerBatch, WorkerTransport};
 use moe_model::AdapterIdentity;
 use moe_proto::v1::expert_worker_client::ExpertWorkerClient;
@@ -25,7 +29,8 @@ pub const MAX_MESSAGE_BYTES: usize = moe_proto::EXPERT_MAX_MESSAGE_BYTES;
 #[derive(Clone, Debug)]
 pub struct GrpcTransportConfig {
     pub wire: WireDtype,
-    /// How long one layer's dispatch to a worker may take before the worker counts as dead.
+    /// How long one layer's dispatch to a worker may take before the worker counts as dead: the
+    /// deadline when no replica could take the batch, and the cap of the adaptive one.
     pub deadline: Duration,
     pub connect_timeout: Duration,
     /// Row bytes per message; larger batches are split into several messages.
@@ -34,8 +39,8 @@ pub struct GrpcTransportConfig {
     pub metrics: moe_metrics::Registry,
     /// TLS to the workers (`https`), with this process's client identity for mutual TLS.
     pub tls: Option<TransportTls>,
-    /// Send a batch to a replica as well when its worker has not answered after this long.
-    pub hedge_after: Option<Duration>,
+    /// When a batch is sent to a replica as well.
+    pub hedging: Hedging,
 }
 
 /// PEM material for TLS from a router to its workers.
@@ -58,7 +63,7 @@ impl Default for GrpcTransportConfig {
             max_rows_bytes: 8 << 20,
             metrics: moe_metrics::Registry::new(),
             tls: None,
-            hedge_after: None,
+            hedging: Hedging::Adaptive,
         }
     }
 }
@@ -92,6 +97,34 @@ struct WorkerConn {
     addr: String,
     endpoint: Endpoint,
     stream: Mutex<Option<OpenStream>>,
+    /// Recent successful call times, which its hedge delay and deadline follow.
+    times: Mutex<CallTimes>,
+    /// When a call that lost to a hedge then failed or missed its deadline: the dispatcher
+    /// suspects the worker from then on when it next groups rows.
+    missed: Mutex<Option<std::time::Instant>>,
+}
+
+impl WorkerConn {
+    fn new(addr: &str, endpoint: Endpoint) -> Self {
+        Self {
+            addr: addr.to_string(),
+            endpoint,
+            stream: Mutex::new(None),
+            times: Mutex::new(CallTimes::default()),
+            missed: Mutex::new(None),
+        }
+    }
+
+    /// Drops the stream; the next call opens a new one.
+    fn reset(&self) {
+        if let Ok(mut g) = self.stream.lock() {
+            *g = None;
+        }
+    }
+
+    fn high(&self, rows: usize) -> Option<Duration> {
+        self.times.lock().ok().and_then(|t| t.high(rows))
+    }
 }
 
 /// Cheap to share: the connections live behind an `Arc`, so started calls run as tasks.
@@ -178,7 +211,7 @@ impl GrpcTransport {
                 .map_err(|s| unavailable(addr, format!("Describe failed: {}", s.message())))?
                 .into_inner();
             described.push(d);
-            workers.push(Arc::new(WorkerConn { addr: addr.clone(), endpoint: ep, stream: Mutex::new(None) }));
+            workers.push(Arc::new(WorkerConn::new(addr, ep)));
         }
         let runtime = tokio::runtime::Handle::current();
         let inner = GrpcInner { runtime, workers, config, next_id: AtomicU64::new(1) };
@@ -203,11 +236,7 @@ impl GrpcTransport {
             .iter()
             .map(|a| match kept(a) {
                 Some(w) => Ok(w),
-                None => Ok(Arc::new(WorkerConn {
-                    addr: a.clone(),
-                    endpoint: endpoint(a, &config)?,
-                    stream: Mutex::new(None),
-                })),
+                None => Ok(Arc::new(WorkerConn::new(a, endpoint(a, &config)?))),
             })
             .collect::<Result<Vec<_>>>()?;
         let inner =
@@ -227,7 +256,7 @@ impl GrpcInner {
 
     /// Every batch at once; each output and outcome in its slot.
     async fn run_all(
-        &self,
+        self: &Arc<Self>,
         layer: usize,
         hidden: usize,
         adapters: &[AdapterRef],
@@ -283,74 +312,111 @@ impl GrpcInner {
         Ok(s)
     }
 
-    fn reset(&self, w: &WorkerConn) {
-        if let Ok(mut g) = w.stream.lock() {
-            *g = None;
-        }
+    /// A worker batch as messages (split so no message nears the size limit): each carries at
+    /// most `per_msg` rows and `per_msg` (row, expert) pairs (one answer row each), so neither
+    /// direction outgrows the limit. Encoded once; a hedge sends the same messages.
+    fn messages(&self, layer: usize, hidden: usize, adapters: &[AdapterRef], b: &WorkerBatch) -> Vec<ExpertRequest> {
+        let row_bytes = hidden * wire::bytes_per_value(self.config.wire);
+        let per_msg = (self.config.max_rows_bytes / row_bytes.max(1)).max(1);
+        let mut pair_start = 0usize;
+        message_spans(&b.row_pairs, per_msg)
+            .into_iter()
+            .map(|(first_row, end_row)| {
+                let pairs = &b.row_pairs[first_row..end_row];
+                let n_pairs: usize = pairs.iter().map(|&p| p as usize).sum();
+                let rows = &b.rows[first_row * hidden..end_row * hidden];
+                let req = ExpertRequest {
+                    id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                    layer: layer as u32,
+                    dtype: self.config.wire as i32,
+                    hidden_size: hidden as u32,
+                    rows: wire::encode(rows, self.config.wire).into(),
+                    row_pairs: pairs.to_vec(),
+                    experts: b.experts[pair_start..pair_start + n_pairs].to_vec(),
+                    weights: b.weights[pair_start..pair_start + n_pairs].to_vec(),
+                    adapters: if b.row_adapters.is_empty() { Vec::new() } else { adapters.to_vec() },
+                    row_adapters: b.row_adapters.get(first_row..end_row).map(<[u32]>::to_vec).unwrap_or_default(),
+                    request_ids: b.request_ids.clone(),
+                };
+                pair_start += n_pairs;
+                req
+            })
+            .collect()
     }
 
-    /// Sends one worker's batch (split into messages as needed) and collects its per-pair rows.
+    /// Sends one worker's messages and collects its per-pair rows, all within `give_up`. Owns
+    /// everything it needs, so a call that lost to a hedge can run on as a task.
     async fn call(
-        &self,
+        self: Arc<Self>,
+        worker: usize,
         layer: usize,
         hidden: usize,
-        adapters: &[AdapterRef],
-        b: &WorkerBatch,
+        messages: Vec<ExpertRequest>,
+        rows: usize,
+        give_up: Duration,
+    ) -> (Result<()>, BatchOutput) {
+        let name = self.worker_name(worker);
+        let span = tracing::debug_span!("dispatch", worker = %name, layer, rows);
+        let started = std::time::Instant::now();
+        let mut out = BatchOutput::default();
+        let r = async {
+            let w = self.workers.get(worker).ok_or_else(|| unavailable(&name, "no such worker"))?;
+            self.exchange(w, hidden, messages, give_up, &mut out).await
+        }
+        .instrument(span)
+        .await;
+        let took = started.elapsed();
+        if r.is_ok() {
+            if let Some(mut t) = self.workers.get(worker).and_then(|w| w.times.lock().ok()) {
+                t.record(rows, took);
+            }
+        }
+        self.config.metrics.observe(
+            "moe_dispatch_seconds",
+            "One layer's expert round trip to a worker.",
+            &[("worker", &name), ("outcome", if r.is_ok() { "ok" } else { "error" })],
+            &moe_metrics::LATENCY_BUCKETS,
+            took.as_secs_f64(),
+        );
+        (r, out)
+    }
+
+    async fn exchange(
+        &self,
+        w: &WorkerConn,
+        hidden: usize,
+        messages: Vec<ExpertRequest>,
+        give_up: Duration,
         out: &mut BatchOutput,
     ) -> Result<()> {
-        let w = self.workers.get(b.worker).ok_or_else(|| unavailable(&format!("#{}", b.worker), "no such worker"))?;
         // One deadline bounds everything below: a frozen worker stops reading, and then even
         // sending would wait forever.
-        let deadline = tokio::time::Instant::now() + self.config.deadline;
-        let timed_out =
-            || DispatchError::Deadline { worker: w.addr.clone(), millis: self.config.deadline.as_millis() as u64 };
+        let deadline = tokio::time::Instant::now() + give_up;
+        let timed_out = || DispatchError::Deadline { worker: w.addr.clone(), millis: give_up.as_millis() as u64 };
         let stream = match tokio::time::timeout_at(deadline, self.open(w)).await {
-            Ok(s) => s.inspect_err(|_| self.reset(w))?,
+            Ok(s) => s.inspect_err(|_| w.reset())?,
             Err(_) => {
-                self.reset(w);
+                w.reset();
                 return Err(timed_out());
             }
         };
-        let row_bytes = hidden * wire::bytes_per_value(self.config.wire);
-        let per_msg = (self.config.max_rows_bytes / row_bytes.max(1)).max(1);
         let mut waiters = Vec::new();
         let mut guard = PendingGuard { pending: stream.pending.clone(), ids: Vec::new() };
-        let mut pair_start = 0usize;
-        // Each message carries at most `per_msg` rows and `per_msg` (row, expert) pairs (one
-        // answer row each), so neither direction outgrows the message limit.
-        for (first_row, end_row) in message_spans(&b.row_pairs, per_msg) {
-            let pairs = &b.row_pairs[first_row..end_row];
-            let n_pairs: usize = pairs.iter().map(|&p| p as usize).sum();
-            let rows = &b.rows[first_row * hidden..end_row * hidden];
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let req = ExpertRequest {
-                id,
-                layer: layer as u32,
-                dtype: self.config.wire as i32,
-                hidden_size: hidden as u32,
-                rows: wire::encode(rows, self.config.wire).into(),
-                row_pairs: pairs.to_vec(),
-                experts: b.experts[pair_start..pair_start + n_pairs].to_vec(),
-                weights: b.weights[pair_start..pair_start + n_pairs].to_vec(),
-                adapters: if b.row_adapters.is_empty() { Vec::new() } else { adapters.to_vec() },
-                row_adapters: b.row_adapters.get(first_row..end_row).map(<[u32]>::to_vec).unwrap_or_default(),
-                request_ids: b.request_ids.clone(),
-            };
-            pair_start += n_pairs;
+        for req in messages {
             let (tx, rx) = oneshot::channel();
             if let Ok(mut p) = stream.pending.lock() {
-                p.insert(id, tx);
+                p.insert(req.id, tx);
             }
             waiters.push(rx);
-            guard.ids.push(id);
+            guard.ids.push(req.id);
             match tokio::time::timeout_at(deadline, stream.tx.send(req)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => {
-                    self.reset(w);
+                    w.reset();
                     return Err(unavailable(&w.addr, "stream closed"));
                 }
                 Err(_) => {
-                    self.reset(w);
+                    w.reset();
                     return Err(timed_out());
                 }
             }
@@ -362,12 +428,12 @@ impl GrpcInner {
             let resp = match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(_)) => {
-                    self.reset(w);
+                    w.reset();
                     return Err(unavailable(&w.addr, "stream closed before the answer"));
                 }
                 Err(_) => {
                     // A silent worker may hold the stream forever; start afresh next time.
-                    self.reset(w);
+                    w.reset();
                     return Err(timed_out());
                 }
             };
@@ -388,70 +454,82 @@ impl GrpcInner {
         Ok(())
     }
 
-    /// [`Self::call`] on an owned output, so two calls can race.
-    async fn call_owned(
-        &self,
-        layer: usize,
-        hidden: usize,
-        adapters: &[AdapterRef],
-        b: &WorkerBatch,
-        mut out: BatchOutput,
-    ) -> (Result<()>, BatchOutput) {
-        let worker = self.worker_name(b.worker);
-        let span = tracing::debug_span!("dispatch", %worker, layer, rows = b.row_ids.len());
-        let started = std::time::Instant::now();
-        let r = self.call(layer, hidden, adapters, b, &mut out).instrument(span).await;
-        self.config.metrics.observe(
-            "moe_dispatch_seconds",
-            "One layer's expert round trip to a worker.",
-            &[("worker", &worker), ("outcome", if r.is_ok() { "ok" } else { "error" })],
-            &moe_metrics::LATENCY_BUCKETS,
-            started.elapsed().as_secs_f64(),
-        );
-        (r, out)
-    }
-
-    /// Calls `b.worker`; when it has not answered after `hedge_after` and the batch has a
-    /// replica, calls that too and keeps the first success (or the last failure).
+    /// Calls `b.worker`; when the batch has a replica and the worker has not answered within its
+    /// hedge delay, calls the replica too and keeps the first success (or the last failure). A
+    /// primary that loses runs on as a task until its own deadline, and if it then fails, the
+    /// worker is reported as having missed it.
     async fn call_hedged(
-        &self,
+        self: &Arc<Self>,
         layer: usize,
         hidden: usize,
         adapters: &[AdapterRef],
         b: &WorkerBatch,
         out: &mut BatchOutput,
     ) -> Result<()> {
-        let primary = self.call_owned(layer, hidden, adapters, b, std::mem::take(out));
-        tokio::pin!(primary);
-        let (after, replica) = match (self.config.hedge_after, b.hedge) {
-            (Some(after), Some(replica)) => (after, replica),
-            _ => {
-                let (r, o) = primary.await;
-                *out = o;
-                return r;
+        let rows = b.row_ids.len();
+        let conn = self.workers.get(b.worker).cloned();
+        let high = conn.as_ref().and_then(|w| w.high(rows));
+        let cap = self.config.deadline;
+        let give_up = give_up_after(high, b.hedge.is_some(), cap);
+        let messages = self.messages(layer, hidden, adapters, b);
+        let hedge = b.hedge.zip(hedge_delay(self.config.hedging, high, cap).filter(|d| *d < give_up));
+        let Some((replica, delay)) = hedge else {
+            let (r, o) = self.clone().call(b.worker, layer, hidden, messages, rows, give_up).await;
+            *out = o;
+            return r;
+        };
+        let replica_messages = messages.clone();
+        let joined = |j: std::result::Result<(Result<()>, BatchOutput), tokio::task::JoinError>| {
+            j.unwrap_or_else(|e| {
+                (Err(DispatchError::Placement(format!("dispatch task failed: {e}"))), BatchOutput::default())
+            })
+        };
+        let mut primary = tokio::spawn(self.clone().call(b.worker, layer, hidden, messages, rows, give_up));
+        if let Ok(done) = tokio::time::timeout(delay, &mut primary).await {
+            let (r, o) = joined(done);
+            *out = o;
+            return r;
+        }
+        let slow = self.worker_name(b.worker);
+        tracing::debug!(layer, worker = %slow, replica = %self.worker_name(replica), "hedging a slow dispatch");
+        let second = self.clone().call(replica, layer, hidden, replica_messages, rows, cap);
+        tokio::pin!(second);
+        let ((r, o), winner) = tokio::select! {
+            p = &mut primary => {
+                let p = joined(p);
+                if p.0.is_ok() { (p, "primary") } else { ((&mut second).await, "replica") }
+            }
+            s = &mut second => {
+                if s.0.is_ok() {
+                    // The primary runs on; if it then fails, it missed its deadline.
+                    if let Some(w) = conn {
+                        let metrics = self.config.metrics.clone();
+                        tokio::spawn(async move {
+                            if !matches!(primary.await, Ok((Ok(()), _))) {
+                                if let Ok(mut m) = w.missed.lock() {
+                                    *m = Some(std::time::Instant::now());
+                                }
+                                metrics.inc(
+                                    "moe_dispatch_missed_deadlines_total",
+                                    "Calls that lost to a hedge and then failed or missed their deadline (the worker is suspected).",
+                                    &[("worker", &w.addr)],
+                                    1.0,
+                                );
+                            }
+                        });
+                    }
+                    (s, "replica")
+                } else {
+                    (joined(primary.await), "primary")
+                }
             }
         };
-        let (r, o) = match tokio::time::timeout(after, &mut primary).await {
-            Ok(done) => done,
-            Err(_) => {
-                let slow = self.worker_name(b.worker);
-                let hedge_batch = WorkerBatch { worker: replica, hedge: None, ..b.clone() };
-                tracing::debug!(layer, worker = %slow, replica = %self.worker_name(replica), "hedging a slow dispatch");
-                let second = self.call_owned(layer, hidden, adapters, &hedge_batch, BatchOutput::default());
-                tokio::pin!(second);
-                let (done, winner) = tokio::select! {
-                    p = &mut primary => if p.0.is_ok() { (p, "primary") } else { ((&mut second).await, "replica") },
-                    s = &mut second => if s.0.is_ok() { (s, "replica") } else { ((&mut primary).await, "primary") },
-                };
-                self.config.metrics.inc(
-                    "moe_dispatch_hedges_total",
-                    "Dispatches sent to a replica as well because the worker was slow, by which answered first.",
-                    &[("worker", &slow), ("winner", winner)],
-                    1.0,
-                );
-                done
-            }
-        };
+        self.config.metrics.inc(
+            "moe_dispatch_hedges_total",
+            "Dispatches sent to a replica as well because the worker was slow, by which answered first.",
+            &[("worker", &slow), ("winner", winner)],
+            1.0,
+        );
         *out = o;
         r
     }
@@ -467,7 +545,12 @@ impl WorkerTransport for GrpcTransport {
     }
 
     fn hedges(&self) -> bool {
-        self.inner.config.hedge_after.is_some()
+        self.inner.config.hedging != Hedging::Off
+    }
+
+    fn take_missed(&self) -> Vec<(usize, std::time::Instant)> {
+        let workers = self.inner.workers.iter().enumerate();
+        workers.filter_map(|(i, w)| Some((i, w.missed.lock().ok()?.take()?))).collect()
     }
 
     /// A `Describe` on a fresh connection within the connect timeout (at most 2 s): cheap, and

@@ -50,6 +50,17 @@ impl WorkerHealth {
         self.set_suspect_until(worker, Instant::now() + self.suspect_for);
     }
 
+    /// Leaves `worker` out for the suspect period counted from `since` (a failure noticed
+    /// late), unless that period is already over; whether it did.
+    pub(crate) fn mark_suspect_since(&self, worker: usize, since: Instant) -> bool {
+        let until = since + self.suspect_for;
+        let fresh = until > Instant::now();
+        if fresh {
+            self.set_suspect_until(worker, until);
+        }
+        fresh
+    }
+
     pub(crate) fn set_suspect_until(&self, worker: usize, until: Instant) {
         if let Some(s) = self.lock().get_mut(worker) {
             *s = State::Suspect(until);

@@ -73,6 +73,13 @@ pub trait WorkerTransport: Send + Sync {
         false
     }
 
+    /// Workers that missed a deadline since the last call, although the batch was answered by
+    /// a replica (a hedge won), and when: the dispatcher suspects them from then on. The
+    /// default: none.
+    fn take_missed(&self) -> Vec<(usize, std::time::Instant)> {
+        Vec::new()
+    }
+
     /// Starts the batches without waiting for them; the default runs them now.
     fn start(
         &self,
