@@ -1,8 +1,9 @@
 //! A 60-second load at twice the admission limit with three tenants against `moe serve --demo`:
 //! every request ends in exactly one terminal state (loadgen's check), the excess is shed with
 //! RESOURCE_EXHAUSTED and nothing else fails, and afterwards running and waiting requests, KV
-//! pages, tenant permits and adapter pins are all back to zero on `/metrics`. And a short
-//! loadgen run with adapters, streams and too-short deadlines: still one terminal state each.
+//! pages, tenant permits and adapter pins are all back to zero on `/metrics`, and every page the
+//! prefix cache kept is evictable. And a short loadgen run with adapters, streams and
+//! too-short deadlines: still one terminal state each.
 
 mod common;
 
@@ -97,6 +98,11 @@ fn sixty_seconds_at_twice_the_admission_limit_with_three_tenants() {
             && zero("moe_adapters_pinned")
     });
     assert_eq!(gauge(&last, "moe_tenant_in_flight").len(), 3, "{last}");
+    // The prefix cache kept pages of the prompts, and no request holds any of them: every
+    // cached page can be evicted.
+    let cached = gauge(&last, "moe_prefix_cache_pages");
+    assert!(cached.first().is_some_and(|c| *c > 0.0), "prefix cache kept nothing: {last}");
+    assert_eq!(cached, gauge(&last, "moe_prefix_cache_evictable_pages"), "{last}");
 }
 
 /// `moe loadgen` against `moe serve --demo`: every request ends exactly once, with adapters and

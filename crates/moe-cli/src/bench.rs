@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// Skip the LoRA adapter runs.
     #[arg(long, env = "MOE_SKIP_ADAPTERS")]
     pub skip_adapters: bool,
+    /// Skip the multi-turn chat workload (8 tenants x 4 conversations x 4 turns, prefix cache
+    /// off and on).
+    #[arg(long, env = "MOE_SKIP_MULTI_TURN")]
+    pub skip_multi_turn: bool,
     #[arg(long, env = "MOE_JSON")]
     pub json: bool,
 }
@@ -94,6 +98,8 @@ struct Report {
     adapters: Vec<crate::bench_adapters::AdapterRun>,
     overlap: Vec<OverlapRun>,
     prefix_cache: Option<crate::bench_prefix::PrefixRun>,
+    multi_turn: Option<crate::bench_multiturn::MultiTurnRun>,
+    failover: Vec<crate::bench_failover::FailoverRun>,
 }
 
 /// Remote decode with two-batch overlap (the default) against the same run without it.
@@ -105,9 +111,16 @@ struct OverlapRun {
     ratio: f64,
 }
 
-struct Workers(Vec<Child>);
+/// Worker processes of a run, killed when dropped.
+pub(crate) struct WorkerProcesses(Vec<Child>);
 
-impl Drop for Workers {
+impl WorkerProcesses {
+    pub(crate) fn pid(&self, i: usize) -> u32 {
+        self.0[i].id()
+    }
+}
+
+impl Drop for WorkerProcesses {
     fn drop(&mut self) {
         for c in &mut self.0 {
             let _ = c.kill();
@@ -116,15 +129,24 @@ impl Drop for Workers {
     }
 }
 
-fn spawn_workers(dir: &Path, n: usize) -> anyhow::Result<(Workers, Vec<String>)> {
+fn spawn_workers(dir: &Path, n: usize) -> anyhow::Result<(WorkerProcesses, Vec<String>)> {
+    let specs: Vec<String> = (0..n).map(|i| format!("shard:{i}/{n}")).collect();
+    spawn_worker_processes(dir, &specs)
+}
+
+/// One `moe worker` process per `--experts` spec, on loopback ports; their addresses.
+pub(crate) fn spawn_worker_processes(
+    dir: &Path,
+    specs: &[impl AsRef<str>],
+) -> anyhow::Result<(WorkerProcesses, Vec<String>)> {
     let exe = std::env::current_exe()?;
-    let mut children = Workers(Vec::new());
+    let mut children = WorkerProcesses(Vec::new());
     let mut addrs = Vec::new();
-    for i in 0..n {
+    for (i, spec) in specs.iter().enumerate() {
         let mut child = Command::new(&exe)
             .args(["worker", "--model"])
             .arg(dir)
-            .args(["--experts", &format!("shard:{i}/{n}"), "--listen", "127.0.0.1:0"])
+            .args(["--experts", spec.as_ref(), "--listen", "127.0.0.1:0"])
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()?;
@@ -312,6 +334,18 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     };
     eprintln!("prefix cache: TTFT with a shared 1024-token prefix, cache off and on");
     let prefix_cache = Some(crate::bench_prefix::measure(&dir, a.workers, 1024)?);
+    let failover = if a.skip_remote { Vec::new() } else { crate::bench_failover::measure(&dir)? };
+    let multi_turn = if a.skip_multi_turn {
+        None
+    } else {
+        // Tenants use the benchmark adapters when the model is the benchmark model.
+        let adapters = if a.model.is_some() {
+            None
+        } else {
+            Some(crate::bench_adapters::adapter_dir(&moe_demo::DemoSpec::bench())?)
+        };
+        Some(crate::bench_multiturn::measure(&dir, a.workers, adapters.as_deref())?)
+    };
     let report = Report {
         model: dir.display().to_string(),
         threads: rayon::current_num_threads(),
@@ -322,6 +356,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         adapters,
         overlap,
         prefix_cache,
+        multi_turn,
+        failover,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -361,6 +397,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         }
         if !report.adapters.is_empty() {
             crate::bench_adapters::print_table(&report.adapters);
+        }
+        if let Some(m) = &report.multi_turn {
+            crate::bench_multiturn::print(m);
+        }
+        if !report.failover.is_empty() {
+            crate::bench_failover::print(&report.failover);
         }
     }
     eprintln!("bench took {:.0} s", started.elapsed().as_secs_f64());

@@ -28,7 +28,7 @@ const ROUNDS: usize = 3;
 const STRENGTH: f32 = 0.01;
 
 /// The adapter sets, written once: `gate-i` (64), `attn-i` (64, q/k/v/o + gate), `experts-i` (8).
-fn adapter_dir(spec: &DemoSpec) -> anyhow::Result<PathBuf> {
+pub(crate) fn adapter_dir(spec: &DemoSpec) -> anyhow::Result<PathBuf> {
     let dir =
         std::env::temp_dir().join(format!("moe-bench-adapters-r{RANK}-s{STRENGTH}-v{}", env!("CARGO_PKG_VERSION")));
     if dir.join("experts-7").join("adapter_config.json").exists() {

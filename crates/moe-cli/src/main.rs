@@ -6,6 +6,8 @@ mod api;
 mod bench;
 mod bench_adapters;
 mod bench_device;
+mod bench_failover;
+mod bench_multiturn;
 mod bench_prefix;
 mod client;
 mod config_file;
