@@ -36,6 +36,7 @@ fn req(prompt: Prompt, f: impl FnOnce(&mut SamplingParams)) -> GenerateRequest {
         adapter_id: String::new(),
         timeout_ms: 0,
         cache_salt: String::new(),
+        resume: None,
     }
 }
 

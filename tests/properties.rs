@@ -140,6 +140,10 @@ fn request_validation_never_panics() {
             adapter_id: String::new(),
             timeout: None,
             cache_salt: [None, Some(String::new()), Some("s".repeat(rng.below(400)))][rng.below(3)].clone(),
+            resume: (rng.below(2) == 0).then(|| moe_router::resume::ResumeParams {
+                generated: (0..rng.below(40)).map(|_| [0u32, 7, 127, 128, u32::MAX][rng.below(5)]).collect(),
+                digest: "0".repeat(rng.below(40)),
+            }),
         };
         let prompt = if rng.below(3) == 0 {
             moe_router::PromptInput::Text(String::from_utf8_lossy(&rng.mutate(b"hello")).to_string())

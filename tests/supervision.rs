@@ -24,6 +24,7 @@ fn request(ids: Vec<u32>, s: SamplingParams) -> GenerateRequest {
         adapter_id: String::new(),
         timeout_ms: 0,
         cache_salt: String::new(),
+        resume: None,
     }
 }
 

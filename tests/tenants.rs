@@ -56,6 +56,7 @@ fn gen(adapter: &str, max_new: u32, key: Option<&str>) -> tonic::Request<Generat
         adapter_id: adapter.into(),
         timeout_ms: 0,
         cache_salt: String::new(),
+        resume: None,
     });
     if let Some(k) = key {
         r.metadata_mut().insert("authorization", format!("Bearer {k}").parse().expect("header"));
@@ -304,6 +305,7 @@ async fn authentication_comes_before_any_work() {
                 adapter_id: String::new(),
                 timeout_ms: 0,
                 cache_salt: String::new(),
+                resume: None,
             },
             key,
         )

@@ -1,8 +1,11 @@
-//! `moe generate --endpoint URL`: the same flags and output as local generation, answered by a
-//! router over gRPC; `--stream` prints text as it arrives.
+//! `moe generate --endpoint URL[,URL…]`: the same flags and output as local generation, answered
+//! by a router over gRPC; `--stream` prints text as it arrives. When a router fails or a stream
+//! breaks, the request goes to the next endpoint; a stream resumes there after the tokens it
+//! already printed, so the answer reads as one.
 
 use crate::generate::GenerateArgs;
 use anyhow::Context;
+use moe_proto::resume::ResumeState;
 use moe_proto::v1::generate_request::Prompt;
 use moe_proto::v1::generate_stream_response::Event;
 use moe_proto::v1::inference_client::InferenceClient;
@@ -19,7 +22,6 @@ fn finish_name(code: i32) -> &'static str {
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let endpoint = args.endpoint.clone().unwrap_or_default();
-    let uri = if endpoint.contains("://") { endpoint.clone() } else { format!("http://{endpoint}") };
     let prompt = match (&args.prompt, &args.token_ids) {
         (Some(t), _) => Prompt::Text(t.clone()),
         (None, Some(ids)) => Prompt::TokenIds(TokenIds { ids: ids.0.clone() }),
@@ -40,53 +42,143 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         adapter_id: args.adapter.adapter.clone().unwrap_or_default(),
         timeout_ms: 0,
         cache_salt: String::new(),
+        resume: None,
     };
+    let endpoints: Vec<String> =
+        endpoint.split(',').map(str::trim).filter(|e| !e.is_empty()).map(String::from).collect();
+    anyhow::ensure!(!endpoints.is_empty(), "--endpoint is empty");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(uri.clone())
-            .with_context(|| format!("invalid endpoint {endpoint:?}"))?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to {uri}"))?;
-        let mut client = InferenceClient::new(channel);
-        let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
-        let mut request = tonic::Request::new(request);
-        if let Some(key) = &args.api_key {
-            let value = format!("Bearer {key}").parse().context("--api-key has characters a header cannot carry")?;
-            request.metadata_mut().insert("authorization", value);
+        let mut out = Output::default();
+        let mut state = ResumeState::default();
+        // Each endpoint twice, in turn, before giving up.
+        let attempts = 2 * endpoints.len();
+        for attempt in 0..attempts {
+            let endpoint = &endpoints[attempt % endpoints.len()];
+            let result = if args.stream {
+                stream_once(endpoint, &args, state.request(&request), &mut state, &mut out).await
+            } else {
+                unary_once(endpoint, &args, request.clone(), &mut out).await
+            };
+            match result {
+                Ok(()) if !args.stream || state.finished => break,
+                Ok(()) => eprintln!("the stream from {endpoint} ended without finishing"),
+                Err(e) if e.retryable && attempt + 1 < attempts => eprintln!("{endpoint}: {}", e.error),
+                Err(e) => return Err(e.error),
+            }
+            if attempt + 1 == attempts {
+                anyhow::bail!("no endpoint finished the request ({attempts} attempts)");
+            }
+            let next = &endpoints[(attempt + 1) % endpoints.len()];
+            if args.stream && !state.generated.is_empty() {
+                eprintln!("resuming on {next} after {} tokens", state.generated.len());
+            } else {
+                eprintln!("retrying on {next}");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
-        let (ids, text, reason) = if args.stream {
-            let mut stream = client.generate_stream(request).await.map_err(status)?.into_inner();
-            let (mut ids, mut text, mut reason) = (Vec::new(), String::new(), 0);
-            let mut stdout = std::io::stdout();
-            while let Some(msg) = stream.message().await.map_err(status)? {
-                match msg.event {
-                    Some(Event::Delta(d)) => {
-                        if !args.json {
-                            print!("{}", d.text);
-                            stdout.flush()?;
-                        }
-                        ids.extend(d.token_ids);
-                        text.push_str(&d.text);
-                    }
-                    Some(Event::Finished(f)) => reason = f.finish_reason,
-                    None => {}
-                }
-            }
-            if !args.json {
-                println!();
-            }
-            (ids, text, reason)
-        } else {
-            let r = client.generate(request).await.map_err(status)?.into_inner();
-            (r.token_ids, r.text, r.finish_reason)
-        };
+        if args.stream && !args.json {
+            println!();
+        }
         if args.json {
-            println!("{}", serde_json::json!({"token_ids": ids, "text": text, "finish_reason": finish_name(reason)}));
+            let ids = if args.stream { &state.generated } else { &out.ids };
+            println!(
+                "{}",
+                serde_json::json!({"token_ids": ids, "text": out.text, "finish_reason": finish_name(out.reason)})
+            );
         } else if !args.stream {
-            println!("{text}");
+            println!("{}", out.text);
         }
         Ok(())
     })
+}
+
+/// What the answer was, over every attempt.
+#[derive(Default)]
+struct Output {
+    ids: Vec<u32>,
+    text: String,
+    reason: i32,
+}
+
+/// A failed attempt, and whether another router could do better.
+struct Failure {
+    error: anyhow::Error,
+    retryable: bool,
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code;
+        // A router that went away (reset, refused, draining, its engine stopped) is worth
+        // another try; a request it refused is not.
+        let retryable = matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Aborted | Code::Internal);
+        Self { error: anyhow::anyhow!("{:?}: {}", s.code(), s.message()), retryable }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Self { error, retryable: false }
+    }
+}
+
+async fn connect(endpoint: &str) -> Result<InferenceClient<tonic::transport::Channel>, Failure> {
+    let uri = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
+    let channel = tonic::transport::Endpoint::from_shared(uri.clone())
+        .with_context(|| format!("invalid endpoint {endpoint:?}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| Failure { error: anyhow::anyhow!("cannot connect to {uri}: {e}"), retryable: true })?;
+    Ok(InferenceClient::new(channel))
+}
+
+fn with_key(args: &GenerateArgs, request: GenerateRequest) -> Result<tonic::Request<GenerateRequest>, Failure> {
+    let mut request = tonic::Request::new(request);
+    if let Some(key) = &args.api_key {
+        let value = format!("Bearer {key}").parse().context("--api-key has characters a header cannot carry")?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(request)
+}
+
+/// One streaming attempt: prints and records deltas until the stream ends or breaks.
+async fn stream_once(
+    endpoint: &str,
+    args: &GenerateArgs,
+    request: GenerateRequest,
+    state: &mut ResumeState,
+    out: &mut Output,
+) -> Result<(), Failure> {
+    let mut client = connect(endpoint).await?;
+    let mut stream = client.generate_stream(with_key(args, request)?).await?.into_inner();
+    let mut stdout = std::io::stdout();
+    while let Some(msg) = stream.message().await? {
+        state.observe(&msg);
+        match msg.event {
+            Some(Event::Delta(d)) => {
+                if !args.json {
+                    print!("{}", d.text);
+                    stdout.flush().context("stdout")?;
+                }
+                out.text.push_str(&d.text);
+            }
+            Some(Event::Finished(f)) => out.reason = f.finish_reason,
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+async fn unary_once(
+    endpoint: &str,
+    args: &GenerateArgs,
+    request: GenerateRequest,
+    out: &mut Output,
+) -> Result<(), Failure> {
+    let mut client = connect(endpoint).await?;
+    let r = client.generate(with_key(args, request)?).await?.into_inner();
+    *out = Output { ids: r.token_ids, text: r.text, reason: r.finish_reason };
+    Ok(())
 }

@@ -42,6 +42,8 @@ pub struct GenerateArgs {
     #[arg(long, env = "MOE_STATS")]
     pub stats: bool,
     /// Send the request to a running router (`moe serve` or `moe router`), e.g. http://127.0.0.1:50051.
+    /// Several, comma-separated: when a router fails or a stream breaks, the request goes to the
+    /// next one (a stream resumes there after the tokens already printed).
     #[arg(long, env = "MOE_ENDPOINT")]
     pub endpoint: Option<String>,
     /// With --endpoint: the tenant API key, sent as `authorization: Bearer KEY`.

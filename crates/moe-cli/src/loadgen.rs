@@ -141,7 +141,7 @@ pub fn run(a: LoadgenArgs) -> anyhow::Result<()> {
                         prompt: Some(Prompt::TokenIds(TokenIds { ids })),
                         sampling: Some(SamplingParams { max_new_tokens: Some(a.max_new_tokens), ..Default::default() }),
                         adapter_id: adapter,
-                        timeout_ms: a.timeout_ms as u32, cache_salt: String::new(),
+                        timeout_ms: a.timeout_ms as u32, cache_salt: String::new(), resume: None,
                     });
                     if !a.api_key.is_empty() {
                         if let Ok(v) = format!("Bearer {}", a.api_key[i % a.api_key.len()]).parse() {

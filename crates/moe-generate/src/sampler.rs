@@ -60,11 +60,28 @@ impl Sampler {
         best as u32
     }
 
+    fn draws(&self) -> bool {
+        !(self.params.temperature == 0.0 || self.params.top_k == 1)
+    }
+
+    /// Advances the generator past `tokens` samples, as if they had been drawn: a resumed
+    /// generation continues with the draws the first one would have made next.
+    pub fn skip(&mut self, tokens: usize) {
+        if self.draws() {
+            for _ in 0..tokens {
+                self.rng.unit();
+            }
+        }
+    }
+
+    /// The next token. Exactly one draw from the generator per call when sampling (none when
+    /// greedy), so [`Self::skip`] can position it.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let p = &self.params;
-        if p.temperature == 0.0 || p.top_k == 1 {
+        if !self.draws() {
             return Self::argmax(logits);
         }
+        let unit = self.rng.unit();
+        let p = &self.params;
         let c = &mut self.candidates;
         c.clear();
         c.extend(logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, l / p.temperature)));
@@ -94,7 +111,7 @@ impl Sampler {
             c.truncate(keep);
             sum = c.iter().map(|x| x.1).sum();
         }
-        let mut r = self.rng.unit() * sum;
+        let mut r = unit * sum;
         for x in c.iter() {
             if r < x.1 {
                 return x.0;
@@ -125,6 +142,21 @@ mod tests {
         assert!(draw(&topk).iter().all(|&t| t == 1 || t == 2));
         let topp = SamplingParams { top_p: 0.3, ..params };
         assert!(draw(&topp).iter().all(|&t| t == 1), "top_p 0.3 keeps only the best token");
+    }
+
+    /// A sampler advanced past n tokens draws what a fresh one draws at token n + 1.
+    #[test]
+    fn skip_positions_the_generator() {
+        let logits = [0.1, 2.0, 1.9, -1.0, 1.5];
+        let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.95, seed: 11 };
+        let mut whole = Sampler::new(params.clone()).unwrap();
+        let all: Vec<u32> = (0..40).map(|_| whole.sample(&logits)).collect();
+        for n in [0usize, 1, 7, 39] {
+            let mut resumed = Sampler::new(params.clone()).unwrap();
+            resumed.skip(n);
+            let rest: Vec<u32> = (n..40).map(|_| resumed.sample(&logits)).collect();
+            assert_eq!(rest, all[n..], "resumed after {n}");
+        }
     }
 
     #[test]

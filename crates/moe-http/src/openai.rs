@@ -231,6 +231,7 @@ async fn start(
             adapter_id: adapter.clone(),
             timeout: s.timeout_ms.filter(|&t| t > 0).map(Duration::from_millis),
             cache_salt: s.cache_salt,
+            resume: None,
         };
         let mut req = validate(engine, prompt, params).await?;
         let mut admission = admit(engine, authorization(headers), &adapter).await?;

@@ -1,9 +1,10 @@
 //! `moe-proto` owns the wire: the code generated from `proto/moe/v1` (package `moe.v1`: the
 //! public `Inference` service and the internal `ExpertWorker` service), the descriptor set for
 //! server reflection, and the encoding of hidden-state rows as raw little-endian bf16 or f32
-//! bytes. It holds no logic beyond that.
+//! bytes, and the client's bookkeeping for resuming a broken stream ([`resume::ResumeState`]).
 
 pub mod codec;
+pub mod resume;
 pub mod wire;
 
 /// Generated messages, clients and servers of package `moe.v1`.

@@ -1,7 +1,7 @@
 //! `moe-router` owns requests: validating them, admitting them under a KV-cache budget and a
 //! queue bound, iteration-level continuous batching (requests join and leave between steps,
 //! prefill chunked under a per-step token budget) on a compute thread of its own, sampling and
-//! stop rules, deadlines and cancellation, tenants (API keys, adapter rights, concurrency) and
+//! stop rules, deadlines and cancellation, resumable generation, tenants (API keys, adapter rights, concurrency) and
 //! LoRA adapters per request, and the public `Inference` gRPC service. Where the
 //! experts run is not its business: it is handed a [`moe_model::ExpertExecutor`].
 
@@ -11,6 +11,7 @@ mod engine;
 mod engine_metrics;
 mod error;
 mod request;
+pub mod resume;
 mod server;
 mod service;
 mod tenants;

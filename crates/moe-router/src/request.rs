@@ -28,6 +28,8 @@ pub struct GenerationParams {
     pub timeout: Option<Duration>,
     /// Mixed into the prefix cache's keys (requests share cached pages only with equal salts).
     pub cache_salt: Option<String>,
+    /// Continue a broken generation ([`crate::resume`]).
+    pub resume: Option<crate::resume::ResumeParams>,
 }
 
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 64;
@@ -58,6 +60,11 @@ pub struct ValidatedRequest {
     pub tenant: Option<String>,
     /// See [`GenerationParams::cache_salt`].
     pub cache_salt: Option<String>,
+    /// Tokens generated before a broken stream (see [`crate::resume`]): the engine recomputes
+    /// their KV state and continues after them; they count in `max_new_tokens`.
+    pub resumed: Vec<u32>,
+    /// The digest the resume claims; checked against the request once its adapter is attached.
+    pub resume_digest: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,6 +172,28 @@ impl ValidatedRequest {
         if !p.stop.is_empty() && !codec.has_tokenizer() {
             return Err(RouterError::invalid("stop", "stop sequences need the model's tokenizer.json"));
         }
+        let (resumed, resume_digest) = match &p.resume {
+            None => (Vec::new(), None),
+            Some(r) => {
+                let field = "resume.generated_token_ids";
+                if let Some((i, &id)) = r.generated.iter().enumerate().find(|(_, &t)| t as usize >= config.vocab_size) {
+                    return Err(RouterError::invalid(
+                        field,
+                        format!("token id {id} at position {i} is out of range: vocab_size is {}", config.vocab_size),
+                    ));
+                }
+                if r.generated.len() > max_new_tokens {
+                    return Err(RouterError::invalid(
+                        field,
+                        format!(
+                            "{} tokens, more than the request's max_new_tokens of {max_new_tokens}",
+                            r.generated.len()
+                        ),
+                    ));
+                }
+                (r.generated.clone(), Some(r.digest.clone()))
+            }
+        };
         // A client's timeout is capped, so the deadline is always a representable instant.
         let timeout = p.timeout.filter(|t| !t.is_zero()).unwrap_or(default_timeout).min(MAX_REQUEST_TIMEOUT);
         let now = Instant::now();
@@ -190,6 +219,8 @@ impl ValidatedRequest {
                 Some(salt) if !salt.is_empty() => Some(salt.clone()),
                 _ => None,
             },
+            resumed,
+            resume_digest,
         })
     }
 }

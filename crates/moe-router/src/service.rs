@@ -77,33 +77,63 @@ impl InferenceService {
             adapter_id: req.adapter_id,
             timeout: (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms as u64)),
             cache_salt: Some(req.cache_salt).filter(|s| !s.is_empty()),
+            resume: req
+                .resume
+                .map(|r| crate::resume::ResumeParams { generated: r.generated_token_ids, digest: r.digest }),
         };
         crate::access::validate(&self.engine, prompt, params).await
     }
 
     /// The caller's key first (an unauthenticated request does no work), then validation
-    /// (nothing is held on failure), then the tenant's rights and slot, then the adapter.
-    async fn prepare(&self, request: &Request<GenerateRequest>) -> Result<(ValidatedRequest, Admission), RouterError> {
+    /// (nothing is held on failure), then the tenant's rights and slot, then the adapter, then
+    /// a resume's digest. Returns the request's resume digest too.
+    async fn prepare(
+        &self,
+        request: &Request<GenerateRequest>,
+    ) -> Result<(ValidatedRequest, Admission, String), RouterError> {
         authenticate(&self.engine, authorization(request))?;
         let mut validated = self.validate(request.get_ref().clone()).await?;
         let mut admission = admit(&self.engine, authorization(request), &request.get_ref().adapter_id).await?;
         // The request holds the one pin; the engine drops it when the request ends.
         validated.adapter = admission.adapter.take();
         validated.tenant = admission.tenant.clone();
-        Ok((validated, admission))
+        let fingerprint = self.engine.model_config().fingerprint();
+        let digest = crate::resume::request_digest(&validated, &fingerprint);
+        if let Some(claimed) = &validated.resume_digest {
+            let resume = crate::resume::ResumeParams { generated: Vec::new(), digest: claimed.clone() };
+            crate::resume::check(&validated, &resume, &fingerprint)?;
+        }
+        Ok((validated, admission, digest))
     }
 
     /// Prepares and submits; a refusal is counted in the metrics.
-    async fn start(
-        &self,
-        request: &Request<GenerateRequest>,
-    ) -> Result<(u64, tokio::sync::mpsc::UnboundedReceiver<Event>, Admission), RouterError> {
+    async fn start(&self, request: &Request<GenerateRequest>) -> Result<Started, RouterError> {
         let attempt = async {
-            let (validated, admission) = self.prepare(request).await?;
+            let (validated, admission, digest) = self.prepare(request).await?;
+            let resumed = validated.resumed.len();
             let (id, events) = self.engine.submit(validated)?;
-            Ok((id, events, admission))
+            Ok(Started { id, events, admission, digest, resumed })
         };
         attempt.await.inspect_err(|e| self.engine.record_rejection(e))
+    }
+}
+
+/// A submitted request: its engine id and events, what it holds, its resume digest and how many
+/// of its tokens came from a resume.
+struct Started {
+    id: u64,
+    events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    admission: Admission,
+    digest: String,
+    resumed: usize,
+}
+
+fn usage(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize, resumed: usize) -> Usage {
+    Usage {
+        prompt_tokens: prompt_tokens as u32,
+        completion_tokens: completion_tokens as u32,
+        cached_tokens: cached_tokens as u32,
+        resumed_tokens: resumed as u32,
     }
 }
 
@@ -134,7 +164,7 @@ impl Inference for InferenceService {
         let hint = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let span = tracing::info_span!("generate", request_id = %hint);
         async move {
-            let (id, mut events, _admission) = self.start(&request).await?;
+            let Started { id, mut events, admission: _admission, resumed, .. } = self.start(&request).await?;
             let rid = request_id(&request, id);
             tracing::info!(request_id = %rid, engine_request = id, "request started");
             let mut out = GenerateResponse { request_id: rid, ..Default::default() };
@@ -147,11 +177,7 @@ impl Inference for InferenceService {
                     }
                     Event::Finished { reason, prompt_tokens, completion_tokens, cached_tokens } => {
                         out.finish_reason = finish_reason(reason);
-                        out.usage = Some(Usage {
-                            prompt_tokens: prompt_tokens as u32,
-                            completion_tokens: completion_tokens as u32,
-                            cached_tokens: cached_tokens as u32,
-                        });
+                        out.usage = Some(usage(prompt_tokens, completion_tokens, cached_tokens, resumed));
                         return Ok(Response::new(out));
                     }
                     Event::Failed(e) => return Err(e.into()),
@@ -166,10 +192,12 @@ impl Inference for InferenceService {
     type GenerateStreamStream = GenerateStream;
 
     async fn generate_stream(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
-        let (id, events, admission) = self.start(&request).await?;
+        let Started { id, events, admission, digest, resumed } = self.start(&request).await?;
         let rid = request_id(&request, id);
-        tracing::info!(request_id = %rid, engine_request = id, "stream started");
+        tracing::info!(request_id = %rid, engine_request = id, resumed, "stream started");
         let mut finished = false;
+        // The first delta carries the digest a resume needs.
+        let mut digest = Some(digest);
         // The tenant's slot and the adapter pin live as long as the stream.
         let held = admission;
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(events).map_while(move |ev| {
@@ -178,19 +206,18 @@ impl Inference for InferenceService {
                 return None;
             }
             Some(match ev {
-                Event::Delta { text, token_ids, logprobs } => Ok(GenerateStreamResponse {
-                    event: Some(StreamEvent::Delta(TokenDelta { text, token_ids, logprobs })),
-                }),
+                Event::Delta { text, token_ids, logprobs } => {
+                    let resume_digest = digest.take().unwrap_or_default();
+                    Ok(GenerateStreamResponse {
+                        event: Some(StreamEvent::Delta(TokenDelta { text, token_ids, logprobs, resume_digest })),
+                    })
+                }
                 Event::Finished { reason, prompt_tokens, completion_tokens, cached_tokens } => {
                     finished = true;
                     Ok(GenerateStreamResponse {
                         event: Some(StreamEvent::Finished(Finished {
                             finish_reason: finish_reason(reason),
-                            usage: Some(Usage {
-                                prompt_tokens: prompt_tokens as u32,
-                                completion_tokens: completion_tokens as u32,
-                                cached_tokens: cached_tokens as u32,
-                            }),
+                            usage: Some(usage(prompt_tokens, completion_tokens, cached_tokens, resumed)),
                             request_id: rid.clone(),
                         })),
                     })

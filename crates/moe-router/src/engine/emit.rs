@@ -58,7 +58,7 @@ impl<B: Backend> ComputeLoop<B> {
             };
             let text = if finish.is_some() { text + &s.text.flush(&self.codec) } else { text };
             let now = Instant::now();
-            if s.generated == 1 {
+            if s.generated == s.req.resumed.len() + 1 {
                 self.metrics.first_token(now - s.submitted);
             } else {
                 self.metrics.next_token(now - s.last_token);

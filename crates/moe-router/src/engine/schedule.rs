@@ -5,7 +5,7 @@
 use super::compute_loop::{ComputeLoop, Sequence};
 use crate::detokenize::DetokenizeStream;
 use crate::error::RouterError;
-use crate::request::Event;
+use crate::request::{Event, FinishReason};
 use moe_compute::Backend;
 use moe_generate::Sampler;
 use moe_model::{AdapterWeights, SequenceCache};
@@ -102,14 +102,16 @@ impl<B: Backend> ComputeLoop<B> {
         while self.running.len() < self.config.max_running {
             let Some(front) = self.waiting.front() else { break };
             let need = front.req.prompt.len() + front.req.max_new_tokens;
+            // The prompt, then any tokens a resumed generation already produced.
+            let mut tokens = Vec::with_capacity(need);
+            tokens.extend_from_slice(&front.req.prompt);
+            tokens.extend_from_slice(&front.req.resumed);
             let mut cache = SequenceCache::default();
             let namespace = self.prefix_namespace(&front.req);
             if let Some(ns) = namespace {
-                // Every full page before the last prompt token (which must be computed for its
-                // logits).
+                // Every full page before the last token (which must be computed for its logits).
                 let ps = self.kv.pages.page_size();
-                let prompt = &front.req.prompt;
-                let keys = moe_model::prefix::page_keys(ns, prompt, ps, (prompt.len() - 1) / ps);
+                let keys = moe_model::prefix::page_keys(ns, &tokens, ps, (tokens.len() - 1) / ps);
                 self.kv.pages.reuse(&mut cache, &keys);
             }
             if self.kv.pages.reserve(&mut cache, need).is_err() {
@@ -119,7 +121,7 @@ impl<B: Backend> ComputeLoop<B> {
             let cached_tokens = cache.len;
             if namespace.is_some() {
                 let tenant = front.tenant().to_string();
-                self.metrics.prefix_cache(&tenant, front.req.prompt.len(), cached_tokens);
+                self.metrics.prefix_cache(&tenant, tokens.len(), cached_tokens);
             }
             let Some(mut sub) = self.waiting.pop_front() else { break };
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -127,8 +129,10 @@ impl<B: Backend> ComputeLoop<B> {
             // The weights are the pin from here on.
             sub.req.adapter = None;
             let started = resolved.and_then(|adapter| {
-                let sampler = Sampler::new(sub.req.sampling.clone())
+                let mut sampler = Sampler::new(sub.req.sampling.clone())
                     .map_err(|e| RouterError::invalid("sampling", e.to_string()))?;
+                // A resumed generation's generator continues after the draws already made.
+                sampler.skip(sub.req.resumed.len());
                 Ok((adapter, sampler))
             });
             let (adapter, sampler) = match started {
@@ -141,9 +145,28 @@ impl<B: Backend> ComputeLoop<B> {
                     continue;
                 }
             };
-            let text = DetokenizeStream::new(sub.req.stop.clone());
-            let mut tokens = Vec::with_capacity(need);
-            tokens.extend_from_slice(&sub.req.prompt);
+            let mut text = DetokenizeStream::new(sub.req.stop.clone());
+            // Resumed tokens were sent already: the detokenizer only takes up their state.
+            let mut stopped = false;
+            for &t in &sub.req.resumed {
+                stopped |= text.push(&self.codec, t).1;
+            }
+            let resumed = sub.req.resumed.len();
+            let over = resumed > 0
+                && (stopped
+                    || resumed >= sub.req.max_new_tokens
+                    || sub.req.resumed.last().is_some_and(|t| sub.req.stop_ids.contains(t))
+                    || tokens.len() >= self.model.config.max_position_embeddings);
+            if over {
+                // The resumed tokens already ended the generation: only its end was lost.
+                let stop = stopped || sub.req.resumed.last().is_some_and(|t| sub.req.stop_ids.contains(t));
+                let reason = if stop { FinishReason::Stop } else { FinishReason::Length };
+                let (prompt_tokens, completion_tokens) = (sub.req.prompt.len(), resumed);
+                self.metrics.ended("ok", sub.tenant(), prompt_tokens, 0, sub.submitted.elapsed());
+                let _ = sub.events.send(Event::Finished { reason, prompt_tokens, completion_tokens, cached_tokens });
+                self.kv.pages.release(&mut cache);
+                continue;
+            }
             self.running.push(Sequence {
                 id: sub.id,
                 req: sub.req,
@@ -151,7 +174,7 @@ impl<B: Backend> ComputeLoop<B> {
                 events: sub.events,
                 cache,
                 tokens,
-                generated: 0,
+                generated: resumed,
                 sampler,
                 text,
                 submitted: sub.submitted,
