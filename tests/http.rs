@@ -336,3 +336,54 @@ async fn repeated_prompts_report_cached_tokens() {
     assert!(again >= 16 && again % 16 == 0, "full pages reused: {again}");
     assert_eq!(cached("b").await, 0, "another salt is a miss");
 }
+
+/// Resumable generation through the OpenAI API: with `return_token_ids`, chunks carry their
+/// token ids and the first the `resume_digest`; a streamed chat cut after a few tokens and
+/// resumed with `resume` (on the adapter, seeded sampling) ends with exactly the uninterrupted
+/// tokens, and a resume of another prompt is a 400 naming `resume.digest`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_resume_with_token_ids_and_the_digest() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (model, adapters) = setup(tmp.path());
+    let http = start(&model, &adapters, None).await;
+    let body = |resume: Value| {
+        json!({"model": "tenant-a", "messages": [{"role": "user", "content": "Tell me a story"}],
+               "max_tokens": 24, "temperature": 1.0, "seed": 9, "stream": true,
+               "return_token_ids": true, "resume": resume})
+    };
+    // Token ids and the digest of a stream.
+    let run = |resume: Value| {
+        let http = &http;
+        let b = body(resume);
+        async move {
+            let (status, text) = http.post("/v1/chat/completions", b, None).await;
+            assert_eq!(status, 200, "{text}");
+            let (mut ids, mut digest, mut text_out) = (Vec::new(), None, String::new());
+            for (_, data) in sse(&text) {
+                if data == "[DONE]" {
+                    break;
+                }
+                let v: Value = serde_json::from_str(&data).expect("chunk");
+                ids.extend(u32s(&v["choices"][0]["token_ids"]));
+                text_out.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+                if let Some(d) = v["resume_digest"].as_str() {
+                    assert!(digest.is_none(), "the digest comes once");
+                    digest = Some(d.to_string());
+                }
+            }
+            (ids, digest, text_out)
+        }
+    };
+    let (whole, digest, whole_text) = run(Value::Null).await;
+    assert_eq!(whole.len(), 24);
+    let digest = digest.expect("a resume digest");
+    let (rest, again, rest_text) = run(json!({"generated_token_ids": whole[..7].to_vec(), "digest": digest})).await;
+    assert_eq!([&whole[..7], &rest[..]].concat(), whole, "resumed after 7 tokens");
+    assert_eq!(again.as_deref(), Some(digest.as_str()), "same request, same digest");
+    assert!(whole_text.ends_with(&rest_text), "the resumed text continues the first");
+    let other = json!({"prompt": "Something else", "max_tokens": 24,
+                       "resume": {"generated_token_ids": [1, 2], "digest": digest}});
+    let (status, text) = http.post("/v1/completions", other, None).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("resume.digest"), "{text}");
+}

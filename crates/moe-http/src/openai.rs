@@ -168,6 +168,31 @@ pub struct SamplingFields {
     /// Mixed into the prefix cache's keys (vLLM's extra field): only requests with the same
     /// salt share cached pages.
     pub cache_salt: Option<String>,
+    /// Put each choice's generated `token_ids` in the answer (and in every streamed chunk), and
+    /// the request's `resume_digest` (vLLM's extra field, plus what a resume needs).
+    #[serde(default)]
+    pub return_token_ids: bool,
+    /// Continue a broken generation (see the gRPC API's `Resume`).
+    pub resume: Option<HttpResume>,
+}
+
+/// `resume`: the tokens a broken stream delivered and its `resume_digest`.
+#[derive(Deserialize, Default)]
+pub struct HttpResume {
+    #[serde(default)]
+    pub generated_token_ids: Vec<u32>,
+    #[serde(default)]
+    pub digest: String,
+}
+
+/// What a started request carries back to its handler.
+struct Started {
+    events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    held: moe_router::access::Admission,
+    model: String,
+    /// The resume digest, when the caller asked for token ids.
+    digest: Option<String>,
+    resumed: usize,
 }
 
 /// `/v1/completions`: the prompt, and the sampling fields at the top level of the body.
@@ -212,7 +237,7 @@ async fn start(
     headers: &HeaderMap,
     prompt: PromptInput,
     s: SamplingFields,
-) -> Result<(tokio::sync::mpsc::UnboundedReceiver<Event>, moe_router::access::Admission, String), RouterError> {
+) -> Result<Started, RouterError> {
     let engine = &state.engine;
     let attempt = async {
         if s.n.is_some_and(|n| n != 1) {
@@ -231,16 +256,21 @@ async fn start(
             adapter_id: adapter.clone(),
             timeout: s.timeout_ms.filter(|&t| t > 0).map(Duration::from_millis),
             cache_salt: s.cache_salt,
-            resume: None,
+            resume: s
+                .resume
+                .map(|r| moe_router::resume::ResumeParams { generated: r.generated_token_ids, digest: r.digest }),
         };
         let mut req = validate(engine, prompt, params).await?;
         let mut admission = admit(engine, authorization(headers), &adapter).await?;
         req.adapter = admission.adapter.take();
         req.tenant = admission.tenant.clone();
+        let digest = moe_router::resume::seal(&req, &engine.model_config().fingerprint())?;
+        let resumed = req.resumed.len();
         let (id, events) = engine.submit(req)?;
         let model = if adapter.is_empty() { state.model_name.clone() } else { adapter };
-        tracing::info!(request = id, model = %model, "http request started");
-        Ok((events, admission, model))
+        tracing::info!(request = id, model = %model, resumed, "http request started");
+        let digest = s.return_token_ids.then_some(digest);
+        Ok(Started { events, held: admission, model, digest, resumed })
     };
     attempt.await.inspect_err(|e| engine.record_rejection(e))
 }
@@ -248,6 +278,7 @@ async fn start(
 /// Everything a request produced, for the non-streaming answers.
 struct Collected {
     text: String,
+    token_ids: Vec<u32>,
     reason: FinishReason,
     prompt_tokens: usize,
     completion_tokens: usize,
@@ -255,12 +286,16 @@ struct Collected {
 }
 
 async fn collect(mut events: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Result<Collected, RouterError> {
-    let mut text = String::new();
+    let (mut text, mut ids) = (String::new(), Vec::new());
     while let Some(ev) = events.recv().await {
         match ev {
-            Event::Delta { text: t, .. } => text.push_str(&t),
+            Event::Delta { text: t, token_ids, .. } => {
+                text.push_str(&t);
+                ids.extend(token_ids);
+            }
             Event::Finished { reason, prompt_tokens, completion_tokens, cached_tokens } => {
-                return Ok(Collected { text, reason, prompt_tokens, completion_tokens, cached_tokens })
+                let token_ids = ids;
+                return Ok(Collected { text, token_ids, reason, prompt_tokens, completion_tokens, cached_tokens });
             }
             Event::Failed(e) => return Err(e),
         }
@@ -268,19 +303,36 @@ async fn collect(mut events: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Res
     Err(RouterError::Internal("the engine dropped the request".into()))
 }
 
-fn usage(c: &Collected) -> Value {
-    json!({"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+fn usage(c: &Collected, resumed: usize) -> Value {
+    let mut u = json!({"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
            "total_tokens": c.prompt_tokens + c.completion_tokens,
-           "prompt_tokens_details": {"cached_tokens": c.cached_tokens}})
+           "prompt_tokens_details": {"cached_tokens": c.cached_tokens}});
+    if resumed > 0 {
+        u["resumed_tokens"] = json!(resumed);
+    }
+    u
+}
+
+/// With `return_token_ids`: the choice's token ids, and the resume digest at the top.
+fn add_token_ids(body: &mut Value, ids: &[u32], digest: Option<&str>) {
+    if let Some(choice) = body.get_mut("choices").and_then(|c| c.get_mut(0)) {
+        choice["token_ids"] = json!(ids);
+    }
+    if let Some(d) = digest {
+        body["resume_digest"] = json!(d);
+    }
 }
 
 /// The stream of SSE events: one per delta (built by `chunk`), a final chunk with the finish
 /// reason, then `[DONE]`; a failure sends an error event instead of the final chunk.
+/// With a digest (`return_token_ids`), every chunk carries its token ids and the first delta
+/// the digest.
 fn sse_stream(
-    events: tokio::sync::mpsc::UnboundedReceiver<Event>,
-    held: moe_router::access::Admission,
+    started: Started,
     chunk: impl Fn(Option<&str>, Option<&str>) -> Value + Send + 'static,
 ) -> Sse<impl futures::Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
+    let Started { events, held, mut digest, .. } = started;
+    let with_ids = digest.is_some();
     let mut ended = false;
     let body = tokio_stream::wrappers::UnboundedReceiverStream::new(events)
         .map(Some)
@@ -291,12 +343,20 @@ fn sse_stream(
                 None
             } else {
                 match ev {
-                    Some(Event::Delta { text, .. }) if text.is_empty() => None,
-                    Some(Event::Delta { text, .. }) => {
-                        Some(SseEvent::default().data(chunk(Some(&text), None).to_string()))
+                    Some(Event::Delta { text, .. }) if text.is_empty() && !with_ids => None,
+                    Some(Event::Delta { text, token_ids, .. }) => {
+                        let mut body = chunk(Some(&text), None);
+                        if with_ids {
+                            add_token_ids(&mut body, &token_ids, digest.take().as_deref());
+                        }
+                        Some(SseEvent::default().data(body.to_string()))
                     }
                     Some(Event::Finished { reason, .. }) => {
-                        Some(SseEvent::default().data(chunk(None, Some(finish_name(reason))).to_string()))
+                        let mut body = chunk(None, Some(finish_name(reason)));
+                        if with_ids {
+                            add_token_ids(&mut body, &[], None);
+                        }
+                        Some(SseEvent::default().data(body.to_string()))
                     }
                     Some(Event::Failed(e)) => {
                         ended = true;
@@ -328,23 +388,28 @@ pub async fn completions(
         CompletionPrompt::Texts(_) => return Err(RouterError::invalid("prompt", "give one prompt per request").into()),
     };
     let stream = req.sampling.stream;
-    let (events, held, model) = start(&state, &headers, prompt, req.sampling).await?;
+    let started = start(&state, &headers, prompt, req.sampling).await?;
     let (id, created) = (format!("cmpl-{}", state.next_id()), now_secs());
+    let model = started.model.clone();
     if stream {
         let chunk = move |text: Option<&str>, finish: Option<&str>| {
             json!({"id": id, "object": "text_completion", "created": created, "model": model,
                    "choices": [{"index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null}]})
         };
-        return Ok(sse_stream(events, held, chunk).into_response());
+        return Ok(sse_stream(started, chunk).into_response());
     }
+    let Started { events, held, digest, resumed, .. } = started;
     let c = collect(events).await?;
     drop(held);
-    Ok(Json(json!({
+    let mut body = json!({
         "id": id, "object": "text_completion", "created": created, "model": model,
         "choices": [{"index": 0, "text": c.text, "finish_reason": finish_name(c.reason), "logprobs": null}],
-        "usage": usage(&c),
-    }))
-    .into_response())
+        "usage": usage(&c, resumed),
+    });
+    if digest.is_some() {
+        add_token_ids(&mut body, &c.token_ids, digest.as_deref());
+    }
+    Ok(Json(body).into_response())
 }
 
 pub async fn chat_completions(
@@ -357,8 +422,9 @@ pub async fn chat_completions(
     let req = ChatRequest { messages: field(&body, "messages")?, sampling: field(&body, "")? };
     let text = state.chat.render(&req.messages).map_err(|m| RouterError::invalid("messages", m))?;
     let stream = req.sampling.stream;
-    let (events, held, model) = start(&state, &headers, PromptInput::Text(text), req.sampling).await?;
+    let started = start(&state, &headers, PromptInput::Text(text), req.sampling).await?;
     let (id, created) = (format!("chatcmpl-{}", state.next_id()), now_secs());
+    let model = started.model.clone();
     if stream {
         let first = std::sync::atomic::AtomicBool::new(true);
         let chunk = move |text: Option<&str>, finish: Option<&str>| {
@@ -372,17 +438,21 @@ pub async fn chat_completions(
             json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
         };
-        return Ok(sse_stream(events, held, chunk).into_response());
+        return Ok(sse_stream(started, chunk).into_response());
     }
+    let Started { events, held, digest, resumed, .. } = started;
     let c = collect(events).await?;
     drop(held);
-    Ok(Json(json!({
+    let mut body = json!({
         "id": id, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
                      "finish_reason": finish_name(c.reason)}],
-        "usage": usage(&c),
-    }))
-    .into_response())
+        "usage": usage(&c, resumed),
+    });
+    if digest.is_some() {
+        add_token_ids(&mut body, &c.token_ids, digest.as_deref());
+    }
+    Ok(Json(body).into_response())
 }
 
 /// The base model and the adapters the caller may use.

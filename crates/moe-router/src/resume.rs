@@ -95,3 +95,12 @@ pub fn check(req: &ValidatedRequest, resume: &ResumeParams, model_fingerprint: &
     }
     Ok(())
 }
+
+/// The request's digest, after checking the one a resume claims (if any): what both the gRPC
+/// service and the HTTP API run once the adapter is attached.
+pub fn seal(req: &ValidatedRequest, model_fingerprint: &str) -> Result<String, RouterError> {
+    if let Some(claimed) = &req.resume_digest {
+        check(req, &ResumeParams { generated: Vec::new(), digest: claimed.clone() }, model_fingerprint)?;
+    }
+    Ok(request_digest(req, model_fingerprint))
+}

@@ -97,12 +97,7 @@ impl InferenceService {
         // The request holds the one pin; the engine drops it when the request ends.
         validated.adapter = admission.adapter.take();
         validated.tenant = admission.tenant.clone();
-        let fingerprint = self.engine.model_config().fingerprint();
-        let digest = crate::resume::request_digest(&validated, &fingerprint);
-        if let Some(claimed) = &validated.resume_digest {
-            let resume = crate::resume::ResumeParams { generated: Vec::new(), digest: claimed.clone() };
-            crate::resume::check(&validated, &resume, &fingerprint)?;
-        }
+        let digest = crate::resume::seal(&validated, &self.engine.model_config().fingerprint())?;
         Ok((validated, admission, digest))
     }
 
