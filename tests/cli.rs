@@ -132,6 +132,15 @@ fn bench_reports_every_figure() {
     assert_eq!(p["prefix_tokens"], 88, "{p}");
     assert_eq!(p["cached_tokens"], 80, "{p}");
     assert!(p["ttft_on_ms"].as_f64().expect("on") > 0.0 && p["ttft_off_ms"].as_f64().expect("off") > 0.0);
+    // The multi-turn workload needs a longer context than the fixture's; failover ran both ways
+    // and changed no token.
+    assert!(v["multi_turn"].is_null(), "{}", v["multi_turn"]);
+    let failover = v["failover"].as_array().expect("failover");
+    assert_eq!(failover.len(), 2, "{failover:?}");
+    for f in failover {
+        assert_eq!(f["identical"], true, "{f}");
+        assert!(f["baseline_ms"].as_f64().expect("baseline") > 0.0, "{f}");
+    }
     for t in topologies {
         assert_eq!(t["prefill"]["prompt_tokens"], 94);
         let batches: Vec<u64> =

@@ -188,3 +188,49 @@ fn streams_resume_on_another_router_after_a_sigkill_with_identical_tokens() {
     assert!(out.stderr.contains("retrying on"), "{}", out.stderr);
     drop((w1, w2));
 }
+
+/// `moe loadgen` over two routers, the first SIGKILLed while streams run: every request still
+/// ends `ok` with the token count its usage reports, those that were on the dead router having
+/// moved to the second (resumed streams, retried requests).
+#[test]
+fn loadgen_moves_requests_to_the_next_router_when_one_dies() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("model");
+    endless_model_sized(&model, 96, 3);
+    let m = model.to_str().expect("utf8");
+    let w = spawn_server(&["worker", "--model", m, "--experts", "all", "--listen", "127.0.0.1:0"]);
+    let router = || spawn_server(&["router", "--model", m, "--workers", &w.addr, "--listen", "127.0.0.1:0"]);
+    let (first, second) = (router(), router());
+    let endpoints = format!("{},{}", first.addr, second.addr);
+    let pid = first.child.id();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    });
+    let out = moe(&[
+        "loadgen",
+        "--endpoint",
+        &endpoints,
+        "--requests",
+        "1000000",
+        "--duration-secs",
+        "4",
+        "--concurrency",
+        "8",
+        "--max-new-tokens",
+        "96",
+        "--prompt-len",
+        "4-32",
+        "--stream-share",
+        "0.75",
+        "--json",
+    ]);
+    killer.join().expect("killer");
+    drop(first);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let v = out.json();
+    assert_eq!(v["violations"], serde_json::json!([]), "{v}");
+    let requests = v["requests"].as_u64().expect("requests");
+    assert_eq!(v["outcomes"]["ok"].as_u64(), Some(requests), "every request ends ok: {v}");
+    assert!(v["resumed"].as_u64().unwrap_or(0) >= 1, "nothing moved to the second router: {v}");
+}

@@ -344,7 +344,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         } else {
             Some(crate::bench_adapters::adapter_dir(&moe_demo::DemoSpec::bench())?)
         };
-        Some(crate::bench_multiturn::measure(&dir, a.workers, adapters.as_deref())?)
+        crate::bench_multiturn::measure(&dir, a.workers, adapters.as_deref())?
     };
     let report = Report {
         model: dir.display().to_string(),

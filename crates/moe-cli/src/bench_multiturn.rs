@@ -14,6 +14,9 @@ const TENANTS: usize = 8;
 const CONVERSATIONS: usize = 4;
 const TURNS: usize = 4;
 const SYSTEM_TOKENS: usize = 512;
+/// The workload runs with a shorter system prompt on a model with a short context, but not
+/// shorter than this.
+const MIN_SYSTEM_TOKENS: usize = 64;
 const USER_TOKENS: usize = 32;
 const NEW_TOKENS: u32 = 16;
 
@@ -92,14 +95,19 @@ fn tokens(vocab: u32, n: usize, seed: usize) -> Vec<u32> {
 }
 
 /// Every conversation on its own thread, its turns in order; returns each turn.
-fn run_all(engine: &Engine, vocab: u32, adapters: Option<&str>) -> anyhow::Result<(Vec<Turn>, Duration)> {
+fn run_all(
+    engine: &Engine,
+    vocab: u32,
+    system_tokens: usize,
+    adapters: Option<&str>,
+) -> anyhow::Result<(Vec<Turn>, Duration)> {
     let start = Instant::now();
     let turns = std::thread::scope(|s| {
         let handles: Vec<_> = (0..TENANTS * CONVERSATIONS)
             .map(|c| {
                 let tenant = c / CONVERSATIONS;
                 s.spawn(move || -> anyhow::Result<Vec<Turn>> {
-                    let mut conversation = tokens(vocab, SYSTEM_TOKENS, 1 + tenant);
+                    let mut conversation = tokens(vocab, system_tokens, 1 + tenant);
                     let mut out = Vec::new();
                     for t in 0..TURNS {
                         conversation.extend(tokens(vocab, USER_TOKENS, 1000 + c * TURNS + t));
@@ -135,14 +143,20 @@ fn side(turns: &[Turn], wall: Duration) -> MultiTurnSide {
 
 /// Runs the workload on the embedded cluster with the cache off, then on. `adapters` is the
 /// directory of the benchmark adapters (tenant i uses `attn-i`), or `None` for the base model.
-pub fn measure(dir: &Path, workers: usize, adapters: Option<&Path>) -> anyhow::Result<MultiTurnRun> {
+/// `None` when the model's context is too short for it (the system prompt is shortened to fit,
+/// down to [`MIN_SYSTEM_TOKENS`]).
+pub fn measure(dir: &Path, workers: usize, adapters: Option<&Path>) -> anyhow::Result<Option<MultiTurnRun>> {
     let config = moe_model::ModelConfig::from_dir(dir)?;
-    let longest = SYSTEM_TOKENS + TURNS * (USER_TOKENS + NEW_TOKENS as usize);
-    anyhow::ensure!(
-        longest <= config.max_position_embeddings,
-        "the multi-turn workload needs a context of {longest} tokens; the model has {}",
-        config.max_position_embeddings
-    );
+    let turns = TURNS * (USER_TOKENS + NEW_TOKENS as usize);
+    let system_tokens = SYSTEM_TOKENS.min(config.max_position_embeddings.saturating_sub(turns));
+    if system_tokens < MIN_SYSTEM_TOKENS {
+        eprintln!(
+            "multi-turn: skipped (it needs a context of at least {} tokens; the model has {})",
+            MIN_SYSTEM_TOKENS + turns,
+            config.max_position_embeddings
+        );
+        return Ok(None);
+    }
     let opts = moe_cluster::AdapterOptions { dir: adapters.map(Path::to_path_buf), ..Default::default() };
     let set = adapters.map(|_| "attn");
     let mut sides = Vec::new();
@@ -153,23 +167,23 @@ pub fn measure(dir: &Path, workers: usize, adapters: Option<&Path>) -> anyhow::R
             "multi-turn: {TENANTS} tenants x {CONVERSATIONS} conversations x {TURNS} turns, prefix cache {}",
             if cache { "on" } else { "off" }
         );
-        let (turns, wall) = run_all(&engine, config.vocab_size as u32, set)?;
+        let (turns, wall) = run_all(&engine, config.vocab_size as u32, system_tokens, set)?;
         sides.push(side(&turns, wall));
     }
     let cache_on = sides.pop().ok_or_else(|| anyhow::anyhow!("multi-turn: no run with the cache"))?;
     let cache_off = sides.pop().ok_or_else(|| anyhow::anyhow!("multi-turn: no run without the cache"))?;
-    Ok(MultiTurnRun {
+    Ok(Some(MultiTurnRun {
         tenants: TENANTS,
         conversations_per_tenant: CONVERSATIONS,
         turns: TURNS,
-        system_tokens: SYSTEM_TOKENS,
+        system_tokens,
         user_tokens: USER_TOKENS,
         new_tokens: NEW_TOKENS,
         adapters: set.map(|s| format!("{s}-i (attention q/k/v/o + gate), one per tenant")),
         ttft_p50_speedup: cache_off.ttft_ms.median / cache_on.ttft_ms.median.max(1e-9),
         cache_off,
         cache_on,
-    })
+    }))
 }
 
 pub fn print(r: &MultiTurnRun) {

@@ -4,9 +4,13 @@
 //! that every request reached exactly one terminal state: a stream that ends without a final
 //! message, sends anything after it, reports a token count that differs from what it streamed,
 //! or outlives its deadline plus a margin counts as a violation, and the run exits non-zero.
+//! With several endpoints, requests go to them in turn, and a stream that breaks (its router
+//! failed) resumes on the next endpoint after the tokens it received (`resumed` in the report);
+//! a unary request is retried there.
 
 use anyhow::Context;
 use clap::Args;
+use moe_proto::resume::ResumeState;
 use moe_proto::v1::generate_request::Prompt;
 use moe_proto::v1::generate_stream_response::Event;
 use moe_proto::v1::inference_client::InferenceClient;
@@ -18,7 +22,8 @@ use std::time::{Duration, Instant};
 
 #[derive(Args, Debug)]
 pub struct LoadgenArgs {
-    /// The router (host:port or http://host:port).
+    /// The router (host:port or http://host:port); several, comma-separated, are used in turn
+    /// and a broken stream resumes on the next.
     #[arg(long, env = "MOE_ENDPOINT")]
     pub endpoint: String,
     /// Requests in flight at once.
@@ -67,6 +72,8 @@ struct Tally {
     ttft_ms: Vec<f64>,
     tokens: usize,
     violations: Vec<String>,
+    /// Streams resumed on another endpoint after a break, and unary requests retried there.
+    resumed: usize,
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -90,15 +97,28 @@ pub fn run(a: LoadgenArgs) -> anyhow::Result<()> {
         .context("--prompt-len must be MIN-MAX with 1 <= MIN <= MAX")?;
     anyhow::ensure!(a.concurrency > 0, "--concurrency must be at least 1");
     anyhow::ensure!((0.0..=1.0).contains(&a.stream_share), "--stream-share must be between 0 and 1");
-    let uri = if a.endpoint.contains("://") { a.endpoint.clone() } else { format!("http://{}", a.endpoint) };
+    let uris: Vec<String> = a
+        .endpoint
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|e| if e.contains("://") { e.to_string() } else { format!("http://{e}") })
+        .collect();
+    anyhow::ensure!(!uris.is_empty(), "--endpoint is empty");
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let channel = tonic::transport::Endpoint::from_shared(uri.clone())?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to {uri}"))?;
-        let client = InferenceClient::new(channel);
+        let mut clients = Vec::new();
+        for uri in &uris {
+            // The first must answer now; the others connect when first used.
+            let ep = tonic::transport::Endpoint::from_shared(uri.clone())?.tcp_nodelay(true);
+            let channel = if clients.is_empty() {
+                ep.connect().await.with_context(|| format!("cannot connect to {uri}"))?
+            } else {
+                ep.connect_lazy()
+            };
+            clients.push(InferenceClient::new(channel));
+        }
+        let client = clients[0].clone();
         // With tenants, ModelInfo needs a key like every other RPC: use the first.
         let mut info = tonic::Request::new(ModelInfoRequest {});
         if let Some(v) = a.api_key.first().and_then(|k| format!("Bearer {k}").parse().ok()) {
@@ -116,7 +136,7 @@ pub fn run(a: LoadgenArgs) -> anyhow::Result<()> {
         let rss = a.watch_pid.map(|pid| tokio::spawn(sample_rss(pid, started, samples.clone())));
         let mut tasks = Vec::new();
         for _ in 0..a.concurrency {
-            let (mut client, next, tally, a) = (client.clone(), next.clone(), tally.clone(), a.clone());
+            let (mut clients, next, tally, a) = (clients.clone(), next.clone(), tally.clone(), a.clone());
             let issued = issued.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
@@ -137,20 +157,19 @@ pub fn run(a: LoadgenArgs) -> anyhow::Result<()> {
                     let ids: Vec<u32> = (0..len).map(|_| (rnd() % vocab) as u32).collect();
                     let stream = (rnd() % 10_000) as f64 / 10_000.0 < a.stream_share;
                     let adapter = if a.adapter.is_empty() { String::new() } else { a.adapter[i % a.adapter.len()].clone() };
-                    let mut req = tonic::Request::new(GenerateRequest {
+                    let req = GenerateRequest {
                         prompt: Some(Prompt::TokenIds(TokenIds { ids })),
                         sampling: Some(SamplingParams { max_new_tokens: Some(a.max_new_tokens), ..Default::default() }),
                         adapter_id: adapter,
-                        timeout_ms: a.timeout_ms as u32, cache_salt: String::new(), resume: None,
-                    });
-                    if !a.api_key.is_empty() {
-                        if let Ok(v) = format!("Bearer {}", a.api_key[i % a.api_key.len()]).parse() {
-                            req.metadata_mut().insert("authorization", v);
-                        }
-                    }
+                        timeout_ms: a.timeout_ms as u32,
+                        cache_salt: String::new(),
+                        resume: None,
+                    };
+                    let key = (!a.api_key.is_empty()).then(|| a.api_key[i % a.api_key.len()].clone());
                     let limit = Duration::from_millis(a.timeout_ms) + Duration::from_secs(5);
                     let t0 = Instant::now();
-                    let result = tokio::time::timeout(limit, one(&mut client, req, stream, t0)).await;
+                    let target = Target { clients: &mut clients, first: i, key: key.as_deref() };
+                    let result = tokio::time::timeout(limit, one(target, req, stream, t0)).await;
                     let elapsed = t0.elapsed().as_secs_f64() * 1e3;
                     let shed = matches!(&result, Ok(Ok(Ended::Status(c))) if c == "resource_exhausted");
                     {
@@ -164,8 +183,9 @@ pub fn run(a: LoadgenArgs) -> anyhow::Result<()> {
                             t.violations.push(format!("request {i}: {v}"));
                             *t.outcomes.entry("violation".into()).or_default() += 1;
                         }
-                        Ok(Ok(Ended::Ok { tokens, ttft_ms })) => {
+                        Ok(Ok(Ended::Ok { tokens, ttft_ms, resumed })) => {
                             *t.outcomes.entry("ok".into()).or_default() += 1;
+                            t.resumed += resumed;
                             t.tokens += tokens;
                             t.latencies_ms.push(elapsed);
                             if let Some(x) = ttft_ms {
@@ -209,6 +229,7 @@ pub fn run(a: LoadgenArgs) -> anyhow::Result<()> {
             "latency_ms": {"p50": pct(&mut t.latencies_ms, 0.5), "p90": pct(&mut t.latencies_ms, 0.9), "p99": pct(&mut t.latencies_ms, 0.99)},
             "ttft_ms": {"p50": pct(&mut t.ttft_ms, 0.5), "p99": pct(&mut t.ttft_ms, 0.99)},
             "outcomes": t.outcomes,
+            "resumed": t.resumed,
             "violations": t.violations,
             "rss": rss,
         });
@@ -223,59 +244,107 @@ pub fn run(a: LoadgenArgs) -> anyhow::Result<()> {
 }
 
 enum Ended {
-    Ok { tokens: usize, ttft_ms: Option<f64> },
+    /// Tokens in all, time to the first, and how many times the request moved to another
+    /// endpoint.
+    Ok {
+        tokens: usize,
+        ttft_ms: Option<f64>,
+        resumed: usize,
+    },
     Status(String),
 }
 
-/// One request to its terminal state; `Err` is a broken rule.
-async fn one(
-    client: &mut InferenceClient<tonic::transport::Channel>,
-    req: tonic::Request<GenerateRequest>,
-    stream: bool,
-    t0: Instant,
-) -> Result<Ended, String> {
-    if !stream {
-        return match client.generate(req).await {
-            Ok(r) => {
-                let r = r.into_inner();
-                let usage = r.usage.map(|u| u.completion_tokens as usize).unwrap_or(usize::MAX);
-                if usage != r.token_ids.len() {
-                    return Err(format!("usage says {usage} tokens, the answer has {}", r.token_ids.len()));
-                }
-                Ok(Ended::Ok { tokens: r.token_ids.len(), ttft_ms: None })
-            }
-            Err(s) => Ok(Ended::Status(code_name(&s))),
-        };
+/// Where a request goes: endpoints in turn from `first`, with the tenant key.
+struct Target<'a> {
+    clients: &'a mut [InferenceClient<tonic::transport::Channel>],
+    first: usize,
+    key: Option<&'a str>,
+}
+
+impl Target<'_> {
+    fn request(&self, req: GenerateRequest) -> tonic::Request<GenerateRequest> {
+        let mut r = tonic::Request::new(req);
+        if let Some(v) = self.key.and_then(|k| format!("Bearer {k}").parse().ok()) {
+            r.metadata_mut().insert("authorization", v);
+        }
+        r
     }
-    let mut s = match client.generate_stream(req).await {
-        Ok(s) => s.into_inner(),
-        Err(st) => return Ok(Ended::Status(code_name(&st))),
-    };
-    let (mut tokens, mut ttft, mut finished) = (0usize, None, None);
-    loop {
-        match s.message().await {
-            Ok(Some(m)) => match m.event {
-                _ if finished.is_some() => return Err("a message after the final one".into()),
-                Some(Event::Delta(d)) => {
-                    if ttft.is_none() && !d.token_ids.is_empty() {
-                        ttft = Some(t0.elapsed().as_secs_f64() * 1e3);
+}
+
+/// A failure another router might not have: its router went away.
+fn router_gone(s: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::Aborted)
+}
+
+/// One request to its terminal state; `Err` is a broken rule. With several endpoints, a
+/// request whose router went away moves to the next (a stream resumes after its tokens).
+async fn one(t: Target<'_>, req: GenerateRequest, stream: bool, t0: Instant) -> Result<Ended, String> {
+    let n = t.clients.len();
+    let mut state = ResumeState::default();
+    let (mut ttft, mut resumed) = (None, 0usize);
+    for attempt in 0..n {
+        let last = attempt + 1 == n;
+        let mut client = t.clients[(t.first + attempt) % n].clone();
+        if !stream {
+            match client.generate(t.request(req.clone())).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    let usage = r.usage.map(|u| u.completion_tokens as usize).unwrap_or(usize::MAX);
+                    if usage != r.token_ids.len() {
+                        return Err(format!("usage says {usage} tokens, the answer has {}", r.token_ids.len()));
                     }
-                    tokens += d.token_ids.len();
+                    return Ok(Ended::Ok { tokens: r.token_ids.len(), ttft_ms: None, resumed });
                 }
-                Some(Event::Finished(f)) => finished = Some(f.usage.map(|u| u.completion_tokens as usize)),
-                None => return Err("an empty stream message".into()),
-            },
-            Ok(None) => {
-                return match finished {
-                    Some(Some(n)) if n == tokens => Ok(Ended::Ok { tokens, ttft_ms: ttft }),
-                    Some(n) => Err(format!("finished with usage {n:?} after streaming {tokens} tokens")),
-                    None => Err("the stream ended without a final message or an error".into()),
-                };
+                Err(s) if !last && router_gone(&s) => {
+                    resumed += 1;
+                    continue;
+                }
+                Err(s) => return Ok(Ended::Status(code_name(&s))),
             }
-            Err(st) if finished.is_none() => return Ok(Ended::Status(code_name(&st))),
-            Err(st) => return Err(format!("an error after the final message: {st}")),
+        }
+        let mut s = match client.generate_stream(t.request(state.request(&req))).await {
+            Ok(s) => s.into_inner(),
+            Err(st) if !last && router_gone(&st) => {
+                resumed += 1;
+                continue;
+            }
+            Err(st) => return Ok(Ended::Status(code_name(&st))),
+        };
+        let mut finished = None;
+        loop {
+            match s.message().await {
+                Ok(Some(m)) => {
+                    state.observe(&m);
+                    match m.event {
+                        _ if finished.is_some() => return Err("a message after the final one".into()),
+                        Some(Event::Delta(d)) => {
+                            if ttft.is_none() && !d.token_ids.is_empty() {
+                                ttft = Some(t0.elapsed().as_secs_f64() * 1e3);
+                            }
+                        }
+                        Some(Event::Finished(f)) => finished = Some(f.usage.map(|u| u.completion_tokens as usize)),
+                        None => return Err("an empty stream message".into()),
+                    }
+                }
+                Ok(None) => {
+                    let tokens = state.generated.len();
+                    return match finished {
+                        Some(Some(n)) if n == tokens => Ok(Ended::Ok { tokens, ttft_ms: ttft, resumed }),
+                        Some(n) => Err(format!("finished with usage {n:?} after streaming {tokens} tokens")),
+                        None => Err("the stream ended without a final message or an error".into()),
+                    };
+                }
+                Err(st) if finished.is_none() && !last && router_gone(&st) => {
+                    resumed += 1;
+                    break;
+                }
+                Err(st) if finished.is_none() => return Ok(Ended::Status(code_name(&st))),
+                Err(st) => return Err(format!("an error after the final message: {st}")),
+            }
         }
     }
+    Err("every endpoint failed the request".into())
 }
 
 type Samples = Arc<Mutex<Vec<(f64, f64)>>>;
