@@ -2,6 +2,7 @@
 //! with a lease and disappear when killed (after the TTL) or drained (at once); a router follows
 //! etcd, fails over to a replica when a worker dies, answers UNAVAILABLE naming the experts when
 //! none is left, is ready again when a new holder registers, and refuses another model's worker.
+//! A record deleted under a live lease comes back; a duplicate `--worker-id` is refused.
 
 mod common;
 
@@ -68,6 +69,86 @@ fn registration_follows_the_worker_lifecycle() {
     // SIGTERM: the worker removes its record itself, long before its 60 s lease would expire.
     sigterm(&drained.child);
     eventually("the drained worker to deregister", 10, || members.borrow().is_empty());
+}
+
+/// Standard base64, as etcd's JSON gateway wants keys.
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in bytes.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            out.push(if i <= c.len() { A[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
+        }
+    }
+    out
+}
+
+/// An operator's `etcdctl del`: a worker's record deleted while its lease lives comes back
+/// within one TTL; and a second worker started with the same `--worker-id` at another address
+/// is refused with a message naming the id, while the first keeps its record.
+#[test]
+fn a_deleted_record_comes_back_and_a_duplicate_worker_id_is_refused() {
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let Some(etcd) = Etcd::start() else { return };
+    let members = watch(&rt, &etcd, "rereg");
+    let dir = fixture("mixtral");
+    let d = dir.to_str().expect("utf8");
+    let url = etcd.url();
+    let args = |id: &'static str| {
+        vec![
+            "worker",
+            "--model",
+            d,
+            "--experts",
+            "all",
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd",
+            &url,
+            "--cluster",
+            "rereg",
+        ]
+        .into_iter()
+        .chain(["--lease-ttl-secs", "3", "--worker-id", id])
+        .collect::<Vec<_>>()
+    };
+    let first = spawn_server(&args("w1"));
+    eventually("registered", 10, || members.borrow().len() == 1);
+    let deleted: serde_json::Value = rt.block_on(async {
+        let body = serde_json::json!({"key": base64(b"/moe/rereg/workers/w1")});
+        let r = reqwest::Client::new().post(format!("{url}/v3/kv/deleterange")).json(&body).send().await;
+        r.expect("deleterange").json().await.expect("json")
+    });
+    assert_eq!(deleted["deleted"], "1", "{deleted}");
+    eventually("the record back within one TTL", 3, || {
+        members.borrow().iter().any(|r| r.id == "w1" && r.address == first.addr)
+    });
+    // A second w1 must exit by itself (one that serves would run until killed).
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(args("w1"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = second.kill();
+            panic!("a second worker with id w1 kept running");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().expect("stderr"), &mut stderr).expect("read");
+    assert!(!status.success(), "a second w1 started: {stderr}");
+    for needle in ["w1", first.addr.as_str(), "--worker-id"] {
+        assert!(stderr.contains(needle), "{needle:?} not in: {stderr}");
+    }
+    assert!(members.borrow().iter().any(|r| r.id == "w1" && r.address == first.addr));
 }
 
 async fn generate(addr: &str, ids: Vec<u32>) -> Result<Vec<u32>, tonic::Status> {

@@ -97,7 +97,8 @@ pub fn run(a: WorkerArgs, device: moe_compute::Device) -> anyhow::Result<()> {
         let id = a.worker_id.clone().unwrap_or_else(|| advertise.clone());
         tracing::info!(worker = %id, hosted, device = %host.device(), "serving experts");
         let cancel = tokio_util::sync::CancellationToken::new();
-        let registration = a.etcd.options().map(|opts| {
+        let mut registration = None;
+        if let Some(opts) = a.etcd.options() {
             let record = moe_membership::WorkerRecord {
                 id: id.clone(),
                 address: advertise.clone(),
@@ -106,9 +107,10 @@ pub fn run(a: WorkerArgs, device: moe_compute::Device) -> anyhow::Result<()> {
                 fingerprint: host.fingerprint().to_string(),
                 version: env!("CARGO_PKG_VERSION").into(),
             };
+            moe_membership::check_worker_id(&opts, &record).await?;
             let ttl = std::time::Duration::from_secs(a.lease_ttl_secs.max(1));
-            tokio::spawn(moe_membership::register_worker(opts, record, ttl, cancel.clone()))
-        });
+            registration = Some(tokio::spawn(moe_membership::register_worker(opts, record, ttl, cancel.clone())));
+        }
         run_until_signal(
             |stop| async move {
                 let drain = async move {

@@ -1,6 +1,10 @@
 //! etcd: worker registration with a lease, and the router's watch of the workers prefix. Both
 //! loops retry with backoff forever (connection errors are logged, never fatal after start) and
-//! stop when their cancellation token fires.
+//! stop when their cancellation token fires. Connections send HTTP/2 and TCP keepalives and
+//! require a leader, so a blackholed or partitioned etcd member breaks the stream (and the loop
+//! starts over, through any member) instead of leaving it silent; every wait in the worker's
+//! lease loop is bounded; a watch whose revision was compacted reads the prefix again; a
+//! worker whose record is deleted while its lease lives puts it back.
 
 use crate::record::WorkerRecord;
 use crate::Result;
@@ -26,8 +30,13 @@ impl EtcdOptions {
     }
 
     async fn connect(&self) -> Result<Client> {
-        let mut opts =
-            ConnectOptions::new().with_connect_timeout(Duration::from_secs(3)).with_timeout(Duration::from_secs(5));
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+            .with_keep_alive_while_idle(true)
+            .with_tcp_keepalive(Duration::from_secs(10))
+            .with_require_leader(true);
         if let (Some(u), Some(p)) = (&self.user, &self.password) {
             opts = opts.with_user(u.clone(), p.clone());
         }
@@ -40,6 +49,44 @@ impl EtcdOptions {
         }
         Ok(Client::connect(&self.endpoints, Some(opts)).await?)
     }
+}
+
+/// HTTP/2 pings on every etcd connection: a connection that answers none within the timeout is
+/// broken, and so is every stream on it.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Refuses a worker whose id is already registered by another live process (another address):
+/// two workers with one `--worker-id` would overwrite each other's record. Unreachable etcd is
+/// not a refusal (registration retries in the background).
+pub async fn check_worker_id(opts: &EtcdOptions, record: &WorkerRecord) -> Result<()> {
+    let key = format!("{}{}", opts.prefix(), record.id);
+    let found = async {
+        let mut client = opts.connect().await?;
+        Ok::<_, crate::MembershipError>(client.get(key.as_str(), None).await?)
+    };
+    let resp = match tokio::time::timeout(Duration::from_secs(5), found).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read etcd to check the worker id; registering anyway");
+            return Ok(());
+        }
+        Err(_) => {
+            tracing::warn!("etcd did not answer within 5 s; not checking the worker id");
+            return Ok(());
+        }
+    };
+    for kv in resp.kvs() {
+        if let Ok(other) = serde_json::from_slice::<WorkerRecord>(kv.value()) {
+            if other.address != record.address {
+                return Err(crate::MembershipError::Invalid(format!(
+                    "a live worker already registered id {:?} at {} (another process with the same --worker-id?); stop it or choose another id",
+                    record.id, other.address
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn backoff(attempt: &mut u32, cancel: &CancellationToken) -> bool {
@@ -75,17 +122,30 @@ pub async fn register_worker(opts: EtcdOptions, record: WorkerRecord, ttl: Durat
             client.put(key.as_str(), value.as_str(), Some(PutOptions::new().with_lease(lease))).await?;
             tracing::info!(key = %key, lease, "registered in etcd");
             let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
+            let mut own = client.watch(key.as_str(), None).await?;
             let period = Duration::from_millis((ttl.as_millis() as u64 / 3).max(100));
+            // No wait may outlast the lease: one that does means the connection is gone.
+            let bounded = period.max(Duration::from_secs(1));
+            let silent = || crate::MembershipError::Invalid("etcd did not answer a lease keep-alive in time".into());
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => {
-                        let _ = client.lease_revoke(lease).await;
+                        let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
                         tracing::info!(key = %key, "deregistered from etcd");
                         return Ok::<bool, crate::MembershipError>(true);
                     }
+                    m = own.message() => {
+                        let Some(m) = m? else {
+                            return Err(crate::MembershipError::Invalid("the watch of this worker's record ended".into()));
+                        };
+                        if m.events().iter().any(|e| e.event_type() == EventType::Delete) {
+                            tracing::warn!(key = %key, "this worker's record was deleted while its lease lives; putting it back");
+                            client.put(key.as_str(), value.as_str(), Some(PutOptions::new().with_lease(lease))).await?;
+                        }
+                    }
                     _ = tokio::time::sleep(period) => {
-                        keeper.keep_alive().await?;
-                        match responses.message().await? {
+                        tokio::time::timeout(bounded, keeper.keep_alive()).await.map_err(|_| silent())??;
+                        match tokio::time::timeout(bounded, responses.message()).await.map_err(|_| silent())?? {
                             Some(r) if r.ttl() > 0 => {}
                             _ => {
                                 tracing::warn!(key = %key, "lease lost; registering again");
@@ -135,8 +195,15 @@ pub async fn watch_workers(opts: EtcdOptions, tx: watch::Sender<Vec<WorkerRecord
                 let Some(msg) = msg else {
                     return Err(crate::MembershipError::Invalid("watch stream ended".into()));
                 };
+                if msg.compact_revision() > 0 {
+                    return Err(crate::MembershipError::Invalid(format!(
+                        "the watch's revision was compacted (at {})",
+                        msg.compact_revision()
+                    )));
+                }
                 if msg.canceled() {
-                    return Err(crate::MembershipError::Invalid("watch canceled by etcd".into()));
+                    let why = msg.cancel_reason().to_string();
+                    return Err(crate::MembershipError::Invalid(format!("watch canceled by etcd: {why}")));
                 }
                 for ev in msg.events() {
                     let Some(kv) = ev.kv() else { continue };

@@ -9,7 +9,7 @@
 mod etcd;
 mod record;
 
-pub use etcd::{register_worker, watch_workers, EtcdOptions};
+pub use etcd::{check_worker_id, register_worker, watch_workers, EtcdOptions};
 pub use record::{InMemoryMembership, WorkerRecord};
 
 #[derive(Debug, thiserror::Error)]
