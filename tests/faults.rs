@@ -115,6 +115,48 @@ fn frozen_worker_is_hedged_and_suspected_by_default() {
     relay.set_partitioned(false);
 }
 
+/// SIGTERM while the engine is stuck in a step (its only worker frozen, a 30 s dispatch
+/// deadline): the open stream still ends with UNAVAILABLE saying the router is shutting down,
+/// within the grace period, instead of being cut when the process exits.
+#[test]
+fn shutdown_ends_streams_with_a_status_even_mid_step() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("model");
+    endless_model(&model);
+    let m = model.to_str().expect("utf8");
+    let w = spawn_server(&["worker", "--model", m, "--experts", "all", "--listen", "127.0.0.1:0"]);
+    let relay = Relay::start(&w.addr);
+    let r = router(m, &[&relay.addr], &["--dispatch-timeout-ms", "30000"]);
+    let addr = r.addr.clone();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut c = InferenceClient::connect(format!("http://{addr}")).await.expect("connect");
+        let req = GenerateRequest {
+            prompt: Some(Prompt::TokenIds(TokenIds { ids: vec![3, 4, 5] })),
+            sampling: Some(SamplingParams { max_new_tokens: Some(2000), ..Default::default() }),
+            ..Default::default()
+        };
+        let mut s = c.generate_stream(req).await.expect("stream").into_inner();
+        s.message().await.expect("first message").expect("a delta");
+        // The worker freezes mid-generation: the engine's step now waits on its 30 s deadline.
+        relay.set_partitioned(true);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sigterm(&r.child);
+        let started = std::time::Instant::now();
+        let status = loop {
+            match s.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("shutting down"), "{status:?}");
+        eprintln!("the stream ended {:?} after SIGTERM", started.elapsed());
+    });
+    relay.set_partitioned(false);
+}
+
 /// A partition between the router and one worker (connections open, nothing passes): the
 /// dispatch deadline leaves the worker out and its rows go to the replica; after the partition
 /// heals and the suspect time passes, the worker serves again. Tokens never change.

@@ -193,6 +193,12 @@ struct Started {
     /// The resume digest, when the caller asked for token ids.
     digest: Option<String>,
     resumed: usize,
+    /// Resolves when the server begins shutting down: the request then ends with 503 at once.
+    shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+}
+
+fn going_away() -> RouterError {
+    RouterError::Unavailable("the router is shutting down; retry (or resume) on another router".into())
 }
 
 /// `/v1/completions`: the prompt, and the sampling fields at the top level of the body.
@@ -270,7 +276,8 @@ async fn start(
         let model = if adapter.is_empty() { state.model_name.clone() } else { adapter };
         tracing::info!(request = id, model = %model, resumed, "http request started");
         let digest = s.return_token_ids.then_some(digest);
-        Ok(Started { events, held: admission, model, digest, resumed })
+        let shutdown = Box::pin(engine.shutting_down());
+        Ok(Started { events, held: admission, model, digest, resumed, shutdown })
     };
     attempt.await.inspect_err(|e| engine.record_rejection(e))
 }
@@ -285,9 +292,17 @@ struct Collected {
     cached_tokens: usize,
 }
 
-async fn collect(mut events: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Result<Collected, RouterError> {
+async fn collect(
+    mut events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    mut shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+) -> Result<Collected, RouterError> {
     let (mut text, mut ids) = (String::new(), Vec::new());
-    while let Some(ev) = events.recv().await {
+    loop {
+        let ev = tokio::select! {
+            ev = events.recv() => ev,
+            _ = &mut shutdown => return Err(going_away()),
+        };
+        let Some(ev) = ev else { break };
         match ev {
             Event::Delta { text: t, token_ids, .. } => {
                 text.push_str(&t);
@@ -331,11 +346,14 @@ fn sse_stream(
     started: Started,
     chunk: impl Fn(Option<&str>, Option<&str>) -> Value + Send + 'static,
 ) -> Sse<impl futures::Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
-    let Started { events, held, mut digest, .. } = started;
+    let Started { events, held, mut digest, shutdown, .. } = started;
     let with_ids = digest.is_some();
-    let mut ended = false;
+    let (mut ended, mut finished) = (false, false);
+    // Shutdown cuts the events short: the stream then ends with an error event at once, even
+    // while the engine is still inside a step.
     let body = tokio_stream::wrappers::UnboundedReceiverStream::new(events)
         .map(Some)
+        .take_until(shutdown)
         .chain(futures::stream::iter([None]))
         .filter_map(move |ev| {
             let _held = &held;
@@ -352,6 +370,7 @@ fn sse_stream(
                         Some(SseEvent::default().data(body.to_string()))
                     }
                     Some(Event::Finished { reason, .. }) => {
+                        finished = true;
                         let mut body = chunk(None, Some(finish_name(reason)));
                         if with_ids {
                             add_token_ids(&mut body, &[], None);
@@ -362,9 +381,13 @@ fn sse_stream(
                         ended = true;
                         Some(SseEvent::default().event("error").data(error_body(&e).to_string()))
                     }
-                    None => {
+                    None if finished => {
                         ended = true;
                         Some(SseEvent::default().data("[DONE]"))
+                    }
+                    None => {
+                        ended = true;
+                        Some(SseEvent::default().event("error").data(error_body(&going_away()).to_string()))
                     }
                 }
             };
@@ -398,8 +421,8 @@ pub async fn completions(
         };
         return Ok(sse_stream(started, chunk).into_response());
     }
-    let Started { events, held, digest, resumed, .. } = started;
-    let c = collect(events).await?;
+    let Started { events, held, digest, resumed, shutdown, .. } = started;
+    let c = collect(events, shutdown).await?;
     drop(held);
     let mut body = json!({
         "id": id, "object": "text_completion", "created": created, "model": model,
@@ -440,8 +463,8 @@ pub async fn chat_completions(
         };
         return Ok(sse_stream(started, chunk).into_response());
     }
-    let Started { events, held, digest, resumed, .. } = started;
-    let c = collect(events).await?;
+    let Started { events, held, digest, resumed, shutdown, .. } = started;
+    let c = collect(events, shutdown).await?;
     drop(held);
     let mut body = json!({
         "id": id, "object": "chat.completion", "created": created, "model": model,

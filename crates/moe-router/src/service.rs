@@ -132,6 +132,11 @@ fn usage(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize, r
     }
 }
 
+/// What open requests get when the server shuts down.
+fn going_away() -> RouterError {
+    RouterError::Unavailable("the router is shutting down; retry (or resume) on another router".into())
+}
+
 fn authorization<T>(req: &Request<T>) -> Option<&str> {
     req.metadata().get("authorization").and_then(|v| v.to_str().ok())
 }
@@ -163,7 +168,14 @@ impl Inference for InferenceService {
             let rid = request_id(&request, id);
             tracing::info!(request_id = %rid, engine_request = id, "request started");
             let mut out = GenerateResponse { request_id: rid, ..Default::default() };
-            while let Some(ev) = events.recv().await {
+            let shutdown = self.engine.shutting_down();
+            tokio::pin!(shutdown);
+            loop {
+                let ev = tokio::select! {
+                    ev = events.recv() => ev,
+                    _ = &mut shutdown => return Err(going_away().into()),
+                };
+                let Some(ev) = ev else { break };
                 match ev {
                     Event::Delta { text, token_ids, logprobs } => {
                         out.text.push_str(&text);
@@ -195,11 +207,20 @@ impl Inference for InferenceService {
         let mut digest = Some(digest);
         // The tenant's slot and the adapter pin live as long as the stream.
         let held = admission;
-        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(events).map_while(move |ev| {
+        // Shutdown ends the stream with UNAVAILABLE at once, even while the engine is still
+        // inside a step (a stuck dispatch, a long prefill) that would outlast the grace period.
+        let events = tokio_stream::wrappers::UnboundedReceiverStream::new(events).map(Some);
+        let events =
+            futures::StreamExt::take_until(events, self.engine.shutting_down()).chain(tokio_stream::once(None));
+        let stream = events.map_while(move |ev| {
             let _held = &held;
             if finished {
                 return None;
             }
+            let Some(ev) = ev else {
+                finished = true;
+                return Some(Err(going_away().into()));
+            };
             Some(match ev {
                 Event::Delta { text, token_ids, logprobs } => {
                     let resume_digest = digest.take().unwrap_or_default();

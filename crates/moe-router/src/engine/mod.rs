@@ -173,6 +173,9 @@ pub struct Engine {
     config: EngineConfig,
     adapters: Option<Arc<dyn AdapterCatalog>>,
     tenants: Option<Arc<Tenants>>,
+    /// True once [`Engine::begin_shutdown`] ran: open streams end with UNAVAILABLE at once,
+    /// even while the compute thread is still inside a long step.
+    shutdown: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Engine {
@@ -207,7 +210,16 @@ impl Engine {
             config,
             adapters,
             tenants: None,
+            shutdown: Arc::new(tokio::sync::watch::channel(false).0),
         })
+    }
+
+    /// Resolves once the server began shutting down ([`Self::begin_shutdown`]).
+    pub fn shutting_down(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.shutdown.subscribe();
+        async move {
+            let _ = rx.wait_for(|down| *down).await;
+        }
     }
 
     /// Requires API keys and applies the tenants' rules.
@@ -286,6 +298,7 @@ impl Engine {
     pub fn begin_shutdown(&self) {
         self.stats.draining.store(true, Ordering::SeqCst);
         self.stats.stopping.store(true, Ordering::SeqCst);
+        self.shutdown.send_replace(true);
     }
 
     /// Queues a validated request; its events arrive on the returned channel. A full queue is
