@@ -51,69 +51,89 @@ pub fn check_safetensors(file: &[u8]) -> std::result::Result<usize, String> {
     parse_header(file).map(|t| t.len())
 }
 
-/// Reads and checks a safetensors header: every tensor's byte range must match its shape and
-/// dtype and lie within the file. Errors name the tensor and the numbers that disagree.
+/// Reads and checks a safetensors header with the `safetensors` crate (every tensor's byte
+/// range must match its shape and dtype, the ranges must tile the data section exactly); when
+/// it refuses a file, [`explain`] says which tensor and which numbers disagree.
 fn parse_header(file: &[u8]) -> std::result::Result<TensorIndex, String> {
+    let (n, metadata) = safetensors::SafeTensors::read_metadata(file).map_err(|e| explain(file, &e))?;
+    let data_start = 8 + n;
+    Ok(metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| {
+            let (start, end) = info.data_offsets;
+            (name, (info.dtype.to_string(), info.shape.clone(), data_start + start..data_start + end))
+        })
+        .collect())
+}
+
+/// The precise reason behind the crate's refusal `e` of `file`: the length field, the JSON, or
+/// the tensor whose shape, dtype and offsets disagree (or that runs past the end of the file).
+fn explain(file: &[u8], e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
     let len = file.len();
-    let Some(n) = file.get(..8) else {
-        return Err(format!("file is {len} bytes, too short for a safetensors header (truncated?)"));
+    let Some(head) = file.get(..8) else {
+        return format!("file is {len} bytes, too short for a safetensors header (truncated?)");
     };
-    let n = u64::from_le_bytes([n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7]]);
+    let n = u64::from_le_bytes([head[0], head[1], head[2], head[3], head[4], head[5], head[6], head[7]]);
     let data_start = 8u64.saturating_add(n);
-    if data_start > len as u64 {
-        return Err(format!(
-            "header length {n} runs past the end of the {len}-byte file (truncated, or not safetensors?)"
-        ));
+    match e {
+        E::HeaderTooLarge | E::InvalidHeaderLength if data_start > len as u64 => {
+            return format!(
+                "header length {n} runs past the end of the {len}-byte file (truncated, or not safetensors?)"
+            );
+        }
+        E::HeaderTooLarge => return format!("header length {n} is over the format's limit of 100 MB"),
+        E::InvalidHeader(e) => return format!("header is not valid UTF-8: {e}"),
+        E::InvalidHeaderDeserialization(e) => return format!("header is not a valid safetensors JSON header: {e}"),
+        _ => {}
     }
+    // The header parsed as JSON: find the tensor that breaks the rules, in data order.
     let data_start = data_start as usize;
-    let header: serde_json::Value =
-        serde_json::from_slice(&file[8..data_start]).map_err(|e| format!("header is not valid JSON: {e}"))?;
-    let obj = header.as_object().ok_or("header is not a JSON object")?;
+    let Ok(header) = serde_json::from_slice::<serde_json::Value>(&file[8..data_start]) else {
+        return format!("header is not valid JSON ({e})");
+    };
+    let mut tensors: Vec<(&String, &serde_json::Value)> =
+        header.as_object().into_iter().flatten().filter(|(k, _)| *k != "__metadata__").collect();
+    let offset = |v: &serde_json::Value, i: usize| v["data_offsets"][i].as_u64().unwrap_or(0) as usize;
+    tensors.sort_by_key(|(_, v)| (offset(v, 0), offset(v, 1)));
     let data_len = len - data_start;
-    let mut out = HashMap::new();
-    for (name, info) in obj {
-        if name == "__metadata__" {
-            continue;
-        }
-        let bad = |what: &str| format!("tensor {name:?}: {what}");
-        let dtype = info.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad("missing dtype"))?.to_string();
-        let shape: Vec<usize> = info
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .ok_or_else(|| bad("missing shape"))?
-            .iter()
-            .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(|| bad("shape must be non-negative integers")))
-            .collect::<std::result::Result<_, _>>()?;
-        let offsets = info.get("data_offsets").and_then(|o| o.as_array()).ok_or_else(|| bad("missing data_offsets"))?;
-        let (start, end) = match offsets.as_slice() {
-            [a, b] => (
-                a.as_u64().ok_or_else(|| bad("data_offsets must be integers"))? as usize,
-                b.as_u64().ok_or_else(|| bad("data_offsets must be integers"))? as usize,
-            ),
-            _ => return Err(bad("data_offsets must be [start, end]")),
-        };
+    let mut expected_start = 0usize;
+    for (name, info) in &tensors {
+        let (start, end) = (offset(info, 0), offset(info, 1));
+        let dtype = info["dtype"].as_str().unwrap_or("?");
+        let shape: Vec<u64> = info["shape"].as_array().into_iter().flatten().filter_map(|d| d.as_u64()).collect();
         if end < start {
-            return Err(bad(&format!("data_offsets [{start}, {end}] end before they start")));
+            return format!("tensor {name:?}: data_offsets [{start}, {end}] end before they start");
         }
-        if let Some(size) = dtype_size(&dtype) {
-            let numel =
-                shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad("shape overflows"))?;
-            let expected = numel.checked_mul(size).ok_or_else(|| bad("shape overflows"))?;
-            if expected != end - start {
-                return Err(bad(&format!(
-                    "the header says shape {shape:?} of {dtype} ({expected} bytes) but its data_offsets span {} bytes",
+        if start != expected_start {
+            return format!(
+                "tensor {name:?}: data starts at byte {start} of the data section, but the previous tensor ends at {expected_start} (gaps and overlaps are not allowed)"
+            );
+        }
+        let size = dtype_size(dtype).map(|s| s as u64);
+        let bytes = size.and_then(|s| shape.iter().try_fold(s, |a, &d| a.checked_mul(d)));
+        match bytes {
+            None if size.is_some() => return format!("tensor {name:?}: shape {shape:?} overflows"),
+            Some(b) if b != (end - start) as u64 => {
+                return format!(
+                    "tensor {name:?}: the header says shape {shape:?} of {dtype} ({b} bytes) but its data_offsets span {} bytes",
                     end - start
-                )));
+                )
             }
+            _ => {}
         }
         if end > data_len {
-            return Err(bad(&format!(
-                "data ends at byte {end} of the data section, but the file holds only {data_len} bytes of data (truncated?)"
-            )));
+            return format!(
+                "tensor {name:?}: data ends at byte {end} of the data section, but the file holds only {data_len} bytes of data (truncated?)"
+            );
         }
-        out.insert(name.clone(), (dtype, shape, data_start + start..data_start + end));
+        expected_start = end;
     }
-    Ok(out)
+    if expected_start < data_len {
+        return format!("{} bytes after the last tensor's data (not a safetensors file?)", data_len - expected_start);
+    }
+    format!("invalid safetensors file: {e}")
 }
 
 impl Checkpoint {
@@ -252,5 +272,40 @@ impl Checkpoint {
             }
         };
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_safetensors;
+
+    /// A file image: the header JSON, then `data` bytes.
+    fn image(header: &str, data: usize) -> Vec<u8> {
+        let mut f = (header.len() as u64).to_le_bytes().to_vec();
+        f.extend_from_slice(header.as_bytes());
+        f.resize(f.len() + data, 0);
+        f
+    }
+
+    /// The crate parses; refusals name the tensor and the numbers.
+    #[test]
+    fn refusals_say_what_is_wrong() {
+        let two = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"BF16","shape":[2],"data_offsets":[8,12]}}"#;
+        assert_eq!(check_safetensors(&image(two, 12)), Ok(2));
+        let err = |h: &str, data: usize| check_safetensors(&image(h, data)).expect_err("refused");
+        let e = err(two, 10);
+        assert!(e.contains("\"b\"") && e.contains("truncated"), "{e}");
+        let e = err(r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, 8);
+        assert!(e.contains("\"a\"") && e.contains("[3]") && e.contains("12 bytes") && e.contains("span 8"), "{e}");
+        let e = err(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#, 12);
+        assert!(e.contains("\"a\"") && e.contains("starts at byte 4"), "{e}");
+        let e = err(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 9);
+        assert!(e.contains("1 bytes after"), "{e}");
+        let e = check_safetensors(&[1, 0, 0]).expect_err("short");
+        assert!(e.contains("too short"), "{e}");
+        let mut huge = image("{}", 0);
+        huge[..8].copy_from_slice(&1000u64.to_le_bytes());
+        assert!(check_safetensors(&huge).expect_err("long").contains("runs past the end"));
+        assert!(err("{not json", 0).contains("JSON"));
     }
 }
