@@ -29,6 +29,21 @@ fn router(model: &str, workers: &[&str], extra: &[&str]) -> Server {
     spawn_server(&args)
 }
 
+/// Two workers holding every expert, the first behind a relay that can slow or freeze it.
+fn relayed_pair(model: &str) -> (Server, Server, Relay) {
+    let a = spawn_server(&["worker", "--model", model, "--experts", "all", "--listen", "127.0.0.1:0"]);
+    let b = spawn_server(&["worker", "--model", model, "--experts", "all", "--listen", "127.0.0.1:0"]);
+    let relay = Relay::start(&a.addr);
+    (a, b, relay)
+}
+
+/// A router's `/metrics` text.
+fn scrape(rt: &tokio::runtime::Runtime, http: &str) -> String {
+    rt.block_on(async {
+        reqwest::get(format!("http://{http}/metrics")).await.expect("scrape").text().await.expect("body")
+    })
+}
+
 fn metric(text: &str, name: &str, label: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l.contains(label))
@@ -42,9 +57,7 @@ fn metric(text: &str, name: &str, label: &str) -> f64 {
 fn slow_worker_is_hedged_to_a_replica() {
     let dir = fixture("mixtral");
     let d = dir.to_str().expect("utf8");
-    let a = spawn_server(&["worker", "--model", d, "--experts", "all", "--listen", "127.0.0.1:0"]);
-    let b = spawn_server(&["worker", "--model", d, "--experts", "all", "--listen", "127.0.0.1:0"]);
-    let relay = Relay::start(&a.addr);
+    let (_a, b, relay) = relayed_pair(d);
     let http = format!("127.0.0.1:{}", free_port());
     let r = router(d, &[&relay.addr, &b.addr], &["--hedge-after-ms", "20", "--http-listen", &http]);
     let case = &expected("mixtral")["cases"][3];
@@ -54,9 +67,7 @@ fn slow_worker_is_hedged_to_a_replica() {
     relay.set_delay(Duration::from_millis(150));
     assert_eq!(generate(&r.addr, &ids, &n), want, "with a slow worker");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let text = rt.block_on(async {
-        reqwest::get(format!("http://{http}/metrics")).await.expect("scrape").text().await.expect("body")
-    });
+    let text = scrape(&rt, &http);
     let slow = format!("worker=\"{}\"", relay.addr);
     let won = metric(&text, "moe_dispatch_hedges_total", "winner=\"replica\"");
     assert!(won >= 1.0, "no hedge answered by the replica:\n{text}");
@@ -75,9 +86,7 @@ fn slow_worker_is_hedged_to_a_replica() {
 fn frozen_worker_is_hedged_and_suspected_by_default() {
     let dir = fixture("mixtral");
     let d = dir.to_str().expect("utf8");
-    let a = spawn_server(&["worker", "--model", d, "--experts", "all", "--listen", "127.0.0.1:0"]);
-    let b = spawn_server(&["worker", "--model", d, "--experts", "all", "--listen", "127.0.0.1:0"]);
-    let relay = Relay::start(&a.addr);
+    let (_a, b, relay) = relayed_pair(d);
     let http = format!("127.0.0.1:{}", free_port());
     let r = router(d, &[&relay.addr, &b.addr], &["--http-listen", &http]);
     let case = &expected("mixtral")["cases"][3];
@@ -92,26 +101,22 @@ fn frozen_worker_is_hedged_and_suspected_by_default() {
     assert_eq!(generate(&r.addr, &ids, &n), want, "with a frozen worker");
     eprintln!("generation with a frozen worker took {:?}", started.elapsed());
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let scrape = || {
-        rt.block_on(async {
-            reqwest::get(format!("http://{http}/metrics")).await.expect("scrape").text().await.expect("body")
-        })
-    };
+    let metrics_text = || scrape(&rt, &http);
     let frozen = format!("worker=\"{}\"", relay.addr);
     let mut text = String::new();
     eventually("the frozen worker missed its deadline", 10, || {
-        text = scrape();
+        text = metrics_text();
         metric(&text, "moe_dispatch_missed_deadlines_total", &frozen) >= 1.0
     });
     assert!(metric(&text, "moe_dispatch_hedges_total", "winner=\"replica\"") >= 1.0, "no hedge won:\n{text}");
     // Suspected: the next request sends it nothing (its dispatch count stays, once the calls
     // it lost have all ended at their deadlines).
     std::thread::sleep(Duration::from_secs(1));
-    let text = scrape();
+    let text = metrics_text();
     let calls = |t: &str| metric(t, "moe_dispatch_seconds_count", &frozen);
     let before = calls(&text);
     assert_eq!(generate(&r.addr, &ids, &n), want, "with the frozen worker suspected");
-    assert_eq!(calls(&scrape()), before, "the suspected worker still got calls");
+    assert_eq!(calls(&metrics_text()), before, "the suspected worker still got calls");
     relay.set_partitioned(false);
 }
 

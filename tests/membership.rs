@@ -30,22 +30,19 @@ fn router(etcd: &Etcd, cluster: &str, model: &str, extra: &[&str]) -> Server {
     spawn_server(&args)
 }
 
+/// `moe worker` flags registering in `cluster` with a lease of `ttl` seconds.
+fn worker_args(etcd: &Etcd, cluster: &str, model: &str, experts: &str, ttl: &str) -> Vec<String> {
+    let url = etcd.url();
+    ["worker", "--model", model, "--experts", experts, "--listen", "127.0.0.1:0", "--etcd", &url]
+        .into_iter()
+        .chain(["--cluster", cluster, "--lease-ttl-secs", ttl])
+        .map(String::from)
+        .collect()
+}
+
 fn worker(etcd: &Etcd, cluster: &str, model: &str, experts: &str, ttl: &str) -> Server {
-    spawn_server(&[
-        "worker",
-        "--model",
-        model,
-        "--experts",
-        experts,
-        "--listen",
-        "127.0.0.1:0",
-        "--etcd",
-        &etcd.url(),
-        "--cluster",
-        cluster,
-        "--lease-ttl-secs",
-        ttl,
-    ])
+    let args = worker_args(etcd, cluster, model, experts, ttl);
+    spawn_server(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 #[test]
@@ -95,25 +92,13 @@ fn a_deleted_record_comes_back_and_a_duplicate_worker_id_is_refused() {
     let dir = fixture("mixtral");
     let d = dir.to_str().expect("utf8");
     let url = etcd.url();
-    let args = |id: &'static str| {
-        vec![
-            "worker",
-            "--model",
-            d,
-            "--experts",
-            "all",
-            "--listen",
-            "127.0.0.1:0",
-            "--etcd",
-            &url,
-            "--cluster",
-            "rereg",
-        ]
-        .into_iter()
-        .chain(["--lease-ttl-secs", "3", "--worker-id", id])
-        .collect::<Vec<_>>()
+    let args = |id: &str| {
+        let mut a = worker_args(&etcd, "rereg", d, "all", "3");
+        a.extend(["--worker-id".to_string(), id.to_string()]);
+        a
     };
-    let first = spawn_server(&args("w1"));
+    let spawn = |id: &str| spawn_server(&args(id).iter().map(String::as_str).collect::<Vec<_>>());
+    let first = spawn("w1");
     eventually("registered", 10, || members.borrow().len() == 1);
     let deleted: serde_json::Value = rt.block_on(async {
         let body = serde_json::json!({"key": base64(b"/moe/rereg/workers/w1")});

@@ -109,10 +109,8 @@ struct Failure {
 
 impl From<tonic::Status> for Failure {
     fn from(s: tonic::Status) -> Self {
-        use tonic::Code;
-        // A router that went away (reset, refused, draining, its engine stopped) is worth
-        // another try; a request it refused is not.
-        let retryable = matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Aborted | Code::Internal);
+        // A router that went away is worth another try; a request it refused is not.
+        let retryable = crate::loadgen::router_gone(&s);
         Self { error: anyhow::anyhow!("{:?}: {}", s.code(), s.message()), retryable }
     }
 }

@@ -90,7 +90,7 @@ fn explain(file: &[u8], e: &safetensors::SafeTensorError) -> String {
     }
     // The header parsed as JSON: find the tensor that breaks the rules, in data order.
     let data_start = data_start as usize;
-    let Ok(header) = serde_json::from_slice::<serde_json::Value>(&file[8..data_start]) else {
+    let Some(Ok(header)) = file.get(8..data_start).map(serde_json::from_slice::<serde_json::Value>) else {
         return format!("header is not valid JSON ({e})");
     };
     let mut tensors: Vec<(&String, &serde_json::Value)> =

@@ -79,28 +79,19 @@ pub fn request_digest(req: &ValidatedRequest, model_fingerprint: &str) -> String
     h.hex()
 }
 
-/// Checks a resume against the request it claims to continue.
-pub fn check(req: &ValidatedRequest, resume: &ResumeParams, model_fingerprint: &str) -> Result<(), RouterError> {
-    if resume.digest.is_empty() {
-        return Err(RouterError::invalid(
+/// The request's digest, after checking the one a resume claims (if any) against it: what both
+/// the gRPC service and the HTTP API run once the adapter is attached.
+pub fn seal(req: &ValidatedRequest, model_fingerprint: &str) -> Result<String, RouterError> {
+    let digest = request_digest(req, model_fingerprint);
+    match req.resume_digest.as_deref() {
+        Some("") => Err(RouterError::invalid(
             "resume.digest",
             "required: the resume_digest of the broken stream's first delta",
-        ));
-    }
-    if resume.digest != request_digest(req, model_fingerprint) {
-        return Err(RouterError::invalid(
+        )),
+        Some(claimed) if claimed != digest => Err(RouterError::invalid(
             "resume.digest",
             "does not match this request: the prompt, sampling parameters, stop sequences, max_new_tokens or adapter differ from the request being resumed (or the model does)",
-        ));
+        )),
+        _ => Ok(digest),
     }
-    Ok(())
-}
-
-/// The request's digest, after checking the one a resume claims (if any): what both the gRPC
-/// service and the HTTP API run once the adapter is attached.
-pub fn seal(req: &ValidatedRequest, model_fingerprint: &str) -> Result<String, RouterError> {
-    if let Some(claimed) = &req.resume_digest {
-        check(req, &ResumeParams { generated: Vec::new(), digest: claimed.clone() }, model_fingerprint)?;
-    }
-    Ok(request_digest(req, model_fingerprint))
 }
