@@ -10,6 +10,7 @@
 use crate::error::{DispatchError, Result};
 use crate::latency::{give_up_after, hedge_delay, CallTimes, Hedging};
 use crate::transport::{BatchOutput, CallResult, InFlightCall, WorkerBatch, WorkerTransport};
+use crate::worker_metrics::WorkerMetrics;
 use moe_model::AdapterIdentity;
 use moe_proto::v1::expert_worker_client::ExpertWorkerClient;
 use moe_proto::v1::{AdapterRef, DescribeRequest, DescribeResponse, ExpertRequest, ExpertResponse, WireDtype};
@@ -102,16 +103,18 @@ struct WorkerConn {
     /// When a call that lost to a hedge then failed or missed its deadline: the dispatcher
     /// suspects the worker from then on when it next groups rows.
     missed: Mutex<Option<std::time::Instant>>,
+    metrics: WorkerMetrics,
 }
 
 impl WorkerConn {
-    fn new(addr: &str, endpoint: Endpoint) -> Self {
+    fn new(addr: &str, endpoint: Endpoint, registry: &moe_metrics::Registry) -> Self {
         Self {
             addr: addr.to_string(),
             endpoint,
             stream: Mutex::new(None),
             times: Mutex::new(CallTimes::default()),
             missed: Mutex::new(None),
+            metrics: WorkerMetrics::new(registry, addr),
         }
     }
 
@@ -211,7 +214,7 @@ impl GrpcTransport {
                 .map_err(|s| unavailable(addr, format!("Describe failed: {}", s.message())))?
                 .into_inner();
             described.push(d);
-            workers.push(Arc::new(WorkerConn::new(addr, ep)));
+            workers.push(Arc::new(WorkerConn::new(addr, ep, &config.metrics)));
         }
         let runtime = tokio::runtime::Handle::current();
         let inner = GrpcInner { runtime, workers, config, next_id: AtomicU64::new(1) };
@@ -236,7 +239,7 @@ impl GrpcTransport {
             .iter()
             .map(|a| match kept(a) {
                 Some(w) => Ok(w),
-                None => Ok(Arc::new(WorkerConn::new(a, endpoint(a, &config)?))),
+                None => Ok(Arc::new(WorkerConn::new(a, endpoint(a, &config)?, &config.metrics))),
             })
             .collect::<Result<Vec<_>>>()?;
         let inner =
@@ -366,18 +369,15 @@ impl GrpcInner {
         .instrument(span)
         .await;
         let took = started.elapsed();
-        if r.is_ok() {
-            if let Some(mut t) = self.workers.get(worker).and_then(|w| w.times.lock().ok()) {
-                t.record(rows, took);
+        if let Some(w) = self.workers.get(worker) {
+            if r.is_ok() {
+                if let Ok(mut t) = w.times.lock() {
+                    t.record(rows, took);
+                }
             }
+            let latency = if r.is_ok() { &w.metrics.ok } else { &w.metrics.error };
+            latency.observe(took.as_secs_f64());
         }
-        self.config.metrics.observe(
-            "moe_dispatch_seconds",
-            "One layer's expert round trip to a worker.",
-            &[("worker", &name), ("outcome", if r.is_ok() { "ok" } else { "error" })],
-            &moe_metrics::LATENCY_BUCKETS,
-            took.as_secs_f64(),
-        );
         (r, out)
     }
 
@@ -502,19 +502,13 @@ impl GrpcInner {
             s = &mut second => {
                 if s.0.is_ok() {
                     // The primary runs on; if it then fails, it missed its deadline.
-                    if let Some(w) = conn {
-                        let metrics = self.config.metrics.clone();
+                    if let Some(w) = conn.clone() {
                         tokio::spawn(async move {
                             if !matches!(primary.await, Ok((Ok(()), _))) {
                                 if let Ok(mut m) = w.missed.lock() {
                                     *m = Some(std::time::Instant::now());
                                 }
-                                metrics.inc(
-                                    "moe_dispatch_missed_deadlines_total",
-                                    "Calls that lost to a hedge and then failed or missed their deadline (the worker is suspected).",
-                                    &[("worker", &w.addr)],
-                                    1.0,
-                                );
+                                w.metrics.missed_deadlines.inc();
                             }
                         });
                     }
@@ -524,12 +518,11 @@ impl GrpcInner {
                 }
             }
         };
-        self.config.metrics.inc(
-            "moe_dispatch_hedges_total",
-            "Dispatches sent to a replica as well because the worker was slow, by which answered first.",
-            &[("worker", &slow), ("winner", winner)],
-            1.0,
-        );
+        if let Some(w) = &conn {
+            let won =
+                if winner == "primary" { &w.metrics.hedge_won_by_primary } else { &w.metrics.hedge_won_by_replica };
+            won.inc();
+        }
         *out = o;
         r
     }

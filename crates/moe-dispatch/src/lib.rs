@@ -23,6 +23,7 @@ mod latency;
 mod membership;
 mod placement;
 mod transport;
+mod worker_metrics;
 
 pub use dispatcher::{Dispatcher, SUSPECT_FOR};
 pub use error::{DispatchError, Result};

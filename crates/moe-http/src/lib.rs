@@ -42,44 +42,35 @@ impl HttpState {
 /// Refreshes the gauges read from elsewhere (engine state, tenant permits, adapter residency),
 /// then renders everything. After load stops these return to their baseline, which tests check.
 async fn metrics(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
+    use moe_router::engine_metrics as em;
     let r = state.engine.metrics();
     let s = state.engine.stats();
     let (total, free) = (s.total_pages.load(Ordering::Relaxed), s.free_pages.load(Ordering::Relaxed));
-    r.set("moe_queue_depth", "Requests waiting for admission.", &[], s.waiting.load(Ordering::Relaxed) as f64);
-    r.set("moe_running_requests", "Requests in the running batch.", &[], s.running.load(Ordering::Relaxed) as f64);
-    r.set("moe_kv_cache_pages_used", "KV-cache pages held by requests.", &[], total.saturating_sub(free) as f64);
-    r.set("moe_kv_cache_pages_total", "KV-cache pages in the pool.", &[], total as f64);
+    em::queue_depth(r).set(s.waiting.load(Ordering::Relaxed) as i64);
+    em::running_requests(r).set(s.running.load(Ordering::Relaxed) as i64);
+    em::kv_pages_used(r).set(total.saturating_sub(free) as i64);
+    em::kv_pages_total(r).set(total as i64);
     if let Some(tenants) = state.engine.tenants() {
+        let in_flight = r.gauge_family::<[(&'static str, String); 1]>(
+            "moe_tenant_in_flight",
+            "Requests of each tenant holding an admission permit.",
+        );
         for t in tenants.all() {
-            r.set(
-                "moe_tenant_in_flight",
-                "Requests of each tenant holding an admission permit.",
-                &[("tenant", &t.name)],
-                t.in_flight() as f64,
-            );
+            in_flight.get_or_create(&[("tenant", t.name.clone())]).set(t.in_flight() as i64);
         }
     }
     if let Some(reg) = state.engine.adapters() {
         let (resident, pinned, bytes) = reg.usage();
-        r.set("moe_adapters_resident", "LoRA adapters resident on this router.", &[], resident as f64);
-        r.set("moe_adapters_pinned", "Resident adapters used by running requests.", &[], pinned as f64);
-        r.set("moe_adapter_bytes", "Bytes of resident adapters.", &[], bytes as f64);
+        r.gauge("moe_adapters_resident", "LoRA adapters resident on this router.").set(resident as i64);
+        r.gauge("moe_adapters_pinned", "Resident adapters used by running requests.").set(pinned as i64);
+        r.gauge("moe_adapter_bytes", "Bytes of resident adapters.").set(bytes as i64);
         let c = reg.counters();
-        r.set("moe_adapter_loads", "Adapter loads since start.", &[], c.loads.load(Ordering::Relaxed) as f64);
-        r.set(
-            "moe_adapter_load_failures",
-            "Adapter loads that failed.",
-            &[],
-            c.load_failures.load(Ordering::Relaxed) as f64,
-        );
-        r.set(
-            "moe_adapter_evictions",
-            "Idle adapters evicted to make room.",
-            &[],
-            c.evictions.load(Ordering::Relaxed) as f64,
-        );
+        let count = |a: &AtomicU64| a.load(Ordering::Relaxed) as i64;
+        r.gauge("moe_adapter_loads", "Adapter loads since start.").set(count(&c.loads));
+        r.gauge("moe_adapter_load_failures", "Adapter loads that failed.").set(count(&c.load_failures));
+        r.gauge("moe_adapter_evictions", "Idle adapters evicted to make room.").set(count(&c.evictions));
     }
-    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], r.render())
+    ([(CONTENT_TYPE, moe_metrics::CONTENT_TYPE)], r.render())
 }
 
 async fn health() -> &'static str {

@@ -1,60 +1,66 @@
-//! `moe-metrics` is the process's metrics registry: counters, gauges and histograms with label
-//! values, rendered in the Prometheus text format (`/metrics`). It is deliberately small: every
-//! metric is named `moe_*` by its owner, label sets are bounded (outcomes, tenants from the
-//! tenants file, workers, (layer, expert) pairs), and recording is a short lock on a map.
+//! `moe-metrics` is the process's metrics registry, a thin layer over `prometheus-client`.
+//! Each metric family is registered once, by name, and its owner keeps the handle it gets back
+//! (a clone shares the same values), so recording is an atomic add with no lookup by name and no
+//! allocation; hot paths (per token, per layer and expert, per worker call) hold metrics or
+//! series handles made up front. Asking for a name a second time returns the family already
+//! registered, so two owners (the engine and the HTTP scrape handler) can share a gauge.
+//! Rendering is the OpenMetrics text format (`/metrics`), which Prometheus scrapes natively.
 //! It knows nothing of what is measured.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::TypedMetric;
+use prometheus_client::registry::Metric;
+use std::any::Any;
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Label values, in the order of the family's label names.
-pub type Labels = Vec<String>;
+pub use prometheus_client::metrics::counter::Counter;
+pub use prometheus_client::metrics::family::Family;
+pub use prometheus_client::metrics::gauge::Gauge;
+pub use prometheus_client::metrics::histogram::Histogram;
 
-#[derive(Clone, Debug)]
-struct Histogram {
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-#[derive(Debug)]
-enum Values {
-    Counter(BTreeMap<Labels, f64>),
-    Gauge(BTreeMap<Labels, f64>),
-    Histogram { buckets: Vec<f64>, series: BTreeMap<Labels, Histogram> },
-}
-
-#[derive(Debug)]
-struct Family {
-    help: String,
-    labels: Vec<String>,
-    values: Values,
-}
-
-/// The registry. Cheap to clone (shared).
-#[derive(Clone, Debug, Default)]
-pub struct Registry {
-    families: Arc<Mutex<BTreeMap<String, Family>>>,
-}
+/// The content type of [`Registry::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Latency buckets in seconds, 1 ms to 60 s.
 pub const LATENCY_BUCKETS: [f64; 14] =
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0];
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+/// A histogram with [`LATENCY_BUCKETS`].
+pub fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
 }
 
-fn label_text(names: &[String], values: &[String], extra: Option<(&str, String)>) -> String {
-    let mut parts: Vec<String> = names.iter().zip(values).map(|(n, v)| format!("{n}=\"{}\"", escape(v))).collect();
-    if let Some((n, v)) = extra {
-        parts.push(format!("{n}=\"{v}\""));
+/// A family of latency histograms, one per label set.
+pub type LatencyFamily<S> = Family<S, Histogram, fn() -> Histogram>;
+
+struct Inner {
+    registry: prometheus_client::registry::Registry,
+    /// What each name was registered as (a clone of the handle), so a second request shares it.
+    known: HashMap<String, Box<dyn Any + Send + Sync>>,
+}
+
+/// The registry. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                registry: prometheus_client::registry::Registry::default(),
+                known: HashMap::new(),
+            })),
+        }
     }
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!("{{{}}}", parts.join(","))
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("families", &self.lock().known.len()).finish()
     }
 }
 
@@ -63,146 +69,144 @@ impl Registry {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Family>> {
-        // Recording never leaves a family half-updated, so a poisoned lock is still consistent.
-        self.families.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Registration never leaves the map half-updated, so a poisoned lock is still consistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn family<'a>(
-        map: &'a mut BTreeMap<String, Family>,
-        name: &str,
-        help: &str,
-        labels: &[&str],
-        make: impl FnOnce() -> Values,
-    ) -> &'a mut Family {
-        map.entry(name.to_string()).or_insert_with(|| Family {
-            help: help.to_string(),
-            labels: labels.iter().map(|s| s.to_string()).collect(),
-            values: make(),
-        })
-    }
-
-    /// Adds `by` to a counter.
-    pub fn inc(&self, name: &str, help: &str, labels: &[(&str, &str)], by: f64) {
-        let mut m = self.lock();
-        let names: Vec<&str> = labels.iter().map(|l| l.0).collect();
-        let f = Self::family(&mut m, name, help, &names, || Values::Counter(BTreeMap::new()));
-        if let Values::Counter(v) = &mut f.values {
-            *v.entry(labels.iter().map(|l| l.1.to_string()).collect()).or_insert(0.0) += by;
+    /// The metric registered as `name`, registering `make()` first if there is none. A name
+    /// already registered with another type is a programming error: the caller then gets an
+    /// unregistered metric (recorded nowhere) rather than a panic in a server.
+    fn get_or_register<M>(&self, name: &str, help: &str, make: impl FnOnce() -> M) -> M
+    where
+        M: Metric + TypedMetric + Clone + Any + Send + Sync,
+    {
+        let mut inner = self.lock();
+        if let Some(existing) = inner.known.get(name) {
+            let found = existing.downcast_ref::<M>().cloned();
+            debug_assert!(found.is_some(), "metric {name} registered twice with different types");
+            return found.unwrap_or_else(make);
         }
+        let metric = make();
+        // prometheus-client appends `_total` to counters itself.
+        let base = match M::TYPE {
+            prometheus_client::metrics::MetricType::Counter => name.strip_suffix("_total").unwrap_or(name),
+            _ => name,
+        };
+        // prometheus-client ends every help text with a period itself.
+        inner.registry.register(base, help.trim_end_matches('.'), metric.clone());
+        inner.known.insert(name.to_string(), Box::new(metric.clone()));
+        metric
     }
 
-    /// Sets a gauge.
-    pub fn set(&self, name: &str, help: &str, labels: &[(&str, &str)], value: f64) {
-        let mut m = self.lock();
-        let names: Vec<&str> = labels.iter().map(|l| l.0).collect();
-        let f = Self::family(&mut m, name, help, &names, || Values::Gauge(BTreeMap::new()));
-        if let Values::Gauge(v) = &mut f.values {
-            v.insert(labels.iter().map(|l| l.1.to_string()).collect(), value);
-        }
+    /// A counter without labels. `name` is the exposed one, ending in `_total`.
+    pub fn counter(&self, name: &str, help: &str) -> Counter {
+        self.get_or_register(name, help, Counter::default)
     }
 
-    /// Records one observation in a histogram with `buckets` (upper bounds, ascending).
-    pub fn observe(&self, name: &str, help: &str, labels: &[(&str, &str)], buckets: &[f64], value: f64) {
-        let mut m = self.lock();
-        let names: Vec<&str> = labels.iter().map(|l| l.0).collect();
-        let f = Self::family(&mut m, name, help, &names, || Values::Histogram {
-            buckets: buckets.to_vec(),
-            series: BTreeMap::new(),
-        });
-        if let Values::Histogram { buckets, series } = &mut f.values {
-            let h = series.entry(labels.iter().map(|l| l.1.to_string()).collect()).or_insert_with(|| Histogram {
-                counts: vec![0; buckets.len()],
-                sum: 0.0,
-                count: 0,
-            });
-            for (i, b) in buckets.iter().enumerate() {
-                if value <= *b {
-                    h.counts[i] += 1;
-                }
-            }
-            h.sum += value;
-            h.count += 1;
-        }
+    /// A gauge without labels.
+    pub fn gauge(&self, name: &str, help: &str) -> Gauge {
+        self.get_or_register(name, help, Gauge::default)
     }
 
-    /// The value of a counter or gauge series (tests and health checks).
-    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let m = self.lock();
-        let key: Labels = labels.iter().map(|l| l.1.to_string()).collect();
-        match &m.get(name)?.values {
-            Values::Counter(v) | Values::Gauge(v) => v.get(&key).copied(),
-            Values::Histogram { series, .. } => series.get(&key).map(|h| h.count as f64),
-        }
+    /// A latency histogram without labels.
+    pub fn latency(&self, name: &str, help: &str) -> Histogram {
+        self.get_or_register(name, help, latency_histogram)
     }
 
-    /// Everything, in the Prometheus text exposition format.
+    /// A family of counters, one per label set (`name` ends in `_total`).
+    pub fn counter_family<S>(&self, name: &str, help: &str) -> Family<S, Counter>
+    where
+        S: EncodeLabelSet + Clone + Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
+    {
+        self.get_or_register(name, help, Family::default)
+    }
+
+    /// A family of gauges, one per label set.
+    pub fn gauge_family<S>(&self, name: &str, help: &str) -> Family<S, Gauge>
+    where
+        S: EncodeLabelSet + Clone + Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
+    {
+        self.get_or_register(name, help, Family::default)
+    }
+
+    /// A family of latency histograms, one per label set.
+    pub fn latency_family<S>(&self, name: &str, help: &str) -> LatencyFamily<S>
+    where
+        S: EncodeLabelSet + Clone + Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
+    {
+        self.get_or_register(name, help, || Family::new_with_constructor(latency_histogram as fn() -> Histogram))
+    }
+
+    /// Everything, in the OpenMetrics text format (ends with `# EOF`).
     pub fn render(&self) -> String {
-        let m = self.lock();
+        let inner = self.lock();
         let mut out = String::new();
-        for (name, f) in m.iter() {
-            let _ = writeln!(out, "# HELP {name} {}", f.help);
-            match &f.values {
-                Values::Counter(v) => {
-                    let _ = writeln!(out, "# TYPE {name} counter");
-                    for (labels, x) in v {
-                        let _ = writeln!(out, "{name}{} {x}", label_text(&f.labels, labels, None));
-                    }
-                }
-                Values::Gauge(v) => {
-                    let _ = writeln!(out, "# TYPE {name} gauge");
-                    for (labels, x) in v {
-                        let _ = writeln!(out, "{name}{} {x}", label_text(&f.labels, labels, None));
-                    }
-                }
-                Values::Histogram { buckets, series } => {
-                    let _ = writeln!(out, "# TYPE {name} histogram");
-                    for (labels, h) in series {
-                        for (b, c) in buckets.iter().zip(&h.counts) {
-                            let le = label_text(&f.labels, labels, Some(("le", b.to_string())));
-                            let _ = writeln!(out, "{name}_bucket{le} {c}");
-                        }
-                        let inf = label_text(&f.labels, labels, Some(("le", "+Inf".into())));
-                        let _ = writeln!(out, "{name}_bucket{inf} {}", h.count);
-                        let l = label_text(&f.labels, labels, None);
-                        let _ = writeln!(out, "{name}_sum{l} {}", h.sum);
-                        let _ = writeln!(out, "{name}_count{l} {}", h.count);
-                    }
-                }
-            }
-        }
+        // Writing to a String cannot fail; an encoder error would only truncate the scrape.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &inner.registry);
         out
     }
+
+    /// The value of one sample as rendered: `name` is the exposed sample name (a counter's ends in
+    /// `_total`, a histogram's `_count` or `_sum`), `labels` the series' labels in order.
+    /// For tests and health checks, not for hot paths.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        sample(&self.render(), name, labels)
+    }
+}
+
+/// The value of the sample `name{labels}` in OpenMetrics or Prometheus text.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let series = if labels.is_empty() {
+        name.to_string()
+    } else {
+        let parts: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
+        format!("{name}{{{}}}", parts.join(","))
+    };
+    text.lines().find_map(|l| l.strip_prefix(series.as_str())?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    type Outcome = [(&'static str, &'static str); 1];
+
     #[test]
-    fn renders_the_text_format() {
+    fn renders_openmetrics_and_shares_families_by_name() {
         let r = Registry::new();
-        r.inc("moe_requests_total", "Requests by outcome.", &[("outcome", "ok")], 1.0);
-        r.inc("moe_requests_total", "Requests by outcome.", &[("outcome", "ok")], 2.0);
-        r.set("moe_queue_depth", "Waiting requests.", &[], 4.0);
-        r.observe("moe_ttft_seconds", "Time to first token.", &[], &[0.1, 1.0], 0.5);
+        let requests = r.counter_family::<Outcome>("moe_requests_total", "Requests by outcome.");
+        requests.get_or_create(&[("outcome", "ok")]).inc();
+        // A second owner asking for the same name shares the same series.
+        let again = r.counter_family::<Outcome>("moe_requests_total", "Requests by outcome.");
+        again.get_or_create(&[("outcome", "ok")]).inc_by(2);
+        r.gauge("moe_queue_depth", "Waiting requests.").set(4);
+        r.latency("moe_ttft_seconds", "Time to first token.").observe(0.5);
         let text = r.render();
-        assert!(text.contains("# TYPE moe_requests_total counter\nmoe_requests_total{outcome=\"ok\"} 3\n"), "{text}");
+        assert!(text.contains("# HELP moe_requests Requests by outcome.\n# TYPE moe_requests counter\n"), "{text}");
+        assert!(text.contains("moe_requests_total{outcome=\"ok\"} 3\n"), "{text}");
         assert!(text.contains("moe_queue_depth 4\n"), "{text}");
-        assert!(
-            text.contains("moe_ttft_seconds_bucket{le=\"0.1\"} 0\nmoe_ttft_seconds_bucket{le=\"1\"} 1\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("moe_ttft_seconds_bucket{le=\"+Inf\"} 1\nmoe_ttft_seconds_sum 0.5\nmoe_ttft_seconds_count 1")
-        );
+        assert!(text.contains("moe_ttft_seconds_bucket{le=\"0.25\"} 0\n"), "{text}");
+        assert!(text.contains("moe_ttft_seconds_bucket{le=\"0.5\"} 1\n"), "{text}");
+        assert!(text.contains("moe_ttft_seconds_sum 0.5\nmoe_ttft_seconds_count 1\n"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
         assert_eq!(r.value("moe_requests_total", &[("outcome", "ok")]), Some(3.0));
+        assert_eq!(r.value("moe_ttft_seconds_count", &[]), Some(1.0));
+        assert_eq!(r.value("moe_queue_depth", &[]), Some(4.0));
+        assert_eq!(r.value("moe_queue", &[]), None);
     }
 
     #[test]
     fn label_values_are_escaped() {
         let r = Registry::new();
-        r.inc("moe_x_total", "x", &[("tenant", "a\"b\\c\nd")], 1.0);
-        assert!(r.render().contains(r#"moe_x_total{tenant="a\"b\\c\nd"} 1"#));
+        let f = r.counter_family::<[(&'static str, String); 1]>("moe_x_total", "x");
+        f.get_or_create(&[("tenant", "a\"b\\c\nd".to_string())]).inc();
+        let text = r.render();
+        assert!(text.contains(r#"moe_x_total{tenant="a\"b\\c\nd"} 1"#), "{text}");
+        assert_eq!(r.value("moe_x_total", &[("tenant", "a\"b\\c\nd")]), Some(1.0));
     }
 }

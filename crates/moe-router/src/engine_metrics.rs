@@ -2,13 +2,34 @@
 //! inter-token and end-to-end latency, tokens in and out per tenant, queue depth, KV pages, and
 //! tokens routed to each (layer, expert), the load that expert placement needs.
 
-use moe_metrics::{Registry, LATENCY_BUCKETS};
+use moe_metrics::{Counter, Family, Gauge, Histogram, LatencyFamily, Registry};
 use std::time::Duration;
 
-/// The engine's view of the registry.
-#[derive(Clone, Debug, Default)]
+type OutcomeLabel = [(&'static str, &'static str); 1];
+type TenantLabel = [(&'static str, String); 1];
+type ExpertLabel = [(&'static str, u32); 2];
+
+/// The engine's metric families, registered once in a [`Registry`] and cloned into whatever
+/// records them. Per-token and per-step recording is an atomic add (no lookup by name, no
+/// allocation); per-request recording with a tenant label builds that one label.
+#[derive(Clone, Debug)]
 pub struct EngineMetrics {
-    pub registry: Registry,
+    requests: Family<OutcomeLabel, Counter>,
+    request_duration: LatencyFamily<OutcomeLabel>,
+    prompt_tokens: Family<TenantLabel, Counter>,
+    generated_tokens: Family<TenantLabel, Counter>,
+    prefix_queried: Family<TenantLabel, Counter>,
+    prefix_hits: Family<TenantLabel, Counter>,
+    prefix_pages: Gauge,
+    prefix_evictable: Gauge,
+    prefix_evicted: Gauge,
+    time_to_first_token: Histogram,
+    inter_token: Histogram,
+    queue_depth: Gauge,
+    running: Gauge,
+    pages_used: Gauge,
+    pages_total: Gauge,
+    expert_tokens: Family<ExpertLabel, Counter>,
 }
 
 /// How an accepted request ended, as the `outcome` label.
@@ -29,107 +50,108 @@ pub fn outcome_label(code: tonic::Code) -> &'static str {
 }
 
 impl EngineMetrics {
+    /// Registers the engine's families in `r` (or finds them there, registered before).
+    pub fn new(r: &Registry) -> Self {
+        Self {
+            requests: r.counter_family("moe_requests_total", "Requests by terminal outcome (or rejection code)."),
+            request_duration: r.latency_family("moe_request_duration_seconds", "End-to-end time of accepted requests."),
+            prompt_tokens: r
+                .counter_family("moe_prompt_tokens_total", "Prompt tokens of accepted requests, by tenant."),
+            generated_tokens: r.counter_family("moe_generated_tokens_total", "Generated tokens, by tenant."),
+            prefix_queried: r.counter_family(
+                "moe_prefix_cache_queries_tokens_total",
+                "Prompt tokens looked up in the prefix cache.",
+            ),
+            prefix_hits: r.counter_family(
+                "moe_prefix_cache_hits_tokens_total",
+                "Prompt tokens whose KV came from the prefix cache.",
+            ),
+            prefix_pages: r.gauge("moe_prefix_cache_pages", "KV pages kept for reuse by the prefix cache."),
+            prefix_evictable: r.gauge("moe_prefix_cache_evictable_pages", "Cached KV pages no running request holds."),
+            prefix_evicted: r
+                .gauge("moe_prefix_cache_evicted_pages", "Cached KV pages evicted to make room (since start)."),
+            time_to_first_token: r
+                .latency("moe_time_to_first_token_seconds", "Time from submission to the first generated token."),
+            inter_token: r.latency("moe_inter_token_latency_seconds", "Time between consecutive tokens of a request."),
+            queue_depth: queue_depth(r),
+            running: running_requests(r),
+            pages_used: kv_pages_used(r),
+            pages_total: kv_pages_total(r),
+            expert_tokens: r
+                .counter_family("moe_expert_tokens_total", "Tokens routed to each expert of each MoE layer."),
+        }
+    }
+
     /// A request's prompt met the prefix cache: `queried` prompt tokens, `hit` of them reused.
     pub fn prefix_cache(&self, tenant: &str, queried: usize, hit: usize) {
-        let r = &self.registry;
-        let labels = [("tenant", tenant)];
-        r.inc(
-            "moe_prefix_cache_queries_tokens_total",
-            "Prompt tokens looked up in the prefix cache.",
-            &labels,
-            queried as f64,
-        );
-        r.inc(
-            "moe_prefix_cache_hits_tokens_total",
-            "Prompt tokens whose KV came from the prefix cache.",
-            &labels,
-            hit as f64,
-        );
+        let labels = [("tenant", tenant.to_string())];
+        self.prefix_queried.get_or_create(&labels).inc_by(queried as u64);
+        self.prefix_hits.get_or_create(&labels).inc_by(hit as u64);
     }
 
     /// The prefix cache's pages: published (`cached`), of which nobody holds `evictable`, and
     /// evictions so far.
     pub fn prefix_pages(&self, cached: usize, evictable: usize, evicted: u64) {
-        let r = &self.registry;
-        r.set("moe_prefix_cache_pages", "KV pages kept for reuse by the prefix cache.", &[], cached as f64);
-        r.set("moe_prefix_cache_evictable_pages", "Cached KV pages no running request holds.", &[], evictable as f64);
-        r.set(
-            "moe_prefix_cache_evicted_pages",
-            "Cached KV pages evicted to make room (since start).",
-            &[],
-            evicted as f64,
-        );
+        self.prefix_pages.set(cached as i64);
+        self.prefix_evictable.set(evictable as i64);
+        self.prefix_evicted.set(evicted as i64);
     }
 
     pub fn first_token(&self, after: Duration) {
-        self.registry.observe(
-            "moe_time_to_first_token_seconds",
-            "Time from submission to the first generated token.",
-            &[],
-            &LATENCY_BUCKETS,
-            after.as_secs_f64(),
-        );
+        self.time_to_first_token.observe(after.as_secs_f64());
     }
 
     pub fn next_token(&self, after: Duration) {
-        self.registry.observe(
-            "moe_inter_token_latency_seconds",
-            "Time between consecutive tokens of a request.",
-            &[],
-            &LATENCY_BUCKETS,
-            after.as_secs_f64(),
-        );
+        self.inter_token.observe(after.as_secs_f64());
     }
 
     /// A request's terminal state (`outcome` from [`outcome_label`]) with its token counts.
-    pub fn ended(&self, outcome: &str, tenant: &str, prompt_tokens: usize, generated: usize, total: Duration) {
-        let r = &self.registry;
-        r.inc("moe_requests_total", "Requests by terminal outcome (or rejection code).", &[("outcome", outcome)], 1.0);
-        r.observe(
-            "moe_request_duration_seconds",
-            "End-to-end time of accepted requests.",
-            &[("outcome", outcome)],
-            &LATENCY_BUCKETS,
-            total.as_secs_f64(),
-        );
-        r.inc(
-            "moe_prompt_tokens_total",
-            "Prompt tokens of accepted requests, by tenant.",
-            &[("tenant", tenant)],
-            prompt_tokens as f64,
-        );
-        r.inc("moe_generated_tokens_total", "Generated tokens, by tenant.", &[("tenant", tenant)], generated as f64);
+    pub fn ended(&self, outcome: &'static str, tenant: &str, prompt_tokens: usize, generated: usize, total: Duration) {
+        let by_outcome = [("outcome", outcome)];
+        self.requests.get_or_create(&by_outcome).inc();
+        self.request_duration.get_or_create(&by_outcome).observe(total.as_secs_f64());
+        let by_tenant = [("tenant", tenant.to_string())];
+        self.prompt_tokens.get_or_create(&by_tenant).inc_by(prompt_tokens as u64);
+        self.generated_tokens.get_or_create(&by_tenant).inc_by(generated as u64);
     }
 
     /// A request refused before it reached the engine.
     pub fn rejected(&self, code: tonic::Code) {
-        self.registry.inc(
-            "moe_requests_total",
-            "Requests by terminal outcome (or rejection code).",
-            &[("outcome", outcome_label(code))],
-            1.0,
-        );
+        self.requests.get_or_create(&[("outcome", outcome_label(code))]).inc();
     }
 
     pub fn state(&self, waiting: usize, running: usize, pages_used: usize, pages_total: usize) {
-        let r = &self.registry;
-        r.set("moe_queue_depth", "Requests waiting for admission.", &[], waiting as f64);
-        r.set("moe_running_requests", "Requests in the running batch.", &[], running as f64);
-        r.set("moe_kv_cache_pages_used", "KV-cache pages held by requests.", &[], pages_used as f64);
-        r.set("moe_kv_cache_pages_total", "KV-cache pages in the pool.", &[], pages_total as f64);
+        self.queue_depth.set(waiting as i64);
+        self.running.set(running as i64);
+        self.pages_used.set(pages_used as i64);
+        self.pages_total.set(pages_total as i64);
     }
 
     /// Adds the tokens routed to each expert (`counts[layer * experts + e]`), then zeroes them.
     pub fn expert_tokens(&self, num_experts: usize, counts: &mut [u64]) {
+        let per_layer = num_experts.max(1);
         for (i, c) in counts.iter_mut().enumerate().filter(|(_, c)| **c > 0) {
-            let (layer, expert) = ((i / num_experts.max(1)).to_string(), (i % num_experts.max(1)).to_string());
-            self.registry.inc(
-                "moe_expert_tokens_total",
-                "Tokens routed to each expert of each MoE layer.",
-                &[("layer", &layer), ("expert", &expert)],
-                *c as f64,
-            );
+            let labels = [("layer", (i / per_layer) as u32), ("expert", (i % per_layer) as u32)];
+            self.expert_tokens.get_or_create(&labels).inc_by(*c);
             *c = 0;
         }
     }
+}
+
+/// Gauges that the engine sets after each step and the HTTP scrape refreshes from the engine's
+/// counters (so they are current even while the engine is idle).
+pub fn queue_depth(r: &Registry) -> Gauge {
+    r.gauge("moe_queue_depth", "Requests waiting for admission.")
+}
+
+pub fn running_requests(r: &Registry) -> Gauge {
+    r.gauge("moe_running_requests", "Requests in the running batch.")
+}
+
+pub fn kv_pages_used(r: &Registry) -> Gauge {
+    r.gauge("moe_kv_cache_pages_used", "KV-cache pages held by requests.")
+}
+
+pub fn kv_pages_total(r: &Registry) -> Gauge {
+    r.gauge("moe_kv_cache_pages_total", "KV-cache pages in the pool.")
 }

@@ -8,7 +8,7 @@
 pub mod access;
 mod detokenize;
 mod engine;
-mod engine_metrics;
+pub mod engine_metrics;
 mod error;
 mod request;
 pub mod resume;

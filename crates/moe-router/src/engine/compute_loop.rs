@@ -100,7 +100,7 @@ impl<B: Backend> ComputeLoop<B> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             stats,
-            metrics: EngineMetrics { registry: config.metrics.clone() },
+            metrics: EngineMetrics::new(&config.metrics),
             config,
             logits: Vec::new(),
             seen: vec![false; vocab],

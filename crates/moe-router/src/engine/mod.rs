@@ -11,6 +11,7 @@ mod emit;
 mod schedule;
 mod step;
 
+use crate::engine_metrics::EngineMetrics;
 use crate::error::RouterError;
 use crate::request::{Event, ValidatedRequest};
 use crate::tenants::Tenants;
@@ -176,6 +177,8 @@ pub struct Engine {
     /// True once [`Engine::begin_shutdown`] ran: open streams end with UNAVAILABLE at once,
     /// even while the compute thread is still inside a long step.
     shutdown: Arc<tokio::sync::watch::Sender<bool>>,
+    /// The engine's families in `config.metrics` (rejections are counted from the async side).
+    recorder: EngineMetrics,
 }
 
 impl Engine {
@@ -207,10 +210,11 @@ impl Engine {
             model_config: Arc::new(model.config.clone()),
             backend_name: model.backend_name(),
             codec,
-            config,
             adapters,
             tenants: None,
             shutdown: Arc::new(tokio::sync::watch::channel(false).0),
+            recorder: EngineMetrics::new(&config.metrics),
+            config,
         })
     }
 
@@ -280,7 +284,7 @@ impl Engine {
 
     /// Counts a request refused before it reached the engine (validation, tenant rules, adapter).
     pub fn record_rejection(&self, e: &RouterError) {
-        crate::engine_metrics::EngineMetrics { registry: self.config.metrics.clone() }.rejected(e.code());
+        self.recorder.rejected(e.code());
     }
 
     /// The metrics registry this engine reports to.

@@ -16,7 +16,7 @@ use std::time::Instant;
 impl<B: Backend> ComputeLoop<B> {
     /// Ends every waiting and running request with `err` (counted as `outcome`), freeing its
     /// pages and pins.
-    pub(super) fn fail_all(&mut self, err: &RouterError, outcome: &str) {
+    pub(super) fn fail_all(&mut self, err: &RouterError, outcome: &'static str) {
         for mut w in self.waiting.drain(..) {
             w.req.adapter = None;
             self.metrics.ended(outcome, w.tenant(), w.req.prompt.len(), 0, w.submitted.elapsed());
