@@ -2,7 +2,8 @@
 //! with a lease and disappear when killed (after the TTL) or drained (at once); a router follows
 //! etcd, fails over to a replica when a worker dies, answers UNAVAILABLE naming the experts when
 //! none is left, is ready again when a new holder registers, and refuses another model's worker.
-//! A record deleted under a live lease comes back; a duplicate `--worker-id` is refused.
+//! A record deleted under a live lease comes back; a duplicate `--worker-id` is refused; a
+//! blackholed path to etcd is detected and the watch re-reads through another endpoint.
 
 mod common;
 
@@ -79,6 +80,47 @@ fn base64(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// Puts a worker record `id` under `cluster` through etcd's JSON gateway at `url`.
+fn put_record(rt: &tokio::runtime::Runtime, url: &str, cluster: &str, id: &str) {
+    let record = WorkerRecord {
+        id: id.into(),
+        address: format!("127.0.0.1:{}", free_port()),
+        experts: vec![(0, vec![0])],
+        device: "cpu".into(),
+        fingerprint: "f".into(),
+        version: "v".into(),
+    };
+    let value = serde_json::to_vec(&record).expect("json");
+    let key = format!("/moe/{cluster}/workers/{id}");
+    rt.block_on(async {
+        let body = serde_json::json!({"key": base64(key.as_bytes()), "value": base64(&value)});
+        let r = reqwest::Client::new().post(format!("{url}/v3/kv/put")).json(&body).send().await;
+        assert!(r.expect("put").status().is_success());
+    });
+}
+
+/// A watch whose path to etcd goes silent (a relay that holds all traffic without closing the
+/// connection, as a blackholed member or a dropped route does) is found broken by the HTTP/2
+/// keepalive within a bounded time, and the table is read again through the other endpoint: a
+/// worker registered during the blackhole is seen. (Without keepalives the watch would wait on
+/// the silent connection forever and the table would stay stale.) The watch uses one endpoint at
+/// a time, the first in the list first, so it is the blackholed one.
+#[test]
+fn a_blackholed_etcd_path_is_detected_and_the_watch_resyncs_through_another() {
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let Some(etcd) = Etcd::start() else { return };
+    let (first, second) = (relay::Relay::start(&etcd.url()), relay::Relay::start(&etcd.url()));
+    let members = watch_all(&rt, &format!("http://{},http://{}", first.addr, second.addr), "blackhole");
+    put_record(&rt, &etcd.url(), "blackhole", "before");
+    eventually("the watch sees the first record", 10, || members.borrow().iter().any(|r| r.id == "before"));
+    first.set_partitioned(true);
+    let started = std::time::Instant::now();
+    put_record(&rt, &etcd.url(), "blackhole", "during");
+    eventually("the record put during the blackhole", 30, || members.borrow().iter().any(|r| r.id == "during"));
+    eprintln!("re-synced {:?} after the blackhole began", started.elapsed());
+    assert!(members.borrow().iter().any(|r| r.id == "before"), "the re-read lost the first record");
 }
 
 /// An operator's `etcdctl del`: a worker's record deleted while its lease lives comes back

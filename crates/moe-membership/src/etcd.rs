@@ -2,7 +2,7 @@
 //! loops retry with backoff forever (connection errors are logged, never fatal after start) and
 //! stop when their cancellation token fires. Connections send HTTP/2 and TCP keepalives and
 //! require a leader, so a blackholed or partitioned etcd member breaks the stream (and the loop
-//! starts over, through any member) instead of leaving it silent; every wait in the worker's
+//! starts over, through the next member in the list) instead of leaving it silent; every wait in the worker's
 //! lease loop is bounded; a watch whose revision was compacted reads the prefix again; a
 //! worker whose record is deleted while its lease lives puts it back.
 
@@ -30,6 +30,21 @@ impl EtcdOptions {
     }
 
     async fn connect(&self) -> Result<Client> {
+        self.connect_to(&self.endpoints).await
+    }
+
+    /// A client of the `turn`-th endpoint alone (round the list). The long-lived loops use one
+    /// endpoint per session and move to the next after a failure: a blackholed member still
+    /// completes the HTTP/2 handshake, so a client balancing over all endpoints would keep
+    /// choosing it at random, while a rotation reaches a healthy member on the next session.
+    async fn connect_turn(&self, turn: usize) -> Result<Client> {
+        match self.endpoints.len() {
+            0 => Err(crate::MembershipError::Invalid("no etcd endpoints given".into())),
+            n => self.connect_to(std::slice::from_ref(&self.endpoints[turn % n])).await,
+        }
+    }
+
+    async fn connect_to(&self, endpoints: &[String]) -> Result<Client> {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
@@ -47,7 +62,7 @@ impl EtcdOptions {
             opts =
                 opts.with_tls(etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(pem)));
         }
-        Ok(Client::connect(&self.endpoints, Some(opts)).await?)
+        Ok(Client::connect(endpoints, Some(opts)).await?)
     }
 }
 
@@ -111,13 +126,13 @@ pub async fn register_worker(opts: EtcdOptions, record: WorkerRecord, ttl: Durat
         }
     };
     let ttl_secs = ttl.as_secs().max(1) as i64;
-    let mut attempt = 0u32;
+    let (mut attempt, mut turn) = (0u32, 0usize);
     loop {
         if cancel.is_cancelled() {
             return;
         }
         let session = async {
-            let mut client = opts.connect().await?;
+            let mut client = opts.connect_turn(turn).await?;
             let lease = client.lease_grant(ttl_secs, None).await?.id();
             client.put(key.as_str(), value.as_str(), Some(PutOptions::new().with_lease(lease))).await?;
             tracing::info!(key = %key, lease, "registered in etcd");
@@ -159,7 +174,10 @@ pub async fn register_worker(opts: EtcdOptions, record: WorkerRecord, ttl: Durat
         match session.await {
             Ok(true) => return,
             Ok(false) => attempt = 0,
-            Err(e) => tracing::warn!(error = %e, "etcd registration failed; retrying"),
+            Err(e) => {
+                tracing::warn!(error = %e, "etcd registration failed; retrying through the next endpoint");
+                turn += 1;
+            }
         }
         if !backoff(&mut attempt, &cancel).await {
             return;
@@ -171,10 +189,10 @@ pub async fn register_worker(opts: EtcdOptions, record: WorkerRecord, ttl: Durat
 /// next revision; after any error it reads the prefix again (so nothing is missed or replayed).
 pub async fn watch_workers(opts: EtcdOptions, tx: watch::Sender<Vec<WorkerRecord>>, cancel: CancellationToken) {
     let prefix = opts.prefix();
-    let mut attempt = 0u32;
+    let (mut attempt, mut turn) = (0u32, 0usize);
     loop {
         let session = async {
-            let mut client = opts.connect().await?;
+            let mut client = opts.connect_turn(turn).await?;
             let resp = client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())).await?;
             let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             let mut live: BTreeMap<String, WorkerRecord> = BTreeMap::new();
@@ -227,7 +245,10 @@ pub async fn watch_workers(opts: EtcdOptions, tx: watch::Sender<Vec<WorkerRecord
             _ = cancel.cancelled() => return,
             r = session => match r {
                 Ok(()) => return,
-                Err(e) => tracing::warn!(error = %e, "etcd watch failed; reading the prefix again"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "etcd watch failed; reading the prefix again through the next endpoint");
+                    turn += 1;
+                }
             },
         }
         if !backoff(&mut attempt, &cancel).await {
