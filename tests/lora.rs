@@ -251,3 +251,61 @@ fn bad_adapters_are_refused_naming_the_module() {
     let e = try_load(&other);
     assert!(e.contains("self_attn.q_proj") && e.contains("lora_B is [96, 4]"), "{e}");
 }
+
+async fn generate_with(addr: &str, adapter: &str) -> Result<Vec<u32>, tonic::Status> {
+    use moe_proto::v1::{generate_request::Prompt, inference_client::InferenceClient};
+    use moe_proto::v1::{GenerateRequest, SamplingParams, TokenIds};
+    let mut c = InferenceClient::connect(format!("http://{addr}")).await.expect("connect");
+    let req = GenerateRequest {
+        prompt: Some(Prompt::TokenIds(TokenIds { ids: vec![1, 2, 3, 4, 5] })),
+        sampling: Some(SamplingParams { max_new_tokens: Some(8), ..Default::default() }),
+        adapter_id: adapter.into(),
+        ..Default::default()
+    };
+    c.generate(req).await.map(|r| r.into_inner().token_ids)
+}
+
+/// An adapter's files replaced in place on the volume a router and two worker processes share:
+/// the router notices at the next request and reloads, the workers load the version it names
+/// (by digest), and the request gives what the new files give (the same tokens as another id
+/// holding those files), with no failed request. Before, the router kept its old copy, the
+/// workers loaded the new files, and every request failed on the digest mismatch.
+#[test]
+fn an_adapter_replaced_in_place_is_reloaded_by_the_router_and_its_workers() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = fixture("mixtral");
+    let ads = tmp.path().join("adapters");
+    write_random_adapter(&model, &ads.join("a"), &["gate", "experts", "q"], 4, 11);
+    write_random_adapter(&model, &ads.join("b"), &["gate", "experts", "q"], 4, 12);
+    let (m, a) = (model.to_str().expect("utf8"), ads.to_str().expect("utf8"));
+    let workers: Vec<Server> = ["shard:0/2", "shard:1/2"]
+        .iter()
+        .map(|s| spawn_server(&["worker", "--model", m, "--experts", s, "--listen", "127.0.0.1:0", "--adapter-dir", a]))
+        .collect();
+    let addrs = workers.iter().map(|w| w.addr.clone()).collect::<Vec<_>>().join(",");
+    let router =
+        spawn_server(&["router", "--model", m, "--workers", &addrs, "--listen", "127.0.0.1:0", "--adapter-dir", a]);
+    let before = rt.block_on(generate_with(&router.addr, "a")).expect("a before the update");
+    let b = rt.block_on(generate_with(&router.addr, "b")).expect("b");
+    assert_ne!(before, b, "the two adapters must differ for this test to mean anything");
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::copy(ads.join("b").join(f), ads.join("a").join(f)).expect("replace in place");
+    }
+    // Within about a second (the router's file check interval) the new version serves; until
+    // then the old one does, consistently; no request fails on the way.
+    let started = std::time::Instant::now();
+    loop {
+        let after = rt.block_on(generate_with(&router.addr, "a")).map_err(|s| s.message().to_string());
+        let after = after.unwrap_or_else(|e| panic!("a request failed after the update: {e}"));
+        if after == b {
+            break;
+        }
+        assert_eq!(after, before, "neither the old nor the new version");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "the update was not picked up");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for _ in 0..2 {
+        assert_eq!(rt.block_on(generate_with(&router.addr, "a")).map_err(|s| s.message().to_string()), Ok(b.clone()));
+    }
+}

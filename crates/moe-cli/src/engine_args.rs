@@ -106,6 +106,7 @@ impl AdapterServeArgs {
                 max_adapters: self.max_adapters,
                 max_bytes: self.max_adapter_mb.saturating_mul(1 << 20),
                 max_rank: self.max_lora_rank,
+                ..Default::default()
             },
         })
     }

@@ -70,6 +70,7 @@ pub fn run(a: WorkerArgs, device: moe_compute::Device) -> anyhow::Result<()> {
             max_adapters: a.max_adapters,
             max_bytes: a.max_adapter_mb.saturating_mul(1 << 20),
             max_rank: a.max_lora_rank,
+            ..Default::default()
         };
         options.adapters = Some((dir.clone(), limits));
     }

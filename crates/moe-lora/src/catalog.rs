@@ -6,6 +6,7 @@
 use crate::error::{LoraError, Result};
 use crate::registry::{AdapterInfo, AdapterRegistry, RegistryCounters, RegistryLimits, Resident};
 use moe_model::AdapterIdentity;
+use std::any::Any;
 use std::sync::Arc;
 
 /// A resident adapter held for a request: while it lives the adapter is neither evicted nor
@@ -13,7 +14,9 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct AdapterPin {
     identity: AdapterIdentity,
-    held: Arc<dyn Resident>,
+    /// The registry's `Arc<T>`, typed away: the compute side gets it back by downcasting, so a
+    /// pin stays usable after the registry replaced the version (files changed in place).
+    held: Arc<dyn Any + Send + Sync>,
 }
 
 impl AdapterPin {
@@ -45,7 +48,8 @@ pub trait AdapterCatalog: Send + Sync {
     fn usage(&self) -> (usize, usize, usize);
     /// Loads, failed loads and evictions since start.
     fn counters(&self) -> &RegistryCounters;
-    /// The adapter `id`, pinned, if it is resident (never blocks).
+    /// The adapter `id`, pinned, if it is resident and its files were checked recently (never
+    /// blocks; `None` sends the caller to [`Self::pin`], which looks at the files).
     fn pin_resident(&self, id: &str) -> Option<AdapterPin>;
     /// The adapter `id`, pinned, loading it if needed: call from a blocking context.
     fn pin(&self, id: &str) -> Result<AdapterPin>;
@@ -83,7 +87,7 @@ impl<T: Resident> AdapterCatalog for AdapterRegistry<T> {
         &self.counters
     }
     fn pin_resident(&self, id: &str) -> Option<AdapterPin> {
-        self.get_resident(id).map(pin_of)
+        self.get_checked(id).map(pin_of)
     }
     fn pin(&self, id: &str) -> Result<AdapterPin> {
         self.acquire(id).map(pin_of)
@@ -91,16 +95,12 @@ impl<T: Resident> AdapterCatalog for AdapterRegistry<T> {
 }
 
 impl<T: Resident> AdapterRegistry<T> {
-    /// The weights a pin holds. A pinned adapter cannot be unloaded or replaced, so this only
-    /// fails when the pin came from another registry.
+    /// The weights a pin holds: the version pinned, even when the registry has since loaded a
+    /// newer one. Fails only when the pin came from a registry of another kind.
     pub fn resolve(&self, pin: &AdapterPin) -> Result<Arc<T>> {
-        let same = |v: &Arc<T>| std::ptr::addr_eq(Arc::as_ptr(v), Arc::as_ptr(&pin.held));
-        match self.get_resident(pin.id()) {
-            Some(v) if same(&v) => Ok(v),
-            _ => Err(LoraError::NotFound {
-                id: pin.id().to_string(),
-                why: "the pinned adapter is not this registry's".into(),
-            }),
-        }
+        pin.held.clone().downcast::<T>().map_err(|_| LoraError::NotFound {
+            id: pin.id().to_string(),
+            why: "the pinned adapter is not this registry's".into(),
+        })
     }
 }

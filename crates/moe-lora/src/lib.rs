@@ -11,6 +11,7 @@
 mod catalog;
 mod config;
 mod error;
+mod freshness;
 mod load;
 mod peft;
 mod registry;
@@ -18,9 +19,10 @@ mod registry;
 pub use catalog::{AdapterCatalog, AdapterPin};
 pub use config::{PeftConfig, TargetModules};
 pub use error::{LoraError, Result};
+pub use freshness::FileStamp;
 pub use load::{load_adapter, AdapterParts};
 pub use peft::{AdapterManifest, FusedProj, LoraTarget, ModuleKind, TargetModule};
 pub use registry::{
     validate_id, validate_rel_path, AdapterInfo, AdapterRegistry, RegistryCounters, RegistryLimits, Resident,
-    DEFAULT_MAX_RANK,
+    DEFAULT_MAX_RANK, RECHECK_AFTER,
 };

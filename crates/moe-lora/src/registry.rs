@@ -5,14 +5,23 @@
 //! `Arc` while it uses the adapter: that is the pin, and pinned adapters are never evicted or
 //! unloaded. Room for a new adapter is made by evicting the least recently used idle ones within
 //! the count and byte limits; when every resident adapter is pinned, the new one is refused.
+//!
+//! Adapters change in place on a shared volume. A router (which names versions) notices changed
+//! files at the next use and reloads deliberately: new requests get the new version, running ones
+//! keep the one they pinned, and files that do not load leave the loaded version serving. A worker
+//! (told a version by its digest) keeps the version it replaced as `superseded`, so requests that
+//! started before the change still find theirs, and remembers a digest its files do not have
+//! until they change, so a stale router's messages are refused without rereading the files.
 
 use crate::error::{LoraError, Result};
+use crate::freshness::{FileStamp, Mismatch};
 use moe_compute::Backend;
 use moe_model::{AdapterIdentity, AdapterWeights};
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// Something held in the registry.
 pub trait Resident: Send + Sync + 'static {
@@ -39,11 +48,14 @@ pub struct RegistryLimits {
     pub max_bytes: usize,
     /// Adapters with a module of higher rank are refused at load.
     pub max_rank: usize,
+    /// How long a resident adapter's files are trusted before the request path looks at them
+    /// again (a router notices an in-place update within this).
+    pub recheck_files: Duration,
 }
 
 impl Default for RegistryLimits {
     fn default() -> Self {
-        Self { max_adapters: 64, max_bytes: 4 << 30, max_rank: DEFAULT_MAX_RANK }
+        Self { max_adapters: 64, max_bytes: 4 << 30, max_rank: DEFAULT_MAX_RANK, recheck_files: RECHECK_AFTER }
     }
 }
 
@@ -96,13 +108,34 @@ pub fn validate_rel_path(path: &str) -> Result<()> {
 struct Entry<T> {
     value: Arc<T>,
     last_used: u64,
+    /// The files' stamp just before they were read.
+    stamp: FileStamp,
+    /// When the stamp was last compared with the files.
+    checked: Instant,
 }
+
+/// The default [`RegistryLimits::recheck_files`]: the request path uses a version checked this
+/// recently without any file system call.
+pub const RECHECK_AFTER: Duration = Duration::from_secs(1);
 
 struct State<T> {
     resident: HashMap<String, Entry<T>>,
+    /// The version each id had before its files changed (workers), evicted before any other.
+    superseded: HashMap<String, Entry<T>>,
     /// Ids given a path by `load`; others live at `<root>/<id>`.
     paths: HashMap<String, String>,
+    /// Per id, the last digest asked for that its files did not have.
+    mismatches: HashMap<String, Mismatch>,
     tick: u64,
+}
+
+/// Which version a load wants.
+#[derive(Clone, Copy)]
+enum Want<'a> {
+    /// Whatever the files hold now (a router).
+    Current,
+    /// Exactly this digest (a worker, told by a router).
+    Digest(&'a str),
 }
 
 type Loader<T> = dyn Fn(&Path, AdapterIdentity) -> Result<T> + Send + Sync;
@@ -137,7 +170,13 @@ impl<T: Resident> AdapterRegistry<T> {
             root,
             limits,
             loader: Box::new(loader),
-            state: Mutex::new(State { resident: HashMap::new(), paths: HashMap::new(), tick: 0 }),
+            state: Mutex::new(State {
+                resident: HashMap::new(),
+                superseded: HashMap::new(),
+                paths: HashMap::new(),
+                mismatches: HashMap::new(),
+                tick: 0,
+            }),
             loading: Mutex::new(HashMap::new()),
             counters: RegistryCounters::default(),
         }
@@ -167,19 +206,58 @@ impl<T: Resident> AdapterRegistry<T> {
         Some(e.value.clone())
     }
 
+    /// The resident adapter `id`, pinned, if its files were compared with it within
+    /// `recheck_files` (no file system call: for the async request path).
+    pub fn get_checked(&self, id: &str) -> Option<Arc<T>> {
+        let mut st = self.state();
+        st.tick += 1;
+        let tick = st.tick;
+        let fresh_for = self.limits.recheck_files;
+        let e = st.resident.get_mut(id).filter(|e| e.checked.elapsed() < fresh_for)?;
+        e.last_used = tick;
+        Some(e.value.clone())
+    }
+
     fn path_of(&self, id: &str) -> String {
         self.state().paths.get(id).cloned().unwrap_or_else(|| id.to_string())
     }
 
-    /// The adapter `id`, loading it if needed. Blocks while loading: call it from a blocking
-    /// context. The returned `Arc` pins it.
+    /// The adapter `id`, loading it if needed, or reloading it if its files changed since (a
+    /// reload that fails leaves the loaded version serving, until the files change again).
+    /// Blocks while loading: call it from a blocking context. The returned `Arc` pins it.
     pub fn acquire(&self, id: &str) -> Result<Arc<T>> {
         validate_id(id)?;
-        if let Some(v) = self.get_resident(id) {
-            return Ok(v);
-        }
         let path = self.path_of(id);
-        self.load_as(id, &path, None)
+        let Some(loaded) = self.get_resident(id) else { return self.load_as(id, &path, Want::Current) };
+        let Some(now) = self.changed_stamp(id, &path) else { return Ok(loaded) };
+        match self.load_as(id, &path, Want::Current) {
+            Ok(new) => {
+                let (old, new_digest) = (&loaded.identity().digest, &new.identity().digest);
+                tracing::info!(adapter = %id, old = %old, new = %new_digest, "adapter files changed; reloaded");
+                Ok(new)
+            }
+            Err(e) => {
+                tracing::warn!(adapter = %id, error = %e, "adapter files changed but do not load; the loaded version serves on");
+                if let Some(entry) = self.state().resident.get_mut(id) {
+                    entry.stamp = now;
+                }
+                Ok(loaded)
+            }
+        }
+    }
+
+    /// The stamp of `id`'s files now, when it differs from the resident version's (unless that
+    /// was checked within `recheck_files`).
+    fn changed_stamp(&self, id: &str, rel: &str) -> Option<FileStamp> {
+        let recent = |e: &Entry<T>| e.checked.elapsed() < self.limits.recheck_files;
+        if self.state().resident.get(id).is_none_or(recent) {
+            return None;
+        }
+        let now = FileStamp::of(&self.root.as_ref()?.join(rel));
+        let mut st = self.state();
+        let e = st.resident.get_mut(id)?;
+        e.checked = Instant::now();
+        (e.stamp != now).then_some(now)
     }
 
     /// The adapter with this identity (a worker, told by a router which version to use); a
@@ -192,7 +270,7 @@ impl<T: Resident> AdapterRegistry<T> {
                 return Ok(v);
             }
         }
-        self.load_as(&identity.id, &identity.path, Some(&identity.digest))
+        self.load_as(&identity.id, &identity.path, Want::Digest(&identity.digest))
     }
 
     /// Registers `id` at `rel_path` under the adapter dir and loads it now.
@@ -200,18 +278,15 @@ impl<T: Resident> AdapterRegistry<T> {
         validate_id(id)?;
         let rel = if rel_path.is_empty() { id } else { rel_path };
         validate_rel_path(rel)?;
-        if let Some(v) = self.get_resident(id) {
-            if v.identity().path == rel {
-                return Ok(v);
-            }
+        if self.get_resident(id).is_some_and(|v| v.identity().path != rel) {
             self.unload(id)?;
         }
-        let v = self.load_as(id, rel, None)?;
+        let v = self.load_as(id, rel, Want::Current)?;
         self.state().paths.insert(id.to_string(), rel.to_string());
         Ok(v)
     }
 
-    fn load_as(&self, id: &str, rel: &str, digest: Option<&str>) -> Result<Arc<T>> {
+    fn load_as(&self, id: &str, rel: &str, want: Want<'_>) -> Result<Arc<T>> {
         validate_rel_path(rel)?;
         let root = self.root.as_ref().ok_or(LoraError::NoStore)?;
         let gate = {
@@ -220,7 +295,7 @@ impl<T: Resident> AdapterRegistry<T> {
         };
         let result = {
             let _one_load = gate.lock().unwrap_or_else(|p| p.into_inner());
-            self.load_gated(root, id, rel, digest)
+            self.load_gated(root, id, rel, want)
         };
         // The gate goes when no other load of this id waits on it, so ids that were asked for
         // (existing or not) do not pile up.
@@ -231,14 +306,37 @@ impl<T: Resident> AdapterRegistry<T> {
         result
     }
 
-    /// Loads `id` while holding its gate (one load per id at a time).
-    fn load_gated(&self, root: &Path, id: &str, rel: &str, digest: Option<&str>) -> Result<Arc<T>> {
-        if let Some(v) = self.get_resident(id) {
-            if v.identity().path == rel && digest.is_none_or(|d| d == v.identity().digest) {
-                return Ok(v);
-            }
+    /// A loaded version of `id` at `rel` that is what `want` asks for (given the files' `stamp`
+    /// now), or a remembered refusal of that digest.
+    fn already(&self, id: &str, rel: &str, want: Want<'_>, stamp: FileStamp) -> Option<Result<Arc<T>>> {
+        let mut st = self.state();
+        st.tick += 1;
+        let tick = st.tick;
+        let State { resident, superseded, mismatches, .. } = &mut *st;
+        let fits = |e: &Entry<T>| {
+            e.value.identity().path == rel
+                && match want {
+                    Want::Current => e.stamp == stamp,
+                    Want::Digest(d) => e.value.identity().digest == d,
+                }
+        };
+        let candidates = [resident.get_mut(id), superseded.get_mut(id)];
+        if let Some(e) = candidates.into_iter().flatten().find(|e| fits(e)) {
+            e.last_used = tick;
+            return Some(Ok(e.value.clone()));
         }
+        let Want::Digest(d) = want else { return None };
+        let m = mismatches.get(id).filter(|m| m.wanted == d && m.stamp == stamp)?;
+        Some(Err(LoraError::DigestMismatch { id: id.into(), expected: d.into(), got: m.got.clone() }))
+    }
+
+    /// Loads `id` while holding its gate (one load per id at a time).
+    fn load_gated(&self, root: &Path, id: &str, rel: &str, want: Want<'_>) -> Result<Arc<T>> {
         let dir = root.join(rel);
+        let stamp = FileStamp::of(&dir);
+        if let Some(done) = self.already(id, rel, want, stamp) {
+            return done;
+        }
         if !dir.join(crate::peft::CONFIG_FILE).is_file() {
             self.counters.load_failures.fetch_add(1, Ordering::Relaxed);
             return Err(LoraError::NotFound {
@@ -250,23 +348,28 @@ impl<T: Resident> AdapterRegistry<T> {
         let value = (self.loader)(&dir, identity).inspect_err(|_| {
             self.counters.load_failures.fetch_add(1, Ordering::Relaxed);
         })?;
-        if let Some(d) = digest {
+        if let Want::Digest(d) = want {
             if value.identity().digest != d {
                 self.counters.load_failures.fetch_add(1, Ordering::Relaxed);
-                return Err(LoraError::DigestMismatch {
-                    id: id.into(),
-                    expected: d.into(),
-                    got: value.identity().digest.clone(),
-                });
+                let got = value.identity().digest.clone();
+                let m = Mismatch { wanted: d.into(), got: got.clone(), stamp };
+                self.state().mismatches.insert(id.to_string(), m);
+                return Err(LoraError::DigestMismatch { id: id.into(), expected: d.into(), got });
             }
         }
         let value = Arc::new(value);
         let mut st = self.state();
-        st.resident.remove(id);
+        st.mismatches.remove(id);
+        if let Some(old) = st.resident.remove(id) {
+            if old.value.identity().digest != value.identity().digest {
+                st.superseded.insert(id.to_string(), old);
+            }
+        }
         self.make_room(&mut st, id, value.bytes())?;
         st.tick += 1;
         let tick = st.tick;
-        st.resident.insert(id.to_string(), Entry { value: value.clone(), last_used: tick });
+        let entry = Entry { value: value.clone(), last_used: tick, stamp, checked: Instant::now() };
+        st.resident.insert(id.to_string(), entry);
         self.counters.loads.fetch_add(1, Ordering::Relaxed);
         Ok(value)
     }
@@ -280,16 +383,18 @@ impl<T: Resident> AdapterRegistry<T> {
             )));
         }
         loop {
-            let used: usize = st.resident.values().map(|e| e.value.bytes()).sum();
+            let used: usize = st.resident.values().chain(st.superseded.values()).map(|e| e.value.bytes()).sum();
             if st.resident.len() < self.limits.max_adapters && used + bytes <= self.limits.max_bytes {
                 return Ok(());
             }
-            let victim = st
-                .resident
-                .iter()
-                .filter(|(_, e)| Arc::strong_count(&e.value) == 1)
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(k, _)| k.clone());
+            let idle =
+                |(k, e): (&String, &Entry<T>)| (Arc::strong_count(&e.value) == 1).then(|| (e.last_used, k.clone()));
+            // A superseded version that nobody holds goes first, then the least recently used.
+            if let Some((_, old)) = st.superseded.iter().filter_map(idle).min() {
+                st.superseded.remove(&old);
+                continue;
+            }
+            let victim = st.resident.iter().filter_map(idle).min().map(|(_, k)| k);
             match victim {
                 Some(v) => {
                     st.resident.remove(&v);
@@ -319,6 +424,10 @@ impl<T: Resident> AdapterRegistry<T> {
         }
         st.resident.remove(id);
         st.paths.remove(id);
+        st.mismatches.remove(id);
+        if st.superseded.get(id).is_some_and(|e| Arc::strong_count(&e.value) == 1) {
+            st.superseded.remove(id);
+        }
         Ok(())
     }
 
@@ -355,7 +464,8 @@ impl<T: Resident> AdapterRegistry<T> {
     pub fn usage(&self) -> (usize, usize, usize) {
         let st = self.state();
         let pinned = st.resident.values().filter(|e| Arc::strong_count(&e.value) > 1).count();
-        (st.resident.len(), pinned, st.resident.values().map(|e| e.value.bytes()).sum())
+        let bytes = st.resident.values().chain(st.superseded.values()).map(|e| e.value.bytes()).sum();
+        (st.resident.len(), pinned, bytes)
     }
 }
 
@@ -440,5 +550,73 @@ mod tests {
         let (_d, reg) = registry(4, 100);
         assert!(matches!(reg.acquire("missing"), Err(LoraError::NotFound { .. })));
         assert!(matches!(reg.load("x", "../a"), Err(LoraError::InvalidId { .. })));
+    }
+
+    /// A registry over one adapter "a" whose digest is its config file's text ("bad" fails to
+    /// load), counting the loader's calls.
+    fn versioned() -> (tempfile::TempDir, AdapterRegistry<Fake>, Arc<AtomicU64>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("a")).unwrap();
+        std::fs::write(dir.path().join("a/adapter_config.json"), "v1").unwrap();
+        let calls = Arc::new(AtomicU64::new(0));
+        let counted = calls.clone();
+        let limits = RegistryLimits { recheck_files: Duration::ZERO, ..Default::default() };
+        let reg = AdapterRegistry::new(Some(dir.path().into()), limits, move |d, mut i| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            let text = std::fs::read_to_string(d.join("adapter_config.json")).unwrap();
+            if text == "bad" {
+                return Err(LoraError::Unsupported { adapter: i.id, message: "bad".into() });
+            }
+            i.digest = text;
+            Ok(Fake(i, 10))
+        });
+        (dir, reg, calls)
+    }
+
+    fn rewrite(dir: &tempfile::TempDir, text: &str) {
+        std::fs::write(dir.path().join("a/adapter_config.json"), text).unwrap();
+    }
+
+    #[test]
+    fn a_router_reloads_changed_files_and_keeps_serving_when_they_do_not_load() {
+        let (dir, reg, calls) = versioned();
+        let v1 = reg.acquire("a").unwrap();
+        assert_eq!(reg.acquire("a").unwrap().identity().digest, "v1");
+        assert_eq!(calls.load(Ordering::Relaxed), 1, "an unchanged adapter is not read again");
+        rewrite(&dir, "v2-longer");
+        assert_eq!(reg.acquire("a").unwrap().identity().digest, "v2-longer");
+        assert_eq!(v1.identity().digest, "v1", "a running request keeps the version it pinned");
+        rewrite(&dir, "bad");
+        assert_eq!(reg.acquire("a").unwrap().identity().digest, "v2-longer");
+        let after_bad = calls.load(Ordering::Relaxed);
+        assert_eq!(reg.acquire("a").unwrap().identity().digest, "v2-longer");
+        assert_eq!(calls.load(Ordering::Relaxed), after_bad, "files that failed are not read on every use");
+        rewrite(&dir, "v3-fixed");
+        assert_eq!(reg.acquire("a").unwrap().identity().digest, "v3-fixed");
+    }
+
+    #[test]
+    fn a_worker_keeps_the_superseded_version_and_remembers_a_mismatch() {
+        let (dir, reg, calls) = versioned();
+        let want = |d: &str| AdapterIdentity { id: "a".into(), path: "a".into(), digest: d.into() };
+        reg.acquire_identity(&want("v1")).unwrap();
+        rewrite(&dir, "v2-longer");
+        reg.acquire_identity(&want("v2-longer")).unwrap();
+        let loads = calls.load(Ordering::Relaxed);
+        // A request that started before the change still gets its version, without a load.
+        assert_eq!(reg.acquire_identity(&want("v1")).unwrap().identity().digest, "v1");
+        assert_eq!(calls.load(Ordering::Relaxed), loads);
+        // A digest the files do not have is refused, and refused again without reading them.
+        assert!(matches!(reg.acquire_identity(&want("v9")), Err(LoraError::DigestMismatch { .. })));
+        assert_eq!(calls.load(Ordering::Relaxed), loads + 1);
+        for _ in 0..5 {
+            assert!(matches!(reg.acquire_identity(&want("v9")), Err(LoraError::DigestMismatch { .. })));
+        }
+        assert_eq!(calls.load(Ordering::Relaxed), loads + 1, "a mismatch verdict is cached");
+        rewrite(&dir, "v9");
+        assert_eq!(reg.acquire_identity(&want("v9")).unwrap().identity().digest, "v9");
+        // Only one superseded version is kept per id.
+        assert!(reg.acquire_identity(&want("v2-longer")).is_ok());
+        assert!(matches!(reg.acquire_identity(&want("v1")), Err(LoraError::DigestMismatch { .. })));
     }
 }
