@@ -3,7 +3,8 @@
 //! etcd, fails over to a replica when a worker dies, answers UNAVAILABLE naming the experts when
 //! none is left, is ready again when a new holder registers, and refuses another model's worker.
 //! A record deleted under a live lease comes back; a duplicate `--worker-id` is refused; a
-//! blackholed path to etcd is detected and the watch re-reads through another endpoint.
+//! blackholed path to etcd is detected and the watch re-reads through another endpoint;
+//! `LoadAdapter`/`UnloadAdapter` on one router reach every router.
 
 mod common;
 
@@ -179,13 +180,70 @@ fn a_deleted_record_comes_back_and_a_duplicate_worker_id_is_refused() {
 }
 
 async fn generate(addr: &str, ids: Vec<u32>) -> Result<Vec<u32>, tonic::Status> {
+    generate_with(addr, ids, "").await
+}
+
+async fn generate_with(addr: &str, ids: Vec<u32>, adapter: &str) -> Result<Vec<u32>, tonic::Status> {
     let mut c = InferenceClient::connect(format!("http://{addr}")).await.expect("connect");
     let req = GenerateRequest {
         prompt: Some(Prompt::TokenIds(TokenIds { ids })),
         sampling: Some(SamplingParams { max_new_tokens: Some(8), ..Default::default() }),
+        adapter_id: adapter.into(),
         ..Default::default()
     };
     c.generate(req).await.map(|r| r.into_inner().token_ids)
+}
+
+/// The resident adapters of the router at `addr`.
+async fn resident_adapters(addr: &str) -> Vec<String> {
+    let mut c = InferenceClient::connect(format!("http://{addr}")).await.expect("connect");
+    let list = c.list_adapters(moe_proto::v1::ListAdaptersRequest {}).await.expect("list").into_inner();
+    list.adapters.into_iter().filter(|a| a.resident).map(|a| a.id).collect()
+}
+
+/// Two router replicas behind one Service: `LoadAdapter` on one (an id given its own path) is
+/// loaded by the other through etcd and serves there with the same tokens; `UnloadAdapter` on
+/// the first withdraws it from both. A router started afterwards loads what is published.
+#[test]
+fn adapters_loaded_on_one_router_reach_every_router() {
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let Some(etcd) = Etcd::start() else { return };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = fixture("mixtral");
+    let d = dir.to_str().expect("utf8");
+    let ads = tmp.path().join("adapters");
+    write_random_adapter(&dir, &ads.join("gate-v1"), &["gate", "experts"], 4, 5);
+    let a = ads.to_str().expect("utf8");
+    let mut wargs = worker_args(&etcd, "ads", d, "all", "5");
+    wargs.extend(["--adapter-dir".to_string(), a.to_string()]);
+    let _worker = spawn_server(&wargs.iter().map(String::as_str).collect::<Vec<_>>());
+    let routers: Vec<Server> = (0..2).map(|_| router(&etcd, "ads", d, &["--adapter-dir", a])).collect();
+    for r in &routers {
+        eventually("router ready", 20, || rt.block_on(health(&r.addr)) == ServingStatus::Serving as i32);
+    }
+    let mut admin = rt.block_on(InferenceClient::connect(format!("http://{}", routers[0].addr))).expect("connect");
+    let load = moe_proto::v1::LoadAdapterRequest { id: "acme".into(), path: "gate-v1".into() };
+    rt.block_on(admin.load_adapter(load)).expect("LoadAdapter");
+    eventually("the other router loads it", 10, || {
+        rt.block_on(resident_adapters(&routers[1].addr)).contains(&"acme".to_string())
+    });
+    let prompt = vec![3, 1, 4, 1, 5];
+    let here = rt.block_on(generate_with(&routers[0].addr, prompt.clone(), "acme")).expect("first router");
+    let there = rt.block_on(generate_with(&routers[1].addr, prompt.clone(), "acme")).expect("second router");
+    assert_eq!(here, there);
+    let late = router(&etcd, "ads", d, &["--adapter-dir", a]);
+    eventually("a router started later loads it", 20, || {
+        rt.block_on(resident_adapters(&late.addr)).contains(&"acme".to_string())
+    });
+    rt.block_on(admin.unload_adapter(moe_proto::v1::UnloadAdapterRequest { id: "acme".into() }))
+        .expect("UnloadAdapter");
+    for r in [&routers[1], &late] {
+        eventually("withdrawn everywhere", 10, || {
+            !rt.block_on(resident_adapters(&r.addr)).contains(&"acme".to_string())
+        });
+        let gone = rt.block_on(generate_with(&r.addr, prompt.clone(), "acme")).expect_err("acme was unloaded");
+        assert_eq!(gone.code(), tonic::Code::NotFound, "{gone:?}");
+    }
 }
 
 async fn model_info(addr: &str) -> moe_proto::v1::ModelInfoResponse {

@@ -83,10 +83,10 @@ pub fn run(a: RouterArgs, device: moe_compute::Device) -> anyhow::Result<()> {
         if let Some(opts) = a.etcd.options() {
             let (tx, rx) = tokio::sync::watch::channel(Vec::new());
             let cancel = tokio_util::sync::CancellationToken::new();
-            tokio::spawn(moe_membership::watch_workers(opts, tx, cancel.clone()));
+            tokio::spawn(moe_membership::watch_workers(opts.clone(), tx, cancel.clone()));
             let (engine, dispatcher, ready) =
                 moe_cluster::membership_router_on(device, &a.model, rx, transport, engine_config, &adapter_options)?;
-            let engine = a.adapters.with_tenants(engine)?;
+            let engine = share_adapters(a.adapters.with_tenants(engine)?, &opts, &cancel);
             let status: Arc<dyn moe_router::ClusterStatus> = Arc::new(moe_cluster::MembershipCluster(dispatcher));
             let listeners = bind_all(&a.listen, &a.http, "router").await?;
             let r = run_until_signal(
@@ -104,6 +104,35 @@ pub fn run(a: RouterArgs, device: moe_compute::Device) -> anyhow::Result<()> {
         let cluster = Arc::new(StaticCluster(a.workers.len()));
         run_until_signal(|stop| serve_all(engine, cluster, None, &a.model, &a.http, listeners, stop), GRACE).await
     })
+}
+
+/// Publishes this router's `LoadAdapter`/`UnloadAdapter` in etcd and applies what every router
+/// of the cluster published (a router that serves adapters).
+fn share_adapters(
+    engine: moe_router::Engine,
+    opts: &moe_membership::EtcdOptions,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> moe_router::Engine {
+    let Some(catalog) = engine.adapters().cloned() else { return engine };
+    let (tx, rx) = tokio::sync::watch::channel(Default::default());
+    tokio::spawn(moe_membership::watch_adapters(opts.clone(), tx, cancel.clone()));
+    tokio::spawn(moe_router::adapter_sync::follow_published(catalog, rx));
+    engine.with_adapter_sync(Arc::new(EtcdAdapterSync(opts.clone())))
+}
+
+/// Adapter changes announced through etcd.
+struct EtcdAdapterSync(moe_membership::EtcdOptions);
+
+impl moe_router::adapter_sync::AdapterSync for EtcdAdapterSync {
+    fn loaded(&self, id: &str, path: &str) -> moe_router::adapter_sync::SyncFuture {
+        let (opts, record) = (self.0.clone(), moe_membership::AdapterRecord { id: id.into(), path: path.into() });
+        Box::pin(async move { moe_membership::publish_adapter(&opts, &record).await.map_err(|e| e.to_string()) })
+    }
+
+    fn unloaded(&self, id: &str) -> moe_router::adapter_sync::SyncFuture {
+        let (opts, id) = (self.0.clone(), id.to_string());
+        Box::pin(async move { moe_membership::withdraw_adapter(&opts, &id).await.map_err(|e| e.to_string()) })
+    }
 }
 
 fn transport_tls(a: &RouterArgs) -> anyhow::Result<Option<moe_dispatch::TransportTls>> {

@@ -33,6 +33,11 @@ impl EtcdOptions {
         self.connect_to(&self.endpoints).await
     }
 
+    /// A client balancing over every endpoint, for one-off reads and writes.
+    pub(crate) async fn client(&self) -> Result<Client> {
+        self.connect().await
+    }
+
     /// A client of the `turn`-th endpoint alone (round the list). The long-lived loops use one
     /// endpoint per session and move to the next after a failure: a blackholed member still
     /// completes the HTTP/2 handshake, so a client balancing over all endpoints would keep
@@ -188,23 +193,43 @@ pub async fn register_worker(opts: EtcdOptions, record: WorkerRecord, ttl: Durat
 /// Publishes the live workers of the cluster on `tx`: reads the prefix, then watches from the
 /// next revision; after any error it reads the prefix again (so nothing is missed or replayed).
 pub async fn watch_workers(opts: EtcdOptions, tx: watch::Sender<Vec<WorkerRecord>>, cancel: CancellationToken) {
+    let (map_tx, mut map_rx) = watch::channel(BTreeMap::<String, WorkerRecord>::new());
     let prefix = opts.prefix();
+    let forward = async {
+        while map_rx.changed().await.is_ok() {
+            let live: Vec<WorkerRecord> = map_rx.borrow_and_update().values().cloned().collect();
+            tx.send_replace(live);
+        }
+    };
+    tokio::join!(watch_prefix(&opts, &prefix, map_tx, cancel.clone()), forward);
+}
+
+/// Publishes the records under `prefix` (key → decoded value) on `tx`: reads the prefix, then
+/// watches from the next revision, reading it again after any error. A value that does not
+/// decode is logged and left out. Returns when `cancel` fires.
+pub(crate) async fn watch_prefix<T: serde::de::DeserializeOwned + Clone + Send + Sync + 'static>(
+    opts: &EtcdOptions,
+    prefix: &str,
+    tx: watch::Sender<BTreeMap<String, T>>,
+    cancel: CancellationToken,
+) {
     let (mut attempt, mut turn) = (0u32, 0usize);
     loop {
         let session = async {
             let mut client = opts.connect_turn(turn).await?;
-            let resp = client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())).await?;
+            let resp = client.get(prefix, Some(GetOptions::new().with_prefix())).await?;
             let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-            let mut live: BTreeMap<String, WorkerRecord> = BTreeMap::new();
+            let mut live: BTreeMap<String, T> = BTreeMap::new();
             for kv in resp.kvs() {
-                if let (Ok(k), Ok(rec)) = (kv.key_str(), serde_json::from_slice::<WorkerRecord>(kv.value())) {
+                if let (Ok(k), Ok(rec)) = (kv.key_str(), serde_json::from_slice::<T>(kv.value())) {
                     live.insert(k.to_string(), rec);
                 }
             }
-            tx.send_replace(live.values().cloned().collect());
-            let mut stream = client
-                .watch(prefix.as_str(), Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1)))
-                .await?;
+            let mut stream =
+                client.watch(prefix, Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1))).await?;
+            // The snapshot goes out only once the watch is open, so a change between the read
+            // and the watch cannot be missed.
+            tx.send_replace(live.clone());
             loop {
                 let msg = tokio::select! {
                     _ = cancel.cancelled() => return Ok::<(), crate::MembershipError>(()),
@@ -227,18 +252,18 @@ pub async fn watch_workers(opts: EtcdOptions, tx: watch::Sender<Vec<WorkerRecord
                     let Some(kv) = ev.kv() else { continue };
                     let Ok(k) = kv.key_str() else { continue };
                     match ev.event_type() {
-                        EventType::Put => match serde_json::from_slice::<WorkerRecord>(kv.value()) {
+                        EventType::Put => match serde_json::from_slice::<T>(kv.value()) {
                             Ok(rec) => {
                                 live.insert(k.to_string(), rec);
                             }
-                            Err(e) => tracing::warn!(key = %k, error = %e, "ignoring a malformed worker record"),
+                            Err(e) => tracing::warn!(key = %k, error = %e, "ignoring a malformed record"),
                         },
                         EventType::Delete => {
                             live.remove(k);
                         }
                     }
                 }
-                tx.send_replace(live.values().cloned().collect());
+                tx.send_replace(live.clone());
             }
         };
         tokio::select! {

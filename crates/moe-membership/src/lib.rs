@@ -4,11 +4,14 @@
 //! kept alive at TTL/3 and re-register by themselves when it is lost; routers read the prefix,
 //! then watch from the next revision, starting over after any error. Either way, a router sees
 //! the live set as a `tokio::sync::watch` of snapshots. A lease is a liveness hint only: the
-//! request path detects dead workers by its own deadlines.
+//! request path detects dead workers by its own deadlines. Adapters an operator loads through
+//! one router are published under `/moe/<cluster>/adapters/` for all routers to apply.
 
+mod adapters;
 mod etcd;
 mod record;
 
+pub use adapters::{publish_adapter, watch_adapters, withdraw_adapter, AdapterRecord};
 pub use etcd::{check_worker_id, register_worker, watch_workers, EtcdOptions};
 pub use record::{InMemoryMembership, WorkerRecord};
 

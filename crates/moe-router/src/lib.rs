@@ -6,6 +6,7 @@
 //! experts run is not its business: it is handed a [`moe_model::ExpertExecutor`].
 
 pub mod access;
+pub mod adapter_sync;
 mod detokenize;
 mod engine;
 pub mod engine_metrics;

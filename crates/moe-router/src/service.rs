@@ -314,6 +314,13 @@ impl Inference for InferenceService {
             .await
             .map_err(|e| RouterError::Internal(format!("adapter load task: {e}")))?
             .map_err(RouterError::from)?;
+        if let Some(sync) = self.engine.adapter_sync() {
+            sync.loaded(&id, &info.path).await.map_err(|e| {
+                RouterError::Unavailable(format!(
+                    "adapter {id:?} is loaded on this router, but the other routers were not told: {e}"
+                ))
+            })?;
+        }
         Ok(Response::new(LoadAdapterResponse { adapter: Some(adapter_info(&info)) }))
     }
 
@@ -325,7 +332,15 @@ impl Inference for InferenceService {
         let registry = self.engine.adapters().ok_or_else(|| {
             RouterError::FailedPrecondition("this router serves no adapters (start it with --adapter-dir)".into())
         })?;
-        registry.unload(&request.get_ref().id).map_err(RouterError::from)?;
+        let id = &request.get_ref().id;
+        registry.unload(id).map_err(RouterError::from)?;
+        if let Some(sync) = self.engine.adapter_sync() {
+            sync.unloaded(id).await.map_err(|e| {
+                RouterError::Unavailable(format!(
+                    "adapter {id:?} is unloaded on this router, but the other routers were not told: {e}"
+                ))
+            })?;
+        }
         Ok(Response::new(UnloadAdapterResponse {}))
     }
 }

@@ -174,6 +174,7 @@ pub struct Engine {
     config: EngineConfig,
     adapters: Option<Arc<dyn AdapterCatalog>>,
     tenants: Option<Arc<Tenants>>,
+    adapter_sync: Option<Arc<dyn crate::adapter_sync::AdapterSync>>,
     /// True once [`Engine::begin_shutdown`] ran: open streams end with UNAVAILABLE at once,
     /// even while the compute thread is still inside a long step.
     shutdown: Arc<tokio::sync::watch::Sender<bool>>,
@@ -212,6 +213,7 @@ impl Engine {
             codec,
             adapters,
             tenants: None,
+            adapter_sync: None,
             shutdown: Arc::new(tokio::sync::watch::channel(false).0),
             recorder: EngineMetrics::new(&config.metrics),
             config,
@@ -230,6 +232,16 @@ impl Engine {
     pub fn with_tenants(mut self, tenants: Arc<Tenants>) -> Self {
         self.tenants = Some(tenants);
         self
+    }
+
+    /// Reports `LoadAdapter`/`UnloadAdapter` to the other routers of the cluster.
+    pub fn with_adapter_sync(mut self, sync: Arc<dyn crate::adapter_sync::AdapterSync>) -> Self {
+        self.adapter_sync = Some(sync);
+        self
+    }
+
+    pub fn adapter_sync(&self) -> Option<&Arc<dyn crate::adapter_sync::AdapterSync>> {
+        self.adapter_sync.as_ref()
     }
 
     /// The adapter registry, when this engine serves adapters.
