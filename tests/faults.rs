@@ -219,6 +219,7 @@ fn adapter_failing_on_a_worker_fails_only_its_requests() {
             timeout_ms: 0,
             cache_salt: String::new(),
             resume: None,
+            constraint: None,
         };
         let solo_y = c.generate(req("y", 24)).await.expect("y").into_inner().token_ids;
         let solo_base = c.generate(req("", 24)).await.expect("base").into_inner().token_ids;

@@ -37,6 +37,7 @@ fn req(prompt: Prompt, f: impl FnOnce(&mut SamplingParams)) -> GenerateRequest {
         timeout_ms: 0,
         cache_salt: String::new(),
         resume: None,
+        constraint: None,
     }
 }
 

@@ -31,6 +31,7 @@ fn request(ids: Vec<u32>, s: SamplingParams) -> GenerateRequest {
         timeout_ms: 0,
         cache_salt: String::new(),
         resume: None,
+        constraint: None,
     }
 }
 

@@ -57,6 +57,7 @@ fn gen(adapter: &str, max_new: u32, key: Option<&str>) -> tonic::Request<Generat
         timeout_ms: 0,
         cache_salt: String::new(),
         resume: None,
+        constraint: None,
     });
     if let Some(k) = key {
         r.metadata_mut().insert("authorization", format!("Bearer {k}").parse().expect("header"));
@@ -306,6 +307,7 @@ async fn authentication_comes_before_any_work() {
                 timeout_ms: 0,
                 cache_salt: String::new(),
                 resume: None,
+                constraint: None,
             },
             key,
         )

@@ -58,6 +58,43 @@ pub struct GenerateArgs {
     /// Penalty on tokens already present, as transformers applies it (1 = none).
     #[arg(long, env = "MOE_REPETITION_PENALTY")]
     pub repetition_penalty: Option<f32>,
+    /// The output is JSON valid against this schema (its text, or @FILE).
+    #[arg(long, env = "MOE_JSON_SCHEMA", group = "constraint")]
+    pub json_schema: Option<String>,
+    /// The output is a JSON object.
+    #[arg(long, env = "MOE_JSON_OBJECT", group = "constraint")]
+    pub json_object: bool,
+    /// The whole output matches this regular expression.
+    #[arg(long, env = "MOE_REGEX", group = "constraint")]
+    pub regex: Option<String>,
+    /// The output follows this Lark grammar (its text, or @FILE).
+    #[arg(long, env = "MOE_GRAMMAR", group = "constraint")]
+    pub grammar: Option<String>,
+}
+
+impl GenerateArgs {
+    /// The output constraint the flags ask for.
+    pub fn constraint(&self) -> anyhow::Result<Option<moe_constrain::ConstraintSpec>> {
+        use anyhow::Context;
+        use moe_constrain::ConstraintSpec as S;
+        let text = |v: &str| -> anyhow::Result<String> {
+            match v.strip_prefix('@') {
+                Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}")),
+                None => Ok(v.to_string()),
+            }
+        };
+        Ok(if let Some(s) = &self.json_schema {
+            Some(S::JsonSchema(text(s)?))
+        } else if self.json_object {
+            Some(S::JsonObject)
+        } else if let Some(r) = &self.regex {
+            Some(S::Regex(r.clone()))
+        } else if let Some(g) = &self.grammar {
+            Some(S::Lark(text(g)?))
+        } else {
+            None
+        })
+    }
 }
 
 pub fn run(args: GenerateArgs, device: moe_compute::Device) -> anyhow::Result<()> {
@@ -105,6 +142,7 @@ pub fn run(args: GenerateArgs, device: moe_compute::Device) -> anyhow::Result<()
         seed: Some(args.seed),
         stop: args.stop.clone(),
         repetition_penalty: args.repetition_penalty,
+        constraint: args.constraint()?,
         ..Default::default()
     };
     let mut req = ValidatedRequest::new(

@@ -164,6 +164,7 @@ pub fn run(a: LoadgenArgs) -> anyhow::Result<()> {
                         timeout_ms: a.timeout_ms as u32,
                         cache_salt: String::new(),
                         resume: None,
+                        constraint: None,
                     };
                     let key = (!a.api_key.is_empty()).then(|| a.api_key[i % a.api_key.len()].clone());
                     let limit = Duration::from_millis(a.timeout_ms) + Duration::from_secs(5);

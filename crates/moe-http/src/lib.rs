@@ -6,6 +6,7 @@
 
 pub mod chat;
 mod openai;
+pub mod structured;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use openai::http_status;

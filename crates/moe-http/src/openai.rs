@@ -174,6 +174,9 @@ pub struct SamplingFields {
     pub return_token_ids: bool,
     /// Continue a broken generation (see the gRPC API's `Resume`).
     pub resume: Option<HttpResume>,
+    /// Structured output: `response_format`, `guided_*`, forced tool calls.
+    #[serde(flatten)]
+    pub structured: crate::structured::StructuredFields,
 }
 
 /// `resume`: the tokens a broken stream delivered and its `resume_digest`.
@@ -193,6 +196,8 @@ struct Started {
     /// The resume digest, when the caller asked for token ids.
     digest: Option<String>,
     resumed: usize,
+    /// The output is a forced tool call (chat answers it in `message.tool_calls`).
+    tool_call: bool,
     /// Resolves when the server begins shutting down: the request then ends with 503 at once.
     shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 }
@@ -250,6 +255,10 @@ async fn start(
             return Err(RouterError::invalid("n", "only n = 1 is supported"));
         }
         let adapter = adapter_of(state, &s.model);
+        let structured = s.structured.resolve()?;
+        if structured.tool_call && s.stream {
+            return Err(RouterError::invalid("stream", "a forced tool call (tool_choice) cannot be streamed yet"));
+        }
         let params = GenerationParams {
             max_new_tokens: s.max_completion_tokens.or(s.max_tokens),
             temperature: s.temperature,
@@ -265,6 +274,7 @@ async fn start(
             resume: s
                 .resume
                 .map(|r| moe_router::resume::ResumeParams { generated: r.generated_token_ids, digest: r.digest }),
+            constraint: structured.constraint,
         };
         let mut req = validate(engine, prompt, params).await?;
         let mut admission = admit(engine, authorization(headers), &adapter).await?;
@@ -277,7 +287,8 @@ async fn start(
         tracing::info!(request = id, model = %model, resumed, "http request started");
         let digest = s.return_token_ids.then_some(digest);
         let shutdown = Box::pin(engine.shutting_down());
-        Ok(Started { events, held: admission, model, digest, resumed, shutdown })
+        let tool_call = structured.tool_call;
+        Ok(Started { events, held: admission, model, digest, resumed, tool_call, shutdown })
     };
     attempt.await.inspect_err(|e| engine.record_rejection(e))
 }
@@ -463,13 +474,17 @@ pub async fn chat_completions(
         };
         return Ok(sse_stream(started, chunk).into_response());
     }
-    let Started { events, held, digest, resumed, shutdown, .. } = started;
+    let Started { events, held, digest, resumed, tool_call, shutdown, .. } = started;
     let c = collect(events, shutdown).await?;
     drop(held);
+    let (message, finish) = if tool_call && c.reason == FinishReason::Stop {
+        (crate::structured::tool_call_message(&c.text, &id), "tool_calls")
+    } else {
+        (json!({"role": "assistant", "content": c.text}), finish_name(c.reason))
+    };
     let mut body = json!({
         "id": id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                     "finish_reason": finish_name(c.reason)}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
         "usage": usage(&c, resumed),
     });
     if digest.is_some() {

@@ -30,6 +30,8 @@ pub struct EngineMetrics {
     pages_used: Gauge,
     pages_total: Gauge,
     expert_tokens: Family<ExpertLabel, Counter>,
+    constrained: Family<OutcomeLabel, Counter>,
+    constraint_mask: Histogram,
 }
 
 /// How an accepted request ended, as the `outcome` label.
@@ -79,6 +81,14 @@ impl EngineMetrics {
             pages_total: kv_pages_total(r),
             expert_tokens: r
                 .counter_family("moe_expert_tokens_total", "Tokens routed to each expert of each MoE layer."),
+            constrained: r.counter_family(
+                "moe_constrained_requests_total",
+                "Requests admitted with an output constraint, by kind (json_schema, json_object, regex, lark).",
+            ),
+            constraint_mask: r.latency(
+                "moe_constraint_mask_seconds",
+                "Time to compute one constrained request's token mask (during the forward pass).",
+            ),
         }
     }
 
@@ -95,6 +105,16 @@ impl EngineMetrics {
         self.prefix_pages.set(cached as i64);
         self.prefix_evictable.set(evictable as i64);
         self.prefix_evicted.set(evicted as i64);
+    }
+
+    /// A request with an output constraint of `kind` was admitted.
+    pub fn constrained(&self, kind: &'static str) {
+        self.constrained.get_or_create(&[("kind", kind)]).inc();
+    }
+
+    /// The mask-time histogram (a handle for the thread that computes masks).
+    pub fn constraint_mask_seconds(&self) -> Histogram {
+        self.constraint_mask.clone()
     }
 
     pub fn first_token(&self, after: Duration) {

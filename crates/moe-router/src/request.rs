@@ -30,6 +30,8 @@ pub struct GenerationParams {
     pub cache_salt: Option<String>,
     /// Continue a broken generation ([`crate::resume`]).
     pub resume: Option<crate::resume::ResumeParams>,
+    /// What the output must match (structured output).
+    pub constraint: Option<moe_constrain::ConstraintSpec>,
 }
 
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 64;
@@ -65,6 +67,9 @@ pub struct ValidatedRequest {
     pub resumed: Vec<u32>,
     /// The digest the resume claims; checked against the request once its adapter is attached.
     pub resume_digest: Option<String>,
+    /// The compiled output constraint, already past any resumed tokens; the engine masks each
+    /// step's logits with it.
+    pub constraint: Option<moe_constrain::Constraint>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,6 +199,10 @@ impl ValidatedRequest {
                 (r.generated.clone(), Some(r.digest.clone()))
             }
         };
+        let constraint = match &p.constraint {
+            None => None,
+            Some(spec) => Some(compile_constraint(spec, codec, config, &resumed)?),
+        };
         // A client's timeout is capped, so the deadline is always a representable instant.
         let timeout = p.timeout.filter(|t| !t.is_zero()).unwrap_or(default_timeout).min(MAX_REQUEST_TIMEOUT);
         let now = Instant::now();
@@ -221,8 +230,35 @@ impl ValidatedRequest {
             },
             resumed,
             resume_digest,
+            constraint,
         })
     }
+}
+
+/// Compiles a request's output constraint (INVALID_ARGUMENT `constraint` with the parser's
+/// message when it does not compile) and advances it past the resumed tokens.
+fn compile_constraint(
+    spec: &moe_constrain::ConstraintSpec,
+    codec: &TextCodec,
+    config: &ModelConfig,
+    resumed: &[u32],
+) -> Result<moe_constrain::Constraint, RouterError> {
+    let field = "constraint";
+    // The model's end-of-text token, or (a config without one) the tokenizer's usual spelling.
+    let eos = config
+        .eos_token_ids
+        .first()
+        .copied()
+        .or_else(|| ["</s>", "<|endoftext|>", "<|im_end|>", "<eos>"].iter().find_map(|t| codec.token_id(t)))
+        .ok_or_else(|| RouterError::invalid(field, "the model has no end-of-text token to end constrained output"))?;
+    let grammars = codec.grammars(config.vocab_size, eos).map_err(|e| RouterError::invalid(field, e))?;
+    let mut c = grammars.compile(spec).map_err(|e| RouterError::invalid(field, e.to_string()))?;
+    if !resumed.is_empty() {
+        c.consume(resumed).map_err(|e| {
+            RouterError::invalid("resume.generated_token_ids", format!("the tokens do not follow the constraint: {e}"))
+        })?;
+    }
+    Ok(c)
 }
 
 #[cfg(test)]

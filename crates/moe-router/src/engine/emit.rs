@@ -43,13 +43,38 @@ impl<B: Backend> ComputeLoop<B> {
             if s.req.repetition_penalty != 1.0 {
                 apply_repetition_penalty(logits, &s.tokens, s.req.repetition_penalty, &mut self.seen);
             }
+            // The constraint's mask (computed during the forward pass) before any sampling.
+            if let Some(Err(e)) = s.req.constraint.as_mut().map(|c| c.apply(logits)) {
+                let err = RouterError::invalid("constraint", e.to_string());
+                self.metrics.ended(
+                    "invalid_argument",
+                    s.tenant(),
+                    s.req.prompt.len(),
+                    s.generated,
+                    s.submitted.elapsed(),
+                );
+                s.end(Event::Failed(err));
+                done.push(i);
+                continue;
+            }
             let next = s.sampler.sample(logits);
             let lp = if s.req.logprobs { vec![logprob_of(logits, next)] } else { Vec::new() };
             s.tokens.push(next);
             s.generated += 1;
             let is_eos = s.req.stop_ids.contains(&next);
+            let complete = match s.req.constraint.as_mut().map(|c| c.commit(next)) {
+                Some(Err(e)) => {
+                    let err = RouterError::Internal(format!("the output constraint failed: {e}"));
+                    self.metrics.ended("internal", s.tenant(), s.req.prompt.len(), s.generated, s.submitted.elapsed());
+                    s.end(Event::Failed(err));
+                    done.push(i);
+                    continue;
+                }
+                Some(Ok(complete)) => complete,
+                None => false,
+            };
             let (text, stopped) = if is_eos { (String::new(), false) } else { s.text.push(&self.codec, next) };
-            let finish = if is_eos || stopped {
+            let finish = if is_eos || stopped || complete {
                 Some(FinishReason::Stop)
             } else if s.generated >= s.req.max_new_tokens || s.tokens.len() >= max_pos {
                 Some(FinishReason::Length)

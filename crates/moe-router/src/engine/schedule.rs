@@ -125,6 +125,9 @@ impl<B: Backend> ComputeLoop<B> {
             }
             let Some(mut sub) = self.waiting.pop_front() else { break };
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            if let Some(c) = &sub.req.constraint {
+                self.metrics.constrained(c.kind());
+            }
             let resolved = self.adapter_weights(sub.req.adapter.as_ref());
             // The weights are the pin from here on.
             sub.req.adapter = None;

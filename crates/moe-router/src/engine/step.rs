@@ -42,10 +42,16 @@ impl<B: Backend> ComputeLoop<B> {
     fn step_with(&mut self, chunk: &mut Vec<usize>, members: &mut Vec<usize>, done: &mut Vec<usize>) {
         self.plan_chunks(chunk);
         let mut batch: Vec<BatchItem<'_, B>> = Vec::new();
+        // Constraints of the sequences that sample after this step: their masks are computed
+        // on another thread while the forward pass runs.
+        let mut constraints: Vec<&mut moe_constrain::Constraint> = Vec::new();
         members.clear();
         for (i, s) in self.running.iter_mut().enumerate() {
             if chunk[i] > 0 {
                 let start = s.cache.len;
+                if start + chunk[i] == s.tokens.len() {
+                    constraints.extend(s.req.constraint.as_mut());
+                }
                 let item = BatchItem::new(&s.tokens[start..start + chunk[i]], &mut s.cache);
                 batch.push(item.with_adapter(s.adapter.as_deref()).with_request(s.id));
                 members.push(i);
@@ -61,26 +67,30 @@ impl<B: Backend> ComputeLoop<B> {
             }
             _ => 0,
         };
-        let result = match experts {
-            Some(e) if split > 0 => self.model.forward_overlapped(
-                &mut self.ws,
-                &mut self.ws_b,
-                &mut self.kv,
-                &mut batch,
-                split,
-                LogitsFor::Last,
-                &mut self.logits,
-                e,
-            ),
-            _ => self.model.forward_with(
-                &mut self.ws,
-                &mut self.kv,
-                &mut batch,
-                LogitsFor::Last,
-                &mut self.logits,
-                experts,
-            ),
-        };
+        let mask_time = self.metrics.constraint_mask_seconds();
+        let (model, ws, ws_b, kv, logits) = (&self.model, &mut self.ws, &mut self.ws_b, &mut self.kv, &mut self.logits);
+        let result = std::thread::scope(|scope| {
+            let masks = (!constraints.is_empty()).then(|| {
+                scope.spawn(move || {
+                    for c in constraints {
+                        let started = std::time::Instant::now();
+                        // An error surfaces when the mask is applied (and fails that request).
+                        let _ = c.compute_mask();
+                        mask_time.observe(started.elapsed().as_secs_f64());
+                    }
+                })
+            });
+            let result = match experts {
+                Some(e) if split > 0 => {
+                    model.forward_overlapped(ws, ws_b, kv, &mut batch, split, LogitsFor::Last, logits, e)
+                }
+                _ => model.forward_with(ws, kv, &mut batch, LogitsFor::Last, logits, experts),
+            };
+            if let Some(m) = masks {
+                let _ = m.join();
+            }
+            result
+        });
         drop(batch);
         self.metrics.expert_tokens(self.model.config.num_experts, self.ws.expert_tokens_mut());
         if let Err(e) = result {
