@@ -297,3 +297,51 @@ async fn the_openai_api_takes_response_format_and_forced_tool_calls() {
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("constraint") && text.contains("\"error\""), "{text}");
 }
+
+/// Over `--max-constraint-ms`, a constrained request fails alone with RESOURCE_EXHAUSTED naming
+/// the limit; a free request in the same batch finishes.
+#[test]
+fn a_mask_over_the_time_limit_fails_only_its_request() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("model");
+    endless_model(&model);
+    let config = EngineConfig { max_constraint_time: std::time::Duration::from_nanos(1), ..Default::default() };
+    let engine = moe_cluster::embedded_with(&model, 1, config, &Default::default()).expect("engine");
+    let timeout = std::time::Duration::from_secs(60);
+    let submit = |params: GenerationParams| {
+        let req = ValidatedRequest::new(
+            PromptInput::Ids(vec![5, 6]),
+            &params,
+            engine.codec(),
+            engine.model_config(),
+            timeout,
+        )
+        .expect("valid");
+        engine.submit(req).expect("submit").1
+    };
+    let constrained = GenerationParams {
+        max_new_tokens: Some(8),
+        constraint: Some(ConstraintSpec::JsonObject),
+        ..Default::default()
+    };
+    let mut slow = submit(constrained);
+    let mut free = submit(GenerationParams { max_new_tokens: Some(8), ..Default::default() });
+    let failed = loop {
+        match slow.blocking_recv() {
+            Some(Event::Failed(e)) => break e,
+            Some(Event::Delta { .. }) => continue,
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    };
+    assert_eq!(failed.code(), tonic::Code::ResourceExhausted, "{failed}");
+    assert!(failed.to_string().contains("--max-constraint-ms"), "{failed}");
+    let mut n = 0;
+    loop {
+        match free.blocking_recv() {
+            Some(Event::Delta { token_ids, .. }) => n += token_ids.len(),
+            Some(Event::Finished { .. }) => break,
+            other => panic!("the free request ended with {other:?}"),
+        }
+    }
+    assert_eq!(n, 8);
+}

@@ -100,6 +100,7 @@ struct Report {
     prefix_cache: Option<crate::bench_prefix::PrefixRun>,
     multi_turn: Option<crate::bench_multiturn::MultiTurnRun>,
     failover: Vec<crate::bench_failover::FailoverRun>,
+    structured: Option<crate::bench_structured::StructuredRun>,
 }
 
 /// Remote decode with two-batch overlap (the default) against the same run without it.
@@ -335,6 +336,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     eprintln!("prefix cache: TTFT with a shared 1024-token prefix, cache off and on");
     let prefix_cache = Some(crate::bench_prefix::measure(&dir, a.workers, 1024)?);
     let failover = if a.skip_remote { Vec::new() } else { crate::bench_failover::measure(&dir)? };
+    eprintln!("structured output: decode batch 16, half under a JSON schema, against none");
+    let structured = crate::bench_structured::measure(&dir, a.workers, a.new_tokens)?;
     let multi_turn = if a.skip_multi_turn {
         None
     } else {
@@ -358,6 +361,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         prefix_cache,
         multi_turn,
         failover,
+        structured,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -403,6 +407,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         }
         if !report.failover.is_empty() {
             crate::bench_failover::print(&report.failover);
+        }
+        if let Some(s) = &report.structured {
+            crate::bench_structured::print(s);
         }
     }
     eprintln!("bench took {:.0} s", started.elapsed().as_secs_f64());

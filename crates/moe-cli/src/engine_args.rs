@@ -31,6 +31,10 @@ pub struct EngineArgs {
     /// tokenizer runs.
     #[arg(long, env = "MOE_MAX_PROMPT_BYTES", default_value_t = 1 << 20)]
     pub max_prompt_bytes: usize,
+    /// A constrained request whose token mask takes longer than this to compute in one step
+    /// fails alone (RESOURCE_EXHAUSTED naming the limit).
+    #[arg(long, env = "MOE_MAX_CONSTRAINT_MS", default_value_t = 200)]
+    pub max_constraint_ms: u64,
     /// Automatic prefix caching: full KV pages are kept after a request and reused by later
     /// requests that start with the same tokens, on the same adapter, in the same scope.
     #[arg(long, env = "MOE_PREFIX_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
@@ -61,6 +65,7 @@ impl EngineArgs {
             two_batch_overlap: self.two_batch_overlap,
             panic_after_steps: self.fault_panic_after_steps,
             max_prompt_bytes: self.max_prompt_bytes,
+            max_constraint_time: std::time::Duration::from_millis(self.max_constraint_ms.max(1)),
             prefix_cache: self.prefix_cache,
             prefix_cache_scope: if self.prefix_cache_scope == "global" {
                 moe_router::PrefixCacheScope::Global

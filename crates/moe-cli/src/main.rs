@@ -9,6 +9,7 @@ mod bench_device;
 mod bench_failover;
 mod bench_multiturn;
 mod bench_prefix;
+mod bench_structured;
 mod client;
 mod config_file;
 mod demo;

@@ -117,7 +117,7 @@ impl Grammars {
         if let Some(e) = matcher.get_error() {
             return Err(invalid(e));
         }
-        Ok(Constraint { matcher, mask: None, vocab: self.vocab, kind })
+        Ok(Constraint { matcher, mask: None, mask_time: Default::default(), vocab: self.vocab, kind })
     }
 }
 
@@ -137,6 +137,8 @@ fn compact(mut schema: serde_json::Value) -> serde_json::Value {
 pub struct Constraint {
     matcher: Matcher,
     mask: Option<SimpleVob>,
+    /// How long the last mask took to compute.
+    mask_time: std::time::Duration,
     vocab: usize,
     kind: &'static str,
 }
@@ -144,7 +146,13 @@ pub struct Constraint {
 impl Clone for Constraint {
     /// An independent copy (its own parser state).
     fn clone(&self) -> Self {
-        Self { matcher: self.matcher.deep_clone(), mask: self.mask.clone(), vocab: self.vocab, kind: self.kind }
+        Self {
+            matcher: self.matcher.deep_clone(),
+            mask: self.mask.clone(),
+            mask_time: self.mask_time,
+            vocab: self.vocab,
+            kind: self.kind,
+        }
     }
 }
 
@@ -170,10 +178,17 @@ impl Constraint {
     /// thread). When the grammar is complete only end-of-text is allowed.
     pub fn compute_mask(&mut self) -> Result<()> {
         if self.mask.is_none() {
-            let mask = self.matcher.compute_mask_or_eos().map_err(|e| ConstrainError::Failed(e.to_string()))?;
-            self.mask = Some(mask);
+            let started = std::time::Instant::now();
+            let mask = self.matcher.compute_mask_or_eos().map_err(|e| ConstrainError::Failed(e.to_string()));
+            self.mask_time = started.elapsed();
+            self.mask = Some(mask?);
         }
         Ok(())
+    }
+
+    /// How long the last [`Self::compute_mask`] took.
+    pub fn mask_time(&self) -> std::time::Duration {
+        self.mask_time
     }
 
     /// Sets the logits of disallowed tokens to −∞ (computing the mask first if needed). Fails

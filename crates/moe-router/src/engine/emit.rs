@@ -44,15 +44,19 @@ impl<B: Backend> ComputeLoop<B> {
                 apply_repetition_penalty(logits, &s.tokens, s.req.repetition_penalty, &mut self.seen);
             }
             // The constraint's mask (computed during the forward pass) before any sampling.
-            if let Some(Err(e)) = s.req.constraint.as_mut().map(|c| c.apply(logits)) {
-                let err = RouterError::invalid("constraint", e.to_string());
-                self.metrics.ended(
-                    "invalid_argument",
-                    s.tenant(),
-                    s.req.prompt.len(),
-                    s.generated,
-                    s.submitted.elapsed(),
-                );
+            let limit = self.config.max_constraint_time;
+            let masked = s.req.constraint.as_mut().map(|c| match c.apply(logits) {
+                Err(e) => Err(RouterError::invalid("constraint", e.to_string())),
+                Ok(()) if c.mask_time() > limit => Err(RouterError::ResourceExhausted(format!(
+                    "the constraint's token mask took {} ms to compute; the limit is {} ms (--max-constraint-ms)",
+                    c.mask_time().as_millis(),
+                    limit.as_millis()
+                ))),
+                Ok(()) => Ok(()),
+            });
+            if let Some(Err(err)) = masked {
+                let outcome = crate::engine_metrics::outcome_label(err.code());
+                self.metrics.ended(outcome, s.tenant(), s.req.prompt.len(), s.generated, s.submitted.elapsed());
                 s.end(Event::Failed(err));
                 done.push(i);
                 continue;

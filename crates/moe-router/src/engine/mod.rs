@@ -50,6 +50,8 @@ pub struct EngineConfig {
     /// Text prompts (and `Tokenize` texts) longer than this many bytes are refused before the
     /// tokenizer runs.
     pub max_prompt_bytes: usize,
+    /// The longest one constrained request's mask may take in a step (`--max-constraint-ms`).
+    pub max_constraint_time: Duration,
     /// Fault injection for the supervision tests: the compute loop panics after this many
     /// steps. Never set in production.
     pub panic_after_steps: Option<usize>,
@@ -83,6 +85,7 @@ impl Default for EngineConfig {
             metrics: moe_metrics::Registry::new(),
             two_batch_overlap: false,
             max_prompt_bytes: 1 << 20,
+            max_constraint_time: Duration::from_millis(200),
             panic_after_steps: None,
             prefix_cache: true,
             prefix_cache_scope: PrefixCacheScope::Tenant,
