@@ -12,7 +12,7 @@ use llguidance::{Matcher, ParserFactory};
 use std::sync::Arc;
 
 /// What a request's output must match.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ConstraintSpec {
     /// A JSON document valid against this JSON schema (text).
     JsonSchema(String),
@@ -60,7 +60,13 @@ pub const MAX_CONSTRAINT_BYTES: usize = 256 * 1024;
 pub struct Grammars {
     factory: Arc<ParserFactory>,
     vocab: usize,
+    /// Compiled constraints by spec: a request repeating a schema (the common case: one schema
+    /// per tool or endpoint) starts from a copy instead of compiling again.
+    compiled: Arc<std::sync::Mutex<std::collections::HashMap<ConstraintSpec, Constraint>>>,
 }
+
+/// At most this many compiled constraints are kept (the cache starts over when full).
+const COMPILED_CACHE: usize = 256;
 
 impl Grammars {
     /// From the text of `tokenizer.json`, for a model with `vocab_size` logits and end-of-text
@@ -85,12 +91,26 @@ impl Grammars {
         let env: TokEnv = Arc::new(ApproximateTokEnv::new(TokTrie::from(&info, &words)));
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| ConstrainError::Tokenizer(e.to_string()))?;
         factory.quiet();
-        Ok(Self { factory: Arc::new(factory), vocab: vocab_size })
+        Ok(Self { factory: Arc::new(factory), vocab: vocab_size, compiled: Default::default() })
     }
 
     /// Compiles `spec` for one request; a bad schema, regex or grammar is refused with the
     /// parser's message.
     pub fn compile(&self, spec: &ConstraintSpec) -> Result<Constraint> {
+        let lock = || self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = lock().get(spec) {
+            return Ok(c.clone());
+        }
+        let c = self.compile_uncached(spec)?;
+        let mut cache = lock();
+        if cache.len() >= COMPILED_CACHE {
+            cache.clear();
+        }
+        cache.insert(spec.clone(), c.clone());
+        Ok(c)
+    }
+
+    fn compile_uncached(&self, spec: &ConstraintSpec) -> Result<Constraint> {
         let kind = spec.kind();
         let text_len = match spec {
             ConstraintSpec::JsonSchema(t) | ConstraintSpec::Regex(t) | ConstraintSpec::Lark(t) => t.len(),
