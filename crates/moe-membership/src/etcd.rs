@@ -1,8 +1,8 @@
 //! etcd: worker registration with a lease, and the router's watch of the workers prefix. Both
 //! loops retry with backoff forever (connection errors are logged, never fatal after start) and
 //! stop when their cancellation token fires. Connections send HTTP/2 and TCP keepalives and
-//! require a leader, so a blackholed or partitioned etcd member breaks the stream (and the loop
-//! starts over, through the next member in the list) instead of leaving it silent; every wait in the worker's
+//! require a leader, so a blackholed or partitioned etcd member breaks the stream (and the watch
+//! starts over through the next member in the list) instead of leaving it silent; every wait in the worker's
 //! lease loop is bounded; a watch whose revision was compacted reads the prefix again; a
 //! worker whose record is deleted while its lease lives puts it back.
 
@@ -38,8 +38,8 @@ impl EtcdOptions {
         self.connect().await
     }
 
-    /// A client of the `turn`-th endpoint alone (round the list). The long-lived loops use one
-    /// endpoint per session and move to the next after a failure: a blackholed member still
+    /// A client of the `turn`-th endpoint alone (round the list). The watch uses one endpoint
+    /// per session and moves to the next after a failure: a blackholed member still
     /// completes the HTTP/2 handshake, so a client balancing over all endpoints would keep
     /// choosing it at random, while a rotation reaches a healthy member on the next session.
     async fn connect_turn(&self, turn: usize) -> Result<Client> {
@@ -131,13 +131,17 @@ pub async fn register_worker(opts: EtcdOptions, record: WorkerRecord, ttl: Durat
         }
     };
     let ttl_secs = ttl.as_secs().max(1) as i64;
-    let (mut attempt, mut turn) = (0u32, 0usize);
+    let mut attempt = 0u32;
     loop {
         if cancel.is_cancelled() {
             return;
         }
         let session = async {
-            let mut client = opts.connect_turn(turn).await?;
+            // Balanced over every member: when one dies, the keep-alives go on through another
+            // within the same lease (a new session per member would risk the lease lapsing
+            // while a leader is elected). Every wait below is bounded, so a blackholed member
+            // ends the session instead of freezing it.
+            let mut client = opts.connect().await?;
             let lease = client.lease_grant(ttl_secs, None).await?.id();
             client.put(key.as_str(), value.as_str(), Some(PutOptions::new().with_lease(lease))).await?;
             tracing::info!(key = %key, lease, "registered in etcd");
@@ -179,10 +183,7 @@ pub async fn register_worker(opts: EtcdOptions, record: WorkerRecord, ttl: Durat
         match session.await {
             Ok(true) => return,
             Ok(false) => attempt = 0,
-            Err(e) => {
-                tracing::warn!(error = %e, "etcd registration failed; retrying through the next endpoint");
-                turn += 1;
-            }
+            Err(e) => tracing::warn!(error = %e, "etcd registration failed; retrying"),
         }
         if !backoff(&mut attempt, &cancel).await {
             return;
