@@ -345,3 +345,35 @@ fn a_mask_over_the_time_limit_fails_only_its_request() {
     }
     assert_eq!(n, 8);
 }
+
+/// Over gRPC with `moe serve --demo`: `constraint.regex` and `constraint.json_schema` shape the
+/// text, and a bad grammar is INVALID_ARGUMENT naming `constraint`.
+#[test]
+fn grpc_requests_carry_a_constraint() {
+    use moe_proto::v1::{constraint::Kind, generate_request::Prompt, inference_client::InferenceClient};
+    use moe_proto::v1::{Constraint, FinishReason as Finish, GenerateRequest, SamplingParams};
+    let server = spawn_server(&["serve", "--demo", "--listen", "127.0.0.1:0"]);
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let call = |kind: Kind| {
+        rt.block_on(async {
+            let mut c = InferenceClient::connect(format!("http://{}", server.addr)).await.expect("connect");
+            let req = GenerateRequest {
+                prompt: Some(Prompt::Text("id:".into())),
+                sampling: Some(SamplingParams { max_new_tokens: Some(64), ..Default::default() }),
+                constraint: Some(Constraint { kind: Some(kind) }),
+                ..Default::default()
+            };
+            c.generate(req).await.map(|r| r.into_inner())
+        })
+    };
+    let r = call(Kind::Regex(REGEX.into())).expect("regex");
+    assert_eq!(r.finish_reason, Finish::Stop as i32);
+    assert!(regex_ok(&r.text), "{:?}", r.text);
+    let schema = r#"{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false}"#;
+    let r = call(Kind::JsonSchema(schema.into())).expect("schema");
+    let v: Value = serde_json::from_str(&r.text).expect("JSON");
+    assert!(v["ok"].is_boolean() && v.as_object().map(|o| o.len()) == Some(1), "{v}");
+    let e = call(Kind::Lark("start: missing".into())).expect_err("bad grammar");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("constraint"), "{}", e.message());
+}

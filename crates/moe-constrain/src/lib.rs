@@ -137,7 +137,14 @@ impl Grammars {
         if let Some(e) = matcher.get_error() {
             return Err(invalid(e));
         }
-        Ok(Constraint { matcher, mask: None, mask_time: Default::default(), vocab: self.vocab, kind })
+        Ok(Constraint {
+            matcher,
+            mask: None,
+            mask_time: Default::default(),
+            vocab: self.vocab,
+            kind,
+            spec: Arc::new(spec.clone()),
+        })
     }
 }
 
@@ -161,6 +168,7 @@ pub struct Constraint {
     mask_time: std::time::Duration,
     vocab: usize,
     kind: &'static str,
+    spec: Arc<ConstraintSpec>,
 }
 
 impl Clone for Constraint {
@@ -172,6 +180,7 @@ impl Clone for Constraint {
             mask_time: self.mask_time,
             vocab: self.vocab,
             kind: self.kind,
+            spec: self.spec.clone(),
         }
     }
 }
@@ -183,6 +192,11 @@ impl std::fmt::Debug for Constraint {
 }
 
 impl Constraint {
+    /// What was compiled.
+    pub fn spec(&self) -> &ConstraintSpec {
+        &self.spec
+    }
+
     /// The kind of constraint ([`ConstraintSpec::kind`]).
     pub fn kind(&self) -> &'static str {
         self.kind
