@@ -147,7 +147,10 @@ async fn router_stopping_ends_open_streams_with_unavailable() {
         }
     }
     let refused = refused.expect("a draining router must refuse new requests");
-    assert!(matches!(refused.code(), Code::Unavailable | Code::Unknown | Code::Cancelled), "{refused:?}");
+    // tonic reports a request refused by the server's GOAWAY as INTERNAL "h2 protocol error"
+    // (GoAway, NO_ERROR): a transport-level refusal, which a client retries elsewhere.
+    let by_goaway = refused.code() == Code::Internal && format!("{refused:?}").contains("GoAway");
+    assert!(matches!(refused.code(), Code::Unavailable | Code::Unknown | Code::Cancelled) || by_goaway, "{refused:?}");
     let ended = tokio::time::timeout(Duration::from_secs(8), async {
         loop {
             match s.message().await {
