@@ -102,12 +102,11 @@ fn put_record(rt: &tokio::runtime::Runtime, url: &str, cluster: &str, id: &str) 
     });
 }
 
-/// A watch whose path to etcd goes silent (a relay that holds all traffic without closing the
-/// connection, as a blackholed member or a dropped route does) is found broken by the HTTP/2
-/// keepalive within a bounded time, and the table is read again through the other endpoint: a
-/// worker registered during the blackhole is seen. (Without keepalives the watch would wait on
-/// the silent connection forever and the table would stay stale.) The watch uses one endpoint at
-/// a time, the first in the list first, so it is the blackholed one.
+/// A watch whose path to etcd goes silent (the relays in front of etcd hold every open
+/// connection's traffic without closing it, as a blackhole or a route that lost its flows does)
+/// is found broken by the HTTP/2 keepalive within a bounded time, and the table is read again on
+/// fresh connections: a worker registered during the blackhole is seen. Without keepalives the
+/// watch waits on the silent connection forever and the table stays stale.
 #[test]
 fn a_blackholed_etcd_path_is_detected_and_the_watch_resyncs_through_another() {
     let rt = tokio::runtime::Runtime::new().expect("rt");
@@ -116,7 +115,8 @@ fn a_blackholed_etcd_path_is_detected_and_the_watch_resyncs_through_another() {
     let members = watch_all(&rt, &format!("http://{},http://{}", first.addr, second.addr), "blackhole");
     put_record(&rt, &etcd.url(), "blackhole", "before");
     eventually("the watch sees the first record", 10, || members.borrow().iter().any(|r| r.id == "before"));
-    first.set_partitioned(true);
+    first.blackhole_open_connections();
+    second.blackhole_open_connections();
     let started = std::time::Instant::now();
     put_record(&rt, &etcd.url(), "blackhole", "during");
     eventually("the record put during the blackhole", 30, || members.borrow().iter().any(|r| r.id == "during"));

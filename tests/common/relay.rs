@@ -12,6 +12,10 @@ pub struct Relay {
     pub addr: String,
     delay_ms: Arc<AtomicU64>,
     partitioned: Arc<AtomicBool>,
+    /// Connections accepted before this many were made hold their traffic (a route that died
+    /// for established flows only).
+    held_before: Arc<AtomicU64>,
+    accepted: Arc<AtomicU64>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -23,18 +27,28 @@ impl Relay {
         let addr = listener.local_addr().expect("addr").to_string();
         let delay_ms = Arc::new(AtomicU64::new(0));
         let partitioned = Arc::new(AtomicBool::new(false));
-        let (d, p) = (delay_ms.clone(), partitioned.clone());
+        let held_before = Arc::new(AtomicU64::new(0));
+        let (d, p, h) = (delay_ms.clone(), partitioned.clone(), held_before.clone());
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counter = accepted.clone();
         rt.spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                let n = counter.fetch_add(1, Ordering::SeqCst);
                 let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { continue };
                 let _ = (client.set_nodelay(true), server.set_nodelay(true));
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                tokio::spawn(pump(cr, sw, d.clone(), p.clone()));
-                tokio::spawn(pump(sr, cw, d.clone(), p.clone()));
+                tokio::spawn(pump(cr, sw, d.clone(), p.clone(), (n, h.clone())));
+                tokio::spawn(pump(sr, cw, d.clone(), p.clone(), (n, h.clone())));
             }
         });
-        Relay { addr, delay_ms, partitioned, _rt: rt }
+        Relay { addr, delay_ms, partitioned, held_before, accepted, _rt: rt }
+    }
+
+    /// Holds the traffic of every connection open now, for good, without closing them; new
+    /// connections pass (a route that lost its established flows, as a blackhole does).
+    pub fn blackhole_open_connections(&self) {
+        self.held_before.store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 
     /// Every chunk waits this long before it is passed on (0: none).
@@ -53,6 +67,7 @@ async fn pump(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     delay_ms: Arc<AtomicU64>,
     partitioned: Arc<AtomicBool>,
+    (connection, held_before): (u64, Arc<AtomicU64>),
 ) {
     let mut buf = vec![0u8; 1 << 16];
     loop {
@@ -64,7 +79,7 @@ async fn pump(
         if d > 0 {
             tokio::time::sleep(Duration::from_millis(d)).await;
         }
-        while partitioned.load(Ordering::SeqCst) {
+        while partitioned.load(Ordering::SeqCst) || connection < held_before.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if to.write_all(&buf[..n]).await.is_err() {

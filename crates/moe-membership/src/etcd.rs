@@ -1,8 +1,8 @@
 //! etcd: worker registration with a lease, and the router's watch of the workers prefix. Both
 //! loops retry with backoff forever (connection errors are logged, never fatal after start) and
 //! stop when their cancellation token fires. Connections send HTTP/2 and TCP keepalives and
-//! require a leader, so a blackholed or partitioned etcd member breaks the stream (and the watch
-//! starts over through the next member in the list) instead of leaving it silent; every wait in the worker's
+//! require a leader, so a blackholed or partitioned etcd member breaks the stream (and the loop
+//! starts over on fresh connections) instead of leaving it silent; every wait in the worker's
 //! lease loop is bounded; a watch whose revision was compacted reads the prefix again; a
 //! worker whose record is deleted while its lease lives puts it back.
 
@@ -36,17 +36,6 @@ impl EtcdOptions {
     /// A client balancing over every endpoint, for one-off reads and writes.
     pub(crate) async fn client(&self) -> Result<Client> {
         self.connect().await
-    }
-
-    /// A client of the `turn`-th endpoint alone (round the list). The watch uses one endpoint
-    /// per session and moves to the next after a failure: a blackholed member still
-    /// completes the HTTP/2 handshake, so a client balancing over all endpoints would keep
-    /// choosing it at random, while a rotation reaches a healthy member on the next session.
-    async fn connect_turn(&self, turn: usize) -> Result<Client> {
-        match self.endpoints.len() {
-            0 => Err(crate::MembershipError::Invalid("no etcd endpoints given".into())),
-            n => self.connect_to(std::slice::from_ref(&self.endpoints[turn % n])).await,
-        }
     }
 
     async fn connect_to(&self, endpoints: &[String]) -> Result<Client> {
@@ -214,10 +203,10 @@ pub(crate) async fn watch_prefix<T: serde::de::DeserializeOwned + Clone + Send +
     tx: watch::Sender<BTreeMap<String, T>>,
     cancel: CancellationToken,
 ) {
-    let (mut attempt, mut turn) = (0u32, 0usize);
+    let mut attempt = 0u32;
     loop {
         let session = async {
-            let mut client = opts.connect_turn(turn).await?;
+            let mut client = opts.connect().await?;
             let resp = client.get(prefix, Some(GetOptions::new().with_prefix())).await?;
             let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             let mut live: BTreeMap<String, T> = BTreeMap::new();
@@ -271,10 +260,7 @@ pub(crate) async fn watch_prefix<T: serde::de::DeserializeOwned + Clone + Send +
             _ = cancel.cancelled() => return,
             r = session => match r {
                 Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "etcd watch failed; reading the prefix again through the next endpoint");
-                    turn += 1;
-                }
+                Err(e) => tracing::warn!(error = %e, "etcd watch failed; reading the prefix again"),
             },
         }
         if !backoff(&mut attempt, &cancel).await {
