@@ -43,7 +43,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         timeout_ms: 0,
         cache_salt: String::new(),
         resume: None,
-        constraint: args.constraint()?.map(proto_constraint),
+        constraint: args.constraint()?.map(moe_router::constraint::to_proto),
     };
     let endpoints: Vec<String> =
         endpoint.split(',').map(str::trim).filter(|e| !e.is_empty()).map(String::from).collect();
@@ -180,17 +180,4 @@ async fn unary_once(
     let r = client.generate(with_key(args, request)?).await?.into_inner();
     *out = Output { ids: r.token_ids, text: r.text, reason: r.finish_reason };
     Ok(())
-}
-
-/// A constraint as the gRPC API carries it.
-pub fn proto_constraint(c: moe_constrain::ConstraintSpec) -> moe_proto::v1::Constraint {
-    use moe_constrain::ConstraintSpec as S;
-    use moe_proto::v1::constraint::Kind;
-    let kind = match c {
-        S::JsonSchema(s) => Kind::JsonSchema(s),
-        S::JsonObject => Kind::JsonObject(true),
-        S::Regex(r) => Kind::Regex(r),
-        S::Lark(g) => Kind::Lark(g),
-    };
-    moe_proto::v1::Constraint { kind: Some(kind) }
 }

@@ -25,6 +25,14 @@ pub enum ConstraintSpec {
 }
 
 impl ConstraintSpec {
+    /// The schema, regex or grammar text (empty for `JsonObject`).
+    pub fn text(&self) -> &str {
+        match self {
+            Self::JsonSchema(t) | Self::Regex(t) | Self::Lark(t) => t,
+            Self::JsonObject => "",
+        }
+    }
+
     /// The kind, for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -112,10 +120,7 @@ impl Grammars {
 
     fn compile_uncached(&self, spec: &ConstraintSpec) -> Result<Constraint> {
         let kind = spec.kind();
-        let text_len = match spec {
-            ConstraintSpec::JsonSchema(t) | ConstraintSpec::Regex(t) | ConstraintSpec::Lark(t) => t.len(),
-            ConstraintSpec::JsonObject => 0,
-        };
+        let text_len = spec.text().len();
         if text_len > MAX_CONSTRAINT_BYTES {
             return Err(ConstrainError::TooLarge { kind, bytes: text_len, limit: MAX_CONSTRAINT_BYTES });
         }

@@ -38,7 +38,7 @@ pub async fn publish_adapter(opts: &EtcdOptions, record: &AdapterRecord) -> Resu
     let value = serde_json::to_string(record).map_err(|e| MembershipError::Invalid(e.to_string()))?;
     let key = format!("{}{}", prefix(opts), record.id);
     bounded("adapter publish", async {
-        opts.client().await?.put(key, value, None).await?;
+        opts.connect().await?.put(key, value, None).await?;
         Ok(())
     })
     .await
@@ -48,7 +48,7 @@ pub async fn publish_adapter(opts: &EtcdOptions, record: &AdapterRecord) -> Resu
 pub async fn withdraw_adapter(opts: &EtcdOptions, id: &str) -> Result<()> {
     let key = format!("{}{id}", prefix(opts));
     bounded("adapter withdrawal", async {
-        opts.client().await?.delete(key, None).await?;
+        opts.connect().await?.delete(key, None).await?;
         Ok(())
     })
     .await

@@ -29,16 +29,8 @@ impl EtcdOptions {
         format!("/moe/{}/workers/", self.cluster)
     }
 
-    async fn connect(&self) -> Result<Client> {
-        self.connect_to(&self.endpoints).await
-    }
-
-    /// A client balancing over every endpoint, for one-off reads and writes.
-    pub(crate) async fn client(&self) -> Result<Client> {
-        self.connect().await
-    }
-
-    async fn connect_to(&self, endpoints: &[String]) -> Result<Client> {
+    /// A client balancing over every endpoint.
+    pub(crate) async fn connect(&self) -> Result<Client> {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
@@ -56,7 +48,7 @@ impl EtcdOptions {
             opts =
                 opts.with_tls(etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(pem)));
         }
-        Ok(Client::connect(endpoints, Some(opts)).await?)
+        Ok(Client::connect(&self.endpoints, Some(opts)).await?)
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod adapter_sync;
+pub mod constraint;
 mod detokenize;
 mod engine;
 pub mod engine_metrics;

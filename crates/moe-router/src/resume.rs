@@ -78,12 +78,7 @@ pub fn request_digest(req: &ValidatedRequest, model_fingerprint: &str) -> String
     };
     // A constraint decides the tokens too (unconstrained requests keep their earlier digests).
     if let Some(c) = &req.constraint {
-        use moe_constrain::ConstraintSpec as S;
-        let text = match c.spec() {
-            S::JsonSchema(t) | S::Regex(t) | S::Lark(t) => t.as_str(),
-            S::JsonObject => "",
-        };
-        h.field(b"constraint").field(c.kind().as_bytes()).field(text.as_bytes());
+        h.field(b"constraint").field(c.kind().as_bytes()).field(c.spec().text().as_bytes());
     }
     h.hex()
 }

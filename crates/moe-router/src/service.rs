@@ -80,7 +80,7 @@ impl InferenceService {
             resume: req
                 .resume
                 .map(|r| crate::resume::ResumeParams { generated: r.generated_token_ids, digest: r.digest }),
-            constraint: constraint_spec(req.constraint)?,
+            constraint: crate::constraint::from_proto(req.constraint),
         };
         crate::access::validate(&self.engine, prompt, params).await
     }
@@ -344,18 +344,4 @@ impl Inference for InferenceService {
         }
         Ok(Response::new(UnloadAdapterResponse {}))
     }
-}
-
-/// The engine's form of a request's `constraint` (unset, or a oneof with no kind: none).
-fn constraint_spec(c: Option<moe_proto::v1::Constraint>) -> Result<Option<moe_constrain::ConstraintSpec>, RouterError> {
-    use moe_constrain::ConstraintSpec as S;
-    use moe_proto::v1::constraint::Kind;
-    Ok(match c.and_then(|c| c.kind) {
-        None => None,
-        Some(Kind::JsonSchema(s)) => Some(S::JsonSchema(s)),
-        Some(Kind::JsonObject(true)) => Some(S::JsonObject),
-        Some(Kind::JsonObject(false)) => None,
-        Some(Kind::Regex(r)) => Some(S::Regex(r)),
-        Some(Kind::Lark(g)) => Some(S::Lark(g)),
-    })
 }
