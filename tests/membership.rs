@@ -274,6 +274,8 @@ fn router_follows_etcd_through_failures_and_recovery() {
     let b = worker(&etcd, "fo", d, "all", "2");
     let router = router(&etcd, "fo", d, &["--wire", "f32"]);
     eventually("the router to be ready", 15, || rt.block_on(health(&router.addr)) == ServingStatus::Serving as i32);
+    // Ready needs one holder per expert; failover needs the router to know both replicas.
+    eventually("the router to see both workers", 15, || rt.block_on(model_info(&router.addr)).workers == 2);
     assert_eq!(rt.block_on(generate(&router.addr, prompt.clone())).expect("both up"), want);
 
     // One replica dies: requests go on at once (before its lease expires), with the same tokens.
