@@ -39,6 +39,9 @@ struct Inner {
     registry: prometheus_client::registry::Registry,
     /// What each name was registered as (a clone of the handle), so a second request shares it.
     known: HashMap<String, Box<dyn Any + Send + Sync>>,
+    /// (family name, help, type) of every registration, in order: a family with no series yet
+    /// is still declared in the scrape, so dashboards and alerts can find every name at once.
+    descriptors: Vec<(String, String, &'static str)>,
 }
 
 /// The registry. Cheap to clone (shared).
@@ -53,6 +56,7 @@ impl Default for Registry {
             inner: Arc::new(Mutex::new(Inner {
                 registry: prometheus_client::registry::Registry::default(),
                 known: HashMap::new(),
+                descriptors: Vec::new(),
             })),
         }
     }
@@ -95,6 +99,14 @@ impl Registry {
         };
         // prometheus-client ends every help text with a period itself.
         inner.registry.register(base, help.trim_end_matches('.'), metric.clone());
+        let kind = match M::TYPE {
+            prometheus_client::metrics::MetricType::Counter => "counter",
+            prometheus_client::metrics::MetricType::Gauge => "gauge",
+            prometheus_client::metrics::MetricType::Histogram => "histogram",
+            _ => "unknown",
+        };
+        let help = format!("{}.", help.trim_end_matches('.'));
+        inner.descriptors.push((base.to_string(), help, kind));
         inner.known.insert(name.to_string(), Box::new(metric.clone()));
         metric
     }
@@ -138,12 +150,34 @@ impl Registry {
         self.get_or_register(name, help, || Family::new_with_constructor(latency_histogram as fn() -> Histogram))
     }
 
-    /// Everything, in the OpenMetrics text format (ends with `# EOF`).
+    /// A histogram without labels, with the buckets `make` gives.
+    pub fn histogram(&self, name: &str, help: &str, make: fn() -> Histogram) -> Histogram {
+        self.get_or_register(name, help, make)
+    }
+
+    /// A family of histograms, one per label set, each with the buckets `make` gives.
+    pub fn histogram_family<S>(&self, name: &str, help: &str, make: fn() -> Histogram) -> LatencyFamily<S>
+    where
+        S: EncodeLabelSet + Clone + Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
+    {
+        self.get_or_register(name, help, || Family::new_with_constructor(make))
+    }
+
+    /// Everything, in the OpenMetrics text format (ends with `# EOF`). Families with no series
+    /// yet (prometheus-client leaves them out) are declared by their `# HELP`/`# TYPE` lines.
     pub fn render(&self) -> String {
         let inner = self.lock();
         let mut out = String::new();
         // Writing to a String cannot fail; an encoder error would only truncate the scrape.
         let _ = prometheus_client::encoding::text::encode(&mut out, &inner.registry);
+        let body_end = out.strip_suffix("# EOF\n").map_or(out.len(), str::len);
+        let mut empty = String::new();
+        for (name, help, kind) in &inner.descriptors {
+            if !out.contains(&format!("# TYPE {name} {kind}\n")) {
+                empty.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            }
+        }
+        out.insert_str(body_end, &empty);
         out
     }
 
@@ -194,6 +228,10 @@ mod tests {
         assert!(text.contains("moe_ttft_seconds_bucket{le=\"0.5\"} 1\n"), "{text}");
         assert!(text.contains("moe_ttft_seconds_sum 0.5\nmoe_ttft_seconds_count 1\n"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+        // A family with no series yet is declared all the same.
+        r.counter_family::<Outcome>("moe_refusals_total", "Refusals.");
+        let text = r.render();
+        assert!(text.ends_with("# HELP moe_refusals Refusals.\n# TYPE moe_refusals counter\n# EOF\n"), "{text}");
         assert_eq!(r.value("moe_requests_total", &[("outcome", "ok")]), Some(3.0));
         assert_eq!(r.value("moe_ttft_seconds_count", &[]), Some(1.0));
         assert_eq!(r.value("moe_queue_depth", &[]), Some(4.0));
