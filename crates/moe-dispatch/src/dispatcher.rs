@@ -40,6 +40,8 @@ pub(crate) struct Scratch {
     suspect: Vec<bool>,
     availability: Vec<Availability>,
     row_workers: Vec<usize>,
+    /// (row, expert) pairs given to each worker in this round: replicas share by it.
+    assigned: Vec<u32>,
 }
 
 /// An [`moe_model::ExpertExecutor`] that sends rows to workers through a transport. Cheap to
@@ -91,6 +93,7 @@ impl<T: WorkerTransport> Dispatcher<T> {
                 suspect: Vec::new(),
                 availability: Vec::new(),
                 row_workers: Vec::new(),
+                assigned: Vec::new(),
             }),
         };
         Self { core: Arc::new(core) }
@@ -209,6 +212,9 @@ impl<T: WorkerTransport> DispatcherCore<T> {
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
         let row_workers = &mut s.row_workers;
         row_workers.clear();
+        let assigned = &mut s.assigned;
+        assigned.clear();
+        assigned.resize(self.num_workers, 0);
         let mut current_row = u32::MAX;
         for &(r, e, wt) in &s.pending {
             if r != current_row {
@@ -234,12 +240,25 @@ impl<T: WorkerTransport> DispatcherCore<T> {
                         }
                         continue;
                     } else {
-                        live().nth((turn + r as usize) % n).unwrap_or(holders[0])
+                        // The live holder with the least work in this round; among equals, a
+                        // rotation, so equal replicas take turns. Results do not depend on it.
+                        let start = (turn + r as usize) % n;
+                        let mut best: Option<(u32, usize, usize)> = None;
+                        for (i, h) in live().enumerate() {
+                            let key = (assigned.get(h).copied().unwrap_or(0), (i + n - start) % n, h);
+                            if best.is_none_or(|b| (key.0, key.1) < (b.0, b.1)) {
+                                best = Some(key);
+                            }
+                        }
+                        best.map_or(holders[0], |b| b.2)
                     }
                 }
             };
             if !row_workers.contains(&w) {
                 row_workers.push(w);
+            }
+            if let Some(a) = assigned.get_mut(w) {
+                *a += 1;
             }
             let slot = match s.slot_of[w] {
                 Some(i) => i,
@@ -273,6 +292,7 @@ impl<T: WorkerTransport> DispatcherCore<T> {
             b.experts.push(e);
             b.weights.push(wt);
         }
+        self.transport.record_balance(layer, &s.assigned);
         let hedges = self.transport.hedges();
         for b in &mut s.batches[..used] {
             b.hedge = if hedges { self.hedge_for(layer, b, suspect, turn) } else { None };

@@ -141,6 +141,8 @@ struct GrpcInner {
     workers: Vec<Arc<WorkerConn>>,
     config: GrpcTransportConfig,
     next_id: AtomicU64,
+    /// Each layer's balance series, made on its first call.
+    balance: Mutex<Vec<moe_metrics::Histogram>>,
 }
 
 fn unavailable(addr: &str, message: impl std::fmt::Display) -> DispatchError {
@@ -217,7 +219,7 @@ impl GrpcTransport {
             workers.push(Arc::new(WorkerConn::new(addr, ep, &config.metrics)));
         }
         let runtime = tokio::runtime::Handle::current();
-        let inner = GrpcInner { runtime, workers, config, next_id: AtomicU64::new(1) };
+        let inner = GrpcInner { runtime, workers, config, next_id: AtomicU64::new(1), balance: Mutex::new(Vec::new()) };
         Ok((Self { inner: Arc::new(inner) }, described))
     }
 
@@ -242,8 +244,13 @@ impl GrpcTransport {
                 None => Ok(Arc::new(WorkerConn::new(a, endpoint(a, &config)?, &config.metrics))),
             })
             .collect::<Result<Vec<_>>>()?;
-        let inner =
-            GrpcInner { runtime: tokio::runtime::Handle::current(), workers, config, next_id: AtomicU64::new(1) };
+        let inner = GrpcInner {
+            runtime: tokio::runtime::Handle::current(),
+            workers,
+            config,
+            next_id: AtomicU64::new(1),
+            balance: Mutex::new(Vec::new()),
+        };
         Ok(Self { inner: Arc::new(inner) })
     }
 }
@@ -539,6 +546,26 @@ impl WorkerTransport for GrpcTransport {
 
     fn hedges(&self) -> bool {
         self.inner.config.hedging != Hedging::Off
+    }
+
+    fn record_balance(&self, layer: usize, pairs_per_worker: &[u32]) {
+        let max = pairs_per_worker.iter().copied().max().unwrap_or(0);
+        if max == 0 {
+            return;
+        }
+        for (w, &p) in self.inner.workers.iter().zip(pairs_per_worker) {
+            if p > 0 {
+                w.metrics.pairs.observe(p as f64);
+            }
+        }
+        let mean = pairs_per_worker.iter().map(|&p| p as f64).sum::<f64>() / pairs_per_worker.len() as f64;
+        if let Ok(mut series) = self.inner.balance.lock() {
+            while series.len() <= layer {
+                let l = series.len();
+                series.push(crate::worker_metrics::layer_balance(&self.inner.config.metrics, l));
+            }
+            series[layer].observe(mean / max as f64);
+        }
     }
 
     fn take_missed(&self) -> Vec<(usize, std::time::Instant)> {

@@ -59,6 +59,10 @@ pub trait WorkerTransport: Send + Sync {
         false
     }
 
+    /// Told once per layer call how many (row, expert) pairs each worker was given (every
+    /// worker, also those given none), for the balance metrics.
+    fn record_balance(&self, _layer: usize, _pairs_per_worker: &[u32]) {}
+
     /// Checks out of band whether `worker` answers (a suspect whose period ended), and calls
     /// `done` with the verdict, now or later from another thread. The default (workers in this
     /// process) says yes at once.

@@ -47,6 +47,15 @@ impl<'m, B: Backend> PromptLogits<'m, B> {
         Ok(std::mem::take(&mut self.logits))
     }
 
+    /// Tokens routed to each (layer, expert) since the last call, `layer * num_experts + expert`;
+    /// zeroed as they are read.
+    pub fn take_expert_tokens(&mut self) -> Vec<u64> {
+        let counts = self.ws.expert_tokens_mut();
+        let out = counts.to_vec();
+        counts.fill(0);
+        out
+    }
+
     fn forward(&mut self, tokens: &[u32], cache: &mut SequenceCache, which: LogitsFor) -> Result<()> {
         let mut batch = [BatchItem::new(tokens, cache).with_adapter(self.adapter)];
         self.model.forward(&mut self.ws, &mut self.kv, &mut batch, which, &mut self.logits)?;

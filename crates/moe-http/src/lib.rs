@@ -71,6 +71,19 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
         r.gauge("moe_adapter_load_failures", "Adapter loads that failed.").set(count(&c.load_failures));
         r.gauge("moe_adapter_evictions", "Idle adapters evicted to make room.").set(count(&c.evictions));
     }
+    let load = state.engine.expert_load().snapshot(std::time::Instant::now());
+    let window = r.gauge_family::<[(&'static str, String); 3]>(
+        "moe_expert_load_window_tokens",
+        "Tokens each adapter routed to each expert in the last minute (base: the base model).",
+    );
+    window.clear();
+    for a in &load.adapters {
+        for (i, &n) in a.tokens.iter().enumerate().filter(|(_, n)| **n > 0) {
+            let (layer, expert) = (i / load.num_experts.max(1), i % load.num_experts.max(1));
+            let labels = [("adapter", a.name.clone()), ("layer", layer.to_string()), ("expert", expert.to_string())];
+            window.get_or_create(&labels).set(n as i64);
+        }
+    }
     ([(CONTENT_TYPE, moe_metrics::CONTENT_TYPE)], r.render())
 }
 

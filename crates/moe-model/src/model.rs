@@ -37,12 +37,20 @@ pub struct BatchItem<'a, B: Backend> {
     pub adapter: Option<&'a AdapterWeights<B>>,
     /// The request's id (0: none), carried to workers so their logs can name the requests.
     pub request: u64,
+    /// Whose expert load this item's tokens count as (see [`Workspace::keyed_expert_tokens_mut`]).
+    pub load_key: u32,
 }
 
 impl<'a, B: Backend> BatchItem<'a, B> {
     /// An item on the base model.
     pub fn new(tokens: &'a [u32], cache: &'a mut SequenceCache) -> Self {
-        Self { tokens, cache, adapter: None, request: 0 }
+        Self { tokens, cache, adapter: None, request: 0, load_key: 0 }
+    }
+
+    /// Counts this item's routed tokens under `key` (small: the counters are dense per key).
+    pub fn with_load_key(mut self, key: u32) -> Self {
+        self.load_key = key;
+        self
     }
 
     pub fn with_request(mut self, request: u64) -> Self {
@@ -278,9 +286,16 @@ impl<B: Backend> Model<B> {
     fn index_adapters(&self, ws: &mut Workspace<B>, batch: &[BatchItem<'_, B>]) {
         ws.row_item.clear();
         ws.row_request.clear();
+        ws.row_key.clear();
         for (i, item) in batch.iter().enumerate() {
             ws.row_item.extend(std::iter::repeat_n(i as u32, item.tokens.len()));
             ws.row_request.extend(std::iter::repeat_n(item.request, item.tokens.len()));
+            ws.row_key.extend(std::iter::repeat_n(item.load_key, item.tokens.len()));
+        }
+        let keys = batch.iter().map(|it| it.load_key as usize + 1).max().unwrap_or(1);
+        let keyed_len = keys * self.config.num_layers * self.config.num_experts;
+        if ws.keyed_expert_tokens.len() < keyed_len {
+            ws.keyed_expert_tokens.resize(keyed_len, 0);
         }
         ws.adapter_table.clear();
         ws.row_adapter.clear();
@@ -372,6 +387,15 @@ impl<B: Backend> Model<B> {
         }
         for &(e, _) in &ws.choices {
             ws.expert_tokens[layer * c.num_experts + e as usize] += 1;
+        }
+        for (r, row) in ws.choices.chunks(c.top_k.max(1)).enumerate() {
+            let key = ws.row_key.get(r).copied().unwrap_or(0) as usize;
+            let base = (key * c.num_layers + layer) * c.num_experts;
+            for &(e, _) in row {
+                if let Some(n) = ws.keyed_expert_tokens.get_mut(base + e as usize) {
+                    *n += 1;
+                }
+            }
         }
         b.zeros(rows, c.hidden_size, &mut ws.ffn_out);
     }

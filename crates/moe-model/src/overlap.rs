@@ -70,6 +70,12 @@ impl<B: Backend> Model<B> {
         for (a, b) in ws.expert_tokens.iter_mut().zip(ws_b.expert_tokens.iter_mut()) {
             *a += std::mem::take(b);
         }
+        if ws.keyed_expert_tokens.len() < ws_b.keyed_expert_tokens.len() {
+            ws.keyed_expert_tokens.resize(ws_b.keyed_expert_tokens.len(), 0);
+        }
+        for (a, b) in ws.keyed_expert_tokens.iter_mut().zip(ws_b.keyed_expert_tokens.iter_mut()) {
+            *a += std::mem::take(b);
+        }
         for item in batch.iter_mut() {
             item.cache.len += item.tokens.len();
         }

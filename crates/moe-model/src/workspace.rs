@@ -34,6 +34,10 @@ pub struct Workspace<B: Backend> {
     pub(crate) row_adapter: Vec<u32>,
     /// Tokens routed to each (layer, expert) since the caller last drained them.
     pub(crate) expert_tokens: Vec<u64>,
+    /// The same per load key: `[(key * layers + layer) * experts + expert]`.
+    pub(crate) keyed_expert_tokens: Vec<u64>,
+    /// Load key of every row.
+    pub(crate) row_key: Vec<u32>,
     pub(crate) row_request: Vec<u64>,
 }
 
@@ -70,6 +74,15 @@ impl<B: Backend> Workspace<B> {
         &mut self.expert_tokens
     }
 
+    /// Tokens routed to each expert per load key (each item's [`BatchItem::load_key`]),
+    /// `[(key * num_layers + layer) * num_experts + expert]`, since the caller last zeroed them:
+    /// whose tokens make the load (a tenant's gate adapter changes where they go).
+    ///
+    /// [`BatchItem::load_key`]: crate::BatchItem::load_key
+    pub fn keyed_expert_tokens_mut(&mut self) -> &mut [u64] {
+        &mut self.keyed_expert_tokens
+    }
+
     pub fn new(backend: &B) -> Self {
         Self {
             hidden: backend.act(),
@@ -97,6 +110,8 @@ impl<B: Backend> Workspace<B> {
             adapter_table: Vec::new(),
             row_adapter: Vec::new(),
             expert_tokens: Vec::new(),
+            keyed_expert_tokens: Vec::new(),
+            row_key: Vec::new(),
             row_request: Vec::new(),
         }
     }

@@ -12,6 +12,7 @@ mod detokenize;
 mod engine;
 pub mod engine_metrics;
 mod error;
+pub mod expert_load;
 mod request;
 pub mod resume;
 mod server;

@@ -11,9 +11,10 @@ use moe_proto::v1::generate_request::Prompt;
 use moe_proto::v1::generate_stream_response::Event as StreamEvent;
 use moe_proto::v1::inference_server::Inference;
 use moe_proto::v1::{
-    Finished, GenerateRequest, GenerateResponse, GenerateStreamResponse, ListAdaptersRequest, ListAdaptersResponse,
-    LoadAdapterRequest, LoadAdapterResponse, ModelInfoRequest, ModelInfoResponse, TokenDelta, TokenizeRequest,
-    TokenizeResponse, UnloadAdapterRequest, UnloadAdapterResponse, Usage,
+    ExpertLoadRequest, ExpertLoadResponse, Finished, GenerateRequest, GenerateResponse, GenerateStreamResponse,
+    ListAdaptersRequest, ListAdaptersResponse, LoadAdapterRequest, LoadAdapterResponse, ModelInfoRequest,
+    ModelInfoResponse, TokenDelta, TokenizeRequest, TokenizeResponse, UnloadAdapterRequest, UnloadAdapterResponse,
+    Usage,
 };
 use std::pin::Pin;
 use std::time::Duration;
@@ -343,5 +344,20 @@ impl Inference for InferenceService {
             })?;
         }
         Ok(Response::new(UnloadAdapterResponse {}))
+    }
+
+    async fn expert_load(&self, request: Request<ExpertLoadRequest>) -> Result<Response<ExpertLoadResponse>, Status> {
+        require_admin(&self.engine, authorization(&request))?;
+        let s = self.engine.expert_load().snapshot(std::time::Instant::now());
+        Ok(Response::new(ExpertLoadResponse {
+            num_layers: s.num_layers as u32,
+            num_experts: s.num_experts as u32,
+            window_seconds: s.window.as_secs_f64(),
+            adapters: s
+                .adapters
+                .into_iter()
+                .map(|a| moe_proto::v1::AdapterExpertLoad { adapter: a.name, tokens: a.tokens })
+                .collect(),
+        }))
     }
 }

@@ -8,6 +8,7 @@ use super::{EngineConfig, EngineHealth, EngineParts, EngineStats, HealthSender, 
 use crate::detokenize::DetokenizeStream;
 use crate::engine_metrics::EngineMetrics;
 use crate::error::RouterError;
+use crate::expert_load::ExpertLoad;
 use crate::request::{Event, ValidatedRequest};
 use moe_compute::Backend;
 use moe_generate::{Sampler, TextCodec};
@@ -39,6 +40,8 @@ pub(super) struct Sequence<B: Backend> {
     pub cached_tokens: usize,
     /// The prefix cache's namespace of this request (None: the cache is off).
     pub prefix_namespace: Option<u128>,
+    /// Whose expert load this request's tokens count as ([`ExpertLoad::key_for`] its adapter).
+    pub load_key: u32,
 }
 
 impl<B: Backend> Sequence<B> {
@@ -71,6 +74,8 @@ pub(super) struct ComputeLoop<B: Backend> {
     pub stats: Arc<EngineStats>,
     pub config: EngineConfig,
     pub metrics: EngineMetrics,
+    /// Routed tokens per adapter over a sliding window (shared with the API side).
+    pub expert_load: ExpertLoad,
     pub logits: Vec<f32>,
     pub seen: Vec<bool>,
     /// Per-step buffers, kept to avoid allocating every step.
@@ -88,6 +93,7 @@ impl<B: Backend> ComputeLoop<B> {
         config: EngineConfig,
     ) -> Self {
         let vocab = parts.model.config.vocab_size;
+        let expert_load = ExpertLoad::new(parts.model.config.num_layers, parts.model.config.num_experts);
         Self {
             ws: parts.model.workspace(),
             ws_b: parts.model.workspace(),
@@ -101,6 +107,7 @@ impl<B: Backend> ComputeLoop<B> {
             running: Vec::new(),
             stats,
             metrics: EngineMetrics::new(&config.metrics),
+            expert_load,
             config,
             logits: Vec::new(),
             seen: vec![false; vocab],

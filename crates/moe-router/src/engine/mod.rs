@@ -13,6 +13,7 @@ mod step;
 
 use crate::engine_metrics::EngineMetrics;
 use crate::error::RouterError;
+use crate::expert_load::ExpertLoad;
 use crate::request::{Event, ValidatedRequest};
 use crate::tenants::Tenants;
 use compute_loop::ComputeLoop;
@@ -183,6 +184,8 @@ pub struct Engine {
     shutdown: Arc<tokio::sync::watch::Sender<bool>>,
     /// The engine's families in `config.metrics` (rejections are counted from the async side).
     recorder: EngineMetrics,
+    /// Routed tokens per adapter over the last minute (the compute loop records it).
+    expert_load: ExpertLoad,
 }
 
 impl Engine {
@@ -202,6 +205,7 @@ impl Engine {
         let (health_tx, health) = tokio::sync::watch::channel(EngineHealth::Running);
         let adapters: Option<Arc<dyn AdapterCatalog>> = parts.adapters.clone().map(|a| a as Arc<dyn AdapterCatalog>);
         let mut compute = ComputeLoop::new(parts, kv, rx, stats.clone(), config.clone());
+        let expert_load = compute.expert_load.clone();
         std::thread::Builder::new()
             .name("moe-engine".into())
             .spawn(move || compute.supervise(health_tx))
@@ -219,6 +223,7 @@ impl Engine {
             adapter_sync: None,
             shutdown: Arc::new(tokio::sync::watch::channel(false).0),
             recorder: EngineMetrics::new(&config.metrics),
+            expert_load,
             config,
         })
     }
@@ -303,6 +308,11 @@ impl Engine {
     }
 
     /// The metrics registry this engine reports to.
+    /// Routed tokens per adapter over a sliding window: what expert placement reads.
+    pub fn expert_load(&self) -> &ExpertLoad {
+        &self.expert_load
+    }
+
     pub fn metrics(&self) -> &moe_metrics::Registry {
         &self.config.metrics
     }

@@ -170,7 +170,10 @@ impl<B: Backend> ComputeLoop<B> {
                 self.kv.pages.release(&mut cache);
                 continue;
             }
+            let adapter_id = adapter.as_ref().map_or("", |a| a.identity.id.as_str());
+            let load_key = self.expert_load.key_for(adapter_id, Instant::now());
             self.running.push(Sequence {
+                load_key,
                 id: sub.id,
                 req: sub.req,
                 adapter,

@@ -53,7 +53,7 @@ impl<B: Backend> ComputeLoop<B> {
                     constraints.extend(s.req.constraint.as_mut());
                 }
                 let item = BatchItem::new(&s.tokens[start..start + chunk[i]], &mut s.cache);
-                batch.push(item.with_adapter(s.adapter.as_deref()).with_request(s.id));
+                batch.push(item.with_adapter(s.adapter.as_deref()).with_request(s.id).with_load_key(s.load_key));
                 members.push(i);
             }
         }
@@ -92,6 +92,7 @@ impl<B: Backend> ComputeLoop<B> {
         });
         drop(batch);
         self.metrics.expert_tokens(self.model.config.num_experts, self.ws.expert_tokens_mut());
+        self.expert_load.record(std::time::Instant::now(), self.ws.keyed_expert_tokens_mut());
         if let Err(e) = result {
             let err = RouterError::from(e);
             tracing::warn!(error = %err, "step failed; failing its requests");
