@@ -181,7 +181,7 @@ fn json_logs_are_one_object_per_line() {
             "--max-new-tokens",
             "1",
             "--adapter",
-            "gate",
+            "prose",
         ])
         .env("MOE_LOG", "info")
         .output()

@@ -65,7 +65,7 @@ fn sixty_seconds_at_twice_the_admission_limit_with_three_tenants() {
     for k in KEYS {
         args.extend(["--api-key", k]);
     }
-    for a in ["", "gate", "experts", "attn"] {
+    for a in ["", "prose", "code", "attn"] {
         args.extend(["--adapter", a]);
     }
     let out = moe(&args);
@@ -126,7 +126,7 @@ fn loadgen_sees_exactly_one_terminal_state_per_request() {
         "--adapter",
         "",
         "--adapter",
-        "gate",
+        "prose",
         "--json",
     ]);
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);

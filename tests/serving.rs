@@ -390,7 +390,7 @@ async fn embedded_server_process_health_reflection_tokenize_and_cli_stream() {
     let info = c.model_info(ModelInfoRequest {}).await.expect("info").into_inner();
     assert_eq!(
         (info.architecture.as_str(), info.vocab_size, info.workers, info.has_tokenizer),
-        ("MixtralForCausalLM", 512, 2, true)
+        ("MixtralForCausalLM", 258, 2, true)
     );
 
     // `moe generate --endpoint` gives what local generation gives, streamed or not.
@@ -413,8 +413,12 @@ async fn embedded_server_process_health_reflection_tokenize_and_cli_stream() {
     }
     // The demo's adapters, served by `serve --demo`: each gives what local generation with it
     // gives, and changes the output.
-    for adapter in ["gate", "attn", "experts"] {
-        let common = ["--prompt", "Hello", "--max-new-tokens", "12", "--json", "--adapter", adapter];
+    let base =
+        moe(&["generate", "--demo", "--prompt", "The value of the expression is", "--max-new-tokens", "32", "--json"]);
+    let base = base.json();
+    for adapter in ["prose", "code", "attn"] {
+        let common =
+            ["--prompt", "The value of the expression is", "--max-new-tokens", "32", "--json", "--adapter", adapter];
         let mut local_args = vec!["generate", "--demo"];
         local_args.extend_from_slice(&common);
         let local_ad = moe(&local_args);
@@ -424,7 +428,7 @@ async fn embedded_server_process_health_reflection_tokenize_and_cli_stream() {
         let remote = moe(&remote_args);
         assert_eq!(remote.code, 0, "{}", remote.stderr);
         assert_eq!(remote.json(), local_ad.json(), "adapter {adapter}: remote vs local");
-        assert_ne!(local_ad.json()["token_ids"], local.json()["token_ids"], "adapter {adapter} changed nothing");
+        assert_ne!(local_ad.json()["token_ids"], base["token_ids"], "adapter {adapter} changed nothing");
     }
     let unknown = moe(&["generate", "--endpoint", server.addr.as_str(), "--prompt", "Hi", "--adapter", "nope"]);
     unknown.assert_error(&["NotFound", "nope"]);
@@ -435,7 +439,7 @@ async fn embedded_server_process_health_reflection_tokenize_and_cli_stream() {
 fn serve_with_tenants_file_and_api_key() {
     let tmp = tempfile::tempdir().expect("tmp");
     let file = tmp.path().join("tenants.toml");
-    std::fs::write(&file, "[[tenants]]\nname = \"t\"\napi_key = \"key-0123456789abcdef\"\nadapters = [\"gate\"]\n")
+    std::fs::write(&file, "[[tenants]]\nname = \"t\"\napi_key = \"key-0123456789abcdef\"\nadapters = [\"prose\"]\n")
         .expect("write");
     let server =
         spawn_server(&["serve", "--demo", "--listen", "127.0.0.1:0", "--tenants", file.to_str().expect("utf8")]);
@@ -454,8 +458,8 @@ fn serve_with_tenants_file_and_api_key() {
             adapter,
         ])
     };
-    assert_eq!(run("key-0123456789abcdef", "gate").code, 0);
-    run("wrong-0123456789abcdef", "gate").assert_error(&["Unauthenticated", "unknown api key"]);
+    assert_eq!(run("key-0123456789abcdef", "prose").code, 0);
+    run("wrong-0123456789abcdef", "prose").assert_error(&["Unauthenticated", "unknown api key"]);
     run("key-0123456789abcdef", "attn").assert_error(&["PermissionDenied", "attn"]);
 }
 

@@ -95,7 +95,8 @@ pub struct AdapterServeArgs {
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=512))]
     pub max_lora_rank: usize,
     /// Tenants file (TOML: api keys, allowed adapters, concurrency limits); requests must then
-    /// present `authorization: Bearer KEY`.
+    /// present `authorization: Bearer KEY`. With `--demo`, `--tenants demo` is the demo's own
+    /// (tenants `writers`, `coders` and `operator`; `moe demo` prints their keys).
     #[arg(long, env = "MOE_TENANTS")]
     pub tenants: Option<PathBuf>,
 }
@@ -114,6 +115,13 @@ impl AdapterServeArgs {
                 ..Default::default()
             },
         })
+    }
+
+    /// `--tenants demo` means the demo model's own tenants file (in `model_dir`), when `demo`.
+    pub fn resolve_demo_tenants(&mut self, demo: bool, model_dir: &std::path::Path) {
+        if demo && self.tenants.as_deref() == Some(std::path::Path::new("demo")) {
+            self.tenants = Some(model_dir.join("tenants.toml"));
+        }
     }
 
     /// Applies the tenants file, if any, to an engine.

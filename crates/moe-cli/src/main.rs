@@ -13,6 +13,7 @@ mod bench_structured;
 mod client;
 mod config_file;
 mod demo;
+mod demo_tour;
 mod engine_args;
 mod fixture_check;
 mod generate;
@@ -20,6 +21,7 @@ mod kernels;
 mod loadgen;
 mod logits;
 mod model_args;
+mod placement;
 mod router;
 mod serve;
 mod worker;
@@ -58,6 +60,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Print the full logits of every position of a prompt.
     Logits(logits::LogitsArgs),
+    /// A tour of the trained demo model: each tenant adapter's held-out loss, the experts its
+    /// tokens visit, sample continuations, and how to serve it.
+    Demo(demo_tour::TourArgs),
     /// Write a small random Mixtral-layout checkpoint with a byte-level tokenizer.
     DemoModel(demo::DemoArgs),
     /// Run the embedded cluster (router and N in-process workers) serving the Inference API.
@@ -77,6 +82,8 @@ enum Command {
     Kernels(kernels::KernelsArgs),
     /// LoRA adapters: `inspect DIR` shows what one adapts, or why it cannot be served.
     Adapter(adapter::AdapterArgs),
+    /// Expert placement: a router's expert load per adapter, and a plan that balances workers.
+    Placement(placement::PlacementArgs),
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -118,6 +125,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(a) => generate::run(a, cli.device),
         Command::Logits(a) => logits::run(a, cli.device),
+        Command::Demo(a) => demo_tour::run(a, cli.device),
         Command::DemoModel(a) => demo::run(a),
         Command::Serve(a) => serve::run(a, cli.device),
         Command::Worker(a) => worker::run(a, cli.device),
@@ -127,6 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Kernels(a) => kernels::run(a, cli.device),
         Command::Loadgen(a) => loadgen::run(a),
         Command::Adapter(a) => adapter::run(a),
+        Command::Placement(a) => placement::run(a),
     }
 }
 

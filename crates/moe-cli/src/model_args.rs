@@ -87,24 +87,19 @@ pub fn cached_model_dir(name: &str, spec: &DemoSpec) -> anyhow::Result<PathBuf> 
     Ok(dir)
 }
 
-/// The demo model, with three demo adapters in its `adapters/` dir: `gate` (the MoE gate only),
-/// `attn` (q, v, o and the gate) and `experts` (every routed expert).
-fn demo_dir() -> anyhow::Result<PathBuf> {
-    let spec = DemoSpec::demo();
-    let dir = cached_model_dir("demo-model", &spec)?;
-    let adapters = dir.join("adapters");
-    if !adapters.exists() {
-        use moe_demo::DemoTarget as T;
-        let staging = dir.join(format!("adapters-staging-{}", std::process::id()));
-        let kinds: [(&str, &[T]); 3] =
-            [("gate", &[T::Gate]), ("attn", &[T::Q, T::V, T::O, T::Gate]), ("experts", &[T::Experts])];
-        for (i, (name, targets)) in kinds.iter().enumerate() {
-            moe_demo::write_demo_adapter(&staging.join(name), &spec, targets, 8, 0.5, 11 + i as u64)
-                .context("writing the demo adapters")?;
-        }
-        if std::fs::rename(&staging, &adapters).is_err() {
-            let _ = std::fs::remove_dir_all(&staging);
-        }
+/// The trained demo model (embedded in the binary), written once to the temp directory under a
+/// name that carries its fingerprint: its adapters `prose` and `code` (gate-only LoRA) and `attn`
+/// (q/v LoRA) in `adapters/`, and the demo tenants in `tenants.toml`.
+pub fn demo_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("moe-demo-{:016x}", moe_demo::trained_demo_fingerprint()));
+    if dir.join("config.json").exists() {
+        return Ok(dir);
+    }
+    let staging = std::env::temp_dir().join(format!("moe-demo-staging-{}", std::process::id()));
+    moe_demo::write_trained_demo(&staging).context("writing the demo model")?;
+    if std::fs::rename(&staging, &dir).is_err() {
+        // Another process won the race; its copy is identical.
+        let _ = std::fs::remove_dir_all(&staging);
     }
     Ok(dir)
 }

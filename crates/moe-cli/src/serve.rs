@@ -25,11 +25,12 @@ pub struct ServeArgs {
     pub http: HttpArgs,
 }
 
-pub fn run(a: ServeArgs, device: moe_compute::Device) -> anyhow::Result<()> {
+pub fn run(mut a: ServeArgs, device: moe_compute::Device) -> anyhow::Result<()> {
     let dir = a.model.dir()?;
+    a.adapters.resolve_demo_tenants(a.model.demo, &dir);
     let mut options = a.adapters.options()?;
     if options.dir.is_none() && dir.join("adapters").is_dir() {
-        // The model's own adapters (the demo model ships three).
+        // The model's own adapters (the demo model ships three: prose, code, attn).
         options.dir = Some(dir.join("adapters"));
     }
     let engine = moe_cluster::embedded_on(device, &dir, a.workers, a.engine.config()?, &options)

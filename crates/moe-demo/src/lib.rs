@@ -1,13 +1,16 @@
-//! `moe-demo` writes small random Mixtral-layout checkpoints in Hugging Face layout
-//! (`config.json`, `model.safetensors`, a byte-level `tokenizer.json`), so the project runs with
-//! nothing downloaded, and so benchmarks have a standard model of a known size. It does not load
-//! or run models. It also writes random PEFT LoRA adapters for that layout.
+//! `moe-demo` writes the demo checkpoints in Hugging Face layout (`config.json`,
+//! `model.safetensors`, a byte-level `tokenizer.json`), so the project runs with nothing
+//! downloaded: the trained demo model that `--demo` serves (embedded, see [`trained`]), and small
+//! random Mixtral-layout checkpoints, so benchmarks and tests have models of a known size, with
+//! random PEFT LoRA adapters for that layout. It does not load or run models.
 
 mod adapter;
 mod tokenizer;
+pub mod trained;
 
 pub use adapter::{write_demo_adapter, DemoTarget};
 pub use tokenizer::byte_level_tokenizer_json;
+pub use trained::{trained_demo_fingerprint, write_trained_demo, DEMO_TENANTS};
 
 use safetensors::{Dtype, View};
 use std::borrow::Cow;
