@@ -33,7 +33,7 @@ pub struct LoadArgs {
     #[arg(long, env = "MOE_API_KEY")]
     pub api_key: Option<String>,
     /// Print JSON.
-    #[arg(long)]
+    #[arg(long, env = "MOE_JSON")]
     pub json: bool,
 }
 
@@ -48,10 +48,10 @@ pub struct PlanArgs {
     #[arg(long, env = "MOE_PLACEMENT_CAPACITY")]
     pub capacity: usize,
     /// Stop once every layer's balance (mean / max load over workers) reaches this.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, env = "MOE_PLACEMENT_TARGET", default_value_t = 0.9)]
     pub target: f64,
     /// Steps at most.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "MOE_PLACEMENT_MAX_STEPS", default_value_t = 64)]
     pub max_steps: usize,
 }
 

@@ -3,8 +3,9 @@
 //! gate adapter changes where its tokens go, so the hot experts depend on who is active; this is
 //! what expert placement reads (the `ExpertLoad` RPC, `moe placement plan`).
 //!
-//! Bounded: [`TRACKED`] adapters have a key of their own (a key whose adapter was not asked for
-//! during a whole window is given to the next newcomer); the rest count under `other` (key 0). The
+//! Bounded: [`TRACKED`] adapters have a key of their own (a key whose adapter neither was asked
+//! for nor routed a token during a whole window is given to the next newcomer); the rest count
+//! under `other` (key 0). The
 //! compute loop adds its per-key counters once a step; buckets are reused, so recording does not
 //! allocate in steady state.
 
@@ -140,6 +141,14 @@ impl ExpertLoad {
         {
             inner.buckets.pop_front();
         }
+        // A key whose tokens are still coming is in use, however long ago it was asked for.
+        let per_key = inner.layers * inner.experts;
+        for (k, name) in inner.names.iter_mut().enumerate() {
+            let busy = keyed.get(k * per_key..(k + 1) * per_key).is_some_and(|c| c.iter().any(|&n| n > 0));
+            if let (true, Some((_, used))) = (busy, name.as_mut()) {
+                *used = now;
+            }
+        }
         if let Some((_, counts)) = inner.buckets.back_mut() {
             for (c, k) in counts.iter_mut().zip(keyed.iter_mut()) {
                 *c += std::mem::take(k);
@@ -208,5 +217,22 @@ mod tests {
         load.key_for("acme", t0 + WINDOW);
         let late = load.key_for("newcomer", t0 + WINDOW + BUCKET);
         assert!(late > 0 && late != load.key_for("acme", t0 + WINDOW + BUCKET));
+    }
+
+    #[test]
+    fn a_key_whose_tokens_keep_coming_is_not_given_away() {
+        let load = ExpertLoad::new(1, 2);
+        let t0 = Instant::now();
+        let long = load.key_for("long", t0);
+        // A request admitted a window ago is still decoding: its tokens keep its key.
+        let mut keyed = vec![0u64; (TRACKED + 1) * 2];
+        keyed[long as usize * 2] = 1;
+        load.record(t0 + WINDOW - BUCKET, &mut keyed);
+        for i in 0..TRACKED - 1 {
+            let k = load.key_for(&format!("t{i}"), t0 + WINDOW);
+            assert!(k > 0 && k != long, "t{i} got key {k}");
+        }
+        assert_eq!(load.key_for("newcomer", t0 + WINDOW + BUCKET), 0);
+        assert_eq!(load.key_for("long", t0 + WINDOW + BUCKET), long);
     }
 }
