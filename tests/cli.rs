@@ -126,6 +126,9 @@ fn bench_reports_every_figure() {
     }
     let topologies = v["topologies"].as_array().expect("topologies");
     assert_eq!(topologies.len(), 2, "embedded and router + worker processes");
+    // Over worker processes, how evenly each layer's work was spread is measured.
+    let balance = topologies[1]["dispatch_balance"].as_f64().expect("balance of the remote topology");
+    assert!(balance > 0.0 && balance <= 1.0, "{balance}");
     // The prefix-cache run reused the shared prefix's full pages (88 tokens fit the fixture's
     // context of 96: five pages of 16).
     let p = &v["prefix_cache"];

@@ -57,6 +57,8 @@ struct Topology {
     prefill: PrefillReport,
     decode: Vec<DecodeReport>,
     dispatch_round_trip_us: Option<f64>,
+    /// Mean over layer calls of mean / max (row, expert) pairs over workers (1.0 = even).
+    dispatch_balance: Option<f64>,
 }
 
 /// Peak resident memory of this process after the embedded cluster's runs, against the
@@ -184,10 +186,20 @@ fn measure(name: &str, engine: &Engine, new_tokens: usize) -> anyhow::Result<Top
             decode(engine, batch, if batch == 1 { new_tokens * 2 } else { new_tokens }).map_err(anyhow::Error::msg)?,
         );
     }
-    Ok(Topology { name: name.into(), prefill: pre, decode: dec, dispatch_round_trip_us: None })
+    Ok(Topology { name: name.into(), prefill: pre, decode: dec, dispatch_round_trip_us: None, dispatch_balance: None })
 }
 
 /// Median time of one layer's expert dispatch of a single row to the remote workers.
+/// The mean of every layer call's balance, from the `moe_dispatch_balance` histograms.
+fn mean_balance(text: &str) -> Option<f64> {
+    let total = |suffix: &str| -> f64 {
+        let prefix = format!("moe_dispatch_balance_{suffix}{{");
+        text.lines().filter(|l| l.starts_with(&prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    let count = total("count");
+    (count > 0.0).then(|| total("sum") / count)
+}
+
 fn dispatch_round_trip_us(rt: &tokio::runtime::Runtime, dir: &Path, addrs: &[String]) -> anyhow::Result<f64> {
     use moe_compute::cpu::{CpuBackend, HostTensor};
     use moe_compute::ExpertPlan;
@@ -284,9 +296,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if !a.skip_remote {
         let (_children, addrs) = spawn_workers(&dir, a.workers)?;
         let rt = tokio::runtime::Runtime::new()?;
-        let engine =
-            rt.block_on(moe_cluster::remote(&dir, &addrs, GrpcTransportConfig::default(), engine_config.clone()))?;
+        let transport = GrpcTransportConfig::default();
+        let registry = transport.metrics.clone();
+        let engine = rt.block_on(moe_cluster::remote(&dir, &addrs, transport, engine_config.clone()))?;
         let mut t = measure(&format!("router + {} worker processes (bf16 wire)", a.workers), &engine, a.new_tokens)?;
+        t.dispatch_balance = mean_balance(&registry.render());
         t.dispatch_round_trip_us = Some(dispatch_round_trip_us(&rt, &dir, &addrs)?);
         drop(engine);
         let with_overlap = EngineConfig { two_batch_overlap: true, ..engine_config.clone() };
@@ -468,6 +482,9 @@ fn print_table(r: &Report) {
         }
         if let Some(us) = t.dispatch_round_trip_us {
             println!("{:<44} {:>12.0} us", format!("{}: dispatch round trip per layer", t.name), us);
+        }
+        if let Some(b) = t.dispatch_balance {
+            println!("{:<44} {:>12.2} (mean / max pairs over workers; 1 = even)", format!("{}: balance", t.name), b);
         }
     }
 }
