@@ -155,14 +155,18 @@ pub fn run(args: TourArgs, device: Device) -> anyhow::Result<()> {
         println!("{out}");
         return Ok(());
     }
-    print_tour(&dir, &measured, layer, tvd);
+    let config = moe_model::ModelConfig::from_dir(&dir)?;
+    print_tour(&dir, &config, &measured, layer, tvd);
     Ok(())
 }
 
 const BLOCKS: [char; 9] = [' ', '▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
 
-fn print_tour(dir: &Path, measured: &[Measured], layer: usize, tvd: f64) {
-    println!("The trained demo model: byte-level Mixtral layout, 4 layers x 8 experts (top-2), 3.4M parameters");
+fn print_tour(dir: &Path, c: &moe_model::ModelConfig, measured: &[Measured], layer: usize, tvd: f64) {
+    println!(
+        "The trained demo model: byte-level, hidden {}, {} layers x {} experts (top-{}), trained by crates/moe-demo/train/train_demo.py",
+        c.hidden_size, c.num_layers, c.num_experts, c.top_k
+    );
     println!("  at {}\n", dir.display());
     println!("Held-out loss (nats per byte; lower is better) — each tenant's adapter on each domain:");
     let domains: Vec<&String> = measured.first().map(|m| m.loss.iter().map(|(d, _)| d).collect()).unwrap_or_default();

@@ -123,6 +123,10 @@ mod tests {
         for f in ["config.json", "tokenizer.json", "tenants.toml", "adapters/prose/adapter_config.json"] {
             assert!(tmp.join(f).is_file(), "{f}");
         }
+        for (name, key, adapters) in DEMO_TENANTS {
+            let entry = format!("name = \"{name}\"\napi_key = \"{key}\"\nadapters = {adapters:?}\n");
+            assert!(DEMO_TENANTS_TOML.contains(&entry), "the tenants file and DEMO_TENANTS disagree on {name}");
+        }
         let held = heldout_samples().expect("heldout");
         assert!(held.iter().any(|(d, t)| d == "prose" && !t.is_empty()));
         assert!(held.iter().any(|(d, t)| d == "code" && !t.is_empty()));
