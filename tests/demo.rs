@@ -137,11 +137,7 @@ fn every_dashboard_query_names_an_exported_metric() {
         .expect("write");
     let dir = fixture("mixtral");
     let d = dir.to_str().expect("utf8");
-    let workers: Vec<Server> = ["shard:0/2", "shard:1/2"]
-        .iter()
-        .map(|s| spawn_server(&["worker", "--model", d, "--experts", s, "--listen", "127.0.0.1:0"]))
-        .collect();
-    let addrs = workers.iter().map(|w| w.addr.clone()).collect::<Vec<_>>().join(",");
+    let (_workers, addrs) = spawn_workers(d, &["shard:0/2", "shard:1/2"]);
     let http = format!("127.0.0.1:{}", free_port());
     let t = tenants.to_str().expect("utf8");
     let adapters = tmp.path().join("adapters");

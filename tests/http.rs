@@ -291,11 +291,7 @@ async fn metrics_counters_move_as_requests_are_served() {
 async fn router_process_exposes_dispatch_latency_per_worker() {
     let dir = fixture("mixtral");
     let d = dir.to_str().expect("utf8");
-    let workers: Vec<Server> = ["shard:0/2", "shard:1/2"]
-        .iter()
-        .map(|s| spawn_server(&["worker", "--model", d, "--experts", s, "--listen", "127.0.0.1:0"]))
-        .collect();
-    let addrs = workers.iter().map(|w| w.addr.clone()).collect::<Vec<_>>().join(",");
+    let (workers, addrs) = spawn_workers(d, &["shard:0/2", "shard:1/2"]);
     let http = format!("127.0.0.1:{}", free_port());
     let router =
         spawn_server(&["router", "--model", d, "--workers", &addrs, "--listen", "127.0.0.1:0", "--http-listen", &http]);

@@ -35,10 +35,7 @@ fn expert_load_counts_each_adapters_tokens_and_the_planner_reads_it() {
     moe_demo::write_trained_demo(&model).expect("write the demo");
     let d = model.to_str().expect("utf8");
     // Two shards, and a third worker holding every expert: replicas for all.
-    let workers: Vec<Server> = ["shard:0/2", "shard:1/2", "all"]
-        .iter()
-        .map(|s| spawn_server(&["worker", "--model", d, "--experts", s, "--listen", "127.0.0.1:0"]))
-        .collect();
+    let (workers, joined) = spawn_workers(d, &["shard:0/2", "shard:1/2", "all"]);
     let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
     let http = format!("127.0.0.1:{}", free_port());
     let ads = model.join("adapters");
@@ -47,7 +44,7 @@ fn expert_load_counts_each_adapters_tokens_and_the_planner_reads_it() {
         "--model",
         d,
         "--workers",
-        &addrs.join(","),
+        &joined,
         "--listen",
         "127.0.0.1:0",
         "--http-listen",
@@ -110,17 +107,8 @@ fn expert_load_counts_each_adapters_tokens_and_the_planner_reads_it() {
     }
 
     // The planner on this load: a valid plan that makes no layer worse.
-    let out = moe(&[
-        "placement",
-        "plan",
-        "--endpoint",
-        &router.addr,
-        "--workers",
-        &addrs.join(","),
-        "--capacity",
-        "32",
-        "--json",
-    ]);
+    let out =
+        moe(&["placement", "plan", "--endpoint", &router.addr, "--workers", &joined, "--capacity", "32", "--json"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     let plan = out.json();
     let (before, after) = (plan["before"].as_array().expect("before"), plan["after"].as_array().expect("after"));

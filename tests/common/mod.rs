@@ -181,6 +181,16 @@ impl Drop for Server {
     }
 }
 
+/// Starts one `moe worker` on `model` per expert spec, and their addresses, comma separated.
+pub fn spawn_workers(model: &str, specs: &[&str]) -> (Vec<Server>, String) {
+    let workers: Vec<Server> = specs
+        .iter()
+        .map(|s| spawn_server(&["worker", "--model", model, "--experts", s, "--listen", "127.0.0.1:0"]))
+        .collect();
+    let addrs = workers.iter().map(|w| w.addr.clone()).collect::<Vec<_>>().join(",");
+    (workers, addrs)
+}
+
 /// Starts `moe ARGS` and waits for its "listening on ADDR" line.
 pub fn spawn_server(args: &[&str]) -> Server {
     use std::io::BufRead;
