@@ -8,6 +8,7 @@
 
 mod common;
 
+use common::router_client::{generate, generate_with, health, model_info, resident_adapters};
 use common::*;
 use moe_membership::{watch_workers, EtcdOptions, WorkerRecord};
 use moe_proto::v1::generate_request::Prompt;
@@ -15,8 +16,6 @@ use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::{GenerateRequest, SamplingParams, TokenIds};
 use std::time::Duration;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 fn watch(rt: &tokio::runtime::Runtime, etcd: &Etcd, cluster: &str) -> tokio::sync::watch::Receiver<Vec<WorkerRecord>> {
     let (tx, rx) = tokio::sync::watch::channel(Vec::new());
@@ -179,28 +178,6 @@ fn a_deleted_record_comes_back_and_a_duplicate_worker_id_is_refused() {
     assert!(members.borrow().iter().any(|r| r.id == "w1" && r.address == first.addr));
 }
 
-async fn generate(addr: &str, ids: Vec<u32>) -> Result<Vec<u32>, tonic::Status> {
-    generate_with(addr, ids, "").await
-}
-
-async fn generate_with(addr: &str, ids: Vec<u32>, adapter: &str) -> Result<Vec<u32>, tonic::Status> {
-    let mut c = InferenceClient::connect(format!("http://{addr}")).await.expect("connect");
-    let req = GenerateRequest {
-        prompt: Some(Prompt::TokenIds(TokenIds { ids })),
-        sampling: Some(SamplingParams { max_new_tokens: Some(8), ..Default::default() }),
-        adapter_id: adapter.into(),
-        ..Default::default()
-    };
-    c.generate(req).await.map(|r| r.into_inner().token_ids)
-}
-
-/// The resident adapters of the router at `addr`.
-async fn resident_adapters(addr: &str) -> Vec<String> {
-    let mut c = InferenceClient::connect(format!("http://{addr}")).await.expect("connect");
-    let list = c.list_adapters(moe_proto::v1::ListAdaptersRequest {}).await.expect("list").into_inner();
-    list.adapters.into_iter().filter(|a| a.resident).map(|a| a.id).collect()
-}
-
 /// Two router replicas behind one Service: `LoadAdapter` on one (an id given its own path) is
 /// loaded by the other through etcd and serves there with the same tokens; `UnloadAdapter` on
 /// the first withdraws it from both. A router started afterwards loads what is published.
@@ -244,21 +221,6 @@ fn adapters_loaded_on_one_router_reach_every_router() {
         let gone = rt.block_on(generate_with(&r.addr, prompt.clone(), "acme")).expect_err("acme was unloaded");
         assert_eq!(gone.code(), tonic::Code::NotFound, "{gone:?}");
     }
-}
-
-async fn model_info(addr: &str) -> moe_proto::v1::ModelInfoResponse {
-    let mut c = InferenceClient::connect(format!("http://{addr}")).await.expect("connect");
-    c.model_info(moe_proto::v1::ModelInfoRequest {}).await.expect("info").into_inner()
-}
-
-async fn health(addr: &str) -> i32 {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let mut h = HealthClient::new(channel);
-    h.check(HealthCheckRequest { service: "moe.v1.Inference".into() }).await.expect("health").into_inner().status
 }
 
 #[test]

@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::router_client::request;
 use common::*;
 use futures::StreamExt;
 use moe_compute::cpu::CpuBackend;
@@ -14,7 +15,7 @@ use moe_proto::v1::expert_worker_client::ExpertWorkerClient;
 use moe_proto::v1::generate_request::Prompt;
 use moe_proto::v1::generate_stream_response::Event as StreamEvent;
 use moe_proto::v1::inference_client::InferenceClient;
-use moe_proto::v1::{ExpertRequest, GenerateRequest, SamplingParams, TokenIds, WireDtype};
+use moe_proto::v1::{ExpertRequest, GenerateRequest, SamplingParams, WireDtype};
 use moe_router::EngineConfig;
 use moe_worker::{ExpertHost, ExpertSpec};
 use std::path::Path;
@@ -22,18 +23,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::Code;
-
-fn request(ids: Vec<u32>, s: SamplingParams) -> GenerateRequest {
-    GenerateRequest {
-        prompt: Some(Prompt::TokenIds(TokenIds { ids })),
-        sampling: Some(s),
-        adapter_id: String::new(),
-        timeout_ms: 0,
-        cache_salt: String::new(),
-        resume: None,
-        constraint: None,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_mixed_streams_equal_their_solo_results() {

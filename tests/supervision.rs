@@ -7,27 +7,15 @@
 
 mod common;
 
+use common::router_client::request;
 use common::*;
-use moe_proto::v1::generate_request::Prompt;
 use moe_proto::v1::generate_stream_response::Event as StreamEvent;
-use moe_proto::v1::{GenerateRequest, SamplingParams, TokenIds};
+use moe_proto::v1::{GenerateRequest, SamplingParams};
 use std::time::{Duration, Instant};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-
-fn request(ids: Vec<u32>, s: SamplingParams) -> GenerateRequest {
-    GenerateRequest {
-        prompt: Some(Prompt::TokenIds(TokenIds { ids })),
-        sampling: Some(s),
-        adapter_id: String::new(),
-        timeout_ms: 0,
-        cache_salt: String::new(),
-        resume: None,
-        constraint: None,
-    }
-}
 
 fn short(max_new: u32) -> GenerateRequest {
     request(vec![1, 2, 3], SamplingParams { max_new_tokens: Some(max_new), ..Default::default() })

@@ -9,6 +9,7 @@ pub mod etcd;
 #[allow(unused_imports)]
 pub use etcd::{Etcd, EtcdCluster};
 pub mod relay;
+pub mod router_client;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};

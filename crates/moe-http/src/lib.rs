@@ -4,12 +4,13 @@
 //! and error codes are the gRPC service's (shared through `moe_router::access`); this crate only
 //! translates.
 
+mod api_error;
 pub mod chat;
 mod openai;
 pub mod structured;
 
+pub use api_error::http_status;
 pub use chat::{ChatMessage, ChatTemplate};
-pub use openai::http_status;
 
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;

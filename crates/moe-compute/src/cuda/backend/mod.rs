@@ -12,6 +12,7 @@
 
 mod buffers;
 mod ops;
+mod shared_launch;
 pub mod tables;
 
 pub use buffers::{CudaAct, CudaKvStore, CudaMatrix, CudaVector, MatrixBuf};

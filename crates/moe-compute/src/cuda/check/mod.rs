@@ -8,6 +8,7 @@
 mod attention;
 mod elementwise;
 mod gemm;
+mod sampling;
 
 use super::nvrtc::{compile_kernel, guarded, probe_device};
 use crate::kernels::KERNELS;
@@ -289,7 +290,7 @@ pub fn run_check(opts: &CheckOptions) -> Result<CheckReport> {
         rows.extend(elementwise::permute(&gpu, &mut rng, q, copy)?);
     }
     if runs("sampling") {
-        rows.extend(elementwise::sampling(&gpu, &mut rng, q, copy)?);
+        rows.extend(sampling::sampling(&gpu, &mut rng, q, copy)?);
     }
     if runs("grouped") {
         rows.extend(gemm::grouped(&gpu, &mut rng, q, cublas)?);

@@ -1,0 +1,112 @@
+//! The launches several operations share: a dense GEMM through cuBLAS (bf16 weights multiply a
+//! bf16 copy of the activations), BGMV LoRA shrink/expand over a row→adapter table, SwiGLU rows.
+
+use super::tables::LoraTable;
+use super::{elementwise, grid, launch, Blas, CudaAct, CudaBackend, CudaMatrix, MatrixBuf};
+use crate::LoraWeights;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+
+impl CudaBackend {
+    /// `out[m, n] = x[m, k] · Wᵀ` for `W` `[n, k]`, addresses given; bf16 weights multiply a bf16
+    /// copy of `x` (f32 accumulation and output), f32 weights multiply `x` as is.
+    pub(super) fn gemm(&self, blas: &mut Blas, m: usize, x: u64, w: &CudaMatrix, out: u64) {
+        let (n, k) = (w.rows, w.cols);
+        if m == 0 || n == 0 {
+            return;
+        }
+        let (a, a_type, b, b_type) = match &w.data {
+            MatrixBuf::Bf16(_) => {
+                let x16 = self.ensure_u16(&mut blas.x16, m * k);
+                launch!(self, "to_bf16_f32", elementwise(m * k), [x, x16, (m * k) as i64]);
+                (self.matrix_ptr(w), cudaDataType::CUDA_R_16BF, x16, cudaDataType::CUDA_R_16BF)
+            }
+            MatrixBuf::F32(_) => (self.matrix_ptr(w), cudaDataType::CUDA_R_32F, x, cudaDataType::CUDA_R_32F),
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        self.checked(self.inner.ctx.bind_to_thread(), "binding the context");
+        // Row-major out = x · Wᵀ is column-major outᵀ[n, m] = W[n, k] (stored as [k, n], so
+        // transposed) · xᵀ[k, m].
+        // SAFETY: W holds n*k values, x (or its bf16 copy) m*k and out m*n, at the addresses
+        // given; alpha and beta are host f32 as CUBLAS_COMPUTE_32F expects.
+        let r = unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const _,
+                a as *const _,
+                a_type,
+                k as i32,
+                b as *const _,
+                b_type,
+                k as i32,
+                &beta as *const f32 as *const _,
+                out as *mut _,
+                cudaDataType::CUDA_R_32F,
+                n as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        self.checked(r, "cuBLAS GEMM");
+    }
+
+    /// BGMV over `rows` rows at `x` (`in_dim` columns): `out[r, col..] += scale · x_r Aᵀ Bᵀ` for
+    /// each row with a pair; one shrink and one expand launch for any mix of adapters.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn bgmv(
+        &self,
+        rows: usize,
+        x: u64,
+        in_dim: usize,
+        table: &LoraTable<'_, LoraWeights<Self>>,
+        tmp: &mut CudaAct,
+        out: u64,
+        out_stride: usize,
+        col: usize,
+    ) {
+        if table.pairs.is_empty() || rows == 0 {
+            return;
+        }
+        let mut a_ptrs = Vec::with_capacity(table.pairs.len());
+        let mut b_ptrs = Vec::with_capacity(table.pairs.len());
+        for p in &table.pairs {
+            let (MatrixBuf::F32(_), MatrixBuf::F32(_)) = (&p.a.data, &p.b.data) else {
+                self.fatal("LoRA", "adapter factors must be uploaded with lora_matrix (f32)");
+            };
+            a_ptrs.push(self.matrix_ptr(&p.a));
+            b_ptrs.push(self.matrix_ptr(&p.b));
+        }
+        let ranks: Vec<i32> = table.pairs.iter().map(|p| p.a.rows as i32).collect();
+        let scales: Vec<f32> = table.pairs.iter().map(|p| p.scale).collect();
+        let out_dim = table.pairs[0].b.rows;
+        let max_rank = ranks.iter().copied().max().unwrap_or(1).max(1) as usize;
+        let (da, db, dr, ds, dm) = (
+            self.table(&a_ptrs),
+            self.table(&b_ptrs),
+            self.table(&ranks),
+            self.table(&scales),
+            self.table(&table.row_adapter),
+        );
+        self.reshape(tmp, rows, max_rank);
+        let t = self.act_ptr(tmp);
+        let (pa, pb, pr, ps, pm) = (self.ptr(&da), self.ptr(&db), self.ptr(&dr), self.ptr(&ds), self.ptr(&dm));
+        launch!(self, "lora_shrink_f32", grid(rows, 1, 128), [x, in_dim as i32, pa, pr, pm, t, max_rank as i32]);
+        let col_blocks = out_dim.div_ceil(256).min(64);
+        launch!(
+            self,
+            "lora_expand_f32",
+            grid(rows, col_blocks, 256),
+            [t, max_rank as i32, pb, pr, ps, pm, out, out_stride as i32, col as i32, out_dim as i32]
+        );
+    }
+
+    pub(super) fn swiglu_rows(&self, rows: usize, gate_up: u64, inter: usize, out: u64) {
+        if rows * inter > 0 {
+            launch!(self, "swiglu_f32", elementwise(rows * inter), [gate_up, out, rows as i64, inter as i32]);
+        }
+    }
+}
