@@ -1,5 +1,6 @@
 //! The `moe` command end to end: the demo model, text generation with its tokenizer, seeded
-//! sampling, stopping at `eos_token_id`, and the JSON shapes of `generate` and `logits`.
+//! sampling, stopping at `eos_token_id`, the JSON shapes of `generate` and `logits`, and the
+//! 500-line limit on source files.
 
 mod common;
 
@@ -224,4 +225,30 @@ fn device_selection_is_one_function_and_cuda_fails_cleanly() {
     let out = moe(&["--device", "gpu", "generate", "--model", model, "--token-ids", "1,2,3"]);
     assert_ne!(out.code, 0);
     assert!(out.stderr.contains("gpu"), "{}", out.stderr);
+}
+
+/// The style rule the architecture issue set: no Rust source file in the repository over 500
+/// lines (split by job instead).
+#[test]
+fn no_source_file_is_over_500_lines() {
+    fn walk(dir: &std::path::Path, long: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() && !p.ends_with("target") {
+                walk(&p, long);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let n = std::fs::read_to_string(&p).map(|s| s.lines().count()).unwrap_or(0);
+                if n > 500 {
+                    long.push(format!("{} ({n} lines)", p.display()));
+                }
+            }
+        }
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut long = Vec::new();
+    for d in ["crates", "tests", "benches", "fuzz"] {
+        walk(&root.join(d), &mut long);
+    }
+    assert!(long.is_empty(), "over 500 lines: {long:?}");
 }
