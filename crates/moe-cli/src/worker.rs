@@ -42,6 +42,17 @@ pub struct WorkerArgs {
     /// memory); larger requests are answered RESOURCE_EXHAUSTED instead of being attempted.
     #[arg(long, env = "MOE_MAX_BATCH_MB", default_value_t = 0)]
     pub max_batch_mb: usize,
+    /// Weight memory of hosted experts, in MiB (0: unlimited); `LoadExperts` past it is
+    /// refused, and so is a start whose --experts exceed it.
+    #[arg(long, env = "MOE_MAX_EXPERT_MB", default_value_t = 0)]
+    pub max_expert_mb: usize,
+    /// An unloaded expert is dropped once no request named it for this long (routers that
+    /// have not seen the change yet still send it; it is computed meanwhile).
+    #[arg(long, env = "MOE_DRAIN_QUIET_MS", default_value_t = 2000)]
+    pub drain_quiet_ms: u64,
+    /// ... and after this long at most.
+    #[arg(long, env = "MOE_DRAIN_MAX_MS", default_value_t = 30_000)]
+    pub drain_max_ms: u64,
     /// This worker's TLS certificate (PEM); with --tls-key, the worker serves only TLS.
     #[arg(long, env = "MOE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -63,6 +74,11 @@ pub fn run(a: WorkerArgs, device: moe_compute::Device) -> anyhow::Result<()> {
     let mut options = moe_cluster::HostOptions {
         adapters: None,
         max_batch_bytes: Some(batch_budget_mb(a.max_batch_mb).saturating_mul(1 << 20)),
+        max_expert_bytes: (a.max_expert_mb > 0).then(|| a.max_expert_mb.saturating_mul(1 << 20)),
+        drain: moe_worker::DrainLimits {
+            quiet: std::time::Duration::from_millis(a.drain_quiet_ms),
+            max: std::time::Duration::from_millis(a.drain_max_ms.max(a.drain_quiet_ms)),
+        },
     };
     if let Some(dir) = &a.adapter_dir {
         anyhow::ensure!(dir.is_dir(), "--adapter-dir {} is not a directory", dir.display());
@@ -100,17 +116,36 @@ pub fn run(a: WorkerArgs, device: moe_compute::Device) -> anyhow::Result<()> {
         let cancel = tokio_util::sync::CancellationToken::new();
         let mut registration = None;
         if let Some(opts) = a.etcd.options() {
+            let mut hosted = host.watch_hosted();
+            let experts_of = |h: &moe_worker::HostedList| h.iter().map(|(l, e)| (*l as u32, e.clone())).collect();
             let record = moe_membership::WorkerRecord {
                 id: id.clone(),
                 address: advertise.clone(),
-                experts: host.hosted().into_iter().map(|(l, e)| (l as u32, e)).collect(),
+                experts: experts_of(&hosted.borrow_and_update()),
                 device: host.device().to_string(),
                 fingerprint: host.fingerprint().to_string(),
                 version: env!("CARGO_PKG_VERSION").into(),
             };
             moe_membership::check_worker_id(&opts, &record).await?;
             let ttl = std::time::Duration::from_secs(a.lease_ttl_secs.max(1));
-            registration = Some(tokio::spawn(moe_membership::register_worker(opts, record, ttl, cancel.clone())));
+            // The record follows the hosted experts (LoadExperts / UnloadExperts).
+            let (record_tx, record_rx) = tokio::sync::watch::channel(record);
+            let follow = cancel.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = follow.cancelled() => return,
+                        changed = hosted.changed() => {
+                            if changed.is_err() {
+                                return;
+                            }
+                            let experts = experts_of(&hosted.borrow_and_update());
+                            record_tx.send_modify(|r| r.experts = experts);
+                        }
+                    }
+                }
+            });
+            registration = Some(tokio::spawn(moe_membership::register_worker(opts, record_rx, ttl, cancel.clone())));
         }
         run_until_signal(
             |stop| async move {

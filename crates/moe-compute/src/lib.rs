@@ -157,6 +157,11 @@ pub trait Backend: Clone + Send + Sync + 'static {
         4
     }
     fn matrix_shape(&self, m: &Self::Matrix) -> (usize, usize);
+    /// The bytes a matrix's values take on this backend (expert memory budgets count these).
+    fn matrix_bytes(&self, m: &Self::Matrix) -> usize {
+        let (r, c) = self.matrix_shape(m);
+        r * c * 4
+    }
     fn vector(&self, data: Vec<f32>) -> Result<Self::Vector>;
     fn kv_store(&self, layout: KvLayout) -> Result<Self::KvStore>;
 

@@ -48,6 +48,20 @@ impl ExpertWorker for LyingWorker {
     async fn describe(&self, _request: Request<DescribeRequest>) -> Result<Response<DescribeResponse>, Status> {
         Err(Status::unimplemented("not needed"))
     }
+
+    async fn load_experts(
+        &self,
+        _request: Request<moe_proto::v1::ChangeExpertsRequest>,
+    ) -> Result<Response<moe_proto::v1::ChangeExpertsResponse>, Status> {
+        Err(Status::unimplemented("not needed"))
+    }
+
+    async fn unload_experts(
+        &self,
+        _request: Request<moe_proto::v1::ChangeExpertsRequest>,
+    ) -> Result<Response<moe_proto::v1::ChangeExpertsResponse>, Status> {
+        Err(Status::unimplemented("not needed"))
+    }
 }
 
 #[test]

@@ -431,6 +431,16 @@ impl<T: Resident> AdapterRegistry<T> {
         Ok(())
     }
 
+    /// Forgets every loaded version, so the next use of each id reads its files again (a
+    /// worker whose hosted experts changed needs pairs for the new ones). Requests holding a
+    /// version keep it until they finish.
+    pub fn forget_loaded(&self) {
+        let mut st = self.state();
+        st.resident.clear();
+        st.superseded.clear();
+        st.mismatches.clear();
+    }
+
     /// Resident adapters, then adapters found in the adapter dir that are not loaded.
     pub fn list(&self) -> Vec<AdapterInfo> {
         let mut out: Vec<AdapterInfo> = {

@@ -100,17 +100,24 @@ async fn backoff(attempt: &mut u32, cancel: &CancellationToken) -> bool {
 }
 
 /// Keeps `record` registered under the cluster prefix with a lease of `ttl`, kept alive at
-/// TTL/3, registering again whenever the lease or the connection is lost. On cancellation it
+/// TTL/3, registering again whenever the lease or the connection is lost, and putting the
+/// record again whenever it changes (the worker's hosted experts did). On cancellation it
 /// revokes the lease (the record disappears at once) and returns.
-pub async fn register_worker(opts: EtcdOptions, record: WorkerRecord, ttl: Duration, cancel: CancellationToken) {
-    let key = format!("{}{}", opts.prefix(), record.id);
-    let value = match serde_json::to_string(&record) {
-        Ok(v) => v,
+pub async fn register_worker(
+    opts: EtcdOptions,
+    mut record: watch::Receiver<WorkerRecord>,
+    ttl: Duration,
+    cancel: CancellationToken,
+) {
+    let key = format!("{}{}", opts.prefix(), record.borrow().id);
+    let encode = |r: &WorkerRecord| match serde_json::to_string(r) {
+        Ok(v) => Some(v),
         Err(e) => {
             tracing::error!(error = %e, "cannot encode the worker record");
-            return;
+            None
         }
     };
+    let Some(mut value) = encode(&record.borrow_and_update()) else { return };
     let ttl_secs = ttl.as_secs().max(1) as i64;
     let mut attempt = 0u32;
     loop {
@@ -138,6 +145,17 @@ pub async fn register_worker(opts: EtcdOptions, record: WorkerRecord, ttl: Durat
                         let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
                         tracing::info!(key = %key, "deregistered from etcd");
                         return Ok::<bool, crate::MembershipError>(true);
+                    }
+                    changed = record.changed() => {
+                        if changed.is_err() {
+                            // The worker dropped its record: keep the last one until cancelled.
+                            cancel.cancelled().await;
+                            continue;
+                        }
+                        let Some(v) = encode(&record.borrow_and_update()) else { continue };
+                        value = v;
+                        client.put(key.as_str(), value.as_str(), Some(PutOptions::new().with_lease(lease))).await?;
+                        tracing::info!(key = %key, "worker record updated (hosted experts changed)");
                     }
                     m = own.message() => {
                         let Some(m) = m? else {

@@ -4,7 +4,9 @@
 //! sums a row's experts: the sum's order would then depend on placement). Shared by the gRPC service and the in-process dispatcher, so the
 //! two give identical results. Rows may carry a LoRA adapter (by identity); the worker loads the
 //! pairs of its hosted experts from its own adapter dir, keeps them in a bounded registry, and
-//! refuses a version whose digest differs from the router's.
+//! refuses a version whose digest differs from the router's. Which experts are hosted can
+//! change at run time (`crate::live`): the layers sit behind a lock that a computation holds
+//! for reading.
 
 use crate::error::{Result, WorkerError};
 use crate::spec::ExpertSpec;
@@ -15,7 +17,10 @@ use moe_model::weights::load_expert;
 use moe_model::{AdapterIdentity, AdapterWeights, ModelConfig};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::time::Instant;
+use tokio::sync::watch;
 
 /// Scratch buffers of a call needing more than this are dropped after it instead of pooled.
 const POOLED_SCRATCH_MAX_BYTES: usize = 256 << 20;
@@ -32,11 +37,29 @@ pub struct AdapterFailure {
 pub type WorkerAdapters<B> = AdapterRegistry<AdapterWeights<B>>;
 
 /// One layer's hosted experts, in local order, and the map from expert id to local index.
-struct HostedLayer<B: Backend> {
-    ids: Vec<u32>,
-    local: HashMap<u32, usize>,
-    weights: Vec<SwigluWeights<B>>,
+pub(crate) struct HostedLayer<B: Backend> {
+    pub(crate) ids: Vec<u32>,
+    pub(crate) local: HashMap<u32, usize>,
+    pub(crate) weights: Vec<SwigluWeights<B>>,
+    /// Experts being unloaded (still computed, no longer advertised), each with when a request
+    /// last named it (milliseconds since the host's epoch).
+    pub(crate) draining: HashMap<u32, AtomicU64>,
 }
+
+impl<B: Backend> HostedLayer<B> {
+    pub(crate) fn empty() -> Self {
+        Self { ids: vec![], local: HashMap::new(), weights: vec![], draining: HashMap::new() }
+    }
+
+    pub(crate) fn push(&mut self, expert: u32, w: SwigluWeights<B>) {
+        self.local.insert(expert, self.ids.len());
+        self.ids.push(expert);
+        self.weights.push(w);
+    }
+}
+
+/// (layer, expert ids) per layer with hosted experts, as published.
+pub type HostedList = Vec<(usize, Vec<u32>)>;
 
 /// Buffers of one computation, pooled so that steady-state serving does not allocate.
 struct Scratch<B: Backend> {
@@ -86,8 +109,20 @@ pub trait ExpertCompute: Send + Sync {
     fn fingerprint(&self) -> &str;
     /// The device the experts compute on (published in `Describe` and the etcd record).
     fn device(&self) -> Device;
-    /// (layer, expert ids) for every layer with hosted experts.
+    /// (layer, expert ids) for every layer with hosted experts, not counting those draining.
     fn hosted(&self) -> Vec<(usize, Vec<u32>)>;
+    /// The experts being drained by an unload.
+    fn draining(&self) -> HostedList;
+    /// Changes of [`Self::hosted`] (the worker's membership record follows them).
+    fn watch_hosted(&self) -> watch::Receiver<HostedList>;
+    /// Weight bytes of one expert, and the expert budget (`None`: unlimited).
+    fn expert_memory(&self) -> (usize, Option<usize>);
+    /// Loads experts, all or none, within the expert budget; returns how many were added.
+    /// Blocks while the weights load: call it from a blocking context.
+    fn load_experts(&self, experts: &[(usize, u32)]) -> Result<usize>;
+    /// Unloads experts make-before-break (see [`crate::live`]); returns how many and the
+    /// drain's duration. Blocks for the drain.
+    fn unload_experts(&self, experts: &[(usize, u32)]) -> Result<(usize, std::time::Duration)>;
     /// Refuses a request over the batch memory budget, naming both sizes.
     fn check_budget(&self, rows: usize, pairs: usize) -> Result<()>;
     /// Computes one row per (row, expert) pair into `out` (`pairs x hidden_size`, in the
@@ -99,15 +134,27 @@ pub trait ExpertCompute: Send + Sync {
 
 /// The experts one worker hosts, on backend `B`.
 pub struct ExpertHost<B: Backend> {
-    config: ModelConfig,
-    backend: B,
-    layers: Vec<Option<HostedLayer<B>>>,
+    pub(crate) config: ModelConfig,
+    pub(crate) backend: B,
+    /// The model directory, read again when experts are loaded at run time.
+    pub(crate) dir: PathBuf,
+    pub(crate) layers: RwLock<Vec<Option<HostedLayer<B>>>>,
     fingerprint: String,
     scratch: Mutex<Vec<Scratch<B>>>,
-    adapters: Option<WorkerAdapters<B>>,
+    pub(crate) adapters: Option<WorkerAdapters<B>>,
+    /// The (layer, expert) pairs whose adapter pairs the registry loads: all hosted ones.
+    pub(crate) adapter_experts: Arc<RwLock<HashSet<(usize, usize)>>>,
     /// Working memory one request may need at most (`--max-batch-mb`); larger ones are refused
     /// with RESOURCE_EXHAUSTED before anything is allocated.
     max_batch_bytes: Option<usize>,
+    /// Expert weight memory at most (`--max-expert-mb`).
+    pub(crate) max_expert_bytes: Option<usize>,
+    pub(crate) bytes_per_expert: AtomicUsize,
+    pub(crate) hosted_tx: watch::Sender<HostedList>,
+    /// One load or unload at a time.
+    pub(crate) changes: Mutex<()>,
+    pub(crate) drain: crate::live::DrainLimits,
+    pub(crate) epoch: Instant,
 }
 
 impl<B: Backend> ExpertHost<B> {
@@ -118,38 +165,45 @@ impl<B: Backend> ExpertHost<B> {
         let moe_layers: Vec<usize> = (0..config.num_layers).filter(|&l| config.is_moe_layer(l)).collect();
         let chosen = spec.resolve(&moe_layers, config.num_layers, config.num_experts)?;
         let mut layers: Vec<Option<HostedLayer<B>>> = (0..config.num_layers).map(|_| None).collect();
-        for (layer, expert) in chosen {
+        let mut bytes_per_expert = 0;
+        for &(layer, expert) in &chosen {
             let w = load_expert(&ckpt, &config, &backend, layer, expert)?;
-            let l = layers[layer].get_or_insert_with(|| HostedLayer {
-                ids: vec![],
-                local: HashMap::new(),
-                weights: vec![],
-            });
-            l.local.insert(expert as u32, l.ids.len());
-            l.ids.push(expert as u32);
-            l.weights.push(w);
+            bytes_per_expert = backend.matrix_bytes(&w.gate_up) + backend.matrix_bytes(&w.down);
+            layers[layer].get_or_insert_with(HostedLayer::empty).push(expert as u32, w);
         }
+        let hosted = hosted_of(&layers);
         Ok(Self {
             fingerprint: config.fingerprint(),
             config,
             backend,
-            layers,
+            dir: dir.to_path_buf(),
+            layers: RwLock::new(layers),
             scratch: Mutex::new(Vec::new()),
             adapters: None,
+            adapter_experts: Arc::new(RwLock::new(chosen.into_iter().collect())),
             max_batch_bytes: None,
+            max_expert_bytes: None,
+            bytes_per_expert: AtomicUsize::new(bytes_per_expert),
+            hosted_tx: watch::channel(hosted).0,
+            changes: Mutex::new(()),
+            drain: crate::live::DrainLimits::default(),
+            epoch: Instant::now(),
         })
+    }
+
+    pub(crate) fn read_layers(&self) -> RwLockReadGuard<'_, Vec<Option<HostedLayer<B>>>> {
+        // Writers replace whole entries, so a poisoned lock still holds consistent layers.
+        self.layers.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Serves LoRA adapters from `root` (each subdirectory an adapter), holding only the pairs
     /// of the hosted experts, within `limits`.
     pub fn with_adapter_dir(mut self, root: PathBuf, limits: RegistryLimits) -> Self {
         let config = self.config.clone();
-        let hosted: Arc<HashSet<(usize, usize)>> = Arc::new(
-            self.hosted().into_iter().flat_map(|(l, es)| es.into_iter().map(move |e| (l, e as usize))).collect(),
-        );
+        let hosted = self.adapter_experts.clone();
         let backend = self.backend.clone();
         self.adapters = Some(AdapterRegistry::new(Some(root), limits, move |dir, identity| {
-            let hosted = hosted.clone();
+            let hosted = hosted.read().map(|h| h.clone()).unwrap_or_else(|p| p.into_inner().clone());
             let parts = AdapterParts {
                 dense: false,
                 experts: &move |l, e| hosted.contains(&(l, e)),
@@ -183,16 +237,21 @@ impl<B: Backend> ExpertHost<B> {
         &self.backend
     }
 
-    /// (layer, expert ids) for every layer with hosted experts.
+    /// (layer, expert ids) for every layer with hosted experts, not counting those draining.
     pub fn hosted(&self) -> Vec<(usize, Vec<u32>)> {
-        self.layers.iter().enumerate().filter_map(|(i, l)| l.as_ref().map(|l| (i, l.ids.clone()))).collect()
+        hosted_of(&self.read_layers())
     }
 
+    /// Whether this worker computes `expert` of `layer` (draining ones included).
     pub fn hosts(&self, layer: usize, expert: u32) -> bool {
-        self.layers.get(layer).and_then(|l| l.as_ref()).is_some_and(|l| l.local.contains_key(&expert))
+        self.read_layers().get(layer).and_then(|l| l.as_ref()).is_some_and(|l| l.local.contains_key(&expert))
     }
 
-    fn validate<'a>(&'a self, input: &ComputeInput<'_>) -> Result<&'a HostedLayer<B>> {
+    fn validate<'g>(
+        &self,
+        layers: &'g [Option<HostedLayer<B>>],
+        input: &ComputeInput<'_>,
+    ) -> Result<&'g HostedLayer<B>> {
         let c = &self.config;
         if input.layer >= c.num_layers || !c.is_moe_layer(input.layer) {
             return Err(WorkerError::UnknownLayer { layer: input.layer, num_layers: c.num_layers });
@@ -251,10 +310,20 @@ impl<B: Backend> ExpertHost<B> {
         if let Some(w) = input.weights.iter().find(|w| !w.is_finite()) {
             return Err(WorkerError::InvalidRequest(format!("combine weight {w} is not finite")));
         }
-        let hosted = self.layers[input.layer].as_ref();
+        let hosted = layers[input.layer].as_ref();
         for &e in input.experts {
             if !hosted.is_some_and(|l| l.local.contains_key(&e)) {
                 return Err(WorkerError::NotHosted { layer: input.layer, expert: e });
+            }
+        }
+        if let Some(l) = hosted.filter(|l| !l.draining.is_empty()) {
+            // A router that has not seen the unload yet still sends these: note when, so the
+            // drain waits for it to stop.
+            let now = self.epoch.elapsed().as_millis() as u64;
+            for e in input.experts {
+                if let Some(t) = l.draining.get(e) {
+                    t.store(now, Ordering::Relaxed);
+                }
             }
         }
         hosted.ok_or(WorkerError::UnknownLayer { layer: input.layer, num_layers: c.num_layers })
@@ -306,6 +375,32 @@ impl<B: Backend> ExpertCompute for ExpertHost<B> {
         ExpertHost::hosted(self)
     }
 
+    fn draining(&self) -> HostedList {
+        let layers = self.read_layers();
+        let listed = layers.iter().enumerate().filter_map(|(i, l)| {
+            let mut d: Vec<u32> = l.as_ref()?.draining.keys().copied().collect();
+            d.sort_unstable();
+            (!d.is_empty()).then_some((i, d))
+        });
+        listed.collect()
+    }
+
+    fn watch_hosted(&self) -> watch::Receiver<HostedList> {
+        self.hosted_tx.subscribe()
+    }
+
+    fn expert_memory(&self) -> (usize, Option<usize>) {
+        (self.bytes_per_expert.load(Ordering::Relaxed), self.max_expert_bytes)
+    }
+
+    fn load_experts(&self, experts: &[(usize, u32)]) -> Result<usize> {
+        ExpertHost::load_experts(self, experts)
+    }
+
+    fn unload_experts(&self, experts: &[(usize, u32)]) -> Result<(usize, std::time::Duration)> {
+        ExpertHost::unload_experts(self, experts)
+    }
+
     fn check_budget(&self, rows: usize, pairs: usize) -> Result<()> {
         let need = self.batch_bytes(rows, pairs);
         match self.max_batch_bytes {
@@ -319,7 +414,8 @@ impl<B: Backend> ExpertCompute for ExpertHost<B> {
     }
 
     fn compute(&self, input: &ComputeInput<'_>, out: &mut Vec<f32>) -> Result<Vec<AdapterFailure>> {
-        let layer = self.validate(input)?;
+        let layers = self.read_layers();
+        let layer = self.validate(&layers, input)?;
         self.check_budget(input.row_pairs.len(), input.experts.len())?;
         let h = self.config.hidden_size;
         let pairs = input.experts.len();
@@ -379,4 +475,14 @@ impl<B: Backend> ExpertCompute for ExpertHost<B> {
         }
         Ok(failed)
     }
+}
+
+/// The advertised experts of `layers`: each layer's ids in local order, without those draining.
+pub(crate) fn hosted_of<B: Backend>(layers: &[Option<HostedLayer<B>>]) -> HostedList {
+    let listed = layers.iter().enumerate().filter_map(|(i, l)| {
+        let l = l.as_ref()?;
+        let ids: Vec<u32> = l.ids.iter().copied().filter(|e| !l.draining.contains_key(e)).collect();
+        (!ids.is_empty()).then_some((i, ids))
+    });
+    listed.collect()
 }

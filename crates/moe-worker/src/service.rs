@@ -7,7 +7,8 @@ use crate::host::{ComputeInput, ExpertCompute};
 use moe_model::AdapterIdentity;
 use moe_proto::v1::expert_worker_server::ExpertWorker;
 use moe_proto::v1::{
-    DescribeRequest, DescribeResponse, ExpertError, ExpertRequest, ExpertResponse, HostedLayer, WireDtype,
+    ChangeExpertsRequest, ChangeExpertsResponse, DescribeRequest, DescribeResponse, ExpertError, ExpertRequest,
+    ExpertResponse, HostedLayer, WireDtype,
 };
 use moe_proto::wire;
 use std::pin::Pin;
@@ -82,6 +83,38 @@ async fn run(host: Arc<dyn ExpertCompute>, req: ExpertRequest) -> Result<ExpertR
     .map_err(|e| WorkerError::Internal(e.to_string()))?
 }
 
+fn to_proto(list: Vec<(usize, Vec<u32>)>) -> Vec<HostedLayer> {
+    list.into_iter().map(|(layer, experts)| HostedLayer { layer: layer as u32, experts }).collect()
+}
+
+fn named(req: &ChangeExpertsRequest) -> Vec<(usize, u32)> {
+    req.experts.iter().flat_map(|l| l.experts.iter().map(move |&e| (l.layer as usize, e))).collect()
+}
+
+/// Runs a load or unload on a blocking thread and answers with what is hosted afterwards.
+async fn change(
+    host: Arc<dyn ExpertCompute>,
+    req: ChangeExpertsRequest,
+    unload: bool,
+) -> Result<ChangeExpertsResponse, Status> {
+    let experts = named(&req);
+    let h = host.clone();
+    let (changed, took) = tokio::task::spawn_blocking(move || {
+        if unload {
+            h.unload_experts(&experts)
+        } else {
+            h.load_experts(&experts).map(|n| (n, std::time::Duration::ZERO))
+        }
+    })
+    .await
+    .map_err(|e| Status::internal(format!("expert change task failed: {e}")))??;
+    Ok(ChangeExpertsResponse {
+        hosted: to_proto(host.hosted()),
+        changed: changed as u32,
+        drain_ms: took.as_millis() as u64,
+    })
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<ExpertResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -143,18 +176,32 @@ impl ExpertWorker for ExpertWorkerService {
         let c = self.host.config();
         Ok(Response::new(DescribeResponse {
             worker_id: self.worker_id.clone(),
-            layers: self
-                .host
-                .hosted()
-                .into_iter()
-                .map(|(layer, experts)| HostedLayer { layer: layer as u32, experts })
-                .collect(),
+            layers: to_proto(self.host.hosted()),
             model_fingerprint: self.host.fingerprint().to_string(),
             hidden_size: c.hidden_size as u32,
             device: self.host.device().to_string(),
             num_layers: c.num_layers as u32,
             num_experts: c.num_experts as u32,
+            bytes_per_expert: self.host.expert_memory().0 as u64,
+            max_expert_bytes: self.host.expert_memory().1.unwrap_or(0) as u64,
+            draining: to_proto(self.host.draining()),
         }))
+    }
+
+    #[tracing::instrument(skip_all, fields(experts = named(request.get_ref()).len()))]
+    async fn load_experts(
+        &self,
+        request: Request<ChangeExpertsRequest>,
+    ) -> Result<Response<ChangeExpertsResponse>, Status> {
+        Ok(Response::new(change(self.host.clone(), request.into_inner(), false).await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(experts = named(request.get_ref()).len()))]
+    async fn unload_experts(
+        &self,
+        request: Request<ChangeExpertsRequest>,
+    ) -> Result<Response<ChangeExpertsResponse>, Status> {
+        Ok(Response::new(change(self.host.clone(), request.into_inner(), true).await?))
     }
 }
 

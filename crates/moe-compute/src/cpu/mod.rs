@@ -147,6 +147,13 @@ impl Backend for CpuBackend {
         (m.rows, m.cols)
     }
 
+    fn matrix_bytes(&self, m: &HostMatrix) -> usize {
+        match &m.data {
+            MatrixData::F32(_) => m.rows * m.cols * 4,
+            MatrixData::Bf16(_) => m.rows * m.cols * 2,
+        }
+    }
+
     fn vector(&self, data: Vec<f32>) -> Result<Vec<f32>> {
         Ok(data)
     }

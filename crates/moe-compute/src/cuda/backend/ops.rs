@@ -61,6 +61,13 @@ impl Backend for CudaBackend {
         (m.rows, m.cols)
     }
 
+    fn matrix_bytes(&self, m: &CudaMatrix) -> usize {
+        match &m.data {
+            MatrixBuf::Bf16(_) => m.rows * m.cols * 2,
+            MatrixBuf::F32(_) => m.rows * m.cols * 4,
+        }
+    }
+
     fn vector(&self, data: Vec<f32>) -> Result<CudaVector> {
         self.upload_vector(&data)
     }
