@@ -22,6 +22,7 @@ mod loadgen;
 mod logits;
 mod model_args;
 mod placement;
+mod rebalance_loop;
 mod router;
 mod serve;
 mod worker;

@@ -1,14 +1,15 @@
-//! `moe placement load|plan`: what a router saw (tokens per expert per adapter over the last
-//! minute, from its `ExpertLoad` RPC) and what the planner (`moe-placement`) proposes for the
+//! `moe placement load|plan|apply`: what a router saw (tokens per expert per adapter over the
+//! last minute, from its `ExpertLoad` RPC), what the planner (`moe-placement`) proposes for the
 //! workers as they are (from each worker's `Describe`): replicas of hot experts on the least
-//! loaded workers within `--capacity`, with the balance per layer before and after.
+//! loaded workers within their capacity, with the balance per layer before and after; and
+//! applying it (`LoadExperts` / `UnloadExperts`, see `moe_cluster::rebalance`).
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use moe_placement::{Cluster, Plan, Step, WorkerSlots};
-use moe_proto::v1::expert_worker_client::ExpertWorkerClient;
+use moe_cluster::rebalance;
+use moe_placement::{Cluster, Plan, Step};
 use moe_proto::v1::inference_client::InferenceClient;
-use moe_proto::v1::{DescribeRequest, ExpertLoadRequest, ExpertLoadResponse};
+use moe_proto::v1::{ExpertLoadRequest, ExpertLoadResponse};
 
 #[derive(Args, Debug)]
 pub struct PlacementArgs {
@@ -22,6 +23,8 @@ pub enum PlacementCommand {
     Load(LoadArgs),
     /// Propose replicas and moves for the workers from the router's load.
     Plan(PlanArgs),
+    /// Propose a plan as `plan` does, then carry it out on the workers step by step.
+    Apply(PlanArgs),
 }
 
 #[derive(Args, Debug)]
@@ -44,9 +47,10 @@ pub struct PlanArgs {
     /// The workers (host:port, comma separated).
     #[arg(long, env = "MOE_WORKERS", value_delimiter = ',', required = true)]
     pub workers: Vec<String>,
-    /// Experts (all layers together) each worker may hold.
+    /// Experts (all layers together) each worker may hold (default: its --max-expert-mb over
+    /// its bytes per expert, as Describe reports them; without a budget, every expert).
     #[arg(long, env = "MOE_PLACEMENT_CAPACITY")]
-    pub capacity: usize,
+    pub capacity: Option<usize>,
     /// Stop once every layer's balance (mean / max load over workers) reaches this.
     #[arg(long, env = "MOE_PLACEMENT_TARGET", default_value_t = 0.9)]
     pub target: f64,
@@ -75,19 +79,6 @@ async fn expert_load(a: &LoadArgs) -> anyhow::Result<ExpertLoadResponse> {
     Ok(load.into_inner())
 }
 
-async fn describe(addr: &str, capacity: usize) -> anyhow::Result<WorkerSlots> {
-    let mut client = ExpertWorkerClient::connect(uri(addr)).await.with_context(|| format!("connecting to {addr}"))?;
-    let d =
-        client.describe(DescribeRequest {}).await.map_err(|s| anyhow::anyhow!("{addr}: Describe: {}", s.message()))?;
-    let experts = d
-        .into_inner()
-        .layers
-        .iter()
-        .flat_map(|l| l.experts.iter().map(move |&e| (l.layer as usize, e as usize)))
-        .collect();
-    Ok(WorkerSlots { name: addr.to_string(), experts, capacity })
-}
-
 pub fn run(a: PlacementArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     match a.command {
@@ -97,29 +88,41 @@ pub fn run(a: PlacementArgs) -> anyhow::Result<()> {
             Ok(())
         }
         PlacementCommand::Plan(p) => {
-            anyhow::ensure!(p.capacity > 0, "--capacity must be at least 1");
-            anyhow::ensure!(p.target > 0.0 && p.target <= 1.0, "--target must be in (0, 1]");
-            let load = rt.block_on(expert_load(&p.load))?;
-            let workers = rt.block_on(async {
-                let mut out = Vec::new();
-                for w in &p.workers {
-                    out.push(describe(w, p.capacity).await?);
-                }
-                anyhow::Ok(out)
-            })?;
-            let (layers, experts) = (load.num_layers as usize, load.num_experts as usize);
-            let mut total = vec![0u64; layers * experts];
-            for a in &load.adapters {
-                for (t, n) in total.iter_mut().zip(&a.tokens) {
-                    *t += n;
-                }
-            }
-            let cluster = Cluster { num_layers: layers, num_experts: experts, workers, load: total };
-            let plan = moe_placement::plan(&cluster, p.target, p.max_steps)?;
+            let (cluster, plan) = rt.block_on(make_plan(&p))?;
             print_plan(&cluster, &plan, p.load.json);
             Ok(())
         }
+        PlacementCommand::Apply(p) => {
+            let (cluster, plan) = rt.block_on(make_plan(&p))?;
+            print_plan(&cluster, &plan, p.load.json);
+            let done = rt.block_on(rebalance::apply(&cluster, &plan.steps))?;
+            if !p.load.json {
+                println!("applied {done} steps");
+            }
+            Ok(())
+        }
     }
+}
+
+/// The cluster as the router's load and the workers' Describe show it, and the plan for it.
+async fn make_plan(p: &PlanArgs) -> anyhow::Result<(Cluster, Plan)> {
+    anyhow::ensure!(p.capacity != Some(0), "--capacity must be at least 1");
+    anyhow::ensure!(p.target > 0.0 && p.target <= 1.0, "--target must be in (0, 1]");
+    let load = expert_load(&p.load).await?;
+    let (layers, experts) = (load.num_layers as usize, load.num_experts as usize);
+    let mut workers = Vec::new();
+    for w in &p.workers {
+        let mut slots = rebalance::describe_worker(w, layers * experts).await?;
+        if let Some(c) = p.capacity {
+            slots.capacity = c;
+        }
+        workers.push(slots);
+    }
+    let per_adapter: Vec<Vec<u64>> = load.adapters.into_iter().map(|a| a.tokens).collect();
+    let total = rebalance::total_load(layers, experts, &per_adapter);
+    let cluster = Cluster { num_layers: layers, num_experts: experts, workers, load: total };
+    let plan = rebalance::plan(&cluster, p.target, p.max_steps)?;
+    Ok((cluster, plan))
 }
 
 fn print_load(load: &ExpertLoadResponse, json: bool) {

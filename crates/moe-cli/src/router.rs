@@ -52,6 +52,13 @@ pub struct RouterArgs {
     /// The name in the workers' certificates, when it is not the address's host.
     #[arg(long, env = "MOE_WORKER_TLS_DOMAIN", requires = "worker_ca")]
     pub worker_tls_domain: Option<String>,
+    /// With --etcd: every SECS, the routers' elected planner moves expert replicas between
+    /// the workers (`LoadExperts` / `UnloadExperts`) to balance the load it observed; 0: never.
+    #[arg(long, env = "MOE_REBALANCE_EVERY", default_value_t = 0, value_name = "SECS", requires = "etcd")]
+    pub rebalance_every: u64,
+    /// The balance (mean / max load over workers, per layer) a rebalancing round aims for.
+    #[arg(long, env = "MOE_REBALANCE_TARGET", default_value_t = 0.9)]
+    pub rebalance_target: f64,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -61,7 +68,9 @@ pub struct RouterArgs {
 }
 
 pub fn run(a: RouterArgs, device: moe_compute::Device) -> anyhow::Result<()> {
+    anyhow::ensure!(a.rebalance_target > 0.0 && a.rebalance_target <= 1.0, "--rebalance-target must be in (0, 1]");
     let engine_config = a.engine.config()?;
+    let metrics = engine_config.metrics.clone();
     let transport = GrpcTransportConfig {
         metrics: engine_config.metrics.clone(),
         wire: match a.wire {
@@ -84,11 +93,29 @@ pub fn run(a: RouterArgs, device: moe_compute::Device) -> anyhow::Result<()> {
             let (tx, rx) = tokio::sync::watch::channel(Vec::new());
             let cancel = tokio_util::sync::CancellationToken::new();
             tokio::spawn(moe_membership::watch_workers(opts.clone(), tx, cancel.clone()));
-            let (engine, dispatcher, ready) =
-                moe_cluster::membership_router_on(device, &a.model, rx, transport, engine_config, &adapter_options)?;
+            let (engine, dispatcher, ready) = moe_cluster::membership_router_on(
+                device,
+                &a.model,
+                rx.clone(),
+                transport,
+                engine_config,
+                &adapter_options,
+            )?;
             let engine = share_adapters(a.adapters.with_tenants(engine)?, &opts, &cancel);
             let status: Arc<dyn moe_router::ClusterStatus> = Arc::new(moe_cluster::MembershipCluster(dispatcher));
             let listeners = bind_all(&a.listen, &a.http, "router").await?;
+            if a.rebalance_every > 0 {
+                let rebalancer = crate::rebalance_loop::Rebalancer {
+                    engine: engine.clone(),
+                    etcd: opts.clone(),
+                    workers: rx,
+                    every: Duration::from_secs(a.rebalance_every),
+                    target: a.rebalance_target,
+                    id: format!("{}/{}", a.listen, std::process::id()),
+                    metrics,
+                };
+                rebalancer.spawn(cancel.clone());
+            }
             let r = run_until_signal(
                 |stop| serve_all(engine, status.clone(), Some(ready), &a.model, &a.http, listeners, stop),
                 GRACE,

@@ -2,12 +2,14 @@
 //! given: the **embedded cluster** (a router and N in-process workers, each hosting `shard:i/N`
 //! of the experts; no sockets between them), a **router over remote workers** (a static list
 //! that describes itself, or membership from etcd), a **local engine** (the model with its own
-//! experts: `moe generate` and `moe logits`), and a worker's **expert host**. Every one of them
+//! experts: `moe generate` and `moe logits`), a worker's **expert host**, and **rebalancing**
+//! the workers from observed load ([`rebalance`]). Every one of them
 //! reaches the backend through [`moe_compute::on_device`], the one place a device becomes a
 //! backend; everything here is otherwise generic over [`moe_compute::Backend`].
 
 mod embedded;
 mod host;
+pub mod rebalance;
 mod remote;
 
 pub use embedded::{

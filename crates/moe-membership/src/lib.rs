@@ -5,14 +5,17 @@
 //! then watch from the next revision, starting over after any error. Either way, a router sees
 //! the live set as a `tokio::sync::watch` of snapshots. A lease is a liveness hint only: the
 //! request path detects dead workers by its own deadlines. Adapters an operator loads through
-//! one router are published under `/moe/<cluster>/adapters/` for all routers to apply.
+//! one router are published under `/moe/<cluster>/adapters/` for all routers to apply. Routers
+//! that rebalance the workers elect one planner through a leased key ([`hold_planner`]).
 
 mod adapters;
 mod etcd;
+mod planner;
 mod record;
 
 pub use adapters::{publish_adapter, watch_adapters, withdraw_adapter, AdapterRecord};
 pub use etcd::{check_worker_id, register_worker, watch_workers, EtcdOptions};
+pub use planner::{hold_planner, planner_key};
 pub use record::{InMemoryMembership, WorkerRecord};
 
 #[derive(Debug, thiserror::Error)]

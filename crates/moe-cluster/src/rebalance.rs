@@ -1,0 +1,135 @@
+//! Rebalancing the workers from observed load: read what each worker hosts and may hold
+//! (`Describe`: its experts, bytes per expert, its `--max-expert-mb`), plan with
+//! `moe-placement`, and apply the plan step by step through `LoadExperts` / `UnloadExperts`.
+//! Used by `moe placement apply` and by a router's `--rebalance-every` loop.
+//!
+//! A plan is checked before anything is sent ([`moe_placement::check_plan`]: no expert may be
+//! left without a holder, no worker over its capacity). Steps run in plan order (loads before
+//! the unloads they make room for), consecutive steps of one kind on one worker as one call; a
+//! failed call stops the plan there: the worker that refused is unchanged (its calls are all
+//! or none), the steps before it stay applied, and each prefix of a checked plan is itself a
+//! valid placement.
+
+use moe_placement::{check_plan, Cluster, Plan, Step, WorkerSlots};
+use moe_proto::v1::expert_worker_client::ExpertWorkerClient;
+use moe_proto::v1::{ChangeExpertsRequest, DescribeRequest, HostedLayer};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RebalanceError {
+    #[error("{worker}: {message}")]
+    Worker { worker: String, message: String },
+    #[error("the plan is refused: {0}")]
+    Refused(#[from] moe_placement::PlanError),
+    #[error("{applied} of {total} steps applied, then {worker} refused {action}: {message}")]
+    Stopped { applied: usize, total: usize, worker: String, action: &'static str, message: String },
+}
+
+/// How long one worker call may take (an unload waits for its drain).
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn uri(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+async fn client(addr: &str) -> Result<ExpertWorkerClient<tonic::transport::Channel>, RebalanceError> {
+    let fail = |message: String| RebalanceError::Worker { worker: addr.to_string(), message };
+    let ep = tonic::transport::Endpoint::from_shared(uri(addr))
+        .map_err(|e| fail(format!("bad address: {e}")))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true);
+    let channel = ep.connect().await.map_err(|e| fail(format!("cannot connect: {e}")))?;
+    Ok(ExpertWorkerClient::new(channel))
+}
+
+/// What `addr` hosts and how many experts it may hold: its budget over its bytes per expert,
+/// or `default_capacity` when it has no budget.
+pub async fn describe_worker(addr: &str, default_capacity: usize) -> Result<WorkerSlots, RebalanceError> {
+    let mut c = client(addr).await?;
+    let d = tokio::time::timeout(Duration::from_secs(10), c.describe(DescribeRequest {}))
+        .await
+        .map_err(|_| RebalanceError::Worker { worker: addr.into(), message: "Describe timed out".into() })?
+        .map_err(|s| RebalanceError::Worker { worker: addr.into(), message: format!("Describe: {}", s.message()) })?
+        .into_inner();
+    let experts = d.layers.iter().flat_map(|l| l.experts.iter().map(move |&e| (l.layer as usize, e as usize)));
+    let capacity = match (d.max_expert_bytes, d.bytes_per_expert) {
+        (max, per) if max > 0 && per > 0 => (max / per) as usize,
+        _ => default_capacity,
+    };
+    Ok(WorkerSlots { name: addr.to_string(), experts: experts.collect(), capacity })
+}
+
+/// Tokens per (layer, expert), all adapters together, from per-adapter counts.
+pub fn total_load(num_layers: usize, num_experts: usize, per_adapter: &[Vec<u64>]) -> Vec<u64> {
+    let mut total = vec![0u64; num_layers * num_experts];
+    for tokens in per_adapter {
+        for (t, n) in total.iter_mut().zip(tokens) {
+            *t += n;
+        }
+    }
+    total
+}
+
+/// Plans for `cluster` (see `moe_placement::plan`).
+pub fn plan(cluster: &Cluster, target: f64, max_steps: usize) -> Result<Plan, RebalanceError> {
+    Ok(moe_placement::plan(cluster, target, max_steps)?)
+}
+
+/// Applies `steps` to the workers of `cluster` (see the module doc); returns how many steps ran.
+pub async fn apply(cluster: &Cluster, steps: &[Step]) -> Result<usize, RebalanceError> {
+    check_plan(cluster, steps)?;
+    let mut done = 0;
+    while done < steps.len() {
+        let (worker, unload) = match steps[done] {
+            Step::Load { worker, .. } => (worker, false),
+            Step::Unload { worker, .. } => (worker, true),
+        };
+        // The run of steps of this kind on this worker.
+        let run: Vec<(usize, usize)> = steps[done..]
+            .iter()
+            .map_while(|s| match *s {
+                Step::Load { worker: w, layer, expert } if w == worker && !unload => Some((layer, expert)),
+                Step::Unload { worker: w, layer, expert } if w == worker && unload => Some((layer, expert)),
+                _ => None,
+            })
+            .collect();
+        let addr = &cluster.workers[worker].name;
+        let action = if unload { "UnloadExperts" } else { "LoadExperts" };
+        let stopped = |message: String| RebalanceError::Stopped {
+            applied: done,
+            total: steps.len(),
+            worker: addr.clone(),
+            action,
+            message,
+        };
+        let mut by_layer: std::collections::BTreeMap<usize, Vec<u32>> = Default::default();
+        for &(l, e) in &run {
+            by_layer.entry(l).or_default().push(e as u32);
+        }
+        let request = ChangeExpertsRequest {
+            experts: by_layer
+                .into_iter()
+                .map(|(layer, experts)| HostedLayer { layer: layer as u32, experts })
+                .collect(),
+        };
+        let mut c = client(addr).await.map_err(|e| stopped(e.to_string()))?;
+        let call = async {
+            if unload {
+                c.unload_experts(request).await
+            } else {
+                c.load_experts(request).await
+            }
+        };
+        tokio::time::timeout(CALL_TIMEOUT, call)
+            .await
+            .map_err(|_| stopped("timed out".into()))?
+            .map_err(|s| stopped(s.message().to_string()))?;
+        tracing::info!(worker = %addr, action, experts = run.len(), "placement step applied");
+        done += run.len();
+    }
+    Ok(done)
+}
