@@ -1,5 +1,6 @@
 //! `moe router --rebalance-every SECS`: the routers of a cluster elect one planner through etcd
-//! (`moe_membership::hold_planner`); every SECS the planner reads its own expert load window,
+//! (`moe_membership::hold_planner`); every SECS the planner reads its own expert load of the
+//! last two intervals,
 //! asks the live workers what they hold and may hold, plans (`moe-placement`) and applies the
 //! plan (`moe_cluster::rebalance`). Routers that are not the planner only wait. Exposed as
 //! `moe_placement_planner` (1 on the planner), `moe_placement_rounds_total` and
@@ -62,7 +63,8 @@ impl Rebalancer {
 
     /// One round: plan from the load window and apply. Returns the steps applied.
     async fn round(&self, holding: &watch::Receiver<bool>) -> Result<usize, rebalance::RebalanceError> {
-        let s = self.engine.expert_load().snapshot(Instant::now());
+        // The last two intervals (at least one 5 s bucket): a shift in the tenant mix shows at once.
+        let s = self.engine.expert_load().snapshot_within(Instant::now(), 2 * self.every);
         let per_adapter: Vec<Vec<u64>> = s.adapters.into_iter().map(|a| a.tokens).collect();
         let load = rebalance::total_load(s.num_layers, s.num_experts, &per_adapter);
         if load.iter().all(|&t| t == 0) {

@@ -160,6 +160,13 @@ impl ExpertLoad {
 
     /// The window's load, heaviest adapter first; adapters with no tokens are left out.
     pub fn snapshot(&self, now: Instant) -> LoadSnapshot {
+        self.snapshot_within(now, WINDOW)
+    }
+
+    /// [`Self::snapshot`] of the buckets that started within the last `span` (at least one
+    /// bucket, at most the window): what a planner reacting to a shift in the tenant mix reads.
+    pub fn snapshot_within(&self, now: Instant, span: Duration) -> LoadSnapshot {
+        let span = span.clamp(BUCKET, WINDOW);
         let inner = self.lock();
         let per_key = inner.layers * inner.experts;
         let mut adapters: Vec<AdapterLoad> = Vec::new();
@@ -167,7 +174,7 @@ impl ExpertLoad {
             let Some((name, _)) = name else { continue };
             let mut tokens = vec![0u64; per_key];
             for (start, counts) in &inner.buckets {
-                if now.saturating_duration_since(*start) >= WINDOW {
+                if now.saturating_duration_since(*start) >= span {
                     continue;
                 }
                 if let Some(slice) = counts.get(k * per_key..(k + 1) * per_key) {
@@ -181,7 +188,7 @@ impl ExpertLoad {
             }
         }
         adapters.sort_by_key(|a| std::cmp::Reverse(a.tokens.iter().sum::<u64>()));
-        let window = now.saturating_duration_since(inner.started).min(WINDOW);
+        let window = now.saturating_duration_since(inner.started).min(span);
         LoadSnapshot { num_layers: inner.layers, num_experts: inner.experts, window, adapters }
     }
 }
@@ -234,5 +241,22 @@ mod tests {
         }
         assert_eq!(load.key_for("newcomer", t0 + WINDOW + BUCKET), 0);
         assert_eq!(load.key_for("long", t0 + WINDOW + BUCKET), long);
+    }
+
+    #[test]
+    fn a_recent_snapshot_holds_only_the_last_buckets() {
+        let load = ExpertLoad::new(1, 2);
+        let t0 = Instant::now();
+        let base = load.key_for("", t0);
+        let mut keyed = vec![0u64; (TRACKED + 1) * 2];
+        keyed[base as usize * 2] = 7; // expert 0, then later expert 1
+        load.record(t0, &mut keyed);
+        keyed[base as usize * 2 + 1] = 4;
+        load.record(t0 + 4 * BUCKET, &mut keyed);
+        let now = t0 + 4 * BUCKET + Duration::from_secs(1);
+        assert_eq!(load.snapshot(now).total(), vec![7, 4]);
+        let recent = load.snapshot_within(now, 2 * BUCKET);
+        assert_eq!(recent.total(), vec![0, 4], "the shift shows at once");
+        assert_eq!(recent.window, 2 * BUCKET);
     }
 }
