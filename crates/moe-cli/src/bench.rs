@@ -142,14 +142,24 @@ pub(crate) fn spawn_worker_processes(
     dir: &Path,
     specs: &[impl AsRef<str>],
 ) -> anyhow::Result<(WorkerProcesses, Vec<String>)> {
+    let args: Vec<Vec<String>> =
+        specs.iter().map(|s| vec![format!("--experts={}", s.as_ref()), "--listen=127.0.0.1:0".to_string()]).collect();
+    spawn_worker_processes_with(dir, &args)
+}
+
+/// One `moe worker --model DIR` process per list of further flags; their bound addresses.
+pub(crate) fn spawn_worker_processes_with(
+    dir: &Path,
+    args: &[Vec<String>],
+) -> anyhow::Result<(WorkerProcesses, Vec<String>)> {
     let exe = std::env::current_exe()?;
     let mut children = WorkerProcesses(Vec::new());
     let mut addrs = Vec::new();
-    for (i, spec) in specs.iter().enumerate() {
+    for (i, flags) in args.iter().enumerate() {
         let mut child = Command::new(&exe)
             .args(["worker", "--model"])
             .arg(dir)
-            .args(["--experts", spec.as_ref(), "--listen", "127.0.0.1:0"])
+            .args(flags)
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()?;

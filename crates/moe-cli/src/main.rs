@@ -8,6 +8,7 @@ mod bench_adapters;
 mod bench_device;
 mod bench_failover;
 mod bench_multiturn;
+mod bench_placement;
 mod bench_prefix;
 mod bench_structured;
 mod client;
@@ -77,6 +78,9 @@ enum Command {
     /// Throughput of Mixtral-8x7B-shaped layers with random weights on --device (no checkpoint):
     /// prefill, decode at several batch sizes and the expert FFN, against the device's rooflines.
     BenchDevice(bench_device::BenchDeviceArgs),
+    /// The skewed-tenant placement scenario: balance and projected throughput with static
+    /// sharding and with the router's planner, while three tenants' traffic shares shift.
+    BenchPlacement(bench_placement::BenchPlacementArgs),
     /// Drive a router with load and check that every request ends exactly once.
     Loadgen(loadgen::LoadgenArgs),
     /// The CUDA kernels: compile them with NVRTC (no GPU needed), or list them.
@@ -133,6 +137,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Router(a) => router::run(a, cli.device),
         Command::Bench(a) => bench::run(a),
         Command::BenchDevice(a) => bench_device::run(a, cli.device),
+        Command::BenchPlacement(a) => bench_placement::run(a),
         Command::Kernels(a) => kernels::run(a, cli.device),
         Command::Loadgen(a) => loadgen::run(a),
         Command::Adapter(a) => adapter::run(a),
