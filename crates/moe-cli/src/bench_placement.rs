@@ -39,9 +39,13 @@ pub struct BenchPlacementArgs {
     /// Round trip the relays add between the router and each worker, in microseconds.
     #[arg(long, env = "MOE_BENCH_RTT_US", default_value_t = 200)]
     pub rtt_us: u64,
-    /// Concurrent client requests.
-    #[arg(long, env = "MOE_BENCH_CONCURRENCY", default_value_t = 8)]
+    /// Concurrent client requests (a decode step's rows; with few, a layer call has too few
+    /// (row, expert) pairs to spread evenly over four workers).
+    #[arg(long, env = "MOE_BENCH_CONCURRENCY", default_value_t = 32)]
     pub concurrency: usize,
+    /// The planner's target balance (the router's --rebalance-target).
+    #[arg(long, env = "MOE_BENCH_TARGET", default_value_t = 0.95)]
+    pub target: f64,
     /// An etcd to use (default: start `etcd` from PATH on free loopback ports).
     #[arg(long, env = "MOE_ETCD")]
     pub etcd: Option<String>,
@@ -75,6 +79,8 @@ pub struct PhaseResult {
 pub struct PlacementBench {
     pub rtt_us: u64,
     pub rebalance_every_s: u64,
+    pub target: f64,
+    pub concurrency: usize,
     pub phase_secs: u64,
     /// Measured cost of one (row, expert) pair on a worker, microseconds.
     pub pair_cost_us: f64,
@@ -225,6 +231,7 @@ fn start_cluster(dir: &Path, etcd: &str, name: &str, a: &BenchPlacementArgs) -> 
         .args(["--etcd", etcd, "--cluster", name, "--listen", &grpc, "--http-listen", &http])
         .arg(format!("--adapter-dir={}", dir.join("adapters").display()))
         .arg(format!("--rebalance-every={}", if name.ends_with("planner") { a.rebalance_every } else { 0 }))
+        .arg(format!("--rebalance-target={}", a.target))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
@@ -364,8 +371,8 @@ pub fn run(a: BenchPlacementArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "skewed tenants on the trained demo, {WORKERS} workers, {} us round trip, planner every {} s, {} s per phase; one (row, expert) pair costs {:.1} us",
-        r.rtt_us, r.rebalance_every_s, r.phase_secs, r.pair_cost_us
+        "skewed tenants on the trained demo, {WORKERS} workers, {} us round trip, {} concurrent requests, planner every {} s (target {}), {} s per phase; one (row, expert) pair costs {:.1} us",
+        r.rtt_us, r.concurrency, r.rebalance_every_s, r.target, r.phase_secs, r.pair_cost_us
     );
     println!("| phase | static balance | planner balance (2nd half) | planner reached {GOAL} after | projected tokens/s static -> planner |");
     println!("|---|---|---|---|---|");
@@ -416,6 +423,8 @@ fn run_in(dir: &Path, a: &BenchPlacementArgs) -> anyhow::Result<PlacementBench> 
     Ok(PlacementBench {
         rtt_us: a.rtt_us,
         rebalance_every_s: a.rebalance_every,
+        target: a.target,
+        concurrency: a.concurrency,
         phase_secs: a.phase_secs,
         pair_cost_us: cost.as_secs_f64() * 1e6,
         static_sharding,

@@ -215,6 +215,15 @@ impl<T: WorkerTransport> DispatcherCore<T> {
         let assigned = &mut s.assigned;
         assigned.clear();
         assigned.resize(self.num_workers, 0);
+        let is_live = |h: usize| !suspect.get(h).copied().unwrap_or(false);
+        // Pairs whose expert has one live holder must go there: count them first, so that the
+        // free choices below balance around them instead of only the pairs seen so far.
+        for &(_, e, _) in &s.pending {
+            let mut live = self.placement.holders(layer, e).iter().copied().filter(|&h| is_live(h));
+            if let (Some(a), None) = (live.next().and_then(|h| assigned.get_mut(h)), live.next()) {
+                *a += 1;
+            }
+        }
         let mut current_row = u32::MAX;
         for &(r, e, wt) in &s.pending {
             if r != current_row {
@@ -222,14 +231,22 @@ impl<T: WorkerTransport> DispatcherCore<T> {
                 row_workers.clear();
             }
             let holders = self.placement.holders(layer, e);
-            let live = || holders.iter().copied().filter(|&h| !suspect.get(h).copied().unwrap_or(false));
-            let w = match row_workers.iter().copied().find(|w| live().any(|h| h == *w)) {
-                Some(w) => w,
-                None => {
-                    let n = live().count();
-                    if let (0, Some(h)) = (n, holders.iter().copied().find(|&h| last_resort(h))) {
+            let live = || holders.iter().copied().filter(|&h| is_live(h));
+            let n = live().count();
+            let least = live().map(|h| assigned.get(h).copied().unwrap_or(0)).min().unwrap_or(0);
+            // A worker this row already goes to, if it holds the expert and has no more work
+            // than the least loaded holder (the row then travels once).
+            let affine = row_workers
+                .iter()
+                .copied()
+                .find(|w| live().any(|h| h == *w) && (n == 1 || assigned.get(*w).copied().unwrap_or(0) <= least));
+            let w = match (n, affine) {
+                (1, _) => live().next().unwrap_or(holders[0]),
+                (_, Some(w)) => w,
+                (0, None) => {
+                    if let Some(h) = holders.iter().copied().find(|&h| last_resort(h)) {
                         h
-                    } else if n == 0 {
+                    } else {
                         // Only this row fails; the others of the batch go on.
                         if unserved.last().map(|u| u.0) != Some(r) {
                             let why = DispatchError::NoHolder { layer, expert: e }.to_string();
@@ -239,26 +256,30 @@ impl<T: WorkerTransport> DispatcherCore<T> {
                             ));
                         }
                         continue;
-                    } else {
-                        // The live holder with the least work in this round; among equals, a
-                        // rotation, so equal replicas take turns. Results do not depend on it.
-                        let start = (turn + r as usize) % n;
-                        let mut best: Option<(u32, usize, usize)> = None;
-                        for (i, h) in live().enumerate() {
-                            let key = (assigned.get(h).copied().unwrap_or(0), (i + n - start) % n, h);
-                            if best.is_none_or(|b| (key.0, key.1) < (b.0, b.1)) {
-                                best = Some(key);
-                            }
-                        }
-                        best.map_or(holders[0], |b| b.2)
                     }
+                }
+                _ => {
+                    // The live holder with the least work in this call; among equals, a
+                    // rotation, so equal replicas take turns. Results do not depend on it.
+                    let start = (turn + r as usize) % n;
+                    let mut best: Option<(u32, usize, usize)> = None;
+                    for (i, h) in live().enumerate() {
+                        let key = (assigned.get(h).copied().unwrap_or(0), (i + n - start) % n, h);
+                        if best.is_none_or(|b| (key.0, key.1) < (b.0, b.1)) {
+                            best = Some(key);
+                        }
+                    }
+                    best.map_or(holders[0], |b| b.2)
                 }
             };
             if !row_workers.contains(&w) {
                 row_workers.push(w);
             }
-            if let Some(a) = assigned.get_mut(w) {
-                *a += 1;
+            // A single holder's pairs were counted before the loop.
+            if n != 1 {
+                if let Some(a) = assigned.get_mut(w) {
+                    *a += 1;
+                }
             }
             let slot = match s.slot_of[w] {
                 Some(i) => i,
@@ -323,7 +344,7 @@ impl<T: WorkerTransport> DispatcherCore<T> {
         let adapters: &[AdapterIdentity] = routes.adapters;
         for ((b, o), result) in batches.iter().zip(outputs).zip(results) {
             let result = match result {
-                Ok(()) => check_answer(b, o, cols, adapters.len()).map_err(|message| DispatchError::Malformed {
+                Ok(()) => o.check(b, cols, adapters.len()).map_err(|message| DispatchError::Malformed {
                     worker: self.transport.worker_name(b.worker),
                     message,
                 }),
@@ -476,16 +497,4 @@ impl Scratch {
         self.refused.resize(workers, false);
         self.refusal = None;
     }
-}
-
-/// Whether a worker's answer fits its batch: one row of `cols` values per (row, expert) pair,
-/// and failed adapter slots that name adapters of the call (1-based).
-fn check_answer(b: &WorkerBatch, o: &BatchOutput, cols: usize, adapters: usize) -> std::result::Result<(), String> {
-    if o.rows.len() != b.experts.len() * cols {
-        return Err(format!("{} values for {} (row, expert) pairs of {cols}", o.rows.len(), b.experts.len()));
-    }
-    if let Some((slot, _)) = o.failed_adapters.iter().find(|(s, _)| *s == 0 || *s as usize > adapters) {
-        return Err(format!("failed adapter slot {slot}, but the call has {adapters} adapters"));
-    }
-    Ok(())
 }

@@ -120,3 +120,17 @@ impl InFlightCall {
         }
     }
 }
+
+impl BatchOutput {
+    /// Whether a worker's answer fits its batch: one row of `cols` values per (row, expert)
+    /// pair, and failed adapter slots that name adapters of the call (1-based).
+    pub(crate) fn check(&self, b: &WorkerBatch, cols: usize, adapters: usize) -> std::result::Result<(), String> {
+        if self.rows.len() != b.experts.len() * cols {
+            return Err(format!("{} values for {} (row, expert) pairs of {cols}", self.rows.len(), b.experts.len()));
+        }
+        if let Some((slot, _)) = self.failed_adapters.iter().find(|(s, _)| *s == 0 || *s as usize > adapters) {
+            return Err(format!("failed adapter slot {slot}, but the call has {adapters} adapters"));
+        }
+        Ok(())
+    }
+}

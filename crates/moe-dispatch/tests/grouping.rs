@@ -182,3 +182,38 @@ fn malformed_answers_fail_over_to_a_replica() {
         assert_eq!(d.suspects(), vec![0], "kind {kind}: the malformed worker is left out");
     }
 }
+
+/// A replicated expert's rows go where they even out the work, counting the pairs that have
+/// only one possible worker first: expert 0 is held by both workers, experts 1 and 2 only by
+/// worker 0, so every expert-0 pair goes to worker 1 (worker 0 already has the four others).
+#[test]
+fn replicated_experts_balance_around_the_pairs_with_one_holder() {
+    let mut placement = Placement::new(1, 3);
+    placement.add(0, 0, &[0, 1, 2]).unwrap();
+    placement.add(1, 0, &[0]).unwrap();
+    let d = Dispatcher::new(Recorder(Mutex::new(Vec::new())), placement, 2);
+    // Four rows; each routes to expert 0 and to expert 1 or 2 (top-2).
+    let choices = [(0, 0.5), (1, 0.5), (0, 0.5), (2, 0.5), (0, 0.5), (1, 0.5), (0, 0.5), (2, 0.5)];
+    let mut plan = ExpertPlan::default();
+    plan.rebuild(3, 2, &choices);
+    let routes = moe_model::ExpertRoutes {
+        top_k: 2,
+        choices: &choices,
+        plan: &plan,
+        adapters: &[],
+        row_adapter: &[],
+        row_request: &[],
+    };
+    let backend = CpuBackend::new();
+    let x = HostTensor { rows: 4, cols: 4, data: vec![1.0; 16] };
+    let mut out = HostTensor { rows: 4, cols: 4, data: vec![0.0; 16] };
+    let mut unserved = Vec::new();
+    let call = LayerCall { backend: &backend, layer: 0, x: &x, routes, out: &mut out, unserved: &mut unserved };
+    ExpertExecutor::<CpuBackend>::run_experts(&d, call).unwrap();
+    let sent = d.transport().0.lock().unwrap().clone();
+    let pairs = |w: usize| sent.iter().filter(|b| b.worker == w).map(|b| b.experts.len()).sum::<usize>();
+    assert_eq!((pairs(0), pairs(1)), (4, 4), "{sent:?}");
+    assert!(sent.iter().filter(|b| b.worker == 1).all(|b| b.experts.iter().all(|&e| e == 0)));
+    // Worker 0 answers 1.0 and worker 1 answers 2.0 per pair: each row gets 1 + 2.
+    assert_eq!(out.data, vec![3.0; 16]);
+}
