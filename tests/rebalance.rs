@@ -3,7 +3,8 @@
 //! changed token and no expert call a worker refused; a `LoadExperts` over a worker's
 //! `--max-expert-mb` changes neither the worker nor its record; a plan that would orphan an
 //! expert is refused before anything is sent; routers elect one planner at a time; and a
-//! router with `--rebalance-every` replicates the experts its skewed load makes hot.
+//! router with `--rebalance-every` replicates the experts its skewed load makes hot; and `moe
+//! bench-placement` runs end to end.
 
 mod common;
 
@@ -263,4 +264,37 @@ fn a_rebalancing_router_replicates_the_experts_its_load_makes_hot() {
     assert_eq!(pairs(&rt.block_on(describe(&a.addr)).layers).len(), 16);
     let got = rt.block_on(generate(&r.addr, vec![1, 2, 3])).expect("generate");
     assert_eq!(got, solo_greedy(&model, &[1, 2, 3], got.len()));
+}
+
+/// `moe bench-placement` runs end to end (short phases): both runs report every phase, the
+/// skew shows under static sharding, and every balance is a ratio.
+#[test]
+fn the_placement_benchmark_runs_and_reports_both_runs() {
+    let Some(etcd) = Etcd::start() else { return };
+    let url = etcd.url();
+    let out = moe(&[
+        "bench-placement",
+        "--phase-secs",
+        "3",
+        "--rebalance-every",
+        "1",
+        "--concurrency",
+        "8",
+        "--etcd",
+        &url,
+        "--json",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v = out.json();
+    for run in ["static_sharding", "planner"] {
+        let phases = v[run].as_array().expect("phases");
+        assert_eq!(phases.len(), 3, "{v}");
+        for p in phases {
+            let b = p["balance"].as_f64().expect("balance");
+            assert!(b > 0.0 && b <= 1.0, "{run}: {p}");
+            assert!(p["projected_tokens_per_s"].as_f64().is_some_and(|t| t > 0.0), "{p}");
+        }
+    }
+    assert!(v["static_sharding"][0]["balance"].as_f64().is_some_and(|b| b < 0.8), "the prose-heavy mix is skewed: {v}");
+    assert!(v["pair_cost_us"].as_f64().is_some_and(|c| c > 0.0));
 }
