@@ -9,11 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+fn spec() -> moe_demo::DemoSpec {
+    moe_demo::DemoSpec { num_layers: 2, hidden_size: 64, intermediate_size: 96, ..moe_demo::DemoSpec::demo() }
+}
+
 fn model() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().expect("tmp");
-    let spec =
-        moe_demo::DemoSpec { num_layers: 2, hidden_size: 64, intermediate_size: 96, ..moe_demo::DemoSpec::demo() };
-    moe_demo::write_demo_model(tmp.path(), &spec).expect("demo model");
+    moe_demo::write_demo_model(tmp.path(), &spec()).expect("demo model");
     tmp
 }
 
@@ -23,11 +25,48 @@ fn host(dir: &std::path::Path, spec: &str) -> ExpertHost<CpuBackend> {
 
 /// One row through `expert` of `layer` with weight 0.5.
 fn run(h: &dyn ExpertCompute, layer: usize, expert: u32) -> Result<Vec<f32>, WorkerError> {
+    run_with(h, layer, expert, &[])
+}
+
+/// [`run`] with the row carrying `adapter` (when given).
+fn run_with(
+    h: &dyn ExpertCompute,
+    layer: usize,
+    expert: u32,
+    adapter: &[moe_model::AdapterIdentity],
+) -> Result<Vec<f32>, WorkerError> {
     let hidden = h.config().hidden_size;
     let rows: Vec<f32> = (0..hidden).map(|i| ((i * 7 % 13) as f32 - 6.0) / 10.0).collect();
     let mut out = Vec::new();
-    h.compute(&ComputeInput::base(layer, hidden, &rows, &[1], &[expert], &[0.5]), &mut out)?;
+    let (row_pairs, experts, weights) = ([1], [expert], [0.5]);
+    let mut input = ComputeInput::base(layer, hidden, &rows, &row_pairs, &experts, &weights);
+    let slots = [adapter.len() as u32];
+    if !adapter.is_empty() {
+        (input.adapters, input.row_adapters) = (adapter, &slots);
+    }
+    let failed = h.compute(&input, &mut out)?;
+    assert!(failed.is_empty(), "{failed:?}");
     Ok(out)
+}
+
+#[test]
+fn a_loaded_expert_gets_its_pair_of_an_adapter_loaded_before() {
+    let tmp = model();
+    let adapters = tmp.path().join("adapters");
+    let experts = [moe_demo::DemoTarget::Experts];
+    moe_demo::write_demo_adapter(&adapters.join("acme"), &spec(), &experts, 4, 1.0, 7).expect("adapter");
+    let limits = moe_lora::RegistryLimits::default();
+    let all = host(tmp.path(), "all").with_adapter_dir(adapters.clone(), limits);
+    let live = host(tmp.path(), "0:0").with_adapter_dir(adapters, limits);
+    // The version a router names: the files' digest, as the registry computes it.
+    let loaded = all.adapters().expect("registry").acquire("acme").expect("acme loads");
+    let acme = [loaded.identity.clone()];
+    // The adapter is resident (with pairs for expert 0 only) before expert 5 arrives.
+    assert_eq!(run_with(&live, 0, 0, &acme).expect("run"), run_with(&all, 0, 0, &acme).expect("run"));
+    live.load_experts(&[(0, 5)]).expect("load");
+    let want = run_with(&all, 0, 5, &acme).expect("run");
+    assert_ne!(want, run(&all, 0, 5).expect("run"), "the adapter changes expert 5");
+    assert_eq!(run_with(&live, 0, 5, &acme).expect("run"), want);
 }
 
 #[test]
