@@ -184,7 +184,7 @@ fn a_failed_load_or_a_refused_plan_leaves_the_cluster_as_it_was() {
 
     // A plan that unloads the only holder of an expert is refused, naming it, before any call.
     let slots = |w: &Server, capacity| {
-        rt.block_on(moe_cluster::rebalance::describe_worker(&w.addr, capacity)).expect("describe")
+        rt.block_on(moe_cluster::rebalance::describe_worker(&w.addr, capacity, &Default::default())).expect("describe")
     };
     let cluster = moe_placement::Cluster {
         num_layers: 2,
@@ -196,7 +196,9 @@ fn a_failed_load_or_a_refused_plan_leaves_the_cluster_as_it_was() {
         moe_placement::Step::Load { worker: 1, layer: 0, expert: 1 },
         moe_placement::Step::Unload { worker: 0, layer: 1, expert: 3 },
     ];
-    let refused = rt.block_on(moe_cluster::rebalance::apply(&cluster, &steps)).expect_err("orphans layer 1 expert 3");
+    let refused = rt
+        .block_on(moe_cluster::rebalance::apply(&cluster, &steps, &Default::default()))
+        .expect_err("orphans layer 1 expert 3");
     assert!(refused.to_string().contains("layer 1 expert 3 would have no holder"), "{refused}");
     assert_eq!(rt.block_on(describe(&c.addr)).layers, before.layers, "nothing was sent");
     assert_eq!(pairs(&rt.block_on(describe(&a.addr)).layers).len(), pairs(&all).len());

@@ -95,7 +95,7 @@ pub fn run(a: PlacementArgs) -> anyhow::Result<()> {
         PlacementCommand::Apply(p) => {
             let (cluster, plan) = rt.block_on(make_plan(&p))?;
             print_plan(&cluster, &plan, p.load.json);
-            let done = rt.block_on(rebalance::apply(&cluster, &plan.steps))?;
+            let done = rt.block_on(rebalance::apply(&cluster, &plan.steps, &Default::default()))?;
             if !p.load.json {
                 println!("applied {done} steps");
             }
@@ -112,7 +112,7 @@ async fn make_plan(p: &PlanArgs) -> anyhow::Result<(Cluster, Plan)> {
     let (layers, experts) = (load.num_layers as usize, load.num_experts as usize);
     let mut workers = Vec::new();
     for w in &p.workers {
-        let mut slots = rebalance::describe_worker(w, layers * experts).await?;
+        let mut slots = rebalance::describe_worker(w, layers * experts, &Default::default()).await?;
         if let Some(c) = p.capacity {
             slots.capacity = c;
         }

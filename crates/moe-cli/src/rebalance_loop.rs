@@ -23,6 +23,8 @@ pub struct Rebalancer {
     pub target: f64,
     /// This router's name in the planner key.
     pub id: String,
+    /// How this router reaches its workers (TLS).
+    pub transport: moe_dispatch::GrpcTransportConfig,
     pub metrics: moe_metrics::Registry,
 }
 
@@ -75,7 +77,7 @@ impl Rebalancer {
             self.workers.borrow().iter().filter(|r| r.fingerprint == ours).map(|r| r.address.clone()).collect();
         let mut workers = Vec::with_capacity(addrs.len());
         for a in &addrs {
-            workers.push(rebalance::describe_worker(a, s.num_layers * s.num_experts).await?);
+            workers.push(rebalance::describe_worker(a, s.num_layers * s.num_experts, &self.transport).await?);
         }
         let cluster = Cluster { num_layers: s.num_layers, num_experts: s.num_experts, workers, load };
         let plan = rebalance::plan(&cluster, self.target, 16)?;
@@ -84,6 +86,6 @@ impl Rebalancer {
         }
         let (before, after) = (moe_placement::Plan::mean(&plan.before), moe_placement::Plan::mean(&plan.after));
         tracing::info!(steps = plan.steps.len(), before, after, "applying a placement plan");
-        rebalance::apply(&cluster, &plan.steps).await
+        rebalance::apply(&cluster, &plan.steps, &self.transport).await
     }
 }

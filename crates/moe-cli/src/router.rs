@@ -93,6 +93,7 @@ pub fn run(a: RouterArgs, device: moe_compute::Device) -> anyhow::Result<()> {
             let (tx, rx) = tokio::sync::watch::channel(Vec::new());
             let cancel = tokio_util::sync::CancellationToken::new();
             tokio::spawn(moe_membership::watch_workers(opts.clone(), tx, cancel.clone()));
+            let admin_transport = transport.clone();
             let (engine, dispatcher, ready) = moe_cluster::membership_router_on(
                 device,
                 &a.model,
@@ -112,6 +113,7 @@ pub fn run(a: RouterArgs, device: moe_compute::Device) -> anyhow::Result<()> {
                     every: Duration::from_secs(a.rebalance_every),
                     target: a.rebalance_target,
                     id: format!("{}/{}", a.listen, std::process::id()),
+                    transport: admin_transport,
                     metrics,
                 };
                 rebalancer.spawn(cancel.clone());

@@ -10,6 +10,7 @@
 //! or none), the steps before it stay applied, and each prefix of a checked plan is itself a
 //! valid placement.
 
+use moe_dispatch::{connect_worker, GrpcTransportConfig};
 use moe_placement::{check_plan, Cluster, Plan, Step, WorkerSlots};
 use moe_proto::v1::expert_worker_client::ExpertWorkerClient;
 use moe_proto::v1::{ChangeExpertsRequest, DescribeRequest, HostedLayer};
@@ -28,28 +29,23 @@ pub enum RebalanceError {
 /// How long one worker call may take (an unload waits for its drain).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn uri(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
-
-async fn client(addr: &str) -> Result<ExpertWorkerClient<tonic::transport::Channel>, RebalanceError> {
-    let fail = |message: String| RebalanceError::Worker { worker: addr.to_string(), message };
-    let ep = tonic::transport::Endpoint::from_shared(uri(addr))
-        .map_err(|e| fail(format!("bad address: {e}")))?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true);
-    let channel = ep.connect().await.map_err(|e| fail(format!("cannot connect: {e}")))?;
-    Ok(ExpertWorkerClient::new(channel))
+async fn client(
+    addr: &str,
+    transport: &GrpcTransportConfig,
+) -> Result<ExpertWorkerClient<tonic::transport::Channel>, RebalanceError> {
+    connect_worker(addr, transport)
+        .await
+        .map_err(|e| RebalanceError::Worker { worker: addr.to_string(), message: e.to_string() })
 }
 
 /// What `addr` hosts and how many experts it may hold: its budget over its bytes per expert,
 /// or `default_capacity` when it has no budget.
-pub async fn describe_worker(addr: &str, default_capacity: usize) -> Result<WorkerSlots, RebalanceError> {
-    let mut c = client(addr).await?;
+pub async fn describe_worker(
+    addr: &str,
+    default_capacity: usize,
+    transport: &GrpcTransportConfig,
+) -> Result<WorkerSlots, RebalanceError> {
+    let mut c = client(addr, transport).await?;
     let d = tokio::time::timeout(Duration::from_secs(10), c.describe(DescribeRequest {}))
         .await
         .map_err(|_| RebalanceError::Worker { worker: addr.into(), message: "Describe timed out".into() })?
@@ -79,8 +75,13 @@ pub fn plan(cluster: &Cluster, target: f64, max_steps: usize) -> Result<Plan, Re
     Ok(moe_placement::plan(cluster, target, max_steps)?)
 }
 
-/// Applies `steps` to the workers of `cluster` (see the module doc); returns how many steps ran.
-pub async fn apply(cluster: &Cluster, steps: &[Step]) -> Result<usize, RebalanceError> {
+/// Applies `steps` to the workers of `cluster` (see the module doc), reaching them as
+/// `transport` says (TLS); returns how many steps ran.
+pub async fn apply(
+    cluster: &Cluster,
+    steps: &[Step],
+    transport: &GrpcTransportConfig,
+) -> Result<usize, RebalanceError> {
     check_plan(cluster, steps)?;
     let mut done = 0;
     while done < steps.len() {
@@ -116,7 +117,7 @@ pub async fn apply(cluster: &Cluster, steps: &[Step]) -> Result<usize, Rebalance
                 .map(|(layer, experts)| HostedLayer { layer: layer as u32, experts })
                 .collect(),
         };
-        let mut c = client(addr).await.map_err(|e| stopped(e.to_string()))?;
+        let mut c = client(addr, transport).await.map_err(|e| stopped(e.to_string()))?;
         let call = async {
             if unload {
                 c.unload_experts(request).await

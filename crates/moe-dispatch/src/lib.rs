@@ -27,7 +27,7 @@ mod worker_metrics;
 
 pub use dispatcher::{Dispatcher, SUSPECT_FOR};
 pub use error::{DispatchError, Result};
-pub use grpc::{address_problem, GrpcTransport, GrpcTransportConfig, TransportTls};
+pub use grpc::{address_problem, connect_worker, GrpcTransport, GrpcTransportConfig, TransportTls};
 pub use in_process::InProcessTransport;
 pub use latency::Hedging;
 pub use membership::{follow_membership, plan_membership, MembershipDispatcher, MembershipPlan, MembershipStatus};

@@ -111,3 +111,9 @@ pub(super) async fn client(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
+
+/// A client of one worker with the transport's TLS, timeouts and message limits, for calls
+/// outside dispatch (placement's `Describe`, `LoadExperts`, `UnloadExperts`).
+pub async fn connect_worker(addr: &str, config: &GrpcTransportConfig) -> Result<ExpertWorkerClient<Channel>> {
+    client(addr, &endpoint(addr, config)?, config).await
+}

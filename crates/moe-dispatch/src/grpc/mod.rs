@@ -10,7 +10,7 @@
 mod connect;
 mod stream;
 
-pub use connect::{address_problem, GrpcTransportConfig, TransportTls};
+pub use connect::{address_problem, connect_worker, GrpcTransportConfig, TransportTls};
 use connect::{client, endpoint, unavailable};
 
 use crate::error::{DispatchError, Result};
