@@ -43,7 +43,12 @@ impl Rebalancer {
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = holding_now.changed() => {
+                    changed = holding_now.changed() => {
+                        if changed.is_err() {
+                            // The election task ended (cancelled): nothing more to plan.
+                            planner.set(0);
+                            return;
+                        }
                         planner.set(i64::from(*holding_now.borrow_and_update()));
                         continue;
                     }
