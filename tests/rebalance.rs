@@ -308,3 +308,18 @@ fn the_placement_benchmark_runs_and_reports_both_runs() {
     assert!(v["static_sharding"][0]["balance"].as_f64().is_some_and(|b| b < 0.8), "the prose-heavy mix is skewed: {v}");
     assert!(v["pair_cost_us"].as_f64().is_some_and(|c| c > 0.0));
 }
+
+/// Placement flags that cannot work say why and exit non-zero, before anything starts.
+#[test]
+fn placement_flags_that_cannot_work_are_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("m");
+    endless_model_sized(&model, 256, 2); // 16 experts of 196 KB: over a 1 MiB budget
+    let m = model.to_str().expect("utf8");
+    moe(&["router", "--model", m, "--workers", "127.0.0.1:1", "--rebalance-every", "5"])
+        .assert_error(&["--rebalance-every needs --etcd"]);
+    moe(&["worker", "--model", m, "--experts", "all", "--max-expert-mb", "1", "--listen", "127.0.0.1:0"])
+        .assert_error(&["--max-expert-mb", "expert budget"]);
+    moe(&["placement", "plan", "--endpoint", "127.0.0.1:1", "--workers", "127.0.0.1:2", "--capacity", "0"])
+        .assert_error(&["--capacity must be at least 1"]);
+}

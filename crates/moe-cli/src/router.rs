@@ -54,7 +54,7 @@ pub struct RouterArgs {
     pub worker_tls_domain: Option<String>,
     /// With --etcd: every SECS, the routers' elected planner moves expert replicas between
     /// the workers (`LoadExperts` / `UnloadExperts`) to balance the load it observed; 0: never.
-    #[arg(long, env = "MOE_REBALANCE_EVERY", default_value_t = 0, value_name = "SECS", requires = "etcd")]
+    #[arg(long, env = "MOE_REBALANCE_EVERY", default_value_t = 0, value_name = "SECS")]
     pub rebalance_every: u64,
     /// The balance (mean / max load over workers, per layer) a rebalancing round aims for.
     #[arg(long, env = "MOE_REBALANCE_TARGET", default_value_t = 0.9)]
@@ -69,6 +69,10 @@ pub struct RouterArgs {
 
 pub fn run(a: RouterArgs, device: moe_compute::Device) -> anyhow::Result<()> {
     anyhow::ensure!(a.rebalance_target > 0.0 && a.rebalance_target <= 1.0, "--rebalance-target must be in (0, 1]");
+    anyhow::ensure!(
+        a.rebalance_every == 0 || a.etcd.options().is_some(),
+        "--rebalance-every needs --etcd (workers publish what they host there, and routers elect the planner)"
+    );
     let engine_config = a.engine.config()?;
     let metrics = engine_config.metrics.clone();
     let transport = GrpcTransportConfig {
