@@ -31,6 +31,18 @@ impl EtcdOptions {
 
     /// A client balancing over every endpoint.
     pub(crate) async fn connect(&self) -> Result<Client> {
+        self.connect_to(&self.endpoints).await
+    }
+
+    /// A client of member `i` (modulo the endpoints) alone: every request of a session then
+    /// goes to one member, so a dead one fails the session at once instead of a share of its
+    /// requests.
+    pub(crate) async fn connect_member(&self, i: usize) -> Result<Client> {
+        let n = self.endpoints.len().max(1);
+        self.connect_to(&self.endpoints[i % n..(i % n + 1).min(self.endpoints.len())]).await
+    }
+
+    async fn connect_to(&self, endpoints: &[String]) -> Result<Client> {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
@@ -48,7 +60,7 @@ impl EtcdOptions {
             opts =
                 opts.with_tls(etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(pem)));
         }
-        Ok(Client::connect(&self.endpoints, Some(opts)).await?)
+        Ok(Client::connect(endpoints, Some(opts)).await?)
     }
 }
 
@@ -119,26 +131,60 @@ pub async fn register_worker(
     };
     let Some(mut value) = encode(&record.borrow_and_update()) else { return };
     let ttl_secs = ttl.as_secs().max(1) as i64;
+    let period = Duration::from_millis((ttl.as_millis() as u64 / 3).max(100));
+    // No wait may outlast the lease: one that does means the connection is gone.
+    let bounded = period.max(Duration::from_secs(1));
+    let silent = || crate::MembershipError::Invalid("etcd did not answer in time".into());
     let mut attempt = 0u32;
+    // The lease of the last session: a new session keeps it alive if it still lives, so a
+    // broken connection (a member that died, a leader election) does not let the record lapse.
+    let mut held: Option<i64> = None;
+    let mut member = 0usize;
     loop {
         if cancel.is_cancelled() {
             return;
         }
         let session = async {
-            // Balanced over every member: when one dies, the keep-alives go on through another
-            // within the same lease (a new session per member would risk the lease lapsing
-            // while a leader is elected). Every wait below is bounded, so a blackholed member
-            // ends the session instead of freezing it.
-            let mut client = opts.connect().await?;
-            let lease = client.lease_grant(ttl_secs, None).await?.id();
-            client.put(key.as_str(), value.as_str(), Some(PutOptions::new().with_lease(lease))).await?;
+            // One member per session, the next one after a failure: a dead member fails the
+            // session at once, and the lease of the last session is kept alive through the next
+            // member that answers (a new leader renews every lease when elected), so neither a
+            // member's death nor an election lets the record lapse. Every wait below is
+            // bounded, so a blackholed member ends the session instead of freezing it.
+            let connect = opts.connect_member(member);
+            let mut client = tokio::time::timeout(bounded, connect).await.map_err(|_| silent())??;
+            let mut kept = None;
+            if let Some(lease) = held {
+                let alive = async {
+                    let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
+                    keeper.keep_alive().await?;
+                    let ttl = responses.message().await?.map_or(0, |r| r.ttl());
+                    Ok::<_, crate::MembershipError>((ttl > 0).then_some((keeper, responses)))
+                };
+                match tokio::time::timeout(bounded, alive).await.map_err(|_| silent())? {
+                    Ok(Some(k)) => kept = Some((lease, k)),
+                    // Expired: register with a new lease below.
+                    Ok(None) | Err(crate::MembershipError::Etcd(etcd_client::Error::LeaseKeepAliveError(_))) => {
+                        held = None
+                    }
+                    // This member cannot answer now: try the next.
+                    Err(e) => return Err(e),
+                }
+            }
+            let (lease, (mut keeper, mut responses)) = match kept {
+                Some(k) => k,
+                None => {
+                    let grant = client.lease_grant(ttl_secs, None);
+                    let lease = tokio::time::timeout(bounded, grant).await.map_err(|_| silent())??.id();
+                    let keep = client.lease_keep_alive(lease);
+                    (lease, tokio::time::timeout(bounded, keep).await.map_err(|_| silent())??)
+                }
+            };
+            held = Some(lease);
+            let put = client.put(key.as_str(), value.as_str(), Some(PutOptions::new().with_lease(lease)));
+            tokio::time::timeout(bounded, put).await.map_err(|_| silent())??;
             tracing::info!(key = %key, lease, "registered in etcd");
-            let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
-            let mut own = client.watch(key.as_str(), None).await?;
-            let period = Duration::from_millis((ttl.as_millis() as u64 / 3).max(100));
-            // No wait may outlast the lease: one that does means the connection is gone.
-            let bounded = period.max(Duration::from_secs(1));
-            let silent = || crate::MembershipError::Invalid("etcd did not answer a lease keep-alive in time".into());
+            let own = client.watch(key.as_str(), None);
+            let mut own = tokio::time::timeout(bounded, own).await.map_err(|_| silent())??;
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => {
@@ -172,6 +218,7 @@ pub async fn register_worker(
                             Some(r) if r.ttl() > 0 => {}
                             _ => {
                                 tracing::warn!(key = %key, "lease lost; registering again");
+                                held = None;
                                 return Ok(false);
                             }
                         }
@@ -182,10 +229,21 @@ pub async fn register_worker(
         match session.await {
             Ok(true) => return,
             Ok(false) => attempt = 0,
-            Err(e) => tracing::warn!(error = %e, "etcd registration failed; retrying"),
+            Err(e) => {
+                tracing::warn!(error = %e, member, "etcd registration failed; trying the next member");
+                member += 1;
+                // The other members at once; after a whole round, a pause (never longer than
+                // a keep-alive period, so the lease is tried again before it can expire).
+                if member % opts.endpoints.len().max(1) != 0 {
+                    continue;
+                }
+            }
         }
-        if !backoff(&mut attempt, &cancel).await {
-            return;
+        let delay = Duration::from_millis((100u64 << attempt.min(5)).min(period.as_millis() as u64));
+        attempt += 1;
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
         }
     }
 }
