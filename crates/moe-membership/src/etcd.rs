@@ -4,7 +4,9 @@
 //! require a leader, so a blackholed or partitioned etcd member breaks the stream (and the loop
 //! starts over on fresh connections) instead of leaving it silent; every wait in the worker's
 //! lease loop is bounded; a watch whose revision was compacted reads the prefix again; a
-//! worker whose record is deleted while its lease lives puts it back.
+//! worker whose record is deleted while its lease lives puts it back. A worker's session talks
+//! to one member and moves to the next on any failure, keeping its lease alive through it (so
+//! a member's death or a leader election does not let the record lapse).
 
 use crate::record::WorkerRecord;
 use crate::Result;
