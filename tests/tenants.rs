@@ -269,6 +269,9 @@ async fn tenant_rules_answer_with_their_codes() {
     assert_eq!(err.expect_err("not admin").code(), Code::PermissionDenied);
     let err = c.unload_adapter(with_key(UnloadAdapterRequest { id: "a0".into() }, Some(ACME))).await;
     assert_eq!(err.expect_err("not admin").code(), Code::PermissionDenied);
+    let err = c.expert_load(with_key(moe_proto::v1::ExpertLoadRequest {}, Some(ACME))).await.expect_err("not admin");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("may not read the expert load"), "{}", err.message());
     c.load_adapter(with_key(LoadAdapterRequest { id: "a2".into(), path: String::new() }, Some(OPS)))
         .await
         .expect("admin load");

@@ -27,11 +27,12 @@ pub fn authenticate(engine: &Engine, authorization: Option<&str>) -> Result<Opti
     tenants.authenticate(authorization).map(Some)
 }
 
-/// Requires an admin tenant when tenants are configured.
-pub fn require_admin(engine: &Engine, authorization: Option<&str>) -> Result<(), RouterError> {
+/// Requires an admin tenant when tenants are configured; `what` names the refused action in
+/// the error ("manage adapters", "read the expert load").
+pub fn require_admin(engine: &Engine, authorization: Option<&str>, what: &str) -> Result<(), RouterError> {
     match authenticate(engine, authorization)? {
         Some(t) if !t.admin => {
-            Err(RouterError::PermissionDenied(format!("tenant {:?} may not manage adapters", t.name)))
+            Err(RouterError::PermissionDenied(format!("tenant {:?} may not {what} (an admin key is needed)", t.name)))
         }
         _ => Ok(()),
     }

@@ -305,7 +305,7 @@ impl Inference for InferenceService {
         &self,
         request: Request<LoadAdapterRequest>,
     ) -> Result<Response<LoadAdapterResponse>, Status> {
-        require_admin(&self.engine, authorization(&request))?;
+        require_admin(&self.engine, authorization(&request), "manage adapters")?;
         let registry = self.engine.adapters().cloned().ok_or_else(|| {
             RouterError::FailedPrecondition("this router serves no adapters (start it with --adapter-dir)".into())
         })?;
@@ -330,7 +330,7 @@ impl Inference for InferenceService {
         &self,
         request: Request<UnloadAdapterRequest>,
     ) -> Result<Response<UnloadAdapterResponse>, Status> {
-        require_admin(&self.engine, authorization(&request))?;
+        require_admin(&self.engine, authorization(&request), "manage adapters")?;
         let registry = self.engine.adapters().ok_or_else(|| {
             RouterError::FailedPrecondition("this router serves no adapters (start it with --adapter-dir)".into())
         })?;
@@ -347,7 +347,7 @@ impl Inference for InferenceService {
     }
 
     async fn expert_load(&self, request: Request<ExpertLoadRequest>) -> Result<Response<ExpertLoadResponse>, Status> {
-        require_admin(&self.engine, authorization(&request))?;
+        require_admin(&self.engine, authorization(&request), "read the expert load")?;
         let s = self.engine.expert_load().snapshot(std::time::Instant::now());
         Ok(Response::new(ExpertLoadResponse {
             num_layers: s.num_layers as u32,
