@@ -68,8 +68,11 @@ pub async fn hold_planner(
                         return Ok(());
                     }
                     _ = tokio::time::sleep(period) => {
-                        tokio::time::timeout(period, keeper.keep_alive()).await.map_err(|_| late())??;
-                        match tokio::time::timeout(period, responses.message()).await.map_err(|_| late())?? {
+                        // At most two periods (2/3 of the TTL) pass between a renewal and the
+                        // moment this router stops planning: before etcd can free the key.
+                        let half = period / 2;
+                        tokio::time::timeout(half, keeper.keep_alive()).await.map_err(|_| late())??;
+                        match tokio::time::timeout(half, responses.message()).await.map_err(|_| late())?? {
                             Some(r) if r.ttl() > 0 => {}
                             _ => return Err(MembershipError::Invalid("the planner lease was lost".into())),
                         }
