@@ -25,7 +25,8 @@ pub struct Listeners {
 }
 
 pub async fn bind_all(grpc: &str, http: &HttpArgs, what: &str) -> anyhow::Result<Listeners> {
-    let grpc = crate::engine_args::bind(grpc, what).await?;
+    // HTTP first: the gRPC "listening on" line (what tests and scripts wait for) then comes
+    // only once every listener is bound, and a port that is taken is an error line instead.
     let http = match &http.http_listen {
         None => None,
         Some(addr) => {
@@ -34,6 +35,7 @@ pub async fn bind_all(grpc: &str, http: &HttpArgs, what: &str) -> anyhow::Result
             Some(l)
         }
     };
+    let grpc = crate::engine_args::bind(grpc, what).await?;
     Ok(Listeners { grpc, http })
 }
 
