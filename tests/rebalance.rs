@@ -18,6 +18,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+/// etcd, a runtime, and a random model of hidden size `hidden` (two MoE layers of 8 experts)
+/// at `<tmp>/m`; `None` (the test skips) without etcd.
+fn start(hidden: usize) -> Option<(Etcd, tokio::runtime::Runtime, tempfile::TempDir)> {
+    let etcd = Etcd::start()?;
+    let tmp = tempfile::tempdir().expect("tmp");
+    endless_model_sized(&tmp.path().join("m"), hidden, 2);
+    Some((etcd, tokio::runtime::Runtime::new().expect("rt"), tmp))
+}
+
 fn worker(etcd: &Etcd, cluster: &str, model: &str, experts: &str, extra: &[&str]) -> Server {
     let url = etcd.url();
     let mut args = vec!["worker", "--model", model, "--experts", experts, "--listen", "127.0.0.1:0"];
@@ -88,11 +97,8 @@ type Answer = (usize, Result<Vec<u32>, String>);
 
 #[test]
 fn experts_move_between_workers_under_load_without_a_failed_request_or_a_changed_token() {
-    let Some(etcd) = Etcd::start() else { return };
-    let rt = tokio::runtime::Runtime::new().expect("rt");
-    let tmp = tempfile::tempdir().expect("tmp");
+    let Some((etcd, rt, tmp)) = start(256) else { return };
     let model = tmp.path().join("m");
-    endless_model_sized(&model, 256, 2);
     let m = model.to_str().expect("utf8");
     let a = worker(&etcd, "live", m, "shard:0/2", &[]);
     let b = worker(&etcd, "live", m, "shard:1/2", &[]);
@@ -162,11 +168,8 @@ fn experts_move_between_workers_under_load_without_a_failed_request_or_a_changed
 
 #[test]
 fn a_failed_load_or_a_refused_plan_leaves_the_cluster_as_it_was() {
-    let Some(etcd) = Etcd::start() else { return };
-    let rt = tokio::runtime::Runtime::new().expect("rt");
-    let tmp = tempfile::tempdir().expect("tmp");
+    let Some((etcd, rt, tmp)) = start(256) else { return };
     let model = tmp.path().join("m");
-    endless_model_sized(&model, 256, 2);
     let m = model.to_str().expect("utf8");
     let a = worker(&etcd, "budget", m, "all", &[]);
     let c = worker(&etcd, "budget", m, "0:0", &["--max-expert-mb", "1"]);
@@ -240,11 +243,8 @@ fn routers_elect_one_planner_at_a_time() {
 
 #[test]
 fn a_rebalancing_router_replicates_the_experts_its_load_makes_hot() {
-    let Some(etcd) = Etcd::start() else { return };
-    let rt = tokio::runtime::Runtime::new().expect("rt");
-    let tmp = tempfile::tempdir().expect("tmp");
+    let Some((etcd, rt, tmp)) = start(64) else { return };
     let model = tmp.path().join("m");
-    endless_model_sized(&model, 64, 2);
     let m = model.to_str().expect("utf8");
     // Worker A holds every expert, B only one: B idles while A computes everything.
     let a = worker(&etcd, "auto", m, "all", &[]);

@@ -1,15 +1,14 @@
 //! `moe bench`: this machine's ceilings, then the embedded cluster and a router with worker
 //! processes over loopback gRPC, each figure printed next to its roofline. JSON with `--json`.
 
+use crate::processes::{spawn_worker_processes, ChildProcesses};
 use anyhow::Context;
 use clap::Args;
 use moe_bench::{bytes_per_decoded_token, decode, flops_per_prefill_token, prefill, DecodeReport, PrefillReport};
 use moe_dispatch::GrpcTransportConfig;
 use moe_router::{Engine, EngineConfig};
 use serde::Serialize;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
 #[derive(Args, Debug)]
@@ -114,73 +113,9 @@ struct OverlapRun {
     ratio: f64,
 }
 
-/// Worker processes of a run, killed when dropped.
-pub(crate) struct WorkerProcesses(Vec<Child>);
-
-impl WorkerProcesses {
-    pub(crate) fn pid(&self, i: usize) -> u32 {
-        self.0[i].id()
-    }
-}
-
-impl Drop for WorkerProcesses {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn spawn_workers(dir: &Path, n: usize) -> anyhow::Result<(WorkerProcesses, Vec<String>)> {
+fn spawn_workers(dir: &Path, n: usize) -> anyhow::Result<(ChildProcesses, Vec<String>)> {
     let specs: Vec<String> = (0..n).map(|i| format!("shard:{i}/{n}")).collect();
     spawn_worker_processes(dir, &specs)
-}
-
-/// One `moe worker` process per `--experts` spec, on loopback ports; their addresses.
-pub(crate) fn spawn_worker_processes(
-    dir: &Path,
-    specs: &[impl AsRef<str>],
-) -> anyhow::Result<(WorkerProcesses, Vec<String>)> {
-    let args: Vec<Vec<String>> =
-        specs.iter().map(|s| vec![format!("--experts={}", s.as_ref()), "--listen=127.0.0.1:0".to_string()]).collect();
-    spawn_worker_processes_with(dir, &args)
-}
-
-/// One `moe worker --model DIR` process per list of further flags; their bound addresses.
-pub(crate) fn spawn_worker_processes_with(
-    dir: &Path,
-    args: &[Vec<String>],
-) -> anyhow::Result<(WorkerProcesses, Vec<String>)> {
-    let exe = std::env::current_exe()?;
-    let mut children = WorkerProcesses(Vec::new());
-    let mut addrs = Vec::new();
-    for (i, flags) in args.iter().enumerate() {
-        let mut child = Command::new(&exe)
-            .args(["worker", "--model"])
-            .arg(dir)
-            .args(flags)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()?;
-        let stderr = child.stderr.take().context("worker stderr")?;
-        children.0.push(child);
-        let mut lines = BufReader::new(stderr).lines();
-        let addr = loop {
-            match lines.next() {
-                Some(Ok(l)) => {
-                    if let Some(a) = l.split("listening on ").nth(1) {
-                        break a.trim().to_string();
-                    }
-                }
-                _ => anyhow::bail!("worker {i} exited before listening"),
-            }
-        };
-        // Keep draining its stderr so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        addrs.push(addr);
-    }
-    Ok((children, addrs))
 }
 
 fn measure(name: &str, engine: &Engine, new_tokens: usize) -> anyhow::Result<Topology> {

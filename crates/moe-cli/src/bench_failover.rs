@@ -4,7 +4,7 @@
 //! (SIGSTOP) or killed (SIGKILL) a third of the way in. Each request's extra time over the
 //! failure-free run is its delay; the tokens must be the same.
 
-use crate::bench::{spawn_worker_processes, WorkerProcesses};
+use crate::processes::{spawn_worker_processes, ChildProcesses};
 use moe_bench::Percentiles;
 use moe_dispatch::GrpcTransportConfig;
 use moe_router::{Engine, EngineConfig, Event, GenerationParams, PromptInput, ValidatedRequest};
@@ -90,7 +90,7 @@ fn signal(pid: u32, sig: &str) {
 /// One fault: fresh worker processes, a warm-up and a failure-free run, then the faulted run.
 fn one(dir: &Path, sig: &str) -> anyhow::Result<FailoverRun> {
     let specs = ["shard:0/2", "shard:1/2", "all"];
-    let (workers, addrs): (WorkerProcesses, Vec<String>) = spawn_worker_processes(dir, &specs)?;
+    let (workers, addrs): (ChildProcesses, Vec<String>) = spawn_worker_processes(dir, &specs)?;
     let rt = tokio::runtime::Runtime::new()?;
     let cfg = EngineConfig { max_running: 64, prefix_cache: false, ..Default::default() };
     let engine = rt.block_on(moe_cluster::remote(dir, &addrs, GrpcTransportConfig::default(), cfg))?;

@@ -13,7 +13,7 @@
 //! machines: per layer call, the busiest worker's pairs times the measured cost of one (row,
 //! expert) pair, plus the round trip.
 
-use crate::bench::{spawn_worker_processes_with, WorkerProcesses};
+use crate::processes::{spawn_worker_processes_with, ChildProcesses};
 use anyhow::Context;
 use clap::Args;
 use moe_compute::rng::SplitMix64;
@@ -23,7 +23,7 @@ use moe_proto::v1::{GenerateRequest, ModelInfoRequest, SamplingParams};
 use serde::Serialize;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -88,21 +88,11 @@ pub struct PlacementBench {
     pub planner: Vec<PhaseResult>,
 }
 
-/// A child process killed when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn start_etcd(dir: &Path) -> anyhow::Result<(Killed, String)> {
+fn start_etcd(dir: &Path) -> anyhow::Result<(ChildProcesses, String)> {
     let (client, peer) = (free_port()?, free_port()?);
     let (c, p) = (format!("http://127.0.0.1:{client}"), format!("http://127.0.0.1:{peer}"));
     let child = Command::new("etcd")
@@ -114,7 +104,7 @@ fn start_etcd(dir: &Path) -> anyhow::Result<(Killed, String)> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting etcd (install etcd-server, or pass --etcd URL)")?;
-    let child = Killed(child);
+    let child = ChildProcesses::one(child);
     let start = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
         anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "etcd did not start");
@@ -196,8 +186,8 @@ fn pair_cost(dir: &Path) -> anyhow::Result<Duration> {
 }
 
 struct Cluster {
-    _workers: WorkerProcesses,
-    _router: Killed,
+    _workers: ChildProcesses,
+    _router: ChildProcesses,
     grpc: String,
     http: String,
 }
@@ -235,7 +225,7 @@ fn start_cluster(dir: &Path, etcd: &str, name: &str, a: &BenchPlacementArgs) -> 
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let router = Killed(router);
+    let router = ChildProcesses::one(router);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let start = Instant::now();
     loop {

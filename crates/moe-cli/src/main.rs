@@ -23,6 +23,7 @@ mod loadgen;
 mod logits;
 mod model_args;
 mod placement;
+mod processes;
 mod rebalance_loop;
 mod router;
 mod serve;

@@ -4,6 +4,9 @@
 
 use moe_dispatch::{BatchOutput, Dispatcher, Placement, Result, WorkerBatch, WorkerTransport};
 use moe_model::AdapterIdentity;
+
+mod common;
+use common::run_layer;
 use std::sync::Mutex;
 
 use moe_compute::cpu::{CpuBackend, HostTensor};
@@ -159,25 +162,9 @@ fn malformed_answers_fail_over_to_a_replica() {
         placement.add(1, 0, &[0]).unwrap();
         let d = Dispatcher::new(Bad(kind), placement, 2);
         for _ in 0..3 {
-            let choices = [(0, 1.0), (0, 1.0)];
-            let mut plan = ExpertPlan::default();
-            plan.rebuild(1, 1, &choices);
-            let routes = moe_model::ExpertRoutes {
-                top_k: 1,
-                choices: &choices,
-                plan: &plan,
-                adapters: &[],
-                row_adapter: &[],
-                row_request: &[],
-            };
-            let backend = CpuBackend::new();
-            let x = HostTensor { rows: 2, cols: 3, data: vec![1.0; 6] };
-            let mut out = HostTensor { rows: 2, cols: 3, data: vec![0.0; 6] };
-            let mut unserved = Vec::new();
-            let call = LayerCall { backend: &backend, layer: 0, x: &x, routes, out: &mut out, unserved: &mut unserved };
-            ExpertExecutor::<CpuBackend>::run_experts(&d, call).expect("the step goes on");
+            let (out, unserved) = run_layer(&d, &[1.0; 6], 3, 1, 1, &[(0, 1.0), (0, 1.0)]);
             assert!(unserved.is_empty(), "kind {kind}: {unserved:?}");
-            assert_eq!(out.data, vec![2.0; 6], "kind {kind}: only the good worker's rows are used");
+            assert_eq!(out, vec![2.0; 6], "kind {kind}: only the good worker's rows are used");
         }
         assert_eq!(d.suspects(), vec![0], "kind {kind}: the malformed worker is left out");
     }
@@ -194,26 +181,12 @@ fn replicated_experts_balance_around_the_pairs_with_one_holder() {
     let d = Dispatcher::new(Recorder(Mutex::new(Vec::new())), placement, 2);
     // Four rows; each routes to expert 0 and to expert 1 or 2 (top-2).
     let choices = [(0, 0.5), (1, 0.5), (0, 0.5), (2, 0.5), (0, 0.5), (1, 0.5), (0, 0.5), (2, 0.5)];
-    let mut plan = ExpertPlan::default();
-    plan.rebuild(3, 2, &choices);
-    let routes = moe_model::ExpertRoutes {
-        top_k: 2,
-        choices: &choices,
-        plan: &plan,
-        adapters: &[],
-        row_adapter: &[],
-        row_request: &[],
-    };
-    let backend = CpuBackend::new();
-    let x = HostTensor { rows: 4, cols: 4, data: vec![1.0; 16] };
-    let mut out = HostTensor { rows: 4, cols: 4, data: vec![0.0; 16] };
-    let mut unserved = Vec::new();
-    let call = LayerCall { backend: &backend, layer: 0, x: &x, routes, out: &mut out, unserved: &mut unserved };
-    ExpertExecutor::<CpuBackend>::run_experts(&d, call).unwrap();
+    let (out, unserved) = run_layer(&d, &[1.0; 16], 4, 3, 2, &choices);
+    assert!(unserved.is_empty(), "{unserved:?}");
     let sent = d.transport().0.lock().unwrap().clone();
     let pairs = |w: usize| sent.iter().filter(|b| b.worker == w).map(|b| b.experts.len()).sum::<usize>();
     assert_eq!((pairs(0), pairs(1)), (4, 4), "{sent:?}");
     assert!(sent.iter().filter(|b| b.worker == 1).all(|b| b.experts.iter().all(|&e| e == 0)));
     // Worker 0 answers 1.0 and worker 1 answers 2.0 per pair: each row gets 1 + 2.
-    assert_eq!(out.data, vec![3.0; 16]);
+    assert_eq!(out, vec![3.0; 16]);
 }
