@@ -230,3 +230,89 @@ fn with_two_worker_processes_the_cache_changes_no_bit_either() {
     }
     no_page_held(&cached);
 }
+
+/// The in-process cluster's experts, except that while `failing` is set no row is served: each
+/// row is reported unserved and its experts' sum stays zero (as when a worker refuses a call or
+/// an expert has no live holder).
+struct FailingExperts {
+    inner: moe_dispatch::Dispatcher<moe_dispatch::InProcessTransport>,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl<B: moe_compute::Backend> moe_model::ExpertExecutor<B> for FailingExperts {
+    fn run_experts(&self, call: moe_model::LayerCall<'_, B>) -> moe_model::Result<()> {
+        if !self.failing.load(Ordering::SeqCst) {
+            return moe_model::ExpertExecutor::<B>::run_experts(&self.inner, call);
+        }
+        let rows = call.routes.choices.len() / call.routes.top_k.max(1);
+        call.unserved.extend((0..rows as u32).map(|r| (r, "injected: no holder".to_string())));
+        Ok(())
+    }
+}
+
+/// Defect: a request that failed because some of its rows went unserved published its pages
+/// (written without those experts) to the prefix cache, and the next request with the same
+/// prefix reused them and produced other tokens than a healthy cluster. Now its pages are never
+/// shared: later requests compute the prefix afresh and equal a healthy cluster, in both scopes.
+#[test]
+fn a_failed_request_never_publishes_its_pages() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("model");
+    let adapters = setup(&dir);
+    let (a, _) = prompts();
+    let healthy = engine(&dir, &adapters, EngineConfig { prefix_cache: false, ..Default::default() });
+    let want = run(&healthy, &ask(&a, ""));
+    for scope in [PrefixCacheScope::Tenant, PrefixCacheScope::Global] {
+        let experts = std::sync::Arc::new(FailingExperts {
+            inner: moe_cluster::in_process_dispatcher(&dir, 2).expect("dispatcher"),
+            failing: std::sync::atomic::AtomicBool::new(true),
+        });
+        let backend = moe_compute::cpu::CpuBackend::new();
+        let (model, codec) = moe_cluster::load_router_model(&dir, backend).expect("model");
+        let parts = moe_router::EngineParts { model, codec, experts: Some(experts.clone()), adapters: None };
+        let cfg = EngineConfig { prefix_cache_scope: scope, ..Default::default() };
+        let engine = Engine::start(parts, cfg).expect("engine");
+        let params = GenerationParams { max_new_tokens: Some(NEW_TOKENS), ..Default::default() };
+        let req = ValidatedRequest::new(
+            PromptInput::Ids(a.clone()),
+            &params,
+            engine.codec(),
+            engine.model_config(),
+            Duration::from_secs(60),
+        )
+        .expect("valid request");
+        let mut rx = engine.submit(req).expect("submit").1;
+        match rx.blocking_recv() {
+            Some(Event::Failed(e)) => assert!(e.to_string().contains("injected"), "{e}"),
+            other => panic!("{scope:?}: the request with unserved rows must fail, got {other:?}"),
+        }
+        experts.failing.store(false, Ordering::SeqCst);
+        let after = run(&engine, &ask(&a, ""));
+        assert_eq!(after.cached, 0, "{scope:?}: the failed request's pages were published");
+        assert_eq!((&after.tokens, &after.logprob_bits), (&want.tokens, &want.logprob_bits), "{scope:?}");
+        // Healthy requests still publish: the same prompt again hits.
+        assert_eq!(run(&engine, &ask(&a, "")).cached, 32, "{scope:?}");
+        no_page_held(&engine);
+    }
+}
+
+/// The prefix cache on the 2026 architectures: DeepSeek-V3's pages hold latent rows (one
+/// `kv_lora_rank + qk_rope_head_dim` row per token, no separate values), GLM-4.5's partial-rotary
+/// keys; a hit reuses them and changes no bit.
+#[test]
+fn the_2026_architectures_reuse_prefixes_without_changing_a_bit() {
+    for arch in ARCHS_2026 {
+        let dir = fixture(arch);
+        let (a, b) = prompts();
+        let (a, b): (Vec<u32>, Vec<u32>) = (a.iter().map(|t| t % 128).collect(), b.iter().map(|t| t % 128).collect());
+        let cached = moe_cluster::embedded(&dir, 2, EngineConfig::default()).expect("engine");
+        let plain =
+            moe_cluster::embedded(&dir, 2, EngineConfig { prefix_cache: false, ..Default::default() }).expect("engine");
+        assert_eq!(run(&cached, &ask(&a, "")).cached, 0, "{arch}");
+        let second = run(&cached, &ask(&b, ""));
+        assert_eq!(second.cached, 32, "{arch}: two full pages of the shared prefix reused");
+        let want = run(&plain, &ask(&b, ""));
+        assert_eq!((&second.tokens, &second.logprob_bits), (&want.tokens, &want.logprob_bits), "{arch}");
+        no_page_held(&cached);
+    }
+}

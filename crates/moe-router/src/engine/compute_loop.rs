@@ -42,6 +42,10 @@ pub(super) struct Sequence<B: Backend> {
     pub prefix_namespace: Option<u128>,
     /// Whose expert load this request's tokens count as ([`ExpertLoad::key_for`] its adapter).
     pub load_key: u32,
+    /// Set when a step wrote this sequence's KV without all of its rows' experts (a row some
+    /// worker could not serve): its pages hold wrong keys and values from that layer on, so they
+    /// are never published to the prefix cache.
+    pub kv_incomplete: bool,
 }
 
 impl<B: Backend> Sequence<B> {

@@ -30,6 +30,7 @@ impl<B: Backend> ComputeLoop<B> {
         for (row, &i) in members.iter().enumerate() {
             let s = &mut self.running[i];
             if let Some((_, why)) = failed.iter().find(|(f, _)| *f == i) {
+                s.kv_incomplete = true;
                 self.metrics.ended("unavailable", s.tenant(), s.req.prompt.len(), s.generated, s.submitted.elapsed());
                 tracing::warn!(request = s.id, reason = %why, "request failed: experts unavailable");
                 s.end(Event::Failed(RouterError::Unavailable(why.clone())));

@@ -195,7 +195,7 @@ impl Engine {
         let codec = parts.codec.clone();
         let c = &model.config;
         let bpv = model.backend().kv_bytes_per_value();
-        let page_bytes = 2 * bpv * c.num_layers * config.page_size * c.num_kv_heads * c.head_dim;
+        let page_bytes = bpv * c.num_layers * config.page_size * c.kv_values_per_token_layer();
         let pages = (config.kv_cache_bytes / page_bytes.max(1)).max(1);
         let kv = model.kv_cache(pages, config.page_size).map_err(|e| RouterError::Internal(e.to_string()))?;
         let stats = Arc::new(EngineStats::default());

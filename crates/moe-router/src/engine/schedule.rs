@@ -187,6 +187,7 @@ impl<B: Backend> ComputeLoop<B> {
                 last_token: sub.submitted,
                 cached_tokens,
                 prefix_namespace: namespace,
+                kv_incomplete: false,
             });
         }
     }

@@ -126,8 +126,13 @@ impl<B: Backend> ComputeLoop<B> {
     }
 }
 
-/// Publishes a sequence's full, written pages in the prefix cache (when it is on).
+/// Publishes a sequence's full, written pages in the prefix cache (when it is on), unless some
+/// step wrote them without all of the sequence's experts (those pages would hand later requests
+/// wrong keys and values under the prefix's normal key).
 fn share_pages<B: Backend>(pages: &mut moe_model::PageAllocator, s: &super::compute_loop::Sequence<B>) {
+    if s.kv_incomplete {
+        return;
+    }
     if let Some(ns) = s.prefix_namespace {
         let ps = pages.page_size();
         let keys = moe_model::prefix::page_keys(ns, &s.tokens, ps, s.cache.len.min(s.tokens.len()) / ps);
