@@ -106,8 +106,14 @@ fn attention(c: &mut Criterion) {
     // (name, sequences, context already cached, new rows per sequence)
     for (name, seqs, ctx, new) in [("decode_16x512", 16usize, 511usize, 1usize), ("prefill_1x512", 1, 0, 512)] {
         let pages_per = (ctx + new).div_ceil(page);
-        let layout =
-            KvLayout { layers: 1, num_pages: seqs * pages_per, page_size: page, n_kv_heads: kv_heads, head_dim: hd };
+        let layout = KvLayout {
+            layers: 1,
+            num_pages: seqs * pages_per,
+            page_size: page,
+            n_kv_heads: kv_heads,
+            head_dim: hd,
+            values_are_keys: false,
+        };
         let mut store = b.kv_store(layout).expect("store");
         let page_table: Vec<u32> = (0..(seqs * pages_per) as u32).collect();
         let specs: Vec<AttentionSeq> = (0..seqs)

@@ -56,21 +56,21 @@ extern "C" __global__ void rmsnorm_groups_f32(float* __restrict__ x, int stride,
 
 // Row i: cos(p_i * f_j) for j < half, then sin; the angle in f32 as transformers computes it.
 extern "C" __global__ void rope_table_f32(const int* __restrict__ positions, const float* __restrict__ inv_freq,
-                                          float* __restrict__ out, int half) {
+                                          float* __restrict__ out, int half, float scale) {
     const long r = blockIdx.x;
     const float p = (float)positions[r];
     for (int j = threadIdx.x; j < half; j += blockDim.x) {
         float angle = p * inv_freq[j];
-        out[r * 2 * half + j] = cosf(angle);
-        out[r * 2 * half + half + j] = sinf(angle);
+        out[r * 2 * half + j] = cosf(angle) * scale;
+        out[r * 2 * half + half + j] = sinf(angle) * scale;
     }
 }
 
-// Rotate-half RoPE in place with a precomputed table (row r: cos then sin, head_dim/2 each).
+// Rotate-half RoPE in place with a precomputed table (row r: cos then sin, `half` each): heads start
+// `head_dim` columns apart and their first 2 * half columns rotate (partial rotary passes the rest).
 extern "C" __global__ void rope_apply_f32(float* __restrict__ x, int stride, int col, int n_heads, int head_dim,
-                                          const float* __restrict__ table) {
+                                          int half, const float* __restrict__ table) {
     const long r = blockIdx.x;
-    const int half = head_dim / 2;
     const float* cs = table + r * 2 * half;
     for (int i = threadIdx.x; i < n_heads * half; i += blockDim.x) {
         int h = i / half, j = i % half;

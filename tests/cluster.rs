@@ -40,7 +40,7 @@ fn engine_greedy(engine: &Engine, ids: &[u32], n: usize) -> Vec<u32> {
 
 #[test]
 fn embedded_cluster_matches_transformers_with_1_and_3_workers() {
-    for arch in ARCHS {
+    for arch in all_archs() {
         let dir = fixture(arch);
         let (model, _) = load_router_model(&dir, moe_compute::cpu::CpuBackend::new()).expect("dense model");
         for workers in [1, 3] {
@@ -76,16 +76,20 @@ fn uneven_workers(arch: &str) -> Vec<Server> {
 #[test]
 fn worker_processes_over_grpc_match_transformers() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    for arch in ARCHS {
+    for arch in all_archs() {
         let dir = fixture(arch);
         let workers = uneven_workers(arch);
         let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
         let (model, _) = load_router_model(&dir, moe_compute::cpu::CpuBackend::new()).expect("dense model");
         // f32 on the wire, once more with every batch split into messages of a few rows, and
         // bf16 (the default) within bf16 tolerance.
-        for (wire, max_rows_bytes, tol) in
-            [(WireDtype::F32, 8 << 20, 1e-4), (WireDtype::F32, 1000, 1e-4), (WireDtype::Bf16, 8 << 20, 3e-2)]
-        {
+        let mut modes = vec![(WireDtype::F32, 8 << 20, 1e-4), (WireDtype::F32, 1000, 1e-4)];
+        // The 2026 fixtures route by sigmoid scores whose margins (2e-3) are below what a bf16
+        // wire rounds, so there a bf16 row may rightly flip a later layer's expert choice.
+        if ARCHS.contains(&arch) {
+            modes.push((WireDtype::Bf16, 8 << 20, 3e-2));
+        }
+        for (wire, max_rows_bytes, tol) in modes {
             let cfg = GrpcTransportConfig { wire, max_rows_bytes, ..Default::default() };
             let dispatcher = rt.block_on(remote_dispatcher(&model.config, &addrs, cfg)).expect("connect");
             let dispatcher = Arc::new(dispatcher);

@@ -263,3 +263,32 @@ fn seeded_sampling_does_not_depend_on_the_batch() {
     let greedy = one_at_a_time(&engine, &[(prompts[0].as_slice(), "", None)]);
     assert_ne!(greedy[0].0, solo[0].0, "sampling at temperature 1 should leave the greedy path");
 }
+
+/// The 2026 architectures keep the invariant too: DeepSeek-V3's latent attention (its KV cache
+/// holds the latent) and grouped sigmoid routing, GLM-4.5's partial rotary. Every request's tokens
+/// and logprob bits are the same alone, all at once, with prefill chunks of 7 tokens, and with its
+/// experts on three in-process workers.
+#[test]
+fn the_2026_architectures_are_batch_and_chunk_invariant() {
+    for arch in ARCHS_2026 {
+        let dir = fixture(arch);
+        let prompts: Vec<Vec<u32>> = [1usize, 40, 3, 17, 29, 8, 45]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| ((i * 37 + j * 11 + j * j) % 128) as u32).collect())
+            .collect();
+        let reqs: Vec<Request<'_>> = prompts.iter().map(|p| (p.as_slice(), "", None)).collect();
+        let sampled: Vec<Request<'_>> = prompts.iter().map(|p| (p.as_slice(), "", Some(11))).collect();
+        let embedded = |workers: usize, cfg: EngineConfig| moe_cluster::embedded(&dir, workers, cfg).expect("engine");
+        let short = EngineConfig { max_batch_tokens: 7, ..Default::default() };
+        for (name, reqs) in [("greedy", &reqs), ("sampled", &sampled)] {
+            let want = one_at_a_time(&embedded(1, EngineConfig::default()), reqs);
+            let all = all_at_once(&embedded(1, EngineConfig::default()), reqs, 1, || {});
+            assert_same(&format!("{arch} {name}: all at once"), &all, &want);
+            let chunked = all_at_once(&embedded(1, short.clone()), reqs, 2, || {});
+            assert_same(&format!("{arch} {name}: chunks of 7"), &chunked, &want);
+            let spread = all_at_once(&embedded(3, EngineConfig::default()), reqs, 3, || {});
+            assert_same(&format!("{arch} {name}: 3 workers"), &spread, &want);
+        }
+    }
+}

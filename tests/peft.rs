@@ -2,7 +2,8 @@
 //! tests/fixtures/make_peft_fixtures.py) give PEFT's own forward: the MoE gate through
 //! `target_parameters`, attention through `target_modules`, the fused experts (one pair per
 //! parameter for every expert, nested `base_layer` naming), a `layers_to_transform` adapter and
-//! rank/alpha patterns keyed by parameter names, for all four architectures, through `moe logits
+//! rank/alpha patterns keyed by parameter names, for all four architectures (the gate and the
+//! fused experts on DeepSeek-V3 and GLM-4.5), through `moe logits
 //! --adapter` and through a router with two worker processes over gRPC (the workers load only
 //! their experts' slices). And what PEFT can write but this project cannot apply is refused at
 //! load, naming it.
@@ -21,6 +22,16 @@ use std::sync::Arc;
 
 const ADAPTERS: [&str; 5] = ["gate", "attn", "experts", "layers", "patterns"];
 
+/// The PEFT fixtures of an architecture: all five on the first four; the gate and the fused
+/// experts on DeepSeek-V3 and GLM-4.5 (tests/fixtures/make_fixtures_2026.py).
+fn adapters_of(arch: &str) -> &'static [&'static str] {
+    if ARCHS_2026.contains(&arch) {
+        &["gate", "experts"]
+    } else {
+        &ADAPTERS
+    }
+}
+
 fn peft_expected(arch: &str, name: &str) -> serde_json::Value {
     let path = fixture(arch).join("peft").join(name).join("expected.json");
     serde_json::from_str(&std::fs::read_to_string(path).expect("peft fixture")).expect("json")
@@ -28,10 +39,10 @@ fn peft_expected(arch: &str, name: &str) -> serde_json::Value {
 
 #[test]
 fn moe_logits_with_peft_adapters_matches_peft() {
-    for arch in ARCHS {
+    for arch in all_archs() {
         let dir = fixture(arch);
         let base = expected(arch);
-        for name in ADAPTERS {
+        for &name in adapters_of(arch) {
             let adapter = dir.join("peft").join(name);
             for case in peft_expected(arch, name)["cases"].as_array().expect("cases") {
                 let ids = u32s(&case["token_ids"]);
@@ -66,7 +77,7 @@ fn moe_logits_with_peft_adapters_matches_peft() {
 #[test]
 fn router_with_two_worker_processes_matches_peft() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    for arch in ARCHS {
+    for arch in all_archs() {
         let dir = fixture(arch);
         let adapters = dir.join("peft");
         let (d, a) = (dir.to_str().expect("utf8"), adapters.to_str().expect("utf8"));
@@ -80,7 +91,7 @@ fn router_with_two_worker_processes_matches_peft() {
         let (model, _) = load_router_model(&dir, CpuBackend::new()).expect("dense model");
         let cfg = GrpcTransportConfig { wire: WireDtype::F32, ..Default::default() };
         let dispatcher = Arc::new(rt.block_on(remote_dispatcher(&model.config, &addrs, cfg)).expect("connect"));
-        for name in ADAPTERS {
+        for &name in adapters_of(arch) {
             // The router holds the attention and gate pairs; the workers load the expert slices.
             let identity = AdapterIdentity { id: name.into(), path: name.into(), digest: String::new() };
             let adapter =

@@ -16,6 +16,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub const ARCHS: [&str; 4] = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"];
+/// The 2026 architectures (tests/fixtures/make_fixtures_2026.py): DeepSeek-V3 (latent attention,
+/// YaRN, grouped sigmoid routing) and GLM-4.5 (partial rotary, q/k norm, grouped sigmoid routing).
+pub const ARCHS_2026: [&str; 2] = ["deepseek_v3", "glm4_moe"];
+
+/// Every architecture with a transformers fixture.
+pub fn all_archs() -> impl Iterator<Item = &'static str> {
+    ARCHS.into_iter().chain(ARCHS_2026)
+}
 
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)

@@ -9,7 +9,7 @@
 use anyhow::Context;
 use clap::Args;
 use moe_compute::{on_device, Backend, Device, ExpertPlan, FfnScratch, OnBackend, SwigluWeights};
-use moe_model::weights::{AttentionWeights, FfnWeights, LayerWeights, ModelWeights, MoeWeights};
+use moe_model::weights::{AttentionWeights, FfnWeights, LayerAttention, LayerWeights, ModelWeights, MoeWeights};
 use moe_model::{BatchItem, LogitsFor, Model, ModelConfig, SequenceCache};
 use rayon::prelude::*;
 use std::fmt::Write as _;
@@ -93,15 +93,20 @@ fn weights<B: Backend>(b: &B, c: &ModelConfig) -> anyhow::Result<ModelWeights<B>
             (0..c.num_experts).map(|_| r.swiglu(h, c.expert_intermediate_size)).collect::<anyhow::Result<_>>()?;
         layers.push(LayerWeights {
             input_norm: r.ones(h)?,
-            attention: AttentionWeights {
+            attention: LayerAttention::Grouped(AttentionWeights {
                 qkv: r.matrix(qw + 2 * kw, h)?,
                 qkv_bias: None,
                 o: r.matrix(h, qw)?,
                 q_norm: None,
                 k_norm: None,
-            },
+            }),
             post_attention_norm: r.ones(h)?,
-            ffn: FfnWeights::Moe(MoeWeights { gate: r.matrix(c.num_experts, h)?, experts, shared: None }),
+            ffn: FfnWeights::Moe(MoeWeights {
+                gate: r.matrix(c.num_experts, h)?,
+                gate_bias: None,
+                experts,
+                shared: None,
+            }),
         });
     }
     Ok(ModelWeights {

@@ -123,7 +123,7 @@ pub fn run(args: GenerateArgs, device: moe_compute::Device) -> anyhow::Result<()
     let room = config.max_position_embeddings.saturating_sub(prompt.len());
     let max_new = args.max_new_tokens.min(room);
     let page_size = 16;
-    let page_bytes = 2 * 4 * config.num_layers * page_size * config.num_kv_heads * config.head_dim;
+    let page_bytes = 4 * config.num_layers * page_size * config.kv_values_per_token_layer();
     let engine_config = EngineConfig {
         max_batch_tokens: prompt.len().max(1),
         max_running: 1,

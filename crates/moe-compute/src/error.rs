@@ -17,6 +17,8 @@ pub enum ComputeError {
     BadDevice(String),
     #[error("CUDA: {0}")]
     Cuda(String),
+    #[error("the {backend} backend does not implement {op} yet")]
+    Unsupported { op: &'static str, backend: String },
 }
 
 pub type Result<T> = std::result::Result<T, ComputeError>;

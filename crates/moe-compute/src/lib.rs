@@ -32,12 +32,16 @@ pub struct KvLayout {
     pub page_size: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// Only keys are stored and attention reads its values from them (multi-head latent
+    /// attention: the cached latent is both), halving the store.
+    pub values_are_keys: bool,
 }
 
 impl KvLayout {
     /// Bytes of f32 keys and values this layout holds.
     pub fn bytes(&self) -> usize {
-        2 * 4 * self.layers * self.num_pages * self.page_size * self.n_kv_heads * self.head_dim
+        let tensors = if self.values_are_keys { 1 } else { 2 };
+        tensors * 4 * self.layers * self.num_pages * self.page_size * self.n_kv_heads * self.head_dim
     }
 }
 
@@ -183,9 +187,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn rms_norm_cols(&self, x: &mut Self::Act, cols: Range<usize>, group: usize, w: &Self::Vector, eps: f32);
     /// Clamp every element to `[-limit, limit]`.
     fn clamp(&self, x: &mut Self::Act, limit: f32);
-    /// Rotary tables for the given positions: row i holds `cos` then `sin`, `inv_freq.len()` each.
-    fn rope_table(&self, positions: &[u32], inv_freq: &[f32], out: &mut Self::Act);
-    /// Rotate-half rotary embedding in place on heads of `head_dim` columns starting at `col`.
+    /// Rotary tables for the given positions: row i holds `cos` then `sin`, `inv_freq.len()` each,
+    /// both multiplied by `scale` (YaRN's attention factor; 1 otherwise).
+    fn rope_table(&self, positions: &[u32], inv_freq: &[f32], scale: f32, out: &mut Self::Act);
+    /// Rotate-half rotary embedding in place on `n_heads` heads that start `head_dim` columns
+    /// apart from `col`; the first `table.cols` columns of each head rotate (all of them for
+    /// full rotary, a prefix for partial rotary or a decoupled rope part), the rest pass through.
     fn rope(&self, x: &mut Self::Act, col: usize, n_heads: usize, head_dim: usize, table: &Self::Act);
     /// Writes the new rows' k and v into the store, then computes causal attention of their q
     /// over everything cached; `out` is `[rows, n_heads*head_dim]`. `page_table` holds the page
@@ -238,6 +245,48 @@ pub trait Backend: Clone + Send + Sync + 'static {
         scratch: &mut FfnScratch<Self>,
         out: &mut Self::Act,
     );
+    /// Per-head matrix multiply: for every row r and head h < `n_heads`,
+    /// `out[r, out_col + h·out_stride ..][..n] = x[r, x_col + h·x_stride ..][..k] · W_hᵀ`, where
+    /// `w` is `[n_heads·n, k]` and `W_h` its rows `h·n..(h+1)·n`. `out` must already have `x`'s
+    /// rows; other columns are untouched. (Absorbed multi-head latent attention.)
+    #[allow(clippy::too_many_arguments)]
+    fn head_linear(
+        &self,
+        x: &Self::Act,
+        x_col: usize,
+        x_stride: usize,
+        n_heads: usize,
+        w: &Self::Matrix,
+        out: &mut Self::Act,
+        out_col: usize,
+        out_stride: usize,
+    ) -> Result<()> {
+        let _ = (x, x_col, x_stride, n_heads, w, out, out_col, out_stride);
+        Err(ComputeError::Unsupported { op: "head_linear (latent attention)", backend: self.name() })
+    }
+    /// Strided column copy: for every row r and block i < `blocks`,
+    /// `dst[r, dst_col + i·dst_stride ..][..width] = src[r, src_col + i·src_stride ..][..width]`.
+    /// `dst` must already have `src`'s rows.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_cols(
+        &self,
+        src: &Self::Act,
+        src_col: usize,
+        src_stride: usize,
+        width: usize,
+        blocks: usize,
+        dst: &mut Self::Act,
+        dst_col: usize,
+        dst_stride: usize,
+    ) -> Result<()> {
+        let _ = (src, src_col, src_stride, width, blocks, dst, dst_col, dst_stride);
+        Err(ComputeError::Unsupported { op: "copy_cols (latent attention)", backend: self.name() })
+    }
+    /// Whether [`Backend::head_linear`], [`Backend::copy_cols`] and a KV store whose values are
+    /// its keys work here (multi-head latent attention); the model refuses to load otherwise.
+    fn supports_latent_attention(&self) -> bool {
+        false
+    }
     /// `out[r] += sigmoid(gate[r, 0]) * y[r]` (Qwen2-MoE shared expert).
     fn add_sigmoid_gated(&self, out: &mut Self::Act, y: &Self::Act, gate: &Self::Act);
     /// Zeroed `[rows, cols]`.

@@ -121,6 +121,11 @@ fn classify(module: &str, cfg: &ModelConfig) -> std::result::Result<(LoraTarget,
     if layer >= c.num_layers {
         return Err(format!("layer {layer} does not exist: the base model has {} layers", c.num_layers));
     }
+    if c.latent.is_some() && rest.starts_with("self_attn.") {
+        return Err("LoRA on latent attention (q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj) is not \
+                    supported yet; the MoE gate and the experts can be adapted"
+            .into());
+    }
     let kind_io = match rest {
         "self_attn.q_proj" => (ModuleKind::Q, h, qw),
         "self_attn.k_proj" => (ModuleKind::K, h, kw),
@@ -148,19 +153,11 @@ fn classify(module: &str, cfg: &ModelConfig) -> std::result::Result<(LoraTarget,
                     return Err(format!("expert {expert} does not exist: the base model has {}", c.num_experts));
                 }
                 let i = c.expert_intermediate_size;
-                let proj = match (c.architecture, proj) {
-                    (Architecture::Mixtral, "w1")
-                    | (Architecture::Qwen2Moe | Architecture::Qwen3Moe | Architecture::Olmoe, "gate_proj") => {
-                        ExpertProj::Gate
-                    }
-                    (Architecture::Mixtral, "w3")
-                    | (Architecture::Qwen2Moe | Architecture::Qwen3Moe | Architecture::Olmoe, "up_proj") => {
-                        ExpertProj::Up
-                    }
-                    (Architecture::Mixtral, "w2")
-                    | (Architecture::Qwen2Moe | Architecture::Qwen3Moe | Architecture::Olmoe, "down_proj") => {
-                        ExpertProj::Down
-                    }
+                let mixtral = c.architecture == Architecture::Mixtral;
+                let proj = match (mixtral, proj) {
+                    (true, "w1") | (false, "gate_proj") => ExpertProj::Gate,
+                    (true, "w3") | (false, "up_proj") => ExpertProj::Up,
+                    (true, "w2") | (false, "down_proj") => ExpertProj::Down,
                     _ => return Err(format!("{proj:?} is not an expert projection of this architecture")),
                 };
                 let (inp, out) = if proj == ExpertProj::Down { (i, h) } else { (h, i) };

@@ -1,8 +1,12 @@
 //! `config.json` of a Hugging Face MoE checkpoint, normalized into one [`ModelConfig`] for the
-//! four supported architectures. Accepts both `rope_theta` and `rope_parameters.rope_theta`, a
-//! null or absent `head_dim`, and `eos_token_id` as an int or a list.
+//! supported architectures. Accepts both `rope_theta` and `rope_parameters.rope_theta`, a
+//! null or absent `head_dim`, and `eos_token_id` as an int or a list. An architecture is a
+//! choice of orthogonal concerns read from here: the attention kind (grouped-query or
+//! multi-head latent), the rope (partial, YaRN), the routing rule, shared experts, dense layers.
 
 use crate::error::{ModelError, Result};
+use crate::rope::Rope;
+use crate::routing::{GateScoring, RoutingRule};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -13,14 +17,20 @@ pub enum Architecture {
     Qwen2Moe,
     Qwen3Moe,
     Olmoe,
+    /// DeepSeek-V3/R1, Kimi K2, Moonlight: multi-head latent attention, grouped sigmoid routing.
+    DeepseekV3,
+    /// GLM-4.5/4.6: partial rotary, grouped sigmoid routing, shared experts.
+    Glm4Moe,
 }
 
 impl Architecture {
-    pub const ALL: [(&'static str, Architecture); 4] = [
+    pub const ALL: [(&'static str, Architecture); 6] = [
         ("MixtralForCausalLM", Architecture::Mixtral),
         ("Qwen2MoeForCausalLM", Architecture::Qwen2Moe),
         ("Qwen3MoeForCausalLM", Architecture::Qwen3Moe),
         ("OlmoeForCausalLM", Architecture::Olmoe),
+        ("DeepseekV3ForCausalLM", Architecture::DeepseekV3),
+        ("Glm4MoeForCausalLM", Architecture::Glm4Moe),
     ];
 
     pub fn hf_name(self) -> &'static str {
@@ -76,6 +86,39 @@ pub struct ModelConfig {
     pub qk_norm: QkNorm,
     pub clip_qkv: Option<f32>,
     pub sliding_window: Option<usize>,
+    /// How gate logits choose and weigh experts.
+    pub routing: RoutingRule,
+    /// Whether the shared expert's output is scaled by a sigmoid gate (Qwen2-MoE) or added as is
+    /// (DeepSeek-V3, GLM-4.5).
+    pub shared_expert_gated: bool,
+    pub rope: Rope,
+    /// Multi-head latent attention (DeepSeek-V3); `None` for grouped-query attention.
+    pub latent: Option<LatentAttention>,
+}
+
+/// The shape of multi-head latent attention (DeepSeek-V2/V3). The KV cache holds, per token and
+/// layer, the compressed latent (`kv_lora_rank`) and the shared rope key (`qk_rope_head_dim`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LatentAttention {
+    /// Rank of q's low-rank projection (`None`: one `q_proj`, as DeepSeek-V2-Lite).
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    /// The rope columns of q and k are stored interleaved (pairs) rather than as halves.
+    pub rope_interleave: bool,
+}
+
+impl LatentAttention {
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// Width of a cached latent row and of an absorbed query head: the latent then the rope key.
+    pub fn latent_dim(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
 }
 
 struct Reader<'a> {
@@ -199,29 +242,30 @@ impl ModelConfig {
         }
         let intermediate_size = r.positive("intermediate_size")?;
         let expert_intermediate_size = match architecture {
-            Architecture::Qwen2Moe | Architecture::Qwen3Moe => r.positive("moe_intermediate_size")?,
+            Architecture::Qwen2Moe | Architecture::Qwen3Moe | Architecture::DeepseekV3 | Architecture::Glm4Moe => {
+                r.positive("moe_intermediate_size")?
+            }
             Architecture::Mixtral | Architecture::Olmoe => intermediate_size,
         };
+        let max_position_embeddings = r.positive("max_position_embeddings")?;
+        let scaling = r.present("rope_parameters").or_else(|| r.present("rope_scaling"));
         let rope_theta = match r.f64_opt("rope_theta")? {
             Some(t) => t,
-            None => match r.present("rope_parameters").or_else(|| r.present("rope_scaling")) {
-                Some(p) => {
-                    let pr = Reader { path, v: p };
-                    let rope_type =
-                        p.get("rope_type").or_else(|| p.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
-                    if rope_type != "default" {
-                        return Err(r.err(format!("rope_type {rope_type:?} is not supported (only \"default\")")));
-                    }
-                    pr.f64_opt("rope_theta")?.ok_or_else(|| r.err("`rope_parameters.rope_theta` is missing".into()))?
-                }
+            None => match scaling {
+                Some(p) => Reader { path, v: p }
+                    .f64_opt("rope_theta")?
+                    .ok_or_else(|| r.err("`rope_parameters.rope_theta` is missing".into()))?,
                 None => 10000.0,
             },
         };
-        if let Some(scaling) = r.present("rope_scaling") {
-            let t =
-                scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
-            if t != "default" {
-                return Err(r.err(format!("rope_scaling type {t:?} is not supported (only \"default\")")));
+        let mut yarn = None;
+        for key in ["rope_parameters", "rope_scaling"] {
+            if let Some(p) = r.present(key) {
+                match crate::rope::parse_scaling(p, max_position_embeddings) {
+                    Ok(Some(y)) => yarn = Some(y),
+                    Ok(None) => {}
+                    Err(message) => return Err(r.err(format!("`{key}`: {message}"))),
+                }
             }
         }
         if !(rope_theta.is_finite() && rope_theta > 0.0) {
@@ -232,6 +276,10 @@ impl ModelConfig {
             Architecture::Mixtral => (true, None),
             Architecture::Qwen2Moe => (false, Some(r.positive("shared_expert_intermediate_size")?)),
             Architecture::Qwen3Moe | Architecture::Olmoe => (false, None),
+            Architecture::DeepseekV3 | Architecture::Glm4Moe => {
+                let n = r.usize_opt("n_shared_experts")?.unwrap_or(1);
+                (true, (n > 0).then_some(n * expert_intermediate_size))
+            }
         };
         // Mixtral always renormalizes over the chosen k; the others follow `norm_topk_prob`.
         let norm_topk_prob = match architecture {
@@ -258,6 +306,12 @@ impl ModelConfig {
                 };
                 (step, layers)
             }
+            Architecture::DeepseekV3 | Architecture::Glm4Moe => {
+                // transformers' defaults: DeepSeek-V3's first 3 layers dense, GLM-4.5's first one.
+                let default = if architecture == Architecture::DeepseekV3 { 3 } else { 1 };
+                let dense = r.usize_opt("first_k_dense_replace")?.unwrap_or(default);
+                (1, (0..dense).collect())
+            }
             _ => (1, vec![]),
         };
         let attention_bias = match architecture {
@@ -267,7 +321,77 @@ impl ModelConfig {
         let qk_norm = match architecture {
             Architecture::Qwen3Moe => QkNorm::PerHead,
             Architecture::Olmoe => QkNorm::Whole,
+            Architecture::Glm4Moe if r.bool_or("use_qk_norm", false)? => QkNorm::PerHead,
             _ => QkNorm::None,
+        };
+        let routing = match architecture {
+            Architecture::DeepseekV3 | Architecture::Glm4Moe => {
+                let deepseek = architecture == Architecture::DeepseekV3;
+                let n_group = r.usize_opt("n_group")?.unwrap_or(if deepseek { 8 } else { 1 }).max(1);
+                let topk_group = r.usize_opt("topk_group")?.unwrap_or(if deepseek { 4 } else { 1 }).max(1);
+                if num_experts % n_group != 0 || topk_group > n_group {
+                    return Err(r.err(format!(
+                        "n_group ({n_group}) must divide the {num_experts} experts and topk_group ({topk_group}) must not exceed it"
+                    )));
+                }
+                if n_group > 1 && num_experts / n_group * topk_group < top_k {
+                    return Err(r.err(format!(
+                        "topk_group ({topk_group}) groups of {} experts cannot hold num_experts_per_tok ({top_k})",
+                        num_experts / n_group
+                    )));
+                }
+                let scaling = r.f64_opt("routed_scaling_factor")?.unwrap_or(if deepseek { 2.5 } else { 1.0 }) as f32;
+                if !(scaling.is_finite() && scaling > 0.0) {
+                    return Err(r.err(format!("routed_scaling_factor must be a positive number, got {scaling}")));
+                }
+                RoutingRule {
+                    scoring: GateScoring::Sigmoid,
+                    renormalize: norm_topk_prob,
+                    n_group,
+                    topk_group,
+                    scaling,
+                    correction_bias: true,
+                }
+            }
+            _ => RoutingRule::softmax(norm_topk_prob),
+        };
+        let latent = match architecture {
+            Architecture::DeepseekV3 => {
+                let l = LatentAttention {
+                    q_lora_rank: r.usize_opt("q_lora_rank")?.filter(|&n| n > 0),
+                    kv_lora_rank: r.positive("kv_lora_rank")?,
+                    qk_nope_head_dim: r.positive("qk_nope_head_dim")?,
+                    qk_rope_head_dim: r.positive("qk_rope_head_dim")?,
+                    v_head_dim: r.positive("v_head_dim")?,
+                    rope_interleave: r.bool_or("rope_interleave", true)?,
+                };
+                if l.qk_rope_head_dim % 2 != 0 {
+                    return Err(r.err(format!("qk_rope_head_dim must be even, got {}", l.qk_rope_head_dim)));
+                }
+                if attention_bias {
+                    return Err(r.err("attention_bias = true is not supported with latent attention".into()));
+                }
+                Some(l)
+            }
+            _ => None,
+        };
+        // Heads of latent attention are q/k heads of nope + rope columns.
+        let head_dim = latent.as_ref().map_or(head_dim, |l| l.qk_head_dim());
+        let rotary_dim = match (&latent, architecture) {
+            (Some(l), _) => l.qk_rope_head_dim,
+            (None, Architecture::Glm4Moe) => {
+                let in_rope = scaling.and_then(|p| p.get("partial_rotary_factor")).and_then(|v| v.as_f64());
+                let f = r.f64_opt("partial_rotary_factor")?.or(in_rope).unwrap_or(0.5);
+                if !(f > 0.0 && f <= 1.0) {
+                    return Err(r.err(format!("partial_rotary_factor must be in (0, 1], got {f}")));
+                }
+                let d = (head_dim as f64 * f) as usize;
+                if d == 0 || d % 2 != 0 {
+                    return Err(r.err(format!("head_dim x partial_rotary_factor must be even and positive, got {d}")));
+                }
+                d
+            }
+            _ => head_dim,
         };
         let clip_qkv = match architecture {
             Architecture::Olmoe => r.f64_opt("clip_qkv")?.map(|c| c as f32),
@@ -280,7 +404,6 @@ impl ModelConfig {
             }
             _ => None,
         };
-        let max_position_embeddings = r.positive("max_position_embeddings")?;
         let vocab_size = r.positive("vocab_size")?;
         let tie_word_embeddings = r.bool_or("tie_word_embeddings", false)?;
         let bos_token_id = r.ids("bos_token_id")?.first().copied();
@@ -310,6 +433,10 @@ impl ModelConfig {
             qk_norm,
             clip_qkv,
             sliding_window,
+            routing,
+            shared_expert_gated: architecture == Architecture::Qwen2Moe,
+            rope: Rope { theta: rope_theta, rotary_dim, yarn },
+            latent,
         })
     }
 
@@ -335,10 +462,32 @@ impl ModelConfig {
         (0..self.num_layers).filter(|&l| self.is_moe_layer(l)).collect()
     }
 
-    /// Rotary inverse frequencies, `head_dim / 2` of them.
+    /// Rotary inverse frequencies, `rotary_dim / 2` of them.
     pub fn inv_freq(&self) -> Vec<f32> {
-        let d = self.head_dim as f64;
-        (0..self.head_dim / 2).map(|i| (1.0 / self.rope_theta.powf((2 * i) as f64 / d)) as f32).collect()
+        self.rope.inv_freq()
+    }
+
+    /// The softmax scale of attention scores: `1/sqrt(head_dim)`, and for latent attention with
+    /// YaRN, times `mscale(factor, mscale_all_dim)²` as DeepSeek defines it.
+    pub fn attention_scale(&self) -> f32 {
+        let base = 1.0 / (self.head_dim as f64).sqrt();
+        let mscale = match (&self.latent, &self.rope.yarn) {
+            (Some(_), Some(y)) => match y.mscale_all_dim {
+                Some(all) if all != 0.0 => crate::rope::yarn_mscale(y.factor, all),
+                _ => 1.0,
+            },
+            _ => 1.0,
+        };
+        (base * mscale * mscale) as f32
+    }
+
+    /// Values the KV cache holds per token and layer: keys and values of every KV head, or the
+    /// latent and rope key of latent attention (stored once: its values are the keys' prefix).
+    pub fn kv_values_per_token_layer(&self) -> usize {
+        match &self.latent {
+            Some(l) => l.latent_dim(),
+            None => 2 * self.num_kv_heads * self.head_dim,
+        }
     }
 }
 

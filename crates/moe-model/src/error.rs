@@ -30,6 +30,8 @@ pub enum ModelError {
     KvCacheFull { needed: usize, free: usize },
     #[error("layer {layer}: experts unavailable: {message}")]
     Experts { layer: usize, message: String },
+    #[error("{architecture} needs {feature}, which the {backend} backend does not implement yet; use --device cpu")]
+    BackendLacks { architecture: &'static str, feature: &'static str, backend: String },
     #[error(transparent)]
     Compute(#[from] moe_compute::ComputeError),
 }

@@ -1,6 +1,7 @@
-//! The forward pass shared by all four architectures, over a batch of sequences that each bring
+//! The forward pass shared by all architectures, over a batch of sequences that each bring
 //! new tokens (a whole prompt, a prefill chunk, or one decode token) and their paged KV cache.
-//! Architecture differences are data (config flags, optional weights), not separate code paths.
+//! Architecture differences are data (config flags, optional weights) and a choice per concern
+//! (grouped-query or latent attention, softmax or sigmoid routing), not copies of the pass.
 
 use crate::adapter::AdapterWeights;
 use crate::checkpoint::Checkpoint;
@@ -8,8 +9,9 @@ use crate::config::{ModelConfig, QkNorm};
 use crate::error::{ModelError, Result};
 use crate::experts::ExpertExecutor;
 use crate::kv::{PageAllocator, SequenceCache};
-use crate::routing::route_row;
-use crate::weights::{load_weights, FfnWeights, LayerWeights, ModelWeights, MoeWeights};
+use crate::weights::{
+    load_weights, AttentionWeights, FfnWeights, LayerAttention, LayerWeights, ModelWeights, MoeWeights,
+};
 pub use crate::workspace::Workspace;
 use moe_compute::{AttentionSeq, AttentionShape, Backend, KvLayout, LoraWeights};
 use std::path::Path;
@@ -20,7 +22,11 @@ pub struct Model<B: Backend> {
     pub(crate) backend: B,
     pub(crate) weights: ModelWeights<B>,
     inv_freq: Vec<f32>,
+    /// YaRN's attention factor on cos and sin (1 otherwise).
+    rope_scale: f32,
     attn_shape: AttentionShape,
+    /// The attention call of latent attention (DeepSeek-V3), when the model has it.
+    latent_shape: Option<AttentionShape>,
 }
 
 /// The backend's KV store together with the allocator of its pages.
@@ -83,6 +89,13 @@ impl<B: Backend> Model<B> {
     /// forward calls must then be given an [`ExpertExecutor`].
     pub fn load_with(dir: &Path, backend: B, with_experts: bool) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
+        if config.latent.is_some() && !backend.supports_latent_attention() {
+            return Err(ModelError::BackendLacks {
+                architecture: config.architecture.hf_name(),
+                feature: "multi-head latent attention",
+                backend: backend.name(),
+            });
+        }
         let ckpt = Checkpoint::open(dir)?;
         let weights = load_weights(&ckpt, &config, &backend, with_experts)?;
         Ok(Self::from_parts(config, weights, backend))
@@ -97,10 +110,24 @@ impl<B: Backend> Model<B> {
             q_col: 0,
             k_col: qw,
             v_col: qw + kw,
-            scale: 1.0 / (config.head_dim as f32).sqrt(),
+            scale: config.attention_scale(),
             sliding_window: config.sliding_window,
         };
-        Self { inv_freq: config.inv_freq(), config, backend, weights, attn_shape }
+        let latent_shape =
+            config.latent.as_ref().map(|a| crate::mla::latent_shape(config.num_heads, a, config.attention_scale()));
+        Self {
+            inv_freq: config.inv_freq(),
+            rope_scale: config.rope.attention_factor(),
+            config,
+            backend,
+            weights,
+            attn_shape,
+            latent_shape,
+        }
+    }
+
+    pub(crate) fn latent_shape(&self) -> AttentionShape {
+        self.latent_shape.unwrap_or(self.attn_shape)
     }
 
     pub fn backend(&self) -> &B {
@@ -119,8 +146,25 @@ impl<B: Backend> Model<B> {
     /// A KV cache of `num_pages` pages of `page_size` tokens.
     pub fn kv_cache(&self, num_pages: usize, page_size: usize) -> Result<KvCache<B>> {
         let c = &self.config;
-        let layout =
-            KvLayout { layers: c.num_layers, num_pages, page_size, n_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+        let layout = match &c.latent {
+            // One latent row per token, read as both key and value.
+            Some(a) => KvLayout {
+                layers: c.num_layers,
+                num_pages,
+                page_size,
+                n_kv_heads: 1,
+                head_dim: a.latent_dim(),
+                values_are_keys: true,
+            },
+            None => KvLayout {
+                layers: c.num_layers,
+                num_pages,
+                page_size,
+                n_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+                values_are_keys: false,
+            },
+        };
         Ok(KvCache { store: self.backend.kv_store(layout)?, pages: PageAllocator::new(num_pages, page_size) })
     }
 
@@ -232,7 +276,7 @@ impl<B: Backend> Model<B> {
         }
 
         b.embed(&self.weights.embed, &ws.ids, &mut ws.hidden)?;
-        b.rope_table(&ws.positions, &self.inv_freq, &mut ws.rope);
+        b.rope_table(&ws.positions, &self.inv_freq, self.rope_scale, &mut ws.rope);
         Ok(())
     }
 
@@ -325,9 +369,24 @@ impl<B: Backend> Model<B> {
         layer: &LayerWeights<B>,
         items: &[BatchItem<'_, B>],
     ) -> Result<()> {
-        let (b, c, a) = (&self.backend, &self.config, &layer.attention);
+        self.backend.rms_norm(&ws.hidden, &layer.input_norm, self.config.rms_norm_eps, &mut ws.normed);
+        match &layer.attention {
+            LayerAttention::Grouped(a) => self.grouped_attention(ws, kv, layer_idx, a, items),
+            LayerAttention::Latent(w) => self.latent_attention(ws, kv, layer_idx, w, items),
+        }
+    }
+
+    /// Grouped-query attention (multi-head and multi-query as its cases) on `ws.normed`.
+    fn grouped_attention(
+        &self,
+        ws: &mut Workspace<B>,
+        kv: &mut KvCache<B>,
+        layer_idx: usize,
+        a: &AttentionWeights<B>,
+        items: &[BatchItem<'_, B>],
+    ) -> Result<()> {
+        let (b, c) = (&self.backend, &self.config);
         let (qw, kw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        b.rms_norm(&ws.hidden, &layer.input_norm, c.rms_norm_eps, &mut ws.normed);
         b.linear(&ws.normed, &a.qkv, a.qkv_bias.as_ref(), &mut ws.qkv);
         let has = |pick: fn(&crate::adapter::LayerLora<B>) -> Option<&LoraWeights<B>>| {
             items.iter().any(|it| it.adapter.and_then(|ad| ad.layers.get(layer_idx)).and_then(pick).is_some())
@@ -376,9 +435,11 @@ impl<B: Backend> Model<B> {
         b.download(&ws.gate_logits, &mut ws.host);
         ws.choices.clear();
         ws.choices.resize(rows * c.top_k, (0, 0.0));
+        let bias = moe.gate_bias.as_deref();
         for r in 0..rows {
             let logits = &ws.host[r * c.num_experts..(r + 1) * c.num_experts];
-            route_row(logits, c.top_k, c.norm_topk_prob, &mut ws.choices[r * c.top_k..(r + 1) * c.top_k]);
+            let out = &mut ws.choices[r * c.top_k..(r + 1) * c.top_k];
+            c.routing.route(logits, bias, &mut ws.route_scratch, out);
         }
         ws.plan.rebuild(c.num_experts, c.top_k, &ws.choices);
         let counts_len = c.num_layers * c.num_experts;
@@ -431,13 +492,18 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// The shared expert (Qwen2-MoE), added into `ffn_out`.
+    /// The shared expert (Qwen2-MoE's gated one, DeepSeek's and GLM's plain ones), added into
+    /// `ffn_out`.
     pub(crate) fn moe_shared(&self, ws: &mut Workspace<B>, moe: &MoeWeights<B>) {
         let b = &self.backend;
-        if let Some((shared, shared_gate)) = &moe.shared {
-            b.swiglu(&ws.normed, shared, &mut ws.scratch, &mut ws.shared_out);
-            b.linear(&ws.normed, shared_gate, None, &mut ws.gate_logits);
-            b.add_sigmoid_gated(&mut ws.ffn_out, &ws.shared_out, &ws.gate_logits);
+        let Some(shared) = &moe.shared else { return };
+        b.swiglu(&ws.normed, &shared.ffn, &mut ws.scratch, &mut ws.shared_out);
+        match &shared.gate {
+            Some(gate) => {
+                b.linear(&ws.normed, gate, None, &mut ws.gate_logits);
+                b.add_sigmoid_gated(&mut ws.ffn_out, &ws.shared_out, &ws.gate_logits);
+            }
+            None => b.add(&mut ws.ffn_out, &ws.shared_out),
         }
     }
 }

@@ -1,7 +1,144 @@
-//! Expert selection from gate logits, as the supported architectures define it: softmax over all
-//! experts in f32, the top k by probability (ties to the lower index, as `torch.topk` on CPU),
-//! then optional renormalization over the chosen k (always for Mixtral, `norm_topk_prob` for the
-//! others).
+//! Expert selection from gate logits, as the supported architectures define it. Softmax routing
+//! (Mixtral, Qwen, OLMoE): softmax over all experts in f32, the top k by probability (ties to the
+//! lower index, as `torch.topk` on CPU), then optional renormalization over the chosen k (always
+//! for Mixtral, `norm_topk_prob` for the others). Sigmoid routing (DeepSeek-V3, Kimi K2,
+//! GLM-4.5): sigmoid scores; a per-expert correction bias added for *selection only*; experts in
+//! `n_group` groups of which the `topk_group` best (by the sum of each group's two best biased
+//! scores) stay eligible; the top k of those; weights are the unbiased scores, optionally
+//! renormalized, times `routed_scaling_factor`.
+
+/// How gate logits become scores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateScoring {
+    Softmax,
+    Sigmoid,
+}
+
+/// An architecture's routing rule (read from config.json).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutingRule {
+    pub scoring: GateScoring,
+    /// Renormalize the chosen weights to sum to one.
+    pub renormalize: bool,
+    /// Groups of experts (1: no grouping) and how many groups stay eligible.
+    pub n_group: usize,
+    pub topk_group: usize,
+    /// The chosen weights are multiplied by this.
+    pub scaling: f32,
+    /// The gate has a per-expert `e_score_correction_bias` (selection only).
+    pub correction_bias: bool,
+}
+
+impl RoutingRule {
+    /// Softmax routing, optionally renormalized.
+    pub fn softmax(renormalize: bool) -> Self {
+        Self {
+            scoring: GateScoring::Softmax,
+            renormalize,
+            n_group: 1,
+            topk_group: 1,
+            scaling: 1.0,
+            correction_bias: false,
+        }
+    }
+
+    /// Chooses `out.len()` experts for one row of gate logits; `bias` is the correction bias
+    /// (sigmoid routing) and `scratch` a buffer of at least `2 * experts` values.
+    pub fn route(&self, logits: &[f32], bias: Option<&[f32]>, scratch: &mut Vec<f32>, out: &mut [(u32, f32)]) {
+        match self.scoring {
+            GateScoring::Softmax => {
+                route_row(logits, out.len(), self.renormalize, out);
+                if self.scaling != 1.0 {
+                    for o in out.iter_mut() {
+                        o.1 *= self.scaling;
+                    }
+                }
+            }
+            GateScoring::Sigmoid => self.route_sigmoid(logits, bias, scratch, out),
+        }
+    }
+
+    fn route_sigmoid(&self, logits: &[f32], bias: Option<&[f32]>, scratch: &mut Vec<f32>, out: &mut [(u32, f32)]) {
+        let e = logits.len();
+        scratch.clear();
+        scratch.extend(logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())));
+        // Biased scores for choice follow the sigmoid scores.
+        for i in 0..e {
+            let b = bias.and_then(|b| b.get(i)).copied().unwrap_or(0.0);
+            scratch.push(scratch[i] + b);
+        }
+        let (scores, choice) = scratch.split_at_mut(e);
+        let groups = self.n_group.max(1);
+        if groups > 1 && e % groups == 0 && self.topk_group < groups {
+            let per = e / groups;
+            // Each group's score: the sum of its two best biased scores (one when a group has one).
+            let group_score = |g: usize| {
+                let s = &choice[g * per..(g + 1) * per];
+                let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                for &v in s {
+                    if v > a {
+                        b = a;
+                        a = v;
+                    } else if v > b {
+                        b = v;
+                    }
+                }
+                if per >= 2 {
+                    a + b
+                } else {
+                    a
+                }
+            };
+            let mut kept = [false; 64];
+            let mut kept_vec;
+            let kept: &mut [bool] = if groups <= 64 {
+                &mut kept[..groups]
+            } else {
+                kept_vec = vec![false; groups];
+                &mut kept_vec
+            };
+            for _ in 0..self.topk_group {
+                let mut best: Option<(usize, f32)> = None;
+                for (g, _) in kept.iter().enumerate().filter(|(_, k)| !**k) {
+                    let s = group_score(g);
+                    if best.is_none_or(|(_, bs)| s > bs) {
+                        best = Some((g, s));
+                    }
+                }
+                if let Some((g, _)) = best {
+                    kept[g] = true;
+                }
+            }
+            // Experts of dropped groups can never be chosen (transformers masks them with -inf).
+            for (g, _) in kept.iter().enumerate().filter(|(_, k)| !**k) {
+                choice[g * per..(g + 1) * per].fill(f32::NEG_INFINITY);
+            }
+        }
+        let k = out.len();
+        for slot in 0..k {
+            let mut best: Option<usize> = None;
+            for (i, &v) in choice.iter().enumerate() {
+                if out[..slot].iter().any(|&(c, _)| c as usize == i) {
+                    continue;
+                }
+                if best.is_none_or(|b| v > choice[b]) {
+                    best = Some(i);
+                }
+            }
+            let i = best.unwrap_or(slot);
+            out[slot] = (i as u32, scores[i]);
+        }
+        if self.renormalize {
+            let total: f32 = out.iter().map(|&(_, w)| w).sum::<f32>() + 1e-20;
+            for o in out.iter_mut() {
+                o.1 /= total;
+            }
+        }
+        for o in out.iter_mut() {
+            o.1 *= self.scaling;
+        }
+    }
+}
 
 /// Chooses `k` experts for one row of gate logits, writing `(expert, weight)` pairs into `out`
 /// (highest probability first).
@@ -48,6 +185,29 @@ mod tests {
         let e = (1.0f32).exp();
         assert!((out[0].1 - e / (e + 1.0)).abs() < 1e-6);
         assert!((out[0].1 + out[1].1 - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn sigmoid_groups_select_with_bias_and_weigh_without() {
+        // 4 experts in 2 groups; the bias makes expert 3 win selection though its score is low.
+        let rule = RoutingRule {
+            scoring: GateScoring::Sigmoid,
+            renormalize: true,
+            n_group: 2,
+            topk_group: 1,
+            scaling: 2.5,
+            correction_bias: true,
+        };
+        let logits = [2.0f32, -1.0, 0.0, -3.0];
+        let bias = [0.0f32, 0.0, 0.0, 5.0];
+        let mut out = [(0, 0.0); 2];
+        rule.route(&logits, Some(&bias), &mut Vec::new(), &mut out);
+        // Group 1 (experts 2, 3) sums 0.5 + 5.05 > group 0's 0.88 + 0.27: only 2 and 3 remain.
+        assert_eq!((out[0].0, out[1].0), (3, 2));
+        let s = |x: f32| 1.0 / (1.0 + (-x).exp());
+        let total = s(-3.0) + s(0.0) + 1e-20;
+        assert!((out[0].1 - s(-3.0) / total * 2.5).abs() < 1e-6, "weights use the unbiased score");
+        assert!((out[1].1 - s(0.0) / total * 2.5).abs() < 1e-6);
     }
 
     #[test]

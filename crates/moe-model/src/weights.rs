@@ -19,10 +19,26 @@ pub struct AttentionWeights<B: Backend> {
 pub struct MoeWeights<B: Backend> {
     /// The router linear, `[E, H]`.
     pub gate: B::Matrix,
+    /// The gate's `e_score_correction_bias` (sigmoid routing; selection only), on the host where
+    /// routing runs.
+    pub gate_bias: Option<Vec<f32>>,
     /// Every routed expert, or empty when experts live elsewhere (a router's dense-only model).
     pub experts: Vec<SwigluWeights<B>>,
-    /// Qwen2-MoE's shared expert and its `[1, H]` sigmoid gate.
-    pub shared: Option<(SwigluWeights<B>, B::Matrix)>,
+    /// The shared expert(s), run by the router for every token.
+    pub shared: Option<SharedExpert<B>>,
+}
+
+/// Shared experts: one SwiGLU (DeepSeek's `n_shared_experts` are one wide FFN) and, for
+/// Qwen2-MoE, its `[1, H]` sigmoid gate.
+pub struct SharedExpert<B: Backend> {
+    pub ffn: SwigluWeights<B>,
+    pub gate: Option<B::Matrix>,
+}
+
+/// A layer's attention: grouped-query (with its variants) or multi-head latent.
+pub enum LayerAttention<B: Backend> {
+    Grouped(AttentionWeights<B>),
+    Latent(crate::mla::LatentWeights<B>),
 }
 
 pub enum FfnWeights<B: Backend> {
@@ -32,7 +48,7 @@ pub enum FfnWeights<B: Backend> {
 
 pub struct LayerWeights<B: Backend> {
     pub input_norm: B::Vector,
-    pub attention: AttentionWeights<B>,
+    pub attention: LayerAttention<B>,
     pub post_attention_norm: B::Vector,
     pub ffn: FfnWeights<B>,
 }
@@ -45,14 +61,14 @@ pub struct ModelWeights<B: Backend> {
     pub lm_head: Option<B::Matrix>,
 }
 
-struct Loader<'a, B: Backend> {
-    ckpt: &'a Checkpoint,
-    backend: &'a B,
-    cfg: &'a ModelConfig,
+pub(crate) struct Loader<'a, B: Backend> {
+    pub ckpt: &'a Checkpoint,
+    pub backend: &'a B,
+    pub cfg: &'a ModelConfig,
 }
 
 impl<B: Backend> Loader<'_, B> {
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<B::Matrix> {
+    pub(crate) fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<B::Matrix> {
         if let Some(bits) = self.ckpt.read_bf16(name, &[rows, cols])? {
             return Ok(self.backend.matrix_bf16(rows, cols, bits)?);
         }
@@ -60,7 +76,7 @@ impl<B: Backend> Loader<'_, B> {
         Ok(self.backend.matrix(rows, cols, data)?)
     }
 
-    fn vector(&self, name: &str, len: usize) -> Result<B::Vector> {
+    pub(crate) fn vector(&self, name: &str, len: usize) -> Result<B::Vector> {
         Ok(self.backend.vector(self.ckpt.read(name, &[len])?)?)
     }
 
@@ -130,7 +146,7 @@ impl<B: Backend> Loader<'_, B> {
     fn expert(&self, layer: usize, expert: usize) -> Result<SwigluWeights<B>> {
         let c = self.cfg;
         let p = format!("model.layers.{layer}.{}.experts.{expert}", c.architecture.moe_prefix());
-        let names = match c.architecture {
+        let names: [&str; 3] = match c.architecture {
             Architecture::Mixtral => ["w1", "w3", "w2"],
             _ => ["gate_proj", "up_proj", "down_proj"],
         };
@@ -146,14 +162,24 @@ impl<B: Backend> Loader<'_, B> {
             Vec::new()
         };
         let shared = match c.shared_expert_intermediate_size {
-            Some(si) => Some((
-                self.swiglu(&format!("{p}.shared_expert"), ["gate_proj", "up_proj", "down_proj"], si)?,
-                self.matrix(&format!("{p}.shared_expert_gate.weight"), 1, c.hidden_size)?,
-            )),
+            Some(si) if c.shared_expert_gated => Some(SharedExpert {
+                ffn: self.swiglu(&format!("{p}.shared_expert"), ["gate_proj", "up_proj", "down_proj"], si)?,
+                gate: Some(self.matrix(&format!("{p}.shared_expert_gate.weight"), 1, c.hidden_size)?),
+            }),
+            Some(si) => Some(SharedExpert {
+                ffn: self.swiglu(&format!("{p}.shared_experts"), ["gate_proj", "up_proj", "down_proj"], si)?,
+                gate: None,
+            }),
             None => None,
+        };
+        let gate_bias = if c.routing.correction_bias {
+            Some(self.ckpt.read(&format!("{p}.gate.e_score_correction_bias"), &[c.num_experts])?)
+        } else {
+            None
         };
         Ok(MoeWeights {
             gate: self.matrix(&format!("{p}.gate.weight"), c.num_experts, c.hidden_size)?,
+            gate_bias,
             experts,
             shared,
         })
@@ -202,9 +228,13 @@ pub fn load_weights<B: Backend>(
                 cfg.intermediate_size,
             )?)
         };
+        let attention = match &cfg.latent {
+            Some(latent) => LayerAttention::Latent(crate::mla::load_latent(&l, latent, &format!("{p}.self_attn"))?),
+            None => LayerAttention::Grouped(l.attention(&format!("{p}.self_attn"))?),
+        };
         layers.push(LayerWeights {
             input_norm: l.vector(&format!("{p}.input_layernorm.weight"), h)?,
-            attention: l.attention(&format!("{p}.self_attn"))?,
+            attention,
             post_attention_norm: l.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
             ffn,
         });

@@ -39,6 +39,12 @@ pub struct Workspace<B: Backend> {
     /// Load key of every row.
     pub(crate) row_key: Vec<u32>,
     pub(crate) row_request: Vec<u64>,
+    /// Latent attention: q (and its low-rank input), the latent KV rows, the heads' values.
+    pub(crate) mla_q: B::Act,
+    pub(crate) mla_kv: B::Act,
+    pub(crate) mla_v: B::Act,
+    /// Sigmoid routing's per-row scores.
+    pub(crate) route_scratch: Vec<f32>,
 }
 
 impl<B: Backend> Workspace<B> {
@@ -113,6 +119,10 @@ impl<B: Backend> Workspace<B> {
             keyed_expert_tokens: Vec::new(),
             row_key: Vec::new(),
             row_request: Vec::new(),
+            mla_q: backend.act(),
+            mla_kv: backend.act(),
+            mla_v: backend.act(),
+            route_scratch: Vec::new(),
         }
     }
 }

@@ -38,7 +38,8 @@ impl CpuKvStore {
         let mut values = Vec::with_capacity(layout.layers);
         for _ in 0..layout.layers {
             keys.push(alloc()?);
-            values.push(alloc()?);
+            // Latent attention reads its values from the keys: nothing more to hold.
+            values.push(if layout.values_are_keys { Vec::new() } else { alloc()? });
         }
         Ok(Self { layout, keys, values })
     }
@@ -87,11 +88,14 @@ pub fn paged_attention(
             let off = store.slot_offset(pages, seq.start_pos + i);
             let src = &qkv[row * qkv_cols..(row + 1) * qkv_cols];
             store.keys[layer][off..off + kv_width].copy_from_slice(&src[shape.k_col..shape.k_col + kv_width]);
-            store.values[layer][off..off + kv_width].copy_from_slice(&src[shape.v_col..shape.v_col + kv_width]);
+            if !store.layout.values_are_keys {
+                store.values[layer][off..off + kv_width].copy_from_slice(&src[shape.v_col..shape.v_col + kv_width]);
+            }
         }
     }
     let store = &*store;
-    let (keys, values) = (&store.keys[layer], &store.values[layer]);
+    let keys = &store.keys[layer];
+    let values = if store.layout.values_are_keys { keys } else { &store.values[layer] };
     let out_cols = shape.n_heads * hd;
     let group = shape.n_heads / shape.n_kv_heads.max(1);
     let dst = SendPtr(out.as_mut_ptr());
@@ -312,7 +316,14 @@ mod tests {
                 scale: 0.25,
                 sliding_window: window,
             };
-            let layout = KvLayout { layers: 1, num_pages: 40, page_size: page, n_kv_heads: kv_heads, head_dim: hd };
+            let layout = KvLayout {
+                layers: 1,
+                num_pages: 40,
+                page_size: page,
+                n_kv_heads: kv_heads,
+                head_dim: hd,
+                values_are_keys: false,
+            };
             // Two sequences: 70 rows from position 0, and 100 rows after 37 cached positions.
             let specs = [(0usize, 70usize, 0usize), (37, 100, 20)]; // (start_pos, rows, first page)
             let rows: usize = specs.iter().map(|s| s.1).sum();
@@ -377,7 +388,14 @@ mod speed {
             scale: 0.125,
             sliding_window: None,
         };
-        let layout = KvLayout { layers: 1, num_pages: 64, page_size: page, n_kv_heads: kv, head_dim: hd };
+        let layout = KvLayout {
+            layers: 1,
+            num_pages: 64,
+            page_size: page,
+            n_kv_heads: kv,
+            head_dim: hd,
+            values_are_keys: false,
+        };
         let qkv: Vec<f32> = (0..512 * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 400.0).collect();
         let table: Vec<u32> = (0..32).collect();
         let mut store = CpuKvStore::new(layout).unwrap();

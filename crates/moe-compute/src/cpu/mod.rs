@@ -5,6 +5,7 @@
 
 mod attention;
 pub mod invariant;
+mod latent;
 mod linear;
 mod lora;
 mod simd;
@@ -231,27 +232,30 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn rope_table(&self, positions: &[u32], inv_freq: &[f32], out: &mut HostTensor) {
+    fn rope_table(&self, positions: &[u32], inv_freq: &[f32], scale: f32, out: &mut HostTensor) {
         let half = inv_freq.len();
         out.reshape(positions.len(), 2 * half);
         for (i, &p) in positions.iter().enumerate() {
             let row = out.row_mut(i);
             for (j, f) in inv_freq.iter().enumerate() {
-                // Same order of operations as transformers: the angle is computed in f32.
+                // Same order of operations as transformers: the angle is computed in f32, then
+                // cos and sin are multiplied by the attention factor (YaRN; exact when it is 1).
                 let angle = p as f32 * f;
-                row[j] = angle.cos();
-                row[half + j] = angle.sin();
+                row[j] = angle.cos() * scale;
+                row[half + j] = angle.sin() * scale;
             }
         }
     }
 
     fn rope(&self, x: &mut HostTensor, col: usize, n_heads: usize, head_dim: usize, table: &HostTensor) {
-        let half = head_dim / 2;
+        // The table's width says how many columns of each head rotate (partial rotary: the first
+        // `2 * half`; the rest pass through).
+        let half = (table.cols / 2).min(head_dim / 2);
         for r in 0..x.rows {
-            let (cos, sin) = table.row(r).split_at(half);
+            let (cos, sin) = table.row(r).split_at(table.cols / 2);
             let row = x.row_mut(r);
             for h in 0..n_heads {
-                let head = &mut row[col + h * head_dim..col + (h + 1) * head_dim];
+                let head = &mut row[col + h * head_dim..col + h * head_dim + 2 * half];
                 for j in 0..half {
                     let (a, b) = (head[j], head[j + half]);
                     head[j] = a * cos[j] - b * sin[j];
@@ -364,6 +368,40 @@ impl Backend for CpuBackend {
                 simd::axpy(wt, s.out.row(i), out.row_mut(r as usize));
             }
         }
+    }
+
+    fn head_linear(
+        &self,
+        x: &HostTensor,
+        x_col: usize,
+        x_stride: usize,
+        n_heads: usize,
+        w: &HostMatrix,
+        out: &mut HostTensor,
+        out_col: usize,
+        out_stride: usize,
+    ) -> Result<()> {
+        latent::head_linear(x, x_col, x_stride, n_heads, w, out, out_col, out_stride);
+        Ok(())
+    }
+
+    fn copy_cols(
+        &self,
+        src: &HostTensor,
+        src_col: usize,
+        src_stride: usize,
+        width: usize,
+        blocks: usize,
+        dst: &mut HostTensor,
+        dst_col: usize,
+        dst_stride: usize,
+    ) -> Result<()> {
+        latent::copy_cols(src, src_col, src_stride, width, blocks, dst, dst_col, dst_stride);
+        Ok(())
+    }
+
+    fn supports_latent_attention(&self) -> bool {
+        true
     }
 
     fn add_sigmoid_gated(&self, out: &mut HostTensor, y: &HostTensor, gate: &HostTensor) {

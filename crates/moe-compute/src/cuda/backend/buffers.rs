@@ -121,6 +121,12 @@ impl CudaBackend {
     }
 
     pub(crate) fn new_kv_store(&self, layout: KvLayout) -> Result<CudaKvStore> {
+        if layout.values_are_keys {
+            return Err(ComputeError::Unsupported {
+                op: "a KV store whose values are its keys (latent attention)",
+                backend: "cuda".into(),
+            });
+        }
         let bpv = self.kv_value_bytes();
         let bytes = layout.bytes() / 4 * bpv;
         self.ensure_fits("the KV cache", bytes)?;

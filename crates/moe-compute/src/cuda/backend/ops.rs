@@ -178,7 +178,7 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn rope_table(&self, positions: &[u32], inv_freq: &[f32], out: &mut CudaAct) {
+    fn rope_table(&self, positions: &[u32], inv_freq: &[f32], scale: f32, out: &mut CudaAct) {
         let half = inv_freq.len();
         self.reshape(out, positions.len(), 2 * half);
         if positions.is_empty() || half == 0 {
@@ -187,7 +187,7 @@ impl Backend for CudaBackend {
         let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
         let (dp, df) = (self.table(&pos), self.table(inv_freq));
         let (pp, pf, po) = (self.ptr(&dp), self.ptr(&df), self.act_ptr(out));
-        launch!(self, "rope_table_f32", grid(positions.len(), 1, 128), [pp, pf, po, half as i32]);
+        launch!(self, "rope_table_f32", grid(positions.len(), 1, 128), [pp, pf, po, half as i32, scale]);
     }
 
     fn rope(&self, x: &mut CudaAct, col: usize, n_heads: usize, head_dim: usize, table: &CudaAct) {
@@ -199,7 +199,15 @@ impl Backend for CudaBackend {
             self,
             "rope_apply_f32",
             grid(x.rows, 1, 128),
-            [px, x.cols as i32, col as i32, n_heads as i32, head_dim as i32, pt]
+            [
+                px,
+                x.cols as i32,
+                col as i32,
+                n_heads as i32,
+                head_dim as i32,
+                (table.cols / 2).min(head_dim / 2) as i32,
+                pt
+            ]
         );
     }
 

@@ -134,7 +134,7 @@ pub(super) fn rope(g: &Gpu, rng: &mut Rng, quick: bool, copy: f64) -> Result<Vec
         let positions: Vec<u32> = (0..rows).map(|_| rng.below(4096) as u32).collect();
         let inv_freq: Vec<f32> = (0..hd / 2).map(|j| 10000f32.powf(-(2.0 * j as f32) / hd as f32)).collect();
         let mut table = HostTensor::default();
-        cpu.rope_table(&positions, &inv_freq, &mut table);
+        cpu.rope_table(&positions, &inv_freq, 1.0, &mut table);
         let mut want = HostTensor { rows, cols: stride, data: x.clone() };
         cpu.rope(&mut want, pad, heads, hd, &table);
         let pos_i: Vec<i32> = positions.iter().map(|&p| p as i32).collect();

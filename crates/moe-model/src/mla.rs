@@ -1,0 +1,221 @@
+//! Multi-head latent attention (DeepSeek-V2/V3, Kimi K2) in its absorbed form. Keys and values
+//! of every head come from one compressed latent per token (`kv_lora_rank` values, RMS-normed)
+//! and a rope key shared by all heads; the KV cache holds exactly those (`kv_lora_rank +
+//! qk_rope_head_dim` values per token and layer, stored once: values are the keys' prefix).
+//!
+//! Per head h, `q_nope_h · k_nope_h = (W_UK_hᵀ q_nope_h) · c_kv`, so each query head is absorbed
+//! into latent space (`head_linear` with `W_UK_hᵀ`, transposed at load), joined with its rope part,
+//! and attends as multi-query attention over `[c_kv | k_rope]`; the output's latent part is
+//! mapped to the head's values by `W_UV_h` and then through `o_proj`. Prefill and decode take the
+//! same path, so a token's result never depends on how its prompt was chunked.
+//!
+//! Interleaved rope (`rope_interleave`, DeepSeek's default): transformers de-interleaves q's and
+//! k's rope columns before a rotate-half rope; permuting the rows of the projections that make
+//! them at load time is the same computation, so the backend's one rope kernel serves.
+
+use crate::adapter::AdapterWeights;
+use crate::config::LatentAttention;
+use crate::error::{ModelError, Result};
+use crate::model::{BatchItem, KvCache, Model};
+use crate::weights::Loader;
+use crate::workspace::Workspace;
+use moe_compute::{AttentionShape, Backend};
+
+/// One layer's latent attention weights.
+pub struct LatentWeights<B: Backend> {
+    /// `q_a_proj` `[q_lora_rank, H]` and `q_a_layernorm`, when q is low-rank.
+    pub q_a: Option<(B::Matrix, B::Vector)>,
+    /// `q_b_proj` (or `q_proj`): `[heads · qk_head_dim, q_lora_rank or H]`, rope rows de-interleaved.
+    pub q_b: B::Matrix,
+    /// `kv_a_proj_with_mqa`: `[kv_lora_rank + rope, H]`, rope rows de-interleaved.
+    pub kv_a: B::Matrix,
+    pub kv_a_norm: B::Vector,
+    /// `W_UK_hᵀ` of every head: `[heads · kv_lora_rank, qk_nope_head_dim]`.
+    pub absorb_k: B::Matrix,
+    /// `W_UV_h` of every head: `[heads · v_head_dim, kv_lora_rank]`.
+    pub absorb_v: B::Matrix,
+    /// `o_proj`: `[H, heads · v_head_dim]`.
+    pub o: B::Matrix,
+}
+
+/// A tensor's values as stored (bf16 kept as bits), for reordering before upload.
+enum Raw {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+impl Raw {
+    fn read<B: Backend>(l: &Loader<'_, B>, name: &str, rows: usize, cols: usize) -> Result<Self> {
+        if let Some(bits) = l.ckpt.read_bf16(name, &[rows, cols])? {
+            return Ok(Raw::Bf16(bits));
+        }
+        Ok(Raw::F32(l.ckpt.read(name, &[rows, cols])?))
+    }
+
+    /// `new[i] = old[source(i)]` over `count` items of `cols` values.
+    fn reorder(self, count: usize, cols: usize, source: impl Fn(usize) -> usize) -> Self {
+        fn go<T: Copy>(v: Vec<T>, count: usize, cols: usize, source: impl Fn(usize) -> usize) -> Vec<T> {
+            (0..count).flat_map(|i| v[source(i) * cols..(source(i) + 1) * cols].to_vec()).collect()
+        }
+        match self {
+            Raw::F32(v) => Raw::F32(go(v, count, cols, source)),
+            Raw::Bf16(v) => Raw::Bf16(go(v, count, cols, source)),
+        }
+    }
+
+    fn matrix<B: Backend>(self, backend: &B, rows: usize, cols: usize) -> Result<B::Matrix> {
+        Ok(match self {
+            Raw::F32(v) => backend.matrix(rows, cols, v)?,
+            Raw::Bf16(v) => backend.matrix_bf16(rows, cols, v)?,
+        })
+    }
+}
+
+/// The row order that de-interleaves a rope block of `rope` rows starting at `start` within
+/// blocks of `block` rows: new row `start + i` is old `start + 2i`, new `start + rope/2 + i` is
+/// old `start + 2i + 1`.
+fn deinterleave(block: usize, start: usize, rope: usize, interleaved: bool) -> impl Fn(usize) -> usize {
+    move |row| {
+        let (b, j) = (row / block, row % block);
+        if !interleaved || j < start {
+            return row;
+        }
+        let i = j - start;
+        let old = if i < rope / 2 { 2 * i } else { 2 * (i - rope / 2) + 1 };
+        b * block + start + old
+    }
+}
+
+/// Loads the latent attention of the layer whose attention tensors start with `p`.
+pub(crate) fn load_latent<B: Backend>(l: &Loader<'_, B>, a: &LatentAttention, p: &str) -> Result<LatentWeights<B>> {
+    let c = l.cfg;
+    let (h, heads, qk) = (c.hidden_size, c.num_heads, a.qk_head_dim());
+    let (rank, rope, nope, v) = (a.kv_lora_rank, a.qk_rope_head_dim, a.qk_nope_head_dim, a.v_head_dim);
+    let q_in = a.q_lora_rank.unwrap_or(h);
+    let q_a = match a.q_lora_rank {
+        Some(r) => {
+            Some((l.matrix(&format!("{p}.q_a_proj.weight"), r, h)?, l.vector(&format!("{p}.q_a_layernorm.weight"), r)?))
+        }
+        None => None,
+    };
+    let q_name = if a.q_lora_rank.is_some() { format!("{p}.q_b_proj.weight") } else { format!("{p}.q_proj.weight") };
+    let q_b = Raw::read(l, &q_name, heads * qk, q_in)?
+        .reorder(heads * qk, q_in, deinterleave(qk, nope, rope, a.rope_interleave))
+        .matrix(l.backend, heads * qk, q_in)?;
+    let kv_a = Raw::read(l, &format!("{p}.kv_a_proj_with_mqa.weight"), rank + rope, h)?
+        .reorder(rank + rope, h, deinterleave(rank + rope, rank, rope, a.rope_interleave))
+        .matrix(l.backend, rank + rope, h)?;
+    // kv_b_proj: per head, nope rows of W_UK then v rows of W_UV, each `[.., rank]`.
+    let kv_b = match Raw::read(l, &format!("{p}.kv_b_proj.weight"), heads * (nope + v), rank)? {
+        Raw::F32(w) => w,
+        Raw::Bf16(w) => w.into_iter().map(|b| f32::from_bits((b as u32) << 16)).collect(),
+    };
+    let mut absorb_k = Vec::with_capacity(heads * rank * nope);
+    let mut absorb_v = Vec::with_capacity(heads * v * rank);
+    for hd in 0..heads {
+        let base = hd * (nope + v) * rank;
+        for j in 0..rank {
+            absorb_k.extend((0..nope).map(|i| kv_b[base + i * rank + j]));
+        }
+        absorb_v.extend_from_slice(&kv_b[base + nope * rank..base + (nope + v) * rank]);
+    }
+    Ok(LatentWeights {
+        q_a,
+        q_b,
+        kv_a,
+        kv_a_norm: l.vector(&format!("{p}.kv_a_layernorm.weight"), rank)?,
+        absorb_k: l.backend.matrix(heads * rank, nope, absorb_k)?,
+        absorb_v: l.backend.matrix(heads * v, rank, absorb_v)?,
+        o: l.matrix(&format!("{p}.o_proj.weight"), h, heads * v)?,
+    })
+}
+
+/// The attention call of latent attention: every query head (absorbed, `latent_dim` wide)
+/// against one shared key per token whose values are the same row.
+pub(crate) fn latent_shape(heads: usize, a: &LatentAttention, scale: f32) -> AttentionShape {
+    let width = a.latent_dim();
+    AttentionShape {
+        n_heads: heads,
+        n_kv_heads: 1,
+        head_dim: width,
+        q_col: 0,
+        k_col: heads * width,
+        v_col: heads * width,
+        scale,
+        sliding_window: None,
+    }
+}
+
+/// RMSNorm epsilon of `q_a_layernorm` and `kv_a_layernorm` (transformers builds them with the
+/// norm's default, not `rms_norm_eps`).
+const LATENT_NORM_EPS: f32 = 1e-6;
+
+impl<B: Backend> Model<B> {
+    /// Latent attention of one layer on `ws.normed`, its output added into `ws.hidden`.
+    pub(crate) fn latent_attention(
+        &self,
+        ws: &mut Workspace<B>,
+        kv: &mut KvCache<B>,
+        layer: usize,
+        w: &LatentWeights<B>,
+        items: &[BatchItem<'_, B>],
+    ) -> Result<()> {
+        let (b, c) = (&self.backend, &self.config);
+        let a = c.latent.as_ref().ok_or_else(|| ModelError::Experts { layer, message: "no latent config".into() })?;
+        if items.iter().any(|it| it.adapter.is_some_and(has_attention_pairs)) {
+            return Err(ModelError::BackendLacks {
+                architecture: c.architecture.hf_name(),
+                feature: "LoRA on latent attention projections",
+                backend: "this".into(),
+            });
+        }
+        let (heads, qk, rank, rope) = (c.num_heads, a.qk_head_dim(), a.kv_lora_rank, a.qk_rope_head_dim);
+        let width = a.latent_dim();
+        let (rows, _) = b.act_shape(&ws.normed);
+        // q: [rows, heads · qk], through the low-rank path when there is one.
+        match &w.q_a {
+            Some((q_a, q_a_norm)) => {
+                b.linear(&ws.normed, q_a, None, &mut ws.mla_v);
+                b.rms_norm(&ws.mla_v, q_a_norm, LATENT_NORM_EPS, &mut ws.proj);
+                b.linear(&ws.proj, &w.q_b, None, &mut ws.mla_q);
+            }
+            None => b.linear(&ws.normed, &w.q_b, None, &mut ws.mla_q),
+        }
+        // The latent row: [c_kv (normed) | k_rope].
+        b.linear(&ws.normed, &w.kv_a, None, &mut ws.mla_kv);
+        b.rms_norm_cols(&mut ws.mla_kv, 0..rank, rank, &w.kv_a_norm, LATENT_NORM_EPS);
+        // The attention input: absorbed query heads [q_lat | q_rope] then the latent key.
+        b.zeros(rows, (heads + 1) * width, &mut ws.qkv);
+        b.head_linear(&ws.mla_q, 0, qk, heads, &w.absorb_k, &mut ws.qkv, 0, width)?;
+        b.copy_cols(&ws.mla_q, a.qk_nope_head_dim, qk, rope, heads, &mut ws.qkv, rank, width)?;
+        b.copy_cols(&ws.mla_kv, 0, width, width, 1, &mut ws.qkv, heads * width, width)?;
+        b.rope(&mut ws.qkv, rank, heads, width, &ws.rope);
+        b.rope(&mut ws.qkv, heads * width + rank, 1, width, &ws.rope);
+        b.attention(&ws.qkv, &self.latent_shape(), &ws.seqs, &ws.page_table, &mut kv.store, layer, &mut ws.attn)?;
+        // Each head's latent output to its values, then o_proj.
+        b.zeros(rows, heads * a.v_head_dim, &mut ws.mla_v);
+        b.head_linear(&ws.attn, 0, width, heads, &w.absorb_v, &mut ws.mla_v, 0, a.v_head_dim)?;
+        b.linear(&ws.mla_v, &w.o, None, &mut ws.proj);
+        b.add(&mut ws.hidden, &ws.proj);
+        Ok(())
+    }
+}
+
+fn has_attention_pairs<B: Backend>(a: &AdapterWeights<B>) -> bool {
+    a.layers.iter().any(|l| l.q.is_some() || l.k.is_some() || l.v.is_some() || l.o.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::deinterleave;
+
+    #[test]
+    fn deinterleave_moves_even_then_odd_rope_rows_in_each_block() {
+        // Blocks of 6 rows: 2 pass-through rows then 4 rope rows stored as pairs.
+        let f = deinterleave(6, 2, 4, true);
+        let order: Vec<usize> = (0..12).map(f).collect();
+        assert_eq!(order, vec![0, 1, 2, 4, 3, 5, 6, 7, 8, 10, 9, 11]);
+        let same = deinterleave(6, 2, 4, false);
+        assert_eq!((0..6).map(same).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4, 5]);
+    }
+}
