@@ -18,6 +18,7 @@ mod demo_tour;
 mod engine_args;
 mod fixture_check;
 mod generate;
+mod inspect;
 mod kernels;
 mod loadgen;
 mod logits;
@@ -61,6 +62,8 @@ struct Cli {
 enum Command {
     /// Generate a continuation of a prompt.
     Generate(generate::GenerateArgs),
+    /// What a model needs (parameters, bf16 bytes, KV cache per token), from config.json alone.
+    Inspect(inspect::InspectArgs),
     /// Print the full logits of every position of a prompt.
     Logits(logits::LogitsArgs),
     /// A tour of the trained demo model: each tenant adapter's held-out loss, the experts its
@@ -131,6 +134,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(a) => generate::run(a, cli.device),
         Command::Logits(a) => logits::run(a, cli.device),
+        Command::Inspect(a) => inspect::run(a),
         Command::Demo(a) => demo_tour::run(a, cli.device),
         Command::DemoModel(a) => demo::run(a),
         Command::Serve(a) => serve::run(a, cli.device),

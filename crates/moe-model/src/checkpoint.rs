@@ -20,6 +20,18 @@ pub struct Checkpoint {
     dir: PathBuf,
     shards: Vec<Shard>,
     by_name: HashMap<String, usize>,
+    /// The block of FP8 weights' scales (config.json's `quantization_config.weight_block_size`).
+    fp8_block: Option<[usize; 2]>,
+}
+
+/// `quantization_config.weight_block_size` of `<dir>/config.json`, when it says block-scaled FP8.
+fn fp8_block_of(dir: &Path) -> Option<[usize; 2]> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let cfg = crate::config::ModelConfig::parse(&text, &dir.join("config.json")).ok()?;
+    match cfg.quantization? {
+        crate::config::Quantization::Fp8Block { block } => Some(block),
+        crate::config::Quantization::Other(_) => None,
+    }
 }
 
 /// Bytes per element of the safetensors dtypes we can size (all the format defines but sub-byte).
@@ -188,7 +200,7 @@ impl Checkpoint {
             }
             shards.push(shard);
         }
-        Ok(Self { dir: dir.to_path_buf(), shards, by_name })
+        Ok(Self { dir: dir.to_path_buf(), shards, by_name, fp8_block: fp8_block_of(dir) })
     }
 
     /// Opens one safetensors file (a PEFT adapter's `adapter_model.safetensors`, say).
@@ -196,7 +208,7 @@ impl Checkpoint {
         let shard = open_shard(path)?;
         let by_name = shard.tensors.keys().map(|n| (n.clone(), 0)).collect();
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Ok(Self { dir, shards: vec![shard], by_name })
+        Ok(Self { dir, shards: vec![shard], by_name, fp8_block: None })
     }
 
     /// Every tensor name, sorted.
@@ -263,6 +275,17 @@ impl Checkpoint {
             "F32" => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             "BF16" => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             "F16" => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            "F8_E4M3" if shape.len() == 2 => {
+                let block = self.fp8_block.ok_or_else(|| ModelError::UnsupportedDtype {
+                    path: shard.path.clone(),
+                    name: name.to_string(),
+                    dtype: "F8_E4M3 without quantization_config.weight_block_size in config.json".into(),
+                })?;
+                let (rows, cols) = (shape[0], shape[1]);
+                let scale_shape = [rows.div_ceil(block[0]), cols.div_ceil(block[1])];
+                let scales = self.read(&format!("{name}_scale_inv"), &scale_shape)?;
+                crate::fp8::dequantize(bytes, rows, cols, &scales, block)
+            }
             other => {
                 return Err(ModelError::UnsupportedDtype {
                     path: shard.path.clone(),

@@ -18,7 +18,7 @@ pub enum ModelError {
     MissingTensor { name: String, dir: PathBuf },
     #[error("{path}: tensor {name:?} has shape {got:?}, but the config needs {expected:?}")]
     ShapeMismatch { path: PathBuf, name: String, expected: Vec<usize>, got: Vec<usize> },
-    #[error("{path}: tensor {name:?} has dtype {dtype}, which is not supported (use F32, BF16 or F16)")]
+    #[error("{path}: tensor {name:?} has dtype {dtype}, which is not supported (use F32, BF16, F16 or block-scaled F8_E4M3)")]
     UnsupportedDtype { path: PathBuf, name: String, dtype: String },
     #[error("token id {id} at position {position} is out of range: vocab_size is {vocab_size}")]
     TokenOutOfRange { id: u32, position: usize, vocab_size: usize },

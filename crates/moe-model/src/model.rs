@@ -5,15 +5,14 @@
 
 use crate::adapter::AdapterWeights;
 use crate::checkpoint::Checkpoint;
-use crate::config::{ModelConfig, QkNorm};
+use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::experts::ExpertExecutor;
+use crate::gqa::{gate_pair, row_pair};
 use crate::kv::{PageAllocator, SequenceCache};
-use crate::weights::{
-    load_weights, AttentionWeights, FfnWeights, LayerAttention, LayerWeights, ModelWeights, MoeWeights,
-};
+use crate::weights::{load_weights, FfnWeights, LayerAttention, LayerWeights, ModelWeights, MoeWeights};
 pub use crate::workspace::Workspace;
-use moe_compute::{AttentionSeq, AttentionShape, Backend, KvLayout, LoraWeights};
+use moe_compute::{AttentionSeq, AttentionShape, Backend, KvLayout};
 use std::path::Path;
 
 /// A loaded model on a backend.
@@ -24,7 +23,7 @@ pub struct Model<B: Backend> {
     inv_freq: Vec<f32>,
     /// YaRN's attention factor on cos and sin (1 otherwise).
     rope_scale: f32,
-    attn_shape: AttentionShape,
+    pub(crate) attn_shape: AttentionShape,
     /// The attention call of latent attention (DeepSeek-V3), when the model has it.
     latent_shape: Option<AttentionShape>,
 }
@@ -96,6 +95,8 @@ impl<B: Backend> Model<B> {
                 backend: backend.name(),
             });
         }
+        // What it will need, before any weight is read.
+        tracing::info!(model = %dir.display(), "{}", crate::sizing::ModelSize::of(&config).describe(&config));
         let ckpt = Checkpoint::open(dir)?;
         let weights = load_weights(&ckpt, &config, &backend, with_experts)?;
         Ok(Self::from_parts(config, weights, backend))
@@ -376,50 +377,6 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// Grouped-query attention (multi-head and multi-query as its cases) on `ws.normed`.
-    fn grouped_attention(
-        &self,
-        ws: &mut Workspace<B>,
-        kv: &mut KvCache<B>,
-        layer_idx: usize,
-        a: &AttentionWeights<B>,
-        items: &[BatchItem<'_, B>],
-    ) -> Result<()> {
-        let (b, c) = (&self.backend, &self.config);
-        let (qw, kw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        b.linear(&ws.normed, &a.qkv, a.qkv_bias.as_ref(), &mut ws.qkv);
-        let has = |pick: fn(&crate::adapter::LayerLora<B>) -> Option<&LoraWeights<B>>| {
-            items.iter().any(|it| it.adapter.and_then(|ad| ad.layers.get(layer_idx)).and_then(pick).is_some())
-        };
-        for (pick, col) in [(q_pair as PairOf<B>, 0), (k_pair, qw), (v_pair, qw + kw)] {
-            if has(pick) {
-                let lookup = row_pair(items, &ws.row_item, layer_idx, pick);
-                b.lora_add(&ws.normed, &lookup, col, &mut ws.scratch, &mut ws.qkv);
-            }
-        }
-        if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
-            let (qg, kg) = match c.qk_norm {
-                QkNorm::PerHead => (c.head_dim, c.head_dim),
-                _ => (qw, kw),
-            };
-            b.rms_norm_cols(&mut ws.qkv, 0..qw, qg, qn, c.rms_norm_eps);
-            b.rms_norm_cols(&mut ws.qkv, qw..qw + kw, kg, kn, c.rms_norm_eps);
-        }
-        if let Some(limit) = c.clip_qkv {
-            b.clamp(&mut ws.qkv, limit);
-        }
-        b.rope(&mut ws.qkv, 0, c.num_heads, c.head_dim, &ws.rope);
-        b.rope(&mut ws.qkv, qw, c.num_kv_heads, c.head_dim, &ws.rope);
-        b.attention(&ws.qkv, &self.attn_shape, &ws.seqs, &ws.page_table, &mut kv.store, layer_idx, &mut ws.attn)?;
-        b.linear(&ws.attn, &a.o, None, &mut ws.proj);
-        if has(o_pair) {
-            let lookup = row_pair(items, &ws.row_item, layer_idx, o_pair);
-            b.lora_add(&ws.attn, &lookup, 0, &mut ws.scratch, &mut ws.proj);
-        }
-        b.add(&mut ws.hidden, &ws.proj);
-        Ok(())
-    }
-
     /// Gate logits (with any gate LoRA), each row's top-k experts, the plan, the expert load
     /// counters, and `ffn_out` zeroed for the experts to add into.
     fn moe_route(&self, ws: &mut Workspace<B>, layer: usize, moe: &MoeWeights<B>, items: &[BatchItem<'_, B>]) {
@@ -506,32 +463,4 @@ impl<B: Backend> Model<B> {
             None => b.add(&mut ws.ffn_out, &ws.shared_out),
         }
     }
-}
-
-type PairOf<B> = fn(&crate::adapter::LayerLora<B>) -> Option<&LoraWeights<B>>;
-
-fn q_pair<B: Backend>(l: &crate::adapter::LayerLora<B>) -> Option<&LoraWeights<B>> {
-    l.q.as_ref()
-}
-fn k_pair<B: Backend>(l: &crate::adapter::LayerLora<B>) -> Option<&LoraWeights<B>> {
-    l.k.as_ref()
-}
-fn v_pair<B: Backend>(l: &crate::adapter::LayerLora<B>) -> Option<&LoraWeights<B>> {
-    l.v.as_ref()
-}
-fn o_pair<B: Backend>(l: &crate::adapter::LayerLora<B>) -> Option<&LoraWeights<B>> {
-    l.o.as_ref()
-}
-fn gate_pair<B: Backend>(l: &crate::adapter::LayerLora<B>) -> Option<&LoraWeights<B>> {
-    l.gate.as_ref()
-}
-
-/// The per-row lookup of one module's pair: row → its item's adapter → this layer's pair.
-fn row_pair<'l, B: Backend>(
-    items: &'l [BatchItem<'_, B>],
-    row_item: &'l [u32],
-    layer: usize,
-    pick: PairOf<B>,
-) -> impl Fn(usize) -> Option<&'l LoraWeights<B>> + Sync + 'l {
-    move |r| pick(items.get(*row_item.get(r)? as usize)?.adapter?.layers.get(layer)?)
 }

@@ -1,0 +1,86 @@
+//! Grouped-query attention (multi-head and multi-query as its cases) with the variants the
+//! architectures choose by config: fused q/k/v with optional bias, q/k RMSNorm per head or over
+//! the whole projection, clipped q/k/v, partial rotary, a sliding window; and per-row LoRA pairs
+//! on q, k, v and o. Also the per-row lookup of an adapter's pair that the gate shares.
+
+use crate::adapter::LayerLora;
+use crate::config::QkNorm;
+use crate::error::Result;
+use crate::model::{BatchItem, KvCache, Model};
+use crate::weights::AttentionWeights;
+use crate::workspace::Workspace;
+use moe_compute::{Backend, LoraWeights};
+
+impl<B: Backend> Model<B> {
+    /// Grouped-query attention (multi-head and multi-query as its cases) on `ws.normed`.
+    pub(crate) fn grouped_attention(
+        &self,
+        ws: &mut Workspace<B>,
+        kv: &mut KvCache<B>,
+        layer_idx: usize,
+        a: &AttentionWeights<B>,
+        items: &[BatchItem<'_, B>],
+    ) -> Result<()> {
+        let (b, c) = (&self.backend, &self.config);
+        let (qw, kw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        b.linear(&ws.normed, &a.qkv, a.qkv_bias.as_ref(), &mut ws.qkv);
+        let has = |pick: fn(&crate::adapter::LayerLora<B>) -> Option<&LoraWeights<B>>| {
+            items.iter().any(|it| it.adapter.and_then(|ad| ad.layers.get(layer_idx)).and_then(pick).is_some())
+        };
+        for (pick, col) in [(q_pair as PairOf<B>, 0), (k_pair, qw), (v_pair, qw + kw)] {
+            if has(pick) {
+                let lookup = row_pair(items, &ws.row_item, layer_idx, pick);
+                b.lora_add(&ws.normed, &lookup, col, &mut ws.scratch, &mut ws.qkv);
+            }
+        }
+        if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+            let (qg, kg) = match c.qk_norm {
+                QkNorm::PerHead => (c.head_dim, c.head_dim),
+                _ => (qw, kw),
+            };
+            b.rms_norm_cols(&mut ws.qkv, 0..qw, qg, qn, c.rms_norm_eps);
+            b.rms_norm_cols(&mut ws.qkv, qw..qw + kw, kg, kn, c.rms_norm_eps);
+        }
+        if let Some(limit) = c.clip_qkv {
+            b.clamp(&mut ws.qkv, limit);
+        }
+        b.rope(&mut ws.qkv, 0, c.num_heads, c.head_dim, &ws.rope);
+        b.rope(&mut ws.qkv, qw, c.num_kv_heads, c.head_dim, &ws.rope);
+        b.attention(&ws.qkv, &self.attn_shape, &ws.seqs, &ws.page_table, &mut kv.store, layer_idx, &mut ws.attn)?;
+        b.linear(&ws.attn, &a.o, None, &mut ws.proj);
+        if has(o_pair) {
+            let lookup = row_pair(items, &ws.row_item, layer_idx, o_pair);
+            b.lora_add(&ws.attn, &lookup, 0, &mut ws.scratch, &mut ws.proj);
+        }
+        b.add(&mut ws.hidden, &ws.proj);
+        Ok(())
+    }
+}
+
+pub(crate) type PairOf<B> = fn(&LayerLora<B>) -> Option<&LoraWeights<B>>;
+
+fn q_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.q.as_ref()
+}
+fn k_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.k.as_ref()
+}
+fn v_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.v.as_ref()
+}
+fn o_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.o.as_ref()
+}
+pub(crate) fn gate_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.gate.as_ref()
+}
+
+/// The per-row lookup of one module's pair: row → its item's adapter → this layer's pair.
+pub(crate) fn row_pair<'l, B: Backend>(
+    items: &'l [BatchItem<'_, B>],
+    row_item: &'l [u32],
+    layer: usize,
+    pick: PairOf<B>,
+) -> impl Fn(usize) -> Option<&'l LoraWeights<B>> + Sync + 'l {
+    move |r| pick(items.get(*row_item.get(r)? as usize)?.adapter?.layers.get(layer)?)
+}

@@ -1,0 +1,62 @@
+//! `moe inspect` on the published configs of the models teams serve in 2026
+//! (tests/fixtures/configs/): parameters, active parameters and the KV cache per token, from
+//! config.json alone. DeepSeek-V3's KV cache is its latent (`kv_lora_rank + qk_rope_head_dim`
+//! values per layer), not full heads; what this build cannot serve yet is refused naming why.
+
+mod common;
+
+use common::*;
+
+fn inspect(name: &str) -> serde_json::Value {
+    let path = fixture("configs").join(name);
+    let out = moe(&["inspect", "--model", path.to_str().expect("utf8"), "--json"]);
+    assert_eq!(out.code, 0, "{name}: {}", out.stderr);
+    out.json()
+}
+
+fn near(got: &serde_json::Value, want: f64, what: &str) {
+    let got = got.as_f64().expect("number");
+    assert!((got / want - 1.0).abs() < 0.02, "{what}: {got} is not within 2% of {want}");
+}
+
+#[test]
+fn published_configs_are_sized_as_their_model_cards_say() {
+    let v3 = inspect("deepseek_v3.json");
+    assert_eq!(v3["architecture"], "DeepseekV3ForCausalLM");
+    near(&v3["total_params"], 671e9, "DeepSeek-V3 parameters");
+    near(&v3["active_params"], 37.5e9, "DeepSeek-V3 active parameters");
+    // The latent: (512 + 64) values per token in each of 61 layers; full heads would be
+    // 2 x 128 heads x 192 x 61, 85x more.
+    assert_eq!(v3["kv_values_per_token"], 576 * 61);
+    assert_eq!(v3["latent_attention"], true);
+    assert!(v3["quantization"].as_str().expect("fp8").contains("Fp8Block { block: [128, 128] }"));
+
+    let k2 = inspect("kimi_k2.json");
+    near(&k2["total_params"], 1.03e12, "Kimi K2 parameters");
+    near(&k2["active_params"], 32.9e9, "Kimi K2 active parameters");
+    assert_eq!(k2["kv_values_per_token"], 576 * 61);
+
+    let air = inspect("glm_4_5_air.json");
+    assert_eq!(air["architecture"], "Glm4MoeForCausalLM");
+    near(&air["total_params"], 106.9e9, "GLM-4.5-Air parameters");
+    assert_eq!(air["kv_values_per_token"], 2 * 8 * 128 * 46);
+    near(&inspect("glm_4_5.json")["total_params"], 352.8e9, "GLM-4.5 parameters");
+
+    // The fixture this project checks against transformers reports its latent too.
+    let tiny = moe(&["inspect", "--model", fixture("deepseek_v3").to_str().expect("utf8")]);
+    assert_eq!(tiny.code, 0, "{}", tiny.stderr);
+    assert!(tiny.stdout.contains("latent: 40 values x 3 layers"), "{}", tiny.stdout);
+}
+
+#[test]
+fn architectures_not_served_yet_are_refused_naming_what_is_missing() {
+    for (name, needles) in [
+        ("gpt_oss_20b.json", ["GptOssForCausalLM", "attention sinks"]),
+        ("gpt_oss_120b.json", ["GptOssForCausalLM", "MXFP4"]),
+        ("qwen3_next_80b_a3b.json", ["Qwen3NextForCausalLM", "DeltaNet"]),
+    ] {
+        let path = fixture("configs").join(name);
+        let out = moe(&["inspect", "--model", path.to_str().expect("utf8")]);
+        out.assert_error(&needles);
+    }
+}
