@@ -63,9 +63,11 @@ fn gemm(c: &mut Criterion) {
 fn expert_ffn(c: &mut Criterion) {
     let b = CpuBackend::new();
     let experts: Vec<SwigluWeights<CpuBackend>> = (0..EXPERTS)
-        .map(|e| SwigluWeights {
-            gate_up: b.matrix(2 * INTER, HIDDEN, rand_vec(2 * INTER * HIDDEN, 10 + e as u64)).expect("matrix"),
-            down: b.matrix(HIDDEN, INTER, rand_vec(HIDDEN * INTER, 20 + e as u64)).expect("matrix"),
+        .map(|e| {
+            SwigluWeights::plain(
+                b.matrix(2 * INTER, HIDDEN, rand_vec(2 * INTER * HIDDEN, 10 + e as u64)).expect("matrix"),
+                b.matrix(HIDDEN, INTER, rand_vec(HIDDEN * INTER, 20 + e as u64)).expect("matrix"),
+            )
         })
         .collect();
     let mut g = c.benchmark_group("expert_ffn");
@@ -100,6 +102,7 @@ fn attention(c: &mut Criterion) {
         v_col: (heads + kv_heads) * hd,
         scale: 1.0 / (hd as f32).sqrt(),
         sliding_window: None,
+        sinks: None,
     };
     let cols = (heads + 2 * kv_heads) * hd;
     let mut g = c.benchmark_group("attention");

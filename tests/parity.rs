@@ -28,14 +28,14 @@ fn check_logits(dir: &std::path::Path, expected: &serde_json::Value, key: &str, 
 #[test]
 fn logits_match_transformers_for_all_architectures() {
     // deepseek_v3_fp8: block-scaled FP8 weights (partial edge blocks), dequantized at load.
-    for arch in all_archs().chain(["deepseek_v3_fp8"]) {
+    for arch in all_archs().chain(["deepseek_v3_fp8", "gpt_oss_mxfp4"]) {
         check_logits(&fixture(arch), &expected(arch), "logits", TOL);
     }
 }
 
 #[test]
 fn greedy_generation_matches_transformers_token_for_token() {
-    for arch in all_archs().chain(["mixtral_bf16", "deepseek_v3_fp8"]) {
+    for arch in all_archs().chain(["mixtral_bf16", "deepseek_v3_fp8", "gpt_oss_mxfp4"]) {
         let dir = fixture(arch);
         for case in expected(arch)["cases"].as_array().expect("cases") {
             let ids = u32s(&case["token_ids"]);

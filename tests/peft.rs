@@ -22,13 +22,16 @@ use std::sync::Arc;
 
 const ADAPTERS: [&str; 5] = ["gate", "attn", "experts", "layers", "patterns"];
 
-/// The PEFT fixtures of an architecture: all five on the first four; the gate and the fused
-/// experts on DeepSeek-V3 and GLM-4.5 (tests/fixtures/make_fixtures_2026.py).
+/// The PEFT fixtures of an architecture: all five on the first four; on the 2026 ones what can be
+/// adapted (tests/fixtures/make_fixtures_2026.py): DeepSeek-V3's gate and fused experts (not its
+/// latent attention yet), GLM-4.5's gate, experts and attention, gpt-oss's router and attention
+/// (not its interleaved experts yet).
 fn adapters_of(arch: &str) -> &'static [&'static str] {
-    if ARCHS_2026.contains(&arch) {
-        &["gate", "experts"]
-    } else {
-        &ADAPTERS
+    match arch {
+        "deepseek_v3" => &["gate", "experts"],
+        "glm4_moe" => &["gate", "experts", "attn"],
+        "gpt_oss" => &["gate", "attn"],
+        _ => &ADAPTERS,
     }
 }
 

@@ -78,7 +78,7 @@ impl<B: Backend> Random<'_, B> {
         Ok(self.backend.vector(vec![1.0; n])?)
     }
     fn swiglu(&mut self, h: usize, inter: usize) -> anyhow::Result<SwigluWeights<B>> {
-        Ok(SwigluWeights { gate_up: self.matrix(2 * inter, h)?, down: self.matrix(h, inter)? })
+        Ok(SwigluWeights::plain(self.matrix(2 * inter, h)?, self.matrix(h, inter)?))
     }
 }
 
@@ -97,13 +97,16 @@ fn weights<B: Backend>(b: &B, c: &ModelConfig) -> anyhow::Result<ModelWeights<B>
                 qkv: r.matrix(qw + 2 * kw, h)?,
                 qkv_bias: None,
                 o: r.matrix(h, qw)?,
+                o_bias: None,
                 q_norm: None,
                 k_norm: None,
+                sinks: None,
             }),
             post_attention_norm: r.ones(h)?,
             ffn: FfnWeights::Moe(MoeWeights {
                 gate: r.matrix(c.num_experts, h)?,
                 gate_bias: None,
+                router_bias: None,
                 experts,
                 shared: None,
             }),

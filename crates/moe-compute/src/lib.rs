@@ -47,7 +47,7 @@ impl KvLayout {
 
 /// Where q, k and v live inside the fused qkv activation rows, and how heads are grouped.
 #[derive(Clone, Copy, Debug)]
-pub struct AttentionShape {
+pub struct AttentionShape<'a> {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
@@ -57,6 +57,9 @@ pub struct AttentionShape {
     pub scale: f32,
     /// Keys further back than this many positions are masked (Mixtral-style sliding window).
     pub sliding_window: Option<usize>,
+    /// Per query head, a learned logit that joins every row's softmax and takes its share of the
+    /// probability without contributing a value (gpt-oss's attention sinks).
+    pub sinks: Option<&'a [f32]>,
 }
 
 /// One sequence's slice of a batched attention call.
@@ -72,10 +75,37 @@ pub struct AttentionSeq {
 }
 
 /// One expert's (or a dense MLP's) SwiGLU weights: `gate_up` is `[2*I, H]` (gate rows first, then
-/// up rows), `down` is `[H, I]`.
+/// up rows), `down` is `[H, I]`; optional biases (gpt-oss) and the gated activation.
 pub struct SwigluWeights<B: Backend> {
     pub gate_up: B::Matrix,
     pub down: B::Matrix,
+    /// `[2*I]`, added after the gate/up projection (gate entries first, then up).
+    pub gate_up_bias: Option<B::Vector>,
+    /// `[H]`, added after the down projection.
+    pub down_bias: Option<B::Vector>,
+    pub glu: Glu,
+}
+
+impl<B: Backend> SwigluWeights<B> {
+    /// Plain SwiGLU without biases (every architecture but gpt-oss).
+    pub fn plain(gate_up: B::Matrix, down: B::Matrix) -> Self {
+        Self { gate_up, down, gate_up_bias: None, down_bias: None, glu: Glu::Silu }
+    }
+
+    /// Whether this FFN needs more than plain SwiGLU (biases or another activation).
+    pub fn is_plain(&self) -> bool {
+        self.gate_up_bias.is_none() && self.down_bias.is_none() && self.glu == Glu::Silu
+    }
+}
+
+/// The gated activation between the projections.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Glu {
+    /// `silu(gate) * up`.
+    Silu,
+    /// gpt-oss: `gate' = min(gate, limit)`, `up' = clamp(up, ±limit)`,
+    /// `(up' + 1) * gate' * sigmoid(alpha * gate')`.
+    ClampedSigmoid { alpha: f32, limit: f32 },
 }
 
 /// Reusable buffers for [`Backend::expert_ffn`], [`Backend::swiglu`] and [`Backend::lora_add`],
@@ -201,7 +231,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn attention(
         &self,
         qkv: &Self::Act,
-        shape: &AttentionShape,
+        shape: &AttentionShape<'_>,
         seqs: &[AttentionSeq],
         page_table: &[u32],
         store: &mut Self::KvStore,
@@ -285,6 +315,11 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// Whether [`Backend::head_linear`], [`Backend::copy_cols`] and a KV store whose values are
     /// its keys work here (multi-head latent attention); the model refuses to load otherwise.
     fn supports_latent_attention(&self) -> bool {
+        false
+    }
+    /// Whether attention sinks ([`AttentionShape::sinks`]) and biased or clamped expert FFNs
+    /// ([`SwigluWeights::is_plain`] false) work here (gpt-oss); the model refuses to load otherwise.
+    fn supports_gpt_oss(&self) -> bool {
         false
     }
     /// `out[r] += sigmoid(gate[r, 0]) * y[r]` (Qwen2-MoE shared expert).

@@ -46,7 +46,7 @@ pub struct PeftConfig {
 }
 
 /// The parameters `target_parameters` may name (by suffix).
-const SUPPORTED_PARAMETERS: [&str; 3] = ["gate.weight", "experts.gate_up_proj", "experts.down_proj"];
+const SUPPORTED_PARAMETERS: [&str; 4] = ["gate.weight", "router.weight", "experts.gate_up_proj", "experts.down_proj"];
 
 /// `name` is `suffix` or ends with `.` + `suffix`.
 fn is_suffix(name: &str, suffix: &str) -> bool {
@@ -148,7 +148,8 @@ impl PeftConfig {
         if let Some(p) = target_parameters.iter().find(|p| !SUPPORTED_PARAMETERS.iter().any(|s| is_suffix(p, s))) {
             return Err(bad(format!(
                 "target_parameters entry {p:?} is not supported: LoRA on parameters applies to the MoE gate \
-                 (mlp.gate.weight) and the fused experts (mlp.experts.gate_up_proj, mlp.experts.down_proj)"
+                 (mlp.gate.weight; gpt-oss: mlp.router.weight) and the fused experts (mlp.experts.gate_up_proj, \
+                 mlp.experts.down_proj)"
             )));
         }
         let layers_to_transform = match obj.get("layers_to_transform") {

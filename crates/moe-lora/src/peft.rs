@@ -141,8 +141,13 @@ fn classify(module: &str, cfg: &ModelConfig) -> std::result::Result<(LoraTarget,
                      {prefix}.experts.N.* of MoE layers"
                 ));
             };
-            if moe == "gate" {
+            let gpt_oss = c.architecture == Architecture::GptOss;
+            if moe == c.architecture.gate_name() {
                 (ModuleKind::Gate, h, c.num_experts)
+            } else if gpt_oss && moe.starts_with("experts") {
+                return Err("LoRA on gpt-oss's experts (interleaved, biased) is not supported yet; its router \
+                            (mlp.router) and attention can be adapted"
+                    .into());
             } else if moe == "experts" || moe == "experts.base_layer" {
                 // Which fused parameter comes from the pair's shapes (see `fused_proj`).
                 (ModuleKind::FusedExperts { proj: FusedProj::GateUp }, 0, 0)

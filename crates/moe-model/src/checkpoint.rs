@@ -254,6 +254,45 @@ impl Checkpoint {
         Ok(Some(shard.map[range.clone()].chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()))
     }
 
+    /// The bytes and dtype of entry `index` along the first dimension of tensor `name`, checking
+    /// the tensor has exactly `shape` (a fused `[experts, ...]` tensor read one expert at a time).
+    pub fn raw_slice(&self, name: &str, shape: &[usize], index: usize) -> Result<(&str, &[u8])> {
+        let &idx = self
+            .by_name
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor { name: name.to_string(), dir: self.dir.clone() })?;
+        let shard = &self.shards[idx];
+        let (dtype, got, range) = &shard.tensors[name];
+        if got.as_slice() != shape || shape.is_empty() || index >= shape[0] {
+            return Err(ModelError::ShapeMismatch {
+                path: shard.path.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: got.clone(),
+            });
+        }
+        let per = (range.end - range.start) / shape[0];
+        let start = range.start + index * per;
+        Ok((dtype.as_str(), &shard.map[start..start + per]))
+    }
+
+    /// Entry `index` along the first dimension of tensor `name` (of `shape`) as f32.
+    pub fn read_slice(&self, name: &str, shape: &[usize], index: usize) -> Result<Vec<f32>> {
+        let (dtype, bytes) = self.raw_slice(name, shape, index)?;
+        Ok(match dtype {
+            "F32" => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            "BF16" => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            "F16" => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            other => {
+                return Err(ModelError::UnsupportedDtype {
+                    path: self.dir.clone(),
+                    name: name.to_string(),
+                    dtype: other.to_string(),
+                })
+            }
+        })
+    }
+
     /// Reads tensor `name` as f32, checking it has exactly `shape`.
     pub fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let &idx = self

@@ -4,9 +4,10 @@
 //! choice of orthogonal concerns read from here: the attention kind (grouped-query or
 //! multi-head latent), the rope (partial, YaRN), the routing rule, shared experts, dense layers.
 
+pub use crate::config_variants::{GptOssParts, Quantization};
 use crate::error::{ModelError, Result};
 use crate::rope::Rope;
-use crate::routing::{GateScoring, RoutingRule};
+use crate::routing::RoutingRule;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -21,16 +22,19 @@ pub enum Architecture {
     DeepseekV3,
     /// GLM-4.5/4.6: partial rotary, grouped sigmoid routing, shared experts.
     Glm4Moe,
+    /// gpt-oss: attention sinks, alternating sliding-window layers, biased clamped experts.
+    GptOss,
 }
 
 impl Architecture {
-    pub const ALL: [(&'static str, Architecture); 6] = [
+    pub const ALL: [(&'static str, Architecture); 7] = [
         ("MixtralForCausalLM", Architecture::Mixtral),
         ("Qwen2MoeForCausalLM", Architecture::Qwen2Moe),
         ("Qwen3MoeForCausalLM", Architecture::Qwen3Moe),
         ("OlmoeForCausalLM", Architecture::Olmoe),
         ("DeepseekV3ForCausalLM", Architecture::DeepseekV3),
         ("Glm4MoeForCausalLM", Architecture::Glm4Moe),
+        ("GptOssForCausalLM", Architecture::GptOss),
     ];
 
     pub fn hf_name(self) -> &'static str {
@@ -44,30 +48,21 @@ impl Architecture {
             _ => "mlp",
         }
     }
+
+    /// Name of the MoE gate (the router linear) under [`Self::moe_prefix`].
+    pub fn gate_name(self) -> &'static str {
+        match self {
+            Architecture::GptOss => "router",
+            _ => "gate",
+        }
+    }
 }
 
 /// Architectures we know and refuse, with what they need that is missing.
-const NOT_YET: [(&str, &str); 2] = [
-    (
-        "GptOssForCausalLM",
-        "gpt-oss needs attention sinks, alternating sliding-window layers, biased clamped-SwiGLU experts and \
-         MXFP4 expert weights",
-    ),
-    (
-        "Qwen3NextForCausalLM",
-        "Qwen3-Next needs gated DeltaNet linear-attention layers with a recurrent state per sequence",
-    ),
-];
-
-/// A checkpoint's quantization (`quantization_config`), as far as it matters for loading.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Quantization {
-    /// Block-scaled FP8 (`quant_method: "fp8"`, `weight_block_size`): e4m3 weights with one
-    /// `weight_scale_inv` per block.
-    Fp8Block { block: [usize; 2] },
-    /// Any other method, named.
-    Other(String),
-}
+const NOT_YET: [(&str, &str); 1] = [(
+    "Qwen3NextForCausalLM",
+    "Qwen3-Next needs gated DeltaNet linear-attention layers with a recurrent state per sequence",
+)];
 
 /// How q and k are normalized before rotary embedding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +114,8 @@ pub struct ModelConfig {
     pub latent: Option<LatentAttention>,
     /// The checkpoint's weight quantization; `None` for plain f32/bf16/f16 tensors.
     pub quantization: Option<Quantization>,
+    /// gpt-oss's sinks, per-layer sliding windows and expert activation.
+    pub gpt_oss: Option<GptOssParts>,
 }
 
 /// The shape of multi-head latent attention (DeepSeek-V2/V3). The KV cache holds, per token and
@@ -146,19 +143,19 @@ impl LatentAttention {
     }
 }
 
-struct Reader<'a> {
-    path: &'a Path,
-    v: &'a Value,
+pub(crate) struct Reader<'a> {
+    pub path: &'a Path,
+    pub v: &'a Value,
 }
 
 impl Reader<'_> {
-    fn err(&self, message: String) -> ModelError {
+    pub(crate) fn err(&self, message: String) -> ModelError {
         ModelError::Config { path: self.path.to_path_buf(), message }
     }
-    fn present(&self, key: &str) -> Option<&Value> {
+    pub(crate) fn present(&self, key: &str) -> Option<&Value> {
         self.v.get(key).filter(|v| !v.is_null())
     }
-    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
+    pub(crate) fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
         match self.present(key) {
             None => Ok(None),
             Some(v) => v
@@ -167,29 +164,29 @@ impl Reader<'_> {
                 .ok_or_else(|| self.err(format!("`{key}` must be a non-negative integer, got {v}"))),
         }
     }
-    fn usize_req(&self, key: &str) -> Result<usize> {
+    pub(crate) fn usize_req(&self, key: &str) -> Result<usize> {
         self.usize_opt(key)?.ok_or_else(|| self.err(format!("`{key}` is missing")))
     }
-    fn positive(&self, key: &str) -> Result<usize> {
+    pub(crate) fn positive(&self, key: &str) -> Result<usize> {
         let n = self.usize_req(key)?;
         if n == 0 {
             return Err(self.err(format!("`{key}` must be positive, got 0")));
         }
         Ok(n)
     }
-    fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
+    pub(crate) fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
         match self.present(key) {
             None => Ok(None),
             Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(format!("`{key}` must be a number, got {v}"))),
         }
     }
-    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+    pub(crate) fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.present(key) {
             None => Ok(default),
             Some(v) => v.as_bool().ok_or_else(|| self.err(format!("`{key}` must be true or false, got {v}"))),
         }
     }
-    fn ids(&self, key: &str) -> Result<Vec<u32>> {
+    pub(crate) fn ids(&self, key: &str) -> Result<Vec<u32>> {
         let bad = || self.err(format!("`{key}` must be a token id or a list of token ids"));
         match self.present(key) {
             None => Ok(vec![]),
@@ -262,7 +259,11 @@ impl ModelConfig {
             .find_map(|k| r.usize_opt(k).transpose())
             .transpose()?
             .ok_or_else(|| r.err("`num_local_experts` (or `num_experts`) is missing".into()))?;
-        let top_k = r.positive("num_experts_per_tok")?;
+        let top_k = match r.usize_opt("num_experts_per_tok")? {
+            Some(k) => k,
+            None => r.positive("experts_per_token")?,
+        };
+        let num_layers = r.positive("num_hidden_layers")?;
         if num_experts == 0 || top_k > num_experts {
             return Err(r.err(format!(
                 "num_experts_per_tok ({top_k}) must be between 1 and the number of experts ({num_experts})"
@@ -273,7 +274,7 @@ impl ModelConfig {
             Architecture::Qwen2Moe | Architecture::Qwen3Moe | Architecture::DeepseekV3 | Architecture::Glm4Moe => {
                 r.positive("moe_intermediate_size")?
             }
-            Architecture::Mixtral | Architecture::Olmoe => intermediate_size,
+            Architecture::Mixtral | Architecture::Olmoe | Architecture::GptOss => intermediate_size,
         };
         let max_position_embeddings = r.positive("max_position_embeddings")?;
         let scaling = r.present("rope_parameters").or_else(|| r.present("rope_scaling"));
@@ -304,6 +305,8 @@ impl ModelConfig {
             Architecture::Mixtral => (true, None),
             Architecture::Qwen2Moe => (false, Some(r.positive("shared_expert_intermediate_size")?)),
             Architecture::Qwen3Moe | Architecture::Olmoe => (false, None),
+            // Softmax over the chosen k's logits = softmax over all, renormalized over the k.
+            Architecture::GptOss => (true, None),
             Architecture::DeepseekV3 | Architecture::Glm4Moe => {
                 let n = r.usize_opt("n_shared_experts")?.unwrap_or(1);
                 (true, (n > 0).then_some(n * expert_intermediate_size))
@@ -311,7 +314,7 @@ impl ModelConfig {
         };
         // Mixtral always renormalizes over the chosen k; the others follow `norm_topk_prob`.
         let norm_topk_prob = match architecture {
-            Architecture::Mixtral => true,
+            Architecture::Mixtral | Architecture::GptOss => true,
             _ => r.bool_or("norm_topk_prob", default_norm_topk)?,
         };
         let (decoder_sparse_step, mlp_only_layers) = match architecture {
@@ -344,6 +347,7 @@ impl ModelConfig {
         };
         let attention_bias = match architecture {
             Architecture::Qwen2Moe => r.bool_or("qkv_bias", true)?,
+            Architecture::GptOss => r.bool_or("attention_bias", true)?,
             _ => r.bool_or("attention_bias", false)?,
         };
         let qk_norm = match architecture {
@@ -352,57 +356,9 @@ impl ModelConfig {
             Architecture::Glm4Moe if r.bool_or("use_qk_norm", false)? => QkNorm::PerHead,
             _ => QkNorm::None,
         };
-        let routing = match architecture {
-            Architecture::DeepseekV3 | Architecture::Glm4Moe => {
-                let deepseek = architecture == Architecture::DeepseekV3;
-                let n_group = r.usize_opt("n_group")?.unwrap_or(if deepseek { 8 } else { 1 }).max(1);
-                let topk_group = r.usize_opt("topk_group")?.unwrap_or(if deepseek { 4 } else { 1 }).max(1);
-                if num_experts % n_group != 0 || topk_group > n_group {
-                    return Err(r.err(format!(
-                        "n_group ({n_group}) must divide the {num_experts} experts and topk_group ({topk_group}) must not exceed it"
-                    )));
-                }
-                if n_group > 1 && num_experts / n_group * topk_group < top_k {
-                    return Err(r.err(format!(
-                        "topk_group ({topk_group}) groups of {} experts cannot hold num_experts_per_tok ({top_k})",
-                        num_experts / n_group
-                    )));
-                }
-                let scaling = r.f64_opt("routed_scaling_factor")?.unwrap_or(if deepseek { 2.5 } else { 1.0 }) as f32;
-                if !(scaling.is_finite() && scaling > 0.0) {
-                    return Err(r.err(format!("routed_scaling_factor must be a positive number, got {scaling}")));
-                }
-                RoutingRule {
-                    scoring: GateScoring::Sigmoid,
-                    renormalize: norm_topk_prob,
-                    n_group,
-                    topk_group,
-                    scaling,
-                    correction_bias: true,
-                }
-            }
-            _ => RoutingRule::softmax(norm_topk_prob),
-        };
-        let latent = match architecture {
-            Architecture::DeepseekV3 => {
-                let l = LatentAttention {
-                    q_lora_rank: r.usize_opt("q_lora_rank")?.filter(|&n| n > 0),
-                    kv_lora_rank: r.positive("kv_lora_rank")?,
-                    qk_nope_head_dim: r.positive("qk_nope_head_dim")?,
-                    qk_rope_head_dim: r.positive("qk_rope_head_dim")?,
-                    v_head_dim: r.positive("v_head_dim")?,
-                    rope_interleave: r.bool_or("rope_interleave", true)?,
-                };
-                if l.qk_rope_head_dim % 2 != 0 {
-                    return Err(r.err(format!("qk_rope_head_dim must be even, got {}", l.qk_rope_head_dim)));
-                }
-                if attention_bias {
-                    return Err(r.err("attention_bias = true is not supported with latent attention".into()));
-                }
-                Some(l)
-            }
-            _ => None,
-        };
+        let routing = crate::config_variants::routing(&r, architecture, num_experts, top_k, norm_topk_prob)?;
+        let latent = crate::config_variants::latent(&r, architecture, attention_bias)?;
+        let gpt_oss = crate::config_variants::gpt_oss(&r, architecture, num_layers)?;
         // Heads of latent attention are q/k heads of nope + rope columns.
         let head_dim = latent.as_ref().map_or(head_dim, |l| l.qk_head_dim());
         let rotary_dim = match (&latent, architecture) {
@@ -433,27 +389,14 @@ impl ModelConfig {
             _ => None,
         };
         let vocab_size = r.positive("vocab_size")?;
-        let quantization = match r.present("quantization_config") {
-            None => None,
-            Some(q) => {
-                let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("unknown").to_string();
-                let block = q.get("weight_block_size").and_then(|b| b.as_array()).and_then(|b| {
-                    let v: Vec<usize> = b.iter().filter_map(|x| x.as_u64().map(|n| n as usize)).collect();
-                    (v.len() == 2 && v.iter().all(|&n| n > 0)).then(|| [v[0], v[1]])
-                });
-                match (method.as_str(), block) {
-                    ("fp8", Some(block)) => Some(Quantization::Fp8Block { block }),
-                    _ => Some(Quantization::Other(method)),
-                }
-            }
-        };
+        let quantization = crate::config_variants::quantization(&r);
         let tie_word_embeddings = r.bool_or("tie_word_embeddings", false)?;
         let bos_token_id = r.ids("bos_token_id")?.first().copied();
         Ok(Self {
             architecture,
             vocab_size,
             hidden_size,
-            num_layers: r.positive("num_hidden_layers")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -480,6 +423,7 @@ impl ModelConfig {
             rope: Rope { theta: rope_theta, rotary_dim, yarn },
             latent,
             quantization,
+            gpt_oss,
         })
     }
 
@@ -498,6 +442,20 @@ impl ModelConfig {
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }
         format!("{h:016x}")
+    }
+
+    /// The sliding window of layer `layer` (Mixtral's for every layer, gpt-oss's on its sliding
+    /// layers), or `None` for full attention.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        match &self.gpt_oss {
+            Some(g) => g.sliding_layers.get(layer).copied().unwrap_or(false).then_some(g.sliding_window),
+            None => self.sliding_window,
+        }
+    }
+
+    /// The activation of the routed experts.
+    pub fn expert_glu(&self) -> moe_compute::Glu {
+        self.gpt_oss.as_ref().map_or(moe_compute::Glu::Silu, |g| g.glu)
     }
 
     /// Indices of the layers with routed experts.

@@ -32,6 +32,8 @@ pub enum ModelError {
     Experts { layer: usize, message: String },
     #[error("{architecture} needs {feature}, which the {backend} backend does not implement yet; use --device cpu")]
     BackendLacks { architecture: &'static str, feature: &'static str, backend: String },
+    #[error("quantization {method:?} is not supported: block-scaled fp8 (any architecture) and mxfp4 (gpt-oss) are; dequantize to bf16 first")]
+    UnsupportedQuantization { method: String },
     #[error(transparent)]
     Compute(#[from] moe_compute::ComputeError),
 }

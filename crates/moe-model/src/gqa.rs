@@ -9,7 +9,7 @@ use crate::error::Result;
 use crate::model::{BatchItem, KvCache, Model};
 use crate::weights::AttentionWeights;
 use crate::workspace::Workspace;
-use moe_compute::{Backend, LoraWeights};
+use moe_compute::{AttentionShape, Backend, LoraWeights};
 
 impl<B: Backend> Model<B> {
     /// Grouped-query attention (multi-head and multi-query as its cases) on `ws.normed`.
@@ -46,8 +46,11 @@ impl<B: Backend> Model<B> {
         }
         b.rope(&mut ws.qkv, 0, c.num_heads, c.head_dim, &ws.rope);
         b.rope(&mut ws.qkv, qw, c.num_kv_heads, c.head_dim, &ws.rope);
-        b.attention(&ws.qkv, &self.attn_shape, &ws.seqs, &ws.page_table, &mut kv.store, layer_idx, &mut ws.attn)?;
-        b.linear(&ws.attn, &a.o, None, &mut ws.proj);
+        // This layer's window (gpt-oss alternates) and sinks.
+        let shape =
+            AttentionShape { sliding_window: c.window(layer_idx), sinks: a.sinks.as_deref(), ..self.attn_shape };
+        b.attention(&ws.qkv, &shape, &ws.seqs, &ws.page_table, &mut kv.store, layer_idx, &mut ws.attn)?;
+        b.linear(&ws.attn, &a.o, a.o_bias.as_ref(), &mut ws.proj);
         if has(o_pair) {
             let lookup = row_pair(items, &ws.row_item, layer_idx, o_pair);
             b.lora_add(&ws.attn, &lookup, 0, &mut ws.scratch, &mut ws.proj);

@@ -7,9 +7,11 @@
 pub mod adapter;
 pub mod checkpoint;
 pub mod config;
+mod config_variants;
 mod error;
 mod experts;
 mod fp8;
+mod fused_experts;
 mod gqa;
 pub mod kv;
 mod mla;

@@ -132,7 +132,7 @@ pub(crate) fn load_latent<B: Backend>(l: &Loader<'_, B>, a: &LatentAttention, p:
 
 /// The attention call of latent attention: every query head (absorbed, `latent_dim` wide)
 /// against one shared key per token whose values are the same row.
-pub(crate) fn latent_shape(heads: usize, a: &LatentAttention, scale: f32) -> AttentionShape {
+pub(crate) fn latent_shape(heads: usize, a: &LatentAttention, scale: f32) -> AttentionShape<'static> {
     let width = a.latent_dim();
     AttentionShape {
         n_heads: heads,
@@ -143,6 +143,7 @@ pub(crate) fn latent_shape(heads: usize, a: &LatentAttention, scale: f32) -> Att
         v_col: heads * width,
         scale,
         sliding_window: None,
+        sinks: None,
     }
 }
 

@@ -23,9 +23,9 @@ pub struct Model<B: Backend> {
     inv_freq: Vec<f32>,
     /// YaRN's attention factor on cos and sin (1 otherwise).
     rope_scale: f32,
-    pub(crate) attn_shape: AttentionShape,
+    pub(crate) attn_shape: AttentionShape<'static>,
     /// The attention call of latent attention (DeepSeek-V3), when the model has it.
-    latent_shape: Option<AttentionShape>,
+    latent_shape: Option<AttentionShape<'static>>,
 }
 
 /// The backend's KV store together with the allocator of its pages.
@@ -88,13 +88,7 @@ impl<B: Backend> Model<B> {
     /// forward calls must then be given an [`ExpertExecutor`].
     pub fn load_with(dir: &Path, backend: B, with_experts: bool) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
-        if config.latent.is_some() && !backend.supports_latent_attention() {
-            return Err(ModelError::BackendLacks {
-                architecture: config.architecture.hf_name(),
-                feature: "multi-head latent attention",
-                backend: backend.name(),
-            });
-        }
+        crate::weights::check_backend(&config, &backend)?;
         // What it will need, before any weight is read.
         tracing::info!(model = %dir.display(), "{}", crate::sizing::ModelSize::of(&config).describe(&config));
         let ckpt = Checkpoint::open(dir)?;
@@ -113,6 +107,7 @@ impl<B: Backend> Model<B> {
             v_col: qw + kw,
             scale: config.attention_scale(),
             sliding_window: config.sliding_window,
+            sinks: None,
         };
         let latent_shape =
             config.latent.as_ref().map(|a| crate::mla::latent_shape(config.num_heads, a, config.attention_scale()));
@@ -127,7 +122,7 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    pub(crate) fn latent_shape(&self) -> AttentionShape {
+    pub(crate) fn latent_shape(&self) -> AttentionShape<'static> {
         self.latent_shape.unwrap_or(self.attn_shape)
     }
 
@@ -382,7 +377,7 @@ impl<B: Backend> Model<B> {
     fn moe_route(&self, ws: &mut Workspace<B>, layer: usize, moe: &MoeWeights<B>, items: &[BatchItem<'_, B>]) {
         let (b, c) = (&self.backend, &self.config);
         let (rows, _) = b.act_shape(&ws.normed);
-        b.linear(&ws.normed, &moe.gate, None, &mut ws.gate_logits);
+        b.linear(&ws.normed, &moe.gate, moe.router_bias.as_ref(), &mut ws.gate_logits);
         let has_gate =
             items.iter().any(|it| it.adapter.and_then(|a| a.layers.get(layer)).is_some_and(|l| l.gate.is_some()));
         if has_gate {

@@ -10,7 +10,8 @@ use crate::config::ModelConfig;
 pub struct ModelSize {
     /// Every parameter the serving path loads (no multi-token-prediction layers).
     pub total_params: u64,
-    /// Parameters one token runs through (top-k routed experts, not all of them).
+    /// Parameters one token runs through (top-k routed experts, not all of them; the embedding
+    /// table, of which a token reads one row, is not counted, as model cards count it).
     pub active_params: u64,
     /// Parameters of the routed experts (what workers hold).
     pub expert_params: u64,
@@ -62,11 +63,13 @@ impl ModelSize {
             total += dense + all;
             active += dense + used;
         }
-        let head = if c.tie_word_embeddings { 0 } else { v * h };
-        let outer = v * h + head + h;
+        // A tied head is the embedding table, which a token then multiplies by in full.
+        let head = v * h;
+        let outer_head = if c.tie_word_embeddings { 0 } else { v * h };
+        let outer = v * h + outer_head + h;
         Self {
             total_params: total + outer,
-            active_params: active + outer,
+            active_params: active + head + h,
             expert_params: experts,
             kv_values_per_token: (c.num_layers * c.kv_values_per_token_layer()) as u64,
         }

@@ -12,8 +12,13 @@ pub struct AttentionWeights<B: Backend> {
     pub qkv: B::Matrix,
     pub qkv_bias: Option<B::Vector>,
     pub o: B::Matrix,
+    /// gpt-oss's `o_proj.bias`.
+    pub o_bias: Option<B::Vector>,
     pub q_norm: Option<B::Vector>,
     pub k_norm: Option<B::Vector>,
+    /// gpt-oss's attention sinks, one logit per query head (on the host; the backend reads them
+    /// through [`moe_compute::AttentionShape::sinks`]).
+    pub sinks: Option<Vec<f32>>,
 }
 
 pub struct MoeWeights<B: Backend> {
@@ -22,6 +27,8 @@ pub struct MoeWeights<B: Backend> {
     /// The gate's `e_score_correction_bias` (sigmoid routing; selection only), on the host where
     /// routing runs.
     pub gate_bias: Option<Vec<f32>>,
+    /// The router linear's own bias (gpt-oss), added to the logits.
+    pub router_bias: Option<B::Vector>,
     /// Every routed expert, or empty when experts live elsewhere (a router's dense-only model).
     pub experts: Vec<SwigluWeights<B>>,
     /// The shared expert(s), run by the router for every token.
@@ -100,11 +107,10 @@ impl<B: Backend> Loader<'_, B> {
     fn swiglu(&self, prefix: &str, names: [&str; 3], inter: usize) -> Result<SwigluWeights<B>> {
         let h = self.cfg.hidden_size;
         let [gate, up, down] = names;
-        Ok(SwigluWeights {
-            gate_up: self
-                .stacked(&[(format!("{prefix}.{gate}.weight"), inter), (format!("{prefix}.{up}.weight"), inter)], h)?,
-            down: self.matrix(&format!("{prefix}.{down}.weight"), h, inter)?,
-        })
+        Ok(SwigluWeights::plain(
+            self.stacked(&[(format!("{prefix}.{gate}.weight"), inter), (format!("{prefix}.{up}.weight"), inter)], h)?,
+            self.matrix(&format!("{prefix}.{down}.weight"), h, inter)?,
+        ))
     }
 
     fn attention(&self, p: &str) -> Result<AttentionWeights<B>> {
@@ -134,17 +140,26 @@ impl<B: Backend> Loader<'_, B> {
                 Some(self.vector(&format!("{p}.k_norm.weight"), kw)?),
             ),
         };
+        let gpt_oss = c.gpt_oss.is_some();
+        let o_bias =
+            if gpt_oss && c.attention_bias { Some(self.vector(&format!("{p}.o_proj.bias"), h)?) } else { None };
+        let sinks = if gpt_oss { Some(self.ckpt.read(&format!("{p}.sinks"), &[c.num_heads])?) } else { None };
         Ok(AttentionWeights {
             qkv: self.stacked(&parts, h)?,
             qkv_bias,
             o: self.matrix(&format!("{p}.o_proj.weight"), h, qw)?,
+            o_bias,
             q_norm,
             k_norm,
+            sinks,
         })
     }
 
     fn expert(&self, layer: usize, expert: usize) -> Result<SwigluWeights<B>> {
         let c = self.cfg;
+        if c.architecture == Architecture::GptOss {
+            return crate::fused_experts::load(self.ckpt, c, self.backend, layer, expert);
+        }
         let p = format!("model.layers.{layer}.{}.experts.{expert}", c.architecture.moe_prefix());
         let names: [&str; 3] = match c.architecture {
             Architecture::Mixtral => ["w1", "w3", "w2"],
@@ -177,9 +192,16 @@ impl<B: Backend> Loader<'_, B> {
         } else {
             None
         };
+        let gate = c.architecture.gate_name();
+        let router_bias = if c.architecture == Architecture::GptOss {
+            Some(self.vector(&format!("{p}.{gate}.bias"), c.num_experts)?)
+        } else {
+            None
+        };
         Ok(MoeWeights {
-            gate: self.matrix(&format!("{p}.gate.weight"), c.num_experts, c.hidden_size)?,
+            gate: self.matrix(&format!("{p}.{gate}.weight"), c.num_experts, c.hidden_size)?,
             gate_bias,
+            router_bias,
             experts,
             shared,
         })
@@ -194,7 +216,31 @@ pub fn load_expert<B: Backend>(
     layer: usize,
     expert: usize,
 ) -> Result<SwigluWeights<B>> {
+    check_backend(cfg, backend)?;
     Loader { ckpt, backend, cfg }.expert(layer, expert)
+}
+
+/// Refuses, naming what is missing, an architecture whose operations `backend` lacks.
+pub fn check_backend<B: Backend>(cfg: &ModelConfig, backend: &B) -> Result<()> {
+    let lacks = |feature| {
+        Err(crate::ModelError::BackendLacks {
+            architecture: cfg.architecture.hf_name(),
+            feature,
+            backend: backend.name(),
+        })
+    };
+    if cfg.latent.is_some() && !backend.supports_latent_attention() {
+        return lacks("multi-head latent attention");
+    }
+    if cfg.gpt_oss.is_some() && !backend.supports_gpt_oss() {
+        return lacks("attention sinks and biased, clamped SwiGLU experts");
+    }
+    match &cfg.quantization {
+        Some(crate::Quantization::Other(method)) if !(method == "mxfp4" && cfg.gpt_oss.is_some()) => {
+            Err(crate::ModelError::UnsupportedQuantization { method: method.clone() })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Loads every weight the config calls for; the routed experts only if `with_experts`.
@@ -214,6 +260,7 @@ pub fn load_weights<B: Backend>(
         .map(|s| 2 * s.iter().product::<usize>())
         .sum();
     backend.ensure_room("the model's weights", needed)?;
+    check_backend(cfg, backend)?;
     let l = Loader { ckpt, backend, cfg };
     let h = cfg.hidden_size;
     let mut layers = Vec::with_capacity(cfg.num_layers);

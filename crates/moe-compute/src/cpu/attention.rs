@@ -70,7 +70,7 @@ fn check_pages(store: &CpuKvStore, pages: &[u32], seq: &AttentionSeq) -> Result<
 pub fn paged_attention(
     qkv: &[f32],
     qkv_cols: usize,
-    shape: &AttentionShape,
+    shape: &AttentionShape<'_>,
     seqs: &[AttentionSeq],
     page_table: &[u32],
     store: &mut CpuKvStore,
@@ -153,7 +153,7 @@ pub fn paged_attention(
                 dots(q, &keys[off..off + span], stride, &mut scores[p - first..p - first + count]);
                 p += count;
             }
-            softmax_scaled(&mut scores, shape.scale);
+            softmax_scaled(&mut scores, shape.scale, shape.sinks.map(|s| s[h]));
             LANES.with(|lanes| {
                 let v = |j: usize| &values[store.slot_offset(pages, first + j) + kvh * hd..][..hd];
                 lane_weighted_rows(&scores, first, v, o, &mut lanes.borrow_mut());
@@ -193,17 +193,24 @@ thread_local! {
 }
 
 /// The canonical softmax of one row's scores in reach, in place: scaled, shifted by their
-/// maximum, exponentiated and summed in position order, then normalized.
-fn softmax_scaled(s: &mut [f32], scale: f32) {
+/// maximum, exponentiated and summed in position order, then normalized. A `sink` logit joins the
+/// maximum and the sum last (gpt-oss), taking its share of the probability.
+fn softmax_scaled(s: &mut [f32], scale: f32, sink: Option<f32>) {
     let mut max = f32::NEG_INFINITY;
     for v in s.iter_mut() {
         *v *= scale;
         max = max.max(*v);
     }
+    if let Some(k) = sink {
+        max = max.max(k);
+    }
     let mut sum = 0.0f32;
     for v in s.iter_mut() {
         *v = (*v - max).exp();
         sum += *v;
+    }
+    if let Some(k) = sink {
+        sum += (k - max).exp();
     }
     let inv = 1.0 / sum;
     for v in s.iter_mut() {
@@ -215,7 +222,7 @@ fn softmax_scaled(s: &mut [f32], scale: f32) {
 struct TileCtx<'a> {
     qkv: &'a [f32],
     qkv_cols: usize,
-    shape: &'a AttentionShape,
+    shape: &'a AttentionShape<'a>,
     page_table: &'a [u32],
     store: &'a CpuKvStore,
     keys: &'a [f32],
@@ -274,7 +281,8 @@ impl TileCtx<'_> {
                 let pos = pos0 + r % tr;
                 let (lo, hi) = (first_of(pos) - k0, pos + 1 - k0); // keys in reach of this row
                 let s = &mut sb[r * nk..(r + 1) * nk];
-                softmax_scaled(&mut s[lo..hi], shape.scale);
+                let sink = shape.sinks.map(|s| s[g * self.group + r / tr]);
+                softmax_scaled(&mut s[lo..hi], shape.scale, sink);
                 s[..lo].fill(0.0);
                 s[hi..].fill(0.0);
             }
@@ -315,6 +323,7 @@ mod tests {
                 v_col: (heads + kv_heads) * hd,
                 scale: 0.25,
                 sliding_window: window,
+                sinks: None,
             };
             let layout = KvLayout {
                 layers: 1,
@@ -387,6 +396,7 @@ mod speed {
             v_col: (heads + kv) * hd,
             scale: 0.125,
             sliding_window: None,
+            sinks: None,
         };
         let layout = KvLayout {
             layers: 1,

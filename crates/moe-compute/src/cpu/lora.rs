@@ -147,12 +147,12 @@ mod tests {
             up: Some(pair(3, h, i, 60, 1.3)),
             down: Some(pair(2, i, h, 70, 0.9)),
         };
-        let experts = vec![SwigluWeights { gate_up: gu.clone(), down: down.clone() }];
+        let experts = vec![SwigluWeights::plain(gu.clone(), down.clone())];
         // The merged expert: gate rows then up rows of gate_up.
         let g = merged(&HostMatrix::f32(i, h, vals(&gu)[..i * h].to_vec()), lora.gate.as_ref().unwrap());
         let u = merged(&HostMatrix::f32(i, h, vals(&gu)[i * h..].to_vec()), lora.up.as_ref().unwrap());
         let gu_m = HostMatrix::f32(2 * i, h, [vals(&g), vals(&u)].concat());
-        let merged_experts = vec![SwigluWeights { gate_up: gu_m, down: merged(&down, lora.down.as_ref().unwrap()) }];
+        let merged_experts = vec![SwigluWeights::plain(gu_m, merged(&down, lora.down.as_ref().unwrap()))];
         let x = act(&mat(4, h, 3));
         let mut plan = ExpertPlan::default();
         plan.rebuild(1, 1, &[(0, 1.0), (0, 0.5), (0, 0.25), (0, 2.0)]);

@@ -14,7 +14,7 @@ pub use attention::CpuKvStore;
 pub use linear::{matmul_t, matmul_tw, Weights};
 
 use crate::{
-    AttentionSeq, AttentionShape, Backend, ComputeError, ExpertPlan, FfnScratch, KvLayout, Result, RowExpertLora,
+    AttentionSeq, AttentionShape, Backend, ComputeError, ExpertPlan, FfnScratch, Glu, KvLayout, Result, RowExpertLora,
     RowLora, SwigluWeights,
 };
 use std::ops::Range;
@@ -268,7 +268,7 @@ impl Backend for CpuBackend {
     fn attention(
         &self,
         qkv: &HostTensor,
-        shape: &AttentionShape,
+        shape: &AttentionShape<'_>,
         seqs: &[AttentionSeq],
         page_table: &[u32],
         store: &mut CpuKvStore,
@@ -293,9 +293,9 @@ impl Backend for CpuBackend {
     }
 
     fn swiglu(&self, x: &HostTensor, w: &SwigluWeights<Self>, s: &mut FfnScratch<Self>, out: &mut HostTensor) {
-        self.linear(x, &w.gate_up, None, &mut s.gate_up);
-        silu_mul(&s.gate_up, &mut s.hidden);
-        self.linear(&s.hidden, &w.down, None, out);
+        self.linear(x, &w.gate_up, w.gate_up_bias.as_ref(), &mut s.gate_up);
+        glu(&s.gate_up, w.glu, &mut s.hidden);
+        self.linear(&s.hidden, &w.down, w.down_bias.as_ref(), out);
     }
 
     fn expert_ffn(
@@ -335,7 +335,7 @@ impl Backend for CpuBackend {
                 continue;
             }
             self.gather_rows(x, rows, &mut s.rows);
-            self.linear(&s.rows, &w.gate_up, None, &mut s.gate_up);
+            self.linear(&s.rows, &w.gate_up, w.gate_up_bias.as_ref(), &mut s.gate_up);
             let any = rows.iter().any(|&r| lora(r as usize, e).is_some());
             let inter = w.gate_up.rows / 2;
             if any {
@@ -358,8 +358,8 @@ impl Backend for CpuBackend {
                     &mut s.gate_up,
                 );
             }
-            silu_mul(&s.gate_up, &mut s.hidden);
-            self.linear(&s.hidden, &w.down, None, &mut s.out);
+            glu(&s.gate_up, w.glu, &mut s.hidden);
+            self.linear(&s.hidden, &w.down, w.down_bias.as_ref(), &mut s.out);
             if any {
                 let of = |i: usize| lora(rows[i] as usize, e).and_then(|l| l.down.as_ref());
                 lora::lora_segments(&s.hidden, of, 0, &mut s.lora_shrink, &mut s.lora_expand, &mut s.out);
@@ -404,6 +404,10 @@ impl Backend for CpuBackend {
         true
     }
 
+    fn supports_gpt_oss(&self) -> bool {
+        true
+    }
+
     fn add_sigmoid_gated(&self, out: &mut HostTensor, y: &HostTensor, gate: &HostTensor) {
         for r in 0..out.rows {
             let g = 1.0 / (1.0 + (-gate.data[r * gate.cols]).exp());
@@ -417,14 +421,27 @@ impl Backend for CpuBackend {
     }
 }
 
-/// `out[r, j] = silu(gu[r, j]) * gu[r, I + j]` where `gu` is `[rows, 2I]`.
-fn silu_mul(gu: &HostTensor, out: &mut HostTensor) {
+/// `out[r, j] = act(gu[r, j], gu[r, I + j])` where `gu` is `[rows, 2I]` (gate then up):
+/// `silu(g) * u`, or gpt-oss's clamped form.
+fn glu(gu: &HostTensor, kind: Glu, out: &mut HostTensor) {
     let inter = gu.cols / 2;
     out.reshape(gu.rows, inter);
     for r in 0..gu.rows {
         let (g, u) = gu.row(r).split_at(inter);
-        for ((o, gv), uv) in out.row_mut(r).iter_mut().zip(g).zip(u) {
-            *o = silu(*gv) * uv;
+        let o = out.row_mut(r);
+        match kind {
+            Glu::Silu => {
+                for ((o, gv), uv) in o.iter_mut().zip(g).zip(u) {
+                    *o = silu(*gv) * uv;
+                }
+            }
+            Glu::ClampedSigmoid { alpha, limit } => {
+                for ((o, &gv), &uv) in o.iter_mut().zip(g).zip(u) {
+                    let gate = gv.min(limit);
+                    let up = uv.clamp(-limit, limit);
+                    *o = (up + 1.0) * (gate / (1.0 + (-(gate * alpha)).exp()));
+                }
+            }
         }
     }
 }

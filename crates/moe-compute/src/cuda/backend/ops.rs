@@ -214,7 +214,7 @@ impl Backend for CudaBackend {
     fn attention(
         &self,
         qkv: &CudaAct,
-        shape: &AttentionShape,
+        shape: &AttentionShape<'_>,
         seqs: &[AttentionSeq],
         page_table: &[u32],
         store: &mut CudaKvStore,

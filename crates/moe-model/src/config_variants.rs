@@ -1,0 +1,155 @@
+//! The parts of config.json that choose an architecture's concerns beyond the common fields:
+//! the routing rule (softmax, or grouped sigmoid with a correction bias), multi-head latent
+//! attention, and gpt-oss's attention sinks, alternating sliding-window layers and clamped,
+//! biased experts.
+
+use crate::config::{Architecture, LatentAttention, Reader};
+use crate::error::Result;
+use crate::routing::{GateScoring, RoutingRule};
+use moe_compute::Glu;
+use serde_json::Value;
+
+/// The routing rule of `architecture`.
+pub(crate) fn routing(
+    r: &Reader<'_>,
+    architecture: Architecture,
+    num_experts: usize,
+    top_k: usize,
+    norm_topk_prob: bool,
+) -> Result<RoutingRule> {
+    Ok(match architecture {
+        Architecture::DeepseekV3 | Architecture::Glm4Moe => {
+            let deepseek = architecture == Architecture::DeepseekV3;
+            let n_group = r.usize_opt("n_group")?.unwrap_or(if deepseek { 8 } else { 1 }).max(1);
+            let topk_group = r.usize_opt("topk_group")?.unwrap_or(if deepseek { 4 } else { 1 }).max(1);
+            if num_experts % n_group != 0 || topk_group > n_group {
+                return Err(r.err(format!(
+                    "n_group ({n_group}) must divide the {num_experts} experts and topk_group ({topk_group}) must not exceed it"
+                )));
+            }
+            if n_group > 1 && num_experts / n_group * topk_group < top_k {
+                return Err(r.err(format!(
+                    "topk_group ({topk_group}) groups of {} experts cannot hold num_experts_per_tok ({top_k})",
+                    num_experts / n_group
+                )));
+            }
+            let scaling = r.f64_opt("routed_scaling_factor")?.unwrap_or(if deepseek { 2.5 } else { 1.0 }) as f32;
+            if !(scaling.is_finite() && scaling > 0.0) {
+                return Err(r.err(format!("routed_scaling_factor must be a positive number, got {scaling}")));
+            }
+            RoutingRule {
+                scoring: GateScoring::Sigmoid,
+                renormalize: norm_topk_prob,
+                n_group,
+                topk_group,
+                scaling,
+                correction_bias: true,
+            }
+        }
+        _ => RoutingRule::softmax(norm_topk_prob),
+    })
+}
+
+/// Multi-head latent attention's shape (DeepSeek-V3), or `None`.
+pub(crate) fn latent(
+    r: &Reader<'_>,
+    architecture: Architecture,
+    attention_bias: bool,
+) -> Result<Option<LatentAttention>> {
+    Ok(match architecture {
+        Architecture::DeepseekV3 => {
+            let l = LatentAttention {
+                q_lora_rank: r.usize_opt("q_lora_rank")?.filter(|&n| n > 0),
+                kv_lora_rank: r.positive("kv_lora_rank")?,
+                qk_nope_head_dim: r.positive("qk_nope_head_dim")?,
+                qk_rope_head_dim: r.positive("qk_rope_head_dim")?,
+                v_head_dim: r.positive("v_head_dim")?,
+                rope_interleave: r.bool_or("rope_interleave", true)?,
+            };
+            if l.qk_rope_head_dim % 2 != 0 {
+                return Err(r.err(format!("qk_rope_head_dim must be even, got {}", l.qk_rope_head_dim)));
+            }
+            if attention_bias {
+                return Err(r.err("attention_bias = true is not supported with latent attention".into()));
+            }
+            Some(l)
+        }
+        _ => None,
+    })
+}
+
+/// gpt-oss's attention and expert variants.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GptOssParts {
+    /// Per layer: whether it attends through the sliding window (`layer_types`).
+    pub sliding_layers: Vec<bool>,
+    pub sliding_window: usize,
+    pub glu: Glu,
+}
+
+/// gpt-oss's parts, or `None` for other architectures.
+pub(crate) fn gpt_oss(r: &Reader<'_>, architecture: Architecture, num_layers: usize) -> Result<Option<GptOssParts>> {
+    if architecture != Architecture::GptOss {
+        return Ok(None);
+    }
+    let sliding_window = r.positive("sliding_window")?;
+    let sliding_layers = match r.present("layer_types") {
+        // transformers' default: even layers slide, odd ones attend to everything.
+        None => (0..num_layers).map(|i| i % 2 == 0).collect(),
+        Some(Value::Array(kinds)) => {
+            let parsed: Option<Vec<bool>> = kinds
+                .iter()
+                .map(|k| match k.as_str() {
+                    Some("sliding_attention") => Some(true),
+                    Some("full_attention") => Some(false),
+                    _ => None,
+                })
+                .collect();
+            match parsed {
+                Some(v) if v.len() == num_layers => v,
+                _ => {
+                    return Err(r.err(format!(
+                        "`layer_types` must list \"sliding_attention\" or \"full_attention\" for each of the {num_layers} layers"
+                    )))
+                }
+            }
+        }
+        Some(_) => return Err(r.err("`layer_types` must be a list".into())),
+    };
+    let alpha = r.f64_opt("swiglu_alpha")?.unwrap_or(1.702) as f32;
+    let limit = r.f64_opt("swiglu_limit")?.unwrap_or(7.0) as f32;
+    if !(alpha.is_finite() && limit.is_finite() && limit > 0.0) {
+        return Err(
+            r.err(format!("swiglu_alpha ({alpha}) and swiglu_limit ({limit}) must be finite, the limit positive"))
+        );
+    }
+    Ok(Some(GptOssParts { sliding_layers, sliding_window, glu: Glu::ClampedSigmoid { alpha, limit } }))
+}
+
+/// A checkpoint's quantization (`quantization_config`), as far as it matters for loading.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Quantization {
+    /// Block-scaled FP8 (`quant_method: "fp8"`, `weight_block_size`): e4m3 weights with one
+    /// `weight_scale_inv` per block.
+    Fp8Block { block: [usize; 2] },
+    /// Any other method, named.
+    Other(String),
+}
+
+/// The checkpoint's quantization, from `quantization_config`.
+pub(crate) fn quantization(r: &Reader<'_>) -> Option<Quantization> {
+    match r.present("quantization_config") {
+        None => None,
+        Some(q) => {
+            let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("unknown").to_string();
+            let block = q.get("weight_block_size").and_then(|b| b.as_array()).and_then(|b| {
+                let v: Vec<usize> = b.iter().filter_map(|x| x.as_u64().map(|n| n as usize)).collect();
+                (v.len() == 2 && v.iter().all(|&n| n > 0)).then(|| [v[0], v[1]])
+            });
+            match (method.as_str(), block) {
+                ("fp8", Some(block)) => Some(Quantization::Fp8Block { block }),
+                _ => Some(Quantization::Other(method)),
+            }
+        }
+    }
+}
