@@ -76,3 +76,27 @@ fn an_unsupported_quantization_is_refused_by_name() {
     let out = moe(&["logits", "--model", tmp.path().to_str().expect("utf8"), "--token-ids", "1,2"]);
     out.assert_error(&["\"awq\"", "not supported"]);
 }
+
+/// `moe bench`'s DeepSeek-V3-shaped model has the benchmark model's active parameters (so its
+/// decode ratio compares layouts, not sizes), a latent KV cache, and serves.
+#[test]
+fn the_deepseek_shaped_bench_model_matches_the_mixtral_one_in_active_parameters() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let spec = moe_demo::DemoSpec { num_layers: 3, vocab_size: 300, ..moe_demo::DemoSpec::demo() };
+    let ds = moe_demo::DemoSpec { layout: moe_demo::DemoLayout::DeepseekV3, ..spec.clone() };
+    let (m, d) = (tmp.path().join("mixtral"), tmp.path().join("deepseek"));
+    moe_demo::write_demo_model(&m, &spec).expect("mixtral");
+    moe_demo::write_demo_model(&d, &ds).expect("deepseek");
+    let size = |dir: &std::path::Path| {
+        let out = moe(&["inspect", "--model", dir.to_str().expect("utf8"), "--json"]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        out.json()
+    };
+    let (mv, dv) = (size(&m), size(&d));
+    assert_eq!(dv["architecture"], "DeepseekV3ForCausalLM");
+    let (ma, da) = (mv["active_params"].as_f64().expect("m"), dv["active_params"].as_f64().expect("d"));
+    assert!((da / ma - 1.0).abs() < 0.05, "active parameters {da} vs {ma}");
+    assert!(dv["kv_values_per_token"].as_u64() < mv["kv_values_per_token"].as_u64(), "{dv} {mv}");
+    let out = moe(&["generate", "--model", d.to_str().expect("utf8"), "--prompt", "hello", "--max-new-tokens", "4"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+}

@@ -102,6 +102,8 @@ struct Report {
     multi_turn: Option<crate::bench_multiturn::MultiTurnRun>,
     failover: Vec<crate::bench_failover::FailoverRun>,
     structured: Option<crate::bench_structured::StructuredRun>,
+    /// The benchmark model against its DeepSeek-V3-shaped counterpart (bench model only).
+    layouts: Option<crate::bench_shapes::ShapeComparison>,
 }
 
 /// Remote decode with two-batch overlap (the default) against the same run without it.
@@ -308,7 +310,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         };
         crate::bench_multiturn::measure(&dir, a.workers, adapters.as_deref())?
     };
+    let layouts = match a.model {
+        Some(_) => None,
+        None => Some(crate::bench_shapes::measure(a.workers, a.new_tokens)?),
+    };
     let report = Report {
+        layouts,
         model: dir.display().to_string(),
         threads: rayon::current_num_threads(),
         ceilings,
@@ -369,6 +376,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         }
         if let Some(s) = &report.structured {
             crate::bench_structured::print(s);
+        }
+        if let Some(l) = &report.layouts {
+            crate::bench_shapes::print(l);
         }
     }
     eprintln!("bench took {:.0} s", started.elapsed().as_secs_f64());

@@ -10,6 +10,7 @@ mod bench_failover;
 mod bench_multiturn;
 mod bench_placement;
 mod bench_prefix;
+mod bench_shapes;
 mod bench_structured;
 mod client;
 mod config_file;

@@ -5,6 +5,7 @@
 //! random PEFT LoRA adapters for that layout. It does not load or run models.
 
 mod adapter;
+mod deepseek;
 mod tokenizer;
 pub mod trained;
 
@@ -49,6 +50,16 @@ pub struct DemoSpec {
     pub max_position_embeddings: usize,
     pub seed: u64,
     pub dtype: DemoDtype,
+    pub layout: DemoLayout,
+}
+
+/// Which architecture's layout a demo checkpoint has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DemoLayout {
+    /// Mixtral: grouped-query attention, top-k of the routed experts.
+    Mixtral,
+    /// DeepSeek-V3 with the Mixtral spec's active parameters (see `deepseek.rs`).
+    DeepseekV3,
 }
 
 impl DemoSpec {
@@ -66,6 +77,7 @@ impl DemoSpec {
             max_position_embeddings: 4096,
             seed: 1,
             dtype: DemoDtype::F32,
+            layout: DemoLayout::Mixtral,
         }
     }
 
@@ -164,6 +176,9 @@ fn ones(dtype: DemoDtype, len: usize) -> Tensor {
 /// missing). Returns the parameter count.
 pub fn write_demo_model(dir: &Path, spec: &DemoSpec) -> Result<usize> {
     spec.validate()?;
+    if spec.layout == DemoLayout::DeepseekV3 {
+        return deepseek::write(dir, spec);
+    }
     std::fs::create_dir_all(dir).map_err(|error| DemoError::Io { path: dir.to_path_buf(), error })?;
     let (h, i, e) = (spec.hidden_size, spec.intermediate_size, spec.num_experts);
     let hd = h / spec.num_heads;
