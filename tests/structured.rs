@@ -346,3 +346,45 @@ fn grpc_requests_carry_a_constraint() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("constraint"), "{}", e.message());
 }
+
+/// Defect: a resumed constrained stream whose resumed tokens already completed the constraint
+/// ran one more step under an end-of-text-only mask and sent a token the original never did.
+/// Resume ends it at once, as the original ended: Stop, the same completion count, no new token.
+#[test]
+fn a_resume_that_completed_its_constraint_ends_as_the_original_did() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (_model, engine) = setup(tmp.path());
+    let finish = |resume: Option<Vec<u32>>| {
+        let params = GenerationParams {
+            max_new_tokens: Some(8),
+            constraint: Some(ConstraintSpec::Regex("ab".into())),
+            resume: resume.map(|generated| moe_router::resume::ResumeParams { generated, digest: "x".into() }),
+            ..Default::default()
+        };
+        let req = ValidatedRequest::new(
+            PromptInput::Ids(vec![5, 6, 7]),
+            &params,
+            engine.codec(),
+            engine.model_config(),
+            std::time::Duration::from_secs(60),
+        )
+        .expect("valid");
+        let mut rx = engine.submit(req).expect("submit").1;
+        let mut tokens = Vec::new();
+        loop {
+            match rx.blocking_recv() {
+                Some(Event::Delta { token_ids, .. }) => tokens.extend(token_ids),
+                Some(Event::Finished { reason, completion_tokens, .. }) => return (tokens, reason, completion_tokens),
+                Some(Event::Failed(e)) => panic!("failed: {e}"),
+                None => panic!("no terminal event"),
+            }
+        }
+    };
+    let (original, reason, count) = finish(None);
+    assert_eq!((reason, count), (FinishReason::Stop, original.len()), "{original:?}");
+    let text = engine.codec().decode(&original);
+    assert_eq!(text, "ab");
+    let (more, reason, count) = finish(Some(original.clone()));
+    assert!(more.is_empty(), "the resumed stream sent {more:?}, which the original never did");
+    assert_eq!((reason, count), (FinishReason::Stop, original.len()));
+}

@@ -246,6 +246,12 @@ impl Constraint {
         Ok(())
     }
 
+    /// Whether the output is complete: the grammar allows nothing more (after the tokens
+    /// committed or consumed so far).
+    pub fn is_complete(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+
     /// Follows the sampled `token`. Returns true when the output is complete (the grammar allows
     /// nothing more, or the token was end-of-text).
     pub fn commit(&mut self, token: u32) -> Result<bool> {

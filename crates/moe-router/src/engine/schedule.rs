@@ -155,14 +155,18 @@ impl<B: Backend> ComputeLoop<B> {
                 stopped |= text.push(&self.codec, t).1;
             }
             let resumed = sub.req.resumed.len();
+            // The resumed tokens completed the output constraint: the original stream ended there
+            // (Stop), as `emit` ends it when a committed token completes it.
+            let complete = resumed > 0 && sub.req.constraint.as_ref().is_some_and(|c| c.is_complete());
             let over = resumed > 0
                 && (stopped
+                    || complete
                     || resumed >= sub.req.max_new_tokens
                     || sub.req.resumed.last().is_some_and(|t| sub.req.stop_ids.contains(t))
                     || tokens.len() >= self.model.config.max_position_embeddings);
             if over {
                 // The resumed tokens already ended the generation: only its end was lost.
-                let stop = stopped || sub.req.resumed.last().is_some_and(|t| sub.req.stop_ids.contains(t));
+                let stop = stopped || complete || sub.req.resumed.last().is_some_and(|t| sub.req.stop_ids.contains(t));
                 let reason = if stop { FinishReason::Stop } else { FinishReason::Length };
                 let (prompt_tokens, completion_tokens) = (sub.req.prompt.len(), resumed);
                 self.metrics.ended("ok", sub.tenant(), prompt_tokens, 0, sub.submitted.elapsed());
