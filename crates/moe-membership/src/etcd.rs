@@ -187,6 +187,10 @@ pub async fn register_worker(
             tracing::info!(key = %key, lease, "registered in etcd");
             let own = client.watch(key.as_str(), None);
             let mut own = tokio::time::timeout(bounded, own).await.map_err(|_| silent())??;
+            // One beat for the whole session: a record put or a watch event must not restart
+            // the wait, or a record changing more often than the period never renews the lease.
+            let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => {
@@ -202,7 +206,8 @@ pub async fn register_worker(
                         }
                         let Some(v) = encode(&record.borrow_and_update()) else { continue };
                         value = v;
-                        client.put(key.as_str(), value.as_str(), Some(PutOptions::new().with_lease(lease))).await?;
+                        let put = client.put(key.as_str(), value.as_str(), Some(PutOptions::new().with_lease(lease)));
+                        tokio::time::timeout(bounded, put).await.map_err(|_| silent())??;
                         tracing::info!(key = %key, "worker record updated (hosted experts changed)");
                     }
                     m = own.message() => {
@@ -211,10 +216,11 @@ pub async fn register_worker(
                         };
                         if m.events().iter().any(|e| e.event_type() == EventType::Delete) {
                             tracing::warn!(key = %key, "this worker's record was deleted while its lease lives; putting it back");
-                            client.put(key.as_str(), value.as_str(), Some(PutOptions::new().with_lease(lease))).await?;
+                            let put = client.put(key.as_str(), value.as_str(), Some(PutOptions::new().with_lease(lease)));
+                            tokio::time::timeout(bounded, put).await.map_err(|_| silent())??;
                         }
                     }
-                    _ = tokio::time::sleep(period) => {
+                    _ = beat.tick() => {
                         tokio::time::timeout(bounded, keeper.keep_alive()).await.map_err(|_| silent())??;
                         match tokio::time::timeout(bounded, responses.message()).await.map_err(|_| silent())?? {
                             Some(r) if r.ttl() > 0 => {}
