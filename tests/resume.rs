@@ -234,3 +234,55 @@ fn loadgen_moves_requests_to_the_next_router_when_one_dies() {
     assert_eq!(v["outcomes"]["ok"].as_u64(), Some(requests), "every request ends ok: {v}");
     assert!(v["resumed"].as_u64().unwrap_or(0) >= 1, "nothing moved to the second router: {v}");
 }
+
+/// Defect: a resume's ids were replayed through the detokenizer inside admission, on the engine
+/// thread, and ids that never complete a UTF-8 character made that replay quadratic (4,000 such
+/// ids stalled every tenant's batch ~1.1 s). Now the replay runs during validation (off the engine
+/// thread) with a bounded window: the engine's longest single admission stays under 50 ms for the
+/// largest resume and prompt a request may carry, with another stream running.
+#[test]
+fn the_largest_resume_and_prompt_cannot_stall_the_engine() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("model");
+    endless_model(&dir);
+    let engine = moe_cluster::embedded(&dir, 2, moe_router::EngineConfig::default()).expect("engine");
+    let max_pos = engine.model_config().max_position_embeddings;
+    let submit = |prompt: Vec<u32>, new: usize, resume: Vec<u32>| {
+        let params = moe_router::GenerationParams {
+            max_new_tokens: Some(new as u32),
+            stop: vec!["never".into()],
+            resume: Some(moe_router::resume::ResumeParams { generated: resume, digest: "x".into() }),
+            ..Default::default()
+        };
+        let req = moe_router::ValidatedRequest::new(
+            moe_router::PromptInput::Ids(prompt),
+            &params,
+            engine.codec(),
+            engine.model_config(),
+            std::time::Duration::from_secs(600),
+        )
+        .expect("valid");
+        engine.submit(req).expect("submit").1
+    };
+    let mut canary = submit(vec![5, 6, 7], 40, vec![]);
+    // 0xF0 opens a 4-byte character that the next 0xF0 never continues: the worst case.
+    let resume = vec![0xF0u32; max_pos - 16];
+    let before = engine.stats().max_admission_us.load(std::sync::atomic::Ordering::SeqCst);
+    let mut hostile = submit((0..8).map(|i| 5 + i).collect(), max_pos - 16 + 4, resume);
+    let mut done = 0;
+    for rx in [&mut canary, &mut hostile] {
+        loop {
+            match rx.blocking_recv() {
+                Some(moe_router::Event::Delta { .. }) => {}
+                Some(moe_router::Event::Finished { .. }) => break,
+                Some(moe_router::Event::Failed(e)) => panic!("failed: {e}"),
+                None => panic!("no terminal event"),
+            }
+        }
+        done += 1;
+    }
+    assert_eq!(done, 2);
+    let worst = engine.stats().max_admission_us.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!("longest admission: {worst} µs (before the hostile request: {before} µs)");
+    assert!(worst < 50_000, "one request's admission held the engine for {worst} µs");
+}

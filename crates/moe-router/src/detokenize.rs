@@ -3,11 +3,17 @@
 //! stop sequence. Incremental (as TGI and vLLM do it): each token decodes only the few ids since
 //! the last complete text, as `decode(ids[prefix..])` minus `decode(ids[prefix..read])`, so a
 //! long output costs O(n), not O(n²); stop sequences are searched only where new text can
-//! complete one.
+//! complete one. Ids that never complete a character (any client can send them as resume ids)
+//! are taken as they decode (U+FFFD) once [`MAX_PENDING_IDS`] of them wait, so the re-decoded
+//! tail stays bounded and the cost linear whatever the ids.
 
 use moe_generate::TextCodec;
 
-#[derive(Debug, Default)]
+/// Ids that may wait for the rest of a character: a UTF-8 character is at most 4 bytes and a
+/// byte-level token holds at least one, so more than this never complete one.
+pub const MAX_PENDING_IDS: usize = 8;
+
+#[derive(Clone, Debug, Default)]
 pub struct DetokenizeStream {
     ids: Vec<u32>,
     /// `ids[prefix_offset..read_offset]` decode to the tail of `text` that later ids may change
@@ -37,14 +43,27 @@ impl DetokenizeStream {
         }
         let prefix = codec.decode(&self.ids[self.prefix_offset..self.read_offset]);
         let full = codec.decode(&self.ids[self.prefix_offset..]);
-        // An incomplete multi-byte character decodes as U+FFFD until its last byte arrives.
-        let ready = complete || !full.ends_with('\u{FFFD}');
+        // An incomplete multi-byte character decodes as U+FFFD until its last byte arrives; ids
+        // that have waited for more than any character needs are taken as they decode.
+        let stale = self.ids.len() - self.read_offset > MAX_PENDING_IDS;
+        let ready = complete || stale || !full.ends_with('\u{FFFD}');
         if ready && full.len() > prefix.len() && full.is_char_boundary(prefix.len()) {
             self.text.push_str(&full[prefix.len()..]);
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
+        } else if stale {
+            // Nothing decodable came of them (the decoded text did not grow): drop them from the
+            // window rather than decode them again and again.
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
         }
         before
+    }
+
+    /// Ids the next [`Self::push`] decodes again (bounded: see [`MAX_PENDING_IDS`]).
+    #[cfg(test)]
+    pub fn window(&self) -> usize {
+        self.ids.len() - self.prefix_offset
     }
 
     /// Adds a generated token; returns the text now safe to send and whether a stop sequence
@@ -154,5 +173,24 @@ mod tests {
         let (deltas, stopped) = stream(&codec, "ends with ST", &["STOP"]);
         assert!(!stopped);
         assert_eq!(deltas.concat(), "ends with ST");
+    }
+
+    /// Defect: ids that never complete a character were all decoded again at every push
+    /// (quadratic; 4,000 such resume ids stalled the engine ~1.1 s). The window stays bounded.
+    #[test]
+    fn ids_that_never_complete_a_character_keep_the_window_bounded() {
+        let (_dir, codec) = codec();
+        let mut s = DetokenizeStream::new(vec![]);
+        let mut text = String::new();
+        for _ in 0..4000 {
+            // 0xF0 starts a 4-byte character; another 0xF0 never continues it.
+            text.push_str(&s.push(&codec, 0xF0).0);
+            assert!(s.window() <= 2 * super::MAX_PENDING_IDS + 1, "window {}", s.window());
+        }
+        text.push_str(&s.flush(&codec));
+        assert!(!text.is_empty() && text.chars().all(|c| c == '\u{FFFD}'), "{text:?}");
+        // Valid text still streams exactly.
+        let (deltas, _) = stream(&codec, "ok 🙂 ok", &[]);
+        assert_eq!(deltas.concat(), "ok 🙂 ok");
     }
 }

@@ -70,6 +70,11 @@ pub struct ValidatedRequest {
     /// The compiled output constraint, already past any resumed tokens; the engine masks each
     /// step's logits with it.
     pub constraint: Option<moe_constrain::Constraint>,
+    /// The detokenizer after the resumed tokens (whose text was sent already) and whether they
+    /// completed a stop sequence: replayed here, during validation off the engine's thread, so
+    /// that no request's resume makes every other request's step wait.
+    pub(crate) resumed_text: crate::detokenize::DetokenizeStream,
+    pub(crate) resumed_stopped: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -203,6 +208,11 @@ impl ValidatedRequest {
             None => None,
             Some(spec) => Some(compile_constraint(spec, codec, config, &resumed)?),
         };
+        let mut resumed_text = crate::detokenize::DetokenizeStream::new(p.stop.clone());
+        let mut resumed_stopped = false;
+        for &t in &resumed {
+            resumed_stopped |= resumed_text.push(codec, t).1;
+        }
         // A client's timeout is capped, so the deadline is always a representable instant.
         let timeout = p.timeout.filter(|t| !t.is_zero()).unwrap_or(default_timeout).min(MAX_REQUEST_TIMEOUT);
         let now = Instant::now();
@@ -231,6 +241,8 @@ impl ValidatedRequest {
             resumed,
             resume_digest,
             constraint,
+            resumed_text,
+            resumed_stopped,
         })
     }
 }

@@ -106,6 +106,9 @@ pub struct EngineStats {
     pub running: AtomicUsize,
     pub waiting: AtomicUsize,
     pub steps: AtomicUsize,
+    /// The longest time the compute thread spent admitting one request (µs), since start: the
+    /// stall any single request's admission can cause every running request.
+    pub max_admission_us: std::sync::atomic::AtomicU64,
     /// Set when the server starts draining: new requests are refused with UNAVAILABLE, running
     /// ones go on.
     pub draining: AtomicBool,

@@ -3,7 +3,6 @@
 //! fits, and failing everything at shutdown or after a failure.
 
 use super::compute_loop::{ComputeLoop, Sequence};
-use crate::detokenize::DetokenizeStream;
 use crate::error::RouterError;
 use crate::request::{Event, FinishReason};
 use moe_compute::Backend;
@@ -100,7 +99,20 @@ impl<B: Backend> ComputeLoop<B> {
     /// (pages found in the prefix cache are reused and not counted again).
     pub(super) fn admit(&mut self) {
         while self.running.len() < self.config.max_running {
-            let Some(front) = self.waiting.front() else { break };
+            let started = Instant::now();
+            let admitted = self.admit_one();
+            let us = started.elapsed().as_micros() as u64;
+            self.stats.max_admission_us.fetch_max(us, Ordering::Relaxed);
+            if !admitted {
+                break;
+            }
+        }
+    }
+
+    /// Admits (or ends) the request at the front of the queue; false when none can be now.
+    fn admit_one(&mut self) -> bool {
+        {
+            let Some(front) = self.waiting.front() else { return false };
             let need = front.req.prompt.len() + front.req.max_new_tokens;
             // The prompt, then any tokens a resumed generation already produced.
             let mut tokens = Vec::with_capacity(need);
@@ -116,14 +128,14 @@ impl<B: Backend> ComputeLoop<B> {
             }
             if self.kv.pages.reserve(&mut cache, need).is_err() {
                 self.kv.pages.release(&mut cache);
-                break;
+                return false;
             }
             let cached_tokens = cache.len;
             if namespace.is_some() {
                 let tenant = front.tenant().to_string();
                 self.metrics.prefix_cache(&tenant, tokens.len(), cached_tokens);
             }
-            let Some(mut sub) = self.waiting.pop_front() else { break };
+            let Some(mut sub) = self.waiting.pop_front() else { return false };
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             if let Some(c) = &sub.req.constraint {
                 self.metrics.constrained(c.kind());
@@ -145,15 +157,13 @@ impl<B: Backend> ComputeLoop<B> {
                     self.metrics.ended(outcome, sub.tenant(), sub.req.prompt.len(), 0, sub.submitted.elapsed());
                     let _ = sub.events.send(Event::Failed(e));
                     self.kv.pages.release(&mut cache);
-                    continue;
+                    return true;
                 }
             };
-            let mut text = DetokenizeStream::new(sub.req.stop.clone());
-            // Resumed tokens were sent already: the detokenizer only takes up their state.
-            let mut stopped = false;
-            for &t in &sub.req.resumed {
-                stopped |= text.push(&self.codec, t).1;
-            }
+            // Resumed tokens were sent already: the detokenizer takes up their state, replayed
+            // during validation (off this thread).
+            let text = std::mem::take(&mut sub.req.resumed_text);
+            let stopped = sub.req.resumed_stopped;
             let resumed = sub.req.resumed.len();
             // The resumed tokens completed the output constraint: the original stream ended there
             // (Stop), as `emit` ends it when a committed token completes it.
@@ -172,7 +182,7 @@ impl<B: Backend> ComputeLoop<B> {
                 self.metrics.ended("ok", sub.tenant(), prompt_tokens, 0, sub.submitted.elapsed());
                 let _ = sub.events.send(Event::Finished { reason, prompt_tokens, completion_tokens, cached_tokens });
                 self.kv.pages.release(&mut cache);
-                continue;
+                return true;
             }
             let adapter_id = adapter.as_ref().map_or("", |a| a.identity.id.as_str());
             let load_key = self.expert_load.key_for(adapter_id, Instant::now());
@@ -194,5 +204,6 @@ impl<B: Backend> ComputeLoop<B> {
                 kv_incomplete: false,
             });
         }
+        true
     }
 }
