@@ -144,6 +144,7 @@ fn request_validation_never_panics() {
                 generated: (0..rng.below(40)).map(|_| [0u32, 7, 127, 128, u32::MAX][rng.below(5)]).collect(),
                 digest: "0".repeat(rng.below(40)),
             }),
+            constraint_scope: String::new(),
             constraint: {
                 use moe_constrain::ConstraintSpec as C;
                 let junk = String::from_utf8_lossy(&rng.mutate(b"{\"type\": \"object\"}")).to_string();

@@ -325,3 +325,61 @@ async fn authentication_comes_before_any_work() {
     let err = c.tokenize(tokenize(Some(ACME), huge.clone())).await.expect_err("too long to tokenize");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 }
+
+/// Defect: tokenizing, compiling a constraint and replaying a resume ran before the tenant's
+/// rights and concurrency slot were checked, so a tenant limited to one request could keep many
+/// compiles running, even for adapters it may not use. Rights and the slot now come first: a
+/// request that is both over the limit (or for another's adapter) and invalid is refused for the
+/// limit (or the right), having done no work; compiled constraints are cached per tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rights_and_the_slot_come_before_any_costly_work() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (model_dir, adapters) = setup(tmp.path());
+    let tenants = format!(
+        "[[tenants]]\nname = \"acme\"\napi_key = \"{ACME}\"\nadapters = [\"a0\"]\nmax_concurrent = 1\n\n\
+         [[tenants]]\nname = \"beta\"\napi_key = \"{BETA}\"\nadapters = [\"a1\"]\n"
+    );
+    let engine = engine(&model_dir, &adapters, 8, Some(&tenants));
+    let server = serve_api(engine.clone()).await;
+    let mut c = api_client(&server.addr).await;
+    let bad_regex = |adapter: &str, key: &str| {
+        let mut r = gen(adapter, 2, Some(key));
+        r.get_mut().constraint =
+            Some(moe_proto::v1::Constraint { kind: Some(moe_proto::v1::constraint::Kind::Regex("(unclosed".into())) });
+        r
+    };
+    // Another tenant's adapter with an invalid constraint: refused for the right, not the regex.
+    let err = c.generate(bad_regex("a1", ACME)).await.expect_err("not theirs");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // Over the concurrency limit with an invalid constraint: refused for the limit.
+    let held = hold(&mut c, "a0", Some(ACME)).await;
+    let err = c.generate(bad_regex("a0", ACME)).await.expect_err("over the limit");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    drop(held);
+
+    // The same schema from two tenants is compiled for each (no shared cache to time).
+    let codec = engine.codec();
+    let grammars = codec.grammars(engine.model_config().vocab_size, 257).expect("grammars");
+    let before = grammars.compiles();
+    let schema = r#"{"type": "object", "properties": {"k": {"type": "integer"}}}"#;
+    for key in [BETA, BETA, ACME] {
+        let adapter = if key == BETA { "a1" } else { "a0" };
+        let mut msg = gen(adapter, 2, None).into_inner();
+        msg.constraint =
+            Some(moe_proto::v1::Constraint { kind: Some(moe_proto::v1::constraint::Kind::JsonSchema(schema.into())) });
+        let mut done = false;
+        for _ in 0..200 {
+            match c.generate(with_key(msg.clone(), Some(key))).await {
+                Ok(_) => {
+                    done = true;
+                    break;
+                }
+                // acme's slot may still be held by the stream dropped above.
+                Err(e) if e.code() == Code::ResourceExhausted => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        assert!(done);
+    }
+    assert_eq!(grammars.compiles() - before, 2, "beta's second request reuses beta's compile; acme compiles its own");
+}

@@ -70,7 +70,9 @@ pub struct Grammars {
     vocab: usize,
     /// Compiled constraints by spec: a request repeating a schema (the common case: one schema
     /// per tool or endpoint) starts from a copy instead of compiling again.
-    compiled: Arc<std::sync::Mutex<std::collections::HashMap<ConstraintSpec, Constraint>>>,
+    /// Compiled constraints by (scope, spec).
+    compiled: Arc<std::sync::Mutex<std::collections::HashMap<(String, ConstraintSpec), Constraint>>>,
+    compiles: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// At most this many compiled constraints are kept (the cache starts over when full).
@@ -99,23 +101,41 @@ impl Grammars {
         let env: TokEnv = Arc::new(ApproximateTokEnv::new(TokTrie::from(&info, &words)));
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| ConstrainError::Tokenizer(e.to_string()))?;
         factory.quiet();
-        Ok(Self { factory: Arc::new(factory), vocab: vocab_size, compiled: Default::default() })
+        Ok(Self {
+            factory: Arc::new(factory),
+            vocab: vocab_size,
+            compiled: Default::default(),
+            compiles: Default::default(),
+        })
     }
 
     /// Compiles `spec` for one request; a bad schema, regex or grammar is refused with the
     /// parser's message.
     pub fn compile(&self, spec: &ConstraintSpec) -> Result<Constraint> {
+        self.compile_in("", spec)
+    }
+
+    /// [`Self::compile`] with compiled constraints cached per `scope` (a tenant), so that one
+    /// scope's compile time never tells another whether the same spec was sent before.
+    pub fn compile_in(&self, scope: &str, spec: &ConstraintSpec) -> Result<Constraint> {
         let lock = || self.compiled.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = lock().get(spec) {
+        let key = (scope.to_string(), spec.clone());
+        if let Some(c) = lock().get(&key) {
             return Ok(c.clone());
         }
         let c = self.compile_uncached(spec)?;
+        self.compiles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut cache = lock();
         if cache.len() >= COMPILED_CACHE {
             cache.clear();
         }
-        cache.insert(spec.clone(), c.clone());
+        cache.insert(key, c.clone());
         Ok(c)
+    }
+
+    /// Specs compiled (cache misses) so far.
+    pub fn compiles(&self) -> u64 {
+        self.compiles.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn compile_uncached(&self, spec: &ConstraintSpec) -> Result<Constraint> {

@@ -16,7 +16,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
-use moe_router::access::{admit, authenticate, validate};
+use moe_router::access::{authenticate, validate};
 use moe_router::{Event, FinishReason, GenerationParams, PromptInput, RouterError};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -147,7 +147,8 @@ fn adapter_of(state: &HttpState, model: &str) -> String {
     }
 }
 
-/// Validates, admits (tenant, adapter) and submits; a refusal is counted in the metrics.
+/// Entitles (tenant rights and slot), validates, pins the adapter and submits; a refusal is
+/// counted in the metrics.
 async fn start(
     state: &HttpState,
     headers: &HeaderMap,
@@ -160,6 +161,10 @@ async fn start(
             return Err(RouterError::invalid("n", "only n = 1 is supported"));
         }
         let adapter = adapter_of(state, &s.model);
+        // The tenant's rights and slot before any costly work (tokenizing, compiling a
+        // constraint, replaying a resume, loading the adapter).
+        let mut admission = moe_router::access::entitle(engine, authorization(headers), &adapter)?;
+        let constraint_scope = moe_router::access::constraint_scope(engine, &admission);
         let structured = s.structured.resolve()?;
         if structured.tool_call && s.stream {
             return Err(RouterError::invalid("stream", "a forced tool call (tool_choice) cannot be streamed yet"));
@@ -180,9 +185,10 @@ async fn start(
                 .resume
                 .map(|r| moe_router::resume::ResumeParams { generated: r.generated_token_ids, digest: r.digest }),
             constraint: structured.constraint,
+            constraint_scope,
         };
         let mut req = validate(engine, prompt, params).await?;
-        let mut admission = admit(engine, authorization(headers), &adapter).await?;
+        moe_router::access::pin_adapter(engine, &mut admission, &adapter).await?;
         req.adapter = admission.adapter.take();
         req.tenant = admission.tenant.clone();
         let digest = moe_router::resume::seal(&req, &engine.model_config().fingerprint())?;

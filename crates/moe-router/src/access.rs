@@ -40,6 +40,16 @@ pub fn require_admin(engine: &Engine, authorization: Option<&str>, what: &str) -
 
 /// Checks the tenant's rights, takes its concurrency slot, and loads and pins the adapter.
 pub async fn admit(engine: &Engine, authorization: Option<&str>, adapter_id: &str) -> Result<Admission, RouterError> {
+    let mut admission = entitle(engine, authorization, adapter_id)?;
+    pin_adapter(engine, &mut admission, adapter_id).await?;
+    Ok(admission)
+}
+
+/// The cheap part of [`admit`], which every front end runs before any costly work (tokenizing,
+/// compiling a constraint, replaying a resume, loading an adapter): the tenant's right to the
+/// adapter and its concurrency slot. So a tenant limited to one request cannot keep many
+/// compiles running, nor make this router work for an adapter it may not use.
+pub fn entitle(engine: &Engine, authorization: Option<&str>, adapter_id: &str) -> Result<Admission, RouterError> {
     let tenant = authenticate(engine, authorization)?;
     if !adapter_id.is_empty() {
         validate_id(adapter_id)?;
@@ -57,7 +67,15 @@ pub async fn admit(engine: &Engine, authorization: Option<&str>, adapter_id: &st
         Some(t) => t.admit()?,
         None => None,
     };
-    let adapter = if adapter_id.is_empty() {
+    if let Some(t) = &tenant {
+        tracing::debug!(tenant = %t.name, adapter = adapter_id, "entitled");
+    }
+    Ok(Admission { adapter: None, tenant: tenant.map(|t| t.name.clone()), _permit: permit })
+}
+
+/// Loads (on a blocking thread) and pins the adapter into an [`entitle`]d admission.
+pub async fn pin_adapter(engine: &Engine, admission: &mut Admission, adapter_id: &str) -> Result<(), RouterError> {
+    admission.adapter = if adapter_id.is_empty() {
         None
     } else {
         let registry = engine.adapters().cloned().ok_or_else(|| {
@@ -72,10 +90,17 @@ pub async fn admit(engine: &Engine, authorization: Option<&str>, adapter_id: &st
         };
         Some(loaded)
     };
-    if let Some(t) = &tenant {
-        tracing::debug!(tenant = %t.name, adapter = adapter_id, "admitted");
+    Ok(())
+}
+
+/// The scope a request's compiled constraint is cached under: its tenant (another tenant's
+/// timing must not tell it whether the same schema was sent), or one scope for all when the
+/// prefix cache is configured global (tenants share by choice).
+pub fn constraint_scope(engine: &Engine, admission: &Admission) -> String {
+    match engine.config().prefix_cache_scope {
+        crate::PrefixCacheScope::Global => String::new(),
+        _ => admission.tenant.clone().unwrap_or_default(),
     }
-    Ok(Admission { adapter, tenant: tenant.map(|t| t.name.clone()), _permit: permit })
 }
 
 /// The adapter info of the public API.

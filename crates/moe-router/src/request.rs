@@ -32,6 +32,9 @@ pub struct GenerationParams {
     pub resume: Option<crate::resume::ResumeParams>,
     /// What the output must match (structured output).
     pub constraint: Option<moe_constrain::ConstraintSpec>,
+    /// Whose compiled constraints this request may reuse (its tenant; see
+    /// [`crate::access::constraint_scope`]).
+    pub constraint_scope: String,
 }
 
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 64;
@@ -206,7 +209,7 @@ impl ValidatedRequest {
         };
         let constraint = match &p.constraint {
             None => None,
-            Some(spec) => Some(compile_constraint(spec, codec, config, &resumed)?),
+            Some(spec) => Some(compile_constraint(spec, &p.constraint_scope, codec, config, &resumed)?),
         };
         let mut resumed_text = crate::detokenize::DetokenizeStream::new(p.stop.clone());
         let mut resumed_stopped = false;
@@ -251,6 +254,7 @@ impl ValidatedRequest {
 /// message when it does not compile) and advances it past the resumed tokens.
 fn compile_constraint(
     spec: &moe_constrain::ConstraintSpec,
+    scope: &str,
     codec: &TextCodec,
     config: &ModelConfig,
     resumed: &[u32],
@@ -264,7 +268,7 @@ fn compile_constraint(
         .or_else(|| ["</s>", "<|endoftext|>", "<|im_end|>", "<eos>"].iter().find_map(|t| codec.token_id(t)))
         .ok_or_else(|| RouterError::invalid(field, "the model has no end-of-text token to end constrained output"))?;
     let grammars = codec.grammars(config.vocab_size, eos).map_err(|e| RouterError::invalid(field, e))?;
-    let mut c = grammars.compile(spec).map_err(|e| RouterError::invalid(field, e.to_string()))?;
+    let mut c = grammars.compile_in(scope, spec).map_err(|e| RouterError::invalid(field, e.to_string()))?;
     if !resumed.is_empty() {
         c.consume(resumed).map_err(|e| {
             RouterError::invalid("resume.generated_token_ids", format!("the tokens do not follow the constraint: {e}"))

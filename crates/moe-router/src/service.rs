@@ -3,7 +3,7 @@
 //! runs in a tracing span carrying its request id (from `x-request-id` metadata, or assigned).
 //! Tenant checks and adapter loading happen in [`crate::access`] before the engine sees a request.
 
-use crate::access::{adapter_info, admit, authenticate, require_admin, Admission};
+use crate::access::{adapter_info, authenticate, entitle, require_admin, Admission};
 use crate::engine::Engine;
 use crate::error::RouterError;
 use crate::request::{Event, FinishReason, GenerationParams, PromptInput, ValidatedRequest};
@@ -59,7 +59,7 @@ impl InferenceService {
 
     /// Converts and validates a request; text is tokenized on a blocking thread, never on the
     /// async runtime.
-    async fn validate(&self, req: GenerateRequest) -> Result<ValidatedRequest, RouterError> {
+    async fn validate(&self, req: GenerateRequest, constraint_scope: String) -> Result<ValidatedRequest, RouterError> {
         let prompt = match req.prompt {
             Some(Prompt::Text(t)) => PromptInput::Text(t),
             Some(Prompt::TokenIds(ids)) => PromptInput::Ids(ids.ids),
@@ -82,20 +82,25 @@ impl InferenceService {
                 .resume
                 .map(|r| crate::resume::ResumeParams { generated: r.generated_token_ids, digest: r.digest }),
             constraint: crate::constraint::from_proto(req.constraint),
+            constraint_scope,
         };
         crate::access::validate(&self.engine, prompt, params).await
     }
 
-    /// The caller's key first (an unauthenticated request does no work), then validation
-    /// (nothing is held on failure), then the tenant's rights and slot, then the adapter, then
-    /// a resume's digest. Returns the request's resume digest too.
+    /// The caller's key first (an unauthenticated request does no work), then the tenant's
+    /// rights and slot (cheap), then validation (tokenizing, compiling, replaying a resume; the
+    /// slot is released on failure), then the adapter, then a resume's digest. Returns the
+    /// request's resume digest too.
     async fn prepare(
         &self,
         request: &Request<GenerateRequest>,
     ) -> Result<(ValidatedRequest, Admission, String), RouterError> {
         authenticate(&self.engine, authorization(request))?;
-        let mut validated = self.validate(request.get_ref().clone()).await?;
-        let mut admission = admit(&self.engine, authorization(request), &request.get_ref().adapter_id).await?;
+        let adapter_id = &request.get_ref().adapter_id;
+        let mut admission = entitle(&self.engine, authorization(request), adapter_id)?;
+        let scope = crate::access::constraint_scope(&self.engine, &admission);
+        let mut validated = self.validate(request.get_ref().clone(), scope).await?;
+        crate::access::pin_adapter(&self.engine, &mut admission, adapter_id).await?;
         // The request holds the one pin; the engine drops it when the request ends.
         validated.adapter = admission.adapter.take();
         validated.tenant = admission.tenant.clone();
