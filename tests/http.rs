@@ -383,3 +383,59 @@ async fn streams_resume_with_token_ids_and_the_digest() {
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("resume.digest"), "{text}");
 }
+
+/// Defect: `/metrics` on the public listener answered anyone, revealing per-tenant token counts,
+/// per-adapter expert load and adapter ids hidden from other tenants. With tenants configured it
+/// now needs an admin key there (401 without a key, 403 for a tenant's); the separate metrics
+/// listener (`--metrics-listen`, for Prometheus inside the cluster) serves it without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_need_an_admin_key_on_the_public_listener() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (model, adapters) = setup(tmp.path());
+    let (user, admin) = ("user-key-0123456789ab", "admin-key-0123456789a");
+    let tenants = format!(
+        "[[tenants]]\nname = \"user\"\napi_key = \"{user}\"\n\n[[tenants]]\nname = \"ops\"\napi_key = \"{admin}\"\nadmin = true\n"
+    );
+    let opts = AdapterOptions { dir: Some(adapters.clone()), limits: RegistryLimits::default() };
+    let engine = moe_cluster::embedded_with(&model, 2, EngineConfig::default(), &opts).expect("engine");
+    let engine = engine.with_tenants(Arc::new(Tenants::parse(&tenants).expect("tenants")));
+    let chat = moe_http::ChatTemplate::from_model_dir(&model).expect("template");
+    let state = Arc::new(moe_http::HttpState::new(engine, "base".into(), chat));
+    let (public, private) = (
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+    );
+    let (public_url, private_url) = (
+        format!("http://{}/metrics", public.local_addr().expect("addr")),
+        format!("http://{}/metrics", private.local_addr().expect("addr")),
+    );
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.changed().await;
+    };
+    tokio::spawn(moe_http::serve_http(state.clone(), public, until(rx.clone())));
+    tokio::spawn(moe_http::serve_metrics(state, private, until(rx)));
+    let client = reqwest::Client::new();
+    let status = |key: Option<&'static str>, url: String| {
+        let client = client.clone();
+        async move {
+            let mut r = client.get(url);
+            if let Some(k) = key {
+                r = r.bearer_auth(k);
+            }
+            let resp = r.send().await.expect("http");
+            (resp.status().as_u16(), resp.text().await.expect("body"))
+        }
+    };
+    assert_eq!(status(None, public_url.clone()).await.0, 401);
+    let (code, body) = status(Some(user), public_url.clone()).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(!body.contains("moe_requests_total"));
+    let (code, body) = status(Some(admin), public_url).await;
+    assert_eq!(code, 200);
+    assert!(body.contains("moe_tenant_in_flight"), "{body}");
+    let (code, body) = status(None, private_url).await;
+    assert_eq!(code, 200);
+    assert!(body.contains("moe_tenant_in_flight"), "{body}");
+    let _ = stop.send(true);
+}

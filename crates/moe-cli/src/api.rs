@@ -1,5 +1,6 @@
-//! The public servers of `moe serve` and `moe router`: gRPC always, and the OpenAI-compatible
-//! HTTP API with `/metrics` when `--http-listen` is given, stopping together.
+//! The public servers of `moe serve` and `moe router`: gRPC always, the OpenAI-compatible
+//! HTTP API with `/metrics` when `--http-listen` is given (with tenants, `/metrics` there needs
+//! an admin key), and `/metrics` without a key on `--metrics-listen`; all stopping together.
 
 use clap::Args;
 use futures::FutureExt;
@@ -13,6 +14,10 @@ pub struct HttpArgs {
     /// Also serve the OpenAI-compatible HTTP API and /metrics here (e.g. 0.0.0.0:8080).
     #[arg(long, env = "MOE_HTTP_LISTEN")]
     pub http_listen: Option<String>,
+    /// Serve /metrics (and /health) here without a key, for Prometheus inside the cluster (e.g.
+    /// 0.0.0.0:9090). With tenants configured, /metrics on --http-listen needs an admin key.
+    #[arg(long, env = "MOE_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// The model name of the HTTP API (default: the model directory's name).
     #[arg(long, env = "MOE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
@@ -22,12 +27,13 @@ pub struct HttpArgs {
 pub struct Listeners {
     pub grpc: TcpListener,
     pub http: Option<TcpListener>,
+    pub metrics: Option<TcpListener>,
 }
 
 pub async fn bind_all(grpc: &str, http: &HttpArgs, what: &str) -> anyhow::Result<Listeners> {
     // HTTP first: the gRPC "listening on" line (what tests and scripts wait for) then comes
     // only once every listener is bound, and a port that is taken is an error line instead.
-    let http = match &http.http_listen {
+    let http_listener = match &http.http_listen {
         None => None,
         Some(addr) => {
             let l = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
@@ -35,8 +41,16 @@ pub async fn bind_all(grpc: &str, http: &HttpArgs, what: &str) -> anyhow::Result
             Some(l)
         }
     };
+    let metrics = match &http.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+            eprintln!("moe {what}: metrics on {}", l.local_addr()?);
+            Some(l)
+        }
+    };
     let grpc = crate::engine_args::bind(grpc, what).await?;
-    Ok(Listeners { grpc, http })
+    Ok(Listeners { grpc, http: http_listener, metrics })
 }
 
 /// Serves gRPC (and HTTP) until `stop` resolves.
@@ -64,21 +78,35 @@ pub async fn serve_all(
     .shared();
     let failed = engine_failure(engine.clone());
     let grpc = moe_router::serve_inference(engine.clone(), cluster, ready, listeners.grpc, stop.clone());
-    let Some(http_listener) = listeners.http else {
+    if listeners.http.is_none() && listeners.metrics.is_none() {
         return tokio::select! {
             r = grpc => r,
             e = failed => Err(e.into()),
         };
-    };
+    }
     let name = http.served_model_name.clone().unwrap_or_else(|| {
         model_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "moe".into())
     });
     let chat = moe_http::ChatTemplate::from_model_dir(model_dir)?;
     let state = Arc::new(moe_http::HttpState::new(engine, name, chat));
-    let http = moe_http::serve_http(state, http_listener, stop);
+    let http = {
+        let (state, stop) = (state.clone(), stop.clone());
+        async move {
+            match listeners.http {
+                Some(l) => moe_http::serve_http(state, l, stop).await,
+                None => Ok(()),
+            }
+        }
+    };
+    let metrics = async move {
+        match listeners.metrics {
+            Some(l) => moe_http::serve_metrics(state, l, stop).await,
+            None => Ok(()),
+        }
+    };
     let both = async {
-        let (a, b) = tokio::join!(grpc, http);
-        a.and(b)
+        let (a, b, c) = tokio::join!(grpc, http, metrics);
+        a.and(b).and(c)
     };
     tokio::select! {
         r = both => r,

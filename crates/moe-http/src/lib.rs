@@ -2,7 +2,9 @@
 //! `/v1/completions`, `/v1/chat/completions` (server-sent events with `stream: true`) and
 //! `/v1/models`, Prometheus metrics at `/metrics`, and `/health`. Validation, tenants, adapters
 //! and error codes are the gRPC service's (shared through `moe_router::access`); this crate only
-//! translates.
+//! translates. With tenants configured, `/metrics` on the public listener needs an admin key
+//! (it shows per-tenant counts and per-adapter expert load); a separate metrics listener
+//! ([`serve_metrics`], `--metrics-listen`, for Prometheus inside the cluster) serves it without.
 
 mod api_error;
 pub mod chat;
@@ -14,6 +16,7 @@ pub use chat::{ChatMessage, ChatTemplate};
 
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
+use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
@@ -39,6 +42,16 @@ impl HttpState {
     fn next_id(&self) -> u64 {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
+}
+
+/// `/metrics` on the public listener: with tenants configured, only for admin keys.
+async fn guarded_metrics(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+) -> Result<axum::response::Response, api_error::ApiError> {
+    let key = headers.get("authorization").and_then(|v| v.to_str().ok());
+    moe_router::access::require_admin(&state.engine, key, "read the metrics")?;
+    Ok(metrics(State(state)).await.into_response())
 }
 
 /// Refreshes the gauges read from elsewhere (engine state, tenant permits, adapter residency),
@@ -98,9 +111,21 @@ pub fn http_routes(state: Arc<HttpState>) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(guarded_metrics))
         .route("/health", get(health))
         .with_state(state)
+}
+
+/// Serves `/metrics` (no key) and `/health` on `listener` until `shutdown` resolves: the
+/// listener Prometheus scrapes inside the cluster, kept off the public port.
+pub async fn serve_metrics(
+    state: Arc<HttpState>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let routes = Router::new().route("/metrics", get(metrics)).route("/health", get(health)).with_state(state);
+    axum::serve(listener, routes).with_graceful_shutdown(shutdown).await?;
+    Ok(())
 }
 
 /// Serves the HTTP API on `listener` until `shutdown` resolves.
