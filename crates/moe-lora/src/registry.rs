@@ -155,6 +155,9 @@ pub struct AdapterRegistry<T: Resident> {
     loader: Box<Loader<T>>,
     state: Mutex<State<T>>,
     loading: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Bumped by [`AdapterRegistry::forget_loaded`]: a load that began before a bump read what
+    /// the loader saw then (a worker's hosted experts before a LoadExperts) and is not kept.
+    generation: AtomicU64,
     pub counters: RegistryCounters,
 }
 
@@ -178,6 +181,7 @@ impl<T: Resident> AdapterRegistry<T> {
                 tick: 0,
             }),
             loading: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
             counters: RegistryCounters::default(),
         }
     }
@@ -344,10 +348,26 @@ impl<T: Resident> AdapterRegistry<T> {
                 why: format!("no {} in the adapter dir at {rel:?}", crate::peft::CONFIG_FILE),
             });
         }
-        let identity = AdapterIdentity { id: id.into(), path: rel.into(), digest: String::new() };
-        let value = (self.loader)(&dir, identity).inspect_err(|_| {
-            self.counters.load_failures.fetch_add(1, Ordering::Relaxed);
-        })?;
+        // A version loaded while the world changed (forget_loaded: a worker's hosted experts
+        // grew) lacks what changed; load again, a few times at most.
+        let mut tries = 0;
+        let value = loop {
+            let generation = self.generation.load(Ordering::SeqCst);
+            let identity = AdapterIdentity { id: id.into(), path: rel.into(), digest: String::new() };
+            let value = (self.loader)(&dir, identity).inspect_err(|_| {
+                self.counters.load_failures.fetch_add(1, Ordering::Relaxed);
+            })?;
+            if self.generation.load(Ordering::SeqCst) == generation {
+                break value;
+            }
+            tries += 1;
+            if tries >= 4 {
+                self.counters.load_failures.fetch_add(1, Ordering::Relaxed);
+                return Err(LoraError::Capacity(format!(
+                    "adapter {id:?}: what it must hold kept changing while it loaded (experts loading); retry"
+                )));
+            }
+        };
         if let Want::Digest(d) = want {
             if value.identity().digest != d {
                 self.counters.load_failures.fetch_add(1, Ordering::Relaxed);
@@ -435,6 +455,7 @@ impl<T: Resident> AdapterRegistry<T> {
     /// worker whose hosted experts changed needs pairs for the new ones). Requests holding a
     /// version keep it until they finish.
     pub fn forget_loaded(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         let mut st = self.state();
         st.resident.clear();
         st.superseded.clear();

@@ -148,3 +148,53 @@ fn a_worker_keeps_the_superseded_version_and_remembers_a_mismatch() {
     assert!(reg.acquire_identity(&want("v2-longer")).is_ok());
     assert!(matches!(reg.acquire_identity(&want("v1")), Err(LoraError::DigestMismatch { .. })));
 }
+
+/// Defect: a load that read the adapter before `forget_loaded` (a worker's LoadExperts) was
+/// inserted afterwards, so its stale version (no pairs for the new experts) served on with a
+/// matching identity. With the loader held on a barrier across a forget, the version kept is
+/// the one loaded after it.
+#[test]
+fn a_load_that_straddles_forget_loaded_is_not_kept() {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::{Barrier, Condvar};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("a")).unwrap();
+    std::fs::write(dir.path().join("a").join("adapter_config.json"), "{}").unwrap();
+    // What the loader sees: the "hosted experts" version, changed by the test.
+    let world = Arc::new(AtomicUsize::new(1));
+    let started = Arc::new(Barrier::new(2));
+    let release = Arc::new((std::sync::Mutex::new(false), Condvar::new()));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let reg = {
+        let (world, started, release, calls) = (world.clone(), started.clone(), release.clone(), calls.clone());
+        Arc::new(AdapterRegistry::new(Some(dir.path().into()), RegistryLimits::default(), move |_, mut i| {
+            let seen = world.load(Ordering::SeqCst);
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                // The first load read the world, then waits while the world changes.
+                started.wait();
+                let (lock, cv) = &*release;
+                let mut go = lock.lock().unwrap();
+                while !*go {
+                    go = cv.wait(go).unwrap();
+                }
+            }
+            i.digest = "d".into();
+            Ok(Fake(i, seen))
+        }))
+    };
+    let loader = {
+        let reg = reg.clone();
+        std::thread::spawn(move || reg.acquire("a").map(|v| v.1))
+    };
+    started.wait();
+    world.store(2, Ordering::SeqCst);
+    reg.forget_loaded();
+    {
+        let (lock, cv) = &*release;
+        *lock.lock().unwrap() = true;
+        cv.notify_all();
+    }
+    assert_eq!(loader.join().unwrap().unwrap(), 2, "the request got the version loaded before the change");
+    assert_eq!(reg.acquire("a").unwrap().1, 2, "the stale version stayed resident");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
