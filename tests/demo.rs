@@ -139,6 +139,8 @@ fn every_dashboard_query_names_an_exported_metric() {
     let d = dir.to_str().expect("utf8");
     let (_workers, addrs) = spawn_workers(d, &["shard:0/2", "shard:1/2"]);
     let http = format!("127.0.0.1:{}", free_port());
+    // With tenants, Prometheus scrapes the metrics listener (the public /metrics needs a key).
+    let metrics = format!("127.0.0.1:{}", free_port());
     let t = tenants.to_str().expect("utf8");
     let adapters = tmp.path().join("adapters");
     std::fs::create_dir(&adapters).expect("mkdir");
@@ -153,6 +155,8 @@ fn every_dashboard_query_names_an_exported_metric() {
         "127.0.0.1:0",
         "--http-listen",
         &http,
+        "--metrics-listen",
+        &metrics,
         "--tenants",
         t,
         "--adapter-dir",
@@ -163,7 +167,9 @@ fn every_dashboard_query_names_an_exported_metric() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     let rt = tokio::runtime::Runtime::new().expect("rt");
     let text = rt.block_on(async {
-        reqwest::get(format!("http://{http}/metrics")).await.expect("scrape").text().await.expect("body")
+        let public = reqwest::get(format!("http://{http}/metrics")).await.expect("scrape");
+        assert_eq!(public.status().as_u16(), 401, "the public /metrics needs a key with tenants");
+        reqwest::get(format!("http://{metrics}/metrics")).await.expect("scrape").text().await.expect("body")
     });
     let names = exported(&text);
     assert!(names.contains_key("moe_expert_tokens_total") && names.contains_key("moe_dispatch_seconds_bucket"));
