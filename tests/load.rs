@@ -31,13 +31,14 @@ fn sixty_seconds_at_twice_the_admission_limit_with_three_tenants() {
         })
         .collect();
     std::fs::write(&tenants, text).expect("write");
+    // With tenants, /metrics is scraped on the metrics listener (the public one needs a key).
     let http = format!("127.0.0.1:{}", free_port());
     let server = spawn_server(&[
         "serve",
         "--demo",
         "--listen",
         "127.0.0.1:0",
-        "--http-listen",
+        "--metrics-listen",
         &http,
         "--tenants",
         tenants.to_str().expect("utf8"),
