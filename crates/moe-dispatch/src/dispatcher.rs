@@ -191,11 +191,6 @@ impl<T: WorkerTransport> DispatcherCore<T> {
         }
         let refusal = s.refusal.as_deref();
         let suspect = &s.suspect;
-        let (availability, refused) = (&s.availability, &s.refused);
-        // A last resort: a worker being probed, for an expert no live worker holds.
-        let last_resort = |h: usize| {
-            availability.get(h) == Some(&Availability::LastResort) && !refused.get(h).copied().unwrap_or(false)
-        };
         let x = &s.x;
         s.slot_of.clear();
         s.slot_of.resize(self.num_workers, None);
@@ -244,19 +239,15 @@ impl<T: WorkerTransport> DispatcherCore<T> {
                 (1, _) => live().next().unwrap_or(holders[0]),
                 (_, Some(w)) => w,
                 (0, None) => {
-                    if let Some(h) = holders.iter().copied().find(|&h| last_resort(h)) {
-                        h
-                    } else {
-                        // Only this row fails; the others of the batch go on.
-                        if unserved.last().map(|u| u.0) != Some(r) {
-                            let why = DispatchError::NoHolder { layer, expert: e }.to_string();
-                            unserved.push((
-                                r,
-                                refusal.map_or_else(|| why.clone(), |r| format!("{why} that accepts it: {r}")),
-                            ));
-                        }
-                        continue;
+                    // No live holder (its holders failed and are not yet probed back): only
+                    // this row fails, at once; the others of the batch go on without waiting
+                    // for a worker that may be frozen.
+                    if unserved.last().map(|u| u.0) != Some(r) {
+                        let why = DispatchError::NoHolder { layer, expert: e }.to_string();
+                        unserved
+                            .push((r, refusal.map_or_else(|| why.clone(), |r| format!("{why} that accepts it: {r}"))));
                     }
+                    continue;
                 }
                 _ => {
                     // The live holder with the least work in this call; among equals, a

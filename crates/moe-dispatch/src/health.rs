@@ -2,8 +2,10 @@
 //! malformed answer) is suspect for a while; when that while ends it is probed out of band (the
 //! transport's cheap health call) and gets traffic again only once it answers, so an unreachable
 //! worker that keeps its lease costs one probe per period instead of a dispatch deadline per
-//! step. While the probe runs (or after it failed) the worker is a last resort: used only for an
-//! expert that has no live holder at all, as before probing existed.
+//! step. While the probe runs (or after it failed) the worker gets nothing, not even the rows of
+//! an expert it alone holds: those rows fail at once (UNAVAILABLE naming the expert), because a
+//! frozen sole holder used as a last resort stalled every batch for a whole dispatch deadline,
+//! again after each suspect period.
 
 use crate::transport::WorkerTransport;
 use std::sync::{Arc, Mutex};
@@ -25,8 +27,6 @@ enum State {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Availability {
     Live,
-    /// Only for an expert that no live worker holds.
-    LastResort,
     Out,
 }
 
@@ -98,9 +98,9 @@ impl WorkerHealth {
                     State::Suspect(_) => {
                         *s = State::Probing;
                         to_probe.push(w);
-                        Availability::LastResort
+                        Availability::Out
                     }
-                    State::Probing => Availability::LastResort,
+                    State::Probing => Availability::Out,
                 });
             }
         }

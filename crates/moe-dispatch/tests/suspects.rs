@@ -1,6 +1,6 @@
 //! A worker that failed is left out for the suspect period, then probed out of band; it gets
-//! traffic again only once the probe answers, except as the last resort for an expert that no
-//! live worker holds.
+//! traffic again only once the probe answers, even for an expert no other worker holds: those
+//! rows fail at once instead of waiting on a worker that may be frozen.
 
 mod common;
 
@@ -86,9 +86,17 @@ fn a_suspect_gets_traffic_again_only_after_its_probe_answers() {
     assert!(call(&d, 0).iter().all(|&w| w == 1), "a failed probe restarts the period");
     assert_eq!(t.probes.load(Ordering::Relaxed), 1);
 
-    // Expert 1 has no other holder: worker 0 is its last resort while being probed.
+    // Expert 1 has no other holder. Defect: worker 0 was its "last resort" while being probed, so
+    // a frozen sole holder stalled every batch for a dispatch deadline after each suspect period.
+    // Now its rows fail at once, naming the expert, and no row is sent to worker 0.
     std::thread::sleep(period + Duration::from_millis(20));
-    assert!(call(&d, 1).iter().all(|&w| w == 0), "the last resort serves");
+    if let Ok(mut v) = t.rows_to.lock() {
+        v.clear();
+    }
+    let (_, unserved) = run_layer(&d, &[0.5; 8], 2, 2, 1, &[(1, 1.0f32); 4]);
+    assert_eq!(unserved.len(), 4, "every row needing the unprobed sole holder fails: {unserved:?}");
+    assert!(unserved.iter().all(|(_, why)| why.contains("expert 1")), "{unserved:?}");
+    assert!(t.rows_to.lock().map(|v| v.is_empty()).unwrap_or(false), "nothing was sent to the unprobed worker");
 
     // The probe answers: worker 0 is live and takes its share again.
     t.probe_ok.store(true, Ordering::Relaxed);

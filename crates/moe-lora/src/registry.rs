@@ -349,23 +349,19 @@ impl<T: Resident> AdapterRegistry<T> {
             });
         }
         // A version loaded while the world changed (forget_loaded: a worker's hosted experts
-        // grew) lacks what changed; load again, a few times at most.
+        // grew) lacks what changed: load again, a few times at most.
+        let fail = |_: &LoraError| {
+            self.counters.load_failures.fetch_add(1, Ordering::Relaxed);
+        };
         let mut tries = 0;
         let value = loop {
             let generation = self.generation.load(Ordering::SeqCst);
             let identity = AdapterIdentity { id: id.into(), path: rel.into(), digest: String::new() };
-            let value = (self.loader)(&dir, identity).inspect_err(|_| {
-                self.counters.load_failures.fetch_add(1, Ordering::Relaxed);
-            })?;
-            if self.generation.load(Ordering::SeqCst) == generation {
-                break value;
-            }
-            tries += 1;
-            if tries >= 4 {
-                self.counters.load_failures.fetch_add(1, Ordering::Relaxed);
-                return Err(LoraError::Capacity(format!(
-                    "adapter {id:?}: what it must hold kept changing while it loaded (experts loading); retry"
-                )));
+            let value = (self.loader)(&dir, identity).inspect_err(fail)?;
+            match (self.generation.load(Ordering::SeqCst) == generation, tries) {
+                (true, _) => break value,
+                (false, 3) => return Err(LoraError::Capacity(format!("adapter {id:?} changed while loading; retry"))),
+                _ => tries += 1,
             }
         };
         if let Want::Digest(d) = want {
