@@ -200,7 +200,7 @@ fn a_failed_load_or_a_refused_plan_leaves_the_cluster_as_it_was() {
         moe_placement::Step::Unload { worker: 0, layer: 1, expert: 3 },
     ];
     let refused = rt
-        .block_on(moe_cluster::rebalance::apply(&cluster, &steps, &Default::default()))
+        .block_on(moe_cluster::rebalance::apply(&cluster, &steps, &Default::default(), &|| true))
         .expect_err("orphans layer 1 expert 3");
     assert!(refused.to_string().contains("layer 1 expert 3 would have no holder"), "{refused}");
     assert_eq!(rt.block_on(describe(&c.addr)).layers, before.layers, "nothing was sent");
@@ -322,4 +322,56 @@ fn placement_flags_that_cannot_work_are_refused() {
         .assert_error(&["--max-expert-mb", "expert budget"]);
     moe(&["placement", "plan", "--endpoint", "127.0.0.1:1", "--workers", "127.0.0.1:2", "--capacity", "0"])
         .assert_error(&["--capacity must be at least 1"]);
+}
+
+/// Planner split-brain. Two planners that read the same snapshot make plans that are each valid
+/// (each unloads a different replica of one expert) but orphan it together; and a router whose
+/// planner lease lapsed must not go on applying. `apply` reads the workers before every unload
+/// and refuses the step that would leave an expert without a holder, and stops before any step
+/// once the role is lost.
+#[test]
+fn interleaved_plans_cannot_orphan_an_expert_and_a_lost_role_stops_the_plan() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("m");
+    endless_model_sized(&model, 64, 2);
+    let m = model.to_str().expect("utf8");
+    let spawn = || {
+        spawn_server(&[
+            "worker",
+            "--model",
+            m,
+            "--experts",
+            "all",
+            "--listen",
+            "127.0.0.1:0",
+            "--drain-quiet-ms",
+            "200",
+        ])
+    };
+    let (w0, w1) = (spawn(), spawn());
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let slots = |w: &Server| {
+        rt.block_on(moe_cluster::rebalance::describe_worker(&w.addr, 64, &Default::default())).expect("describe")
+    };
+    let experts = rt.block_on(describe(&w0.addr)).layers[0].experts.len();
+    let cluster = moe_placement::Cluster {
+        num_layers: 2,
+        num_experts: experts,
+        workers: vec![slots(&w0), slots(&w1)],
+        load: vec![1; 2 * experts],
+    };
+    let apply = |steps: &[moe_placement::Step], planner: bool| {
+        rt.block_on(moe_cluster::rebalance::apply(&cluster, steps, &Default::default(), &|| planner))
+    };
+    // A lost role: nothing is sent.
+    let first = [moe_placement::Step::Unload { worker: 0, layer: 1, expert: 2 }];
+    let fenced = apply(&first, false).expect_err("not the planner");
+    assert!(fenced.to_string().contains("lost the planner role"), "{fenced}");
+    assert!(pairs(&rt.block_on(describe(&w0.addr)).layers).contains(&(1, 2)), "nothing was unloaded");
+    // Planner A unloads w0's replica; planner B, from the same snapshot, w1's: refused.
+    assert_eq!(apply(&first, true).expect("planner A"), 1);
+    let second = [moe_placement::Step::Unload { worker: 1, layer: 1, expert: 2 }];
+    let refused = apply(&second, true).expect_err("would orphan layer 1 expert 2");
+    assert!(refused.to_string().contains("layer 1 expert 2 would leave it without a holder"), "{refused}");
+    assert!(pairs(&rt.block_on(describe(&w1.addr)).layers).contains(&(1, 2)), "the last holder keeps it");
 }

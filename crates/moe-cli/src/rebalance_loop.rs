@@ -91,6 +91,7 @@ impl Rebalancer {
         }
         let (before, after) = (moe_placement::Plan::mean(&plan.before), moe_placement::Plan::mean(&plan.after));
         tracing::info!(steps = plan.steps.len(), before, after, "applying a placement plan");
-        rebalance::apply(&cluster, &plan.steps, &self.transport).await
+        let still_planner = || *holding.borrow();
+        rebalance::apply(&cluster, &plan.steps, &self.transport, &still_planner).await
     }
 }

@@ -9,6 +9,12 @@
 //! failed call stops the plan there: the worker that refused is unchanged (its calls are all
 //! or none), the steps before it stay applied, and each prefix of a checked plan is itself a
 //! valid placement.
+//!
+//! Planners are fenced: `apply` stops before any step once `still_planner` says the role is
+//! lost (a router whose planner lease lapsed), and before every unload it reads what the workers
+//! host now and refuses a step that would leave an expert without a holder. Two plans made from
+//! the same snapshot are each valid but not together (each unloads a different replica of one
+//! expert); the fresh read is what keeps interleaved plans from orphaning an expert.
 
 use moe_dispatch::{connect_worker, GrpcTransportConfig};
 use moe_placement::{check_plan, Cluster, Plan, Step, WorkerSlots};
@@ -24,6 +30,8 @@ pub enum RebalanceError {
     Refused(#[from] moe_placement::PlanError),
     #[error("{applied} of {total} steps applied, then {worker} refused {action}: {message}")]
     Stopped { applied: usize, total: usize, worker: String, action: &'static str, message: String },
+    #[error("{applied} of {total} steps applied, then this router lost the planner role; the rest is left to the new planner")]
+    Fenced { applied: usize, total: usize },
 }
 
 /// How long one worker call may take (an unload waits for its drain).
@@ -81,10 +89,14 @@ pub async fn apply(
     cluster: &Cluster,
     steps: &[Step],
     transport: &GrpcTransportConfig,
+    still_planner: &(dyn Fn() -> bool + Sync),
 ) -> Result<usize, RebalanceError> {
     check_plan(cluster, steps)?;
     let mut done = 0;
     while done < steps.len() {
+        if !still_planner() {
+            return Err(RebalanceError::Fenced { applied: done, total: steps.len() });
+        }
         let (worker, unload) = match steps[done] {
             Step::Load { worker, .. } => (worker, false),
             Step::Unload { worker, .. } => (worker, true),
@@ -107,6 +119,23 @@ pub async fn apply(
             action,
             message,
         };
+        if unload {
+            // What the workers host now, not what the plan saw: another planner may have moved
+            // replicas since.
+            let mut now = Vec::with_capacity(cluster.workers.len());
+            for w in &cluster.workers {
+                now.push(describe_worker(&w.name, w.capacity, transport).await.map_err(|e| stopped(e.to_string()))?);
+            }
+            for &(l, e) in &run {
+                let others = now.iter().enumerate().any(|(i, w)| i != worker && w.experts.contains(&(l, e)));
+                if !others {
+                    return Err(stopped(format!(
+                        "unloading layer {l} expert {e} would leave it without a holder (the workers changed since \
+                         the plan was made: another planner?)"
+                    )));
+                }
+            }
+        }
         let mut by_layer: std::collections::BTreeMap<usize, Vec<u32>> = Default::default();
         for &(l, e) in &run {
             by_layer.entry(l).or_default().push(e as u32);
