@@ -159,6 +159,12 @@ impl MembershipDispatcher {
                 if let Ok(mut c) = self.current.write() {
                     *c = Some(d);
                 }
+                // The series of workers that left go with them.
+                if let Some(old) = &previous {
+                    for gone in old.transport().addresses().iter().filter(|a| !plan.addrs.contains(a)) {
+                        crate::worker_metrics::forget(&self.transport.metrics, gone);
+                    }
+                }
                 self.rebuilds.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {

@@ -40,6 +40,33 @@ pub(crate) fn layer_balance(registry: &Registry, layer: usize) -> moe_metrics::H
     series
 }
 
+/// Removes `worker`'s series (it left the membership), so a router whose workers come and go
+/// does not export, and keep in memory, series for every worker it ever had.
+pub(crate) fn forget(registry: &Registry, worker: &str) {
+    let seconds: LatencyFamily<WorkerOutcome> =
+        registry.latency_family("moe_dispatch_seconds", "One layer's expert round trip to a worker.");
+    let hedges: Family<WorkerOutcome, Counter> = registry.counter_family(
+        "moe_dispatch_hedges_total",
+        "Dispatches sent to a replica as well because the worker was slow, by which answered first.",
+    );
+    let missed: Family<[(&'static str, String); 1], Counter> = registry.counter_family(
+        "moe_dispatch_missed_deadlines_total",
+        "Calls that lost to a hedge and then failed or missed their deadline (the worker is suspected).",
+    );
+    let pairs: LatencyFamily<[(&'static str, String); 1]> = registry.histogram_family(
+        "moe_worker_pairs_per_call",
+        "(row, expert) pairs a worker was given per layer call.",
+        pairs_histogram,
+    );
+    let pair = |key: &'static str, value: &str| [("worker", worker.to_string()), (key, value.to_string())];
+    seconds.remove(&pair("outcome", "ok"));
+    seconds.remove(&pair("outcome", "error"));
+    hedges.remove(&pair("winner", "primary"));
+    hedges.remove(&pair("winner", "replica"));
+    missed.remove(&[("worker", worker.to_string())]);
+    pairs.remove(&[("worker", worker.to_string())]);
+}
+
 impl WorkerMetrics {
     pub fn new(registry: &Registry, worker: &str) -> Self {
         let seconds: LatencyFamily<WorkerOutcome> =

@@ -112,6 +112,7 @@ fn a_membership_change_keeps_the_streams_of_workers_that_stay() {
     let c = rt.block_on(start_worker(dir, "c", "all"));
     // The wire is f32 so that remote and local results agree to rounding.
     let transport = GrpcTransportConfig { wire: moe_proto::v1::WireDtype::F32, ..Default::default() };
+    let metrics = transport.metrics.clone();
     let d = MembershipDispatcher::new(config.clone(), transport);
     let apply = |records: &[&WorkerRecord]| {
         let _guard = rt.enter();
@@ -140,8 +141,13 @@ fn a_membership_change_keeps_the_streams_of_workers_that_stay() {
     assert_eq!(counts(), (1, 1), "a joining worker must not reopen the others' streams");
 
     // A worker leaves: the one that stays keeps its stream; the one left serves alone.
+    let series = |addr: &str| metrics.render().contains(&format!("worker=\"{addr}\""));
+    assert!(series(&a.record.address) && series(&b.record.address));
     assert!(apply(&[&c.record]));
     assert_eq!(d.rebuilds(), 3);
+    // Defect: per-worker series stayed forever for workers that left.
+    assert!(!series(&a.record.address) && !series(&b.record.address), "the series of departed workers remain");
+    assert!(series(&c.record.address));
     let c_before = c.connections.load(Ordering::SeqCst);
     assert!(close(&call_layer(&d, &config, 3), &want));
     assert_eq!(c.connections.load(Ordering::SeqCst), c_before.max(1), "c keeps (or opens once) its stream");

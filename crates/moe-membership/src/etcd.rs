@@ -281,6 +281,9 @@ pub(crate) async fn watch_prefix<T: serde::de::DeserializeOwned + Clone + Send +
 ) {
     let mut attempt = 0u32;
     loop {
+        // Set once this session's watch is open: its later failure starts the backoff afresh
+        // (a watch that ran for hours must not wait as long as the tenth failure in a row).
+        let mut established = false;
         let session = async {
             let mut client = opts.connect().await?;
             let resp = client.get(prefix, Some(GetOptions::new().with_prefix())).await?;
@@ -296,6 +299,7 @@ pub(crate) async fn watch_prefix<T: serde::de::DeserializeOwned + Clone + Send +
             // The snapshot goes out only once the watch is open, so a change between the read
             // and the watch cannot be missed.
             tx.send_replace(live.clone());
+            established = true;
             loop {
                 let msg = tokio::select! {
                     _ = cancel.cancelled() => return Ok::<(), crate::MembershipError>(()),
@@ -338,6 +342,9 @@ pub(crate) async fn watch_prefix<T: serde::de::DeserializeOwned + Clone + Send +
                 Ok(()) => return,
                 Err(e) => tracing::warn!(error = %e, "etcd watch failed; reading the prefix again"),
             },
+        }
+        if established {
+            attempt = 0;
         }
         if !backoff(&mut attempt, &cancel).await {
             return;

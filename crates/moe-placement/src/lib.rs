@@ -20,6 +20,8 @@ pub enum PlanError {
     BadStep { step: usize, message: String },
     #[error("the load covers {got} experts, the placement {want}")]
     Shape { got: usize, want: usize },
+    #[error("worker {worker} says it hosts layer {layer} expert {expert}, which the model does not have")]
+    UnknownExpert { worker: String, layer: usize, expert: usize },
 }
 
 /// One worker: its name (address), what it holds, and how many experts it may hold in all.
@@ -65,12 +67,21 @@ impl Plan {
 }
 
 impl Cluster {
+    /// The load covers the model, and every worker's experts are the model's (what workers
+    /// report in `Describe` is a peer's word: out of range it would index past the load).
     fn check_shape(&self) -> Result<(), PlanError> {
         let want = self.num_layers * self.num_experts;
-        match self.load.len() == want {
-            true => Ok(()),
-            false => Err(PlanError::Shape { got: self.load.len(), want }),
+        if self.load.len() != want {
+            return Err(PlanError::Shape { got: self.load.len(), want });
         }
+        for w in &self.workers {
+            if let Some(&(layer, expert)) =
+                w.experts.iter().find(|&&(l, e)| l >= self.num_layers || e >= self.num_experts)
+            {
+                return Err(PlanError::UnknownExpert { worker: w.name.clone(), layer, expert });
+            }
+        }
+        Ok(())
     }
 
     fn holders(&self, layer: usize, expert: usize) -> usize {
@@ -203,6 +214,7 @@ fn coldest_spare(c: &Cluster, w: usize, layer: usize, expert: usize) -> Option<S
 /// change that makes sense, no worker goes over capacity after a step's loads and unloads, and
 /// no expert is ever left without a holder. The first violation is the error.
 pub fn check_plan(cluster: &Cluster, steps: &[Step]) -> Result<(), PlanError> {
+    cluster.check_shape()?;
     let mut c = cluster.clone();
     for (i, s) in steps.iter().enumerate() {
         let (Step::Load { worker, layer, expert } | Step::Unload { worker, layer, expert }) = *s;

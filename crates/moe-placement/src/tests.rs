@@ -102,3 +102,15 @@ fn plans_for_many_skews_are_valid_and_never_worse() {
         }
     }
 }
+
+/// Defect: a worker's `Describe` naming an expert the model lacks was indexed into the load table
+/// unchecked, so two bad workers panicked the rebalance task. It is refused, naming the worker.
+#[test]
+fn an_expert_the_model_lacks_is_refused_not_indexed() {
+    let mut c = sharded(2, 4, 2, 8, vec![1; 8]);
+    c.workers[1].experts.insert((7, 99));
+    for err in [plan(&c, 0.9, 8).expect_err("bad worker"), check_plan(&c, &[]).expect_err("bad worker")] {
+        assert!(matches!(err, PlanError::UnknownExpert { layer: 7, expert: 99, .. }), "{err}");
+        assert!(err.to_string().contains("w1"), "{err}");
+    }
+}

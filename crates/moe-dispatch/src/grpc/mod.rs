@@ -126,6 +126,11 @@ impl GrpcTransport {
         Ok((Self { inner: Arc::new(inner) }, described))
     }
 
+    /// The workers' addresses, in worker order.
+    pub fn addresses(&self) -> Vec<String> {
+        self.inner.workers.iter().map(|w| w.addr.clone()).collect()
+    }
+
     /// A transport to workers whose hosted experts are already known (from membership records):
     /// no call is made now; each worker's stream opens on first use. Call inside the runtime.
     pub fn lazy(addrs: &[String], config: GrpcTransportConfig) -> Result<Self> {
