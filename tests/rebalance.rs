@@ -375,3 +375,27 @@ fn interleaved_plans_cannot_orphan_an_expert_and_a_lost_role_stops_the_plan() {
     assert!(refused.to_string().contains("layer 1 expert 2 would leave it without a holder"), "{refused}");
     assert!(pairs(&rt.block_on(describe(&w1.addr)).layers).contains(&(1, 2)), "the last holder keeps it");
 }
+
+/// Defect: a router stopping did not revoke its planner lease (the process exited before the
+/// election task could), so no router planned until the lease's TTL ran out. Now another
+/// contender takes over within moments of a SIGTERM, long before the 15 s TTL.
+#[test]
+fn a_stopping_router_hands_the_planner_role_over_at_once() {
+    let Some((etcd, rt, tmp)) = start(64) else { return };
+    let m = tmp.path().join("m");
+    let router = router(&etcd, "handover", m.to_str().expect("utf8"), &["--rebalance-every", "15"]);
+    let opts = EtcdOptions { endpoints: vec![etcd.url()], cluster: "handover".into(), ..Default::default() };
+    let (tx, other) = tokio::sync::watch::channel(false);
+    let cancel = CancellationToken::new();
+    // Let the router take the role first, then contend.
+    std::thread::sleep(Duration::from_secs(2));
+    rt.spawn(hold_planner(opts, "contender".into(), Duration::from_secs(3), tx, cancel.clone()));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!*other.borrow(), "the router should hold the role");
+    let stopped = Instant::now();
+    sigterm(&router.child);
+    eventually("the contender takes over", 12, || *other.borrow());
+    let took = stopped.elapsed();
+    cancel.cancel();
+    assert!(took < Duration::from_secs(8), "the role came free only after {took:?} (the lease's TTL is 15 s)");
+}

@@ -29,11 +29,19 @@ pub struct Rebalancer {
 }
 
 impl Rebalancer {
-    /// Competes for the planner role and rebalances while holding it, until `cancel`.
-    pub fn spawn(self, cancel: CancellationToken) {
+    /// Competes for the planner role and rebalances while holding it, until `cancel`. Returns
+    /// the election task, which revokes the planner lease once cancelled: await it on shutdown,
+    /// so another router takes over at once instead of after the lease's TTL.
+    pub fn spawn(self, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
         let (holding_tx, holding) = watch::channel(false);
         let ttl = self.every.clamp(Duration::from_secs(3), Duration::from_secs(15));
-        tokio::spawn(moe_membership::hold_planner(self.etcd.clone(), self.id.clone(), ttl, holding_tx, cancel.clone()));
+        let election = tokio::spawn(moe_membership::hold_planner(
+            self.etcd.clone(),
+            self.id.clone(),
+            ttl,
+            holding_tx,
+            cancel.clone(),
+        ));
         let planner = self.metrics.gauge("moe_placement_planner", "1 while this router is the cluster's planner");
         let rounds =
             self.metrics.counter("moe_placement_rounds_total", "Rebalancing rounds this router ran as the planner");
@@ -66,6 +74,7 @@ impl Rebalancer {
                 }
             }
         });
+        election
     }
 
     /// One round: plan from the load window and apply. Returns the steps applied.

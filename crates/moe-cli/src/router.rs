@@ -109,6 +109,7 @@ pub fn run(a: RouterArgs, device: moe_compute::Device) -> anyhow::Result<()> {
             let engine = share_adapters(a.adapters.with_tenants(engine)?, &opts, &cancel);
             let status: Arc<dyn moe_router::ClusterStatus> = Arc::new(moe_cluster::MembershipCluster(dispatcher));
             let listeners = bind_all(&a.listen, &a.http, "router").await?;
+            let mut election = None;
             if a.rebalance_every > 0 {
                 let rebalancer = crate::rebalance_loop::Rebalancer {
                     engine: engine.clone(),
@@ -120,7 +121,7 @@ pub fn run(a: RouterArgs, device: moe_compute::Device) -> anyhow::Result<()> {
                     transport: admin_transport,
                     metrics,
                 };
-                rebalancer.spawn(cancel.clone());
+                election = Some(rebalancer.spawn(cancel.clone()));
             }
             let r = run_until_signal(
                 |stop| serve_all(engine, status.clone(), Some(ready), &a.model, &a.http, listeners, stop),
@@ -128,6 +129,10 @@ pub fn run(a: RouterArgs, device: moe_compute::Device) -> anyhow::Result<()> {
             )
             .await;
             cancel.cancel();
+            // The planner lease is revoked before the process exits (the key goes at once).
+            if let Some(e) = election {
+                let _ = tokio::time::timeout(Duration::from_secs(3), e).await;
+            }
             return r;
         }
         let engine =
