@@ -18,7 +18,7 @@ use crate::freshness::{FileStamp, Mismatch};
 use moe_compute::Backend;
 use moe_model::{AdapterIdentity, AdapterWeights};
 use std::collections::HashMap;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -71,40 +71,6 @@ pub struct AdapterInfo {
     pub digest: String,
 }
 
-/// Checks an adapter id: 1–128 characters of `A-Z a-z 0-9 . _ -`, not starting with `.`.
-pub fn validate_id(id: &str) -> Result<()> {
-    let bad = |why: &str| Err(LoraError::InvalidId { id: id.chars().take(140).collect(), why: why.into() });
-    if id.is_empty() || id.len() > 128 {
-        return bad("must be 1 to 128 characters");
-    }
-    if id.starts_with('.') {
-        return bad("must not start with '.'");
-    }
-    if !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
-        return bad("only letters, digits, '.', '_' and '-' are allowed");
-    }
-    Ok(())
-}
-
-/// Checks a path under the adapter dir: relative, each part a valid id (so no `..`, no `/`
-/// at the start, nothing hidden).
-pub fn validate_rel_path(path: &str) -> Result<()> {
-    let bad = |why: &str| Err(LoraError::InvalidId { id: path.chars().take(140).collect(), why: why.into() });
-    if path.is_empty() || path.len() > 512 {
-        return bad("the path must be 1 to 512 characters");
-    }
-    for c in Path::new(path).components() {
-        match c {
-            Component::Normal(p) => validate_id(p.to_str().unwrap_or("\u{0}")).map_err(|_| LoraError::InvalidId {
-                id: path.into(),
-                why: format!("path part {p:?} is not allowed"),
-            })?,
-            _ => return bad("must be a relative path inside the adapter dir (no '..', no leading '/')"),
-        }
-    }
-    Ok(())
-}
-
 struct Entry<T> {
     value: Arc<T>,
     last_used: u64,
@@ -155,8 +121,7 @@ pub struct AdapterRegistry<T: Resident> {
     loader: Box<Loader<T>>,
     state: Mutex<State<T>>,
     loading: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    /// Bumped by [`AdapterRegistry::forget_loaded`]: a load that began before a bump read what
-    /// the loader saw then (a worker's hosted experts before a LoadExperts) and is not kept.
+    /// Bumped by `forget_loaded`: a load that began before a bump is not kept.
     generation: AtomicU64,
     pub counters: RegistryCounters,
 }
@@ -348,8 +313,7 @@ impl<T: Resident> AdapterRegistry<T> {
                 why: format!("no {} in the adapter dir at {rel:?}", crate::peft::CONFIG_FILE),
             });
         }
-        // A version loaded while the world changed (forget_loaded: a worker's hosted experts
-        // grew) lacks what changed: load again, a few times at most.
+        // Loaded while a worker's hosted experts grew (forget_loaded): load again, at most 3 times.
         let fail = |_: &LoraError| {
             self.counters.load_failures.fetch_add(1, Ordering::Relaxed);
         };
@@ -447,6 +411,11 @@ impl<T: Resident> AdapterRegistry<T> {
         Ok(())
     }
 
+    /// Moves on every [`Self::forget_loaded`] (resolve again after a move).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
     /// Forgets every loaded version, so the next use of each id reads its files again (a
     /// worker whose hosted experts changed needs pairs for the new ones). Requests holding a
     /// version keep it until they finish.
@@ -495,6 +464,9 @@ impl<T: Resident> AdapterRegistry<T> {
         (st.resident.len(), pinned, bytes)
     }
 }
+
+mod ids;
+pub use ids::{validate_id, validate_rel_path};
 
 #[cfg(test)]
 mod tests;

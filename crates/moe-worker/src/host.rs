@@ -247,7 +247,7 @@ impl<B: Backend> ExpertHost<B> {
         self.read_layers().get(layer).and_then(|l| l.as_ref()).is_some_and(|l| l.local.contains_key(&expert))
     }
 
-    fn validate<'g>(
+    pub(crate) fn validate<'g>(
         &self,
         layers: &'g [Option<HostedLayer<B>>],
         input: &ComputeInput<'_>,
@@ -328,34 +328,6 @@ impl<B: Backend> ExpertHost<B> {
         }
         hosted.ok_or(WorkerError::UnknownLayer { layer: input.layer, num_layers: c.num_layers })
     }
-
-    /// The adapters of a request, loaded (pinned for the call) and checked against their digest;
-    /// `None` for one that failed, with its 1-based slot and the reason in `failed`.
-    fn resolve_adapters(
-        &self,
-        input: &ComputeInput<'_>,
-        failed: &mut Vec<AdapterFailure>,
-    ) -> Result<Vec<Option<Arc<AdapterWeights<B>>>>> {
-        if input.adapters.is_empty() || input.row_adapters.iter().all(|&a| a == 0) {
-            return Ok(Vec::new());
-        }
-        let registry = self.adapters.as_ref().ok_or_else(|| {
-            WorkerError::InvalidRequest("rows carry LoRA adapters, but this worker has no --adapter-dir".into())
-        })?;
-        Ok(input
-            .adapters
-            .iter()
-            .enumerate()
-            .map(|(i, id)| match registry.acquire_identity(id) {
-                Ok(a) => Some(a),
-                Err(e) => {
-                    tracing::warn!(adapter = %id.id, error = %e, "adapter failed to load; its rows fail");
-                    failed.push(AdapterFailure { slot: i as u32 + 1, message: e.to_string() });
-                    None
-                }
-            })
-            .collect())
-    }
 }
 
 impl<B: Backend> ExpertCompute for ExpertHost<B> {
@@ -414,17 +386,14 @@ impl<B: Backend> ExpertCompute for ExpertHost<B> {
     }
 
     fn compute(&self, input: &ComputeInput<'_>, out: &mut Vec<f32>) -> Result<Vec<AdapterFailure>> {
-        let layers = self.read_layers();
+        let (layers, adapters, failed) = self.resolve_then_lock(input)?;
         let layer = self.validate(&layers, input)?;
-        self.check_budget(input.row_pairs.len(), input.experts.len())?;
         let h = self.config.hidden_size;
         let pairs = input.experts.len();
         let need = pairs * h;
         out.try_reserve(need.saturating_sub(out.len())).map_err(|_| {
             WorkerError::ResourceExhausted(format!("cannot allocate {} bytes for the output rows", 4 * need))
         })?;
-        let mut failed = Vec::new();
-        let adapters = self.resolve_adapters(input, &mut failed)?;
         let mut s = self.scratch.lock().ok().and_then(|mut p| p.pop()).unwrap_or_else(|| Scratch {
             ffn: FfnScratch::new(&self.backend),
             plan: ExpertPlan::default(),

@@ -8,6 +8,7 @@
 mod error;
 mod host;
 pub mod live;
+mod resolve;
 mod service;
 mod spec;
 
