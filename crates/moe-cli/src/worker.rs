@@ -39,7 +39,8 @@ pub struct WorkerArgs {
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=512))]
     pub max_lora_rank: usize,
     /// Working memory one expert request may use, in MiB (0: a quarter of this machine's
-    /// memory); larger requests are answered RESOURCE_EXHAUSTED instead of being attempted.
+    /// memory), and all requests in flight together; larger requests are answered
+    /// RESOURCE_EXHAUSTED instead of being attempted (stream requests wait for room).
     #[arg(long, env = "MOE_MAX_BATCH_MB", default_value_t = 0)]
     pub max_batch_mb: usize,
     /// Weight memory of hosted experts, in MiB (0: unlimited); `LoadExperts` past it is

@@ -125,6 +125,12 @@ pub trait ExpertCompute: Send + Sync {
     fn unload_experts(&self, experts: &[(usize, u32)]) -> Result<(usize, std::time::Duration)>;
     /// Refuses a request over the batch memory budget, naming both sizes.
     fn check_budget(&self, rows: usize, pairs: usize) -> Result<()>;
+    /// The working memory a request of `rows` rows and `pairs` pairs needs, and the batch
+    /// budget (`None`: unlimited), which also bounds all requests in flight together.
+    fn batch_memory(&self, rows: usize, pairs: usize) -> (usize, Option<usize>) {
+        let _ = (rows, pairs);
+        (0, None)
+    }
     /// Computes one row per (row, expert) pair into `out` (`pairs x hidden_size`, in the
     /// request's pair order). Pairs of rows whose adapter could not be loaded are left zero and
     /// their adapters returned: the caller must fail those rows.
@@ -371,6 +377,10 @@ impl<B: Backend> ExpertCompute for ExpertHost<B> {
 
     fn unload_experts(&self, experts: &[(usize, u32)]) -> Result<(usize, std::time::Duration)> {
         ExpertHost::unload_experts(self, experts)
+    }
+
+    fn batch_memory(&self, rows: usize, pairs: usize) -> (usize, Option<usize>) {
+        (self.batch_bytes(rows, pairs), self.max_batch_bytes)
     }
 
     fn check_budget(&self, rows: usize, pairs: usize) -> Result<()> {

@@ -1,6 +1,11 @@
 //! The `ExpertWorker` gRPC service over an expert host ([`ExpertCompute`]). Compute runs on blocking threads (the
 //! compute pool), never on the async runtime. On the long-lived stream a bad message gets a
 //! response carrying an error and the stream goes on; the unary call returns a status.
+//!
+//! The batch budget (`--max-batch-mb`) bounds one request and all requests in flight together:
+//! each takes its working memory from one pool (in KiB) before computing. A stream's request
+//! waits for room (backpressure to its router); a unary call that finds no room is answered
+//! RESOURCE_EXHAUSTED at once, so no number of concurrent callers can exhaust the worker.
 
 use crate::error::WorkerError;
 use crate::host::{ComputeInput, ExpertCompute};
@@ -21,11 +26,58 @@ use tracing::Instrument;
 pub struct ExpertWorkerService {
     host: Arc<dyn ExpertCompute>,
     worker_id: String,
+    memory: MemoryPool,
 }
 
 impl ExpertWorkerService {
     pub fn new(host: Arc<dyn ExpertCompute>, worker_id: impl Into<String>) -> Self {
-        Self { host, worker_id: worker_id.into() }
+        let memory = MemoryPool::new(host.batch_memory(0, 0).1);
+        Self { host, worker_id: worker_id.into(), memory }
+    }
+}
+
+/// The working memory of requests in flight, in KiB, within the batch budget.
+#[derive(Clone)]
+struct MemoryPool {
+    kib: Option<Arc<tokio::sync::Semaphore>>,
+    total_kib: usize,
+}
+
+impl MemoryPool {
+    fn new(budget: Option<usize>) -> Self {
+        let total_kib = budget.map_or(0, |b| (b / 1024).clamp(1, tokio::sync::Semaphore::MAX_PERMITS));
+        Self { kib: budget.map(|_| Arc::new(tokio::sync::Semaphore::new(total_kib))), total_kib }
+    }
+
+    /// The KiB a request needs (a request over the whole budget is refused later, by
+    /// `check_budget`, with both sizes named; here it takes the whole pool).
+    fn cost(&self, host: &dyn ExpertCompute, req: &ExpertRequest) -> u32 {
+        let (bytes, _) = host.batch_memory(req.row_pairs.len(), req.experts.len());
+        bytes.div_ceil(1024).clamp(1, self.total_kib.max(1)).min(u32::MAX as usize) as u32
+    }
+
+    /// Waits for room (streams).
+    async fn wait(&self, host: &dyn ExpertCompute, req: &ExpertRequest) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let pool = self.kib.clone()?;
+        pool.acquire_many_owned(self.cost(host, req)).await.ok()
+    }
+
+    /// Takes room now or refuses (unary calls).
+    fn take(
+        &self,
+        host: &dyn ExpertCompute,
+        req: &ExpertRequest,
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, WorkerError> {
+        let Some(pool) = self.kib.clone() else { return Ok(None) };
+        let cost = self.cost(host, req);
+        let held = self.total_kib - pool.available_permits().min(self.total_kib);
+        pool.try_acquire_many_owned(cost).map(Some).map_err(|_| {
+            WorkerError::ResourceExhausted(format!(
+                "this request needs {} KiB of working memory, but requests in flight hold {} of the {} KiB this \
+                 worker allows (--max-batch-mb); retry, or send on the stream",
+                cost, held, self.total_kib
+            ))
+        })
     }
 }
 
@@ -121,7 +173,9 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<ExpertResponse, Status>> 
 impl ExpertWorker for ExpertWorkerService {
     #[tracing::instrument(skip_all, fields(layer = request.get_ref().layer, rows = request.get_ref().row_pairs.len(), requests = ?request.get_ref().request_ids))]
     async fn compute(&self, request: Request<ExpertRequest>) -> Result<Response<ExpertResponse>, Status> {
-        Ok(Response::new(run(self.host.clone(), request.into_inner()).await?))
+        let req = request.into_inner();
+        let _room = self.memory.take(self.host.as_ref(), &req)?;
+        Ok(Response::new(run(self.host.clone(), req).await?))
     }
 
     type ComputeStreamStream = ResponseStream;
@@ -132,6 +186,7 @@ impl ExpertWorker for ExpertWorkerService {
     ) -> Result<Response<Self::ComputeStreamStream>, Status> {
         let mut inbound = request.into_inner();
         let host = self.host.clone();
+        let memory = self.memory.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             loop {
@@ -151,7 +206,10 @@ impl ExpertWorker for ExpertWorkerService {
                     rows = msg.row_pairs.len(),
                     requests = ?msg.request_ids
                 );
-                let resp = match run(host.clone(), msg).instrument(span).await {
+                let room = memory.wait(host.as_ref(), &msg).await;
+                let result = run(host.clone(), msg).instrument(span).await;
+                drop(room);
+                let resp = match result {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::warn!(error = %e, "rejected expert request");
