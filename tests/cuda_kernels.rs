@@ -107,7 +107,7 @@ fn fixture_check_runs_every_architecture_and_adapter() {
         .expect("run moe");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    let extra = ["mixtral_bf16", "deepseek_v3_fp8", "gpt_oss_mxfp4"];
+    let extra = ["mixtral_bf16", "deepseek_v3_fp8", "gpt_oss_mxfp4", "deepseek_v3_lite"];
     for arch in all_archs().chain(extra) {
         assert!(stdout.contains(&format!("| {arch} | - |")), "{arch} missing:\n{stdout}");
     }

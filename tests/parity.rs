@@ -27,15 +27,16 @@ fn check_logits(dir: &std::path::Path, expected: &serde_json::Value, key: &str, 
 
 #[test]
 fn logits_match_transformers_for_all_architectures() {
-    // deepseek_v3_fp8: block-scaled FP8 weights (partial edge blocks), dequantized at load.
-    for arch in all_archs().chain(["deepseek_v3_fp8", "gpt_oss_mxfp4"]) {
+    // deepseek_v3_fp8: block-scaled FP8 weights (partial edge blocks), dequantized at load;
+    // deepseek_v3_lite: the V2-Lite form (one q_proj, rope not interleaved, no groups).
+    for arch in all_archs().chain(["deepseek_v3_fp8", "gpt_oss_mxfp4", "deepseek_v3_lite"]) {
         check_logits(&fixture(arch), &expected(arch), "logits", TOL);
     }
 }
 
 #[test]
 fn greedy_generation_matches_transformers_token_for_token() {
-    for arch in all_archs().chain(["mixtral_bf16", "deepseek_v3_fp8", "gpt_oss_mxfp4"]) {
+    for arch in all_archs().chain(["mixtral_bf16", "deepseek_v3_fp8", "gpt_oss_mxfp4", "deepseek_v3_lite"]) {
         let dir = fixture(arch);
         for case in expected(arch)["cases"].as_array().expect("cases") {
             let ids = u32s(&case["token_ids"]);
@@ -153,7 +154,7 @@ fn f16_and_sharded_checkpoints_load() {
 /// same logits as each alone.
 #[test]
 fn kv_cache_decode_equals_full_recompute() {
-    for arch in all_archs() {
+    for arch in all_archs().chain(["deepseek_v3_lite"]) {
         let model = Model::load(&fixture(arch), CpuBackend::new()).expect("load");
         let vocab = model.config.vocab_size;
         let tokens = u32s(&expected(arch)["cases"][3]["token_ids"]);
