@@ -42,7 +42,7 @@ static GLOBAL: Counting = Counting;
 
 #[test]
 fn decode_steps_do_not_allocate() {
-    for arch in ARCHS {
+    for arch in all_archs() {
         let model = Model::load(&fixture(arch), CpuBackend::new()).expect("load");
         let prompt = u32s(&expected(arch)["cases"][2]["token_ids"]);
         let allocs = rayon::scope(|_| {

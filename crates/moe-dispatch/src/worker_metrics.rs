@@ -40,57 +40,60 @@ pub(crate) fn layer_balance(registry: &Registry, layer: usize) -> moe_metrics::H
     series
 }
 
+/// The per-worker families (registered once; later calls find them).
+struct Families {
+    seconds: LatencyFamily<WorkerOutcome>,
+    hedges: Family<WorkerOutcome, Counter>,
+    missed: Family<[(&'static str, String); 1], Counter>,
+    pairs: LatencyFamily<[(&'static str, String); 1]>,
+}
+
+impl Families {
+    fn of(registry: &Registry) -> Self {
+        Self {
+            seconds: registry.latency_family("moe_dispatch_seconds", "One layer's expert round trip to a worker."),
+            hedges: registry.counter_family(
+                "moe_dispatch_hedges_total",
+                "Dispatches sent to a replica as well because the worker was slow, by which answered first.",
+            ),
+            missed: registry.counter_family(
+                "moe_dispatch_missed_deadlines_total",
+                "Calls that lost to a hedge and then failed or missed their deadline (the worker is suspected).",
+            ),
+            pairs: registry.histogram_family(
+                "moe_worker_pairs_per_call",
+                "(row, expert) pairs a worker was given per layer call.",
+                pairs_histogram,
+            ),
+        }
+    }
+}
+
+fn pair(worker: &str, key: &'static str, value: &str) -> WorkerOutcome {
+    [("worker", worker.to_string()), (key, value.to_string())]
+}
+
 /// Removes `worker`'s series (it left the membership), so a router whose workers come and go
 /// does not export, and keep in memory, series for every worker it ever had.
 pub(crate) fn forget(registry: &Registry, worker: &str) {
-    let seconds: LatencyFamily<WorkerOutcome> =
-        registry.latency_family("moe_dispatch_seconds", "One layer's expert round trip to a worker.");
-    let hedges: Family<WorkerOutcome, Counter> = registry.counter_family(
-        "moe_dispatch_hedges_total",
-        "Dispatches sent to a replica as well because the worker was slow, by which answered first.",
-    );
-    let missed: Family<[(&'static str, String); 1], Counter> = registry.counter_family(
-        "moe_dispatch_missed_deadlines_total",
-        "Calls that lost to a hedge and then failed or missed their deadline (the worker is suspected).",
-    );
-    let pairs: LatencyFamily<[(&'static str, String); 1]> = registry.histogram_family(
-        "moe_worker_pairs_per_call",
-        "(row, expert) pairs a worker was given per layer call.",
-        pairs_histogram,
-    );
-    let pair = |key: &'static str, value: &str| [("worker", worker.to_string()), (key, value.to_string())];
-    seconds.remove(&pair("outcome", "ok"));
-    seconds.remove(&pair("outcome", "error"));
-    hedges.remove(&pair("winner", "primary"));
-    hedges.remove(&pair("winner", "replica"));
-    missed.remove(&[("worker", worker.to_string())]);
-    pairs.remove(&[("worker", worker.to_string())]);
+    let f = Families::of(registry);
+    f.seconds.remove(&pair(worker, "outcome", "ok"));
+    f.seconds.remove(&pair(worker, "outcome", "error"));
+    f.hedges.remove(&pair(worker, "winner", "primary"));
+    f.hedges.remove(&pair(worker, "winner", "replica"));
+    f.missed.remove(&[("worker", worker.to_string())]);
+    f.pairs.remove(&[("worker", worker.to_string())]);
 }
 
 impl WorkerMetrics {
     pub fn new(registry: &Registry, worker: &str) -> Self {
-        let seconds: LatencyFamily<WorkerOutcome> =
-            registry.latency_family("moe_dispatch_seconds", "One layer's expert round trip to a worker.");
-        let hedges: Family<WorkerOutcome, Counter> = registry.counter_family(
-            "moe_dispatch_hedges_total",
-            "Dispatches sent to a replica as well because the worker was slow, by which answered first.",
-        );
-        let missed: Family<[(&'static str, String); 1], Counter> = registry.counter_family(
-            "moe_dispatch_missed_deadlines_total",
-            "Calls that lost to a hedge and then failed or missed their deadline (the worker is suspected).",
-        );
-        let pair = |key: &'static str, value: &str| [("worker", worker.to_string()), (key, value.to_string())];
-        let ok = seconds.get_or_create(&pair("outcome", "ok")).clone();
-        let error = seconds.get_or_create(&pair("outcome", "error")).clone();
-        let hedge_won_by_primary = hedges.get_or_create(&pair("winner", "primary")).clone();
-        let hedge_won_by_replica = hedges.get_or_create(&pair("winner", "replica")).clone();
-        let missed_deadlines = missed.get_or_create(&[("worker", worker.to_string())]).clone();
-        let pairs: moe_metrics::LatencyFamily<[(&'static str, String); 1]> = registry.histogram_family(
-            "moe_worker_pairs_per_call",
-            "(row, expert) pairs a worker was given per layer call.",
-            pairs_histogram,
-        );
-        let pairs = pairs.get_or_create(&[("worker", worker.to_string())]).clone();
+        let f = Families::of(registry);
+        let ok = f.seconds.get_or_create(&pair(worker, "outcome", "ok")).clone();
+        let error = f.seconds.get_or_create(&pair(worker, "outcome", "error")).clone();
+        let hedge_won_by_primary = f.hedges.get_or_create(&pair(worker, "winner", "primary")).clone();
+        let hedge_won_by_replica = f.hedges.get_or_create(&pair(worker, "winner", "replica")).clone();
+        let missed_deadlines = f.missed.get_or_create(&[("worker", worker.to_string())]).clone();
+        let pairs = f.pairs.get_or_create(&[("worker", worker.to_string())]).clone();
         Self { ok, error, hedge_won_by_primary, hedge_won_by_replica, missed_deadlines, pairs }
     }
 }

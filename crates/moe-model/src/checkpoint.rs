@@ -279,17 +279,10 @@ impl Checkpoint {
     /// Entry `index` along the first dimension of tensor `name` (of `shape`) as f32.
     pub fn read_slice(&self, name: &str, shape: &[usize], index: usize) -> Result<Vec<f32>> {
         let (dtype, bytes) = self.raw_slice(name, shape, index)?;
-        Ok(match dtype {
-            "F32" => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            "BF16" => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            "F16" => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            other => {
-                return Err(ModelError::UnsupportedDtype {
-                    path: self.dir.clone(),
-                    name: name.to_string(),
-                    dtype: other.to_string(),
-                })
-            }
+        widen(dtype, bytes).ok_or_else(|| ModelError::UnsupportedDtype {
+            path: self.dir.clone(),
+            name: name.to_string(),
+            dtype: dtype.to_string(),
         })
     }
 
@@ -310,10 +303,10 @@ impl Checkpoint {
             });
         }
         let bytes = &shard.map[range.clone()];
+        if let Some(values) = widen(dtype, bytes) {
+            return Ok(values);
+        }
         let out = match dtype.as_str() {
-            "F32" => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            "BF16" => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            "F16" => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             "F8_E4M3" if shape.len() == 2 => {
                 let block = self.fp8_block.ok_or_else(|| ModelError::UnsupportedDtype {
                     path: shard.path.clone(),
@@ -335,6 +328,16 @@ impl Checkpoint {
         };
         Ok(out)
     }
+}
+
+/// Little-endian F32, BF16 or F16 values as f32; `None` for other dtypes.
+fn widen(dtype: &str, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        "F32" => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        "BF16" => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        "F16" => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

@@ -20,8 +20,42 @@ pub(crate) fn head_linear(
 ) {
     let (k, n) = (w.cols, w.rows / n_heads.max(1));
     let rows = x.rows;
-    let mut xin = vec![0.0f32; rows * k];
-    let mut y = vec![0.0f32; rows * n];
+    HEAD_BUFS.with(|bufs| match bufs.try_borrow_mut() {
+        // Grown once per thread; decode steps then allocate nothing here.
+        Ok(mut b) => {
+            let [xin, y] = &mut *b;
+            xin.resize(rows * k, 0.0);
+            y.resize(rows * n, 0.0);
+            per_head(x, x_col, x_stride, n_heads, w, out, out_col, out_stride, xin, y);
+        }
+        // Re-entered on this thread (never expected): buffers of its own.
+        Err(_) => {
+            let (mut xin, mut y) = (vec![0.0; rows * k], vec![0.0; rows * n]);
+            per_head(x, x_col, x_stride, n_heads, w, out, out_col, out_stride, &mut xin, &mut y);
+        }
+    });
+}
+
+thread_local! {
+    /// One head's gathered input rows and its product.
+    static HEAD_BUFS: std::cell::RefCell<[Vec<f32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
+}
+
+#[allow(clippy::too_many_arguments)]
+fn per_head(
+    x: &HostTensor,
+    x_col: usize,
+    x_stride: usize,
+    n_heads: usize,
+    w: &HostMatrix,
+    out: &mut HostTensor,
+    out_col: usize,
+    out_stride: usize,
+    xin: &mut [f32],
+    y: &mut [f32],
+) {
+    let (k, n) = (w.cols, w.rows / n_heads.max(1));
+    let rows = x.rows;
     for h in 0..n_heads {
         for r in 0..rows {
             let src = &x.row(r)[x_col + h * x_stride..][..k];
@@ -32,7 +66,7 @@ pub(crate) fn head_linear(
             MatrixData::F32(d) => Weights::F32(&d[span]),
             MatrixData::Bf16(d) => Weights::Bf16(&d[span]),
         };
-        matmul_tw(&xin, rows, k, wh, n, &mut y);
+        matmul_tw(xin, rows, k, wh, n, y);
         for r in 0..rows {
             out.row_mut(r)[out_col + h * out_stride..][..n].copy_from_slice(&y[r * n..(r + 1) * n]);
         }
