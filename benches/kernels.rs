@@ -116,6 +116,7 @@ fn attention(c: &mut Criterion) {
             n_kv_heads: kv_heads,
             head_dim: hd,
             values_are_keys: false,
+            states: Default::default(),
         };
         let mut store = b.kv_store(layout).expect("store");
         let page_table: Vec<u32> = (0..(seqs * pages_per) as u32).collect();

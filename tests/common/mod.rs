@@ -19,7 +19,7 @@ pub const ARCHS: [&str; 4] = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"];
 /// The 2026 architectures (tests/fixtures/make_fixtures_2026.py): DeepSeek-V3 (latent attention,
 /// YaRN, grouped sigmoid routing), GLM-4.5 (partial rotary, q/k norm, grouped sigmoid routing) and
 /// gpt-oss (attention sinks, alternating sliding windows, biased clamped experts).
-pub const ARCHS_2026: [&str; 3] = ["deepseek_v3", "glm4_moe", "gpt_oss"];
+pub const ARCHS_2026: [&str; 4] = ["deepseek_v3", "glm4_moe", "gpt_oss", "qwen3_next"];
 
 /// Every architecture with a transformers fixture.
 pub fn all_archs() -> impl Iterator<Item = &'static str> {

@@ -30,6 +30,7 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
             "bf16_bytes": 2 * size.total_params,
             "kv_values_per_token": size.kv_values_per_token,
             "kv_bytes_per_token_bf16": 2 * size.kv_values_per_token,
+            "state_values_per_sequence": size.state_values_per_sequence,
             "latent_attention": config.latent.is_some(),
             "quantization": config.quantization.as_ref().map(|q| format!("{q:?}")),
         });

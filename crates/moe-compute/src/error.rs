@@ -11,6 +11,10 @@ pub enum ComputeError {
     BadPage { page: u32, num_pages: usize },
     #[error("sequence needs {needed} KV slots but its pages hold {have}")]
     PagesTooFew { needed: usize, have: usize },
+    #[error("recurrent state slot {slot} does not exist (the store has {slots})")]
+    BadStateSlot { slot: u32, slots: usize },
+    #[error("linear attention: {0}")]
+    LinearAttention(String),
     #[error("KV store of {bytes} bytes could not be allocated")]
     KvAlloc { bytes: usize },
     #[error("invalid device {0:?}: use cpu or cuda:N")]

@@ -35,14 +35,90 @@ pub struct KvLayout {
     /// Only keys are stored and attention reads its values from them (multi-head latent
     /// attention: the cached latent is both), halving the store.
     pub values_are_keys: bool,
+    /// The recurrent states of linear-attention layers, kept beside the pages.
+    pub states: StateLayout,
 }
 
 impl KvLayout {
-    /// Bytes of f32 keys and values this layout holds.
+    /// Bytes of f32 keys, values and recurrent states this layout holds.
     pub fn bytes(&self) -> usize {
         let tensors = if self.values_are_keys { 1 } else { 2 };
         tensors * 4 * self.layers * self.num_pages * self.page_size * self.n_kv_heads * self.head_dim
+            + self.states.bytes()
     }
+}
+
+/// Recurrent state slots of linear-attention layers (gated DeltaNet): `slots` slots of `floats`
+/// f32 values for each of `layers` layers. A sequence reads its state from one slot and writes
+/// the advanced state into another, so a failed step leaves the state it started from intact.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateLayout {
+    pub layers: usize,
+    pub slots: usize,
+    pub floats: usize,
+}
+
+impl StateLayout {
+    pub fn bytes(&self) -> usize {
+        4 * self.layers * self.slots * self.floats
+    }
+}
+
+/// The shape of a gated DeltaNet layer (Qwen3-Next's linear attention). Its input projection's
+/// columns are, in order: q (`k_heads·k_head_dim`), k (same), v (`v_heads·v_head_dim`), z (same),
+/// then b and a (`v_heads` each); q, k and v pass through the causal depthwise convolution.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DeltaNetShape {
+    pub k_heads: usize,
+    pub v_heads: usize,
+    pub k_head_dim: usize,
+    pub v_head_dim: usize,
+    pub conv_kernel: usize,
+    /// Epsilon of the gated RMSNorm on each value head's output.
+    pub norm_eps: f32,
+}
+
+impl DeltaNetShape {
+    pub fn key_dim(&self) -> usize {
+        self.k_heads * self.k_head_dim
+    }
+    pub fn value_dim(&self) -> usize {
+        self.v_heads * self.v_head_dim
+    }
+    /// Channels of the convolution: q, k and v.
+    pub fn conv_dim(&self) -> usize {
+        2 * self.key_dim() + self.value_dim()
+    }
+    /// Columns of the input projection.
+    pub fn proj_cols(&self) -> usize {
+        self.conv_dim() + self.value_dim() + 2 * self.v_heads
+    }
+    /// f32 values of one sequence's state in one layer: the convolution's last `conv_kernel - 1`
+    /// inputs per channel, then the `[k_head_dim, v_head_dim]` matrix of every value head.
+    pub fn state_floats(&self) -> usize {
+        self.conv_dim() * (self.conv_kernel - 1) + self.v_heads * self.k_head_dim * self.v_head_dim
+    }
+}
+
+/// A gated DeltaNet layer's weights besides its projections.
+pub struct DeltaNetWeights<B: Backend> {
+    /// The depthwise convolution, `[conv_dim, conv_kernel]`.
+    pub conv: B::Vector,
+    /// `dt_bias`, per value head.
+    pub dt_bias: B::Vector,
+    /// `-exp(A_log)`, per value head: the decay is `exp(decay_rate · softplus(a + dt_bias))`.
+    pub decay_rate: B::Vector,
+    /// The gated RMSNorm's weight, `[v_head_dim]`.
+    pub norm: B::Vector,
+}
+
+/// Where a sequence's recurrent state is read from and written to (slots of [`StateLayout`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateSlots {
+    pub read: u32,
+    pub write: u32,
+    /// The state starts from zeros (a new sequence) rather than from `read`.
+    pub fresh: bool,
 }
 
 /// Where q, k and v live inside the fused qkv activation rows, and how heads are grouped.
@@ -320,6 +396,36 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// Whether attention sinks ([`AttentionShape::sinks`]) and biased or clamped expert FFNs
     /// ([`SwigluWeights::is_plain`] false) work here (gpt-oss); the model refuses to load otherwise.
     fn supports_gpt_oss(&self) -> bool {
+        false
+    }
+    /// Gated DeltaNet (Qwen3-Next's linear attention) on the input projection `proj`
+    /// (`[rows, shape.proj_cols()]`): for each sequence, the causal convolution and the gated delta
+    /// rule run over its rows in order, starting from its state in `states[i]` and leaving the
+    /// advanced state in its write slot; `out` is `[rows, value_dim]`, each value head's output
+    /// after the gated RMSNorm (`norm(o) · silu(z)`). A token's result does not depend on the batch.
+    #[allow(clippy::too_many_arguments)]
+    fn gated_delta_net(
+        &self,
+        proj: &Self::Act,
+        w: &DeltaNetWeights<Self>,
+        shape: &DeltaNetShape,
+        seqs: &[AttentionSeq],
+        states: &[StateSlots],
+        store: &mut Self::KvStore,
+        layer: usize,
+        out: &mut Self::Act,
+    ) -> Result<()> {
+        let _ = (proj, w, shape, seqs, states, store, layer, out);
+        Err(ComputeError::Unsupported { op: "gated_delta_net (linear attention)", backend: self.name() })
+    }
+    /// `x[r, c] *= sigmoid(gate[r, gate_col + c])` for every column of `x` (gated attention).
+    fn mul_sigmoid_cols(&self, x: &mut Self::Act, gate: &Self::Act, gate_col: usize) -> Result<()> {
+        let _ = (x, gate, gate_col);
+        Err(ComputeError::Unsupported { op: "mul_sigmoid_cols (gated attention)", backend: self.name() })
+    }
+    /// Whether [`Backend::gated_delta_net`], [`Backend::mul_sigmoid_cols`] and recurrent state
+    /// slots work here (Qwen3-Next); the model refuses to load otherwise.
+    fn supports_linear_attention(&self) -> bool {
         false
     }
     /// `out[r] += sigmoid(gate[r, 0]) * y[r]` (Qwen2-MoE shared expert).

@@ -4,7 +4,8 @@
 //! choice of orthogonal concerns read from here: the attention kind (grouped-query or
 //! multi-head latent), the rope (partial, YaRN), the routing rule, shared experts, dense layers.
 
-pub use crate::config_variants::{GptOssParts, Quantization};
+pub(crate) use crate::config_reader::Reader;
+pub use crate::config_variants::{GptOssParts, LinearAttention, Quantization};
 use crate::error::{ModelError, Result};
 use crate::rope::Rope;
 use crate::routing::RoutingRule;
@@ -24,10 +25,12 @@ pub enum Architecture {
     Glm4Moe,
     /// gpt-oss: attention sinks, alternating sliding-window layers, biased clamped experts.
     GptOss,
+    /// Qwen3-Next: gated DeltaNet layers between gated full-attention ones, zero-centred norms.
+    Qwen3Next,
 }
 
 impl Architecture {
-    pub const ALL: [(&'static str, Architecture); 7] = [
+    pub const ALL: [(&'static str, Architecture); 8] = [
         ("MixtralForCausalLM", Architecture::Mixtral),
         ("Qwen2MoeForCausalLM", Architecture::Qwen2Moe),
         ("Qwen3MoeForCausalLM", Architecture::Qwen3Moe),
@@ -35,6 +38,7 @@ impl Architecture {
         ("DeepseekV3ForCausalLM", Architecture::DeepseekV3),
         ("Glm4MoeForCausalLM", Architecture::Glm4Moe),
         ("GptOssForCausalLM", Architecture::GptOss),
+        ("Qwen3NextForCausalLM", Architecture::Qwen3Next),
     ];
 
     pub fn hf_name(self) -> &'static str {
@@ -60,8 +64,8 @@ impl Architecture {
 
 /// Architectures we know and refuse, with what they need that is missing.
 const NOT_YET: [(&str, &str); 1] = [(
-    "Qwen3NextForCausalLM",
-    "Qwen3-Next needs gated DeltaNet linear-attention layers with a recurrent state per sequence",
+    "Qwen3_5MoeForConditionalGeneration",
+    "Qwen3.5 checkpoints carry a vision tower; load the text model's config and weights",
 )];
 
 /// How q and k are normalized before rotary embedding.
@@ -116,6 +120,12 @@ pub struct ModelConfig {
     pub quantization: Option<Quantization>,
     /// gpt-oss's sinks, per-layer sliding windows and expert activation.
     pub gpt_oss: Option<GptOssParts>,
+    /// The gated DeltaNet layers of a hybrid model (Qwen3-Next); `None`: every layer attends.
+    pub linear: Option<LinearAttention>,
+    /// Full attention's output is scaled by a sigmoid gate that q_proj also produces (Qwen3-Next).
+    pub gated_attention: bool,
+    /// RMSNorm weights are stored as offsets from one (`x̂ · (1 + w)`, Qwen3-Next).
+    pub zero_centred_norm: bool,
 }
 
 /// The shape of multi-head latent attention (DeepSeek-V2/V3). The KV cache holds, per token and
@@ -140,61 +150,6 @@ impl LatentAttention {
     /// Width of a cached latent row and of an absorbed query head: the latent then the rope key.
     pub fn latent_dim(&self) -> usize {
         self.kv_lora_rank + self.qk_rope_head_dim
-    }
-}
-
-pub(crate) struct Reader<'a> {
-    pub path: &'a Path,
-    pub v: &'a Value,
-}
-
-impl Reader<'_> {
-    pub(crate) fn err(&self, message: String) -> ModelError {
-        ModelError::Config { path: self.path.to_path_buf(), message }
-    }
-    pub(crate) fn present(&self, key: &str) -> Option<&Value> {
-        self.v.get(key).filter(|v| !v.is_null())
-    }
-    pub(crate) fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
-        match self.present(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| self.err(format!("`{key}` must be a non-negative integer, got {v}"))),
-        }
-    }
-    pub(crate) fn usize_req(&self, key: &str) -> Result<usize> {
-        self.usize_opt(key)?.ok_or_else(|| self.err(format!("`{key}` is missing")))
-    }
-    pub(crate) fn positive(&self, key: &str) -> Result<usize> {
-        let n = self.usize_req(key)?;
-        if n == 0 {
-            return Err(self.err(format!("`{key}` must be positive, got 0")));
-        }
-        Ok(n)
-    }
-    pub(crate) fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
-        match self.present(key) {
-            None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(format!("`{key}` must be a number, got {v}"))),
-        }
-    }
-    pub(crate) fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
-        match self.present(key) {
-            None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| self.err(format!("`{key}` must be true or false, got {v}"))),
-        }
-    }
-    pub(crate) fn ids(&self, key: &str) -> Result<Vec<u32>> {
-        let bad = || self.err(format!("`{key}` must be a token id or a list of token ids"));
-        match self.present(key) {
-            None => Ok(vec![]),
-            Some(Value::Array(items)) => {
-                items.iter().map(|i| i.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(bad)).collect()
-            }
-            Some(v) => Ok(vec![v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(bad)?]),
-        }
     }
 }
 
@@ -271,9 +226,11 @@ impl ModelConfig {
         }
         let intermediate_size = r.positive("intermediate_size")?;
         let expert_intermediate_size = match architecture {
-            Architecture::Qwen2Moe | Architecture::Qwen3Moe | Architecture::DeepseekV3 | Architecture::Glm4Moe => {
-                r.positive("moe_intermediate_size")?
-            }
+            Architecture::Qwen2Moe
+            | Architecture::Qwen3Moe
+            | Architecture::Qwen3Next
+            | Architecture::DeepseekV3
+            | Architecture::Glm4Moe => r.positive("moe_intermediate_size")?,
             Architecture::Mixtral | Architecture::Olmoe | Architecture::GptOss => intermediate_size,
         };
         let max_position_embeddings = r.positive("max_position_embeddings")?;
@@ -304,6 +261,7 @@ impl ModelConfig {
         let (default_norm_topk, shared) = match architecture {
             Architecture::Mixtral => (true, None),
             Architecture::Qwen2Moe => (false, Some(r.positive("shared_expert_intermediate_size")?)),
+            Architecture::Qwen3Next => (true, Some(r.positive("shared_expert_intermediate_size")?)),
             Architecture::Qwen3Moe | Architecture::Olmoe => (false, None),
             // Softmax over the chosen k's logits = softmax over all, renormalized over the k.
             Architecture::GptOss => (true, None),
@@ -318,7 +276,7 @@ impl ModelConfig {
             _ => r.bool_or("norm_topk_prob", default_norm_topk)?,
         };
         let (decoder_sparse_step, mlp_only_layers) = match architecture {
-            Architecture::Qwen2Moe | Architecture::Qwen3Moe => {
+            Architecture::Qwen2Moe | Architecture::Qwen3Moe | Architecture::Qwen3Next => {
                 let step = r.usize_opt("decoder_sparse_step")?.unwrap_or(1);
                 if step == 0 {
                     return Err(r.err("`decoder_sparse_step` must be positive".into()));
@@ -351,7 +309,7 @@ impl ModelConfig {
             _ => r.bool_or("attention_bias", false)?,
         };
         let qk_norm = match architecture {
-            Architecture::Qwen3Moe => QkNorm::PerHead,
+            Architecture::Qwen3Moe | Architecture::Qwen3Next => QkNorm::PerHead,
             Architecture::Olmoe => QkNorm::Whole,
             Architecture::Glm4Moe if r.bool_or("use_qk_norm", false)? => QkNorm::PerHead,
             _ => QkNorm::None,
@@ -359,13 +317,15 @@ impl ModelConfig {
         let routing = crate::config_variants::routing(&r, architecture, num_experts, top_k, norm_topk_prob)?;
         let latent = crate::config_variants::latent(&r, architecture, attention_bias)?;
         let gpt_oss = crate::config_variants::gpt_oss(&r, architecture, num_layers)?;
+        let linear = crate::config_variants::linear_attention(&r, architecture, num_layers, rms_norm_eps)?;
         // Heads of latent attention are q/k heads of nope + rope columns.
         let head_dim = latent.as_ref().map_or(head_dim, |l| l.qk_head_dim());
         let rotary_dim = match (&latent, architecture) {
             (Some(l), _) => l.qk_rope_head_dim,
-            (None, Architecture::Glm4Moe) => {
+            (None, Architecture::Glm4Moe | Architecture::Qwen3Next) => {
                 let in_rope = scaling.and_then(|p| p.get("partial_rotary_factor")).and_then(|v| v.as_f64());
-                let f = r.f64_opt("partial_rotary_factor")?.or(in_rope).unwrap_or(0.5);
+                let default = if architecture == Architecture::Glm4Moe { 0.5 } else { 0.25 };
+                let f = r.f64_opt("partial_rotary_factor")?.or(in_rope).unwrap_or(default);
                 if !(f > 0.0 && f <= 1.0) {
                     return Err(r.err(format!("partial_rotary_factor must be in (0, 1], got {f}")));
                 }
@@ -419,11 +379,14 @@ impl ModelConfig {
             clip_qkv,
             sliding_window,
             routing,
-            shared_expert_gated: architecture == Architecture::Qwen2Moe,
+            shared_expert_gated: matches!(architecture, Architecture::Qwen2Moe | Architecture::Qwen3Next),
             rope: Rope { theta: rope_theta, rotary_dim, yarn },
             latent,
             quantization,
             gpt_oss,
+            linear,
+            gated_attention: architecture == Architecture::Qwen3Next,
+            zero_centred_norm: architecture == Architecture::Qwen3Next,
         })
     }
 
@@ -480,6 +443,17 @@ impl ModelConfig {
             _ => 1.0,
         };
         (base * mscale * mscale) as f32
+    }
+
+    /// Whether layer `i` is a linear-attention (gated DeltaNet) layer, which keeps a recurrent
+    /// state per sequence instead of KV pages.
+    pub fn is_linear_layer(&self, i: usize) -> bool {
+        self.linear.as_ref().is_some_and(|l| l.layers.get(i).copied().unwrap_or(false))
+    }
+
+    /// Layers that keep keys and values in the paged cache (all but linear-attention layers).
+    pub fn kv_layers(&self) -> usize {
+        (0..self.num_layers).filter(|&i| !self.is_linear_layer(i)).count()
     }
 
     /// Values the KV cache holds per token and layer: keys and values of every KV head, or the

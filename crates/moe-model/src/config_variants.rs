@@ -1,12 +1,12 @@
 //! The parts of config.json that choose an architecture's concerns beyond the common fields:
 //! the routing rule (softmax, or grouped sigmoid with a correction bias), multi-head latent
 //! attention, and gpt-oss's attention sinks, alternating sliding-window layers and clamped,
-//! biased experts.
+//! biased experts, and Qwen3-Next's gated DeltaNet layers.
 
 use crate::config::{Architecture, LatentAttention, Reader};
 use crate::error::Result;
 use crate::routing::{GateScoring, RoutingRule};
-use moe_compute::Glu;
+use moe_compute::{DeltaNetShape, Glu};
 use serde_json::Value;
 
 /// The routing rule of `architecture`.
@@ -152,4 +152,79 @@ pub(crate) fn quantization(r: &Reader<'_>) -> Option<Quantization> {
             }
         }
     }
+}
+
+/// The linear-attention layers of a hybrid model (Qwen3-Next) and their gated DeltaNet shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinearAttention {
+    /// Per layer: whether it is a gated DeltaNet layer (else gated full attention).
+    pub layers: Vec<bool>,
+    pub shape: DeltaNetShape,
+}
+
+impl LinearAttention {
+    /// How many layers are linear.
+    pub fn count(&self) -> usize {
+        self.layers.iter().filter(|&&l| l).count()
+    }
+}
+
+/// Qwen3-Next's `layer_types` (or `full_attention_interval`) and `linear_*` fields, or `None`.
+pub(crate) fn linear_attention(
+    r: &Reader<'_>,
+    architecture: Architecture,
+    num_layers: usize,
+    norm_eps: f32,
+) -> Result<Option<LinearAttention>> {
+    if architecture != Architecture::Qwen3Next {
+        return Ok(None);
+    }
+    let layers = match r.present("layer_types") {
+        // transformers' default: every `full_attention_interval`-th layer attends fully.
+        None => {
+            let every = r.usize_opt("full_attention_interval")?.unwrap_or(4).max(1);
+            (0..num_layers).map(|i| (i + 1) % every != 0).collect()
+        }
+        Some(Value::Array(kinds)) => {
+            let parsed: Option<Vec<bool>> = kinds
+                .iter()
+                .map(|k| match k.as_str() {
+                    Some("linear_attention") => Some(true),
+                    Some("full_attention") => Some(false),
+                    _ => None,
+                })
+                .collect();
+            match parsed {
+                Some(v) if v.len() == num_layers => v,
+                _ => {
+                    return Err(r.err(format!(
+                        "`layer_types` must list \"linear_attention\" or \"full_attention\" for each of the {num_layers} layers"
+                    )))
+                }
+            }
+        }
+        Some(_) => return Err(r.err("`layer_types` must be a list".into())),
+    };
+    let or = |key: &str, default: usize| -> Result<usize> {
+        match r.usize_opt(key)? {
+            Some(0) => Err(r.err(format!("`{key}` must be positive, got 0"))),
+            Some(n) => Ok(n),
+            None => Ok(default),
+        }
+    };
+    let shape = DeltaNetShape {
+        k_heads: or("linear_num_key_heads", 16)?,
+        v_heads: or("linear_num_value_heads", 32)?,
+        k_head_dim: or("linear_key_head_dim", 128)?,
+        v_head_dim: or("linear_value_head_dim", 128)?,
+        conv_kernel: or("linear_conv_kernel_dim", 4)?,
+        norm_eps,
+    };
+    if shape.v_heads % shape.k_heads != 0 {
+        return Err(r.err(format!(
+            "linear_num_value_heads ({}) must be a multiple of linear_num_key_heads ({})",
+            shape.v_heads, shape.k_heads
+        )));
+    }
+    Ok(Some(LinearAttention { layers, shape }))
 }

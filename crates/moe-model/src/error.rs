@@ -28,6 +28,8 @@ pub enum ModelError {
     TooLong { len: usize, max: usize },
     #[error("the KV cache is full: {needed} more pages needed, {free} free")]
     KvCacheFull { needed: usize, free: usize },
+    #[error("every recurrent state slot is in use (one pair per running sequence of a hybrid model)")]
+    NoStateSlot,
     #[error("layer {layer}: experts unavailable: {message}")]
     Experts { layer: usize, message: String },
     #[error("{architecture} needs {feature}, which the {backend} backend does not implement yet; use --device cpu")]

@@ -49,7 +49,12 @@ impl<B: Backend> Model<B> {
         // This layer's window (gpt-oss alternates) and sinks.
         let shape =
             AttentionShape { sliding_window: c.window(layer_idx), sinks: a.sinks.as_deref(), ..self.attn_shape };
-        b.attention(&ws.qkv, &shape, &ws.seqs, &ws.page_table, &mut kv.store, layer_idx, &mut ws.attn)?;
+        let store_layer = self.store_layer[layer_idx];
+        b.attention(&ws.qkv, &shape, &ws.seqs, &ws.page_table, &mut kv.store, store_layer, &mut ws.attn)?;
+        if c.gated_attention {
+            // The output gate's columns follow q, k and v.
+            b.mul_sigmoid_cols(&mut ws.attn, &ws.qkv, qw + 2 * kw)?;
+        }
         b.linear(&ws.attn, &a.o, a.o_bias.as_ref(), &mut ws.proj);
         if has(o_pair) {
             let lookup = row_pair(items, &ws.row_item, layer_idx, o_pair);

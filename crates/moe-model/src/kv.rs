@@ -9,6 +9,11 @@
 //! page nobody uses waits in an LRU list and is evicted (unpublished and reused) only when a
 //! reservation finds no free page. Only full pages are ever shared, so a sequence writes only to
 //! pages it alone holds.
+//!
+//! A hybrid model's linear-attention layers keep a recurrent state per sequence instead: the
+//! allocator also hands out pairs of state slots (one read, one written by a step, swapped when
+//! the step completes), taken at the first reservation and given back on release. Their states
+//! summarise whole prefixes, so pages of such a model are neither published nor reused.
 
 use crate::error::{ModelError, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -32,6 +37,8 @@ pub struct PageAllocator {
     tick_of: Vec<u64>,
     tick: u64,
     evicted: u64,
+    /// Free pairs of recurrent state slots; `None` when the model has no linear-attention layers.
+    state_pairs: Option<Vec<[u32; 2]>>,
 }
 
 impl PageAllocator {
@@ -47,7 +54,21 @@ impl PageAllocator {
             tick_of: vec![0; num_pages],
             tick: 0,
             evicted: 0,
+            state_pairs: None,
         }
+    }
+
+    /// An allocator that also hands each sequence one pair of recurrent state slots, out of
+    /// `pairs` (slots `2i` and `2i + 1`).
+    pub fn with_state_pairs(num_pages: usize, page_size: usize, pairs: usize) -> Self {
+        let mut a = Self::new(num_pages, page_size);
+        a.state_pairs = Some((0..pairs as u32).rev().map(|i| [2 * i, 2 * i + 1]).collect());
+        a
+    }
+
+    /// Whether sequences keep recurrent states (and pages are therefore never shared).
+    pub fn keeps_states(&self) -> bool {
+        self.state_pairs.is_some()
     }
 
     pub fn page_size(&self) -> usize {
@@ -90,6 +111,9 @@ impl PageAllocator {
         if need > self.free_pages() {
             return Err(ModelError::KvCacheFull { needed: need, free: self.free_pages() });
         }
+        if let (Some(pairs), None) = (&mut self.state_pairs, seq.state) {
+            seq.state = Some(pairs.pop().ok_or(ModelError::NoStateSlot)?);
+        }
         for _ in 0..need {
             let page = match self.free.pop() {
                 Some(p) => Some(p),
@@ -129,12 +153,18 @@ impl PageAllocator {
             }
         }
         seq.len = 0;
+        if let (Some(pairs), Some(pair)) = (&mut self.state_pairs, seq.state.take()) {
+            pairs.push(pair);
+        }
     }
 
     /// Starts an empty `seq` with the longest run of published pages matching `keys` (the keys
     /// of its first full pages, in order); returns how many tokens they hold.
     pub fn reuse(&mut self, seq: &mut SequenceCache, keys: &[PageKey]) -> usize {
         debug_assert!(seq.pages.is_empty());
+        if self.keeps_states() {
+            return 0;
+        }
         for key in keys {
             let Some(&p) = self.index.get(key) else { break };
             let i = p as usize;
@@ -152,6 +182,9 @@ impl PageAllocator {
     /// order), so later sequences can reuse them. A key already published elsewhere keeps its
     /// page (this one then stays private and is freed when released).
     pub fn publish(&mut self, seq: &SequenceCache, keys: &[PageKey]) {
+        if self.keeps_states() {
+            return;
+        }
         let full = seq.len / self.page_size;
         for (&p, &key) in seq.pages.iter().zip(keys).take(full) {
             let i = p as usize;
@@ -163,11 +196,29 @@ impl PageAllocator {
     }
 }
 
-/// One sequence's view of the cache: its pages and how many tokens they hold.
+/// One sequence's view of the cache: its pages and how many tokens they hold, and for a hybrid
+/// model its pair of recurrent state slots (`[read, write]`).
 #[derive(Clone, Debug, Default)]
 pub struct SequenceCache {
     pub pages: Vec<u32>,
     pub len: usize,
+    pub state: Option<[u32; 2]>,
+}
+
+impl SequenceCache {
+    /// Records `tokens` more tokens as cached once a step has computed them: the written state
+    /// slot becomes the one the next step reads.
+    pub fn advance(&mut self, tokens: usize) {
+        self.len += tokens;
+        if let Some(pair) = &mut self.state {
+            pair.swap(0, 1);
+        }
+    }
+
+    /// Where a step reads and writes this sequence's recurrent state.
+    pub fn state_slots(&self) -> Option<moe_compute::StateSlots> {
+        self.state.map(|[read, write]| moe_compute::StateSlots { read, write, fresh: self.len == 0 })
+    }
 }
 
 #[cfg(test)]
@@ -215,6 +266,31 @@ mod tests {
         assert_eq!(a.reuse(&mut third, &[1, 2]), 0, "evicted pages are no longer found");
         a.release(&mut big);
         assert_eq!(a.free_pages(), 4);
+    }
+
+    #[test]
+    fn state_pairs_follow_sequences_and_pages_are_not_shared() {
+        let mut a = PageAllocator::with_state_pairs(8, 4, 2);
+        let (mut s, mut t, mut u) = (SequenceCache::default(), SequenceCache::default(), SequenceCache::default());
+        a.reserve(&mut s, 5).unwrap();
+        a.reserve(&mut t, 1).unwrap();
+        assert_eq!((s.state, t.state), (Some([0, 1]), Some([2, 3])));
+        assert!(matches!(a.reserve(&mut u, 1), Err(ModelError::NoStateSlot)));
+        assert!(u.pages.is_empty() && u.state.is_none(), "a refused reservation takes nothing");
+        let slots = s.state_slots().unwrap();
+        assert_eq!((slots.read, slots.write, slots.fresh), (0, 1, true));
+        s.advance(5);
+        let slots = s.state_slots().unwrap();
+        assert_eq!((slots.read, slots.write, slots.fresh), (1, 0, false));
+        // The state summarises the whole prefix: nothing is published or reused.
+        a.publish(&s, &[1, 2]);
+        assert_eq!(a.cached_pages(), 0);
+        a.release(&mut s);
+        assert_eq!(s.state, None);
+        a.reserve(&mut u, 1).unwrap();
+        assert!(u.state.is_some());
+        let mut v = SequenceCache::default();
+        assert_eq!(a.reuse(&mut v, &[1]), 0);
     }
 
     #[test]

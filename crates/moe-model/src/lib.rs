@@ -7,6 +7,7 @@
 pub mod adapter;
 pub mod checkpoint;
 pub mod config;
+mod config_reader;
 mod config_variants;
 mod error;
 mod experts;
@@ -14,6 +15,7 @@ mod fp8;
 mod fused_experts;
 mod gqa;
 pub mod kv;
+mod linear_attention;
 mod mla;
 mod model;
 mod overlap;
@@ -25,7 +27,7 @@ pub mod weights;
 mod workspace;
 
 pub use adapter::{AdapterIdentity, AdapterWeights, LayerLora};
-pub use config::{Architecture, LatentAttention, ModelConfig, QkNorm, Quantization};
+pub use config::{Architecture, LatentAttention, LinearAttention, ModelConfig, QkNorm, Quantization};
 pub use error::{ModelError, Result};
 pub use experts::{ExpertExecutor, ExpertRoutes, ExpertTicket, LayerCall, StartedExperts};
 pub use kv::{PageAllocator, PageKey, SequenceCache};

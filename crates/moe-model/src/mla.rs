@@ -192,7 +192,15 @@ impl<B: Backend> Model<B> {
         b.copy_cols(&ws.mla_kv, 0, width, width, 1, &mut ws.qkv, heads * width, width)?;
         b.rope(&mut ws.qkv, rank, heads, width, &ws.rope);
         b.rope(&mut ws.qkv, heads * width + rank, 1, width, &ws.rope);
-        b.attention(&ws.qkv, &self.latent_shape(), &ws.seqs, &ws.page_table, &mut kv.store, layer, &mut ws.attn)?;
+        b.attention(
+            &ws.qkv,
+            &self.latent_shape(),
+            &ws.seqs,
+            &ws.page_table,
+            &mut kv.store,
+            self.store_layer[layer],
+            &mut ws.attn,
+        )?;
         // Each head's latent output to its values, then o_proj.
         b.zeros(rows, heads * a.v_head_dim, &mut ws.mla_v);
         b.head_linear(&ws.attn, 0, width, heads, &w.absorb_v, &mut ws.mla_v, 0, a.v_head_dim)?;

@@ -12,7 +12,7 @@ use crate::gqa::{gate_pair, row_pair};
 use crate::kv::{PageAllocator, SequenceCache};
 use crate::weights::{load_weights, FfnWeights, LayerAttention, LayerWeights, ModelWeights, MoeWeights};
 pub use crate::workspace::Workspace;
-use moe_compute::{AttentionSeq, AttentionShape, Backend, KvLayout};
+use moe_compute::{AttentionSeq, AttentionShape, Backend, KvLayout, StateLayout};
 use std::path::Path;
 
 /// A loaded model on a backend.
@@ -26,6 +26,9 @@ pub struct Model<B: Backend> {
     pub(crate) attn_shape: AttentionShape<'static>,
     /// The attention call of latent attention (DeepSeek-V3), when the model has it.
     latent_shape: Option<AttentionShape<'static>>,
+    /// Per layer, its index in the store: among the KV layers, or for a linear-attention layer
+    /// among the recurrent-state layers.
+    pub(crate) store_layer: Vec<usize>,
 }
 
 /// The backend's KV store together with the allocator of its pages.
@@ -111,7 +114,16 @@ impl<B: Backend> Model<B> {
         };
         let latent_shape =
             config.latent.as_ref().map(|a| crate::mla::latent_shape(config.num_heads, a, config.attention_scale()));
+        let (mut kv_layers, mut state_layers) = (0, 0);
+        let store_layer = (0..config.num_layers)
+            .map(|i| {
+                let counter = if config.is_linear_layer(i) { &mut state_layers } else { &mut kv_layers };
+                *counter += 1;
+                *counter - 1
+            })
+            .collect();
         Self {
+            store_layer,
             inv_freq: config.inv_freq(),
             rope_scale: config.rope.attention_factor(),
             config,
@@ -141,27 +153,46 @@ impl<B: Backend> Model<B> {
 
     /// A KV cache of `num_pages` pages of `page_size` tokens.
     pub fn kv_cache(&self, num_pages: usize, page_size: usize) -> Result<KvCache<B>> {
+        self.kv_cache_for(num_pages, page_size, num_pages)
+    }
+
+    /// [`Self::kv_cache`] for at most `max_sequences` sequences at once: a hybrid model keeps
+    /// two recurrent state slots per sequence beside the pages (each sequence holds a page, so
+    /// never more than `num_pages`).
+    pub fn kv_cache_for(&self, num_pages: usize, page_size: usize, max_sequences: usize) -> Result<KvCache<B>> {
         let c = &self.config;
+        let pairs = max_sequences.clamp(1, num_pages.max(1));
+        let states = c.linear.as_ref().map_or(StateLayout::default(), |l| StateLayout {
+            layers: l.count(),
+            slots: 2 * pairs,
+            floats: l.shape.state_floats(),
+        });
         let layout = match &c.latent {
             // One latent row per token, read as both key and value.
             Some(a) => KvLayout {
-                layers: c.num_layers,
+                layers: c.kv_layers(),
                 num_pages,
                 page_size,
                 n_kv_heads: 1,
                 head_dim: a.latent_dim(),
                 values_are_keys: true,
+                states,
             },
             None => KvLayout {
-                layers: c.num_layers,
+                layers: c.kv_layers(),
                 num_pages,
                 page_size,
                 n_kv_heads: c.num_kv_heads,
                 head_dim: c.head_dim,
                 values_are_keys: false,
+                states,
             },
         };
-        Ok(KvCache { store: self.backend.kv_store(layout)?, pages: PageAllocator::new(num_pages, page_size) })
+        let pages = match c.linear {
+            Some(_) => PageAllocator::with_state_pairs(num_pages, page_size, pairs),
+            None => PageAllocator::new(num_pages, page_size),
+        };
+        Ok(KvCache { store: self.backend.kv_store(layout)?, pages })
     }
 
     /// Checks a prompt before any work: not empty, ids in the vocabulary, within the context.
@@ -213,7 +244,7 @@ impl<B: Backend> Model<B> {
         }
         self.final_logits(ws, logits);
         for item in batch.iter_mut() {
-            item.cache.len += item.tokens.len();
+            item.cache.advance(item.tokens.len());
         }
         Ok(())
     }
@@ -258,6 +289,12 @@ impl<B: Backend> Model<B> {
         ws.seqs.clear();
         ws.page_table.clear();
         ws.unserved.clear();
+        ws.state_slots.clear();
+        if self.config.linear.is_some() {
+            for item in batch.iter() {
+                ws.state_slots.push(item.cache.state_slots().ok_or(ModelError::NoStateSlot)?);
+            }
+        }
         // Pages are unique to a sequence, so the table never exceeds the pool: one growth, ever.
         ws.page_table.reserve(kv.pages.num_pages());
         for item in batch.iter() {
@@ -369,6 +406,7 @@ impl<B: Backend> Model<B> {
         match &layer.attention {
             LayerAttention::Grouped(a) => self.grouped_attention(ws, kv, layer_idx, a, items),
             LayerAttention::Latent(w) => self.latent_attention(ws, kv, layer_idx, w, items),
+            LayerAttention::Linear(w) => self.delta_net(ws, kv, layer_idx, w, items),
         }
     }
 

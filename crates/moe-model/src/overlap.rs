@@ -77,7 +77,7 @@ impl<B: Backend> Model<B> {
             *a += std::mem::take(b);
         }
         for item in batch.iter_mut() {
-            item.cache.len += item.tokens.len();
+            item.cache.advance(item.tokens.len());
         }
         Ok(())
     }

@@ -17,6 +17,8 @@ pub struct ModelSize {
     pub expert_params: u64,
     /// KV cache values per token over all layers (for latent attention: the latent and rope key).
     pub kv_values_per_token: u64,
+    /// Recurrent state values per sequence over the linear-attention layers (hybrid models).
+    pub state_values_per_sequence: u64,
 }
 
 impl ModelSize {
@@ -35,19 +37,27 @@ impl ModelSize {
             }
             None => {
                 let (q, kv) = ((c.num_heads * c.head_dim) as u64, (c.num_kv_heads * c.head_dim) as u64);
-                let bias = if c.attention_bias { q + 2 * kv } else { 0 };
+                // Gated attention's q_proj also makes the output gate.
+                let q_out = if c.gated_attention { 2 * q } else { q };
+                let bias = if c.attention_bias { q_out + 2 * kv } else { 0 };
                 let norms = match c.qk_norm {
                     crate::QkNorm::None => 0,
                     crate::QkNorm::PerHead => 2 * c.head_dim as u64,
                     crate::QkNorm::Whole => q + kv,
                 };
-                h * (q + 2 * kv) + bias + q * h + norms
+                h * (q_out + 2 * kv) + bias + q * h + norms
             }
         };
         let swiglu = |inter: usize| 3 * h * inter as u64;
         let (mut total, mut active, mut experts) = (0u64, 0u64, 0u64);
+        let linear_attention = c.linear.as_ref().map_or(0, |l| {
+            let s = &l.shape;
+            let (proj, conv) = (s.proj_cols() as u64, (s.conv_dim() * s.conv_kernel) as u64);
+            h * proj + conv + 2 * s.v_heads as u64 + s.v_head_dim as u64 + s.value_dim() as u64 * h
+        });
         for layer in 0..c.num_layers {
-            let dense = attention + 2 * h;
+            let mixer = if c.is_linear_layer(layer) { linear_attention } else { attention };
+            let dense = mixer + 2 * h;
             let (all, used) = if c.is_moe_layer(layer) {
                 let e = c.num_experts as u64;
                 let gate = e * h + if c.routing.correction_bias { e } else { 0 };
@@ -71,16 +81,24 @@ impl ModelSize {
             total_params: total + outer,
             active_params: active + head + h,
             expert_params: experts,
-            kv_values_per_token: (c.num_layers * c.kv_values_per_token_layer()) as u64,
+            kv_values_per_token: (c.kv_layers() * c.kv_values_per_token_layer()) as u64,
+            state_values_per_sequence: c.linear.as_ref().map_or(0, |l| (l.count() * l.shape.state_floats()) as u64),
         }
     }
 
     /// A line for people: parameters, bf16 bytes, the router/worker split, KV per token.
     pub fn describe(&self, c: &ModelConfig) -> String {
-        let kind = match &c.latent {
-            Some(a) => format!("latent: {} values x {} layers", a.latent_dim(), c.num_layers),
-            None => format!("{} KV heads x {} x 2 x {} layers", c.num_kv_heads, c.head_dim, c.num_layers),
+        let mut kind = match &c.latent {
+            Some(a) => format!("latent: {} values x {} layers", a.latent_dim(), c.kv_layers()),
+            None => format!("{} KV heads x {} x 2 x {} layers", c.num_kv_heads, c.head_dim, c.kv_layers()),
         };
+        if let Some(l) = &c.linear {
+            kind += &format!(
+                "; plus a recurrent state of {} per sequence in f32 over {} linear-attention layers",
+                bytes(4 * self.state_values_per_sequence),
+                l.count()
+            );
+        }
         format!(
             "{}: {} parameters ({} active per token), {} in bf16; routed experts {} (on workers), \
              router's dense part {}; KV cache {} per token in bf16 ({kind})",

@@ -9,6 +9,7 @@ use crate::error::Result;
 use moe_compute::{Backend, SwigluWeights};
 
 pub struct AttentionWeights<B: Backend> {
+    /// `[q | k | v]` rows, then for gated attention (Qwen3-Next) the output gate's rows.
     pub qkv: B::Matrix,
     pub qkv_bias: Option<B::Vector>,
     pub o: B::Matrix,
@@ -42,10 +43,12 @@ pub struct SharedExpert<B: Backend> {
     pub gate: Option<B::Matrix>,
 }
 
-/// A layer's attention: grouped-query (with its variants) or multi-head latent.
+/// A layer's token mixer: grouped-query attention (with its variants), multi-head latent
+/// attention, or linear attention (gated DeltaNet).
 pub enum LayerAttention<B: Backend> {
     Grouped(AttentionWeights<B>),
     Latent(crate::mla::LatentWeights<B>),
+    Linear(crate::linear_attention::DeltaNetLayer<B>),
 }
 
 pub enum FfnWeights<B: Backend> {
@@ -87,6 +90,35 @@ impl<B: Backend> Loader<'_, B> {
         Ok(self.backend.vector(self.ckpt.read(name, &[len])?)?)
     }
 
+    /// An RMSNorm weight; stored as an offset from one where the model's norms are zero-centred.
+    pub(crate) fn norm(&self, name: &str, len: usize) -> Result<B::Vector> {
+        let mut w = self.ckpt.read(name, &[len])?;
+        if self.cfg.zero_centred_norm {
+            w.iter_mut().for_each(|x| *x += 1.0);
+        }
+        Ok(self.backend.vector(w)?)
+    }
+
+    /// One matrix of chosen rows: for each part `(name, rows in the file, picks)`, the file's rows
+    /// `picks` in that order, parts stacked. bf16 stays bf16 when every part is bf16.
+    pub(crate) fn gathered(&self, parts: &[(String, usize, Vec<usize>)], cols: usize) -> Result<B::Matrix> {
+        let rows: usize = parts.iter().map(|p| p.2.len()).sum();
+        if parts.iter().all(|(name, ..)| self.ckpt.dtype_of(name).as_deref() == Some("BF16")) {
+            let mut bits = Vec::with_capacity(rows * cols);
+            for (name, r, picks) in parts {
+                let all = self.ckpt.read_bf16(name, &[*r, cols])?.unwrap_or_default();
+                picks.iter().for_each(|&i| bits.extend_from_slice(&all[i * cols..(i + 1) * cols]));
+            }
+            return Ok(self.backend.matrix_bf16(rows, cols, bits)?);
+        }
+        let mut data = Vec::with_capacity(rows * cols);
+        for (name, r, picks) in parts {
+            let all = self.ckpt.read(name, &[*r, cols])?;
+            picks.iter().for_each(|&i| data.extend_from_slice(&all[i * cols..(i + 1) * cols]));
+        }
+        Ok(self.backend.matrix(rows, cols, data)?)
+    }
+
     /// Stacks the rows of several `[r_i, cols]` tensors into one matrix.
     fn stacked(&self, parts: &[(String, usize)], cols: usize) -> Result<B::Matrix> {
         let rows: usize = parts.iter().map(|p| p.1).sum();
@@ -116,15 +148,28 @@ impl<B: Backend> Loader<'_, B> {
     fn attention(&self, p: &str) -> Result<AttentionWeights<B>> {
         let c = self.cfg;
         let (h, qw, kw) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let parts = [
-            (format!("{p}.q_proj.weight"), qw),
-            (format!("{p}.k_proj.weight"), kw),
-            (format!("{p}.v_proj.weight"), kw),
+        // Gated attention's q_proj holds each head's q rows, then its gate rows: split them.
+        let q_rows = (if c.gated_attention { 2 } else { 1 }) * qw;
+        let pick = |gate| match c.gated_attention {
+            true => crate::linear_attention::gated_q_rows(c.num_heads, c.head_dim, gate),
+            false => (0..qw).collect(),
+        };
+        let mut parts = vec![
+            (format!("{p}.q_proj.weight"), q_rows, pick(false)),
+            (format!("{p}.k_proj.weight"), kw, (0..kw).collect()),
+            (format!("{p}.v_proj.weight"), kw, (0..kw).collect()),
         ];
+        if c.gated_attention {
+            parts.push((format!("{p}.q_proj.weight"), q_rows, pick(true)));
+        }
         let qkv_bias = if c.attention_bias {
-            let mut b = self.ckpt.read(&format!("{p}.q_proj.bias"), &[qw])?;
+            let q_bias = self.ckpt.read(&format!("{p}.q_proj.bias"), &[q_rows])?;
+            let mut b: Vec<f32> = pick(false).iter().map(|&i| q_bias[i]).collect();
             b.extend(self.ckpt.read(&format!("{p}.k_proj.bias"), &[kw])?);
             b.extend(self.ckpt.read(&format!("{p}.v_proj.bias"), &[kw])?);
+            if c.gated_attention {
+                b.extend(pick(true).iter().map(|&i| q_bias[i]));
+            }
             Some(self.backend.vector(b)?)
         } else {
             None
@@ -132,8 +177,8 @@ impl<B: Backend> Loader<'_, B> {
         let (q_norm, k_norm) = match c.qk_norm {
             QkNorm::None => (None, None),
             QkNorm::PerHead => (
-                Some(self.vector(&format!("{p}.q_norm.weight"), c.head_dim)?),
-                Some(self.vector(&format!("{p}.k_norm.weight"), c.head_dim)?),
+                Some(self.norm(&format!("{p}.q_norm.weight"), c.head_dim)?),
+                Some(self.norm(&format!("{p}.k_norm.weight"), c.head_dim)?),
             ),
             QkNorm::Whole => (
                 Some(self.vector(&format!("{p}.q_norm.weight"), qw)?),
@@ -145,7 +190,7 @@ impl<B: Backend> Loader<'_, B> {
             if gpt_oss && c.attention_bias { Some(self.vector(&format!("{p}.o_proj.bias"), h)?) } else { None };
         let sinks = if gpt_oss { Some(self.ckpt.read(&format!("{p}.sinks"), &[c.num_heads])?) } else { None };
         Ok(AttentionWeights {
-            qkv: self.stacked(&parts, h)?,
+            qkv: self.gathered(&parts, h)?,
             qkv_bias,
             o: self.matrix(&format!("{p}.o_proj.weight"), h, qw)?,
             o_bias,
@@ -235,6 +280,9 @@ pub fn check_backend<B: Backend>(cfg: &ModelConfig, backend: &B) -> Result<()> {
     if cfg.gpt_oss.is_some() && !backend.supports_gpt_oss() {
         return lacks("attention sinks and biased, clamped SwiGLU experts");
     }
+    if (cfg.linear.is_some() || cfg.gated_attention) && !backend.supports_linear_attention() {
+        return lacks("gated DeltaNet linear attention and gated full attention");
+    }
     match &cfg.quantization {
         Some(crate::Quantization::Other(method)) if !(method == "mxfp4" && cfg.gpt_oss.is_some()) => {
             Err(crate::ModelError::UnsupportedQuantization { method: method.clone() })
@@ -275,14 +323,19 @@ pub fn load_weights<B: Backend>(
                 cfg.intermediate_size,
             )?)
         };
-        let attention = match &cfg.latent {
-            Some(latent) => LayerAttention::Latent(crate::mla::load_latent(&l, latent, &format!("{p}.self_attn"))?),
-            None => LayerAttention::Grouped(l.attention(&format!("{p}.self_attn"))?),
+        let attention = match (&cfg.latent, &cfg.linear) {
+            (_, Some(linear)) if cfg.is_linear_layer(i) => LayerAttention::Linear(
+                crate::linear_attention::load_delta_net(&l, &linear.shape, &format!("{p}.linear_attn"))?,
+            ),
+            (Some(latent), _) => {
+                LayerAttention::Latent(crate::mla::load_latent(&l, latent, &format!("{p}.self_attn"))?)
+            }
+            _ => LayerAttention::Grouped(l.attention(&format!("{p}.self_attn"))?),
         };
         layers.push(LayerWeights {
-            input_norm: l.vector(&format!("{p}.input_layernorm.weight"), h)?,
+            input_norm: l.norm(&format!("{p}.input_layernorm.weight"), h)?,
             attention,
-            post_attention_norm: l.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+            post_attention_norm: l.norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
             ffn,
         });
         tracing::debug!(layer = i, "loaded");
@@ -291,7 +344,7 @@ pub fn load_weights<B: Backend>(
     Ok(ModelWeights {
         embed: l.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?,
         layers,
-        norm: l.vector("model.norm.weight", h)?,
+        norm: l.norm("model.norm.weight", h)?,
         lm_head,
     })
 }

@@ -27,6 +27,8 @@ pub struct Workspace<B: Backend> {
     pub(crate) out_rows: Vec<u32>,
     pub(crate) seqs: Vec<AttentionSeq>,
     pub(crate) page_table: Vec<u32>,
+    /// Per item, its recurrent state slots (hybrid models only).
+    pub(crate) state_slots: Vec<moe_compute::StateSlots>,
     pub(crate) unserved: Vec<(u32, String)>,
     /// Batch item of every row.
     pub(crate) row_item: Vec<u32>,
@@ -111,6 +113,7 @@ impl<B: Backend> Workspace<B> {
             out_rows: Vec::new(),
             seqs: Vec::new(),
             page_table: Vec::new(),
+            state_slots: Vec::new(),
             unserved: Vec::new(),
             row_item: Vec::new(),
             adapter_table: Vec::new(),

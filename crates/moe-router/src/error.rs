@@ -60,7 +60,7 @@ impl From<moe_model::ModelError> for RouterError {
             M::TokenOutOfRange { .. } => RouterError::invalid("prompt", e.to_string()),
             M::EmptyPrompt => RouterError::invalid("prompt", e.to_string()),
             M::TooLong { .. } => RouterError::invalid("prompt", e.to_string()),
-            M::KvCacheFull { .. } => RouterError::ResourceExhausted(e.to_string()),
+            M::KvCacheFull { .. } | M::NoStateSlot => RouterError::ResourceExhausted(e.to_string()),
             other => RouterError::Internal(other.to_string()),
         }
     }

@@ -23,17 +23,20 @@ pub struct CpuKvStore {
     pub(crate) layout: KvLayout,
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
+    /// Per linear-attention layer, `states.slots` recurrent states of `states.floats` values.
+    pub(crate) states: Vec<Vec<f32>>,
 }
 
 impl CpuKvStore {
     pub fn new(layout: KvLayout) -> Result<Self> {
         let per_layer = layout.num_pages * layout.page_size * layout.n_kv_heads * layout.head_dim;
-        let alloc = || -> Result<Vec<f32>> {
+        let alloc_len = |len: usize| -> Result<Vec<f32>> {
             let mut v = Vec::new();
-            v.try_reserve_exact(per_layer).map_err(|_| ComputeError::KvAlloc { bytes: layout.bytes() })?;
-            v.resize(per_layer, 0.0);
+            v.try_reserve_exact(len).map_err(|_| ComputeError::KvAlloc { bytes: layout.bytes() })?;
+            v.resize(len, 0.0);
             Ok(v)
         };
+        let alloc = || alloc_len(per_layer);
         let mut keys = Vec::with_capacity(layout.layers);
         let mut values = Vec::with_capacity(layout.layers);
         for _ in 0..layout.layers {
@@ -41,7 +44,9 @@ impl CpuKvStore {
             // Latent attention reads its values from the keys: nothing more to hold.
             values.push(if layout.values_are_keys { Vec::new() } else { alloc()? });
         }
-        Ok(Self { layout, keys, values })
+        let s = layout.states;
+        let states = (0..s.layers).map(|_| alloc_len(s.slots * s.floats)).collect::<Result<Vec<_>>>()?;
+        Ok(Self { layout, keys, values, states })
     }
 
     fn slot_offset(&self, pages: &[u32], pos: usize) -> usize {
@@ -332,6 +337,7 @@ mod tests {
                 n_kv_heads: kv_heads,
                 head_dim: hd,
                 values_are_keys: false,
+                states: Default::default(),
             };
             // Two sequences: 70 rows from position 0, and 100 rows after 37 cached positions.
             let specs = [(0usize, 70usize, 0usize), (37, 100, 20)]; // (start_pos, rows, first page)
@@ -405,6 +411,7 @@ mod speed {
             n_kv_heads: kv,
             head_dim: hd,
             values_are_keys: false,
+            states: Default::default(),
         };
         let qkv: Vec<f32> = (0..512 * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 400.0).collect();
         let table: Vec<u32> = (0..32).collect();

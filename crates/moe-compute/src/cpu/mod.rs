@@ -4,6 +4,7 @@
 //! once they have grown).
 
 mod attention;
+mod delta;
 pub mod invariant;
 mod latent;
 mod linear;
@@ -405,6 +406,42 @@ impl Backend for CpuBackend {
     }
 
     fn supports_gpt_oss(&self) -> bool {
+        true
+    }
+
+    fn gated_delta_net(
+        &self,
+        proj: &HostTensor,
+        w: &crate::DeltaNetWeights<Self>,
+        shape: &crate::DeltaNetShape,
+        seqs: &[AttentionSeq],
+        states: &[crate::StateSlots],
+        store: &mut CpuKvStore,
+        layer: usize,
+        out: &mut HostTensor,
+    ) -> Result<()> {
+        delta::gated_delta_net(proj, w, shape, seqs, states, store, layer, out)
+    }
+
+    fn mul_sigmoid_cols(&self, x: &mut HostTensor, gate: &HostTensor, gate_col: usize) -> Result<()> {
+        if gate.rows != x.rows || gate_col + x.cols > gate.cols {
+            return Err(ComputeError::LinearAttention(format!(
+                "gate columns {gate_col}..{} outside a {}x{} activation",
+                gate_col + x.cols,
+                gate.rows,
+                gate.cols
+            )));
+        }
+        for r in 0..x.rows {
+            let g = &gate.row(r)[gate_col..gate_col + x.cols];
+            for (v, &gv) in x.row_mut(r).iter_mut().zip(g) {
+                *v *= 1.0 / (1.0 + (-gv).exp());
+            }
+        }
+        Ok(())
+    }
+
+    fn supports_linear_attention(&self) -> bool {
         true
     }
 

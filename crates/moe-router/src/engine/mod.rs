@@ -198,9 +198,12 @@ impl Engine {
         let codec = parts.codec.clone();
         let c = &model.config;
         let bpv = model.backend().kv_bytes_per_value();
-        let page_bytes = bpv * c.num_layers * config.page_size * c.kv_values_per_token_layer();
+        let page_bytes = bpv * c.kv_layers().max(1) * config.page_size * c.kv_values_per_token_layer();
         let pages = (config.kv_cache_bytes / page_bytes.max(1)).max(1);
-        let kv = model.kv_cache(pages, config.page_size).map_err(|e| RouterError::Internal(e.to_string()))?;
+        // A hybrid model's recurrent states: one pair of slots per sequence that can run.
+        let kv = model
+            .kv_cache_for(pages, config.page_size, config.max_running)
+            .map_err(|e| RouterError::Internal(e.to_string()))?;
         let stats = Arc::new(EngineStats::default());
         stats.total_pages.store(pages, Ordering::Relaxed);
         stats.free_pages.store(pages, Ordering::Relaxed);

@@ -127,6 +127,12 @@ impl CudaBackend {
                 backend: "cuda".into(),
             });
         }
+        if layout.states.layers > 0 {
+            return Err(ComputeError::Unsupported {
+                op: "recurrent state slots (linear attention)",
+                backend: "cuda".into(),
+            });
+        }
         let bpv = self.kv_value_bytes();
         let bytes = layout.bytes() / 4 * bpv;
         self.ensure_fits("the KV cache", bytes)?;
