@@ -1,8 +1,8 @@
 //! `moe inspect` on the published configs of the models teams serve in 2026
 //! (tests/fixtures/configs/): parameters, active parameters and the KV cache per token, from
 //! config.json alone. DeepSeek-V3's KV cache is its latent (`kv_lora_rank + qk_rope_head_dim`
-//! values per layer), not full heads; what this build cannot serve yet (Qwen3-Next) is refused
-//! naming why.
+//! values per layer), not full heads; Qwen3-Next's is its full-attention layers' only, beside a
+//! recurrent state per sequence.
 
 mod common;
 
@@ -55,11 +55,20 @@ fn published_configs_are_sized_as_their_model_cards_say() {
     assert!(tiny.stdout.contains("latent: 40 values x 3 layers"), "{}", tiny.stdout);
 }
 
+/// Qwen3-Next: only its 12 full-attention layers keep KV pages (2 KV heads x 256 x 2 each); its 36
+/// gated DeltaNet layers keep a recurrent state per sequence instead (the convolution's last 3
+/// inputs of 8192 channels and 32 value heads of 128 x 128).
 #[test]
-fn architectures_not_served_yet_are_refused_naming_what_is_missing() {
+fn a_hybrid_model_reports_its_kv_and_its_recurrent_state() {
+    let next = inspect("qwen3_next_80b_a3b.json");
+    assert_eq!(next["architecture"], "Qwen3NextForCausalLM");
+    near(&next["total_params"], 80e9, "Qwen3-Next-80B-A3B parameters");
+    assert_eq!(next["kv_values_per_token"], 2 * 2 * 256 * 12);
+    assert_eq!(next["state_values_per_sequence"], 36 * (8192 * 3 + 32 * 128 * 128));
     let path = fixture("configs").join("qwen3_next_80b_a3b.json");
     let out = moe(&["inspect", "--model", path.to_str().expect("utf8")]);
-    out.assert_error(&["Qwen3NextForCausalLM", "DeltaNet"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("recurrent state of 75.4 MiB per sequence"), "{}", out.stdout);
 }
 
 /// A checkpoint quantized by a method this build cannot read is refused before any tensor is,

@@ -418,6 +418,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
         let _ = (proj, w, shape, seqs, states, store, layer, out);
         Err(ComputeError::Unsupported { op: "gated_delta_net (linear attention)", backend: self.name() })
     }
+    /// Copies recurrent state slot `from` to slot `to` in every linear-attention layer (a prefix
+    /// cache snapshot).
+    fn copy_state(&self, store: &mut Self::KvStore, from: u32, to: u32) -> Result<()> {
+        let _ = (store, from, to);
+        Err(ComputeError::Unsupported { op: "copy_state (linear attention)", backend: self.name() })
+    }
     /// `x[r, c] *= sigmoid(gate[r, gate_col + c])` for every column of `x` (gated attention).
     fn mul_sigmoid_cols(&self, x: &mut Self::Act, gate: &Self::Act, gate_col: usize) -> Result<()> {
         let _ = (x, gate, gate_col);

@@ -126,6 +126,14 @@ fn classify(module: &str, cfg: &ModelConfig) -> std::result::Result<(LoraTarget,
                     supported yet; the MoE gate and the experts can be adapted"
             .into());
     }
+    if rest.starts_with("self_attn.") && c.is_linear_layer(layer) {
+        return Err(format!("layer {layer} is a linear-attention (gated DeltaNet) layer: it has no self_attn"));
+    }
+    if c.gated_attention && rest == "self_attn.q_proj" {
+        return Err("LoRA on gated attention's q_proj (which also makes the output gate) is not supported yet; \
+                    k_proj, v_proj, o_proj, the MoE gate and the experts can be adapted"
+            .into());
+    }
     let kind_io = match rest {
         "self_attn.q_proj" => (ModuleKind::Q, h, qw),
         "self_attn.k_proj" => (ModuleKind::K, h, kw),

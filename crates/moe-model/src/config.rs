@@ -62,12 +62,6 @@ impl Architecture {
     }
 }
 
-/// Architectures we know and refuse, with what they need that is missing.
-const NOT_YET: [(&str, &str); 1] = [(
-    "Qwen3_5MoeForConditionalGeneration",
-    "Qwen3.5 checkpoints carry a vision tower; load the text model's config and weights",
-)];
-
 /// How q and k are normalized before rotary embedding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QkNorm {
@@ -175,9 +169,6 @@ impl ModelConfig {
             _ => String::new(),
         };
         let supported = || Architecture::ALL.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ");
-        if let Some((_, why)) = NOT_YET.iter().find(|(n, _)| *n == arch_name) {
-            return Err(r.err(format!("{arch_name} is recognized but not supported yet: {why}")));
-        }
         let architecture =
             Architecture::ALL.iter().find(|(n, _)| *n == arch_name).map(|(_, a)| *a).ok_or_else(|| {
                 ModelError::UnsupportedArchitecture {

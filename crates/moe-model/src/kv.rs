@@ -10,10 +10,9 @@
 //! reservation finds no free page. Only full pages are ever shared, so a sequence writes only to
 //! pages it alone holds.
 //!
-//! A hybrid model's linear-attention layers keep a recurrent state per sequence instead: the
-//! allocator also hands out pairs of state slots (one read, one written by a step, swapped when
-//! the step completes), taken at the first reservation and given back on release. Their states
-//! summarise whole prefixes, so pages of such a model are neither published nor reused.
+//! A hybrid model's linear-attention layers keep a recurrent state per sequence instead, which
+//! summarises the whole prefix; see [`crate::kv_states`] for its slots and how its prefixes are
+//! cached (a snapshot of the state at a page boundary travels with that page).
 
 use crate::error::{ModelError, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -26,19 +25,19 @@ pub type PageKey = u128;
 pub struct PageAllocator {
     page_size: usize,
     num_pages: usize,
-    free: Vec<u32>,
+    pub(crate) free: Vec<u32>,
     /// Sequences holding each page.
     refs: Vec<u32>,
     /// The key a page is published under.
-    key_of: Vec<Option<PageKey>>,
+    pub(crate) key_of: Vec<Option<PageKey>>,
     index: HashMap<PageKey, u32>,
     /// Published pages nobody holds, by when they were last released (oldest first).
-    lru: BTreeMap<u64, u32>,
+    pub(crate) lru: BTreeMap<u64, u32>,
     tick_of: Vec<u64>,
     tick: u64,
     evicted: u64,
-    /// Free pairs of recurrent state slots; `None` when the model has no linear-attention layers.
-    state_pairs: Option<Vec<[u32; 2]>>,
+    /// Recurrent state slots; `None` when the model has no linear-attention layers.
+    pub(crate) states: Option<crate::kv_states::StatePool>,
 }
 
 impl PageAllocator {
@@ -54,21 +53,8 @@ impl PageAllocator {
             tick_of: vec![0; num_pages],
             tick: 0,
             evicted: 0,
-            state_pairs: None,
+            states: None,
         }
-    }
-
-    /// An allocator that also hands each sequence one pair of recurrent state slots, out of
-    /// `pairs` (slots `2i` and `2i + 1`).
-    pub fn with_state_pairs(num_pages: usize, page_size: usize, pairs: usize) -> Self {
-        let mut a = Self::new(num_pages, page_size);
-        a.state_pairs = Some((0..pairs as u32).rev().map(|i| [2 * i, 2 * i + 1]).collect());
-        a
-    }
-
-    /// Whether sequences keep recurrent states (and pages are therefore never shared).
-    pub fn keeps_states(&self) -> bool {
-        self.state_pairs.is_some()
     }
 
     pub fn page_size(&self) -> usize {
@@ -111,8 +97,8 @@ impl PageAllocator {
         if need > self.free_pages() {
             return Err(ModelError::KvCacheFull { needed: need, free: self.free_pages() });
         }
-        if let (Some(pairs), None) = (&mut self.state_pairs, seq.state) {
-            seq.state = Some(pairs.pop().ok_or(ModelError::NoStateSlot)?);
+        if let (Some(pool), None) = (&mut self.states, seq.state) {
+            seq.state = Some(pool.pairs.pop().ok_or(ModelError::NoStateSlot)?);
         }
         for _ in 0..need {
             let page = match self.free.pop() {
@@ -129,11 +115,19 @@ impl PageAllocator {
 
     fn evict_oldest(&mut self) -> Option<u32> {
         let (_, page) = self.lru.pop_first()?;
+        self.unpublish(page);
+        Some(page)
+    }
+
+    /// Takes a published page out of the index (and frees its state snapshot).
+    pub(crate) fn unpublish(&mut self, page: u32) {
         if let Some(key) = self.key_of[page as usize].take() {
             self.index.remove(&key);
         }
+        if let Some(pool) = &mut self.states {
+            pool.drop_snapshot(page);
+        }
         self.evicted += 1;
-        Some(page)
     }
 
     /// Lets go of all of `seq`'s pages and empties it: pages nobody else holds become free, or
@@ -153,8 +147,8 @@ impl PageAllocator {
             }
         }
         seq.len = 0;
-        if let (Some(pairs), Some(pair)) = (&mut self.state_pairs, seq.state.take()) {
-            pairs.push(pair);
+        if let Some(pool) = &mut self.states {
+            pool.release(seq);
         }
     }
 
@@ -162,9 +156,11 @@ impl PageAllocator {
     /// of its first full pages, in order); returns how many tokens they hold.
     pub fn reuse(&mut self, seq: &mut SequenceCache, keys: &[PageKey]) -> usize {
         debug_assert!(seq.pages.is_empty());
-        if self.keeps_states() {
-            return 0;
-        }
+        // A hybrid model resumes only from a page whose state snapshot it has.
+        let keys = match &self.states {
+            Some(pool) => &keys[..pool.resumable(&self.index, keys)],
+            None => keys,
+        };
         for key in keys {
             let Some(&p) = self.index.get(key) else { break };
             let i = p as usize;
@@ -175,17 +171,24 @@ impl PageAllocator {
             seq.pages.push(p);
         }
         seq.len = seq.pages.len() * self.page_size;
+        if let (Some(pool), Some(&last)) = (&self.states, seq.pages.last()) {
+            seq.resume_from = pool.snapshot_of(last);
+        }
         seq.len
     }
 
     /// Publishes `seq`'s full pages that hold written tokens under `keys` (one per page, in
     /// order), so later sequences can reuse them. A key already published elsewhere keeps its
-    /// page (this one then stays private and is freed when released).
-    pub fn publish(&mut self, seq: &SequenceCache, keys: &[PageKey]) {
-        if self.keeps_states() {
-            return;
-        }
-        let full = seq.len / self.page_size;
+    /// page (this one then stays private and is freed when released). A hybrid model publishes
+    /// the pages up to its state snapshot, which goes with the last of them.
+    pub fn publish(&mut self, seq: &mut SequenceCache, keys: &[PageKey]) {
+        let full = match &self.states {
+            Some(_) => match seq.checkpoint {
+                Some((_, len)) => len / self.page_size,
+                None => return,
+            },
+            None => seq.len / self.page_size,
+        };
         for (&p, &key) in seq.pages.iter().zip(keys).take(full) {
             let i = p as usize;
             if self.key_of[i].is_none() && !self.index.contains_key(&key) {
@@ -193,32 +196,26 @@ impl PageAllocator {
                 self.index.insert(key, p);
             }
         }
+        if self.states.is_some() {
+            let last = full.checked_sub(1).and_then(|i| Some((*seq.pages.get(i)?, *keys.get(i)?)));
+            self.attach_checkpoint(seq, last);
+        }
     }
 }
 
 /// One sequence's view of the cache: its pages and how many tokens they hold, and for a hybrid
-/// model its pair of recurrent state slots (`[read, write]`).
+/// model its recurrent state slots (see [`crate::kv_states`]).
 #[derive(Clone, Debug, Default)]
 pub struct SequenceCache {
     pub pages: Vec<u32>,
     pub len: usize,
+    /// `[read, write]` state slots.
     pub state: Option<[u32; 2]>,
-}
-
-impl SequenceCache {
-    /// Records `tokens` more tokens as cached once a step has computed them: the written state
-    /// slot becomes the one the next step reads.
-    pub fn advance(&mut self, tokens: usize) {
-        self.len += tokens;
-        if let Some(pair) = &mut self.state {
-            pair.swap(0, 1);
-        }
-    }
-
-    /// Where a step reads and writes this sequence's recurrent state.
-    pub fn state_slots(&self) -> Option<moe_compute::StateSlots> {
-        self.state.map(|[read, write]| moe_compute::StateSlots { read, write, fresh: self.len == 0 })
-    }
+    /// A cached prefix's state snapshot that the first step reads instead of `state[0]`.
+    pub resume_from: Option<u32>,
+    /// A snapshot of this sequence's state after `len` tokens (a page boundary), not yet handed
+    /// to the prefix cache: `(slot, len)`.
+    pub checkpoint: Option<(u32, usize)>,
 }
 
 #[cfg(test)]
@@ -246,7 +243,7 @@ mod tests {
         let mut first = SequenceCache::default();
         a.reserve(&mut first, 10).unwrap(); // 3 pages
         first.len = 10; // two full pages written
-        a.publish(&first, &[1, 2, 3]);
+        a.publish(&mut first, &[1, 2, 3]);
         assert_eq!(a.cached_pages(), 2, "the partial last page is never published");
         // A second sequence with the same first two pages shares them while the first runs.
         let mut second = SequenceCache::default();
@@ -269,37 +266,12 @@ mod tests {
     }
 
     #[test]
-    fn state_pairs_follow_sequences_and_pages_are_not_shared() {
-        let mut a = PageAllocator::with_state_pairs(8, 4, 2);
-        let (mut s, mut t, mut u) = (SequenceCache::default(), SequenceCache::default(), SequenceCache::default());
-        a.reserve(&mut s, 5).unwrap();
-        a.reserve(&mut t, 1).unwrap();
-        assert_eq!((s.state, t.state), (Some([0, 1]), Some([2, 3])));
-        assert!(matches!(a.reserve(&mut u, 1), Err(ModelError::NoStateSlot)));
-        assert!(u.pages.is_empty() && u.state.is_none(), "a refused reservation takes nothing");
-        let slots = s.state_slots().unwrap();
-        assert_eq!((slots.read, slots.write, slots.fresh), (0, 1, true));
-        s.advance(5);
-        let slots = s.state_slots().unwrap();
-        assert_eq!((slots.read, slots.write, slots.fresh), (1, 0, false));
-        // The state summarises the whole prefix: nothing is published or reused.
-        a.publish(&s, &[1, 2]);
-        assert_eq!(a.cached_pages(), 0);
-        a.release(&mut s);
-        assert_eq!(s.state, None);
-        a.reserve(&mut u, 1).unwrap();
-        assert!(u.state.is_some());
-        let mut v = SequenceCache::default();
-        assert_eq!(a.reuse(&mut v, &[1]), 0);
-    }
-
-    #[test]
     fn a_page_in_use_is_never_evicted() {
         let mut a = PageAllocator::new(3, 2);
         let mut s = SequenceCache::default();
         a.reserve(&mut s, 4).unwrap();
         s.len = 4;
-        a.publish(&s, &[7, 8]);
+        a.publish(&mut s, &[7, 8]);
         let mut t = SequenceCache::default();
         assert_eq!(a.reuse(&mut t, &[7, 8]), 4);
         a.release(&mut s);

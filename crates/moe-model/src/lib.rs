@@ -15,6 +15,7 @@ mod fp8;
 mod fused_experts;
 mod gqa;
 pub mod kv;
+mod kv_states;
 mod linear_attention;
 mod mla;
 mod model;

@@ -5,6 +5,7 @@
 //! and both projections become one matrix (one multiply per step).
 
 use crate::error::Result;
+use crate::kv::SequenceCache;
 use crate::model::{BatchItem, KvCache, Model};
 use crate::weights::Loader;
 use crate::workspace::Workspace;
@@ -74,6 +75,25 @@ pub(crate) fn gated_q_rows(heads: usize, head_dim: usize, gate: bool) -> Vec<usi
 }
 
 impl<B: Backend> Model<B> {
+    /// Checkpoints a hybrid model's sequence at a page boundary: copies its current state into a
+    /// snapshot slot, which [`crate::PageAllocator::publish`] then hands to the prefix cache with
+    /// the page that ends there. False (and nothing done) when the model keeps no state, `cache`
+    /// is not at a boundary, or no snapshot slot can be had.
+    pub fn checkpoint_state(&self, kv: &mut KvCache<B>, cache: &mut SequenceCache) -> Result<bool> {
+        let ps = kv.pages.page_size();
+        let Some(slots) = cache.state_slots() else { return Ok(false) };
+        if slots.fresh || cache.resume_from.is_some() || cache.len % ps != 0 {
+            return Ok(false);
+        }
+        let Some(slot) = kv.pages.snapshot_slot(cache) else { return Ok(false) };
+        if let Err(e) = self.backend.copy_state(&mut kv.store, slots.read, slot) {
+            kv.pages.return_snapshot_slot(slot);
+            return Err(e.into());
+        }
+        cache.checkpoint = Some((slot, cache.len));
+        Ok(true)
+    }
+
     /// A gated DeltaNet layer on `ws.normed`, added into `ws.hidden`.
     pub(crate) fn delta_net(
         &self,

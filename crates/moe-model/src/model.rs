@@ -158,13 +158,13 @@ impl<B: Backend> Model<B> {
 
     /// [`Self::kv_cache`] for at most `max_sequences` sequences at once: a hybrid model keeps
     /// two recurrent state slots per sequence beside the pages (each sequence holds a page, so
-    /// never more than `num_pages`).
+    /// never more than `num_pages`), and as many state snapshots for the prefix cache.
     pub fn kv_cache_for(&self, num_pages: usize, page_size: usize, max_sequences: usize) -> Result<KvCache<B>> {
         let c = &self.config;
         let pairs = max_sequences.clamp(1, num_pages.max(1));
         let states = c.linear.as_ref().map_or(StateLayout::default(), |l| StateLayout {
             layers: l.count(),
-            slots: 2 * pairs,
+            slots: 3 * pairs,
             floats: l.shape.state_floats(),
         });
         let layout = match &c.latent {
@@ -189,7 +189,7 @@ impl<B: Backend> Model<B> {
             },
         };
         let pages = match c.linear {
-            Some(_) => PageAllocator::with_state_pairs(num_pages, page_size, pairs),
+            Some(_) => PageAllocator::with_state_pairs(num_pages, page_size, pairs, pairs),
             None => PageAllocator::new(num_pages, page_size),
         };
         Ok(KvCache { store: self.backend.kv_store(layout)?, pages })

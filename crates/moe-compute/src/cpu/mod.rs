@@ -423,6 +423,20 @@ impl Backend for CpuBackend {
         delta::gated_delta_net(proj, w, shape, seqs, states, store, layer, out)
     }
 
+    fn copy_state(&self, store: &mut CpuKvStore, from: u32, to: u32) -> Result<()> {
+        let l = store.layout.states;
+        for slot in [from, to] {
+            if slot as usize >= l.slots {
+                return Err(ComputeError::BadStateSlot { slot, slots: l.slots });
+            }
+        }
+        let (f, t) = (from as usize * l.floats, to as usize * l.floats);
+        for layer in &mut store.states {
+            layer.copy_within(f..f + l.floats, t);
+        }
+        Ok(())
+    }
+
     fn mul_sigmoid_cols(&self, x: &mut HostTensor, gate: &HostTensor, gate_col: usize) -> Result<()> {
         if gate.rows != x.rows || gate_col + x.cols > gate.cols {
             return Err(ComputeError::LinearAttention(format!(

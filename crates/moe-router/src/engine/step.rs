@@ -32,7 +32,13 @@ impl<B: Backend> ComputeLoop<B> {
         for (i, s) in self.running.iter().enumerate() {
             let left = s.tokens.len() - s.cache.len;
             if chunk[i] == 0 && left > 0 && budget > 0 {
-                let n = left.min(budget);
+                let mut n = left.min(budget);
+                // A hybrid model's prefill stops once at the page boundary it checkpoints at.
+                if let Some(b) = checkpoint_at(&self.kv.pages, s) {
+                    if s.cache.len < b && s.cache.len + n > b {
+                        n = b - s.cache.len;
+                    }
+                }
                 chunk[i] = n;
                 budget -= n;
             }
@@ -106,21 +112,32 @@ impl<B: Backend> ComputeLoop<B> {
             }
             return;
         }
+        for &i in members.iter() {
+            let Some(s) = self.running.get_mut(i) else { continue };
+            if chunk[i] > 0 && checkpoint_at(&self.kv.pages, s) == Some(s.cache.len) {
+                if let Err(e) = self.model.checkpoint_state(&mut self.kv, &mut s.cache) {
+                    tracing::warn!(error = %e, request = s.id, "no state snapshot; this prefix is not cached");
+                }
+            }
+        }
         done.clear();
         self.emit(chunk, members, done);
         // Prompts whose prefill just completed share their full pages at once, so concurrent
         // requests with the same prefix need not wait for this one to finish.
         for &i in members.iter() {
-            let ready = self.running.get(i).is_some_and(|s| chunk[i] > 1 && s.cache.len >= s.req.prompt.len());
+            let ready = self
+                .running
+                .get(i)
+                .is_some_and(|s| (chunk[i] > 1 || s.cache.checkpoint.is_some()) && s.cache.len >= s.req.prompt.len());
             if ready {
-                share_pages(&mut self.kv.pages, &self.running[i]);
+                share_pages(&mut self.kv.pages, &mut self.running[i]);
             }
         }
         done.sort_unstable_by(|a, b| b.cmp(a));
         done.dedup();
         for &i in done.iter() {
             let mut s = self.running.swap_remove(i);
-            share_pages(&mut self.kv.pages, &s);
+            share_pages(&mut self.kv.pages, &mut s);
             self.kv.pages.release(&mut s.cache);
         }
     }
@@ -129,13 +146,26 @@ impl<B: Backend> ComputeLoop<B> {
 /// Publishes a sequence's full, written pages in the prefix cache (when it is on), unless some
 /// step wrote them without all of the sequence's experts (those pages would hand later requests
 /// wrong keys and values under the prefix's normal key).
-fn share_pages<B: Backend>(pages: &mut moe_model::PageAllocator, s: &super::compute_loop::Sequence<B>) {
+fn share_pages<B: Backend>(pages: &mut moe_model::PageAllocator, s: &mut super::compute_loop::Sequence<B>) {
     if s.kv_incomplete {
         return;
     }
     if let Some(ns) = s.prefix_namespace {
         let ps = pages.page_size();
         let keys = moe_model::prefix::page_keys(ns, &s.tokens, ps, s.cache.len.min(s.tokens.len()) / ps);
-        pages.publish(&s.cache, &keys);
+        pages.publish(&mut s.cache, &keys);
     }
+}
+
+/// Where a hybrid model's sequence checkpoints its recurrent state for the prefix cache: the last
+/// page boundary before its prompt's last token (as far as a later request with the same prompt
+/// can reuse). `None` for other models, without the prefix cache, or for a short prompt.
+fn checkpoint_at<B: Backend>(pages: &moe_model::PageAllocator, s: &super::compute_loop::Sequence<B>) -> Option<usize> {
+    if s.prefix_namespace.is_none() || s.kv_incomplete || !pages.keeps_states() {
+        return None;
+    }
+    let ps = pages.page_size();
+    let prompt = s.req.prompt.len() + s.req.resumed.len();
+    let at = prompt.saturating_sub(1) / ps * ps;
+    (at > 0).then_some(at)
 }
