@@ -5,6 +5,7 @@
 //! tokenizers, sampling or serving.
 
 pub mod adapter;
+mod cache;
 pub mod checkpoint;
 pub mod config;
 mod config_reader;

@@ -12,7 +12,7 @@ use crate::gqa::{gate_pair, row_pair};
 use crate::kv::{PageAllocator, SequenceCache};
 use crate::weights::{load_weights, FfnWeights, LayerAttention, LayerWeights, ModelWeights, MoeWeights};
 pub use crate::workspace::Workspace;
-use moe_compute::{AttentionSeq, AttentionShape, Backend, KvLayout, StateLayout};
+use moe_compute::{AttentionSeq, AttentionShape, Backend};
 use std::path::Path;
 
 /// A loaded model on a backend.
@@ -149,50 +149,6 @@ impl<B: Backend> Model<B> {
 
     pub fn workspace(&self) -> Workspace<B> {
         Workspace::new(&self.backend)
-    }
-
-    /// A KV cache of `num_pages` pages of `page_size` tokens.
-    pub fn kv_cache(&self, num_pages: usize, page_size: usize) -> Result<KvCache<B>> {
-        self.kv_cache_for(num_pages, page_size, num_pages)
-    }
-
-    /// [`Self::kv_cache`] for at most `max_sequences` sequences at once: a hybrid model keeps
-    /// two recurrent state slots per sequence beside the pages (each sequence holds a page, so
-    /// never more than `num_pages`), and as many state snapshots for the prefix cache.
-    pub fn kv_cache_for(&self, num_pages: usize, page_size: usize, max_sequences: usize) -> Result<KvCache<B>> {
-        let c = &self.config;
-        let pairs = max_sequences.clamp(1, num_pages.max(1));
-        let states = c.linear.as_ref().map_or(StateLayout::default(), |l| StateLayout {
-            layers: l.count(),
-            slots: 3 * pairs,
-            floats: l.shape.state_floats(),
-        });
-        let layout = match &c.latent {
-            // One latent row per token, read as both key and value.
-            Some(a) => KvLayout {
-                layers: c.kv_layers(),
-                num_pages,
-                page_size,
-                n_kv_heads: 1,
-                head_dim: a.latent_dim(),
-                values_are_keys: true,
-                states,
-            },
-            None => KvLayout {
-                layers: c.kv_layers(),
-                num_pages,
-                page_size,
-                n_kv_heads: c.num_kv_heads,
-                head_dim: c.head_dim,
-                values_are_keys: false,
-                states,
-            },
-        };
-        let pages = match c.linear {
-            Some(_) => PageAllocator::with_state_pairs(num_pages, page_size, pairs, pairs),
-            None => PageAllocator::new(num_pages, page_size),
-        };
-        Ok(KvCache { store: self.backend.kv_store(layout)?, pages })
     }
 
     /// Checks a prompt before any work: not empty, ids in the vocabulary, within the context.

@@ -250,6 +250,40 @@ fn l2_normalize(x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// See [`crate::Backend::copy_state`].
+pub(crate) fn copy_state(store: &mut CpuKvStore, from: u32, to: u32) -> Result<()> {
+    let l = store.layout.states;
+    for slot in [from, to] {
+        if slot as usize >= l.slots {
+            return Err(ComputeError::BadStateSlot { slot, slots: l.slots });
+        }
+    }
+    let (f, t) = (from as usize * l.floats, to as usize * l.floats);
+    for layer in &mut store.states {
+        layer.copy_within(f..f + l.floats, t);
+    }
+    Ok(())
+}
+
+/// See [`crate::Backend::mul_sigmoid_cols`].
+pub(crate) fn mul_sigmoid_cols(x: &mut HostTensor, gate: &HostTensor, gate_col: usize) -> Result<()> {
+    if gate.rows != x.rows || gate_col + x.cols > gate.cols {
+        return Err(ComputeError::LinearAttention(format!(
+            "gate columns {gate_col}..{} outside a {}x{} activation",
+            gate_col + x.cols,
+            gate.rows,
+            gate.cols
+        )));
+    }
+    for r in 0..x.rows {
+        let g = &gate.row(r)[gate_col..gate_col + x.cols];
+        for (v, &gv) in x.row_mut(r).iter_mut().zip(g) {
+            *v *= 1.0 / (1.0 + (-gv).exp());
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
