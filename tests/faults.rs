@@ -220,6 +220,7 @@ fn adapter_failing_on_a_worker_fails_only_its_requests() {
             cache_salt: String::new(),
             resume: None,
             constraint: None,
+            priority: 0,
         };
         let solo_y = c.generate(req("y", 24)).await.expect("y").into_inner().token_ids;
         let solo_base = c.generate(req("", 24)).await.expect("base").into_inner().token_ids;

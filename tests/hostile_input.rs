@@ -38,6 +38,7 @@ fn req(prompt: Prompt, f: impl FnOnce(&mut SamplingParams)) -> GenerateRequest {
         cache_salt: String::new(),
         resume: None,
         constraint: None,
+        priority: 0,
     }
 }
 

@@ -145,6 +145,7 @@ fn request_validation_never_panics() {
                 digest: "0".repeat(rng.below(40)),
             }),
             constraint_scope: String::new(),
+            priority: [0, 1, -1, i32::MAX, i32::MIN][rng.below(5)],
             constraint: {
                 use moe_constrain::ConstraintSpec as C;
                 let junk = String::from_utf8_lossy(&rng.mutate(b"{\"type\": \"object\"}")).to_string();

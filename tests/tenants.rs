@@ -58,6 +58,7 @@ fn gen(adapter: &str, max_new: u32, key: Option<&str>) -> tonic::Request<Generat
         cache_salt: String::new(),
         resume: None,
         constraint: None,
+        priority: 0,
     });
     if let Some(k) = key {
         r.metadata_mut().insert("authorization", format!("Bearer {k}").parse().expect("header"));
@@ -311,6 +312,7 @@ async fn authentication_comes_before_any_work() {
                 cache_salt: String::new(),
                 resume: None,
                 constraint: None,
+                priority: 0,
             },
             key,
         )

@@ -17,6 +17,7 @@ pub fn request(ids: Vec<u32>, s: SamplingParams) -> GenerateRequest {
         cache_salt: String::new(),
         resume: None,
         constraint: None,
+        priority: 0,
     }
 }
 

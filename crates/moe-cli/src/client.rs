@@ -42,6 +42,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         adapter_id: args.adapter.adapter.clone().unwrap_or_default(),
         timeout_ms: 0,
         cache_salt: String::new(),
+        priority: 0,
         resume: None,
         constraint: args.constraint()?.map(moe_router::constraint::to_proto),
     };

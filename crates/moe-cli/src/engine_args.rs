@@ -44,6 +44,18 @@ pub struct EngineArgs {
     /// file every request is in one scope either way.
     #[arg(long, env = "MOE_PREFIX_CACHE_SCOPE", default_value = "tenant", value_parser = ["tenant", "global"])]
     pub prefix_cache_scope: String,
+    /// Admission policy: `fair` (priority classes, then token-weighted fair share between
+    /// tenants — or adapters without a tenants file — with preemption) or `fcfs` (arrival order).
+    #[arg(long, env = "MOE_SCHEDULING", default_value = "fair", value_parser = ["fair", "fcfs"])]
+    pub scheduling: String,
+    /// Under fair scheduling: how long the best waiting request must have waited before it may
+    /// preempt a running one of a lower class or of a tenant ahead of its fair share.
+    #[arg(long, env = "MOE_PREEMPT_AFTER_MS", default_value_t = 20)]
+    pub preempt_after_ms: u64,
+    /// Under fair scheduling: how many weighted tokens a tenant must be ahead of another (of the
+    /// same class) before the other's waiting request may preempt it.
+    #[arg(long, env = "MOE_PREEMPT_MARGIN_TOKENS", default_value_t = 256.0)]
+    pub preempt_margin_tokens: f64,
     /// Fault injection for tests of the engine's supervision: the compute loop panics after
     /// this many steps. Never use it in production.
     #[arg(long, env = "MOE_FAULT_PANIC_AFTER_STEPS", hide = true)]
@@ -71,6 +83,12 @@ impl EngineArgs {
                 moe_router::PrefixCacheScope::Global
             } else {
                 moe_router::PrefixCacheScope::Tenant
+            },
+            scheduling: moe_router::SchedulingConfig {
+                policy: self.scheduling.parse().map_err(anyhow::Error::msg)?,
+                preempt_after: Duration::from_millis(self.preempt_after_ms),
+                preempt_margin: self.preempt_margin_tokens.max(0.0),
+                ..Default::default()
             },
             ..Default::default()
         })

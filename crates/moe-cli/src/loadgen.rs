@@ -163,6 +163,7 @@ pub fn run(a: LoadgenArgs) -> anyhow::Result<()> {
                         adapter_id: adapter,
                         timeout_ms: a.timeout_ms as u32,
                         cache_salt: String::new(),
+                        priority: 0,
                         resume: None,
                         constraint: None,
                     };

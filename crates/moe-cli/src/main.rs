@@ -77,7 +77,7 @@ enum Command {
     /// Host experts and serve them to routers over gRPC.
     Worker(worker::WorkerArgs),
     /// Route requests to remote expert workers, serving the Inference API.
-    Router(router::RouterArgs),
+    Router(Box<router::RouterArgs>),
     /// Measure this machine's ceilings and the cluster's throughput and latency against them.
     Bench(bench::BenchArgs),
     /// Throughput of Mixtral-8x7B-shaped layers with random weights on --device (no checkpoint):
@@ -140,7 +140,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::DemoModel(a) => demo::run(a),
         Command::Serve(a) => serve::run(a, cli.device),
         Command::Worker(a) => worker::run(a, cli.device),
-        Command::Router(a) => router::run(a, cli.device),
+        Command::Router(a) => router::run(*a, cli.device),
         Command::Bench(a) => bench::run(a),
         Command::BenchDevice(a) => bench_device::run(a, cli.device),
         Command::BenchPlacement(a) => bench_placement::run(a),

@@ -93,7 +93,16 @@ pub(crate) fn error_body(e: &RouterError) -> Value {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match self {
-            ApiError::Router(e) => (http_status(e.code()), Json(error_body(&e))).into_response(),
+            ApiError::Router(e) => {
+                let mut response = (http_status(e.code()), Json(error_body(&e))).into_response();
+                if let Some(wait) = e.retry_after() {
+                    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                    if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
+                        response.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+                    }
+                }
+                response
+            }
             ApiError::Body { param, message } => {
                 let error = json!({"message": message, "type": "invalid_request_error", "param": param,
                                    "code": "invalid_argument"});

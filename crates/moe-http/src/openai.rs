@@ -73,6 +73,11 @@ pub struct SamplingFields {
     /// Mixed into the prefix cache's keys (vLLM's extra field): only requests with the same
     /// salt share cached pages.
     pub cache_salt: Option<String>,
+    /// Scheduling class (an extra field, as vLLM takes it): higher is admitted first and may
+    /// preempt lower classes (default 0; lowered to the tenant's `max_priority`). vLLM's runs
+    /// the other way (lower first).
+    #[serde(default)]
+    pub priority: i32,
     /// Put each choice's generated `token_ids` in the answer (and in every streamed chunk), and
     /// the request's `resume_digest` (vLLM's extra field, plus what a resume needs).
     #[serde(default)]
@@ -186,11 +191,12 @@ async fn start(
                 .map(|r| moe_router::resume::ResumeParams { generated: r.generated_token_ids, digest: r.digest }),
             constraint: structured.constraint,
             constraint_scope,
+            priority: s.priority,
         };
         let mut req = validate(engine, prompt, params).await?;
         moe_router::access::pin_adapter(engine, &mut admission, &adapter).await?;
         req.adapter = admission.adapter.take();
-        req.tenant = admission.tenant.clone();
+        admission.apply(&mut req);
         let digest = moe_router::resume::seal(&req, &engine.model_config().fingerprint())?;
         let resumed = req.resumed.len();
         let (id, events) = engine.submit(req)?;

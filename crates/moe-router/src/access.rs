@@ -16,8 +16,26 @@ pub struct Admission {
     pub adapter: Option<moe_lora::AdapterPin>,
     /// The tenant's name, when tenants are configured.
     pub tenant: Option<String>,
+    /// The tenant's share weight, highest priority and token budget (see [`Admission::apply`]).
+    weight: f64,
+    max_priority: Option<i32>,
+    budget: Option<Arc<crate::budget::TokenBudget>>,
     /// Held, not read: dropping it frees the tenant's slot.
     _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Admission {
+    /// Gives a validated request its tenant: the name, the share weight fair scheduling divides
+    /// its service by, its priority lowered to the tenant's `max_priority`, and the token budget
+    /// the engine spends its tokens from.
+    pub fn apply(&self, req: &mut ValidatedRequest) {
+        req.tenant = self.tenant.clone();
+        req.share_weight = self.weight;
+        if let Some(max) = self.max_priority {
+            req.priority = req.priority.min(max);
+        }
+        req.budget = self.budget.clone();
+    }
 }
 
 /// The caller's tenant from its `authorization` value (gRPC metadata or HTTP header), when
@@ -64,13 +82,24 @@ pub fn entitle(engine: &Engine, authorization: Option<&str>, adapter_id: &str) -
         }
     }
     let permit = match &tenant {
-        Some(t) => t.admit()?,
+        Some(t) => t.admit().inspect_err(|e| {
+            if matches!(e, RouterError::RateLimited { .. }) {
+                engine.record_budget_refusal(&t.name);
+            }
+        })?,
         None => None,
     };
     if let Some(t) = &tenant {
         tracing::debug!(tenant = %t.name, adapter = adapter_id, "entitled");
     }
-    Ok(Admission { adapter: None, tenant: tenant.map(|t| t.name.clone()), _permit: permit })
+    Ok(Admission {
+        adapter: None,
+        weight: tenant.as_ref().map_or(1.0, |t| t.weight),
+        max_priority: tenant.as_ref().map(|t| t.max_priority),
+        budget: tenant.as_ref().and_then(|t| t.budget.clone()),
+        tenant: tenant.map(|t| t.name.clone()),
+        _permit: permit,
+    })
 }
 
 /// Loads (on a blocking thread) and pins the adapter into an [`entitle`]d admission.

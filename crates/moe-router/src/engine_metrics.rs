@@ -7,6 +7,7 @@ use std::time::Duration;
 
 type OutcomeLabel = [(&'static str, &'static str); 1];
 type TenantLabel = [(&'static str, String); 1];
+type TenantKindLabel = [(&'static str, String); 2];
 type ExpertLabel = [(&'static str, u32); 2];
 
 /// The engine's metric families, registered once in a [`Registry`] and cloned into whatever
@@ -32,6 +33,10 @@ pub struct EngineMetrics {
     expert_tokens: Family<ExpertLabel, Counter>,
     constrained: Family<OutcomeLabel, Counter>,
     constraint_mask: Histogram,
+    scheduled_tokens: Family<TenantKindLabel, Counter>,
+    queue_time: LatencyFamily<TenantLabel>,
+    preemptions: Family<TenantLabel, Counter>,
+    budget_refusals: Family<TenantLabel, Counter>,
 }
 
 /// How an accepted request ended, as the `outcome` label.
@@ -89,7 +94,41 @@ impl EngineMetrics {
                 "moe_constraint_mask_seconds",
                 "Time to compute one constrained request's token mask (during the forward pass).",
             ),
+            scheduled_tokens: r.counter_family(
+                "moe_scheduled_tokens_total",
+                "Tokens computed per tenant, by kind (prefill: prompt and recomputed; decode: generated).",
+            ),
+            queue_time: r.latency_family(
+                "moe_queue_seconds",
+                "Time from submission to first admission into the batch, by tenant.",
+            ),
+            preemptions: r.counter_family("moe_preemptions_total", "Running requests preempted, by tenant."),
+            budget_refusals: r.counter_family(
+                "moe_budget_refusals_total",
+                "Requests refused because the tenant's token budget was spent.",
+            ),
         }
+    }
+
+    /// `tokens` computed for `tenant` in a step (`decode`: a generated token fed back).
+    pub fn scheduled(&self, tenant: &str, tokens: usize, decode: bool) {
+        let kind = if decode { "decode" } else { "prefill" };
+        self.scheduled_tokens
+            .get_or_create(&[("tenant", tenant.to_string()), ("kind", kind.to_string())])
+            .inc_by(tokens as u64);
+    }
+
+    /// A request entered the batch for the first time after waiting `waited`.
+    pub fn queued(&self, tenant: &str, waited: Duration) {
+        self.queue_time.get_or_create(&[("tenant", tenant.to_string())]).observe(waited.as_secs_f64());
+    }
+
+    pub fn preempted(&self, tenant: &str) {
+        self.preemptions.get_or_create(&[("tenant", tenant.to_string())]).inc();
+    }
+
+    pub fn budget_refused(&self, tenant: &str) {
+        self.budget_refusals.get_or_create(&[("tenant", tenant.to_string())]).inc();
     }
 
     /// A request's prompt met the prefix cache: `queried` prompt tokens, `hit` of them reused.

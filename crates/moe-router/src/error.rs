@@ -16,6 +16,9 @@ pub enum RouterError {
     FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Over a rate budget: RESOURCE_EXHAUSTED with when to retry (HTTP 429 with Retry-After).
+    #[error("{message}; retry in {} s", retry_after.as_secs_f64().ceil())]
+    RateLimited { message: String, retry_after: std::time::Duration },
     #[error("{0}")]
     Unavailable(String),
     #[error("deadline exceeded after {millis} ms")]
@@ -36,7 +39,7 @@ impl RouterError {
             RouterError::Unauthenticated(_) => Code::Unauthenticated,
             RouterError::PermissionDenied(_) => Code::PermissionDenied,
             RouterError::FailedPrecondition(_) => Code::FailedPrecondition,
-            RouterError::ResourceExhausted(_) => Code::ResourceExhausted,
+            RouterError::ResourceExhausted(_) | RouterError::RateLimited { .. } => Code::ResourceExhausted,
             RouterError::Unavailable(_) => Code::Unavailable,
             RouterError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             RouterError::Internal(_) => Code::Internal,
@@ -44,9 +47,27 @@ impl RouterError {
     }
 }
 
+impl RouterError {
+    /// When the caller may retry, for errors that say (a spent token budget).
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            RouterError::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
 impl From<RouterError> for Status {
     fn from(e: RouterError) -> Self {
-        Status::new(e.code(), e.to_string())
+        let mut status = Status::new(e.code(), e.to_string());
+        if let Some(wait) = e.retry_after() {
+            // Whole seconds, as HTTP's Retry-After; clients that read gRPC metadata find it here.
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = secs.to_string().parse() {
+                status.metadata_mut().insert("retry-after", v);
+            }
+        }
+        status
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod adapter_sync;
+pub mod budget;
 pub mod constraint;
 mod detokenize;
 mod engine;
@@ -21,6 +22,7 @@ mod tenants;
 
 pub use engine::{
     router_adapters, Engine, EngineConfig, EngineHealth, EngineParts, EngineStats, PrefixCacheScope, RouterAdapters,
+    Scheduling, SchedulingConfig,
 };
 pub use engine_metrics::{outcome_label, EngineMetrics};
 pub use error::RouterError;

@@ -35,6 +35,9 @@ pub struct GenerationParams {
     /// Whose compiled constraints this request may reuse (its tenant; see
     /// [`crate::access::constraint_scope`]).
     pub constraint_scope: String,
+    /// Scheduling class: higher is admitted first and may preempt lower (default 0; capped by
+    /// the tenant's `max_priority`). Unlike vLLM, where lower values go first.
+    pub priority: i32,
 }
 
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 64;
@@ -63,6 +66,12 @@ pub struct ValidatedRequest {
     pub adapter: Option<moe_lora::AdapterPin>,
     /// The tenant's name (a metrics label), when tenants are configured.
     pub tenant: Option<String>,
+    /// Scheduling class (see [`GenerationParams::priority`]), after the tenant's cap.
+    pub priority: i32,
+    /// The tenant's share weight under fair scheduling (1 without tenants).
+    pub share_weight: f64,
+    /// The tenant's token budget, spent as the engine processes this request's tokens.
+    pub budget: Option<std::sync::Arc<crate::budget::TokenBudget>>,
     /// See [`GenerationParams::cache_salt`].
     pub cache_salt: Option<String>,
     /// Tokens generated before a broken stream (see [`crate::resume`]): the engine recomputes
@@ -231,6 +240,9 @@ impl ValidatedRequest {
             timeout,
             adapter: None,
             tenant: None,
+            priority: p.priority,
+            share_weight: 1.0,
+            budget: None,
             cache_salt: match &p.cache_salt {
                 Some(salt) if salt.len() > MAX_CACHE_SALT_BYTES => {
                     return Err(RouterError::invalid(

@@ -83,6 +83,7 @@ impl InferenceService {
                 .map(|r| crate::resume::ResumeParams { generated: r.generated_token_ids, digest: r.digest }),
             constraint: crate::constraint::from_proto(req.constraint),
             constraint_scope,
+            priority: req.priority,
         };
         crate::access::validate(&self.engine, prompt, params).await
     }
@@ -103,7 +104,7 @@ impl InferenceService {
         crate::access::pin_adapter(&self.engine, &mut admission, adapter_id).await?;
         // The request holds the one pin; the engine drops it when the request ends.
         validated.adapter = admission.adapter.take();
-        validated.tenant = admission.tenant.clone();
+        admission.apply(&mut validated);
         let digest = crate::resume::seal(&validated, &self.engine.model_config().fingerprint())?;
         Ok((validated, admission, digest))
     }

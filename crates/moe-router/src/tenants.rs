@@ -9,6 +9,9 @@
 //! base_model = true          # may call without an adapter (default true)
 //! max_concurrent = 8         # requests in flight at most (default: no limit)
 //! admin = false              # may load and unload adapters (default false)
+//! weight = 1.0                 # share of the service when tenants compete (default 1)
+//! max_priority = 0             # highest request priority it may ask for (default 0)
+//! tokens_per_minute = 100000   # prompt + generated tokens a minute (default: no budget)
 //! ```
 //!
 //! Keys are compared in constant time against every tenant (no early exit) and never logged or
@@ -41,6 +44,16 @@ struct TenantEntry {
     max_concurrent: Option<usize>,
     #[serde(default)]
     admin: bool,
+    #[serde(default = "one")]
+    weight: f64,
+    #[serde(default)]
+    max_priority: i32,
+    #[serde(default)]
+    tokens_per_minute: Option<u64>,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 fn yes() -> bool {
@@ -79,6 +92,12 @@ pub struct Tenant {
     pub admin: bool,
     limit: Option<Arc<Semaphore>>,
     pub max_concurrent: Option<usize>,
+    /// Its share of the service under fair scheduling, relative to the other tenants'.
+    pub weight: f64,
+    /// The highest priority its requests may ask for; higher ones are lowered to it.
+    pub max_priority: i32,
+    /// Its tokens-per-minute budget, when it has one.
+    pub budget: Option<Arc<crate::budget::TokenBudget>>,
 }
 
 impl std::fmt::Debug for Tenant {
@@ -96,8 +115,16 @@ impl Tenant {
         self.adapters.iter().any(|a| a == "*" || a == adapter)
     }
 
-    /// A slot among the tenant's concurrent requests, held until the request ends.
+    /// A slot among the tenant's concurrent requests, held until the request ends; refused
+    /// while the tenant's token budget is spent.
     pub fn admit(&self) -> Result<Option<OwnedSemaphorePermit>, RouterError> {
+        if let Some(wait) = self.budget.as_ref().and_then(|b| b.retry_after()) {
+            let per_minute = self.budget.as_ref().map_or(0, |b| b.per_minute());
+            return Err(RouterError::RateLimited {
+                message: format!("tenant {:?} has used its budget of {per_minute} tokens per minute", self.name),
+                retry_after: wait,
+            });
+        }
         match &self.limit {
             None => Ok(None),
             Some(s) => s.clone().try_acquire_owned().map(Some).map_err(|_| {
@@ -158,6 +185,12 @@ impl Tenants {
             if t.max_concurrent == Some(0) {
                 return Err(format!("tenant {:?}: max_concurrent must be at least 1", t.name));
             }
+            if !(t.weight.is_finite() && t.weight > 0.0 && t.weight <= 1e6) {
+                return Err(format!("tenant {:?}: weight must be a positive number (at most 1e6)", t.name));
+            }
+            if t.tokens_per_minute == Some(0) {
+                return Err(format!("tenant {:?}: tokens_per_minute must be at least 1", t.name));
+            }
             tenants.push(Arc::new(Tenant {
                 limit: t.max_concurrent.map(|n| Arc::new(Semaphore::new(n))),
                 max_concurrent: t.max_concurrent,
@@ -166,6 +199,9 @@ impl Tenants {
                 adapters: t.adapters,
                 base_model: t.base_model,
                 admin: t.admin,
+                weight: t.weight,
+                max_priority: t.max_priority,
+                budget: t.tokens_per_minute.map(|n| Arc::new(crate::budget::TokenBudget::new(n))),
             }));
         }
         if tenants.is_empty() {

@@ -46,6 +46,13 @@ pub(super) struct Sequence<B: Backend> {
     /// worker could not serve): its pages hold wrong keys and values from that layer on, so they
     /// are never published to the prefix cache.
     pub kv_incomplete: bool,
+    /// Whose service this counts as under fair scheduling (its tenant, or its adapter).
+    pub client: String,
+    /// How often it was preempted.
+    pub preemptions: u32,
+    /// When it (last) entered the batch, and when it was last preempted.
+    pub admitted: Instant,
+    pub paused_at: Instant,
 }
 
 impl<B: Backend> Sequence<B> {
@@ -75,6 +82,10 @@ pub(super) struct ComputeLoop<B: Backend> {
     pub rx: Receiver<Submission>,
     pub waiting: VecDeque<Submission>,
     pub running: Vec<Sequence<B>>,
+    /// Preempted sequences waiting to be resumed (stream open, pages released).
+    pub paused: Vec<Sequence<B>>,
+    /// The clients' virtual service counters (fair scheduling).
+    pub fair: super::fair::FairShare,
     pub stats: Arc<EngineStats>,
     pub config: EngineConfig,
     pub metrics: EngineMetrics,
@@ -109,6 +120,8 @@ impl<B: Backend> ComputeLoop<B> {
             rx,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            paused: Vec::new(),
+            fair: Default::default(),
             stats,
             metrics: EngineMetrics::new(&config.metrics),
             expert_load,
@@ -146,16 +159,16 @@ impl<B: Backend> ComputeLoop<B> {
 
     fn run(&mut self) {
         loop {
-            let idle = self.running.is_empty() && self.waiting.is_empty();
+            let idle = self.running.is_empty() && self.waiting.is_empty() && self.paused.is_empty();
             if idle {
                 match self.rx.recv_timeout(Duration::from_millis(200)) {
-                    Ok(s) => self.waiting.push_back(s),
+                    Ok(s) => self.enqueue(s),
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
             while let Ok(s) = self.rx.try_recv() {
-                self.waiting.push_back(s);
+                self.enqueue(s);
             }
             if self.stats.stopping.load(Ordering::SeqCst) {
                 let err = RouterError::Unavailable("the router is shutting down; retry on another router".into());
@@ -172,7 +185,7 @@ impl<B: Backend> ComputeLoop<B> {
                 self.step();
                 self.stats.steps.fetch_add(1, Ordering::Relaxed);
                 self.publish();
-            } else if !self.waiting.is_empty() {
+            } else if !self.waiting.is_empty() || !self.paused.is_empty() {
                 // Waiting for pages that only finishing requests can free: do not spin.
                 std::thread::sleep(Duration::from_millis(2));
             }

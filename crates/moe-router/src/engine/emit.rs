@@ -66,6 +66,9 @@ impl<B: Backend> ComputeLoop<B> {
             let lp = if s.req.logprobs { vec![logprob_of(logits, next)] } else { Vec::new() };
             s.tokens.push(next);
             s.generated += 1;
+            if let Some(budget) = &s.req.budget {
+                budget.spend(1);
+            }
             let is_eos = s.req.stop_ids.contains(&next);
             let complete = match s.req.constraint.as_mut().map(|c| c.commit(next)) {
                 Some(Err(e)) => {

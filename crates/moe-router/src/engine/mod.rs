@@ -8,6 +8,7 @@
 
 mod compute_loop;
 mod emit;
+mod fair;
 mod schedule;
 mod step;
 
@@ -17,6 +18,7 @@ use crate::expert_load::ExpertLoad;
 use crate::request::{Event, ValidatedRequest};
 use crate::tenants::Tenants;
 use compute_loop::ComputeLoop;
+pub use fair::{Scheduling, SchedulingConfig};
 use moe_compute::Backend;
 use moe_generate::TextCodec;
 use moe_lora::{load_adapter, AdapterCatalog, AdapterParts, AdapterRegistry, RegistryLimits};
@@ -61,6 +63,8 @@ pub struct EngineConfig {
     pub prefix_cache: bool,
     /// Who may share cached pages.
     pub prefix_cache_scope: PrefixCacheScope,
+    /// Who is admitted next and who is preempted (`--scheduling`, fair by default).
+    pub scheduling: SchedulingConfig,
 }
 
 /// Who may share prefix-cache pages.
@@ -90,6 +94,7 @@ impl Default for EngineConfig {
             panic_after_steps: None,
             prefix_cache: true,
             prefix_cache_scope: PrefixCacheScope::Tenant,
+            scheduling: SchedulingConfig::default(),
         }
     }
 }
@@ -309,6 +314,11 @@ impl Engine {
     }
 
     /// Counts a request refused before it reached the engine (validation, tenant rules, adapter).
+    /// A request refused because its tenant's token budget was spent.
+    pub fn record_budget_refusal(&self, tenant: &str) {
+        self.recorder.budget_refused(tenant);
+    }
+
     pub fn record_rejection(&self, e: &RouterError) {
         self.recorder.rejected(e.code());
     }

@@ -1,8 +1,10 @@
 //! Who is in the batch: dropping requests whose client went away or whose deadline passed
-//! (freeing their pages), admitting waiting requests in arrival order while their whole KV need
-//! fits, and failing everything at shutdown or after a failure.
+//! (freeing their pages), admitting waiting and preempted requests in the order `fair.rs`
+//! decides while their whole KV need fits (preempting when it allows), and failing everything at
+//! shutdown or after a failure.
 
 use super::compute_loop::{ComputeLoop, Sequence};
+use super::fair::Candidate;
 use crate::error::RouterError;
 use crate::request::{Event, FinishReason};
 use moe_compute::Backend;
@@ -16,6 +18,11 @@ impl<B: Backend> ComputeLoop<B> {
     /// Ends every waiting and running request with `err` (counted as `outcome`), freeing its
     /// pages and pins.
     pub(super) fn fail_all(&mut self, err: &RouterError, outcome: &'static str) {
+        for mut s in self.paused.drain(..) {
+            self.metrics.ended(outcome, s.tenant(), s.req.prompt.len(), s.generated, s.submitted.elapsed());
+            s.end(Event::Failed(err.clone()));
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
         for mut w in self.waiting.drain(..) {
             w.req.adapter = None;
             self.metrics.ended(outcome, w.tenant(), w.req.prompt.len(), 0, w.submitted.elapsed());
@@ -32,6 +39,22 @@ impl<B: Backend> ComputeLoop<B> {
     /// Drops requests whose client went away and fails expired ones, freeing their pages.
     pub(super) fn reap(&mut self) {
         let now = Instant::now();
+        let mut i = 0;
+        while i < self.paused.len() {
+            let s = &self.paused[i];
+            let expired = now >= s.req.deadline;
+            if s.events.is_closed() || expired {
+                let mut s = self.paused.swap_remove(i);
+                if expired && !s.events.is_closed() {
+                    s.end(Event::Failed(RouterError::DeadlineExceeded { millis: s.req.timeout.as_millis() as u64 }));
+                }
+                self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+                let outcome = if expired { "deadline_exceeded" } else { "cancelled" };
+                self.metrics.ended(outcome, s.tenant(), s.req.prompt.len(), s.generated, s.submitted.elapsed());
+            } else {
+                i += 1;
+            }
+        }
         let mut i = 0;
         while i < self.running.len() {
             let s = &self.running[i];
@@ -95,24 +118,44 @@ impl<B: Backend> ComputeLoop<B> {
         Some(moe_model::prefix::namespace(adapter, tenant, req.cache_salt.as_deref()))
     }
 
-    /// Moves waiting requests into the batch, in arrival order, while their whole KV need fits
-    /// (pages found in the prefix cache are reused and not counted again).
+    /// Moves waiting and preempted requests into the batch, in the order [`Self::pick`] gives,
+    /// while their whole KV need fits (pages found in the prefix cache are reused and not
+    /// counted again), preempting where the policy allows.
     pub(super) fn admit(&mut self) {
-        while self.running.len() < self.config.max_running {
+        while let Some(next) = self.pick() {
             let started = Instant::now();
-            let admitted = self.admit_one();
+            let room = self.running.len() < self.config.max_running;
+            let admitted = room
+                && match next {
+                    Candidate::Waiting(i) => self.admit_waiting(i),
+                    Candidate::Paused(i) => self.admit_paused(i),
+                };
             let us = started.elapsed().as_micros() as u64;
             self.stats.max_admission_us.fetch_max(us, Ordering::Relaxed);
-            if !admitted {
+            if !admitted && !self.preempt_for(next) {
                 break;
             }
         }
     }
 
-    /// Admits (or ends) the request at the front of the queue; false when none can be now.
-    fn admit_one(&mut self) -> bool {
+    /// Puts a preempted sequence back into the batch; false when it does not fit now.
+    fn admit_paused(&mut self, i: usize) -> bool {
+        let Some(s) = self.paused.get_mut(i) else { return false };
+        if super::fair::resume_paused(&mut self.kv.pages, s).is_err() {
+            return false;
+        }
+        let mut s = self.paused.swap_remove(i);
+        self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+        s.admitted = Instant::now();
+        tracing::debug!(request = s.id, cached = s.cache.len, "resumed after preemption");
+        self.running.push(s);
+        true
+    }
+
+    /// Admits (or ends) waiting request `index`; false when it cannot be now.
+    fn admit_waiting(&mut self, index: usize) -> bool {
         {
-            let Some(front) = self.waiting.front() else { return false };
+            let Some(front) = self.waiting.get(index) else { return false };
             let need = front.req.prompt.len() + front.req.max_new_tokens;
             // The prompt, then any tokens a resumed generation already produced.
             let mut tokens = Vec::with_capacity(need);
@@ -135,11 +178,16 @@ impl<B: Backend> ComputeLoop<B> {
                 let tenant = front.tenant().to_string();
                 self.metrics.prefix_cache(&tenant, tokens.len(), cached_tokens);
             }
-            let Some(mut sub) = self.waiting.pop_front() else { return false };
+            let Some(mut sub) = self.waiting.remove(index) else { return false };
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.queued(sub.tenant(), sub.submitted.elapsed());
+            if let Some(budget) = &sub.req.budget {
+                budget.spend(sub.req.prompt.len());
+            }
             if let Some(c) = &sub.req.constraint {
                 self.metrics.constrained(c.kind());
             }
+            let client = super::fair::client_of(&sub.req);
             let resolved = self.adapter_weights(sub.req.adapter.as_ref());
             // The weights are the pin from here on.
             sub.req.adapter = None;
@@ -186,7 +234,14 @@ impl<B: Backend> ComputeLoop<B> {
             }
             let adapter_id = adapter.as_ref().map_or("", |a| a.identity.id.as_str());
             let load_key = self.expert_load.key_for(adapter_id, Instant::now());
+            // The client is read before the pin is dropped (without tenants it is the adapter).
+            let client = client.clone();
+            let now = Instant::now();
             self.running.push(Sequence {
+                client,
+                preemptions: 0,
+                admitted: now,
+                paused_at: now,
                 load_key,
                 id: sub.id,
                 req: sub.req,

@@ -112,6 +112,7 @@ impl<B: Backend> ComputeLoop<B> {
             }
             return;
         }
+        self.charge(chunk, members);
         for &i in members.iter() {
             let Some(s) = self.running.get_mut(i) else { continue };
             if chunk[i] > 0 && checkpoint_at(&self.kv.pages, s) == Some(s.cache.len) {
@@ -146,7 +147,7 @@ impl<B: Backend> ComputeLoop<B> {
 /// Publishes a sequence's full, written pages in the prefix cache (when it is on), unless some
 /// step wrote them without all of the sequence's experts (those pages would hand later requests
 /// wrong keys and values under the prefix's normal key).
-fn share_pages<B: Backend>(pages: &mut moe_model::PageAllocator, s: &mut super::compute_loop::Sequence<B>) {
+pub(super) fn share_pages<B: Backend>(pages: &mut moe_model::PageAllocator, s: &mut super::compute_loop::Sequence<B>) {
     if s.kv_incomplete {
         return;
     }

@@ -1,0 +1,268 @@
+//! Who is admitted next, and who makes room. Under fair scheduling (the default) every client — a
+//! tenant, or without a tenants file an adapter (the base model is one) — has a virtual counter
+//! of the service it got: each step adds its sequences' prefill tokens times `prefill_weight`
+//! and decode tokens times `decode_weight`, divided by the tenant's `weight` (the Virtual Token
+//! Counter of Sheng et al., OSDI 2024). Tokens served from the prefix cache cost nothing; a
+//! resume's or a preempted request's recomputation costs what it computes. A client that
+//! becomes active again starts at the least counter among the active ones (no banked credit).
+//!
+//! Admission takes, among the waiting requests and the preempted ones, the highest priority
+//! class, then the least-served client, then the earliest arrival. When the best candidate does
+//! not fit (the batch or the KV cache is full) and has waited `preempt_after`, a running
+//! sequence of a lower class, or of the same class but a client more than `preempt_margin`
+//! weighted tokens ahead, is preempted: its full pages go to the prefix cache, the rest are
+//! freed, and it waits (stream open) to be resumed by recomputation, which determinism makes
+//! give exactly the tokens it would have produced. A sequence is preempted at most
+//! `max_preemptions` times. First-come-first-served (`--scheduling fcfs`) keeps arrival order
+//! and never preempts.
+
+use super::compute_loop::{ComputeLoop, Sequence};
+use super::Submission;
+use moe_compute::Backend;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// The admission policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scheduling {
+    /// Arrival order; never preempts.
+    Fcfs,
+    /// Priority classes, token-weighted fair share within a class, preemption (module doc).
+    #[default]
+    Fair,
+}
+
+impl std::str::FromStr for Scheduling {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fcfs" => Ok(Scheduling::Fcfs),
+            "fair" => Ok(Scheduling::Fair),
+            other => Err(format!("unknown scheduling {other:?}: use fair or fcfs")),
+        }
+    }
+}
+
+/// The knobs of fair scheduling.
+#[derive(Clone, Debug)]
+pub struct SchedulingConfig {
+    pub policy: Scheduling,
+    /// Cost of one prompt (or recomputed) token.
+    pub prefill_weight: f64,
+    /// Cost of one generated token.
+    pub decode_weight: f64,
+    /// How long the best waiting request must have waited before it may preempt.
+    pub preempt_after: Duration,
+    /// How far (weighted tokens) a client must be behind another of the same class to preempt it.
+    pub preempt_margin: f64,
+    /// How often one sequence may be preempted.
+    pub max_preemptions: u32,
+}
+
+impl Default for SchedulingConfig {
+    fn default() -> Self {
+        Self {
+            policy: Scheduling::Fair,
+            prefill_weight: 1.0,
+            decode_weight: 2.0,
+            preempt_after: Duration::from_millis(20),
+            preempt_margin: 256.0,
+            max_preemptions: 2,
+        }
+    }
+}
+
+/// The virtual service counters of the clients.
+#[derive(Debug, Default)]
+pub(super) struct FairShare {
+    counters: HashMap<String, f64>,
+}
+
+impl FairShare {
+    pub fn counter(&self, client: &str) -> f64 {
+        self.counters.get(client).copied().unwrap_or(0.0)
+    }
+
+    pub fn charge(&mut self, client: &str, cost: f64) {
+        match self.counters.get_mut(client) {
+            Some(c) => *c += cost,
+            None => {
+                self.counters.insert(client.to_string(), cost);
+            }
+        }
+    }
+
+    /// A client that becomes active: lifted to `floor` (the least active counter) if below it.
+    fn lift(&mut self, client: &str, floor: f64) {
+        let c = self.counters.entry(client.to_string()).or_insert(floor);
+        *c = c.max(floor);
+    }
+}
+
+/// Whose service a request counts as: its tenant, or without tenants its adapter.
+pub(super) fn client_of(req: &crate::request::ValidatedRequest) -> String {
+    match (&req.tenant, &req.adapter) {
+        (Some(t), _) => t.clone(),
+        (None, Some(pin)) => pin.identity().id.clone(),
+        (None, None) => String::new(),
+    }
+}
+
+/// A request that may be admitted next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Candidate {
+    Waiting(usize),
+    Paused(usize),
+}
+
+impl<B: Backend> ComputeLoop<B> {
+    /// Takes in a new submission; under fair scheduling its client, if idle until now, starts
+    /// at the least counter among the active clients.
+    pub(super) fn enqueue(&mut self, s: Submission) {
+        if self.config.scheduling.policy == Scheduling::Fair {
+            let client = client_of(&s.req);
+            let active = |c: &str| {
+                self.running.iter().any(|r| r.client == c)
+                    || self.paused.iter().any(|r| r.client == c)
+                    || self.waiting.iter().any(|w| client_of(&w.req) == c)
+            };
+            if !active(&client) {
+                let floor = self
+                    .running
+                    .iter()
+                    .chain(self.paused.iter())
+                    .map(|r| self.fair.counter(&r.client))
+                    .chain(self.waiting.iter().map(|w| self.fair.counter(&client_of(&w.req))))
+                    .fold(f64::INFINITY, f64::min);
+                if floor.is_finite() {
+                    self.fair.lift(&client, floor);
+                }
+            }
+        }
+        self.waiting.push_back(s);
+    }
+
+    /// The request to admit next (module doc).
+    pub(super) fn pick(&self) -> Option<Candidate> {
+        if self.config.scheduling.policy == Scheduling::Fcfs {
+            return match (self.paused.is_empty(), self.waiting.is_empty()) {
+                (false, _) => Some(Candidate::Paused(0)),
+                (true, false) => Some(Candidate::Waiting(0)),
+                (true, true) => None,
+            };
+        }
+        // Higher class, then less service, then earlier arrival.
+        let rank = |priority: i32, client: &str, at: Instant| (-(priority as i64), self.fair.counter(client), at);
+        let better = |a: &(i64, f64, Instant), b: &(i64, f64, Instant)| {
+            a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)).is_lt()
+        };
+        let mut best: Option<(Candidate, (i64, f64, Instant))> = None;
+        let paused = self
+            .paused
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (Candidate::Paused(i), rank(s.req.priority, &s.client, s.submitted)));
+        let waiting = self
+            .waiting
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (Candidate::Waiting(i), rank(w.req.priority, &client_of(&w.req), w.submitted)));
+        for (c, r) in paused.chain(waiting) {
+            if best.as_ref().is_none_or(|(_, b)| better(&r, b)) {
+                best = Some((c, r));
+            }
+        }
+        best.map(|(c, _)| c)
+    }
+
+    /// The candidate's priority, client, and how long it has waited.
+    fn describe(&self, c: Candidate) -> Option<(i32, String, Duration)> {
+        match c {
+            Candidate::Waiting(i) => {
+                self.waiting.get(i).map(|w| (w.req.priority, client_of(&w.req), w.submitted.elapsed()))
+            }
+            Candidate::Paused(i) => {
+                self.paused.get(i).map(|s| (s.req.priority, s.client.clone(), s.paused_at.elapsed()))
+            }
+        }
+    }
+
+    /// Under fair scheduling, preempts one running sequence in favour of `c` when the module
+    /// doc's rule allows; true when one was preempted.
+    pub(super) fn preempt_for(&mut self, c: Candidate) -> bool {
+        let cfg = &self.config.scheduling;
+        if cfg.policy != Scheduling::Fair {
+            return false;
+        }
+        let Some((priority, client, waited)) = self.describe(c) else { return false };
+        if waited < cfg.preempt_after {
+            return false;
+        }
+        let mine = self.fair.counter(&client);
+        // The lowest class, then the most-served client, then the latest admitted.
+        let victim = self
+            .running
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.preemptions < cfg.max_preemptions)
+            .filter(|(_, s)| {
+                s.req.priority < priority
+                    || (s.req.priority == priority
+                        && s.client != client
+                        && self.fair.counter(&s.client) - mine > cfg.preempt_margin)
+            })
+            .min_by(|(_, a), (_, b)| {
+                a.req
+                    .priority
+                    .cmp(&b.req.priority)
+                    .then(self.fair.counter(&b.client).total_cmp(&self.fair.counter(&a.client)))
+                    .then(b.admitted.cmp(&a.admitted))
+            })
+            .map(|(i, _)| i);
+        let Some(i) = victim else { return false };
+        let mut s = self.running.swap_remove(i);
+        tracing::debug!(request = s.id, tenant = s.tenant(), for_priority = priority, "preempted");
+        self.metrics.preempted(s.tenant());
+        super::step::share_pages(&mut self.kv.pages, &mut s);
+        self.kv.pages.release(&mut s.cache);
+        s.preemptions += 1;
+        s.paused_at = Instant::now();
+        self.paused.push(s);
+        self.stats.waiting.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
+    /// Charges each member's tokens of the step just taken to its client (and the metrics).
+    pub(super) fn charge(&mut self, chunk: &[usize], members: &[usize]) {
+        let cfg = &self.config.scheduling;
+        for &i in members {
+            let Some(s) = self.running.get(i) else { continue };
+            let n = chunk[i];
+            // A generated token fed back is decode; everything else is (re)computed prompt.
+            let decode = n == 1 && s.generated > 0 && s.cache.len == s.tokens.len();
+            let cost = if decode { cfg.decode_weight } else { cfg.prefill_weight * n as f64 };
+            let cost = cost / s.req.share_weight.max(1e-6);
+            self.metrics.scheduled(s.tenant(), n, decode);
+            self.fair.charge(&s.client, cost);
+        }
+    }
+}
+
+/// Re-admits a preempted sequence: its prefix from the cache, pages for the rest.
+pub(super) fn resume_paused<B: Backend>(
+    pages: &mut moe_model::PageAllocator,
+    s: &mut Sequence<B>,
+) -> Result<(), moe_model::ModelError> {
+    if let Some(ns) = s.prefix_namespace {
+        let ps = pages.page_size();
+        let keys = moe_model::prefix::page_keys(ns, &s.tokens, ps, (s.tokens.len() - 1) / ps);
+        pages.reuse(&mut s.cache, &keys);
+    }
+    let need = s.req.prompt.len() + s.req.max_new_tokens;
+    if let Err(e) = pages.reserve(&mut s.cache, need.max(s.tokens.len())) {
+        pages.release(&mut s.cache);
+        return Err(e);
+    }
+    Ok(())
+}
