@@ -153,6 +153,13 @@ fn bench_reports_every_figure() {
         assert!(t["decode"].as_array().expect("decode").iter().all(|d| d["tokens_per_s"].as_f64().expect("tps") > 0.0));
     }
     assert!(topologies[1]["dispatch_round_trip_us"].as_f64().expect("rtt") > 0.0);
+    // Fair against first-come-first-served: token shares are counts, so they are checked.
+    let f = &v["fairness"];
+    let share = |side: &str, k: &str| f[side][k].as_f64().unwrap_or_else(|| panic!("{side}.{k}: {f}"));
+    assert!((0.4..=0.6).contains(&share("fair", "smaller_tenant_share")), "{f}");
+    assert!(share("fcfs", "smaller_tenant_share") < 0.3, "{f}");
+    assert!(share("fair", "weighted_share") > 0.6, "{f}");
+    assert!(f["single_tenant_ratio"].as_f64().expect("ratio") > 0.0, "{f}");
 }
 
 #[test]

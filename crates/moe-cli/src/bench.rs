@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// off and on).
     #[arg(long, env = "MOE_SKIP_MULTI_TURN")]
     pub skip_multi_turn: bool,
+    /// Skip the fairness scenario (two tenants, fair against first-come-first-served).
+    #[arg(long, env = "MOE_SKIP_FAIRNESS")]
+    pub skip_fairness: bool,
     #[arg(long, env = "MOE_JSON")]
     pub json: bool,
 }
@@ -100,6 +103,7 @@ struct Report {
     overlap: Vec<OverlapRun>,
     prefix_cache: Option<crate::bench_prefix::PrefixRun>,
     multi_turn: Option<crate::bench_multiturn::MultiTurnRun>,
+    fairness: Option<crate::bench_fairness::FairnessRun>,
     failover: Vec<crate::bench_failover::FailoverRun>,
     structured: Option<crate::bench_structured::StructuredRun>,
     /// The benchmark model against its DeepSeek-V3-shaped counterpart (bench model only).
@@ -310,6 +314,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         };
         crate::bench_multiturn::measure(&dir, a.workers, adapters.as_deref())?
     };
+    let fairness = if a.skip_fairness { None } else { Some(crate::bench_fairness::measure(&dir, a.workers)?) };
     let layouts = match a.model {
         Some(_) => None,
         None => Some(crate::bench_shapes::measure(a.workers, a.new_tokens)?),
@@ -326,6 +331,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         overlap,
         prefix_cache,
         multi_turn,
+        fairness,
         failover,
         structured,
     };
@@ -370,6 +376,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         }
         if let Some(m) = &report.multi_turn {
             crate::bench_multiturn::print(m);
+        }
+        if let Some(f) = &report.fairness {
+            crate::bench_fairness::print(f);
         }
         if !report.failover.is_empty() {
             crate::bench_failover::print(&report.failover);

@@ -7,6 +7,7 @@ mod bench;
 mod bench_adapters;
 mod bench_device;
 mod bench_failover;
+mod bench_fairness;
 mod bench_multiturn;
 mod bench_placement;
 mod bench_prefix;
