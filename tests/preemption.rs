@@ -236,3 +236,36 @@ fn priority_is_capped_by_the_tenant() {
     admission.apply(&mut req);
     assert_eq!((req.priority, req.tenant.as_deref()), (0, Some("light")), "light's max_priority is the default 0");
 }
+
+/// A tenant with nothing running gets a slot from a tenant that holds the whole batch (over its
+/// share of it) without waiting for any of that tenant's long requests to end.
+#[test]
+fn a_light_tenant_does_not_wait_for_a_flood_to_drain() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("model");
+    endless_model_sized(&model, 256, 2);
+    let cfg = EngineConfig { max_running: 4, ..Default::default() };
+    let engine = moe_cluster::embedded(&model, 2, cfg).expect("engine");
+    let flood: Vec<_> = (0..8u32).map(|i| submit(&engine, &[i + 1, 2, 3], &params(false, LONG), 0)).collect();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut req = moe_router::ValidatedRequest::new(
+        PromptInput::Ids(vec![9, 9, 9]),
+        &params(false, 8),
+        engine.codec(),
+        engine.model_config(),
+        Duration::from_secs(60),
+    )
+    .expect("valid");
+    req.tenant = Some("writers".into());
+    let mut rx = engine.submit(req).expect("submit").1;
+    let light = collect(&mut rx, |_| {});
+    assert_eq!(light.tokens.len(), 8);
+    let mut flood = flood;
+    for f in flood.iter_mut() {
+        while let Ok(e) = f.try_recv() {
+            assert!(!matches!(e, Event::Finished { .. }), "a flood request finished first");
+        }
+    }
+    let preempted = engine.metrics().value("moe_preemptions_total", &[("tenant", "batch")]).unwrap_or(0.0);
+    assert!(preempted >= 1.0, "the flooding tenant gave up a slot");
+}

@@ -49,8 +49,9 @@ pub struct EngineArgs {
     #[arg(long, env = "MOE_SCHEDULING", default_value = "fair", value_parser = ["fair", "fcfs"])]
     pub scheduling: String,
     /// Under fair scheduling: how long the best waiting request must have waited before it may
-    /// preempt a running one of a lower class or of a tenant ahead of its fair share.
-    #[arg(long, env = "MOE_PREEMPT_AFTER_MS", default_value_t = 20)]
+    /// preempt a running one of a lower class, or of a tenant over its fair share (of tokens
+    /// served, or of the running batch) while the waiting one's tenant is under it.
+    #[arg(long, env = "MOE_PREEMPT_AFTER_MS", default_value_t = 5)]
     pub preempt_after_ms: u64,
     /// Under fair scheduling: how many weighted tokens a tenant must be ahead of another (of the
     /// same class) before the other's waiting request may preempt it.

@@ -134,6 +134,14 @@ pub async fn serve_http(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use axum::serve::ListenerExt;
+    // Streamed tokens go out as they come: without TCP_NODELAY a small chunk waits for the
+    // client's delayed ACK (~40 ms), which would dominate the time to first token.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set on an HTTP connection");
+        }
+    });
     axum::serve(listener, http_routes(state)).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }

@@ -9,10 +9,13 @@
 //! Admission takes, among the waiting requests and the preempted ones, the highest priority
 //! class, then the least-served client, then the earliest arrival. When the best candidate does
 //! not fit (the batch or the KV cache is full) and has waited `preempt_after`, a running
-//! sequence of a lower class, or of the same class but a client more than `preempt_margin`
-//! weighted tokens ahead, is preempted: its full pages go to the prefix cache, the rest are
-//! freed, and it waits (stream open) to be resumed by recomputation, which determinism makes
-//! give exactly the tokens it would have produced. A sequence is preempted at most
+//! sequence is preempted if it is of a lower class, or of the same class and its client is over
+//! its fair share while the candidate's is under it: more than `preempt_margin` weighted tokens
+//! ahead, or holding more than its weighted share of the running batch while the candidate's
+//! client holds less than its own (so a light tenant's request does not wait for a flooding
+//! tenant's requests to finish). The preempted sequence's full pages go to the prefix cache, the
+//! rest are freed, and it waits (stream open) to be resumed by recomputation, which determinism
+//! makes give exactly the tokens it would have produced. A sequence is preempted at most
 //! `max_preemptions` times. First-come-first-served (`--scheduling fcfs`) keeps arrival order
 //! and never preempts.
 
@@ -66,7 +69,7 @@ impl Default for SchedulingConfig {
             policy: Scheduling::Fair,
             prefill_weight: 1.0,
             decode_weight: 2.0,
-            preempt_after: Duration::from_millis(20),
+            preempt_after: Duration::from_millis(5),
             preempt_margin: 256.0,
             max_preemptions: 2,
         }
@@ -200,6 +203,12 @@ impl<B: Backend> ComputeLoop<B> {
             return false;
         }
         let mine = self.fair.counter(&client);
+        let weight = match c {
+            Candidate::Waiting(i) => self.waiting.get(i).map_or(1.0, |w| w.req.share_weight),
+            Candidate::Paused(i) => self.paused.get(i).map_or(1.0, |s| s.req.share_weight),
+        };
+        let slots = SlotShares::of(&self.running, &client, weight, self.config.max_running);
+        let under = slots.held(&client) < slots.share(&client).floor();
         // The lowest class, then the most-served client, then the latest admitted.
         let victim = self
             .running
@@ -207,10 +216,9 @@ impl<B: Backend> ComputeLoop<B> {
             .enumerate()
             .filter(|(_, s)| s.preemptions < cfg.max_preemptions)
             .filter(|(_, s)| {
-                s.req.priority < priority
-                    || (s.req.priority == priority
-                        && s.client != client
-                        && self.fair.counter(&s.client) - mine > cfg.preempt_margin)
+                let ahead = self.fair.counter(&s.client) - mine > cfg.preempt_margin;
+                let over = under && slots.held(&s.client) > slots.share(&s.client);
+                s.req.priority < priority || (s.req.priority == priority && s.client != client && (ahead || over))
             })
             .min_by(|(_, a), (_, b)| {
                 a.req
@@ -246,6 +254,37 @@ impl<B: Backend> ComputeLoop<B> {
             self.metrics.scheduled(s.tenant(), n, decode);
             self.fair.charge(&s.client, cost);
         }
+    }
+}
+
+/// How the running batch is shared among the clients of its sequences and a candidate's: each
+/// holds some slots and is due `max_running × weight / total weight`.
+struct SlotShares {
+    /// (client, weight, slots held).
+    clients: Vec<(String, f64, f64)>,
+    max_running: f64,
+    total_weight: f64,
+}
+
+impl SlotShares {
+    fn of<B: Backend>(running: &[Sequence<B>], candidate: &str, weight: f64, max_running: usize) -> Self {
+        let mut clients: Vec<(String, f64, f64)> = vec![(candidate.to_string(), weight, 0.0)];
+        for s in running {
+            match clients.iter_mut().find(|c| c.0 == s.client) {
+                Some(c) => c.2 += 1.0,
+                None => clients.push((s.client.clone(), s.req.share_weight, 1.0)),
+            }
+        }
+        let total_weight = clients.iter().map(|c| c.1).sum::<f64>().max(1e-9);
+        Self { clients, max_running: max_running as f64, total_weight }
+    }
+
+    fn held(&self, client: &str) -> f64 {
+        self.clients.iter().find(|c| c.0 == client).map_or(0.0, |c| c.2)
+    }
+
+    fn share(&self, client: &str) -> f64 {
+        self.clients.iter().find(|c| c.0 == client).map_or(0.0, |c| self.max_running * c.1 / self.total_weight)
     }
 }
 
