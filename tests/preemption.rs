@@ -212,8 +212,14 @@ async fn a_spent_token_budget_is_refused_with_a_retry_delay() {
     assert_eq!(resp.status().as_u16(), 429);
     let retry = resp.headers().get("retry-after").expect("Retry-After").to_str().expect("ascii").to_string();
     assert!(retry.parse::<u64>().is_ok_and(|s| (1..=60).contains(&s)), "Retry-After {retry}");
+    // The other tenant is served, a `priority` extra field taken (and capped to its max_priority).
+    let body = serde_json::json!({"model": "base", "prompt": [1, 2, 3], "max_tokens": 1, "priority": 3});
     let ok = http.post(format!("{base}/v1/completions")).bearer_auth(LIGHT).json(&body).send().await.expect("http");
     assert_eq!(ok.status().as_u16(), 200, "{}", ok.text().await.unwrap_or_default());
+    let bad = serde_json::json!({"model": "base", "prompt": [1], "max_tokens": 1, "priority": "high"});
+    let resp = http.post(format!("{base}/v1/completions")).bearer_auth(LIGHT).json(&bad).send().await.expect("http");
+    assert_eq!(resp.status().as_u16(), 400, "a non-integer priority is refused naming the field");
+    assert!(resp.text().await.unwrap_or_default().contains("priority"));
 }
 
 /// A tenant's requested priority is lowered to its `max_priority`.
