@@ -38,6 +38,9 @@ pub struct BenchArgs {
     /// Skip the fairness scenario (two tenants, fair against first-come-first-served).
     #[arg(long, env = "MOE_SKIP_FAIRNESS")]
     pub skip_fairness: bool,
+    /// Run only the fairness scenario.
+    #[arg(long, env = "MOE_ONLY_FAIRNESS", conflicts_with = "skip_fairness")]
+    pub only_fairness: bool,
     #[arg(long, env = "MOE_JSON")]
     pub json: bool,
 }
@@ -204,6 +207,21 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         Some(d) => d.clone(),
         None => crate::model_args::cached_model_dir("bench-model", &moe_demo::DemoSpec::bench())?,
     };
+    if a.only_fairness {
+        let f = crate::bench_fairness::measure(&dir, a.workers)?;
+        if a.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({ "model": dir.display().to_string(), "fairness": f })
+                )?
+            );
+        } else {
+            crate::bench_fairness::print(&f);
+        }
+        eprintln!("bench took {:.0} s", started.elapsed().as_secs_f64());
+        return Ok(());
+    }
     let config = moe_model::ModelConfig::from_dir(&dir)?;
     // The prefix cache is off for the throughput runs (they repeat prompts; a hit would measure
     // the cache, not the model); its own run below measures it.

@@ -50,6 +50,8 @@ pub(super) struct Sequence<B: Backend> {
     pub client: String,
     /// How often it was preempted.
     pub preemptions: u32,
+    /// Tokens before this position are being recomputed after a preemption (not charged).
+    pub recompute_until: usize,
     /// When it (last) entered the batch, and when it was last preempted.
     pub admitted: Instant,
     pub paused_at: Instant,

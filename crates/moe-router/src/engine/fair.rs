@@ -3,7 +3,8 @@
 //! of the service it got: each step adds its sequences' prefill tokens times `prefill_weight`
 //! and decode tokens times `decode_weight`, divided by the tenant's `weight` (the Virtual Token
 //! Counter of Sheng et al., OSDI 2024). Tokens served from the prefix cache cost nothing; a
-//! resume's or a preempted request's recomputation costs what it computes. A client that
+//! resume's recomputation costs what it computes; a preempted request's recomputation of what it
+//! had is not charged (the scheduler chose it). A client that
 //! becomes active again starts at the least counter among the active ones (no banked credit).
 //!
 //! Admission takes, among the waiting requests and the preempted ones, the highest priority
@@ -216,8 +217,10 @@ impl<B: Backend> ComputeLoop<B> {
             .enumerate()
             .filter(|(_, s)| s.preemptions < cfg.max_preemptions)
             .filter(|(_, s)| {
-                let ahead = self.fair.counter(&s.client) - mine > cfg.preempt_margin;
-                let over = under && slots.held(&s.client) > slots.share(&s.client);
+                let theirs = self.fair.counter(&s.client);
+                let ahead = theirs - mine > cfg.preempt_margin;
+                // Holding more than its share of the batch, and not behind in service.
+                let over = under && slots.held(&s.client) > slots.share(&s.client) && theirs >= mine;
                 s.req.priority < priority || (s.req.priority == priority && s.client != client && (ahead || over))
             })
             .min_by(|(_, a), (_, b)| {
@@ -234,6 +237,8 @@ impl<B: Backend> ComputeLoop<B> {
         self.metrics.preempted(s.tenant());
         super::step::share_pages(&mut self.kv.pages, &mut s);
         self.kv.pages.release(&mut s.cache);
+        // Recomputing what it had is the scheduler's cost, not its tenant's.
+        s.recompute_until = s.recompute_until.max(s.tokens.len().saturating_sub(1));
         s.preemptions += 1;
         s.paused_at = Instant::now();
         self.paused.push(s);
@@ -247,9 +252,13 @@ impl<B: Backend> ComputeLoop<B> {
         for &i in members {
             let Some(s) = self.running.get(i) else { continue };
             let n = chunk[i];
-            // A generated token fed back is decode; everything else is (re)computed prompt.
+            // A generated token fed back is decode; everything else is (re)computed prompt, but
+            // what a preemption made it recompute is not charged.
             let decode = n == 1 && s.generated > 0 && s.cache.len == s.tokens.len();
-            let cost = if decode { cfg.decode_weight } else { cfg.prefill_weight * n as f64 };
+            let start = s.cache.len.saturating_sub(n);
+            let free = s.recompute_until.min(s.cache.len).saturating_sub(start);
+            let charged = n - free.min(n);
+            let cost = if decode && free == 0 { cfg.decode_weight } else { cfg.prefill_weight * charged as f64 };
             let cost = cost / s.req.share_weight.max(1e-6);
             self.metrics.scheduled(s.tenant(), n, decode);
             self.fair.charge(&s.client, cost);

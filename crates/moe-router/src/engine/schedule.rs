@@ -240,6 +240,7 @@ impl<B: Backend> ComputeLoop<B> {
             self.running.push(Sequence {
                 client,
                 preemptions: 0,
+                recompute_until: 0,
                 admitted: now,
                 paused_at: now,
                 load_key,
