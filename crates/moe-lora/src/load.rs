@@ -103,6 +103,26 @@ pub fn load_adapter<B: Backend>(
         };
         let (a, b) = read_finite(&manifest, m, &identity.id)?;
         bytes += 4 * (a.len() + b.len());
+        if cfg.gated_attention && m.target.kind == ModuleKind::Q {
+            // B's rows interleave each head's q and output-gate rows: two pairs sharing A.
+            let rows = |gate| -> Vec<f32> {
+                moe_model::gated_q_rows(cfg.num_heads, cfg.head_dim, gate)
+                    .into_iter()
+                    .flat_map(|r| b[r * m.rank..(r + 1) * m.rank].iter().copied())
+                    .collect()
+            };
+            let half = m.out_features / 2;
+            let pair = |b: Vec<f32>| -> Result<LoraWeights<B>> {
+                Ok(LoraWeights {
+                    a: backend.lora_matrix(m.rank, m.in_features, a.clone())?,
+                    b: backend.lora_matrix(half, m.rank, b)?,
+                    scale: m.scale,
+                })
+            };
+            layer.q = Some(pair(rows(false))?);
+            layer.q_gate = Some(pair(rows(true))?);
+            continue;
+        }
         let pair = LoraWeights {
             a: backend.lora_matrix(m.rank, m.in_features, a)?,
             b: backend.lora_matrix(m.out_features, m.rank, b)?,

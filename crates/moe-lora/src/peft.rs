@@ -129,13 +129,10 @@ fn classify(module: &str, cfg: &ModelConfig) -> std::result::Result<(LoraTarget,
     if rest.starts_with("self_attn.") && c.is_linear_layer(layer) {
         return Err(format!("layer {layer} is a linear-attention (gated DeltaNet) layer: it has no self_attn"));
     }
-    if c.gated_attention && rest == "self_attn.q_proj" {
-        return Err("LoRA on gated attention's q_proj (which also makes the output gate) is not supported yet; \
-                    k_proj, v_proj, o_proj, the MoE gate and the experts can be adapted"
-            .into());
-    }
+    // Gated attention's q_proj also makes the output gate: twice the rows, split at load.
+    let q_rows = if c.gated_attention { 2 * qw } else { qw };
     let kind_io = match rest {
-        "self_attn.q_proj" => (ModuleKind::Q, h, qw),
+        "self_attn.q_proj" => (ModuleKind::Q, h, q_rows),
         "self_attn.k_proj" => (ModuleKind::K, h, kw),
         "self_attn.v_proj" => (ModuleKind::V, h, kw),
         "self_attn.o_proj" => (ModuleKind::O, qw, h),

@@ -23,6 +23,8 @@ pub struct AdapterIdentity {
 /// pairs held here).
 pub struct LayerLora<B: Backend> {
     pub q: Option<LoraWeights<B>>,
+    /// Gated attention (Qwen3-Next): the q_proj pair's rows that make the output gate.
+    pub q_gate: Option<LoraWeights<B>>,
     pub k: Option<LoraWeights<B>>,
     pub v: Option<LoraWeights<B>>,
     pub o: Option<LoraWeights<B>>,
@@ -35,7 +37,16 @@ pub struct LayerLora<B: Backend> {
 
 impl<B: Backend> Default for LayerLora<B> {
     fn default() -> Self {
-        Self { q: None, k: None, v: None, o: None, gate: None, experts: Vec::new(), has_expert_lora: false }
+        Self {
+            q: None,
+            q_gate: None,
+            k: None,
+            v: None,
+            o: None,
+            gate: None,
+            experts: Vec::new(),
+            has_expert_lora: false,
+        }
     }
 }
 

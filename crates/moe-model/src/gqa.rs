@@ -27,7 +27,9 @@ impl<B: Backend> Model<B> {
         let has = |pick: fn(&crate::adapter::LayerLora<B>) -> Option<&LoraWeights<B>>| {
             items.iter().any(|it| it.adapter.and_then(|ad| ad.layers.get(layer_idx)).and_then(pick).is_some())
         };
-        for (pick, col) in [(q_pair as PairOf<B>, 0), (k_pair, qw), (v_pair, qw + kw)] {
+        // Gated attention's gate columns follow q, k and v.
+        let pairs = [(q_pair as PairOf<B>, 0), (k_pair, qw), (v_pair, qw + kw), (q_gate_pair, qw + 2 * kw)];
+        for (pick, col) in pairs {
             if has(pick) {
                 let lookup = row_pair(items, &ws.row_item, layer_idx, pick);
                 b.lora_add(&ws.normed, &lookup, col, &mut ws.scratch, &mut ws.qkv);
@@ -69,6 +71,9 @@ pub(crate) type PairOf<B> = fn(&LayerLora<B>) -> Option<&LoraWeights<B>>;
 
 fn q_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
     l.q.as_ref()
+}
+fn q_gate_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.q_gate.as_ref()
 }
 fn k_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
     l.k.as_ref()

@@ -33,6 +33,7 @@ pub use config::{Architecture, LatentAttention, LinearAttention, ModelConfig, Qk
 pub use error::{ModelError, Result};
 pub use experts::{ExpertExecutor, ExpertRoutes, ExpertTicket, LayerCall, StartedExperts};
 pub use kv::{PageAllocator, PageKey, SequenceCache};
+pub use linear_attention::gated_q_rows;
 pub use model::{BatchItem, KvCache, LogitsFor, Model, Workspace};
 pub use overlap::overlap_split;
 pub use routing::{GateScoring, RoutingRule};

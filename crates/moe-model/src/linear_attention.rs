@@ -69,7 +69,7 @@ pub(crate) fn load_delta_net<B: Backend>(l: &Loader<'_, B>, s: &DeltaNetShape, p
 
 /// Rows of a gated attention's `q_proj` (per head: q, then its gate) as all q rows (`gate`
 /// false) or all gate rows (`gate` true).
-pub(crate) fn gated_q_rows(heads: usize, head_dim: usize, gate: bool) -> Vec<usize> {
+pub fn gated_q_rows(heads: usize, head_dim: usize, gate: bool) -> Vec<usize> {
     let off = if gate { head_dim } else { 0 };
     (0..heads * head_dim).map(|i| (i / head_dim) * 2 * head_dim + off + i % head_dim).collect()
 }
