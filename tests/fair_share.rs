@@ -135,3 +135,63 @@ fn the_same_through_a_router_with_two_worker_processes() {
     let heavy = share(&engine, [("gold", 32, 2.0), ("bronze", 32, 1.0)], 40, 140);
     assert!((0.62..=0.71).contains(&heavy), "weight-2 share through two workers: {heavy}");
 }
+
+/// Without a tenants file, adapters are the clients (the base model is one): a base-model client
+/// with 16 requests in flight beside an adapter's 64 still gets half of the tokens.
+#[test]
+fn without_tenants_adapters_share_fairly() {
+    let dir = fixture("mixtral");
+    let cfg = EngineConfig { max_running: 16, ..Default::default() };
+    let opts = moe_cluster::AdapterOptions { dir: Some(dir.join("peft")), ..Default::default() };
+    let engine = Arc::new(moe_cluster::embedded_with(&dir, 2, cfg, &opts).expect("engine"));
+    let (stop, done) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let marks = Arc::new(std::sync::Mutex::new(Vec::<(f64, f64)>::new()));
+    // The scheduled-token counters are per tenant label, empty here: count generated tokens
+    // per client from the streams instead.
+    let tokens = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+    let mut threads = Vec::new();
+    for (c, (adapter, in_flight)) in [("", 16usize), ("gate", 64)].into_iter().enumerate() {
+        for slot in 0..in_flight {
+            let (engine, stop, done, marks, tokens) =
+                (engine.clone(), stop.clone(), done.clone(), marks.clone(), tokens.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut n = 0u32;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let mut req = request(&engine, "", 1.0, 0, (c as u32 * 1000 + slot as u32) * 31 + n);
+                    req.tenant = None;
+                    if !adapter.is_empty() {
+                        req.adapter = Some(engine.adapters().expect("adapters").pin(adapter).expect("adapter"));
+                    }
+                    let mut rx = engine.submit(req).expect("submit").1;
+                    loop {
+                        match rx.blocking_recv() {
+                            Some(Event::Delta { token_ids, .. }) => {
+                                tokens[c].fetch_add(token_ids.len(), Ordering::SeqCst);
+                            }
+                            Some(Event::Finished { .. }) => break,
+                            Some(Event::Failed(e)) => panic!("{e}"),
+                            None => return,
+                        }
+                    }
+                    let k = done.fetch_add(1, Ordering::SeqCst) + 1;
+                    if k == 40 || k == 140 {
+                        let t = (tokens[0].load(Ordering::SeqCst) as f64, tokens[1].load(Ordering::SeqCst) as f64);
+                        marks.lock().expect("marks").push(t);
+                    }
+                    if k >= 140 {
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                }
+            }));
+        }
+    }
+    for t in threads {
+        t.join().expect("client");
+    }
+    let m = marks.lock().expect("marks");
+    let (base, gate) = (m[1].0 - m[0].0, m[1].1 - m[0].1);
+    let share = base / (base + gate);
+    eprintln!("base model: {base} tokens, adapter gate: {gate}: share {share}");
+    assert!((0.4..=0.6).contains(&share), "the base model's share beside an adapter: {share}");
+}
