@@ -204,11 +204,27 @@ impl Engine {
         let c = &model.config;
         let bpv = model.backend().kv_bytes_per_value();
         let page_bytes = bpv * c.kv_layers().max(1) * config.page_size * c.kv_values_per_token_layer();
-        let pages = (config.kv_cache_bytes / page_bytes.max(1)).max(1);
-        // A hybrid model's recurrent states: one pair of slots per sequence that can run.
-        let kv = model
-            .kv_cache_for(pages, config.page_size, config.max_running)
-            .map_err(|e| RouterError::Internal(e.to_string()))?;
+        // A hybrid model's recurrent states come out of the same budget: three slots (read, write,
+        // a prefix snapshot) per sequence that can run, at most half the budget.
+        let state_bytes = c.linear.as_ref().map_or(0, |l| 4 * l.count() * l.shape.state_floats());
+        let (sequences, kv_bytes) = match state_bytes {
+            0 => (config.max_running, config.kv_cache_bytes),
+            per => {
+                let n = (config.kv_cache_bytes / 2 / (3 * per)).clamp(1, config.max_running);
+                if n < config.max_running {
+                    tracing::warn!(
+                        sequences = n,
+                        max_running = config.max_running,
+                        state_mb = per >> 20,
+                        "the KV budget holds recurrent states for fewer sequences than --max-running; raise --kv-cache-mb"
+                    );
+                }
+                (n, config.kv_cache_bytes.saturating_sub(3 * n * per))
+            }
+        };
+        let pages = (kv_bytes / page_bytes.max(1)).max(1);
+        let kv =
+            model.kv_cache_for(pages, config.page_size, sequences).map_err(|e| RouterError::Internal(e.to_string()))?;
         let stats = Arc::new(EngineStats::default());
         stats.total_pages.store(pages, Ordering::Relaxed);
         stats.free_pages.store(pages, Ordering::Relaxed);
