@@ -119,9 +119,13 @@ fn a_preempted_request_returns_the_bits_it_returns_alone() {
 /// With one running slot, a higher class waiting behind two lower ones is admitted first.
 #[test]
 fn a_higher_class_is_admitted_first() {
+    // A slow model and a long first request: the three arrive while it runs.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("model");
+    endless_model_sized(&model, 256, 2);
     let cfg = EngineConfig { max_running: 1, ..Default::default() };
-    let engine = moe_cluster::embedded(&fixture("mixtral"), 2, cfg).expect("engine");
-    let mut first = submit(&engine, &[1, 2, 3], &params(false, 40), 0);
+    let engine = moe_cluster::embedded(&model, 2, cfg).expect("engine");
+    let mut first = submit(&engine, &[1, 2, 3], &params(false, LONG), 0);
     // Wait until the first runs, then queue two low and one high request.
     let mut started = false;
     while !started {
