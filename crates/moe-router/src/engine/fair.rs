@@ -219,8 +219,10 @@ impl<B: Backend> ComputeLoop<B> {
             .filter(|(_, s)| {
                 let theirs = self.fair.counter(&s.client);
                 let ahead = theirs - mine > cfg.preempt_margin;
-                // Holding more than its share of the batch, and not behind in service.
-                let over = under && slots.held(&s.client) > slots.share(&s.client) && theirs >= mine;
+                // Holding more than its share of the batch, and ahead in service (or level with a
+                // tenant that has nothing running: its first request should not wait).
+                let level = theirs > mine || (theirs >= mine && slots.held(&client) == 0.0);
+                let over = under && slots.held(&s.client) > slots.share(&s.client) && level;
                 s.req.priority < priority || (s.req.priority == priority && s.client != client && (ahead || over))
             })
             .min_by(|(_, a), (_, b)| {
