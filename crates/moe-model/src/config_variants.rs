@@ -93,29 +93,8 @@ pub(crate) fn gpt_oss(r: &Reader<'_>, architecture: Architecture, num_layers: us
         return Ok(None);
     }
     let sliding_window = r.positive("sliding_window")?;
-    let sliding_layers = match r.present("layer_types") {
-        // transformers' default: even layers slide, odd ones attend to everything.
-        None => (0..num_layers).map(|i| i % 2 == 0).collect(),
-        Some(Value::Array(kinds)) => {
-            let parsed: Option<Vec<bool>> = kinds
-                .iter()
-                .map(|k| match k.as_str() {
-                    Some("sliding_attention") => Some(true),
-                    Some("full_attention") => Some(false),
-                    _ => None,
-                })
-                .collect();
-            match parsed {
-                Some(v) if v.len() == num_layers => v,
-                _ => {
-                    return Err(r.err(format!(
-                        "`layer_types` must list \"sliding_attention\" or \"full_attention\" for each of the {num_layers} layers"
-                    )))
-                }
-            }
-        }
-        Some(_) => return Err(r.err("`layer_types` must be a list".into())),
-    };
+    // transformers' default: even layers slide, odd ones attend to everything.
+    let sliding_layers = layer_types(r, "sliding_attention", num_layers, |i| i % 2 == 0)?;
     let alpha = r.f64_opt("swiglu_alpha")?.unwrap_or(1.702) as f32;
     let limit = r.f64_opt("swiglu_limit")?.unwrap_or(7.0) as f32;
     if !(alpha.is_finite() && limit.is_finite() && limit > 0.0) {
@@ -179,32 +158,9 @@ pub(crate) fn linear_attention(
     if architecture != Architecture::Qwen3Next {
         return Ok(None);
     }
-    let layers = match r.present("layer_types") {
-        // transformers' default: every `full_attention_interval`-th layer attends fully.
-        None => {
-            let every = r.usize_opt("full_attention_interval")?.unwrap_or(4).max(1);
-            (0..num_layers).map(|i| (i + 1) % every != 0).collect()
-        }
-        Some(Value::Array(kinds)) => {
-            let parsed: Option<Vec<bool>> = kinds
-                .iter()
-                .map(|k| match k.as_str() {
-                    Some("linear_attention") => Some(true),
-                    Some("full_attention") => Some(false),
-                    _ => None,
-                })
-                .collect();
-            match parsed {
-                Some(v) if v.len() == num_layers => v,
-                _ => {
-                    return Err(r.err(format!(
-                        "`layer_types` must list \"linear_attention\" or \"full_attention\" for each of the {num_layers} layers"
-                    )))
-                }
-            }
-        }
-        Some(_) => return Err(r.err("`layer_types` must be a list".into())),
-    };
+    // transformers' default: every `full_attention_interval`-th layer attends fully.
+    let every = r.usize_opt("full_attention_interval")?.unwrap_or(4).max(1);
+    let layers = layer_types(r, "linear_attention", num_layers, |i| (i + 1) % every != 0)?;
     let or = |key: &str, default: usize| -> Result<usize> {
         match r.usize_opt(key)? {
             Some(0) => Err(r.err(format!("`{key}` must be positive, got 0"))),
@@ -227,4 +183,29 @@ pub(crate) fn linear_attention(
         )));
     }
     Ok(Some(LinearAttention { layers, shape }))
+}
+
+/// `layer_types`: per layer, whether it is of kind `special` (else `"full_attention"`); every
+/// layer must be listed. Absent: `default(i)`.
+fn layer_types(r: &Reader<'_>, special: &str, num_layers: usize, default: impl Fn(usize) -> bool) -> Result<Vec<bool>> {
+    match r.present("layer_types") {
+        None => Ok((0..num_layers).map(default).collect()),
+        Some(Value::Array(kinds)) => {
+            let parsed: Option<Vec<bool>> = kinds
+                .iter()
+                .map(|k| match k.as_str() {
+                    Some(s) if s == special => Some(true),
+                    Some("full_attention") => Some(false),
+                    _ => None,
+                })
+                .collect();
+            match parsed {
+                Some(v) if v.len() == num_layers => Ok(v),
+                _ => Err(r.err(format!(
+                    "`layer_types` must list \"{special}\" or \"full_attention\" for each of the {num_layers} layers"
+                ))),
+            }
+        }
+        Some(_) => Err(r.err("`layer_types` must be a list".into())),
+    }
 }

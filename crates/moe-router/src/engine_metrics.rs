@@ -110,12 +110,13 @@ impl EngineMetrics {
         }
     }
 
-    /// `tokens` computed for `tenant` in a step (`decode`: a generated token fed back).
-    pub fn scheduled(&self, tenant: &str, tokens: usize, decode: bool) {
-        let kind = if decode { "decode" } else { "prefill" };
-        self.scheduled_tokens
-            .get_or_create(&[("tenant", tenant.to_string()), ("kind", kind.to_string())])
-            .inc_by(tokens as u64);
+    /// The counters of tokens computed for `tenant`, prefill then decode: looked up once per
+    /// request, so that each step's recording is an atomic add.
+    pub fn scheduled(&self, tenant: &str) -> (Counter, Counter) {
+        let series = |kind: &str| {
+            self.scheduled_tokens.get_or_create(&[("tenant", tenant.to_string()), ("kind", kind.to_string())]).clone()
+        };
+        (series("prefill"), series("decode"))
     }
 
     /// A request entered the batch for the first time after waiting `waited`.

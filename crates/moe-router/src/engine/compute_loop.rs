@@ -52,6 +52,8 @@ pub(super) struct Sequence<B: Backend> {
     pub preemptions: u32,
     /// Tokens before this position are being recomputed after a preemption (not charged).
     pub recompute_until: usize,
+    /// Its tenant's `moe_scheduled_tokens_total` series: prefill, decode.
+    pub scheduled: (moe_metrics::Counter, moe_metrics::Counter),
     /// When it (last) entered the batch, and when it was last preempted.
     pub admitted: Instant,
     pub paused_at: Instant,

@@ -105,11 +105,11 @@ impl FairShare {
 }
 
 /// Whose service a request counts as: its tenant, or without tenants its adapter.
-pub(super) fn client_of(req: &crate::request::ValidatedRequest) -> String {
+pub(super) fn client_of(req: &crate::request::ValidatedRequest) -> &str {
     match (&req.tenant, &req.adapter) {
-        (Some(t), _) => t.clone(),
-        (None, Some(pin)) => pin.identity().id.clone(),
-        (None, None) => String::new(),
+        (Some(t), _) => t,
+        (None, Some(pin)) => &pin.identity().id,
+        (None, None) => "",
     }
 }
 
@@ -131,16 +131,16 @@ impl<B: Backend> ComputeLoop<B> {
                     || self.paused.iter().any(|r| r.client == c)
                     || self.waiting.iter().any(|w| client_of(&w.req) == c)
             };
-            if !active(&client) {
+            if !active(client) {
                 let floor = self
                     .running
                     .iter()
                     .chain(self.paused.iter())
                     .map(|r| self.fair.counter(&r.client))
-                    .chain(self.waiting.iter().map(|w| self.fair.counter(&client_of(&w.req))))
+                    .chain(self.waiting.iter().map(|w| self.fair.counter(client_of(&w.req))))
                     .fold(f64::INFINITY, f64::min);
                 if floor.is_finite() {
-                    self.fair.lift(&client, floor);
+                    self.fair.lift(client, floor);
                 }
             }
         }
@@ -171,7 +171,7 @@ impl<B: Backend> ComputeLoop<B> {
             .waiting
             .iter()
             .enumerate()
-            .map(|(i, w)| (Candidate::Waiting(i), rank(w.req.priority, &client_of(&w.req), w.submitted)));
+            .map(|(i, w)| (Candidate::Waiting(i), rank(w.req.priority, client_of(&w.req), w.submitted)));
         for (c, r) in paused.chain(waiting) {
             if best.as_ref().is_none_or(|(_, b)| better(&r, b)) {
                 best = Some((c, r));
@@ -184,7 +184,7 @@ impl<B: Backend> ComputeLoop<B> {
     fn describe(&self, c: Candidate) -> Option<(i32, String, Duration)> {
         match c {
             Candidate::Waiting(i) => {
-                self.waiting.get(i).map(|w| (w.req.priority, client_of(&w.req), w.submitted.elapsed()))
+                self.waiting.get(i).map(|w| (w.req.priority, client_of(&w.req).to_string(), w.submitted.elapsed()))
             }
             Candidate::Paused(i) => {
                 self.paused.get(i).map(|s| (s.req.priority, s.client.clone(), s.paused_at.elapsed()))
@@ -262,7 +262,8 @@ impl<B: Backend> ComputeLoop<B> {
             let charged = n - free.min(n);
             let cost = if decode && free == 0 { cfg.decode_weight } else { cfg.prefill_weight * charged as f64 };
             let cost = cost / s.req.share_weight.max(1e-6);
-            self.metrics.scheduled(s.tenant(), n, decode);
+            let series = if decode { &s.scheduled.1 } else { &s.scheduled.0 };
+            series.inc_by(n as u64);
             self.fair.charge(&s.client, cost);
         }
     }
@@ -270,20 +271,20 @@ impl<B: Backend> ComputeLoop<B> {
 
 /// How the running batch is shared among the clients of its sequences and a candidate's: each
 /// holds some slots and is due `max_running × weight / total weight`.
-struct SlotShares {
+struct SlotShares<'a> {
     /// (client, weight, slots held).
-    clients: Vec<(String, f64, f64)>,
+    clients: Vec<(&'a str, f64, f64)>,
     max_running: f64,
     total_weight: f64,
 }
 
-impl SlotShares {
-    fn of<B: Backend>(running: &[Sequence<B>], candidate: &str, weight: f64, max_running: usize) -> Self {
-        let mut clients: Vec<(String, f64, f64)> = vec![(candidate.to_string(), weight, 0.0)];
+impl<'a> SlotShares<'a> {
+    fn of<B: Backend>(running: &'a [Sequence<B>], candidate: &'a str, weight: f64, max_running: usize) -> Self {
+        let mut clients: Vec<(&str, f64, f64)> = vec![(candidate, weight, 0.0)];
         for s in running {
             match clients.iter_mut().find(|c| c.0 == s.client) {
                 Some(c) => c.2 += 1.0,
-                None => clients.push((s.client.clone(), s.req.share_weight, 1.0)),
+                None => clients.push((&s.client, s.req.share_weight, 1.0)),
             }
         }
         let total_weight = clients.iter().map(|c| c.1).sum::<f64>().max(1e-9);

@@ -187,7 +187,8 @@ impl<B: Backend> ComputeLoop<B> {
             if let Some(c) = &sub.req.constraint {
                 self.metrics.constrained(c.kind());
             }
-            let client = super::fair::client_of(&sub.req);
+            // Read before the pin is dropped (without tenants the client is the adapter).
+            let client = super::fair::client_of(&sub.req).to_string();
             let resolved = self.adapter_weights(sub.req.adapter.as_ref());
             // The weights are the pin from here on.
             sub.req.adapter = None;
@@ -234,13 +235,12 @@ impl<B: Backend> ComputeLoop<B> {
             }
             let adapter_id = adapter.as_ref().map_or("", |a| a.identity.id.as_str());
             let load_key = self.expert_load.key_for(adapter_id, Instant::now());
-            // The client is read before the pin is dropped (without tenants it is the adapter).
-            let client = client.clone();
             let now = Instant::now();
             self.running.push(Sequence {
                 client,
                 preemptions: 0,
                 recompute_until: 0,
+                scheduled: self.metrics.scheduled(sub.tenant()),
                 admitted: now,
                 paused_at: now,
                 load_key,
