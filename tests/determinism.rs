@@ -292,3 +292,33 @@ fn the_2026_architectures_are_batch_and_chunk_invariant() {
         }
     }
 }
+
+/// Adapters on the 2026 architectures keep it as well: requests of every PEFT adapter of the
+/// fixture (DeepSeek-V3's latent attention pairs with `kv_b_proj` absorbed, gpt-oss's interleaved
+/// experts, Qwen3-Next's gated attention, ...) and of the base model, batched together and with
+/// prefill chunks of 7 tokens, each give their solo tokens and logprob bits.
+#[test]
+fn adapters_on_the_2026_architectures_mix_in_one_batch() {
+    for arch in ARCHS_2026 {
+        let dir = fixture(arch);
+        let peft = dir.join("peft");
+        let mut names: Vec<String> = std::fs::read_dir(&peft)
+            .expect("peft fixtures")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names.push(String::new());
+        let prompts: Vec<Vec<u32>> = (0..2 * names.len())
+            .map(|i| (0..[5usize, 23, 2, 31][i % 4]).map(|j| ((i * 29 + j * 13 + j * j) % 128) as u32).collect())
+            .collect();
+        let reqs: Vec<Request<'_>> =
+            prompts.iter().enumerate().map(|(i, p)| (p.as_slice(), names[i % names.len()].as_str(), None)).collect();
+        let options = moe_cluster::AdapterOptions { dir: Some(peft.clone()), ..Default::default() };
+        let engine = |cfg: EngineConfig| moe_cluster::embedded_with(&dir, 2, cfg, &options).expect("engine");
+        let want = one_at_a_time(&engine(EngineConfig::default()), &reqs);
+        let all = all_at_once(&engine(EngineConfig::default()), &reqs, 1, || {});
+        assert_same(&format!("{arch} adapters at once"), &all, &want);
+        let short = EngineConfig { max_batch_tokens: 7, ..Default::default() };
+        assert_same(&format!("{arch} adapters in chunks of 7"), &all_at_once(&engine(short), &reqs, 2, || {}), &want);
+    }
+}

@@ -22,17 +22,19 @@ use std::sync::Arc;
 
 const ADAPTERS: [&str; 5] = ["gate", "attn", "experts", "layers", "patterns"];
 
-/// The PEFT fixtures of an architecture: all five on the first four; on the 2026 ones what can be
-/// adapted (tests/fixtures/make_fixtures_2026.py): DeepSeek-V3's gate and fused experts (not its
-/// latent attention yet), GLM-4.5's gate, experts and attention, gpt-oss's router and attention
-/// (not its interleaved experts yet), Qwen3-Next's gate and gated attention (q_proj's rows make q
-/// and the output gate; tests/fixtures/make_fixtures_qwen3_next.py).
+/// The PEFT fixtures of an architecture: all five on the first four; on the 2026 ones
+/// (tests/fixtures/make_fixtures_2026.py): DeepSeek-V3's gate, fused experts and latent attention
+/// (q_a, q_b, kv_a, kv_b absorbed, o; V2-Lite's q_proj form too), GLM-4.5's gate, experts and
+/// attention, gpt-oss's router, attention and interleaved biased experts, Qwen3-Next's gate, fused experts and
+/// gated attention (q_proj's rows make q and the output gate;
+/// tests/fixtures/make_fixtures_qwen3_next.py).
 fn adapters_of(arch: &str) -> &'static [&'static str] {
     match arch {
-        "deepseek_v3" => &["gate", "experts"],
+        "deepseek_v3" => &["gate", "experts", "mla"],
+        "deepseek_v3_lite" => &["mla"],
         "glm4_moe" => &["gate", "experts", "attn"],
-        "gpt_oss" => &["gate", "attn"],
-        "qwen3_next" => &["gate", "attn"],
+        "gpt_oss" => &["gate", "attn", "experts"],
+        "qwen3_next" => &["gate", "experts", "attn"],
         _ => &ADAPTERS,
     }
 }
@@ -44,7 +46,7 @@ fn peft_expected(arch: &str, name: &str) -> serde_json::Value {
 
 #[test]
 fn moe_logits_with_peft_adapters_matches_peft() {
-    for arch in all_archs() {
+    for arch in all_archs().chain(["deepseek_v3_lite"]) {
         let dir = fixture(arch);
         let base = expected(arch);
         for &name in adapters_of(arch) {
@@ -82,7 +84,7 @@ fn moe_logits_with_peft_adapters_matches_peft() {
 #[test]
 fn router_with_two_worker_processes_matches_peft() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    for arch in all_archs() {
+    for arch in all_archs().chain(["deepseek_v3_lite"]) {
         let dir = fixture(arch);
         let adapters = dir.join("peft");
         let (d, a) = (dir.to_str().expect("utf8"), adapters.to_str().expect("utf8"));

@@ -228,6 +228,18 @@ pub struct ExpertLora<B: Backend> {
 /// adapters share one call; the backend gathers each row's pair, as the BGMV/SGMV kernels do.
 pub type RowLora<'l, B> = dyn Fn(usize) -> Option<&'l LoraWeights<B>> + Sync + 'l;
 
+/// Where each head's slice of an activation lies for a per-head operation: head `h` reads
+/// `x[r, x_col + h·x_stride ..]` and writes `out_width` values at `out[r, out_col + h·out_stride ..]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadCols {
+    pub heads: usize,
+    pub x_col: usize,
+    pub x_stride: usize,
+    pub out_col: usize,
+    pub out_stride: usize,
+    pub out_width: usize,
+}
+
 /// Which expert LoRA a row of an expert call uses for expert `e` (`row`, `e`) → pairs.
 pub type RowExpertLora<'l, B> = dyn Fn(usize, usize) -> Option<&'l ExpertLora<B>> + Sync + 'l;
 
@@ -341,6 +353,22 @@ pub trait Backend: Clone + Send + Sync + 'static {
         s: &mut FfnScratch<Self>,
         out: &mut Self::Act,
     );
+    /// Per-head multi-adapter LoRA (absorbed latent attention's `kv_b_proj` pairs): for every row r
+    /// with a pair and every head h, `out[r, out_col + h·out_stride ..][..out_width] += scale ·
+    /// B_h · (A_h · x_h)` with `x_h = x[r, x_col + h·x_stride ..][..A.cols]`. A is `[rank, in]`
+    /// (shared by the heads) or `[heads·rank, in]` (A_h its h-th block of rows), B likewise
+    /// `[out_width, rank]` or `[heads·out_width, rank]`.
+    fn lora_add_heads(
+        &self,
+        x: &Self::Act,
+        lora: &RowLora<'_, Self>,
+        cols: HeadCols,
+        s: &mut FfnScratch<Self>,
+        out: &mut Self::Act,
+    ) -> Result<()> {
+        let _ = (x, lora, cols, s, out);
+        Err(ComputeError::Unsupported { op: "lora_add_heads (LoRA on latent attention)", backend: self.name() })
+    }
     /// [`Backend::expert_ffn`] where each (row, expert) may also carry an adapter's expert LoRA.
     fn expert_ffn_lora(
         &self,

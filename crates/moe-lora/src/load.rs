@@ -5,7 +5,7 @@
 use crate::error::Result;
 use crate::peft::{AdapterManifest, ExpertProj, FusedProj, ModuleKind, TargetModule};
 use moe_compute::{Backend, ExpertLora, LoraWeights};
-use moe_model::{AdapterIdentity, AdapterWeights, LayerLora, ModelConfig};
+use moe_model::{AdapterIdentity, AdapterWeights, Architecture, LayerLora, ModelConfig};
 use std::path::Path;
 
 /// Which pairs to hold.
@@ -80,11 +80,17 @@ pub fn load_adapter<B: Backend>(
                     };
                     match proj {
                         FusedProj::GateUp => {
-                            // Gate rows first, then up rows, as in the fused weight.
+                            // Gate rows first, then up rows, as in the fused weight; gpt-oss's
+                            // columns alternate gate and up.
                             let i = m.out_features / 2;
-                            let (gate_b, up_b) = b_e.split_at(i * m.rank);
-                            slot.gate = Some(pair(a_e.clone(), gate_b.to_vec(), i)?);
-                            slot.up = Some(pair(a_e, up_b.to_vec(), i)?);
+                            let (gate_b, up_b) = match cfg.architecture {
+                                Architecture::GptOss => {
+                                    (every_other_row(&b_e, m.rank, 0), every_other_row(&b_e, m.rank, 1))
+                                }
+                                _ => (b_e[..i * m.rank].to_vec(), b_e[i * m.rank..].to_vec()),
+                            };
+                            slot.gate = Some(pair(a_e.clone(), gate_b, i)?);
+                            slot.up = Some(pair(a_e, up_b, i)?);
                         }
                         FusedProj::Down => slot.down = Some(pair(a_e, b_e, m.out_features)?),
                     }
@@ -101,8 +107,33 @@ pub fn load_adapter<B: Backend>(
             _ if !parts.dense => continue,
             _ => (None, None),
         };
-        let (a, b) = read_finite(&manifest, m, &identity.id)?;
+        let (a, mut b) = read_finite(&manifest, m, &identity.id)?;
         bytes += 4 * (a.len() + b.len());
+        if let Some(lat) = &cfg.latent {
+            // Latent attention: B's rope rows follow the weight's reordering; kv_b_proj's pair is
+            // absorbed as its weight is.
+            match m.target.kind {
+                ModuleKind::Q => b = reorder_rows(&b, m.rank, moe_model::latent_q_rows(lat)),
+                ModuleKind::KvA => b = reorder_rows(&b, m.rank, moe_model::latent_kv_a_rows(lat)),
+                ModuleKind::KvB => {
+                    let heads = cfg.num_heads;
+                    let ((ka, kb), (va, vb)) = moe_model::absorbed_kv_b_lora(lat, heads, m.rank, &a, &b);
+                    let lora = |rows: usize, cols: usize, v: Vec<f32>| backend.lora_matrix(rows, cols, v);
+                    layer.kv_b_keys = Some(LoraWeights {
+                        a: lora(heads * m.rank, lat.qk_nope_head_dim, ka)?,
+                        b: lora(lat.kv_lora_rank, m.rank, kb)?,
+                        scale: m.scale,
+                    });
+                    layer.kv_b_values = Some(LoraWeights {
+                        a: lora(m.rank, lat.kv_lora_rank, va)?,
+                        b: lora(heads * lat.v_head_dim, m.rank, vb)?,
+                        scale: m.scale,
+                    });
+                    continue;
+                }
+                _ => {}
+            }
+        }
         if cfg.gated_attention && m.target.kind == ModuleKind::Q {
             // B's rows interleave each head's q and output-gate rows: two pairs sharing A.
             let rows = |gate| -> Vec<f32> {
@@ -133,6 +164,8 @@ pub fn load_adapter<B: Backend>(
             (ModuleKind::K, ..) => &mut layer.k,
             (ModuleKind::V, ..) => &mut layer.v,
             (ModuleKind::O, ..) => &mut layer.o,
+            (ModuleKind::QA, ..) => &mut layer.q_a,
+            (ModuleKind::KvA, ..) => &mut layer.kv_a,
             (ModuleKind::Gate, ..) => &mut layer.gate,
             (_, Some(e), Some(proj)) => {
                 let slot = expert_slot(layer, cfg.num_experts, e);
@@ -173,6 +206,16 @@ fn expert_slice(a: &[f32], b: &[f32], m: &TargetModule, e: usize) -> (Vec<f32>, 
         b_e.extend((0..r).map(|j| row[j * n + e]));
     }
     (a_e, b_e)
+}
+
+/// Rows `parity, parity + 2, ..` of a `[rows, cols]` matrix.
+fn every_other_row(m: &[f32], cols: usize, parity: usize) -> Vec<f32> {
+    m.chunks_exact(cols).skip(parity).step_by(2).flatten().copied().collect()
+}
+
+/// `new row i = old row source(i)` of a `[rows, cols]` matrix.
+fn reorder_rows(m: &[f32], cols: usize, source: impl Fn(usize) -> usize) -> Vec<f32> {
+    (0..m.len() / cols.max(1)).flat_map(|i| m[source(i) * cols..(source(i) + 1) * cols].iter().copied()).collect()
 }
 
 /// Expert `e`'s LoRA slot of a layer, created on first use.

@@ -32,6 +32,12 @@ pub enum ModuleKind {
     K,
     V,
     O,
+    /// Latent attention's `q_a_proj` (q's down-projection; `q_b_proj` and `q_proj` are `Q`).
+    QA,
+    /// Latent attention's `kv_a_proj_with_mqa` (the latent and the rope key).
+    KvA,
+    /// Latent attention's `kv_b_proj` (every head's keys and values out of the latent).
+    KvB,
     /// The MoE router linear.
     Gate,
     Expert {
@@ -121,10 +127,25 @@ fn classify(module: &str, cfg: &ModelConfig) -> std::result::Result<(LoraTarget,
     if layer >= c.num_layers {
         return Err(format!("layer {layer} does not exist: the base model has {} layers", c.num_layers));
     }
-    if c.latent.is_some() && rest.starts_with("self_attn.") {
-        return Err("LoRA on latent attention (q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj) is not \
-                    supported yet; the MoE gate and the experts can be adapted"
-            .into());
+    if let (Some(a), Some(proj)) = (&c.latent, rest.strip_prefix("self_attn.")) {
+        let (heads, rank) = (c.num_heads, a.kv_lora_rank);
+        let q_out = heads * a.qk_head_dim();
+        let (kind, inp, out) = match (proj, a.q_lora_rank) {
+            ("q_a_proj", Some(q)) => (ModuleKind::QA, h, q),
+            ("q_b_proj", Some(q)) => (ModuleKind::Q, q, q_out),
+            ("q_proj", None) => (ModuleKind::Q, h, q_out),
+            ("kv_a_proj_with_mqa", _) => (ModuleKind::KvA, h, a.latent_dim()),
+            ("kv_b_proj", _) => (ModuleKind::KvB, rank, heads * (a.qk_nope_head_dim + a.v_head_dim)),
+            ("o_proj", _) => (ModuleKind::O, heads * a.v_head_dim, h),
+            _ => {
+                let q = if a.q_lora_rank.is_some() { "q_a_proj, q_b_proj" } else { "q_proj" };
+                return Err(format!(
+                    "not a latent attention projection of this model: LoRA applies to self_attn.{{{q}, \
+                     kv_a_proj_with_mqa, kv_b_proj, o_proj}}"
+                ));
+            }
+        };
+        return Ok((LoraTarget { layer, kind }, inp, out));
     }
     if rest.starts_with("self_attn.") && c.is_linear_layer(layer) {
         return Err(format!("layer {layer} is a linear-attention (gated DeltaNet) layer: it has no self_attn"));
@@ -149,13 +170,13 @@ fn classify(module: &str, cfg: &ModelConfig) -> std::result::Result<(LoraTarget,
             let gpt_oss = c.architecture == Architecture::GptOss;
             if moe == c.architecture.gate_name() {
                 (ModuleKind::Gate, h, c.num_experts)
-            } else if gpt_oss && moe.starts_with("experts") {
-                return Err("LoRA on gpt-oss's experts (interleaved, biased) is not supported yet; its router \
-                            (mlp.router) and attention can be adapted"
-                    .into());
             } else if moe == "experts" || moe == "experts.base_layer" {
                 // Which fused parameter comes from the pair's shapes (see `fused_proj`).
                 (ModuleKind::FusedExperts { proj: FusedProj::GateUp }, 0, 0)
+            } else if gpt_oss && moe.starts_with("experts.") {
+                return Err("gpt-oss's experts are one fused module: adapt them with target_parameters \
+                            mlp.experts.gate_up_proj / mlp.experts.down_proj"
+                    .into());
             } else if let Some(e) = moe.strip_prefix("experts.") {
                 let (e, proj) = e.split_once('.').ok_or("no projection after the expert index")?;
                 let expert: usize = e.parse().map_err(|_| format!("{e:?} is not an expert index"))?;

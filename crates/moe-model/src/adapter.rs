@@ -1,5 +1,5 @@
-//! A LoRA adapter as the forward pass uses it: per layer, optional low-rank pairs on q/k/v/o,
-//! on the MoE gate (so a tenant gets its own expert routing) and on routed experts. Parsing PEFT
+//! A LoRA adapter as the forward pass uses it: per layer, optional low-rank pairs on q/k/v/o
+//! (and latent attention's projections), on the MoE gate (so a tenant gets its own expert routing) and on routed experts. Parsing PEFT
 //! files into this lives in `moe-lora`; here is only the shape the model computes with.
 //!
 //! An adapter is known everywhere by its [`AdapterIdentity`]: id, where it lives under the
@@ -28,6 +28,14 @@ pub struct LayerLora<B: Backend> {
     pub k: Option<LoraWeights<B>>,
     pub v: Option<LoraWeights<B>>,
     pub o: Option<LoraWeights<B>>,
+    /// Latent attention: `q_a_proj`'s pair (q is `q`, o_proj's is `o`).
+    pub q_a: Option<LoraWeights<B>>,
+    /// Latent attention: `kv_a_proj_with_mqa`'s pair, rope rows as the weight is laid out.
+    pub kv_a: Option<LoraWeights<B>>,
+    /// Latent attention: `kv_b_proj`'s pair in absorbed form (see `mla::absorbed_kv_b_lora`):
+    /// the per-head query term (keys) and the per-head output term (values).
+    pub kv_b_keys: Option<LoraWeights<B>>,
+    pub kv_b_values: Option<LoraWeights<B>>,
     pub gate: Option<LoraWeights<B>>,
     pub experts: Vec<Option<ExpertLora<B>>>,
     /// Whether the adapter changes any routed expert of this layer, held here or not (a router
@@ -43,6 +51,10 @@ impl<B: Backend> Default for LayerLora<B> {
             k: None,
             v: None,
             o: None,
+            q_a: None,
+            kv_a: None,
+            kv_b_keys: None,
+            kv_b_values: None,
             gate: None,
             experts: Vec::new(),
             has_expert_lora: false,

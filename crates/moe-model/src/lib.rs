@@ -34,6 +34,7 @@ pub use error::{ModelError, Result};
 pub use experts::{ExpertExecutor, ExpertRoutes, ExpertTicket, LayerCall, StartedExperts};
 pub use kv::{PageAllocator, PageKey, SequenceCache};
 pub use linear_attention::gated_q_rows;
+pub use mla::{absorbed_kv_b_lora, latent_kv_a_rows, latent_q_rows};
 pub use model::{BatchItem, KvCache, LogitsFor, Model, Workspace};
 pub use overlap::overlap_split;
 pub use routing::{GateScoring, RoutingRule};

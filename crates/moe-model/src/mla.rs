@@ -12,14 +12,19 @@
 //! Interleaved rope (`rope_interleave`, DeepSeek's default): transformers de-interleaves q's and
 //! k's rope columns before a rotate-half rope; permuting the rows of the projections that make
 //! them at load time is the same computation, so the backend's one rope kernel serves.
+//!
+//! LoRA: pairs on `q_a_proj`, `q_b_proj` (`q_proj`), `kv_a_proj_with_mqa` and `o_proj` add to their
+//! projection's output (rope rows of B reordered as the weight's are); a `kv_b_proj` pair, whose
+//! weight is absorbed, is absorbed too ([`absorbed_kv_b_lora`]).
 
-use crate::adapter::AdapterWeights;
+use crate::adapter::LayerLora;
 use crate::config::LatentAttention;
 use crate::error::{ModelError, Result};
+use crate::gqa::{row_pair, PairOf};
 use crate::model::{BatchItem, KvCache, Model};
 use crate::weights::Loader;
 use crate::workspace::Workspace;
-use moe_compute::{AttentionShape, Backend};
+use moe_compute::{AttentionShape, Backend, FfnScratch, HeadCols, LoraWeights};
 
 /// One layer's latent attention weights.
 pub struct LatentWeights<B: Backend> {
@@ -84,6 +89,49 @@ fn deinterleave(block: usize, start: usize, rope: usize, interleaved: bool) -> i
         let old = if i < rope / 2 { 2 * i } else { 2 * (i - rope / 2) + 1 };
         b * block + start + old
     }
+}
+
+/// The row order of q's projection as loaded (`new row → row in the file`): each head's rope rows
+/// de-interleaved. An adapter's B on `q_b_proj` (or `q_proj`) is reordered the same way.
+pub fn latent_q_rows(a: &LatentAttention) -> impl Fn(usize) -> usize {
+    deinterleave(a.qk_head_dim(), a.qk_nope_head_dim, a.qk_rope_head_dim, a.rope_interleave)
+}
+
+/// The row order of `kv_a_proj_with_mqa` as loaded: the rope key's rows de-interleaved.
+pub fn latent_kv_a_rows(a: &LatentAttention) -> impl Fn(usize) -> usize {
+    deinterleave(a.latent_dim(), a.kv_lora_rank, a.qk_rope_head_dim, a.rope_interleave)
+}
+
+/// A LoRA pair's `(a, b)` values, row-major.
+pub type LoraValues = (Vec<f32>, Vec<f32>);
+
+/// A `kv_b_proj` LoRA pair (`lora_a` `[r, kv_lora_rank]`, `lora_b` `[heads·(nope + v), r]`) in the
+/// absorbed form, as `(a, b)` pairs of row-major values for [`Backend::lora_add_heads`]:
+///
+/// - keys: head h's key is `(W_UK_h + s·B_h^K·A)·c`, so its absorbed query gains
+///   `s·Aᵀ·(B_h^Kᵀ·q_nope_h)`: a pair with per-head A `= B_h^Kᵀ` (`[heads·r, nope]`) and shared
+///   B `= Aᵀ` (`[kv_lora_rank, r]`);
+/// - values: head h's output is `W_UV_h·o_h + s·B_h^V·(A·o_h)` for its latent output `o_h`: shared
+///   A (`[r, kv_lora_rank]`) and per-head B `= B_h^V` (`[heads·v, r]`).
+pub fn absorbed_kv_b_lora(
+    a: &LatentAttention,
+    heads: usize,
+    r: usize,
+    lora_a: &[f32],
+    lora_b: &[f32],
+) -> (LoraValues, LoraValues) {
+    let (rank, nope, v) = (a.kv_lora_rank, a.qk_nope_head_dim, a.v_head_dim);
+    let mut keys_a = Vec::with_capacity(heads * r * nope);
+    let mut values_b = Vec::with_capacity(heads * v * r);
+    for h in 0..heads {
+        let head = &lora_b[h * (nope + v) * r..(h + 1) * (nope + v) * r];
+        for j in 0..r {
+            keys_a.extend((0..nope).map(|i| head[i * r + j]));
+        }
+        values_b.extend_from_slice(&head[nope * r..]);
+    }
+    let keys_b = (0..rank).flat_map(|c| (0..r).map(move |j| lora_a[j * rank + c])).collect();
+    ((keys_a, keys_b), (lora_a.to_vec(), values_b))
 }
 
 /// Loads the latent attention of the layer whose attention tensors start with `p`.
@@ -163,31 +211,36 @@ impl<B: Backend> Model<B> {
     ) -> Result<()> {
         let (b, c) = (&self.backend, &self.config);
         let a = c.latent.as_ref().ok_or_else(|| ModelError::Experts { layer, message: "no latent config".into() })?;
-        if items.iter().any(|it| it.adapter.is_some_and(has_attention_pairs)) {
-            return Err(ModelError::BackendLacks {
-                architecture: c.architecture.hf_name(),
-                feature: "LoRA on latent attention projections",
-                backend: "this".into(),
-            });
-        }
         let (heads, qk, rank, rope) = (c.num_heads, a.qk_head_dim(), a.kv_lora_rank, a.qk_rope_head_dim);
         let width = a.latent_dim();
         let (rows, _) = b.act_shape(&ws.normed);
+        let pairs = Pairs { backend: b, items, layer };
         // q: [rows, heads · qk], through the low-rank path when there is one.
         match &w.q_a {
             Some((q_a, q_a_norm)) => {
                 b.linear(&ws.normed, q_a, None, &mut ws.mla_v);
+                pairs.add(q_a_pair, &ws.row_item, &ws.normed, &mut ws.scratch, &mut ws.mla_v);
                 b.rms_norm(&ws.mla_v, q_a_norm, LATENT_NORM_EPS, &mut ws.proj);
                 b.linear(&ws.proj, &w.q_b, None, &mut ws.mla_q);
+                pairs.add(q_pair, &ws.row_item, &ws.proj, &mut ws.scratch, &mut ws.mla_q);
             }
-            None => b.linear(&ws.normed, &w.q_b, None, &mut ws.mla_q),
+            None => {
+                b.linear(&ws.normed, &w.q_b, None, &mut ws.mla_q);
+                pairs.add(q_pair, &ws.row_item, &ws.normed, &mut ws.scratch, &mut ws.mla_q);
+            }
         }
         // The latent row: [c_kv (normed) | k_rope].
         b.linear(&ws.normed, &w.kv_a, None, &mut ws.mla_kv);
+        pairs.add(kv_a_pair, &ws.row_item, &ws.normed, &mut ws.scratch, &mut ws.mla_kv);
         b.rms_norm_cols(&mut ws.mla_kv, 0..rank, rank, &w.kv_a_norm, LATENT_NORM_EPS);
         // The attention input: absorbed query heads [q_lat | q_rope] then the latent key.
         b.zeros(rows, (heads + 1) * width, &mut ws.qkv);
         b.head_linear(&ws.mla_q, 0, qk, heads, &w.absorb_k, &mut ws.qkv, 0, width)?;
+        if pairs.any(kv_b_keys) {
+            let lookup = row_pair(items, &ws.row_item, layer, kv_b_keys);
+            let cols = HeadCols { heads, x_col: 0, x_stride: qk, out_col: 0, out_stride: width, out_width: rank };
+            b.lora_add_heads(&ws.mla_q, &lookup, cols, &mut ws.scratch, &mut ws.qkv)?;
+        }
         b.copy_cols(&ws.mla_q, a.qk_nope_head_dim, qk, rope, heads, &mut ws.qkv, rank, width)?;
         b.copy_cols(&ws.mla_kv, 0, width, width, 1, &mut ws.qkv, heads * width, width)?;
         b.rope(&mut ws.qkv, rank, heads, width, &ws.rope);
@@ -204,14 +257,58 @@ impl<B: Backend> Model<B> {
         // Each head's latent output to its values, then o_proj.
         b.zeros(rows, heads * a.v_head_dim, &mut ws.mla_v);
         b.head_linear(&ws.attn, 0, width, heads, &w.absorb_v, &mut ws.mla_v, 0, a.v_head_dim)?;
+        if pairs.any(kv_b_values) {
+            let lookup = row_pair(items, &ws.row_item, layer, kv_b_values);
+            let v = a.v_head_dim;
+            let cols = HeadCols { heads, x_col: 0, x_stride: width, out_col: 0, out_stride: v, out_width: v };
+            b.lora_add_heads(&ws.attn, &lookup, cols, &mut ws.scratch, &mut ws.mla_v)?;
+        }
         b.linear(&ws.mla_v, &w.o, None, &mut ws.proj);
+        pairs.add(o_pair, &ws.row_item, &ws.mla_v, &mut ws.scratch, &mut ws.proj);
         b.add(&mut ws.hidden, &ws.proj);
         Ok(())
     }
 }
 
-fn has_attention_pairs<B: Backend>(a: &AdapterWeights<B>) -> bool {
-    a.layers.iter().any(|l| l.q.is_some() || l.k.is_some() || l.v.is_some() || l.o.is_some())
+/// An adapter pair's per-row application within one layer.
+struct Pairs<'a, 'i, B: Backend> {
+    backend: &'a B,
+    items: &'a [BatchItem<'i, B>],
+    layer: usize,
+}
+
+impl<B: Backend> Pairs<'_, '_, B> {
+    /// Whether any row's adapter has the pair `pick` on this layer.
+    fn any(&self, pick: PairOf<B>) -> bool {
+        self.items.iter().any(|it| it.adapter.and_then(|ad| ad.layers.get(self.layer)).and_then(pick).is_some())
+    }
+
+    /// `out += scale · x · Aᵀ · Bᵀ` on the rows whose adapter has the pair `pick`.
+    fn add(&self, pick: PairOf<B>, row_item: &[u32], x: &B::Act, s: &mut FfnScratch<B>, out: &mut B::Act) {
+        if self.any(pick) {
+            let lookup = row_pair(self.items, row_item, self.layer, pick);
+            self.backend.lora_add(x, &lookup, 0, s, out);
+        }
+    }
+}
+
+fn q_a_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.q_a.as_ref()
+}
+fn q_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.q.as_ref()
+}
+fn kv_a_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.kv_a.as_ref()
+}
+fn o_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.o.as_ref()
+}
+fn kv_b_keys<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.kv_b_keys.as_ref()
+}
+fn kv_b_values<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.kv_b_values.as_ref()
 }
 
 #[cfg(test)]

@@ -15,8 +15,8 @@ pub use attention::CpuKvStore;
 pub use linear::{matmul_t, matmul_tw, Weights};
 
 use crate::{
-    AttentionSeq, AttentionShape, Backend, ComputeError, ExpertPlan, FfnScratch, Glu, KvLayout, Result, RowExpertLora,
-    RowLora, SwigluWeights,
+    AttentionSeq, AttentionShape, Backend, ComputeError, ExpertPlan, FfnScratch, Glu, HeadCols, KvLayout, Result,
+    RowExpertLora, RowLora, SwigluWeights,
 };
 use std::ops::Range;
 
@@ -398,6 +398,18 @@ impl Backend for CpuBackend {
         dst_stride: usize,
     ) -> Result<()> {
         latent::copy_cols(src, src_col, src_stride, width, blocks, dst, dst_col, dst_stride);
+        Ok(())
+    }
+
+    fn lora_add_heads(
+        &self,
+        x: &HostTensor,
+        lora: &RowLora<'_, Self>,
+        cols: HeadCols,
+        s: &mut FfnScratch<Self>,
+        out: &mut HostTensor,
+    ) -> Result<()> {
+        latent::lora_heads(x, lora, cols, s, out);
         Ok(())
     }
 
