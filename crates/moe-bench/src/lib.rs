@@ -2,9 +2,18 @@
 //! bandwidth, the backend's own peak GEMM rate), an engine's prefill and decode throughput with
 //! time to first token and inter-token latency, and the grouped expert FFN rate. Every figure is
 //! measured in the same run as the ceiling it is compared with; nothing here asserts a speed.
+//!
+//! It owns every measurement scenario the `moe` command runs ([`scenarios`]: `bench`,
+//! `bench-device`, `bench-placement`, `loadgen` and the scenarios `bench` runs in turn), the GPU
+//! check commands ([`kernels`]) and the fixture recomputation on a device ([`fixture_check`]);
+//! each scenario's flags are its `Args` struct, which the `moe` binary parses.
 
 mod ceilings;
 mod engine;
+pub mod fixture_check;
+pub mod kernels;
+mod processes;
+pub mod scenarios;
 
 pub use ceilings::{expert_gflops, gemm_peak_gflops, memory_copy_gbps};
 pub use engine::{decode, decode_with, prefill, AdapterOf, DecodeReport, PrefillReport};

@@ -112,7 +112,7 @@ struct Failure {
 impl From<tonic::Status> for Failure {
     fn from(s: tonic::Status) -> Self {
         // A router that went away is worth another try; a request it refused is not.
-        let retryable = crate::loadgen::router_gone(&s);
+        let retryable = moe_bench::scenarios::loadgen::router_gone(&s);
         Self { error: anyhow::anyhow!("{:?}: {}", s.code(), s.message()), retryable }
     }
 }

@@ -3,10 +3,10 @@
 //! tenant's tokens visit on the same text (a per-layer heatmap in Unicode blocks), greedy
 //! continuations of a prose and a code prompt, and how to serve it with the demo's tenant keys.
 
-use crate::model_args::demo_dir;
 use anyhow::Context;
 use clap::Args;
 use moe_compute::{on_device, Backend, Device, OnBackend};
+use moe_demo::demo_dir;
 use moe_generate::{PromptLogits, Sampler};
 use moe_lora::{load_adapter, AdapterParts};
 use moe_model::{AdapterIdentity, AdapterWeights, Model};

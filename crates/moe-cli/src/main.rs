@@ -3,30 +3,16 @@
 
 mod adapter;
 mod api;
-mod bench;
-mod bench_adapters;
-mod bench_device;
-mod bench_failover;
-mod bench_fairness;
-mod bench_multiturn;
-mod bench_placement;
-mod bench_prefix;
-mod bench_shapes;
-mod bench_structured;
 mod client;
 mod config_file;
 mod demo;
 mod demo_tour;
 mod engine_args;
-mod fixture_check;
 mod generate;
 mod inspect;
-mod kernels;
-mod loadgen;
 mod logits;
 mod model_args;
 mod placement;
-mod processes;
 mod rebalance_loop;
 mod router;
 mod serve;
@@ -80,17 +66,17 @@ enum Command {
     /// Route requests to remote expert workers, serving the Inference API.
     Router(Box<router::RouterArgs>),
     /// Measure this machine's ceilings and the cluster's throughput and latency against them.
-    Bench(bench::BenchArgs),
+    Bench(moe_bench::scenarios::machine::BenchArgs),
     /// Throughput of Mixtral-8x7B-shaped layers with random weights on --device (no checkpoint):
     /// prefill, decode at several batch sizes and the expert FFN, against the device's rooflines.
-    BenchDevice(bench_device::BenchDeviceArgs),
+    BenchDevice(moe_bench::scenarios::device::BenchDeviceArgs),
     /// The skewed-tenant placement scenario: balance and projected throughput with static
     /// sharding and with the router's planner, while three tenants' traffic shares shift.
-    BenchPlacement(bench_placement::BenchPlacementArgs),
+    BenchPlacement(moe_bench::scenarios::placement::BenchPlacementArgs),
     /// Drive a router with load and check that every request ends exactly once.
-    Loadgen(loadgen::LoadgenArgs),
+    Loadgen(moe_bench::scenarios::loadgen::LoadgenArgs),
     /// The CUDA kernels: compile them with NVRTC (no GPU needed), or list them.
-    Kernels(kernels::KernelsArgs),
+    Kernels(moe_bench::kernels::KernelsArgs),
     /// LoRA adapters: `inspect DIR` shows what one adapts, or why it cannot be served.
     Adapter(adapter::AdapterArgs),
     /// Expert placement: a router's expert load per adapter, and a plan that balances workers.
@@ -142,11 +128,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a, cli.device),
         Command::Worker(a) => worker::run(a, cli.device),
         Command::Router(a) => router::run(*a, cli.device),
-        Command::Bench(a) => bench::run(a),
-        Command::BenchDevice(a) => bench_device::run(a, cli.device),
-        Command::BenchPlacement(a) => bench_placement::run(a),
-        Command::Kernels(a) => kernels::run(a, cli.device),
-        Command::Loadgen(a) => loadgen::run(a),
+        Command::Bench(a) => moe_bench::scenarios::machine::run(a),
+        Command::BenchDevice(a) => moe_bench::scenarios::device::run(a, cli.device),
+        Command::BenchPlacement(a) => moe_bench::scenarios::placement::run(a),
+        Command::Kernels(a) => moe_bench::kernels::run(a, cli.device),
+        Command::Loadgen(a) => moe_bench::scenarios::loadgen::run(a),
         Command::Adapter(a) => adapter::run(a),
         Command::Placement(a) => placement::run(a),
     }

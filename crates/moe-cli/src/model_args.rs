@@ -3,7 +3,6 @@
 use anyhow::Context;
 use clap::Args;
 use moe_compute::Backend;
-use moe_demo::{write_demo_model, DemoSpec};
 use moe_lora::{load_adapter, validate_id, AdapterParts};
 use moe_model::{AdapterIdentity, AdapterWeights, Model};
 use std::path::{Path, PathBuf};
@@ -23,7 +22,7 @@ impl ModelArgs {
     pub fn dir(&self) -> anyhow::Result<PathBuf> {
         match (&self.model, self.demo) {
             (Some(dir), _) => Ok(dir.clone()),
-            (None, true) => demo_dir(),
+            (None, true) => Ok(moe_demo::demo_dir()?),
             (None, false) => anyhow::bail!("give --model DIR (or --demo for the built-in demo model)"),
         }
     }
@@ -68,40 +67,6 @@ impl AdapterArgs {
             .with_context(|| format!("loading adapter {}", dir.display()))?;
         Ok(Some(adapter))
     }
-}
-
-/// A generated checkpoint under the temp dir, named `moe-<name>-v<version>`, written on first use
-/// (atomically, by rename, so concurrent first runs never see half a checkpoint).
-pub fn cached_model_dir(name: &str, spec: &DemoSpec) -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("moe-{name}-v{}", env!("CARGO_PKG_VERSION")));
-    if dir.join("config.json").exists() {
-        return Ok(dir);
-    }
-    let staging = std::env::temp_dir().join(format!("moe-{name}-staging-{}", std::process::id()));
-    eprintln!("writing the {name} to {}", dir.display());
-    write_demo_model(&staging, spec).with_context(|| format!("writing the {name}"))?;
-    if std::fs::rename(&staging, &dir).is_err() {
-        // Another process won the race; its copy is identical.
-        let _ = std::fs::remove_dir_all(&staging);
-    }
-    Ok(dir)
-}
-
-/// The trained demo model (embedded in the binary), written once to the temp directory under a
-/// name that carries its fingerprint: its adapters `prose` and `code` (gate-only LoRA) and `attn`
-/// (q/v LoRA) in `adapters/`, and the demo tenants in `tenants.toml`.
-pub fn demo_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("moe-demo-{:016x}", moe_demo::trained_demo_fingerprint()));
-    if dir.join("config.json").exists() {
-        return Ok(dir);
-    }
-    let staging = std::env::temp_dir().join(format!("moe-demo-staging-{}", std::process::id()));
-    moe_demo::write_trained_demo(&staging).context("writing the demo model")?;
-    if std::fs::rename(&staging, &dir).is_err() {
-        // Another process won the race; its copy is identical.
-        let _ = std::fs::remove_dir_all(&staging);
-    }
-    Ok(dir)
 }
 
 /// A comma-separated list of token ids, as one flag value.

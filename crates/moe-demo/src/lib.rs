@@ -5,11 +5,13 @@
 //! random PEFT LoRA adapters for that layout. It does not load or run models.
 
 mod adapter;
+mod cached;
 mod deepseek;
 mod tokenizer;
 pub mod trained;
 
 pub use adapter::{write_demo_adapter, DemoTarget};
+pub use cached::{cached_model_dir, demo_dir};
 pub use tokenizer::byte_level_tokenizer_json;
 pub use trained::{trained_demo_fingerprint, write_trained_demo, DEMO_TENANTS};
 

@@ -20,7 +20,7 @@ pub use catalog::{AdapterCatalog, AdapterPin};
 pub use config::{PeftConfig, TargetModules};
 pub use error::{LoraError, Result};
 pub use freshness::FileStamp;
-pub use load::{load_adapter, AdapterParts};
+pub use load::{load_adapter, load_local_adapter, locate_adapter, AdapterParts};
 pub use peft::{AdapterManifest, FusedProj, LoraTarget, ModuleKind, TargetModule};
 pub use registry::{
     validate_id, validate_rel_path, AdapterInfo, AdapterRegistry, RegistryCounters, RegistryLimits, Resident,

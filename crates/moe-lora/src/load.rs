@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::peft::{AdapterManifest, ExpertProj, FusedProj, ModuleKind, TargetModule};
 use moe_compute::{Backend, ExpertLora, LoraWeights};
 use moe_model::{AdapterIdentity, AdapterWeights, Architecture, LayerLora, ModelConfig};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Which pairs to hold.
 #[derive(Clone, Copy)]
@@ -181,6 +181,38 @@ pub fn load_adapter<B: Backend>(
     }
     tracing::info!(adapter = %identity.id, digest = %identity.digest, modules = manifest.modules.len(), bytes, "adapter loaded");
     Ok(AdapterWeights { identity, layers, bytes })
+}
+
+/// Where a local command's `--adapter ARG` is: ARG itself when it is a PEFT directory, else the id
+/// ARG under `adapter_dir` (or under the model's own `adapters/` directory). Returns the
+/// directory and the adapter's id.
+pub fn locate_adapter(arg: &str, adapter_dir: Option<&Path>, model_dir: &Path) -> Result<(PathBuf, String)> {
+    let as_dir = Path::new(arg);
+    if as_dir.join(crate::peft::CONFIG_FILE).is_file() {
+        let id = as_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| arg.to_string());
+        return Ok((as_dir.to_path_buf(), id));
+    }
+    let own = model_dir.join("adapters");
+    let root = adapter_dir.map(Path::to_path_buf).or_else(|| Some(own).filter(|d| d.is_dir()));
+    let Some(root) = root else {
+        return Err(crate::LoraError::NotFound {
+            id: arg.to_string(),
+            why: format!("--adapter {arg:?} is not a directory with adapter_config.json (or give --adapter-dir)"),
+        });
+    };
+    crate::validate_id(arg)?;
+    Ok((root.join(arg), arg.to_string()))
+}
+
+/// Loads every pair of the adapter in `dir` (a model that runs its own experts), named `id`.
+pub fn load_local_adapter<B: Backend>(
+    dir: &Path,
+    id: &str,
+    cfg: &ModelConfig,
+    backend: &B,
+) -> Result<AdapterWeights<B>> {
+    let identity = AdapterIdentity { path: id.to_string(), id: id.to_string(), digest: String::new() };
+    load_adapter(dir, identity, cfg, backend, AdapterParts::all())
 }
 
 /// Reads a module's pair, refusing non-finite weights.

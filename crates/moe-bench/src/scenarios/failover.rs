@@ -5,7 +5,7 @@
 //! failure-free run is its delay; the tokens must be the same.
 
 use crate::processes::{spawn_worker_processes, ChildProcesses};
-use moe_bench::Percentiles;
+use crate::Percentiles;
 use moe_dispatch::GrpcTransportConfig;
 use moe_router::{Engine, EngineConfig, Event, GenerationParams, PromptInput, ValidatedRequest};
 use serde::Serialize;

@@ -275,7 +275,7 @@ impl Target<'_> {
 
 /// A failure another router might not have: its router went away (reset, refused, draining,
 /// its engine stopped). Shared with `moe generate --endpoint A,B`.
-pub(crate) fn router_gone(s: &tonic::Status) -> bool {
+pub fn router_gone(s: &tonic::Status) -> bool {
     use tonic::Code;
     matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::Aborted)
 }

@@ -5,7 +5,7 @@
 //! 64, and of the heavier of two tenants weighted 2:1 (both backlogged, counts of tokens);
 //! preemptions; and one tenant's throughput alone, fair against first-come-first-served.
 
-use moe_bench::Percentiles;
+use crate::Percentiles;
 use moe_router::{Engine, EngineConfig, Event, GenerationParams, PromptInput, Scheduling, SchedulingConfig};
 use serde::Serialize;
 use std::path::Path;

@@ -6,7 +6,6 @@
 //! the GPU acceptance (`kernels/gpu-acceptance.sh`); on the CPU it checks the same numbers the
 //! tests check.
 
-use crate::model_args::AdapterArgs;
 use anyhow::Context;
 use moe_compute::{on_device, Backend, Device, OnBackend};
 use moe_generate::PromptLogits;
@@ -73,8 +72,13 @@ impl OnBackend for OnArch<'_> {
         }
         for (name, adapter_dir) in adapters {
             let expected = adapter_dir.as_deref().unwrap_or(dir).join("expected.json");
-            let args = AdapterArgs { adapter: adapter_dir.map(|p| p.display().to_string()), adapter_dir: None };
-            let adapter = args.load(dir, &model)?;
+            let adapter = match &adapter_dir {
+                Some(d) => Some(
+                    moe_lora::load_local_adapter(d, &name, &model.config, model.backend())
+                        .with_context(|| format!("loading adapter {}", d.display()))?,
+                ),
+                None => None,
+            };
             let all = cases(&expected)?;
             let mut worst = 0.0f64;
             for (ids, want) in &all {

@@ -85,7 +85,7 @@ impl<B: Backend> Random<'_, B> {
 fn weights<B: Backend>(b: &B, c: &ModelConfig) -> anyhow::Result<ModelWeights<B>> {
     let h = c.hidden_size;
     let (qw, kw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-    b.ensure_room("the benchmark's weights", 2 * moe_bench::bytes_per_decoded_token(c, 1) * c.num_experts / c.top_k)?;
+    b.ensure_room("the benchmark's weights", 2 * crate::bytes_per_decoded_token(c, 1) * c.num_experts / c.top_k)?;
     let mut r = Random { backend: b, seed: 17 };
     let mut layers = Vec::new();
     for _ in 0..c.num_layers {
@@ -218,7 +218,7 @@ impl OnBackend for Measure<'_> {
         };
 
         // Prefill: one sequence of `prefill` tokens (after a short warm-up).
-        let flops_tok = moe_bench::flops_per_prefill_token(&c);
+        let flops_tok = crate::flops_per_prefill_token(&c);
         for (n, timed) in [(64usize, false), (a.prefill, true)] {
             let toks = ids(n, 1);
             let mut cache = SequenceCache::default();
@@ -238,7 +238,7 @@ impl OnBackend for Measure<'_> {
         }
         // Decode: `batch` sequences of `ctx` tokens, then `steps` one-token steps.
         let bytes_expert = 3 * c.hidden_size * c.expert_intermediate_size * 2;
-        let dense = moe_bench::bytes_per_decoded_token(&c, 2) - c.num_layers * c.top_k * bytes_expert;
+        let dense = crate::bytes_per_decoded_token(&c, 2) - c.num_layers * c.top_k * bytes_expert;
         for &batch in &a.batches {
             let mut caches: Vec<SequenceCache> = (0..batch).map(|_| SequenceCache::default()).collect();
             let prompts: Vec<Vec<u32>> = (0..batch).map(|i| ids(ctx, i + 2)).collect();

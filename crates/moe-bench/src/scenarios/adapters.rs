@@ -3,8 +3,8 @@
 //! 64 distinct attention + gate adapters and 8 distinct expert adapters for scale. The adapters
 //! are random PEFT adapters for the benchmark model, written once to the temp dir.
 
+use crate::{decode_with, DecodeReport};
 use anyhow::Context;
-use moe_bench::{decode_with, DecodeReport};
 use moe_demo::{DemoSpec, DemoTarget};
 use moe_router::{Engine, EngineConfig};
 use serde::Serialize;

@@ -4,7 +4,7 @@
 //! clients do. Measured with the prefix cache off and on: time to first token (p50/p99), tokens
 //! per second over the run, and the share of prompt tokens served from the cache.
 
-use moe_bench::Percentiles;
+use crate::Percentiles;
 use moe_router::{Engine, EngineConfig, Event, GenerationParams, PromptInput, ValidatedRequest};
 use serde::Serialize;
 use std::path::Path;

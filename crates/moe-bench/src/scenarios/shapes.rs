@@ -3,7 +3,7 @@
 //! experts at half width, top-3 plus a shared expert), decoded on the embedded cluster in the same
 //! run, reported as a ratio so that the new paths cannot regress unseen.
 
-use moe_bench::decode;
+use crate::decode;
 use moe_router::EngineConfig;
 use serde::Serialize;
 
@@ -29,8 +29,8 @@ pub struct ShapeComparison {
 pub fn measure(workers: usize, new_tokens: usize) -> anyhow::Result<ShapeComparison> {
     let mixtral_spec = moe_demo::DemoSpec::bench();
     let deepseek_spec = moe_demo::DemoSpec { layout: moe_demo::DemoLayout::DeepseekV3, ..mixtral_spec.clone() };
-    let mixtral = crate::model_args::cached_model_dir("bench-model", &mixtral_spec)?;
-    let deepseek = crate::model_args::cached_model_dir("bench-model-deepseek", &deepseek_spec)?;
+    let mixtral = moe_demo::cached_model_dir("bench-model", &mixtral_spec)?;
+    let deepseek = moe_demo::cached_model_dir("bench-model-deepseek", &deepseek_spec)?;
     let cfg = EngineConfig { max_running: 64, prefix_cache: false, ..Default::default() };
     let size = |dir: &std::path::Path| -> anyhow::Result<moe_model::ModelSize> {
         Ok(moe_model::ModelSize::of(&moe_model::ModelConfig::from_dir(dir)?))

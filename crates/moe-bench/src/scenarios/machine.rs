@@ -2,9 +2,9 @@
 //! processes over loopback gRPC, each figure printed next to its roofline. JSON with `--json`.
 
 use crate::processes::{spawn_worker_processes, ChildProcesses};
+use crate::{bytes_per_decoded_token, decode, flops_per_prefill_token, prefill, DecodeReport, PrefillReport};
 use anyhow::Context;
 use clap::Args;
-use moe_bench::{bytes_per_decoded_token, decode, flops_per_prefill_token, prefill, DecodeReport, PrefillReport};
 use moe_dispatch::GrpcTransportConfig;
 use moe_router::{Engine, EngineConfig};
 use serde::Serialize;
@@ -102,15 +102,15 @@ struct Report {
     topologies: Vec<Topology>,
     memory: Option<MemoryReport>,
     bf16: Option<Bf16Report>,
-    adapters: Vec<crate::bench_adapters::AdapterRun>,
+    adapters: Vec<crate::scenarios::adapters::AdapterRun>,
     overlap: Vec<OverlapRun>,
-    prefix_cache: Option<crate::bench_prefix::PrefixRun>,
-    multi_turn: Option<crate::bench_multiturn::MultiTurnRun>,
-    fairness: Option<crate::bench_fairness::FairnessRun>,
-    failover: Vec<crate::bench_failover::FailoverRun>,
-    structured: Option<crate::bench_structured::StructuredRun>,
+    prefix_cache: Option<crate::scenarios::prefix::PrefixRun>,
+    multi_turn: Option<crate::scenarios::multiturn::MultiTurnRun>,
+    fairness: Option<crate::scenarios::fairness::FairnessRun>,
+    failover: Vec<crate::scenarios::failover::FailoverRun>,
+    structured: Option<crate::scenarios::structured::StructuredRun>,
     /// The benchmark model against its DeepSeek-V3-shaped counterpart (bench model only).
-    layouts: Option<crate::bench_shapes::ShapeComparison>,
+    layouts: Option<crate::scenarios::shapes::ShapeComparison>,
 }
 
 /// Remote decode with two-batch overlap (the default) against the same run without it.
@@ -198,17 +198,17 @@ fn dispatch_round_trip_us(rt: &tokio::runtime::Runtime, dir: &Path, addrs: &[Str
         .join()
     })
     .map_err(|_| anyhow::anyhow!("dispatch thread failed"))?;
-    Ok(moe_bench::Percentiles::of(samples[50..].to_vec()).median)
+    Ok(crate::Percentiles::of(samples[50..].to_vec()).median)
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let dir = match &a.model {
         Some(d) => d.clone(),
-        None => crate::model_args::cached_model_dir("bench-model", &moe_demo::DemoSpec::bench())?,
+        None => moe_demo::cached_model_dir("bench-model", &moe_demo::DemoSpec::bench())?,
     };
     if a.only_fairness {
-        let f = crate::bench_fairness::measure(&dir, a.workers)?;
+        let f = crate::scenarios::fairness::measure(&dir, a.workers)?;
         if a.json {
             println!(
                 "{}",
@@ -217,7 +217,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 )?
             );
         } else {
-            crate::bench_fairness::print(&f);
+            crate::scenarios::fairness::print(&f);
         }
         eprintln!("bench took {:.0} s", started.elapsed().as_secs_f64());
         return Ok(());
@@ -242,13 +242,13 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     // Ceilings after the embedded run, so their buffers (and a second copy of every expert)
     // are not in the embedded run's peak memory.
     eprintln!("measuring ceilings");
-    let copy = moe_bench::memory_copy_gbps(256);
-    let gemm = moe_bench::gemm_peak_gflops(1024);
+    let copy = crate::memory_copy_gbps(256);
+    let gemm = crate::gemm_peak_gflops(1024);
     let expert = {
         let options = moe_cluster::HostOptions::default();
         let host = moe_cluster::expert_host(moe_compute::Device::Cpu, &dir, &moe_worker::ExpertSpec::All, &options)?;
         let layer = config.moe_layers().first().copied().unwrap_or(0);
-        moe_bench::expert_gflops(host.as_ref(), layer, 512)
+        crate::expert_gflops(host.as_ref(), layer, 512)
     };
     let bytes = bytes_per_decoded_token(&config, 4);
     let flops = flops_per_prefill_token(&config);
@@ -294,7 +294,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     } else {
         let f32_tps = topologies.first().and_then(|t| t.decode.first()).map(|d| d.tokens_per_s).unwrap_or(0.0);
         let spec = moe_demo::DemoSpec { dtype: moe_demo::DemoDtype::Bf16, ..moe_demo::DemoSpec::bench() };
-        let dir16 = crate::model_args::cached_model_dir("bench-model-bf16", &spec)?;
+        let dir16 = moe_demo::cached_model_dir("bench-model-bf16", &spec)?;
         let engine = moe_cluster::embedded(
             &dir16,
             a.workers,
@@ -314,13 +314,13 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let adapters = if a.skip_adapters || a.model.is_some() {
         Vec::new()
     } else {
-        crate::bench_adapters::measure(&dir, a.workers, a.new_tokens)?
+        crate::scenarios::adapters::measure(&dir, a.workers, a.new_tokens)?
     };
     eprintln!("prefix cache: TTFT with a shared 1024-token prefix, cache off and on");
-    let prefix_cache = Some(crate::bench_prefix::measure(&dir, a.workers, 1024)?);
-    let failover = if a.skip_remote { Vec::new() } else { crate::bench_failover::measure(&dir)? };
+    let prefix_cache = Some(crate::scenarios::prefix::measure(&dir, a.workers, 1024)?);
+    let failover = if a.skip_remote { Vec::new() } else { crate::scenarios::failover::measure(&dir)? };
     eprintln!("structured output: decode batch 16, half under a JSON schema, against none");
-    let structured = crate::bench_structured::measure(&dir, a.workers, a.new_tokens)?;
+    let structured = crate::scenarios::structured::measure(&dir, a.workers, a.new_tokens)?;
     let multi_turn = if a.skip_multi_turn {
         None
     } else {
@@ -328,14 +328,14 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         let adapters = if a.model.is_some() {
             None
         } else {
-            Some(crate::bench_adapters::adapter_dir(&moe_demo::DemoSpec::bench())?)
+            Some(crate::scenarios::adapters::adapter_dir(&moe_demo::DemoSpec::bench())?)
         };
-        crate::bench_multiturn::measure(&dir, a.workers, adapters.as_deref())?
+        crate::scenarios::multiturn::measure(&dir, a.workers, adapters.as_deref())?
     };
-    let fairness = if a.skip_fairness { None } else { Some(crate::bench_fairness::measure(&dir, a.workers)?) };
+    let fairness = if a.skip_fairness { None } else { Some(crate::scenarios::fairness::measure(&dir, a.workers)?) };
     let layouts = match a.model {
         Some(_) => None,
-        None => Some(crate::bench_shapes::measure(a.workers, a.new_tokens)?),
+        None => Some(crate::scenarios::shapes::measure(a.workers, a.new_tokens)?),
     };
     let report = Report {
         layouts,
@@ -390,22 +390,22 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             );
         }
         if !report.adapters.is_empty() {
-            crate::bench_adapters::print_table(&report.adapters);
+            crate::scenarios::adapters::print_table(&report.adapters);
         }
         if let Some(m) = &report.multi_turn {
-            crate::bench_multiturn::print(m);
+            crate::scenarios::multiturn::print(m);
         }
         if let Some(f) = &report.fairness {
-            crate::bench_fairness::print(f);
+            crate::scenarios::fairness::print(f);
         }
         if !report.failover.is_empty() {
-            crate::bench_failover::print(&report.failover);
+            crate::scenarios::failover::print(&report.failover);
         }
         if let Some(s) = &report.structured {
-            crate::bench_structured::print(s);
+            crate::scenarios::structured::print(s);
         }
         if let Some(l) = &report.layouts {
-            crate::bench_shapes::print(l);
+            crate::scenarios::shapes::print(l);
         }
     }
     eprintln!("bench took {:.0} s", started.elapsed().as_secs_f64());
