@@ -14,6 +14,7 @@ pub mod fixture_check;
 pub mod kernels;
 mod processes;
 pub mod scenarios;
+pub mod tour;
 
 pub use ceilings::{expert_gflops, gemm_peak_gflops, memory_copy_gbps};
 pub use engine::{decode, decode_with, prefill, AdapterOf, DecodeReport, PrefillReport};

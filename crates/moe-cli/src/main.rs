@@ -6,14 +6,12 @@ mod api;
 mod client;
 mod config_file;
 mod demo;
-mod demo_tour;
 mod engine_args;
 mod generate;
 mod inspect;
 mod logits;
 mod model_args;
 mod placement;
-mod rebalance_loop;
 mod router;
 mod serve;
 mod worker;
@@ -56,7 +54,7 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// A tour of the trained demo model: each tenant adapter's held-out loss, the experts its
     /// tokens visit, sample continuations, and how to serve it.
-    Demo(demo_tour::TourArgs),
+    Demo(moe_bench::tour::TourArgs),
     /// Write a small random Mixtral-layout checkpoint with a byte-level tokenizer.
     DemoModel(demo::DemoArgs),
     /// Run the embedded cluster (router and N in-process workers) serving the Inference API.
@@ -123,7 +121,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a, cli.device),
         Command::Logits(a) => logits::run(a, cli.device),
         Command::Inspect(a) => inspect::run(a),
-        Command::Demo(a) => demo_tour::run(a, cli.device),
+        Command::Demo(a) => moe_bench::tour::run(a, cli.device),
         Command::DemoModel(a) => demo::run(a),
         Command::Serve(a) => serve::run(a, cli.device),
         Command::Worker(a) => worker::run(a, cli.device),

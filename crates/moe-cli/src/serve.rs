@@ -1,12 +1,10 @@
 //! `moe serve`: the embedded cluster (a router and N in-process workers in one process) serving
 //! the Inference API.
 
-use crate::api::{bind_all, serve_all, HttpArgs};
-use crate::engine_args::{run_until_signal, AdapterServeArgs, EngineArgs, GRACE};
+use crate::api::HttpArgs;
+use crate::engine_args::{AdapterServeArgs, EngineArgs};
 use crate::model_args::ModelArgs;
 use clap::Args;
-use moe_router::StaticCluster;
-use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -25,7 +23,7 @@ pub struct ServeArgs {
     pub http: HttpArgs,
 }
 
-pub fn run(mut a: ServeArgs, device: moe_compute::Device) -> anyhow::Result<()> {
+pub fn run(mut a: ServeArgs, device: moe_cluster::Device) -> anyhow::Result<()> {
     let dir = a.model.dir()?;
     a.adapters.resolve_demo_tenants(a.model.demo, &dir);
     let mut options = a.adapters.options()?;
@@ -33,13 +31,14 @@ pub fn run(mut a: ServeArgs, device: moe_compute::Device) -> anyhow::Result<()> 
         // The model's own adapters (the demo model ships three: prose, code, attn).
         options.dir = Some(dir.join("adapters"));
     }
-    let engine = moe_cluster::embedded_on(device, &dir, a.workers, a.engine.config()?, &options)
-        .map_err(|e| anyhow::anyhow!("--device {device}: {e}"))?;
-    let engine = a.adapters.with_tenants(engine)?;
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
-        let listeners = bind_all(&a.listen, &a.http, "serve").await?;
-        let cluster = Arc::new(StaticCluster(a.workers));
-        run_until_signal(|stop| serve_all(engine, cluster, None, &dir, &a.http, listeners, stop), GRACE).await
-    })
+    let process = moe_cluster::EmbeddedProcess {
+        model: dir,
+        workers: a.workers,
+        listen: a.listen,
+        engine: a.engine.config()?,
+        adapters: options,
+        tenants: a.adapters.tenants.clone(),
+        apis: a.http.apis(),
+    };
+    moe_cluster::run_embedded(process, device)
 }

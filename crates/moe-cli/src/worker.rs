@@ -1,9 +1,7 @@
 //! `moe worker`: hosts a set of experts and serves them over gRPC.
 
-use crate::engine_args::{bind, run_until_signal, EtcdArgs, GRACE};
-use anyhow::Context;
+use crate::engine_args::EtcdArgs;
 use clap::Args;
-use moe_worker::ExpertSpec;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -66,136 +64,26 @@ pub struct WorkerArgs {
     pub etcd: EtcdArgs,
 }
 
-fn read_pem(path: &std::path::Path, what: &str) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
-}
-
-pub fn run(a: WorkerArgs, device: moe_compute::Device) -> anyhow::Result<()> {
-    let spec: ExpertSpec = a.experts.parse()?;
-    let mut options = moe_cluster::HostOptions {
-        adapters: None,
-        max_batch_bytes: Some(batch_budget_mb(a.max_batch_mb).saturating_mul(1 << 20)),
-        max_expert_bytes: (a.max_expert_mb > 0).then(|| a.max_expert_mb.saturating_mul(1 << 20)),
-        drain: moe_worker::DrainLimits {
-            quiet: std::time::Duration::from_millis(a.drain_quiet_ms),
-            max: std::time::Duration::from_millis(a.drain_max_ms.max(a.drain_quiet_ms)),
-        },
+pub fn run(a: WorkerArgs, device: moe_cluster::Device) -> anyhow::Result<()> {
+    let process = moe_cluster::WorkerProcess {
+        etcd: a.etcd.options(),
+        model: a.model,
+        experts: a.experts,
+        listen: a.listen,
+        worker_id: a.worker_id,
+        advertise: a.advertise,
+        lease_ttl_secs: a.lease_ttl_secs,
+        adapter_dir: a.adapter_dir,
+        max_adapters: a.max_adapters,
+        max_adapter_mb: a.max_adapter_mb,
+        max_lora_rank: a.max_lora_rank,
+        max_batch_mb: a.max_batch_mb,
+        max_expert_mb: a.max_expert_mb,
+        drain_quiet_ms: a.drain_quiet_ms,
+        drain_max_ms: a.drain_max_ms,
+        tls_cert: a.tls_cert,
+        tls_key: a.tls_key,
+        tls_client_ca: a.tls_client_ca,
     };
-    if let Some(dir) = &a.adapter_dir {
-        anyhow::ensure!(dir.is_dir(), "--adapter-dir {} is not a directory", dir.display());
-        let limits = moe_lora::RegistryLimits {
-            max_adapters: a.max_adapters,
-            max_bytes: a.max_adapter_mb.saturating_mul(1 << 20),
-            max_rank: a.max_lora_rank,
-            ..Default::default()
-        };
-        options.adapters = Some((dir.clone(), limits));
-    }
-    let host = moe_cluster::expert_host(device, &a.model, &spec, &options)
-        .map_err(|e| anyhow::anyhow!("--device {device}: {e}"))
-        .with_context(|| format!("loading experts from {}", a.model.display()))?;
-    let tls = match (&a.tls_cert, &a.tls_key) {
-        (Some(c), Some(k)) => Some(moe_worker::WorkerTls {
-            cert_pem: read_pem(c, "--tls-cert")?,
-            key_pem: read_pem(k, "--tls-key")?,
-            client_ca_pem: a.tls_client_ca.as_deref().map(|p| read_pem(p, "--tls-client-ca")).transpose()?,
-        }),
-        _ => None,
-    };
-    let hosted: usize = host.hosted().iter().map(|(_, e)| e.len()).sum();
-    anyhow::ensure!(hosted > 0, "the expert spec {:?} selects no experts of this model", a.experts);
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
-        let listener = bind(&a.listen, "worker").await?;
-        let bound = listener.local_addr()?.to_string();
-        let advertise = bracket_ipv6(&a.advertise.clone().unwrap_or(bound));
-        if let Some(why) = moe_dispatch::address_problem(&advertise) {
-            anyhow::bail!("--advertise: {why}");
-        }
-        let id = a.worker_id.clone().unwrap_or_else(|| advertise.clone());
-        tracing::info!(worker = %id, hosted, device = %host.device(), "serving experts");
-        let cancel = tokio_util::sync::CancellationToken::new();
-        let mut registration = None;
-        if let Some(opts) = a.etcd.options() {
-            let mut hosted = host.watch_hosted();
-            let experts_of = |h: &moe_worker::HostedList| h.iter().map(|(l, e)| (*l as u32, e.clone())).collect();
-            let record = moe_membership::WorkerRecord {
-                id: id.clone(),
-                address: advertise.clone(),
-                experts: experts_of(&hosted.borrow_and_update()),
-                device: host.device().to_string(),
-                fingerprint: host.fingerprint().to_string(),
-                version: env!("CARGO_PKG_VERSION").into(),
-            };
-            moe_membership::check_worker_id(&opts, &record).await?;
-            let ttl = std::time::Duration::from_secs(a.lease_ttl_secs.max(1));
-            // The record follows the hosted experts (LoadExperts / UnloadExperts).
-            let (record_tx, record_rx) = tokio::sync::watch::channel(record);
-            let follow = cancel.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = follow.cancelled() => return,
-                        changed = hosted.changed() => {
-                            if changed.is_err() {
-                                return;
-                            }
-                            let experts = experts_of(&hosted.borrow_and_update());
-                            record_tx.send_modify(|r| r.experts = experts);
-                        }
-                    }
-                }
-            });
-            registration = Some(tokio::spawn(moe_membership::register_worker(opts, record_rx, ttl, cancel.clone())));
-        }
-        run_until_signal(
-            |stop| async move {
-                let drain = async move {
-                    stop.await;
-                    // Drain: leave the membership first so routers stop sending, then finish.
-                    cancel.cancel();
-                    if let Some(r) = registration {
-                        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), r).await;
-                    }
-                };
-                moe_worker::serve_worker_with(host, id, listener, tls, drain).await
-            },
-            GRACE,
-        )
-        .await
-    })
-}
-
-/// The batch budget in MiB: the flag, or by default a quarter of this machine's memory (4 GiB
-/// where /proc/meminfo cannot be read), so that no single request can exhaust it.
-fn batch_budget_mb(flag: usize) -> usize {
-    if flag > 0 {
-        return flag;
-    }
-    let total_kb = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse::<usize>().ok());
-    total_kb.map(|kb| (kb / 1024 / 4).max(64)).unwrap_or(4096)
-}
-
-/// `fd00::1:50061` (what `$(POD_IP):50061` gives for an IPv6 pod) as `[fd00::1]:50061`; any
-/// other address unchanged.
-fn bracket_ipv6(addr: &str) -> String {
-    match addr.rsplit_once(':') {
-        Some((host, port)) if host.parse::<std::net::Ipv6Addr>().is_ok() && port.parse::<u16>().is_ok() => {
-            format!("[{host}]:{port}")
-        }
-        _ => addr.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn ipv6_advertise_addresses_get_brackets() {
-        assert_eq!(super::bracket_ipv6("fd00::1:50061"), "[fd00::1]:50061");
-        assert_eq!(super::bracket_ipv6("[fd00::1]:50061"), "[fd00::1]:50061");
-        assert_eq!(super::bracket_ipv6("10.0.0.5:50061"), "10.0.0.5:50061");
-        assert_eq!(super::bracket_ipv6("worker-0.workers:50061"), "worker-0.workers:50061");
-    }
+    moe_cluster::run_worker(process, device)
 }

@@ -10,13 +10,21 @@
 mod embedded;
 mod host;
 pub mod rebalance;
+mod rebalance_loop;
 mod remote;
+mod router_process;
+pub mod serving;
+mod worker_process;
 
 pub use embedded::{
     embedded, embedded_on, embedded_with, in_process_dispatcher, in_process_dispatcher_on, local_engine,
 };
 pub use host::{expert_host, HostOptions};
+pub use moe_compute::Device;
+pub use rebalance_loop::Rebalancer;
 pub use remote::{membership_router, membership_router_on, remote, remote_dispatcher, remote_on, MembershipCluster};
+pub use router_process::{run_embedded, run_router, with_tenants, EmbeddedProcess, RouterProcess};
+pub use worker_process::{run_worker, WorkerProcess};
 
 use moe_compute::Backend;
 use moe_dispatch::Placement;
@@ -53,6 +61,10 @@ pub enum ClusterError {
     MissingExperts { missing: String, refused: String },
     #[error("{0}")]
     Invalid(String),
+    #[error("cannot listen on {addr}: {error}")]
+    Listen { addr: String, error: std::io::Error },
+    #[error("server failed: {0}")]
+    Server(String),
 }
 
 pub type Result<T> = std::result::Result<T, ClusterError>;

@@ -2,11 +2,11 @@
 //! (`moe_membership::hold_planner`); every SECS the planner reads its own expert load of the
 //! last two intervals,
 //! asks the live workers what they hold and may hold, plans (`moe-placement`) and applies the
-//! plan (`moe_cluster::rebalance`). Routers that are not the planner only wait. Exposed as
+//! plan (`crate::rebalance`). Routers that are not the planner only wait. Exposed as
 //! `moe_placement_planner` (1 on the planner), `moe_placement_rounds_total` and
 //! `moe_placement_steps_total`.
 
-use moe_cluster::rebalance;
+use crate::rebalance;
 use moe_membership::{EtcdOptions, WorkerRecord};
 use moe_placement::Cluster;
 use std::time::{Duration, Instant};
