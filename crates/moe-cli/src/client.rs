@@ -44,7 +44,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         cache_salt: String::new(),
         priority: 0,
         resume: None,
-        constraint: args.constraint()?.map(moe_router::constraint::to_proto),
+        constraint: args.constraint()?.map(moe_cluster::constraint_to_proto),
     };
     let endpoints: Vec<String> =
         endpoint.split(',').map(str::trim).filter(|e| !e.is_empty()).map(String::from).collect();

@@ -1,7 +1,7 @@
 //! Flags of the router's engine, shared by `moe serve` and `moe router`.
 
 use clap::Args;
-use moe_router::EngineConfig;
+use moe_cluster::EngineConfig;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -81,11 +81,11 @@ impl EngineArgs {
             max_constraint_time: std::time::Duration::from_millis(self.max_constraint_ms.max(1)),
             prefix_cache: self.prefix_cache,
             prefix_cache_scope: if self.prefix_cache_scope == "global" {
-                moe_router::PrefixCacheScope::Global
+                moe_cluster::PrefixCacheScope::Global
             } else {
-                moe_router::PrefixCacheScope::Tenant
+                moe_cluster::PrefixCacheScope::Tenant
             },
-            scheduling: moe_router::SchedulingConfig {
+            scheduling: moe_cluster::SchedulingConfig {
                 policy: self.scheduling.parse().map_err(anyhow::Error::msg)?,
                 preempt_after: Duration::from_millis(self.preempt_after_ms),
                 preempt_margin: self.preempt_margin_tokens.max(0.0),
@@ -110,7 +110,7 @@ pub struct AdapterServeArgs {
     #[arg(long, env = "MOE_MAX_ADAPTER_MB", default_value_t = 4096)]
     pub max_adapter_mb: usize,
     /// Highest LoRA rank accepted; adapters with a module above it are refused at load.
-    #[arg(long, env = "MOE_MAX_LORA_RANK", default_value_t = moe_lora::DEFAULT_MAX_RANK,
+    #[arg(long, env = "MOE_MAX_LORA_RANK", default_value_t = moe_cluster::DEFAULT_MAX_RANK,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=512))]
     pub max_lora_rank: usize,
     /// Tenants file (TOML: api keys, allowed adapters, concurrency limits); requests must then
@@ -127,7 +127,7 @@ impl AdapterServeArgs {
         }
         Ok(moe_cluster::AdapterOptions {
             dir: self.adapter_dir.clone(),
-            limits: moe_lora::RegistryLimits {
+            limits: moe_cluster::RegistryLimits {
                 max_adapters: self.max_adapters,
                 max_bytes: self.max_adapter_mb.saturating_mul(1 << 20),
                 max_rank: self.max_lora_rank,
@@ -163,8 +163,8 @@ pub struct EtcdArgs {
 }
 
 impl EtcdArgs {
-    pub fn options(&self) -> Option<moe_membership::EtcdOptions> {
-        (!self.etcd.is_empty()).then(|| moe_membership::EtcdOptions {
+    pub fn options(&self) -> Option<moe_cluster::EtcdOptions> {
+        (!self.etcd.is_empty()).then(|| moe_cluster::EtcdOptions {
             endpoints: self.etcd.clone(),
             cluster: self.cluster.clone(),
             user: self.etcd_user.clone(),

@@ -1,14 +1,7 @@
 //! `moe generate`: one prompt in, its continuation out (text, or JSON with the token ids).
 
 use crate::model_args::{parse_token_ids, AdapterArgs, ModelArgs, TokenIds};
-use anyhow::Context;
 use clap::Args;
-use moe_cluster::AdapterOptions;
-use moe_generate::TextCodec;
-use moe_model::ModelConfig;
-use moe_router::{EngineConfig, Event, FinishReason, GenerationParams, PromptInput, ValidatedRequest};
-use std::path::Path;
-use std::time::{Duration, Instant};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -74,9 +67,9 @@ pub struct GenerateArgs {
 
 impl GenerateArgs {
     /// The output constraint the flags ask for.
-    pub fn constraint(&self) -> anyhow::Result<Option<moe_constrain::ConstraintSpec>> {
+    pub fn constraint(&self) -> anyhow::Result<Option<moe_cluster::ConstraintSpec>> {
         use anyhow::Context;
-        use moe_constrain::ConstraintSpec as S;
+        use moe_cluster::ConstraintSpec as S;
         let text = |v: &str| -> anyhow::Result<String> {
             match v.strip_prefix('@') {
                 Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}")),
@@ -97,99 +90,33 @@ impl GenerateArgs {
     }
 }
 
-pub fn run(args: GenerateArgs, device: moe_compute::Device) -> anyhow::Result<()> {
+pub fn run(args: GenerateArgs, device: moe_cluster::Device) -> anyhow::Result<()> {
     if args.endpoint.is_some() {
         return crate::client::run(args);
     }
     let dir = args.model.dir()?;
-    let config = ModelConfig::from_dir(&dir)?;
-    // The adapter is served by the engine's registry: its parent dir is the adapter dir.
-    let located = args.adapter.locate(&dir)?;
-    let (adapters, adapter_id) = match &located {
-        None => (AdapterOptions::default(), String::new()),
-        Some((adapter_dir, id)) => {
-            let root = adapter_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            let opts = AdapterOptions { dir: Some(root.to_path_buf()), ..Default::default() };
-            (opts, id.clone())
-        }
-    };
-    let codec = TextCodec::from_dir(&dir)?;
-    let prompt = match (&args.prompt, &args.token_ids) {
-        (Some(text), _) => codec.encode(text).context("encoding the prompt")?,
-        (None, Some(ids)) => ids.0.clone(),
-        (None, None) => anyhow::bail!("give --prompt or --token-ids"),
-    };
-    // One sequence: a KV cache for it alone, and the whole prompt in one prefill chunk.
-    let room = config.max_position_embeddings.saturating_sub(prompt.len());
-    let max_new = args.max_new_tokens.min(room);
-    let page_size = 16;
-    let page_bytes = 4 * config.num_layers * page_size * config.kv_values_per_token_layer();
-    let engine_config = EngineConfig {
-        max_batch_tokens: prompt.len().max(1),
-        max_running: 1,
-        max_waiting: 1,
-        kv_cache_bytes: (prompt.len() + max_new).div_ceil(page_size).max(1) * page_bytes,
-        page_size,
-        ..Default::default()
-    };
-    let engine = moe_cluster::local_engine(device, &dir, engine_config, &adapters)
-        .map_err(|e| anyhow::anyhow!("--device {device}: {e}"))?;
-    let params = GenerationParams {
-        max_new_tokens: Some(max_new as u32),
-        temperature: Some(args.temperature),
-        top_k: Some(args.top_k.min(i32::MAX as usize) as i32),
-        top_p: Some(args.top_p),
-        seed: Some(args.seed),
+    let request = moe_cluster::local::LocalRequest {
+        prompt: args.prompt.clone(),
+        token_ids: args.token_ids.as_ref().map(|t| t.0.clone()),
+        adapter: args.adapter.locate(&dir)?,
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
         stop: args.stop.clone(),
         repetition_penalty: args.repetition_penalty,
         constraint: args.constraint()?,
-        ..Default::default()
     };
-    let mut req = ValidatedRequest::new(
-        PromptInput::Ids(prompt),
-        &params,
-        engine.codec(),
-        &config,
-        Duration::from_secs(24 * 3600),
-    )?;
-    if !adapter_id.is_empty() {
-        let registry = engine.adapters().context("the engine serves no adapters")?;
-        req.adapter = Some(registry.pin(&adapter_id).with_context(|| format!("loading adapter {adapter_id:?}"))?);
-    }
-    let prompt_len = req.prompt.len();
-    let started = Instant::now();
-    let (_, mut events) = engine.submit(req)?;
-    let (mut ids, mut text, mut first_token) = (Vec::new(), String::new(), None);
-    let finish = loop {
-        match events.blocking_recv() {
-            Some(Event::Delta { text: t, token_ids, .. }) => {
-                first_token.get_or_insert_with(Instant::now);
-                ids.extend(token_ids);
-                text.push_str(&t);
-            }
-            Some(Event::Finished { reason, .. }) => break reason,
-            Some(Event::Failed(e)) => return Err(e.into()),
-            None => anyhow::bail!("the engine stopped without finishing the request"),
-        }
-    };
+    let out = moe_cluster::local::generate_local(device, &dir, &request)?;
     if args.stats {
-        let first = first_token.unwrap_or_else(Instant::now);
-        let prefill = prompt_len as f64 / (first - started).as_secs_f64().max(1e-9);
-        let decode = ids.len().saturating_sub(1) as f64 / first.elapsed().as_secs_f64().max(1e-9);
-        eprintln!(
-            "prompt {prompt_len} tokens, prefill {prefill:.1} tok/s; generated {} tokens, decode {decode:.1} tok/s ({})",
-            ids.len(),
-            engine.backend_name()
-        );
+        eprintln!("{}", out.stats);
     }
-    let finish_reason = match finish {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-    };
     if args.json {
-        println!("{}", serde_json::json!({"token_ids": ids, "text": text, "finish_reason": finish_reason}));
+        let v = serde_json::json!({"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason});
+        println!("{v}");
     } else {
-        println!("{text}");
+        println!("{}", out.text);
     }
     Ok(())
 }

@@ -35,7 +35,7 @@ struct Cli {
     config: Option<std::path::PathBuf>,
     /// Where to compute: cpu, or cuda:N (needs a build with the `cuda` feature, the default).
     #[arg(long, global = true, env = "MOE_DEVICE", default_value = "cpu")]
-    device: moe_compute::Device,
+    device: moe_cluster::Device,
     /// How a GPU multiplies routed experts: cublas (one cuBLAS GEMM per expert, the default) or
     /// grouped (the project's grouped GEMM kernel, every expert in one launch).
     #[arg(long, global = true, env = "MOE_EXPERT_GEMM", default_value = "cublas", value_parser = ["cublas", "grouped"])]
@@ -111,8 +111,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    #[cfg(feature = "cuda")]
-    moe_compute::cuda::backend::set_expert_gemm(cli.expert_gemm.parse()?);
+    moe_cluster::set_expert_gemm(&cli.expert_gemm)?;
     if let Some(n) = cli.threads {
         anyhow::ensure!(n > 0, "--threads must be at least 1");
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("starting the compute thread pool")?;

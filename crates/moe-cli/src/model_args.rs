@@ -1,10 +1,6 @@
 //! Flags shared by the commands that load a model, and the parsing of token-id lists.
 
-use anyhow::Context;
 use clap::Args;
-use moe_compute::Backend;
-use moe_lora::{load_adapter, validate_id, AdapterParts};
-use moe_model::{AdapterIdentity, AdapterWeights, Model};
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug, Clone)]
@@ -45,27 +41,7 @@ impl AdapterArgs {
     /// --adapter-dir, else in the model's own `adapters/` dir.
     pub fn locate(&self, model_dir: &Path) -> anyhow::Result<Option<(PathBuf, String)>> {
         let Some(arg) = &self.adapter else { return Ok(None) };
-        let as_dir = Path::new(arg);
-        let root = self.adapter_dir.clone().or_else(|| Some(model_dir.join("adapters")).filter(|d| d.is_dir()));
-        let (dir, id) = if as_dir.join("adapter_config.json").is_file() {
-            let id = as_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| arg.clone());
-            (as_dir.to_path_buf(), id)
-        } else if let Some(root) = root {
-            validate_id(arg)?;
-            (root.join(arg), arg.clone())
-        } else {
-            anyhow::bail!("--adapter {arg:?} is not a directory with adapter_config.json (or give --adapter-dir)");
-        };
-        Ok(Some((dir, id)))
-    }
-
-    /// Loads the adapter (every pair: this process runs its own experts), if one was given.
-    pub fn load<B: Backend>(&self, model_dir: &Path, model: &Model<B>) -> anyhow::Result<Option<AdapterWeights<B>>> {
-        let Some((dir, id)) = self.locate(model_dir)? else { return Ok(None) };
-        let identity = AdapterIdentity { path: id.clone(), id, digest: String::new() };
-        let adapter = load_adapter(&dir, identity, &model.config, model.backend(), AdapterParts::all())
-            .with_context(|| format!("loading adapter {}", dir.display()))?;
-        Ok(Some(adapter))
+        Ok(Some(moe_cluster::locate_adapter(arg, self.adapter_dir.as_deref(), model_dir)?))
     }
 }
 

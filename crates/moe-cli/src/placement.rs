@@ -7,7 +7,7 @@
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use moe_cluster::rebalance;
-use moe_placement::{Cluster, Plan, Step};
+use moe_cluster::rebalance::{Cluster, Plan, Step};
 use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::{ExpertLoadRequest, ExpertLoadResponse};
 

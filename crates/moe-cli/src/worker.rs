@@ -33,7 +33,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "MOE_MAX_ADAPTER_MB", default_value_t = 4096)]
     pub max_adapter_mb: usize,
     /// Highest LoRA rank accepted; adapters with a module above it are refused at load.
-    #[arg(long, env = "MOE_MAX_LORA_RANK", default_value_t = moe_lora::DEFAULT_MAX_RANK,
+    #[arg(long, env = "MOE_MAX_LORA_RANK", default_value_t = moe_cluster::DEFAULT_MAX_RANK,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=512))]
     pub max_lora_rank: usize,
     /// Working memory one expert request may use, in MiB (0: a quarter of this machine's

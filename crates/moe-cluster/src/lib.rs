@@ -9,6 +9,7 @@
 
 mod embedded;
 mod host;
+pub mod local;
 pub mod rebalance;
 mod rebalance_loop;
 mod remote;
@@ -20,7 +21,13 @@ pub use embedded::{
     embedded, embedded_on, embedded_with, in_process_dispatcher, in_process_dispatcher_on, local_engine,
 };
 pub use host::{expert_host, HostOptions};
+// What the `moe` binary configures, named here so that it needs no other crate of the workspace.
 pub use moe_compute::Device;
+pub use moe_constrain::ConstraintSpec;
+pub use moe_lora::{locate_adapter, RegistryLimits, DEFAULT_MAX_RANK};
+pub use moe_membership::EtcdOptions;
+pub use moe_router::constraint::to_proto as constraint_to_proto;
+pub use moe_router::{EngineConfig, PrefixCacheScope, SchedulingConfig};
 pub use rebalance_loop::Rebalancer;
 pub use remote::{membership_router, membership_router_on, remote, remote_dispatcher, remote_on, MembershipCluster};
 pub use router_process::{run_embedded, run_router, with_tenants, EmbeddedProcess, RouterProcess};
@@ -29,7 +36,6 @@ pub use worker_process::{run_worker, WorkerProcess};
 use moe_compute::Backend;
 use moe_dispatch::Placement;
 use moe_generate::TextCodec;
-use moe_lora::RegistryLimits;
 use moe_model::Model;
 use moe_router::RouterAdapters;
 use std::path::{Path, PathBuf};
@@ -68,6 +74,19 @@ pub enum ClusterError {
 }
 
 pub type Result<T> = std::result::Result<T, ClusterError>;
+
+/// How a GPU multiplies routed experts, for the whole process: `cublas` (one cuBLAS GEMM per
+/// expert) or `grouped` (the project's grouped GEMM kernel). Without CUDA support, only a check
+/// of the name.
+pub fn set_expert_gemm(mode: &str) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    moe_compute::cuda::backend::set_expert_gemm(mode.parse()?);
+    #[cfg(not(feature = "cuda"))]
+    if !["cublas", "grouped"].contains(&mode) {
+        return Err(ClusterError::Invalid(format!("--expert-gemm {mode:?}: one of cublas, grouped")));
+    }
+    Ok(())
+}
 
 /// Loads the dense part of the model onto `backend` and the tokenizer (what a router holds).
 pub fn load_router_model<B: Backend>(dir: &Path, backend: B) -> Result<(Arc<Model<B>>, Arc<TextCodec>)> {

@@ -17,7 +17,8 @@
 //! expert); the fresh read is what keeps interleaved plans from orphaning an expert.
 
 use moe_dispatch::{connect_worker, GrpcTransportConfig};
-use moe_placement::{check_plan, Cluster, Plan, Step, WorkerSlots};
+use moe_placement::{check_plan, WorkerSlots};
+pub use moe_placement::{Cluster, Plan, Step};
 use moe_proto::v1::expert_worker_client::ExpertWorkerClient;
 use moe_proto::v1::{ChangeExpertsRequest, DescribeRequest, HostedLayer};
 use std::time::Duration;
