@@ -90,10 +90,8 @@ impl GenerateArgs {
     }
 }
 
+/// Local generation (`--endpoint` goes through `crate::client` instead).
 pub fn run(args: GenerateArgs, device: moe_cluster::Device) -> anyhow::Result<()> {
-    if args.endpoint.is_some() {
-        return crate::client::run(args);
-    }
     let dir = args.model.dir()?;
     let request = moe_cluster::local::LocalRequest {
         prompt: args.prompt.clone(),

@@ -117,6 +117,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("starting the compute thread pool")?;
     }
     match cli.command {
+        Command::Generate(a) if a.endpoint.is_some() => client::run(a),
         Command::Generate(a) => generate::run(a, cli.device),
         Command::Logits(a) => logits::run(a, cli.device),
         Command::Inspect(a) => inspect::run(a),

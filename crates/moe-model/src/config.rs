@@ -4,63 +4,14 @@
 //! choice of orthogonal concerns read from here: the attention kind (grouped-query or
 //! multi-head latent), the rope (partial, YaRN), the routing rule, shared experts, dense layers.
 
+pub use crate::architecture::Architecture;
 pub(crate) use crate::config_reader::Reader;
-pub use crate::config_variants::{GptOssParts, LinearAttention, Quantization};
+pub use crate::config_variants::{GptOssParts, LatentAttention, LinearAttention, Quantization};
 use crate::error::{ModelError, Result};
 use crate::rope::Rope;
 use crate::routing::RoutingRule;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-
-/// The supported `architectures` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Architecture {
-    Mixtral,
-    Qwen2Moe,
-    Qwen3Moe,
-    Olmoe,
-    /// DeepSeek-V3/R1, Kimi K2, Moonlight: multi-head latent attention, grouped sigmoid routing.
-    DeepseekV3,
-    /// GLM-4.5/4.6: partial rotary, grouped sigmoid routing, shared experts.
-    Glm4Moe,
-    /// gpt-oss: attention sinks, alternating sliding-window layers, biased clamped experts.
-    GptOss,
-    /// Qwen3-Next: gated DeltaNet layers between gated full-attention ones, zero-centred norms.
-    Qwen3Next,
-}
-
-impl Architecture {
-    pub const ALL: [(&'static str, Architecture); 8] = [
-        ("MixtralForCausalLM", Architecture::Mixtral),
-        ("Qwen2MoeForCausalLM", Architecture::Qwen2Moe),
-        ("Qwen3MoeForCausalLM", Architecture::Qwen3Moe),
-        ("OlmoeForCausalLM", Architecture::Olmoe),
-        ("DeepseekV3ForCausalLM", Architecture::DeepseekV3),
-        ("Glm4MoeForCausalLM", Architecture::Glm4Moe),
-        ("GptOssForCausalLM", Architecture::GptOss),
-        ("Qwen3NextForCausalLM", Architecture::Qwen3Next),
-    ];
-
-    pub fn hf_name(self) -> &'static str {
-        Self::ALL.iter().find(|(_, a)| *a == self).map(|(n, _)| *n).unwrap_or("?")
-    }
-
-    /// Prefix of a layer's MoE block in tensor names.
-    pub fn moe_prefix(self) -> &'static str {
-        match self {
-            Architecture::Mixtral => "block_sparse_moe",
-            _ => "mlp",
-        }
-    }
-
-    /// Name of the MoE gate (the router linear) under [`Self::moe_prefix`].
-    pub fn gate_name(self) -> &'static str {
-        match self {
-            Architecture::GptOss => "router",
-            _ => "gate",
-        }
-    }
-}
 
 /// How q and k are normalized before rotary embedding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,31 +71,6 @@ pub struct ModelConfig {
     pub gated_attention: bool,
     /// RMSNorm weights are stored as offsets from one (`x̂ · (1 + w)`, Qwen3-Next).
     pub zero_centred_norm: bool,
-}
-
-/// The shape of multi-head latent attention (DeepSeek-V2/V3). The KV cache holds, per token and
-/// layer, the compressed latent (`kv_lora_rank`) and the shared rope key (`qk_rope_head_dim`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct LatentAttention {
-    /// Rank of q's low-rank projection (`None`: one `q_proj`, as DeepSeek-V2-Lite).
-    pub q_lora_rank: Option<usize>,
-    pub kv_lora_rank: usize,
-    pub qk_nope_head_dim: usize,
-    pub qk_rope_head_dim: usize,
-    pub v_head_dim: usize,
-    /// The rope columns of q and k are stored interleaved (pairs) rather than as halves.
-    pub rope_interleave: bool,
-}
-
-impl LatentAttention {
-    pub fn qk_head_dim(&self) -> usize {
-        self.qk_nope_head_dim + self.qk_rope_head_dim
-    }
-
-    /// Width of a cached latent row and of an absorbed query head: the latent then the rope key.
-    pub fn latent_dim(&self) -> usize {
-        self.kv_lora_rank + self.qk_rope_head_dim
-    }
 }
 
 impl ModelConfig {

@@ -3,11 +3,55 @@
 //! attention, and gpt-oss's attention sinks, alternating sliding-window layers and clamped,
 //! biased experts, and Qwen3-Next's gated DeltaNet layers.
 
-use crate::config::{Architecture, LatentAttention, Reader};
+use crate::architecture::Architecture;
+use crate::config_reader::Reader;
 use crate::error::Result;
 use crate::routing::{GateScoring, RoutingRule};
+use moe_compute::AttentionShape;
 use moe_compute::{DeltaNetShape, Glu};
 use serde_json::Value;
+
+/// The shape of multi-head latent attention (DeepSeek-V2/V3). The KV cache holds, per token and
+/// layer, the compressed latent (`kv_lora_rank`) and the shared rope key (`qk_rope_head_dim`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LatentAttention {
+    /// Rank of q's low-rank projection (`None`: one `q_proj`, as DeepSeek-V2-Lite).
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    /// The rope columns of q and k are stored interleaved (pairs) rather than as halves.
+    pub rope_interleave: bool,
+}
+
+impl LatentAttention {
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// Width of a cached latent row and of an absorbed query head: the latent then the rope key.
+    pub fn latent_dim(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
+
+    /// The attention call of latent attention: every query head (absorbed, `latent_dim` wide)
+    /// against one shared key per token whose values are the same row.
+    pub fn attention_shape(&self, heads: usize, scale: f32) -> AttentionShape<'static> {
+        let width = self.latent_dim();
+        AttentionShape {
+            n_heads: heads,
+            n_kv_heads: 1,
+            head_dim: width,
+            q_col: 0,
+            k_col: heads * width,
+            v_col: heads * width,
+            scale,
+            sliding_window: None,
+            sinks: None,
+        }
+    }
+}
 
 /// The routing rule of `architecture`.
 pub(crate) fn routing(

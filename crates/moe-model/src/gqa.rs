@@ -1,12 +1,13 @@
 //! Grouped-query attention (multi-head and multi-query as its cases) with the variants the
 //! architectures choose by config: fused q/k/v with optional bias, q/k RMSNorm per head or over
 //! the whole projection, clipped q/k/v, partial rotary, a sliding window; and per-row LoRA pairs
-//! on q, k, v and o. Also the per-row lookup of an adapter's pair that the gate shares.
+//! on q, k, v and o.
 
 use crate::adapter::LayerLora;
+use crate::batch::{row_pair, BatchItem, PairOf};
 use crate::config::QkNorm;
 use crate::error::Result;
-use crate::model::{BatchItem, KvCache, Model};
+use crate::model::{KvCache, Model};
 use crate::weights::AttentionWeights;
 use crate::workspace::Workspace;
 use moe_compute::{AttentionShape, Backend, LoraWeights};
@@ -67,8 +68,6 @@ impl<B: Backend> Model<B> {
     }
 }
 
-pub(crate) type PairOf<B> = fn(&LayerLora<B>) -> Option<&LoraWeights<B>>;
-
 fn q_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
     l.q.as_ref()
 }
@@ -83,17 +82,4 @@ fn v_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
 }
 fn o_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
     l.o.as_ref()
-}
-pub(crate) fn gate_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
-    l.gate.as_ref()
-}
-
-/// The per-row lookup of one module's pair: row → its item's adapter → this layer's pair.
-pub(crate) fn row_pair<'l, B: Backend>(
-    items: &'l [BatchItem<'_, B>],
-    row_item: &'l [u32],
-    layer: usize,
-    pick: PairOf<B>,
-) -> impl Fn(usize) -> Option<&'l LoraWeights<B>> + Sync + 'l {
-    move |r| pick(items.get(*row_item.get(r)? as usize)?.adapter?.layers.get(layer)?)
 }

@@ -37,7 +37,7 @@ pub struct PageAllocator {
     tick: u64,
     evicted: u64,
     /// Recurrent state slots; `None` when the model has no linear-attention layers.
-    pub(crate) states: Option<crate::kv_states::StatePool>,
+    pub(crate) states: Option<crate::state_pool::StatePool>,
 }
 
 impl PageAllocator {
@@ -148,7 +148,8 @@ impl PageAllocator {
         }
         seq.len = 0;
         if let Some(pool) = &mut self.states {
-            pool.release(seq);
+            pool.release(seq.state.take(), seq.checkpoint.take());
+            seq.resume_from = None;
         }
     }
 
@@ -158,7 +159,7 @@ impl PageAllocator {
         debug_assert!(seq.pages.is_empty());
         // A hybrid model resumes only from a page whose state snapshot it has.
         let keys = match &self.states {
-            Some(pool) => &keys[..pool.resumable(&self.index, keys)],
+            Some(pool) => &keys[..pool.resumable(keys.iter().map(|k| self.index.get(k).copied()))],
             None => keys,
         };
         for key in keys {

@@ -13,71 +13,7 @@
 //!   with their sequence.
 
 use crate::kv::{PageAllocator, PageKey, SequenceCache};
-use std::collections::HashMap;
-
-/// Free state slots: pairs for running sequences and single snapshot slots, and which page holds
-/// which snapshot.
-#[derive(Debug)]
-pub(crate) struct StatePool {
-    pub(crate) pairs: Vec<[u32; 2]>,
-    snapshots: Vec<u32>,
-    snapshot_of: Vec<Option<u32>>,
-}
-
-impl StatePool {
-    /// Slots `0..2·pairs` form the pairs, the next `snapshots` slots are snapshots.
-    fn new(num_pages: usize, pairs: usize, snapshots: usize) -> Self {
-        let base = 2 * pairs as u32;
-        Self {
-            pairs: (0..pairs as u32).rev().map(|i| [2 * i, 2 * i + 1]).collect(),
-            snapshots: (0..snapshots as u32).rev().map(|i| base + i).collect(),
-            snapshot_of: vec![None; num_pages],
-        }
-    }
-
-    pub(crate) fn release(&mut self, seq: &mut SequenceCache) {
-        if let Some(pair) = seq.state.take() {
-            self.pairs.push(pair);
-        }
-        if let Some((slot, _)) = seq.checkpoint.take() {
-            self.snapshots.push(slot);
-        }
-        seq.resume_from = None;
-    }
-
-    pub(crate) fn drop_snapshot(&mut self, page: u32) {
-        if let Some(slot) = self.snapshot_of.get_mut(page as usize).and_then(Option::take) {
-            self.snapshots.push(slot);
-        }
-    }
-
-    pub(crate) fn snapshot_of(&self, page: u32) -> Option<u32> {
-        self.snapshot_of.get(page as usize).copied().flatten()
-    }
-
-    /// How many of `keys` a sequence can reuse: the longest published run that ends at a page
-    /// with a snapshot.
-    pub(crate) fn resumable(&self, index: &HashMap<PageKey, u32>, keys: &[PageKey]) -> usize {
-        let mut best = 0;
-        for (i, key) in keys.iter().enumerate() {
-            let Some(&page) = index.get(key) else { break };
-            if self.snapshot_of(page).is_some() {
-                best = i + 1;
-            }
-        }
-        best
-    }
-
-    /// Hands `seq`'s checkpoint to `page` (just published under the sequence's key), unless the
-    /// page has a snapshot already.
-    fn attach(&mut self, seq: &mut SequenceCache, page: u32) {
-        let (Some((slot, _)), Some(entry)) = (seq.checkpoint, self.snapshot_of.get_mut(page as usize)) else { return };
-        if entry.is_none() {
-            *entry = Some(slot);
-            seq.checkpoint = None;
-        }
-    }
-}
+use crate::state_pool::StatePool;
 
 impl PageAllocator {
     /// An allocator that also hands each sequence one pair of recurrent state slots, out of
@@ -124,7 +60,7 @@ impl PageAllocator {
         let Some((page, key)) = last else { return };
         if self.key_of[page as usize] == Some(key) {
             if let Some(pool) = &mut self.states {
-                pool.attach(seq, page);
+                pool.attach(&mut seq.checkpoint, page);
             }
         }
     }

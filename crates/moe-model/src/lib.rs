@@ -5,11 +5,14 @@
 //! tokenizers, sampling or serving.
 
 pub mod adapter;
+mod architecture;
+mod batch;
 mod cache;
 pub mod checkpoint;
 pub mod config;
 mod config_reader;
 mod config_variants;
+mod delta_net_weights;
 mod error;
 mod experts;
 mod fp8;
@@ -18,24 +21,28 @@ mod gqa;
 pub mod kv;
 mod kv_states;
 mod linear_attention;
+mod loader;
 mod mla;
+mod mla_weights;
 mod model;
 mod overlap;
 pub mod prefix;
 pub mod rope;
 pub mod routing;
 pub mod sizing;
+mod state_pool;
 pub mod weights;
 mod workspace;
 
 pub use adapter::{AdapterIdentity, AdapterWeights, LayerLora};
+pub use batch::BatchItem;
 pub use config::{Architecture, LatentAttention, LinearAttention, ModelConfig, QkNorm, Quantization};
+pub use delta_net_weights::gated_q_rows;
 pub use error::{ModelError, Result};
 pub use experts::{ExpertExecutor, ExpertRoutes, ExpertTicket, LayerCall, StartedExperts};
 pub use kv::{PageAllocator, PageKey, SequenceCache};
-pub use linear_attention::gated_q_rows;
-pub use mla::{absorbed_kv_b_lora, latent_kv_a_rows, latent_q_rows};
-pub use model::{BatchItem, KvCache, LogitsFor, Model, Workspace};
+pub use mla_weights::{absorbed_kv_b_lora, latent_kv_a_rows, latent_q_rows};
+pub use model::{KvCache, LogitsFor, Model, Workspace};
 pub use overlap::overlap_split;
 pub use routing::{GateScoring, RoutingRule};
 pub use sizing::ModelSize;

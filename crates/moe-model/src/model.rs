@@ -3,13 +3,13 @@
 //! Architecture differences are data (config flags, optional weights) and a choice per concern
 //! (grouped-query or latent attention, softmax or sigmoid routing), not copies of the pass.
 
-use crate::adapter::AdapterWeights;
+pub use crate::batch::BatchItem;
+use crate::batch::{gate_pair, row_pair};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::experts::ExpertExecutor;
-use crate::gqa::{gate_pair, row_pair};
-use crate::kv::{PageAllocator, SequenceCache};
+use crate::kv::PageAllocator;
 use crate::weights::{load_weights, FfnWeights, LayerAttention, LayerWeights, ModelWeights, MoeWeights};
 pub use crate::workspace::Workspace;
 use moe_compute::{AttentionSeq, AttentionShape, Backend};
@@ -35,41 +35,6 @@ pub struct Model<B: Backend> {
 pub struct KvCache<B: Backend> {
     pub store: B::KvStore,
     pub pages: PageAllocator,
-}
-
-/// One sequence's part of a forward call.
-pub struct BatchItem<'a, B: Backend> {
-    pub tokens: &'a [u32],
-    pub cache: &'a mut SequenceCache,
-    /// The LoRA adapter this sequence runs with; `None` for the base model.
-    pub adapter: Option<&'a AdapterWeights<B>>,
-    /// The request's id (0: none), carried to workers so their logs can name the requests.
-    pub request: u64,
-    /// Whose expert load this item's tokens count as (see [`Workspace::keyed_expert_tokens_mut`]).
-    pub load_key: u32,
-}
-
-impl<'a, B: Backend> BatchItem<'a, B> {
-    /// An item on the base model.
-    pub fn new(tokens: &'a [u32], cache: &'a mut SequenceCache) -> Self {
-        Self { tokens, cache, adapter: None, request: 0, load_key: 0 }
-    }
-
-    /// Counts this item's routed tokens under `key` (small: the counters are dense per key).
-    pub fn with_load_key(mut self, key: u32) -> Self {
-        self.load_key = key;
-        self
-    }
-
-    pub fn with_request(mut self, request: u64) -> Self {
-        self.request = request;
-        self
-    }
-
-    pub fn with_adapter(mut self, adapter: Option<&'a AdapterWeights<B>>) -> Self {
-        self.adapter = adapter;
-        self
-    }
 }
 
 /// Which positions to compute logits for.
@@ -113,7 +78,7 @@ impl<B: Backend> Model<B> {
             sinks: None,
         };
         let latent_shape =
-            config.latent.as_ref().map(|a| crate::mla::latent_shape(config.num_heads, a, config.attention_scale()));
+            config.latent.as_ref().map(|a| a.attention_shape(config.num_heads, config.attention_scale()));
         let (mut kv_layers, mut state_layers) = (0, 0);
         let store_layer = (0..config.num_layers)
             .map(|i| {

@@ -6,6 +6,7 @@
 use crate::checkpoint::Checkpoint;
 use crate::config::{Architecture, ModelConfig, QkNorm};
 use crate::error::Result;
+use crate::loader::Loader;
 use moe_compute::{Backend, SwigluWeights};
 
 pub struct AttentionWeights<B: Backend> {
@@ -47,8 +48,8 @@ pub struct SharedExpert<B: Backend> {
 /// attention, or linear attention (gated DeltaNet).
 pub enum LayerAttention<B: Backend> {
     Grouped(AttentionWeights<B>),
-    Latent(crate::mla::LatentWeights<B>),
-    Linear(crate::linear_attention::DeltaNetLayer<B>),
+    Latent(crate::mla_weights::LatentWeights<B>),
+    Linear(crate::delta_net_weights::DeltaNetLayer<B>),
 }
 
 pub enum FfnWeights<B: Backend> {
@@ -71,71 +72,7 @@ pub struct ModelWeights<B: Backend> {
     pub lm_head: Option<B::Matrix>,
 }
 
-pub(crate) struct Loader<'a, B: Backend> {
-    pub ckpt: &'a Checkpoint,
-    pub backend: &'a B,
-    pub cfg: &'a ModelConfig,
-}
-
 impl<B: Backend> Loader<'_, B> {
-    pub(crate) fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<B::Matrix> {
-        if let Some(bits) = self.ckpt.read_bf16(name, &[rows, cols])? {
-            return Ok(self.backend.matrix_bf16(rows, cols, bits)?);
-        }
-        let data = self.ckpt.read(name, &[rows, cols])?;
-        Ok(self.backend.matrix(rows, cols, data)?)
-    }
-
-    pub(crate) fn vector(&self, name: &str, len: usize) -> Result<B::Vector> {
-        Ok(self.backend.vector(self.ckpt.read(name, &[len])?)?)
-    }
-
-    /// An RMSNorm weight; stored as an offset from one where the model's norms are zero-centred.
-    pub(crate) fn norm(&self, name: &str, len: usize) -> Result<B::Vector> {
-        let mut w = self.ckpt.read(name, &[len])?;
-        if self.cfg.zero_centred_norm {
-            w.iter_mut().for_each(|x| *x += 1.0);
-        }
-        Ok(self.backend.vector(w)?)
-    }
-
-    /// One matrix of chosen rows: for each part `(name, rows in the file, picks)`, the file's rows
-    /// `picks` in that order, parts stacked. bf16 stays bf16 when every part is bf16.
-    pub(crate) fn gathered(&self, parts: &[(String, usize, Vec<usize>)], cols: usize) -> Result<B::Matrix> {
-        let rows: usize = parts.iter().map(|p| p.2.len()).sum();
-        if parts.iter().all(|(name, ..)| self.ckpt.dtype_of(name).as_deref() == Some("BF16")) {
-            let mut bits = Vec::with_capacity(rows * cols);
-            for (name, r, picks) in parts {
-                let all = self.ckpt.read_bf16(name, &[*r, cols])?.unwrap_or_default();
-                picks.iter().for_each(|&i| bits.extend_from_slice(&all[i * cols..(i + 1) * cols]));
-            }
-            return Ok(self.backend.matrix_bf16(rows, cols, bits)?);
-        }
-        let mut data = Vec::with_capacity(rows * cols);
-        for (name, r, picks) in parts {
-            let all = self.ckpt.read(name, &[*r, cols])?;
-            picks.iter().for_each(|&i| data.extend_from_slice(&all[i * cols..(i + 1) * cols]));
-        }
-        Ok(self.backend.matrix(rows, cols, data)?)
-    }
-
-    /// Stacks the rows of several `[r_i, cols]` tensors into one matrix.
-    fn stacked(&self, parts: &[(String, usize)], cols: usize) -> Result<B::Matrix> {
-        let rows: usize = parts.iter().map(|p| p.1).sum();
-        if parts.iter().all(|(name, _)| self.ckpt.dtype_of(name).as_deref() == Some("BF16")) {
-            let mut bits = Vec::with_capacity(rows * cols);
-            for (name, r) in parts {
-                bits.extend(self.ckpt.read_bf16(name, &[*r, cols])?.unwrap_or_default());
-            }
-            return Ok(self.backend.matrix_bf16(rows, cols, bits)?);
-        }
-        let mut data = Vec::with_capacity(rows * cols);
-        for (name, r) in parts {
-            data.extend(self.ckpt.read(name, &[*r, cols])?);
-        }
-        Ok(self.backend.matrix(rows, cols, data)?)
-    }
-
     fn swiglu(&self, prefix: &str, names: [&str; 3], inter: usize) -> Result<SwigluWeights<B>> {
         let h = self.cfg.hidden_size;
         let [gate, up, down] = names;
@@ -151,7 +88,7 @@ impl<B: Backend> Loader<'_, B> {
         // Gated attention's q_proj holds each head's q rows, then its gate rows: split them.
         let q_rows = (if c.gated_attention { 2 } else { 1 }) * qw;
         let pick = |gate| match c.gated_attention {
-            true => crate::linear_attention::gated_q_rows(c.num_heads, c.head_dim, gate),
+            true => crate::delta_net_weights::gated_q_rows(c.num_heads, c.head_dim, gate),
             false => (0..qw).collect(),
         };
         let mut parts = vec![
@@ -325,10 +262,10 @@ pub fn load_weights<B: Backend>(
         };
         let attention = match (&cfg.latent, &cfg.linear) {
             (_, Some(linear)) if cfg.is_linear_layer(i) => LayerAttention::Linear(
-                crate::linear_attention::load_delta_net(&l, &linear.shape, &format!("{p}.linear_attn"))?,
+                crate::delta_net_weights::load_delta_net(&l, &linear.shape, &format!("{p}.linear_attn"))?,
             ),
             (Some(latent), _) => {
-                LayerAttention::Latent(crate::mla::load_latent(&l, latent, &format!("{p}.self_attn"))?)
+                LayerAttention::Latent(crate::mla_weights::load_latent(&l, latent, &format!("{p}.self_attn"))?)
             }
             _ => LayerAttention::Grouped(l.attention(&format!("{p}.self_attn"))?),
         };

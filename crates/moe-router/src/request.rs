@@ -29,7 +29,7 @@ pub struct GenerationParams {
     /// Mixed into the prefix cache's keys (requests share cached pages only with equal salts).
     pub cache_salt: Option<String>,
     /// Continue a broken generation ([`crate::resume`]).
-    pub resume: Option<crate::resume::ResumeParams>,
+    pub resume: Option<ResumeParams>,
     /// What the output must match (structured output).
     pub constraint: Option<moe_constrain::ConstraintSpec>,
     /// Whose compiled constraints this request may reuse (its tenant; see
@@ -287,6 +287,14 @@ fn compile_constraint(
         })?;
     }
     Ok(c)
+}
+
+/// A resume as the client sent it (validated against the model in [`ValidatedRequest::new`],
+/// against the request's digest here).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResumeParams {
+    pub generated: Vec<u32>,
+    pub digest: String,
 }
 
 #[cfg(test)]

@@ -10,15 +10,8 @@
 //! A resume must send it back, so a resume of another request is refused, not continued.
 
 use crate::error::RouterError;
+pub use crate::request::ResumeParams;
 use crate::request::ValidatedRequest;
-
-/// A resume as the client sent it (validated against the model in [`ValidatedRequest::new`],
-/// against the request's digest here).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ResumeParams {
-    pub generated: Vec<u32>,
-    pub digest: String,
-}
 
 /// Two FNV-1a 64-bit hashes with different offsets: 128 bits, stable across builds.
 struct Fnv128 {

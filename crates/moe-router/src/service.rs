@@ -80,7 +80,7 @@ impl InferenceService {
             cache_salt: Some(req.cache_salt).filter(|s| !s.is_empty()),
             resume: req
                 .resume
-                .map(|r| crate::resume::ResumeParams { generated: r.generated_token_ids, digest: r.digest }),
+                .map(|r| crate::request::ResumeParams { generated: r.generated_token_ids, digest: r.digest }),
             constraint: crate::constraint::from_proto(req.constraint),
             constraint_scope,
             priority: req.priority,

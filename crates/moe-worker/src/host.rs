@@ -159,7 +159,7 @@ pub struct ExpertHost<B: Backend> {
     pub(crate) hosted_tx: watch::Sender<HostedList>,
     /// One load or unload at a time.
     pub(crate) changes: Mutex<()>,
-    pub(crate) drain: crate::live::DrainLimits,
+    pub(crate) drain: DrainLimits,
     pub(crate) epoch: Instant,
 }
 
@@ -192,7 +192,7 @@ impl<B: Backend> ExpertHost<B> {
             bytes_per_expert: AtomicUsize::new(bytes_per_expert),
             hosted_tx: watch::channel(hosted).0,
             changes: Mutex::new(()),
-            drain: crate::live::DrainLimits::default(),
+            drain: DrainLimits::default(),
             epoch: Instant::now(),
         })
     }
@@ -464,4 +464,18 @@ pub(crate) fn hosted_of<B: Backend>(layers: &[Option<HostedLayer<B>>]) -> Hosted
         (!ids.is_empty()).then_some((i, ids))
     });
     listed.collect()
+}
+/// How long an unload waits for routers to stop sending.
+#[derive(Clone, Copy, Debug)]
+pub struct DrainLimits {
+    /// No request named the experts for this long: drop them.
+    pub quiet: std::time::Duration,
+    /// Drop them after this long whatever happens.
+    pub max: std::time::Duration,
+}
+
+impl Default for DrainLimits {
+    fn default() -> Self {
+        Self { quiet: std::time::Duration::from_secs(2), max: std::time::Duration::from_secs(30) }
+    }
 }

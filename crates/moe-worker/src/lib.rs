@@ -13,7 +13,7 @@ mod service;
 mod spec;
 
 pub use error::{Result, WorkerError};
+pub use host::DrainLimits;
 pub use host::{AdapterFailure, ComputeInput, ExpertCompute, ExpertHost, HostedList, WorkerAdapters};
-pub use live::DrainLimits;
 pub use service::{serve_worker, serve_worker_with, ExpertWorkerService, WorkerTls};
 pub use spec::ExpertSpec;

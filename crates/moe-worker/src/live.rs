@@ -14,28 +14,13 @@
 //! hosted", which routers treat like a dead worker for those rows (a replica computes them).
 
 use crate::error::{Result, WorkerError};
-use crate::host::{hosted_of, ExpertHost, HostedLayer};
+use crate::host::{hosted_of, DrainLimits, ExpertHost, HostedLayer};
 use moe_compute::Backend;
 use moe_model::checkpoint::Checkpoint;
 use moe_model::weights::load_expert;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-/// How long an unload waits for routers to stop sending.
-#[derive(Clone, Copy, Debug)]
-pub struct DrainLimits {
-    /// No request named the experts for this long: drop them.
-    pub quiet: Duration,
-    /// Drop them after this long whatever happens.
-    pub max: Duration,
-}
-
-impl Default for DrainLimits {
-    fn default() -> Self {
-        Self { quiet: Duration::from_secs(2), max: Duration::from_secs(30) }
-    }
-}
 
 const MIB: f64 = (1 << 20) as f64;
 

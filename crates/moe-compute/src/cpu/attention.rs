@@ -13,7 +13,7 @@
 //! ([`lane_weighted_rows`] in decode; one product over a zero-padded, aligned range in prefill).
 
 use super::invariant::{dots, lane_weighted_rows, matmul_on_this_thread};
-use super::linear::{SendPtr, Weights};
+use super::operand::{SendPtr, Weights};
 use crate::{AttentionSeq, AttentionShape, ComputeError, KvLayout, Result};
 use rayon::prelude::*;
 use std::cell::RefCell;

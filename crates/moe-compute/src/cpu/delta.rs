@@ -5,7 +5,7 @@
 //! the same operations token by token, so a token's result is the same bit for bit in any chunk
 //! and any batch. Each sequence reads its state from one slot and advances it in another.
 
-use super::linear::SendPtr;
+use super::operand::SendPtr;
 use super::{CpuBackend, CpuKvStore, HostTensor};
 use crate::{AttentionSeq, ComputeError, DeltaNetShape, DeltaNetWeights, Result, StateSlots};
 use rayon::prelude::*;

@@ -10,7 +10,7 @@
 //! one accumulator per element, so tiles trade nothing but speed; the portable kernel computes
 //! the same arithmetic element by element (`f32::mul_add` is the fused multiply-add everywhere).
 
-use super::linear::{SendPtr, Weights};
+use super::operand::{SendPtr, Weights};
 use super::simd::bf16_to_f32;
 use rayon::prelude::*;
 use std::sync::OnceLock;

@@ -1,39 +1,9 @@
-//! `x · Wᵀ` on the CPU, for f32 or bf16 W: the operand types and the entry points, which all
+//! `x · Wᵀ` on the CPU, for f32 or bf16 W: the entry points, which all
 //! go to the batch-invariant kernel ([`super::invariant`]): a row's result is the same whatever
 //! else is in the call, and that kernel is also the fastest we have for 1 to 512 rows (register
 //! tiles of up to 4 rows × 8 weight rows, bf16 widened in registers).
 
-/// A raw pointer that may cross threads; every user writes a disjoint region.
-#[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub *mut f32);
-// SAFETY: used only to let threads write disjoint elements of one output buffer.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above; no two threads touch the same element.
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The pointer; a method so closures capture the whole (Send) wrapper, not the raw field.
-    pub fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// Row-major `[n, k]` weights as stored.
-#[derive(Clone, Copy, Debug)]
-pub enum Weights<'a> {
-    F32(&'a [f32]),
-    /// Raw bf16 bits.
-    Bf16(&'a [u16]),
-}
-
-impl Weights<'_> {
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            Weights::F32(w) => w.len(),
-            Weights::Bf16(w) => w.len(),
-        }
-    }
-}
+pub use super::operand::Weights;
 
 /// `out[m×n] = x[m×k] · w[n×k]ᵀ`.
 pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {

@@ -9,6 +9,7 @@ pub mod invariant;
 mod latent;
 mod linear;
 mod lora;
+mod operand;
 mod simd;
 
 pub use attention::CpuKvStore;

@@ -89,7 +89,7 @@ pub(super) struct ComputeLoop<B: Backend> {
     /// Preempted sequences waiting to be resumed (stream open, pages released).
     pub paused: Vec<Sequence<B>>,
     /// The clients' virtual service counters (fair scheduling).
-    pub fair: super::fair::FairShare,
+    pub fair: super::scheduling::FairShare,
     pub stats: Arc<EngineStats>,
     pub config: EngineConfig,
     pub metrics: EngineMetrics,
