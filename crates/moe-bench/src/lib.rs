@@ -13,6 +13,7 @@ mod engine;
 pub mod fixture_check;
 pub mod kernels;
 mod processes;
+pub mod report;
 pub mod scenarios;
 pub mod tour;
 

@@ -43,6 +43,20 @@ pub struct BenchArgs {
     pub only_fairness: bool,
     #[arg(long, env = "MOE_JSON")]
     pub json: bool,
+    /// Also write `report.json` and a self-contained `report.html` with charts into DIR (the
+    /// peers' figures too when `benches/hf_compare.py --report DIR` left `DIR/peers.json`).
+    #[arg(long, env = "MOE_REPORT", value_name = "DIR")]
+    pub report: Option<PathBuf>,
+    /// Draw an earlier run's report.json into --report DIR instead of measuring.
+    #[arg(long, env = "MOE_FROM_JSON", value_name = "FILE", requires = "report")]
+    pub from_json: Option<PathBuf>,
+}
+
+/// Writes the report of `json` into `dir`, with `dir/peers.json` when present.
+fn write_report(json: &serde_json::Value, dir: &Path) -> anyhow::Result<()> {
+    let peers_file = dir.join("peers.json");
+    let peers = if peers_file.is_file() { Some(crate::report::read_json(&peers_file)?) } else { None };
+    crate::report::bench_report(json, peers.as_ref())?.write(dir)
 }
 
 #[derive(Serialize)]
@@ -97,6 +111,7 @@ struct Bf16Report {
 #[derive(Serialize)]
 struct Report {
     model: String,
+    commit: String,
     threads: usize,
     ceilings: Ceilings,
     topologies: Vec<Topology>,
@@ -202,6 +217,9 @@ fn dispatch_round_trip_us(rt: &tokio::runtime::Runtime, dir: &Path, addrs: &[Str
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    if let (Some(from), Some(dir)) = (&a.from_json, &a.report) {
+        return write_report(&crate::report::read_json(from)?, dir);
+    }
     let started = Instant::now();
     let dir = match &a.model {
         Some(d) => d.clone(),
@@ -209,13 +227,13 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     };
     if a.only_fairness {
         let f = crate::scenarios::fairness::measure(&dir, a.workers)?;
+        let json =
+            serde_json::json!({ "model": dir.display().to_string(), "commit": crate::report::commit(), "fairness": f });
+        if let Some(r) = &a.report {
+            write_report(&json, r)?;
+        }
         if a.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(
-                    &serde_json::json!({ "model": dir.display().to_string(), "fairness": f })
-                )?
-            );
+            println!("{}", serde_json::to_string_pretty(&json)?);
         } else {
             crate::scenarios::fairness::print(&f);
         }
@@ -339,6 +357,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     };
     let report = Report {
         layouts,
+        commit: crate::report::commit(),
         model: dir.display().to_string(),
         threads: rayon::current_num_threads(),
         ceilings,
@@ -353,6 +372,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         failover,
         structured,
     };
+    if let Some(r) = &a.report {
+        write_report(&serde_json::to_value(&report)?, r)?;
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

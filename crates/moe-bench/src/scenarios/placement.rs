@@ -52,6 +52,9 @@ pub struct BenchPlacementArgs {
     /// Print JSON.
     #[arg(long, env = "MOE_JSON")]
     pub json: bool,
+    /// Also write `report.json` and a self-contained `report.html` with charts into DIR.
+    #[arg(long, env = "MOE_REPORT", value_name = "DIR")]
+    pub report: Option<PathBuf>,
 }
 
 const WORKERS: usize = 4;
@@ -86,6 +89,38 @@ pub struct PlacementBench {
     pub pair_cost_us: f64,
     pub static_sharding: Vec<PhaseResult>,
     pub planner: Vec<PhaseResult>,
+    /// Tokens per expert (summed over the MoE layers) per adapter, as the router of the planner
+    /// run counted them over its last minute.
+    pub expert_load: Vec<TenantLoad>,
+    pub commit: String,
+}
+
+/// One tenant's (adapter's) tokens per expert.
+#[derive(Serialize, Debug, Default)]
+pub struct TenantLoad {
+    pub adapter: String,
+    pub tokens_per_expert: Vec<u64>,
+}
+
+/// The router's expert load per adapter, summed over layers.
+fn tenant_load(grpc: &str) -> anyhow::Result<Vec<TenantLoad>> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let load = rt.block_on(async {
+        let mut client = InferenceClient::connect(format!("http://{grpc}")).await?;
+        anyhow::Ok(client.expert_load(moe_proto::v1::ExpertLoadRequest {}).await?.into_inner())
+    })?;
+    let e = load.num_experts.max(1) as usize;
+    Ok(load
+        .adapters
+        .iter()
+        .map(|a| {
+            let mut per = vec![0u64; e];
+            for (i, n) in a.tokens.iter().enumerate() {
+                per[i % e] += n;
+            }
+            TenantLoad { adapter: a.adapter.clone(), tokens_per_expert: per }
+        })
+        .collect())
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -356,6 +391,9 @@ pub fn run(a: BenchPlacementArgs) -> anyhow::Result<()> {
     let result = run_in(&dir, &a);
     let _ = std::fs::remove_dir_all(&dir);
     let r = result?;
+    if let Some(dir) = &a.report {
+        crate::report::placement_report(&serde_json::to_value(&r)?)?.write(dir)?;
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -403,10 +441,12 @@ fn run_in(dir: &Path, a: &BenchPlacementArgs) -> anyhow::Result<PlacementBench> 
     let moe_layers = moe_model::ModelConfig::from_dir(dir)?.moe_layers().len();
     let rtt = Duration::from_micros(a.rtt_us);
     let mut runs = Vec::new();
+    let mut expert_load = Vec::new();
     for name in ["static", "planner"] {
         let cluster = start_cluster(dir, &etcd, &format!("bench-{}-{name}", std::process::id()), a)?;
         let ticks = drive(&cluster, a, &prompts)?;
         runs.push(summarize(&ticks, cost, rtt, moe_layers));
+        expert_load = tenant_load(&cluster.grpc)?;
     }
     let planner = runs.pop().unwrap_or_default();
     let static_sharding = runs.pop().unwrap_or_default();
@@ -419,5 +459,7 @@ fn run_in(dir: &Path, a: &BenchPlacementArgs) -> anyhow::Result<PlacementBench> 
         pair_cost_us: cost.as_secs_f64() * 1e6,
         static_sharding,
         planner,
+        expert_load,
+        commit: crate::report::commit(),
     })
 }
