@@ -8,7 +8,9 @@ uses, with the same thread count, so the README can state moe's figures as ratio
 
 Reports prefill tokens/s (one 512-token prompt), and decode tokens/s at batch 1 and 16
 (16-token prompts, greedy, end-of-sequence ignored; tokens after the first over the time after
-the first), like `moe bench`. With --moe-json it prints moe's embedded figures and the ratios.
+the first), like `moe bench`. With --moe-json it prints moe's embedded figures and the ratios; with
+--report DIR (a `moe bench --report DIR` directory) it leaves peers.json there, which
+`moe bench --from-json DIR/report.json --report DIR` draws beside moe's figures.
 """
 import argparse
 import json
@@ -52,6 +54,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--moe-json")
+    ap.add_argument("--report", help="a `moe bench --report` directory: writes peers.json there, "
+                    "and `moe bench --from-json DIR/report.json --report DIR` draws transformers beside moe")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
@@ -75,6 +79,15 @@ def main():
             "decode_batch1": dec[1] / hf["decode_batch1_tokens_per_s"],
             "decode_batch16": dec[16] / hf["decode_batch16_tokens_per_s"],
         }
+    if a.report:
+        import os
+        peer = {"name": f"transformers {hf['transformers']} (PyTorch, f32)",
+                "prefill_tokens_per_s": hf["prefill_512_tokens_per_s"],
+                "decode": [{"batch": 1, "tokens_per_s": hf["decode_batch1_tokens_per_s"]},
+                           {"batch": 16, "tokens_per_s": hf["decode_batch16_tokens_per_s"]}]}
+        os.makedirs(a.report, exist_ok=True)
+        with open(os.path.join(a.report, "peers.json"), "w") as f:
+            json.dump({"peers": [peer]}, f, indent=2)
     print(json.dumps(out, indent=2))
 
 

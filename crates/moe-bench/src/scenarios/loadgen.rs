@@ -6,7 +6,7 @@
 //! or outlives its deadline plus a margin counts as a violation, and the run exits non-zero.
 //! With several endpoints, requests go to them in turn, and a stream that breaks (its router
 //! failed) resumes on the next endpoint after the tokens it received (`resumed` in the report);
-//! a unary request is retried there.
+//! a unary request is retried there. Progress goes to stderr as it runs (a bar on a terminal).
 
 use anyhow::Context;
 use clap::Args;
@@ -134,6 +134,22 @@ pub fn run(a: LoadgenArgs) -> anyhow::Result<()> {
         let until = (a.duration_secs > 0.0).then(|| started + Duration::from_secs_f64(a.duration_secs));
         let samples: Samples = Arc::default();
         let rss = a.watch_pid.map(|pid| tokio::spawn(sample_rss(pid, started, samples.clone())));
+        let snapshot = {
+            let tally = tally.clone();
+            move || {
+                let t = tally.lock().unwrap_or_else(|p| p.into_inner());
+                let done: usize = t.outcomes.values().sum();
+                let mut lat = t.latencies_ms.clone();
+                let ok = t.outcomes.get("ok").copied().unwrap_or(0);
+                super::progress::Snapshot {
+                    done,
+                    errors: done - ok,
+                    p50_ms: pct(&mut lat, 0.5),
+                    p99_ms: pct(&mut lat, 0.99),
+                }
+            }
+        };
+        let progress = super::progress::spawn(a.requests, started, snapshot.clone());
         let mut tasks = Vec::new();
         for _ in 0..a.concurrency {
             let (mut clients, next, tally, a) = (clients.clone(), next.clone(), tally.clone(), a.clone());
@@ -206,6 +222,8 @@ pub fn run(a: LoadgenArgs) -> anyhow::Result<()> {
         for t in tasks {
             t.await.context("a load task panicked")?;
         }
+        progress.abort();
+        super::progress::finish(&snapshot(), a.requests, started.elapsed());
         let secs = started.elapsed().as_secs_f64();
         let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
         let ended: usize = t.outcomes.values().sum();

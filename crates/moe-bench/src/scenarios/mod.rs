@@ -10,5 +10,6 @@ pub mod machine;
 pub(crate) mod multiturn;
 pub mod placement;
 pub(crate) mod prefix;
+mod progress;
 pub(crate) mod shapes;
 pub(crate) mod structured;
