@@ -1,5 +1,5 @@
-//! `moe bench --report DIR` and `moe bench-placement --report DIR` write a self-contained
-//! report.html that a browser draws: here the bench report of a canned run (with a peer's
+//! `moe bench --report DIR`, `moe bench-placement --report DIR` and `moe loadgen --report DIR`
+//! write a self-contained report.html that a browser draws: here the bench report of a canned run (with a peer's
 //! figures from `peers.json`, as `benches/hf_compare.py --report DIR` leaves them) is drawn again
 //! with `--from-json`, and headless Chromium loads it: every chart gets a size (the page's own
 //! script counts them into `data-rendered`), no script error is logged, and a screenshot of the
@@ -105,6 +105,39 @@ fn bench_report_renders_in_headless_chromium() {
     assert_eq!(png_size(&png), (900, 2200));
     // A blank 900x2200 page compresses to a few KB; four charts and a table do not.
     assert!(png.len() > 60_000, "the screenshot looks blank ({} bytes)", png.len());
+}
+
+/// `moe loadgen --report DIR` against `moe serve --demo`: the report keeps every latency and
+/// draws their distribution, and the page renders.
+#[test]
+fn loadgen_report_keeps_the_latencies_and_renders() {
+    let server = spawn_server(&["serve", "--demo", "--listen", "127.0.0.1:0"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("load");
+    let out = moe(&[
+        "loadgen",
+        "--endpoint",
+        &server.addr,
+        "--requests",
+        "12",
+        "--concurrency",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--report",
+        dir.to_str().expect("utf8"),
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("loadgen: 12/12 requests"), "progress ends with the total: {}", out.stderr);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).expect("report.json")).expect("json");
+    assert_eq!(json["samples"]["latency_ms"].as_array().map(Vec::len), Some(12));
+    let page = dir.join("report.html");
+    assert_eq!(std::fs::read_to_string(&page).expect("html").matches("<svg").count(), 1);
+    let Some(chrome) = chromium() else { return };
+    let (dom, log) = headless(&chrome, &tmp.path().join("p"), &page, &["--dump-dom"]);
+    assert!(dom.contains("data-charts=\"1\" data-rendered=\"1\""), "{}", &dom[..dom.len().min(300)]);
+    assert!(!log.contains("Uncaught"), "script errors: {log}");
 }
 
 #[test]

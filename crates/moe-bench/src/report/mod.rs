@@ -6,9 +6,11 @@
 
 mod bench;
 pub mod charts;
+mod loadgen;
 mod placement;
 
 pub use bench::bench_report;
+pub use loadgen::loadgen_report;
 pub use placement::placement_report;
 
 use anyhow::Context;

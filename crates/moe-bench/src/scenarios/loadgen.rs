@@ -63,6 +63,10 @@ pub struct LoadgenArgs {
     pub seed: u64,
     #[arg(long, env = "MOE_JSON")]
     pub json: bool,
+    /// Also write `report.json` (with every latency) and a self-contained `report.html` with
+    /// the latency distribution into DIR.
+    #[arg(long, env = "MOE_REPORT", value_name = "DIR")]
+    pub report: Option<std::path::PathBuf>,
 }
 
 #[derive(Default)]
@@ -253,6 +257,9 @@ pub fn run(a: LoadgenArgs) -> anyhow::Result<()> {
             "violations": t.violations,
             "rss": rss,
         });
+        if let Some(dir) = &a.report {
+            crate::report::loadgen_report(&report, &t.latencies_ms, &t.ttft_ms)?.write(dir)?;
+        }
         if a.json {
             println!("{report}");
         } else {
