@@ -10,6 +10,7 @@
 mod embedded;
 mod host;
 pub mod local;
+pub mod probe;
 pub mod rebalance;
 mod rebalance_loop;
 mod remote;
@@ -24,6 +25,7 @@ pub use host::{expert_host, HostOptions};
 // What the `moe` binary configures, named here so that it needs no other crate of the workspace.
 pub use moe_compute::Device;
 pub use moe_constrain::ConstraintSpec;
+pub use moe_dispatch::GrpcTransportConfig;
 pub use moe_lora::{locate_adapter, RegistryLimits, DEFAULT_MAX_RANK};
 pub use moe_membership::EtcdOptions;
 pub use moe_router::constraint::to_proto as constraint_to_proto;

@@ -3,7 +3,6 @@
 
 use crate::processes::{spawn_worker_processes, ChildProcesses};
 use crate::{bytes_per_decoded_token, decode, flops_per_prefill_token, prefill, DecodeReport, PrefillReport};
-use anyhow::Context;
 use clap::Args;
 use moe_dispatch::GrpcTransportConfig;
 use moe_router::{Engine, EngineConfig};
@@ -169,50 +168,10 @@ fn mean_balance(text: &str) -> Option<f64> {
     (count > 0.0).then(|| total("sum") / count)
 }
 
+/// Median time of one layer's expert dispatch of a single row to the remote workers (after 50
+/// warm-up calls).
 fn dispatch_round_trip_us(rt: &tokio::runtime::Runtime, dir: &Path, addrs: &[String]) -> anyhow::Result<f64> {
-    use moe_compute::cpu::{CpuBackend, HostTensor};
-    use moe_compute::ExpertPlan;
-    use moe_model::{ExpertExecutor, ExpertRoutes, LayerCall, ModelConfig};
-    let config = ModelConfig::from_dir(dir)?;
-    let d = rt.block_on(moe_cluster::remote_dispatcher(&config, addrs, GrpcTransportConfig::default()))?;
-    let layer = config.moe_layers().first().copied().context("the model has no MoE layer")?;
-    let h = config.hidden_size;
-    let backend = CpuBackend::new();
-    let x = HostTensor { rows: 1, cols: h, data: vec![0.1; h] };
-    let choices: Vec<(u32, f32)> = (0..config.top_k as u32).map(|e| (e, 1.0 / config.top_k as f32)).collect();
-    let mut plan = ExpertPlan::default();
-    plan.rebuild(config.num_experts, config.top_k, &choices);
-    let routes = || ExpertRoutes {
-        top_k: config.top_k,
-        choices: &choices,
-        plan: &plan,
-        adapters: &[],
-        row_adapter: &[],
-        row_request: &[],
-    };
-    let samples = std::thread::scope(|s| {
-        s.spawn(|| {
-            let mut out = HostTensor { rows: 1, cols: h, data: vec![0.0; h] };
-            let mut unserved = Vec::new();
-            let mut v = Vec::new();
-            for _ in 0..300 {
-                let t = Instant::now();
-                let call = LayerCall {
-                    backend: &backend,
-                    layer,
-                    x: &x,
-                    routes: routes(),
-                    out: &mut out,
-                    unserved: &mut unserved,
-                };
-                let _ = ExpertExecutor::<CpuBackend>::run_experts(&d, call);
-                v.push(t.elapsed().as_secs_f64() * 1e6);
-            }
-            v
-        })
-        .join()
-    })
-    .map_err(|_| anyhow::anyhow!("dispatch thread failed"))?;
+    let samples = moe_cluster::probe::dispatch_round_trips_us(rt, dir, addrs, GrpcTransportConfig::default(), 300)?;
     Ok(crate::Percentiles::of(samples[50..].to_vec()).median)
 }
 

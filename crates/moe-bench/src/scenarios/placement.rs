@@ -203,9 +203,10 @@ struct Tick {
 /// Per-pair cost of the demo's experts on this machine: a worker's grouped FFN over 512 rows
 /// (top-2), timed in process.
 fn pair_cost(dir: &Path) -> anyhow::Result<Duration> {
-    use moe_worker::{ComputeInput, ExpertCompute};
-    let host = moe_worker::ExpertHost::load(dir, &"all".parse()?, moe_compute::cpu::CpuBackend::new())?;
-    let h = host.config().hidden_size;
+    use moe_worker::ComputeInput;
+    let options = moe_cluster::HostOptions::default();
+    let host = moe_cluster::expert_host(moe_cluster::Device::Cpu, dir, &moe_worker::ExpertSpec::All, &options)?;
+    let h = moe_model::ModelConfig::from_dir(dir)?.hidden_size;
     let rows = 512usize;
     let x: Vec<f32> = (0..rows * h).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
     let experts: Vec<u32> = (0..rows).flat_map(|r| [(r % 8) as u32, ((r + 3) % 8) as u32]).collect();
