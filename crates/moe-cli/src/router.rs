@@ -86,5 +86,5 @@ pub fn run(a: RouterArgs, device: moe_cluster::Device) -> anyhow::Result<()> {
         rebalance_every: a.rebalance_every,
         rebalance_target: a.rebalance_target,
     };
-    moe_cluster::run_router(process, device)
+    Ok(moe_cluster::run_router(process, device)?)
 }

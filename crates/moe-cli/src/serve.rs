@@ -40,5 +40,5 @@ pub fn run(mut a: ServeArgs, device: moe_cluster::Device) -> anyhow::Result<()> 
         tenants: a.adapters.tenants.clone(),
         apis: a.http.apis(),
     };
-    moe_cluster::run_embedded(process, device)
+    Ok(moe_cluster::run_embedded(process, device)?)
 }

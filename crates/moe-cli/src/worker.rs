@@ -85,5 +85,5 @@ pub fn run(a: WorkerArgs, device: moe_cluster::Device) -> anyhow::Result<()> {
         tls_key: a.tls_key,
         tls_client_ca: a.tls_client_ca,
     };
-    moe_cluster::run_worker(process, device)
+    Ok(moe_cluster::run_worker(process, device)?)
 }

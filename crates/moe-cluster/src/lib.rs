@@ -73,9 +73,38 @@ pub enum ClusterError {
     Listen { addr: String, error: std::io::Error },
     #[error("server failed: {0}")]
     Server(String),
+    #[error(transparent)]
+    Lora(#[from] moe_lora::LoraError),
+    #[error(transparent)]
+    Membership(#[from] moe_membership::MembershipError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// What was being done when `source` failed (shown as `context: source`).
+    #[error("{context}")]
+    Context {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, ClusterError>;
+
+/// Says what was being done when an error happened, as `context: error`.
+pub(crate) trait Context<T> {
+    fn context_with(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: std::error::Error + Send + Sync + 'static> Context<T> for std::result::Result<T, E> {
+    fn context_with(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| ClusterError::Context { context: what(), source: Box::new(e) })
+    }
+}
+
+/// A refusal with its message.
+pub(crate) fn invalid(message: impl Into<String>) -> ClusterError {
+    ClusterError::Invalid(message.into())
+}
 
 /// How a GPU multiplies routed experts, for the whole process: `cublas` (one cuBLAS GEMM per
 /// expert) or `grouped` (the project's grouped GEMM kernel). Without CUDA support, only a check

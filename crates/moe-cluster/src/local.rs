@@ -3,7 +3,7 @@
 //! `moe inspect` (what a model needs, from config.json alone) and `moe adapter inspect` (what an
 //! adapter adapts, or why it cannot be served).
 
-use anyhow::Context;
+use crate::{invalid, Context, Result};
 use moe_compute::{on_device, Backend, Device, OnBackend};
 use moe_constrain::ConstraintSpec;
 use moe_generate::{PromptLogits, TextCodec};
@@ -19,14 +19,14 @@ pub type LocatedAdapter = (PathBuf, String);
 struct LogitsOnDevice<'a>(&'a Path, Option<&'a LocatedAdapter>, &'a [u32]);
 
 impl OnBackend for LogitsOnDevice<'_> {
-    type Output = anyhow::Result<(usize, Vec<f32>)>;
+    type Output = Result<(usize, Vec<f32>)>;
     fn run<B: Backend>(self, backend: B) -> Self::Output {
         let LogitsOnDevice(dir, adapter, ids) = self;
-        let model = Model::load(dir, backend).with_context(|| format!("loading model from {}", dir.display()))?;
+        let model = Model::load(dir, backend).context_with(|| format!("loading model from {}", dir.display()))?;
         let adapter = match adapter {
             Some((d, id)) => Some(
                 moe_lora::load_local_adapter(d, id, &model.config, model.backend())
-                    .with_context(|| format!("loading adapter {}", d.display()))?,
+                    .context_with(|| format!("loading adapter {}", d.display()))?,
             ),
             None => None,
         };
@@ -41,8 +41,8 @@ pub fn prompt_logits(
     dir: &Path,
     adapter: Option<&LocatedAdapter>,
     ids: &[u32],
-) -> anyhow::Result<(usize, Vec<f32>)> {
-    on_device(device, LogitsOnDevice(dir, adapter, ids)).map_err(|e| anyhow::anyhow!("--device {device}: {e}"))?
+) -> Result<(usize, Vec<f32>)> {
+    on_device(device, LogitsOnDevice(dir, adapter, ids)).map_err(|e| invalid(format!("--device {device}: {e}")))?
 }
 
 /// One local generation request (the `moe generate` flags).
@@ -73,7 +73,7 @@ pub struct LocalOutput {
 
 /// Generates one continuation with a local engine on `device` (a KV cache for this sequence
 /// alone, the whole prompt in one prefill chunk).
-pub fn generate_local(device: Device, dir: &Path, r: &LocalRequest) -> anyhow::Result<LocalOutput> {
+pub fn generate_local(device: Device, dir: &Path, r: &LocalRequest) -> Result<LocalOutput> {
     let config = ModelConfig::from_dir(dir)?;
     // The adapter is served by the engine's registry: its parent dir is the adapter dir.
     let (adapters, adapter_id) = match &r.adapter {
@@ -85,9 +85,9 @@ pub fn generate_local(device: Device, dir: &Path, r: &LocalRequest) -> anyhow::R
     };
     let codec = TextCodec::from_dir(dir)?;
     let prompt = match (&r.prompt, &r.token_ids) {
-        (Some(text), _) => codec.encode(text).context("encoding the prompt")?,
+        (Some(text), _) => codec.encode(text).context_with(|| "encoding the prompt".into())?,
         (None, Some(ids)) => ids.clone(),
-        (None, None) => anyhow::bail!("give --prompt or --token-ids"),
+        (None, None) => return Err(invalid("give --prompt or --token-ids")),
     };
     let room = config.max_position_embeddings.saturating_sub(prompt.len());
     let max_new = r.max_new_tokens.min(room);
@@ -102,7 +102,7 @@ pub fn generate_local(device: Device, dir: &Path, r: &LocalRequest) -> anyhow::R
         ..Default::default()
     };
     let engine = crate::local_engine(device, dir, engine_config, &adapters)
-        .map_err(|e| anyhow::anyhow!("--device {device}: {e}"))?;
+        .map_err(|e| invalid(format!("--device {device}: {e}")))?;
     let params = GenerationParams {
         max_new_tokens: Some(max_new as u32),
         temperature: Some(r.temperature),
@@ -122,8 +122,8 @@ pub fn generate_local(device: Device, dir: &Path, r: &LocalRequest) -> anyhow::R
         Duration::from_secs(24 * 3600),
     )?;
     if !adapter_id.is_empty() {
-        let registry = engine.adapters().context("the engine serves no adapters")?;
-        req.adapter = Some(registry.pin(&adapter_id).with_context(|| format!("loading adapter {adapter_id:?}"))?);
+        let registry = engine.adapters().ok_or_else(|| invalid("the engine serves no adapters"))?;
+        req.adapter = Some(registry.pin(&adapter_id).context_with(|| format!("loading adapter {adapter_id:?}"))?);
     }
     let prompt_len = req.prompt.len();
     let started = Instant::now();
@@ -138,7 +138,7 @@ pub fn generate_local(device: Device, dir: &Path, r: &LocalRequest) -> anyhow::R
             }
             Some(Event::Finished { reason, .. }) => break reason,
             Some(Event::Failed(e)) => return Err(e.into()),
-            None => anyhow::bail!("the engine stopped without finishing the request"),
+            None => return Err(invalid("the engine stopped without finishing the request")),
         }
     };
     let first = first_token.unwrap_or_else(Instant::now);
@@ -158,9 +158,9 @@ pub fn generate_local(device: Device, dir: &Path, r: &LocalRequest) -> anyhow::R
 
 /// What a model needs, from its config.json alone (`path`: a model directory or the file): one
 /// line of text, or a JSON object.
-pub fn describe_model(path: &Path, json: bool) -> anyhow::Result<String> {
+pub fn describe_model(path: &Path, json: bool) -> Result<String> {
     let path = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(&path).context_with(|| format!("reading {}", path.display()))?;
     let config = ModelConfig::parse(&text, &path)?;
     let size = ModelSize::of(&config);
     if !json {
@@ -199,12 +199,12 @@ fn kind_name(kind: ModuleKind) -> String {
 
 /// What the adapter in `dir` adapts on the model in `model_dir` (a table, or JSON), or why it
 /// cannot be served.
-pub fn describe_adapter(dir: &Path, model_dir: &Path, json: bool) -> anyhow::Result<String> {
+pub fn describe_adapter(dir: &Path, model_dir: &Path, json: bool) -> Result<String> {
     use std::fmt::Write as _;
     let config = ModelConfig::from_dir(model_dir)?;
     let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "adapter".into());
     let manifest = AdapterManifest::read(dir, &name, &config)
-        .map_err(|e| anyhow::anyhow!("{} cannot be served: {e}", dir.display()))?;
+        .map_err(|e| invalid(format!("{} cannot be served: {e}", dir.display())))?;
     let rows: Vec<serde_json::Value> = manifest
         .modules
         .iter()

@@ -3,6 +3,7 @@
 //! elected planner rebalancing experts when asked); its public APIs served until a shutdown signal.
 
 use crate::serving::{bind_all, run_until_signal, serve_all, PublicApis, GRACE};
+use crate::{invalid, Context, Result};
 use moe_compute::Device;
 use moe_dispatch::{GrpcTransportConfig, Hedging};
 use moe_proto::v1::WireDtype;
@@ -36,11 +37,11 @@ pub struct RouterProcess {
 }
 
 /// Applies a tenants file, if any, to an engine.
-pub fn with_tenants(engine: moe_router::Engine, tenants: Option<&Path>) -> anyhow::Result<moe_router::Engine> {
+pub fn with_tenants(engine: moe_router::Engine, tenants: Option<&Path>) -> Result<moe_router::Engine> {
     Ok(match tenants {
         None => engine,
         Some(path) => {
-            let tenants = moe_router::Tenants::from_file(path).map_err(|e| anyhow::anyhow!("--tenants: {e}"))?;
+            let tenants = moe_router::Tenants::from_file(path).map_err(|e| invalid(format!("--tenants: {e}")))?;
             engine.with_tenants(Arc::new(tenants))
         }
     })
@@ -61,27 +62,28 @@ pub struct EmbeddedProcess {
 
 /// The embedded cluster (`moe serve`): a router and its in-process workers on `device`, its
 /// public APIs served until a shutdown signal.
-pub fn run_embedded(p: EmbeddedProcess, device: Device) -> anyhow::Result<()> {
+pub fn run_embedded(p: EmbeddedProcess, device: Device) -> Result<()> {
     let (dir, apis) = (&p.model, &p.apis);
     let engine = crate::embedded_on(device, dir, p.workers, p.engine.clone(), &p.adapters)
-        .map_err(|e| anyhow::anyhow!("--device {device}: {e}"))?;
+        .map_err(|e| invalid(format!("--device {device}: {e}")))?;
     let engine = with_tenants(engine, p.tenants.as_deref())?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let listeners = bind_all(&p.listen, apis, "serve").await?;
         let cluster = Arc::new(StaticCluster(p.workers));
-        run_until_signal(|stop| serve_all(engine, cluster, None, dir, apis, listeners, stop), GRACE)
-            .await
-            .map_err(anyhow::Error::from)
+        run_until_signal(|stop| serve_all(engine, cluster, None, dir, apis, listeners, stop), GRACE).await
     })
 }
 
-pub fn run_router(a: RouterProcess, device: Device) -> anyhow::Result<()> {
-    anyhow::ensure!(a.rebalance_target > 0.0 && a.rebalance_target <= 1.0, "--rebalance-target must be in (0, 1]");
-    anyhow::ensure!(
-        a.rebalance_every == 0 || a.etcd.is_some(),
-        "--rebalance-every needs --etcd (workers publish what they host there, and routers elect the planner)"
-    );
+pub fn run_router(a: RouterProcess, device: Device) -> Result<()> {
+    if !(a.rebalance_target > 0.0 && a.rebalance_target <= 1.0) {
+        return Err(invalid("--rebalance-target must be in (0, 1]"));
+    }
+    if a.rebalance_every > 0 && a.etcd.is_none() {
+        return Err(invalid(
+            "--rebalance-every needs --etcd (workers publish what they host there, and routers elect the planner)",
+        ));
+    }
     let engine_config = a.engine.clone();
     let metrics = engine_config.metrics.clone();
     let transport = GrpcTransportConfig {
@@ -134,15 +136,13 @@ pub fn run_router(a: RouterProcess, device: Device) -> anyhow::Result<()> {
             if let Some(e) = election {
                 let _ = tokio::time::timeout(Duration::from_secs(3), e).await;
             }
-            return r.map_err(anyhow::Error::from);
+            return r;
         }
         let engine = crate::remote_on(device, &a.model, &a.workers, transport, engine_config, &adapter_options).await?;
         let engine = with_tenants(engine, a.tenants.as_deref())?;
         let listeners = bind_all(&a.listen, &apis, "router").await?;
         let cluster = Arc::new(StaticCluster(a.workers.len()));
-        run_until_signal(|stop| serve_all(engine, cluster, None, &a.model, &apis, listeners, stop), GRACE)
-            .await
-            .map_err(anyhow::Error::from)
+        run_until_signal(|stop| serve_all(engine, cluster, None, &a.model, &apis, listeners, stop), GRACE).await
     })
 }
 
@@ -175,10 +175,9 @@ impl moe_router::adapter_sync::AdapterSync for EtcdAdapterSync {
     }
 }
 
-fn transport_tls(a: &RouterProcess) -> anyhow::Result<Option<moe_dispatch::TransportTls>> {
-    use anyhow::Context;
+fn transport_tls(a: &RouterProcess) -> Result<Option<moe_dispatch::TransportTls>> {
     let Some(ca) = &a.worker_ca else { return Ok(None) };
-    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let read = |p: &std::path::Path| std::fs::read(p).context_with(|| format!("reading {}", p.display()));
     let identity = match (&a.worker_client_cert, &a.worker_client_key) {
         (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
         _ => None,

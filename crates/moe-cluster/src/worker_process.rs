@@ -3,7 +3,7 @@
 //! shutdown signal leaves the membership before it drains.
 
 use crate::serving::{bind, run_until_signal, GRACE};
-use anyhow::Context;
+use crate::{invalid, Context, Result};
 use moe_compute::Device;
 use moe_worker::ExpertSpec;
 use std::path::PathBuf;
@@ -32,11 +32,11 @@ pub struct WorkerProcess {
     pub etcd: Option<moe_membership::EtcdOptions>,
 }
 
-fn read_pem(path: &std::path::Path, what: &str) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
+fn read_pem(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).context_with(|| format!("reading {what} {}", path.display()))
 }
 
-pub fn run_worker(a: WorkerProcess, device: Device) -> anyhow::Result<()> {
+pub fn run_worker(a: WorkerProcess, device: Device) -> Result<()> {
     let spec: ExpertSpec = a.experts.parse()?;
     let mut options = crate::HostOptions {
         adapters: None,
@@ -48,7 +48,9 @@ pub fn run_worker(a: WorkerProcess, device: Device) -> anyhow::Result<()> {
         },
     };
     if let Some(dir) = &a.adapter_dir {
-        anyhow::ensure!(dir.is_dir(), "--adapter-dir {} is not a directory", dir.display());
+        if !dir.is_dir() {
+            return Err(invalid(format!("--adapter-dir {} is not a directory", dir.display())));
+        }
         let limits = moe_lora::RegistryLimits {
             max_adapters: a.max_adapters,
             max_bytes: a.max_adapter_mb.saturating_mul(1 << 20),
@@ -58,8 +60,8 @@ pub fn run_worker(a: WorkerProcess, device: Device) -> anyhow::Result<()> {
         options.adapters = Some((dir.clone(), limits));
     }
     let host = crate::expert_host(device, &a.model, &spec, &options)
-        .map_err(|e| anyhow::anyhow!("--device {device}: {e}"))
-        .with_context(|| format!("loading experts from {}", a.model.display()))?;
+        .map_err(|e| invalid(format!("--device {device}: {e}")))
+        .context_with(|| format!("loading experts from {}", a.model.display()))?;
     let tls = match (&a.tls_cert, &a.tls_key) {
         (Some(c), Some(k)) => Some(moe_worker::WorkerTls {
             cert_pem: read_pem(c, "--tls-cert")?,
@@ -69,14 +71,16 @@ pub fn run_worker(a: WorkerProcess, device: Device) -> anyhow::Result<()> {
         _ => None,
     };
     let hosted: usize = host.hosted().iter().map(|(_, e)| e.len()).sum();
-    anyhow::ensure!(hosted > 0, "the expert spec {:?} selects no experts of this model", a.experts);
+    if hosted == 0 {
+        return Err(invalid(format!("the expert spec {:?} selects no experts of this model", a.experts)));
+    }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let listener = bind(&a.listen, "worker").await?;
         let bound = listener.local_addr()?.to_string();
         let advertise = bracket_ipv6(&a.advertise.clone().unwrap_or(bound));
         if let Some(why) = moe_dispatch::address_problem(&advertise) {
-            anyhow::bail!("--advertise: {why}");
+            return Err(invalid(format!("--advertise: {why}")));
         }
         let id = a.worker_id.clone().unwrap_or_else(|| advertise.clone());
         tracing::info!(worker = %id, hosted, device = %host.device(), "serving experts");
@@ -129,7 +133,6 @@ pub fn run_worker(a: WorkerProcess, device: Device) -> anyhow::Result<()> {
             GRACE,
         )
         .await
-        .map_err(anyhow::Error::from)
     })
 }
 
