@@ -3,7 +3,7 @@
 
 use crate::adapter::{AdapterWeights, LayerLora};
 use crate::kv::SequenceCache;
-use moe_compute::{Backend, LoraWeights};
+use moe_compute::{Backend, FfnScratch, LoraWeights};
 
 /// One sequence's part of a forward call.
 pub struct BatchItem<'a, B: Backend> {
@@ -43,6 +43,34 @@ impl<'a, B: Backend> BatchItem<'a, B> {
 /// Picks one module's pair out of a layer's adapter pairs.
 pub(crate) type PairOf<B> = fn(&LayerLora<B>) -> Option<&LoraWeights<B>>;
 
+/// The module pickers, one per adapted projection.
+pub(crate) fn q_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.q.as_ref()
+}
+pub(crate) fn q_gate_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.q_gate.as_ref()
+}
+pub(crate) fn k_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.k.as_ref()
+}
+pub(crate) fn v_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.v.as_ref()
+}
+pub(crate) fn o_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.o.as_ref()
+}
+pub(crate) fn q_a_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.q_a.as_ref()
+}
+pub(crate) fn kv_a_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.kv_a.as_ref()
+}
+pub(crate) fn kv_b_keys<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.kv_b_keys.as_ref()
+}
+pub(crate) fn kv_b_values<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
+    l.kv_b_values.as_ref()
+}
 pub(crate) fn gate_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
     l.gate.as_ref()
 }
@@ -55,4 +83,34 @@ pub(crate) fn row_pair<'l, B: Backend>(
     pick: PairOf<B>,
 ) -> impl Fn(usize) -> Option<&'l LoraWeights<B>> + Sync + 'l {
     move |r| pick(items.get(*row_item.get(r)? as usize)?.adapter?.layers.get(layer)?)
+}
+
+/// One layer's adapter pairs applied per row: each row gets its own adapter's pair, if any.
+pub(crate) struct LayerPairs<'a, 'i, B: Backend> {
+    pub backend: &'a B,
+    pub items: &'a [BatchItem<'i, B>],
+    pub layer: usize,
+}
+
+impl<B: Backend> LayerPairs<'_, '_, B> {
+    /// Whether any row's adapter has the pair `pick` on this layer.
+    pub fn any(&self, pick: PairOf<B>) -> bool {
+        self.items.iter().any(|it| it.adapter.and_then(|ad| ad.layers.get(self.layer)).and_then(pick).is_some())
+    }
+
+    /// `out[.., col..] += scale · x · Aᵀ · Bᵀ` on the rows whose adapter has the pair `pick`.
+    pub fn add(
+        &self,
+        pick: PairOf<B>,
+        col: usize,
+        row_item: &[u32],
+        x: &B::Act,
+        s: &mut FfnScratch<B>,
+        out: &mut B::Act,
+    ) {
+        if self.any(pick) {
+            let lookup = row_pair(self.items, row_item, self.layer, pick);
+            self.backend.lora_add(x, &lookup, col, s, out);
+        }
+    }
 }

@@ -3,14 +3,13 @@
 //! the whole projection, clipped q/k/v, partial rotary, a sliding window; and per-row LoRA pairs
 //! on q, k, v and o.
 
-use crate::adapter::LayerLora;
-use crate::batch::{row_pair, BatchItem, PairOf};
+use crate::batch::{k_pair, o_pair, q_gate_pair, q_pair, v_pair, BatchItem, LayerPairs, PairOf};
 use crate::config::QkNorm;
 use crate::error::Result;
 use crate::model::{KvCache, Model};
 use crate::weights::AttentionWeights;
 use crate::workspace::Workspace;
-use moe_compute::{AttentionShape, Backend, LoraWeights};
+use moe_compute::{AttentionShape, Backend};
 
 impl<B: Backend> Model<B> {
     /// Grouped-query attention (multi-head and multi-query as its cases) on `ws.normed`.
@@ -25,16 +24,11 @@ impl<B: Backend> Model<B> {
         let (b, c) = (&self.backend, &self.config);
         let (qw, kw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         b.linear(&ws.normed, &a.qkv, a.qkv_bias.as_ref(), &mut ws.qkv);
-        let has = |pick: fn(&crate::adapter::LayerLora<B>) -> Option<&LoraWeights<B>>| {
-            items.iter().any(|it| it.adapter.and_then(|ad| ad.layers.get(layer_idx)).and_then(pick).is_some())
-        };
+        let lora = LayerPairs { backend: b, items, layer: layer_idx };
         // Gated attention's gate columns follow q, k and v.
         let pairs = [(q_pair as PairOf<B>, 0), (k_pair, qw), (v_pair, qw + kw), (q_gate_pair, qw + 2 * kw)];
         for (pick, col) in pairs {
-            if has(pick) {
-                let lookup = row_pair(items, &ws.row_item, layer_idx, pick);
-                b.lora_add(&ws.normed, &lookup, col, &mut ws.scratch, &mut ws.qkv);
-            }
+            lora.add(pick, col, &ws.row_item, &ws.normed, &mut ws.scratch, &mut ws.qkv);
         }
         if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
             let (qg, kg) = match c.qk_norm {
@@ -59,27 +53,8 @@ impl<B: Backend> Model<B> {
             b.mul_sigmoid_cols(&mut ws.attn, &ws.qkv, qw + 2 * kw)?;
         }
         b.linear(&ws.attn, &a.o, a.o_bias.as_ref(), &mut ws.proj);
-        if has(o_pair) {
-            let lookup = row_pair(items, &ws.row_item, layer_idx, o_pair);
-            b.lora_add(&ws.attn, &lookup, 0, &mut ws.scratch, &mut ws.proj);
-        }
+        lora.add(o_pair, 0, &ws.row_item, &ws.attn, &mut ws.scratch, &mut ws.proj);
         b.add(&mut ws.hidden, &ws.proj);
         Ok(())
     }
-}
-
-fn q_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
-    l.q.as_ref()
-}
-fn q_gate_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
-    l.q_gate.as_ref()
-}
-fn k_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
-    l.k.as_ref()
-}
-fn v_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
-    l.v.as_ref()
-}
-fn o_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
-    l.o.as_ref()
 }

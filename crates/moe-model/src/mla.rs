@@ -10,13 +10,12 @@
 //! projection's output; a `kv_b_proj` pair, whose weight is absorbed, is absorbed too
 //! (`mla_weights::absorbed_kv_b_lora`) and applied per head by `lora_add_heads`.
 
-use crate::adapter::LayerLora;
-use crate::batch::{row_pair, BatchItem, PairOf};
+use crate::batch::{kv_a_pair, kv_b_keys, kv_b_values, o_pair, q_a_pair, q_pair, row_pair, BatchItem, LayerPairs};
 use crate::error::{ModelError, Result};
 use crate::mla_weights::LatentWeights;
 use crate::model::{KvCache, Model};
 use crate::workspace::Workspace;
-use moe_compute::{Backend, FfnScratch, HeadCols, LoraWeights};
+use moe_compute::{Backend, HeadCols};
 
 /// RMSNorm epsilon of `q_a_layernorm` and `kv_a_layernorm` (transformers builds them with the
 /// norm's default, not `rms_norm_eps`).
@@ -37,24 +36,24 @@ impl<B: Backend> Model<B> {
         let (heads, qk, rank, rope) = (c.num_heads, a.qk_head_dim(), a.kv_lora_rank, a.qk_rope_head_dim);
         let width = a.latent_dim();
         let (rows, _) = b.act_shape(&ws.normed);
-        let pairs = Pairs { backend: b, items, layer };
+        let pairs = LayerPairs { backend: b, items, layer };
         // q: [rows, heads · qk], through the low-rank path when there is one.
         match &w.q_a {
             Some((q_a, q_a_norm)) => {
                 b.linear(&ws.normed, q_a, None, &mut ws.mla_v);
-                pairs.add(q_a_pair, &ws.row_item, &ws.normed, &mut ws.scratch, &mut ws.mla_v);
+                pairs.add(q_a_pair, 0, &ws.row_item, &ws.normed, &mut ws.scratch, &mut ws.mla_v);
                 b.rms_norm(&ws.mla_v, q_a_norm, LATENT_NORM_EPS, &mut ws.proj);
                 b.linear(&ws.proj, &w.q_b, None, &mut ws.mla_q);
-                pairs.add(q_pair, &ws.row_item, &ws.proj, &mut ws.scratch, &mut ws.mla_q);
+                pairs.add(q_pair, 0, &ws.row_item, &ws.proj, &mut ws.scratch, &mut ws.mla_q);
             }
             None => {
                 b.linear(&ws.normed, &w.q_b, None, &mut ws.mla_q);
-                pairs.add(q_pair, &ws.row_item, &ws.normed, &mut ws.scratch, &mut ws.mla_q);
+                pairs.add(q_pair, 0, &ws.row_item, &ws.normed, &mut ws.scratch, &mut ws.mla_q);
             }
         }
         // The latent row: [c_kv (normed) | k_rope].
         b.linear(&ws.normed, &w.kv_a, None, &mut ws.mla_kv);
-        pairs.add(kv_a_pair, &ws.row_item, &ws.normed, &mut ws.scratch, &mut ws.mla_kv);
+        pairs.add(kv_a_pair, 0, &ws.row_item, &ws.normed, &mut ws.scratch, &mut ws.mla_kv);
         b.rms_norm_cols(&mut ws.mla_kv, 0..rank, rank, &w.kv_a_norm, LATENT_NORM_EPS);
         // The attention input: absorbed query heads [q_lat | q_rope] then the latent key.
         b.zeros(rows, (heads + 1) * width, &mut ws.qkv);
@@ -87,49 +86,8 @@ impl<B: Backend> Model<B> {
             b.lora_add_heads(&ws.attn, &lookup, cols, &mut ws.scratch, &mut ws.mla_v)?;
         }
         b.linear(&ws.mla_v, &w.o, None, &mut ws.proj);
-        pairs.add(o_pair, &ws.row_item, &ws.mla_v, &mut ws.scratch, &mut ws.proj);
+        pairs.add(o_pair, 0, &ws.row_item, &ws.mla_v, &mut ws.scratch, &mut ws.proj);
         b.add(&mut ws.hidden, &ws.proj);
         Ok(())
     }
-}
-
-/// An adapter pair's per-row application within one layer.
-struct Pairs<'a, 'i, B: Backend> {
-    backend: &'a B,
-    items: &'a [BatchItem<'i, B>],
-    layer: usize,
-}
-
-impl<B: Backend> Pairs<'_, '_, B> {
-    /// Whether any row's adapter has the pair `pick` on this layer.
-    fn any(&self, pick: PairOf<B>) -> bool {
-        self.items.iter().any(|it| it.adapter.and_then(|ad| ad.layers.get(self.layer)).and_then(pick).is_some())
-    }
-
-    /// `out += scale · x · Aᵀ · Bᵀ` on the rows whose adapter has the pair `pick`.
-    fn add(&self, pick: PairOf<B>, row_item: &[u32], x: &B::Act, s: &mut FfnScratch<B>, out: &mut B::Act) {
-        if self.any(pick) {
-            let lookup = row_pair(self.items, row_item, self.layer, pick);
-            self.backend.lora_add(x, &lookup, 0, s, out);
-        }
-    }
-}
-
-fn q_a_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
-    l.q_a.as_ref()
-}
-fn q_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
-    l.q.as_ref()
-}
-fn kv_a_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
-    l.kv_a.as_ref()
-}
-fn o_pair<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
-    l.o.as_ref()
-}
-fn kv_b_keys<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
-    l.kv_b_keys.as_ref()
-}
-fn kv_b_values<B: Backend>(l: &LayerLora<B>) -> Option<&LoraWeights<B>> {
-    l.kv_b_values.as_ref()
 }

@@ -93,16 +93,7 @@ pub(crate) fn lora_heads<'l>(
     s: &mut FfnScratch<CpuBackend>,
     out: &mut HostTensor,
 ) {
-    let mut r = 0;
-    while r < x.rows {
-        let Some(pair) = lora(r) else {
-            r += 1;
-            continue;
-        };
-        let mut end = r + 1;
-        while end < x.rows && lora(end).is_some_and(|p| std::ptr::eq(p, pair)) {
-            end += 1;
-        }
+    for (r, end, pair) in super::lora::pair_segments(x.rows, lora) {
         let (m, k, rank, n) = (end - r, pair.a.cols, pair.b.cols, c.out_width);
         let (a_per_head, b_per_head) = (pair.a.rows != rank, pair.b.rows != n);
         debug_assert!(!a_per_head || pair.a.rows == c.heads * rank);
@@ -121,7 +112,6 @@ pub(crate) fn lora_heads<'l>(
                 simd::axpy(pair.scale, s.lora_expand.row(i), dst);
             }
         }
-        r = end;
     }
 }
 

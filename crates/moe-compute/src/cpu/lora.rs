@@ -17,16 +17,7 @@ pub(super) fn lora_segments<'l>(
     out: &mut HostTensor,
 ) {
     let k = x.cols;
-    let mut r = 0;
-    while r < x.rows {
-        let Some(pair) = lora(r) else {
-            r += 1;
-            continue;
-        };
-        let mut end = r + 1;
-        while end < x.rows && lora(end).is_some_and(|p| std::ptr::eq(p, pair)) {
-            end += 1;
-        }
+    for (r, end, pair) in pair_segments(x.rows, lora) {
         let (m, rank, n) = (end - r, pair.a.rows, pair.b.rows);
         debug_assert!(pair.a.cols == k && pair.b.cols == rank && col + n <= out.cols);
         shrink.reshape(m, rank);
@@ -36,8 +27,29 @@ pub(super) fn lora_segments<'l>(
         for i in 0..m {
             simd::axpy(pair.scale, expand.row(i), &mut out.row_mut(r + i)[col..col + n]);
         }
-        r = end;
     }
+}
+
+/// The runs `(start, end, pair)` of consecutive rows among `0..rows` that use the same pair
+/// (compared by address); rows without a pair are skipped.
+pub(super) fn pair_segments<'l>(
+    rows: usize,
+    lora: impl Fn(usize) -> Option<&'l LoraWeights<super::CpuBackend>>,
+) -> impl Iterator<Item = (usize, usize, &'l LoraWeights<super::CpuBackend>)> {
+    let mut r = 0;
+    std::iter::from_fn(move || {
+        while r < rows {
+            let start = r;
+            r += 1;
+            if let Some(pair) = lora(start) {
+                while r < rows && lora(r).is_some_and(|p| std::ptr::eq(p, pair)) {
+                    r += 1;
+                }
+                return Some((start, r, pair));
+            }
+        }
+        None
+    })
 }
 
 #[cfg(test)]
