@@ -40,6 +40,11 @@ struct Cli {
     /// grouped (the project's grouped GEMM kernel, every expert in one launch).
     #[arg(long, global = true, env = "MOE_EXPERT_GEMM", default_value = "cublas", value_parser = ["cublas", "grouped"])]
     expert_gemm: String,
+    /// CPU kernel instruction set: auto (the widest this CPU runs), avx512, avx2, neon or
+    /// portable. Every set computes the same bits; the choice is logged at start and exported
+    /// as `moe_cpu_kernels` in /metrics.
+    #[arg(long, global = true, env = "MOE_CPU_KERNELS", default_value = "auto")]
+    cpu_kernels: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -112,6 +117,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     moe_cluster::set_expert_gemm(&cli.expert_gemm)?;
+    moe_cluster::set_cpu_kernels(&cli.cpu_kernels)?;
     if let Some(n) = cli.threads {
         anyhow::ensure!(n > 0, "--threads must be at least 1");
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("starting the compute thread pool")?;

@@ -119,6 +119,14 @@ pub fn set_expert_gemm(mode: &str) -> Result<()> {
     Ok(())
 }
 
+/// Chooses the CPU kernels' instruction set (`auto`, `avx512`, `avx2`, `neon`, `portable`) for
+/// the process and logs the choice; an error names a set this CPU cannot run.
+pub fn set_cpu_kernels(request: &str) -> Result<moe_compute::cpu::CpuKernels> {
+    let set = moe_compute::cpu::select_cpu_kernels(request)?;
+    tracing::info!(cpu_kernels = %set, numerics = moe_compute::cpu::NUMERICS, "CPU kernels chosen");
+    Ok(set)
+}
+
 /// Loads the dense part of the model onto `backend` and the tokenizer (what a router holds).
 pub fn load_router_model<B: Backend>(dir: &Path, backend: B) -> Result<(Arc<Model<B>>, Arc<TextCodec>)> {
     let model = Model::load_with(dir, backend, false)?;

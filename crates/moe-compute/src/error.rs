@@ -21,6 +21,8 @@ pub enum ComputeError {
     BadDevice(String),
     #[error("CUDA: {0}")]
     Cuda(String),
+    #[error("{0}")]
+    CpuKernels(String),
     #[error("the {backend} backend does not implement {op} yet")]
     Unsupported { op: &'static str, backend: String },
 }

@@ -40,6 +40,13 @@ pub struct BenchArgs {
     /// Run only the fairness scenario.
     #[arg(long, env = "MOE_ONLY_FAIRNESS", conflicts_with = "skip_fairness")]
     pub only_fairness: bool,
+    /// Only what the llama.cpp comparison needs: the ceilings, the embedded cluster's prefill and
+    /// decode, and decode with bf16 weights (about 30 s).
+    #[arg(long, env = "MOE_BENCH_CORE")]
+    pub core: bool,
+    /// Print the benchmark checkpoint's directory (writing it first if needed) and exit.
+    #[arg(long)]
+    pub print_model_dir: bool,
     #[arg(long, env = "MOE_JSON")]
     pub json: bool,
     /// Also write `report.json` and a self-contained `report.html` with charts into DIR (the
@@ -60,6 +67,10 @@ fn write_report(json: &serde_json::Value, dir: &Path) -> anyhow::Result<()> {
 
 #[derive(Serialize)]
 struct Ceilings {
+    /// The CPU kernel set every figure was measured with (`--cpu-kernels`).
+    cpu_kernels: String,
+    /// Fused multiply-adds in registers on every thread, with that set's vector width.
+    fma_peak_gflops: f64,
     memory_copy_gbps: f64,
     gemm_peak_gflops: f64,
     expert_gflops: f64,
@@ -184,6 +195,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         Some(d) => d.clone(),
         None => moe_demo::cached_model_dir("bench-model", &moe_demo::DemoSpec::bench())?,
     };
+    if a.print_model_dir {
+        println!("{}", dir.display());
+        return Ok(());
+    }
     if a.only_fairness {
         let f = crate::scenarios::fairness::measure(&dir, a.workers)?;
         let json =
@@ -219,6 +234,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     // Ceilings after the embedded run, so their buffers (and a second copy of every expert)
     // are not in the embedded run's peak memory.
     eprintln!("measuring ceilings");
+    let kernels = moe_compute::cpu::cpu_kernels();
+    let fma_peak = moe_compute::cpu::fma_peak_gflops(kernels, 20_000_000);
     let copy = crate::memory_copy_gbps(256);
     let gemm = crate::gemm_peak_gflops(1024);
     let expert = {
@@ -230,6 +247,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let bytes = bytes_per_decoded_token(&config, 4);
     let flops = flops_per_prefill_token(&config);
     let ceilings = Ceilings {
+        cpu_kernels: kernels.name().into(),
+        fma_peak_gflops: fma_peak,
         memory_copy_gbps: copy,
         gemm_peak_gflops: gemm,
         expert_gflops: expert,
@@ -239,7 +258,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         prefill_roofline_tokens_per_s: gemm * 1e9 / flops,
     };
     let mut overlap = Vec::new();
-    if !a.skip_remote {
+    if !a.skip_remote && !a.core {
         let (_children, addrs) = spawn_workers(&dir, a.workers)?;
         let rt = tokio::runtime::Runtime::new()?;
         let transport = GrpcTransportConfig::default();
@@ -288,17 +307,25 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             decode_batch1: d,
         })
     };
-    let adapters = if a.skip_adapters || a.model.is_some() {
+    let adapters = if a.skip_adapters || a.model.is_some() || a.core {
         Vec::new()
     } else {
         crate::scenarios::adapters::measure(&dir, a.workers, a.new_tokens)?
     };
-    eprintln!("prefix cache: TTFT with a shared 1024-token prefix, cache off and on");
-    let prefix_cache = Some(crate::scenarios::prefix::measure(&dir, a.workers, 1024)?);
-    let failover = if a.skip_remote { Vec::new() } else { crate::scenarios::failover::measure(&dir)? };
-    eprintln!("structured output: decode batch 16, half under a JSON schema, against none");
-    let structured = crate::scenarios::structured::measure(&dir, a.workers, a.new_tokens)?;
-    let multi_turn = if a.skip_multi_turn {
+    let prefix_cache = if a.core {
+        None
+    } else {
+        eprintln!("prefix cache: TTFT with a shared 1024-token prefix, cache off and on");
+        Some(crate::scenarios::prefix::measure(&dir, a.workers, 1024)?)
+    };
+    let failover = if a.skip_remote || a.core { Vec::new() } else { crate::scenarios::failover::measure(&dir)? };
+    let structured = if a.core {
+        None
+    } else {
+        eprintln!("structured output: decode batch 16, half under a JSON schema, against none");
+        crate::scenarios::structured::measure(&dir, a.workers, a.new_tokens)?
+    };
+    let multi_turn = if a.skip_multi_turn || a.core {
         None
     } else {
         // Tenants use the benchmark adapters when the model is the benchmark model.
@@ -309,8 +336,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         };
         crate::scenarios::multiturn::measure(&dir, a.workers, adapters.as_deref())?
     };
-    let fairness = if a.skip_fairness { None } else { Some(crate::scenarios::fairness::measure(&dir, a.workers)?) };
+    let fairness =
+        if a.skip_fairness || a.core { None } else { Some(crate::scenarios::fairness::measure(&dir, a.workers)?) };
     let layouts = match a.model {
+        _ if a.core => None,
         Some(_) => None,
         None => Some(crate::scenarios::shapes::measure(a.workers, a.new_tokens)?),
     };
@@ -397,8 +426,14 @@ fn print_table(r: &Report) {
     let c = &r.ceilings;
     println!("model: {}  ({} threads)", r.model, r.threads);
     println!(
-        "ceilings: memory copy {:.1} GB/s, GEMM peak {:.1} GFLOP/s (backend kernel, 1024^3)",
-        c.memory_copy_gbps, c.gemm_peak_gflops
+        "CPU kernels: {} (FMA peak in registers {:.1} GFLOP/s over {} threads)",
+        c.cpu_kernels, c.fma_peak_gflops, r.threads
+    );
+    println!(
+        "ceilings: memory copy {:.1} GB/s, GEMM peak {:.1} GFLOP/s (backend kernel, 1024^3: {:.0}% of the FMA peak)",
+        c.memory_copy_gbps,
+        c.gemm_peak_gflops,
+        100.0 * c.gemm_peak_gflops / c.fma_peak_gflops.max(1e-9)
     );
     println!(
         "          decode roofline {:.0} tok/s ({:.1} MB of weights per token), prefill roofline {:.0} tok/s ({:.1} MFLOP per token)",

@@ -10,10 +10,18 @@
 //! one accumulator per element, so tiles trade nothing but speed; the portable kernel computes
 //! the same arithmetic element by element (`f32::mul_add` is the fused multiply-add everywhere).
 
+use super::kernel_set::{cpu_kernels, CpuKernels};
 use super::operand::{SendPtr, Weights};
 use super::simd::bf16_to_f32;
 use rayon::prelude::*;
-use std::sync::OnceLock;
+use std::cell::RefCell;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 
 /// Below this many multiply-adds a call runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 15;
@@ -44,33 +52,36 @@ pub fn canonical_dot(a: &[f32], b: impl Fn(usize) -> f32, k: usize) -> f32 {
     s
 }
 
-fn has_avx2_fma() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
-}
-
 /// `out[m×n] = x[m×k] · w[n×k]ᵀ`, each element the canonical dot product.
 pub fn matmul(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut [f32]) {
-    matmul_with(x, m, k, w, n, out, true)
+    matmul_with(cpu_kernels(), x, m, k, w, n, out, true)
+}
+
+/// [`matmul`] with the kernel set `set` (which the CPU must run), whatever was chosen for the
+/// process: for comparing the sets.
+pub fn matmul_using(set: CpuKernels, x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut [f32]) {
+    assert!(set.available(), "the {set} kernels do not run on this CPU");
+    matmul_with(set, x, m, k, w, n, out, true)
 }
 
 /// [`matmul`] on the calling thread only: for callers that already run as one of many parallel
 /// tasks and hold thread-local buffers (a nested parallel call could make this thread pick up
 /// another such task while it waits).
 pub fn matmul_on_this_thread(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut [f32]) {
-    matmul_with(x, m, k, w, n, out, false)
+    matmul_with(cpu_kernels(), x, m, k, w, n, out, false)
 }
 
-fn matmul_with(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut [f32], may_fork: bool) {
+#[allow(clippy::too_many_arguments)]
+fn matmul_with(
+    set: CpuKernels,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: Weights<'_>,
+    n: usize,
+    out: &mut [f32],
+    may_fork: bool,
+) {
     assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "matmul operands too short");
     if m == 0 || n == 0 {
         return;
@@ -97,7 +108,7 @@ fn matmul_with(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mu
         let cs = cb * cols..((cb + 1) * cols).min(n);
         // SAFETY: tasks cover disjoint (row, column) blocks of out, which holds m×n elements;
         // x holds m×k and w n×k (checked above), and every block lies inside those bounds.
-        unsafe { block(x, k, w, n, rows, cs, dst) };
+        unsafe { block(set, x, k, w, n, rows, cs, dst) };
     };
     let tasks = row_blocks * col_blocks;
     if parallel {
@@ -116,16 +127,20 @@ pub fn dots(a: &[f32], b: &[f32], stride: usize, out: &mut [f32]) {
         return;
     }
     assert!(b.len() >= (n - 1) * stride + k, "dots: keys too short");
-    if !has_avx2_fma() {
-        for (j, o) in out.iter_mut().enumerate() {
-            *o = canonical_dot(a, |i| b[j * stride + i], k);
+    match cpu_kernels() {
+        // SAFETY (both arms): the set runs on this CPU (chosen sets are checked); a holds k
+        // values, b holds n rows of k at `stride` (checked above), out holds n.
+        #[cfg(target_arch = "x86_64")]
+        CpuKernels::Avx2 | CpuKernels::Avx512 => unsafe {
+            avx2::sweep_f32(1, a.as_ptr(), k, b.as_ptr(), stride, 0..n, out.as_mut_ptr(), n, false)
+        },
+        #[cfg(target_arch = "aarch64")]
+        CpuKernels::Neon => unsafe { neon::sweep_f32(1, a.as_ptr(), k, b.as_ptr(), stride, 0..n, out.as_mut_ptr(), n) },
+        _ => {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = canonical_dot(a, |i| b[j * stride + i], k);
+            }
         }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a holds k values, b holds n rows of k at `stride` (checked above), out holds n.
-    unsafe {
-        avx::sweep_f32(1, a.as_ptr(), k, b.as_ptr(), stride, 0..n, out.as_mut_ptr(), n, false)
     }
 }
 
@@ -145,21 +160,21 @@ pub fn lane_weighted_rows<'v>(
     let hd = out.len();
     lanes.clear();
     lanes.resize(8 * hd, 0.0);
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        for (j, &pj) in p.iter().enumerate() {
-            let l = (start + j) % 8;
-            let row = &v(j)[..hd];
-            // SAFETY: the CPU has AVX2 and FMA (checked); both slices hold hd values.
-            unsafe { avx::fma_row(pj, row, &mut lanes[l * hd..(l + 1) * hd]) };
-        }
-        reduce_lanes(lanes, out);
-        return;
-    }
+    let set = cpu_kernels();
     for (j, &pj) in p.iter().enumerate() {
         let l = (start + j) % 8;
-        for (a, x) in lanes[l * hd..(l + 1) * hd].iter_mut().zip(&v(j)[..hd]) {
-            *a = pj.mul_add(*x, *a);
+        let (row, acc) = (&v(j)[..hd], &mut lanes[l * hd..(l + 1) * hd]);
+        match set {
+            // SAFETY (both arms): the set runs on this CPU; both slices hold hd values.
+            #[cfg(target_arch = "x86_64")]
+            CpuKernels::Avx2 | CpuKernels::Avx512 => unsafe { avx2::fma_row(pj, row, acc) },
+            #[cfg(target_arch = "aarch64")]
+            CpuKernels::Neon => unsafe { neon::fma_row(pj, row, acc) },
+            _ => {
+                for (a, x) in acc.iter_mut().zip(row) {
+                    *a = pj.mul_add(*x, *a);
+                }
+            }
         }
     }
     reduce_lanes(lanes, out);
@@ -174,13 +189,20 @@ fn reduce_lanes(lanes: &[f32], out: &mut [f32]) {
     }
 }
 
-/// One block: rows × columns of out, swept in register tiles.
+thread_local! {
+    /// Row pairs packed for the AVX-512 tiles (grown once per thread).
+    static PAIRS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One block: rows × columns of out, swept in register tiles of the kernel set `set`.
 ///
 /// # Safety
-/// `rows` and `cols` must lie inside the m×n output that `dst` points to, `x` must hold every
-/// row of `rows` and `w` every row of `cols` (k values each), and no other thread may write
-/// these elements of out meanwhile.
+/// `set` must run on this CPU; `rows` and `cols` must lie inside the m×n output that `dst`
+/// points to, `x` must hold every row of `rows` and `w` every row of `cols` (k values each), and
+/// no other thread may write these elements of out meanwhile.
+#[allow(clippy::too_many_arguments)]
 unsafe fn block(
+    set: CpuKernels,
     x: &[f32],
     k: usize,
     w: Weights<'_>,
@@ -189,236 +211,71 @@ unsafe fn block(
     cols: std::ops::Range<usize>,
     dst: SendPtr,
 ) {
-    if !has_avx2_fma() {
-        for r in rows {
-            let xr = &x[r * k..(r + 1) * k];
-            for c in cols.clone() {
-                let v = match w {
-                    Weights::F32(w) => canonical_dot(xr, |i| w[c * k + i], k),
-                    Weights::Bf16(w) => canonical_dot(xr, |i| bf16_to_f32(w[c * k + i]), k),
-                };
-                *dst.get().add(r * n + c) = v;
-            }
-        }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        let mut r0 = rows.start;
-        while r0 < rows.end {
-            // The first row tile brings the weights in from memory; the later ones find them in
-            // L2, where prefetching would only cost instructions.
-            let prefetch = r0 == rows.start;
-            let mr = (rows.end - r0).min(4);
-            let xp = x.as_ptr().add(r0 * k);
-            let op = dst.get().add(r0 * n);
-            match w {
-                Weights::F32(w) => avx::sweep_f32(mr, xp, k, w.as_ptr(), k, cols.clone(), op, n, prefetch),
-                Weights::Bf16(w) => avx::sweep_bf16(mr, xp, k, w.as_ptr(), k, cols.clone(), op, n, prefetch),
-            }
-            r0 += mr;
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx {
-    //! The AVX2+FMA register tiles (selected only after the CPU was checked for both).
-    use std::arch::x86_64::*;
-    use std::ops::Range;
-
-    /// # Safety
-    /// `p` points to 8 readable f32 values, on a CPU with AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn load_f32(p: *const f32) -> __m256 {
-        _mm256_loadu_ps(p)
-    }
-
-    /// 8 bf16 values widened to 8 f32 lanes (zero-extend, shift into the high half).
-    ///
-    /// # Safety
-    /// `p` points to 8 readable u16 values, on a CPU with AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn load_bf16(p: *const u16) -> __m256 {
-        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)), 16))
-    }
-
-    #[inline]
-    fn widen_f32(v: f32) -> f32 {
-        v
-    }
-
-    #[inline]
-    fn widen_bf16(v: u16) -> f32 {
-        super::bf16_to_f32(v)
-    }
-
-    /// The canonical lane reduction: `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`.
-    ///
-    /// # Safety
-    /// Only on a CPU with AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn hsum(acc: __m256) -> f32 {
-        let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
-    }
-
-    /// `acc[d] = fma(p, row[d], acc[d])` for every d.
-    ///
-    /// # Safety
-    /// Only on a CPU with AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn fma_row(p: f32, row: &[f32], acc: &mut [f32]) {
-        let n = acc.len().min(row.len());
-        let pv = _mm256_set1_ps(p);
-        let mut d = 0;
-        while d + 8 <= n {
-            // SAFETY: d + 8 <= n bounds both reads and the write.
-            let a = _mm256_loadu_ps(acc.as_ptr().add(d));
-            let x = _mm256_loadu_ps(row.as_ptr().add(d));
-            _mm256_storeu_ps(acc.as_mut_ptr().add(d), _mm256_fmadd_ps(pv, x, a));
-            d += 8;
-        }
-        while d < n {
-            acc[d] = p.mul_add(row[d], acc[d]);
-            d += 1;
-        }
-    }
-
-    macro_rules! kernels {
-        ($tile:ident, $sweep:ident, $t:ty, $load:ident, $widen:ident) => {
-            /// MR rows × NR columns of out, one accumulator per element.
-            ///
-            /// # Safety
-            /// `x` holds MR rows of k values, `w` NR rows of k values `ldw` apart, `out` MR rows
-            /// of NR values `n` apart, no other thread writes those; the CPU has AVX2 and FMA.
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn $tile<const MR: usize, const NR: usize, const PF: bool>(
-                x: *const f32,
-                k: usize,
-                w: *const $t,
-                ldw: usize,
-                out: *mut f32,
-                n: usize,
-            ) {
-                let mut acc = [[_mm256_setzero_ps(); NR]; MR];
-                let full = k / 8 * 8;
-                let mut i = 0;
-                while i < full {
-                    // Bring the next tile's weight rows in, in address order, while this tile
-                    // reads its NR rows side by side: from memory, one sequential stream is served
-                    // about twice as fast as NR interleaved ones (a cold 32000-row bf16 LM head at
-                    // one row: 1.6 instead of 3.4 ms here). Prefetches never fault, and the
-                    // address is only formed with wrapping arithmetic, so running past the end of
-                    // the weights is harmless.
-                    if PF {
-                        let step = NR * 8 * std::mem::size_of::<$t>();
-                        let ahead =
-                            (w as *const u8).wrapping_add(NR * ldw * std::mem::size_of::<$t>() + (i / 8) * step);
-                        let mut line = 0;
-                        while line < step {
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
-                            line += 64;
-                        }
-                    }
-                    // Keep MR·NR accumulators and the wider operand in registers (16 in all):
-                    // wide tiles hold the x rows and stream the weight rows, tall ones the reverse.
-                    if NR > MR {
-                        let mut xv = [_mm256_setzero_ps(); MR];
-                        for (r, v) in xv.iter_mut().enumerate() {
-                            *v = _mm256_loadu_ps(x.add(r * k + i));
-                        }
-                        for c in 0..NR {
-                            let wc = $load(w.add(c * ldw + i));
-                            for (row, xr) in acc.iter_mut().zip(&xv) {
-                                row[c] = _mm256_fmadd_ps(*xr, wc, row[c]);
-                            }
-                        }
-                    } else {
-                        let mut wv = [_mm256_setzero_ps(); NR];
-                        for (c, v) in wv.iter_mut().enumerate() {
-                            *v = $load(w.add(c * ldw + i));
-                        }
-                        for (r, row) in acc.iter_mut().enumerate() {
-                            let xv = _mm256_loadu_ps(x.add(r * k + i));
-                            for (a, wc) in row.iter_mut().zip(&wv) {
-                                *a = _mm256_fmadd_ps(xv, *wc, *a);
-                            }
-                        }
-                    }
-                    i += 8;
-                }
-                for (r, row) in acc.iter().enumerate() {
-                    for (c, a) in row.iter().enumerate() {
-                        let mut s = hsum(*a);
-                        for t in full..k {
-                            s += *x.add(r * k + t) * $widen(*w.add(c * ldw + t));
-                        }
-                        *out.add(r * n + c) = s;
+    match set {
+        #[cfg(target_arch = "x86_64")]
+        CpuKernels::Avx512 => PAIRS.with(|packed| {
+            let mut packed = packed.borrow_mut();
+            let tile_rows = 2 * avx512::MAX_PAIRS;
+            let mut r0 = rows.start;
+            while r0 < rows.end {
+                let live = (rows.end - r0).min(tile_rows);
+                avx512::pack_pairs(x, k, r0..r0 + live, &mut packed);
+                let (xp, xr, op) = (packed.as_ptr(), x.as_ptr().add(r0 * k), dst.get().add(r0 * n));
+                // The first row tile brings the weights in from memory (see the AVX2 arm).
+                let prefetch = r0 == rows.start;
+                match w {
+                    Weights::F32(w) => avx512::sweep_f32(live, xp, xr, k, w.as_ptr(), k, cols.clone(), op, n, prefetch),
+                    Weights::Bf16(w) => {
+                        avx512::sweep_bf16(live, xp, xr, k, w.as_ptr(), k, cols.clone(), op, n, prefetch)
                     }
                 }
+                r0 += live;
             }
-
-            /// `mr` (1..=4) rows against the columns `cols`, in the widest tiles that fit;
-            /// `prefetch` when the weights come from memory rather than cache.
-            ///
-            /// # Safety
-            /// `x` holds `mr` rows of k, `w` holds every row of `cols` (row stride `ldw`, k values
-            /// each), and `out` (row stride n) holds `mr` rows covering `cols`; only this caller writes those elements.
-            #[target_feature(enable = "avx2,fma")]
-            #[allow(clippy::too_many_arguments)]
-            pub(super) unsafe fn $sweep(
-                mr: usize,
-                x: *const f32,
-                k: usize,
-                w: *const $t,
-                ldw: usize,
-                cols: Range<usize>,
-                out: *mut f32,
-                n: usize,
-                prefetch: bool,
-            ) {
-                let nr = match mr {
-                    1 => 8,
-                    2 => 6,
-                    3 => 4,
-                    _ => 3,
-                };
-                let mut c = cols.start;
-                while c + nr <= cols.end {
-                    let (wp, op) = (w.add(c * ldw), out.add(c));
-                    match mr {
-                        1 if prefetch => $tile::<1, 8, true>(x, k, wp, ldw, op, n),
-                        2 if prefetch => $tile::<2, 6, true>(x, k, wp, ldw, op, n),
-                        3 if prefetch => $tile::<3, 4, true>(x, k, wp, ldw, op, n),
-                        _ if prefetch => $tile::<4, 3, true>(x, k, wp, ldw, op, n),
-                        1 => $tile::<1, 8, false>(x, k, wp, ldw, op, n),
-                        2 => $tile::<2, 6, false>(x, k, wp, ldw, op, n),
-                        3 => $tile::<3, 4, false>(x, k, wp, ldw, op, n),
-                        _ => $tile::<4, 3, false>(x, k, wp, ldw, op, n),
-                    }
-                    c += nr;
+        }),
+        #[cfg(target_arch = "x86_64")]
+        CpuKernels::Avx2 => {
+            let mut r0 = rows.start;
+            while r0 < rows.end {
+                // The first row tile brings the weights in from memory; the later ones find them
+                // in L2, where prefetching would only cost instructions.
+                let prefetch = r0 == rows.start;
+                let mr = (rows.end - r0).min(4);
+                let xp = x.as_ptr().add(r0 * k);
+                let op = dst.get().add(r0 * n);
+                match w {
+                    Weights::F32(w) => avx2::sweep_f32(mr, xp, k, w.as_ptr(), k, cols.clone(), op, n, prefetch),
+                    Weights::Bf16(w) => avx2::sweep_bf16(mr, xp, k, w.as_ptr(), k, cols.clone(), op, n, prefetch),
                 }
-                while c < cols.end {
-                    let (wp, op) = (w.add(c * ldw), out.add(c));
-                    match mr {
-                        1 => $tile::<1, 1, false>(x, k, wp, ldw, op, n),
-                        2 => $tile::<2, 1, false>(x, k, wp, ldw, op, n),
-                        3 => $tile::<3, 1, false>(x, k, wp, ldw, op, n),
-                        _ => $tile::<4, 1, false>(x, k, wp, ldw, op, n),
-                    }
-                    c += 1;
+                r0 += mr;
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        CpuKernels::Neon => {
+            let mut r0 = rows.start;
+            while r0 < rows.end {
+                let mr = (rows.end - r0).min(4);
+                let xp = x.as_ptr().add(r0 * k);
+                let op = dst.get().add(r0 * n);
+                match w {
+                    Weights::F32(w) => neon::sweep_f32(mr, xp, k, w.as_ptr(), k, cols.clone(), op, n),
+                    Weights::Bf16(w) => neon::sweep_bf16(mr, xp, k, w.as_ptr(), k, cols.clone(), op, n),
+                }
+                r0 += mr;
+            }
+        }
+        _ => {
+            for r in rows {
+                let xr = &x[r * k..(r + 1) * k];
+                for c in cols.clone() {
+                    let v = match w {
+                        Weights::F32(w) => canonical_dot(xr, |i| w[c * k + i], k),
+                        Weights::Bf16(w) => canonical_dot(xr, |i| bf16_to_f32(w[c * k + i]), k),
+                    };
+                    *dst.get().add(r * n + c) = v;
                 }
             }
-        };
+        }
     }
-
-    kernels!(tile_f32, sweep_f32, f32, load_f32, widen_f32);
-    kernels!(tile_bf16, sweep_bf16, u16, load_bf16, widen_bf16);
 }
 
 #[cfg(test)]

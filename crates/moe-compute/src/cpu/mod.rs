@@ -6,14 +6,18 @@
 mod attention;
 mod delta;
 pub mod invariant;
+mod kernel_set;
 mod latent;
 mod linear;
 mod lora;
 mod operand;
+mod peak;
 mod simd;
 
 pub use attention::CpuKvStore;
+pub use kernel_set::{cpu_kernels, select_cpu_kernels, CpuKernels, NUMERICS};
 pub use linear::{matmul_t, matmul_tw, Weights};
+pub use peak::fma_peak_gflops;
 
 use crate::{
     AttentionSeq, AttentionShape, Backend, ComputeError, ExpertPlan, FfnScratch, Glu, HeadCols, KvLayout, Result,

@@ -234,9 +234,20 @@ impl Engine {
         let adapters: Option<Arc<dyn AdapterCatalog>> = parts.adapters.clone().map(|a| a as Arc<dyn AdapterCatalog>);
         let mut compute = ComputeLoop::new(parts, kv, rx, stats.clone(), config.clone());
         let expert_load = compute.expert_load.clone();
+        // The compute loop runs on a worker of a thread pool of its own, as many threads as the
+        // process's compute pool: its parallel kernels then split work with the loop's own
+        // thread taking part (a join), instead of handing every kernel call to other threads
+        // and sleeping until they finish (a wake-up per call, and one thread too many on the
+        // cores while they run).
+        let threads = rayon::current_num_threads();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("moe-compute-{i}"))
+            .build()
+            .map_err(|e| RouterError::Internal(format!("starting the engine's thread pool: {e}")))?;
         std::thread::Builder::new()
             .name("moe-engine".into())
-            .spawn(move || compute.supervise(health_tx))
+            .spawn(move || pool.install(|| compute.supervise(health_tx)))
             .map_err(|e| RouterError::Internal(format!("starting the engine thread: {e}")))?;
         Ok(Self {
             tx,

@@ -1,0 +1,161 @@
+//! Which instruction set the CPU kernels use, chosen once at start (`--cpu-kernels
+//! auto|avx512|avx2|neon|portable`) and read by every kernel call.
+//!
+//! Every set computes the same canonical dot product (see [`super::invariant`]): the same fused
+//! multiply-adds in the same order per output element, only more of them per instruction. So the
+//! sets give the same bits, and replicas on machines with different instruction sets still agree;
+//! [`NUMERICS`] names that arithmetic, and workers announce it in membership so a router never
+//! mixes replicas that compute different bits.
+
+use crate::ComputeError;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// The arithmetic every CPU kernel set implements (announced in membership).
+pub const NUMERICS: &str = "cpu-canonical-dot8-v1";
+
+/// An instruction set the CPU kernels can run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuKernels {
+    /// AVX-512 F/BW/VL (x86-64): two output elements per 512-bit register.
+    Avx512,
+    /// AVX2 + FMA (x86-64).
+    Avx2,
+    /// NEON (aarch64).
+    Neon,
+    /// Plain Rust, element by element (any CPU).
+    Portable,
+}
+
+impl CpuKernels {
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuKernels::Avx512 => "avx512",
+            CpuKernels::Avx2 => "avx2",
+            CpuKernels::Neon => "neon",
+            CpuKernels::Portable => "portable",
+        }
+    }
+
+    /// Whether this CPU can run the set.
+    pub fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            CpuKernels::Avx512 => {
+                std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            CpuKernels::Avx2 => std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "aarch64")]
+            CpuKernels::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            CpuKernels::Portable => true,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// The fastest set this CPU runs.
+    pub fn detect() -> Self {
+        [CpuKernels::Avx512, CpuKernels::Avx2, CpuKernels::Neon]
+            .into_iter()
+            .find(|k| k.available())
+            .unwrap_or(CpuKernels::Portable)
+    }
+
+    /// Every set this CPU runs, fastest first.
+    pub fn all_available() -> Vec<Self> {
+        [CpuKernels::Avx512, CpuKernels::Avx2, CpuKernels::Neon, CpuKernels::Portable]
+            .into_iter()
+            .filter(|k| k.available())
+            .collect()
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            CpuKernels::Avx512 => 1,
+            CpuKernels::Avx2 => 2,
+            CpuKernels::Neon => 3,
+            CpuKernels::Portable => 4,
+        }
+    }
+
+    fn from_code(c: u8) -> Option<Self> {
+        match c {
+            1 => Some(CpuKernels::Avx512),
+            2 => Some(CpuKernels::Avx2),
+            3 => Some(CpuKernels::Neon),
+            4 => Some(CpuKernels::Portable),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for CpuKernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// 0 until chosen (explicitly or, at the first kernel call, by detection).
+static CHOSEN: AtomicU8 = AtomicU8::new(0);
+
+/// Chooses the kernel set from `--cpu-kernels` (`auto` detects); an error names a set this CPU
+/// cannot run, or an unknown name. Call once at start, before any kernel runs.
+pub fn select_cpu_kernels(request: &str) -> Result<CpuKernels, ComputeError> {
+    let set = match request.trim().to_ascii_lowercase().as_str() {
+        "auto" | "" => CpuKernels::detect(),
+        "avx512" => CpuKernels::Avx512,
+        "avx2" => CpuKernels::Avx2,
+        "neon" => CpuKernels::Neon,
+        "portable" => CpuKernels::Portable,
+        other => {
+            return Err(ComputeError::CpuKernels(format!(
+                "--cpu-kernels {other:?}: one of auto, avx512, avx2, neon, portable"
+            )))
+        }
+    };
+    if !set.available() {
+        let have: Vec<&str> = CpuKernels::all_available().iter().map(|k| k.name()).collect();
+        return Err(ComputeError::CpuKernels(format!(
+            "--cpu-kernels {set}: this CPU cannot run it (it runs: {})",
+            have.join(", ")
+        )));
+    }
+    CHOSEN.store(set.code(), Ordering::Relaxed);
+    Ok(set)
+}
+
+/// The kernel set in use (detected on first use when none was chosen).
+#[inline]
+pub fn cpu_kernels() -> CpuKernels {
+    if let Some(k) = CpuKernels::from_code(CHOSEN.load(Ordering::Relaxed)) {
+        return k;
+    }
+    let k = CpuKernels::detect();
+    CHOSEN.store(k.code(), Ordering::Relaxed);
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_unknown_or_missing_sets_are_refused() {
+        assert!(CpuKernels::Portable.available());
+        assert_eq!(CpuKernels::detect(), CpuKernels::all_available()[0]);
+        let e = select_cpu_kernels("sse9").unwrap_err().to_string();
+        assert!(e.contains("one of auto, avx512, avx2, neon, portable"), "{e}");
+        for k in [CpuKernels::Avx512, CpuKernels::Avx2, CpuKernels::Neon] {
+            if !k.available() {
+                let e = select_cpu_kernels(k.name()).unwrap_err().to_string();
+                assert!(e.contains("this CPU cannot run it"), "{e}");
+            }
+        }
+        for k in [CpuKernels::Avx512, CpuKernels::Avx2, CpuKernels::Neon, CpuKernels::Portable] {
+            assert_eq!(CpuKernels::from_code(k.code()), Some(k));
+        }
+    }
+}
