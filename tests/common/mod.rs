@@ -126,7 +126,7 @@ impl RawSafetensors {
 
     pub fn write(&self, path: &Path) {
         let mut h = serde_json::to_vec(&self.header).expect("json");
-        while (h.len() + 8) % 8 != 0 {
+        while !(h.len() + 8).is_multiple_of(8) {
             h.push(b' ');
         }
         let mut out = (h.len() as u64).to_le_bytes().to_vec();

@@ -21,6 +21,49 @@ pub struct DecodeReport {
     pub tokens_per_s: f64,
     pub ttft_ms: Percentiles,
     pub itl_ms: Percentiles,
+    /// Where the engine's steps spent their time during the run.
+    pub breakdown: StepBreakdown,
+}
+
+/// The engine's steps during a run: how many, their mean length, and the share of their time in
+/// each part (the dense part of the layers, the experts, the LM head, and the rest: scheduling,
+/// sampling, bookkeeping).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StepBreakdown {
+    pub steps: usize,
+    pub step_ms: f64,
+    pub dense: f64,
+    pub experts: f64,
+    pub head: f64,
+    pub rest: f64,
+}
+
+/// The engine's step counters (steps, step, dense, experts, head ns).
+fn step_counters(engine: &Engine) -> [u64; 5] {
+    let st = engine.stats();
+    let l = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    [
+        st.steps.load(std::sync::atomic::Ordering::Relaxed) as u64,
+        l(&st.step_ns),
+        l(&st.dense_ns),
+        l(&st.experts_ns),
+        l(&st.head_ns),
+    ]
+}
+
+impl StepBreakdown {
+    fn between(before: [u64; 5], after: [u64; 5]) -> Self {
+        let d: Vec<f64> = after.iter().zip(before).map(|(a, b)| a.saturating_sub(b) as f64).collect();
+        let total = d[1].max(1.0);
+        Self {
+            steps: d[0] as usize,
+            step_ms: d[1] / d[0].max(1.0) / 1e6,
+            dense: d[2] / total,
+            experts: d[3] / total,
+            head: d[4] / total,
+            rest: (total - d[2] - d[3] - d[4]).max(0.0) / total,
+        }
+    }
 }
 
 /// The adapter of request `i` of a run (`None`: the base model).
@@ -111,7 +154,9 @@ pub fn decode_with(
 ) -> Result<DecodeReport, String> {
     let vocab = engine.model_config().vocab_size;
     let prompts = (0..batch).map(|i| prompt(16, i + 2, vocab)).collect();
+    let before = step_counters(engine);
     let (start, times) = run(engine, prompts, new_tokens, adapter_of)?;
+    let breakdown = StepBreakdown::between(before, step_counters(engine));
     let firsts: Vec<Instant> = times.iter().filter_map(|t| t.first().copied()).collect();
     let span_start = firsts.iter().min().copied().unwrap_or(start);
     let span_end = times.iter().filter_map(|t| t.last().copied()).max().unwrap_or(start);
@@ -124,5 +169,6 @@ pub fn decode_with(
         tokens_per_s: decoded as f64 / span_end.duration_since(span_start).as_secs_f64().max(1e-9),
         ttft_ms: Percentiles::of(ttft),
         itl_ms: Percentiles::of(itl),
+        breakdown,
     })
 }

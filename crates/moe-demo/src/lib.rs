@@ -91,13 +91,13 @@ impl DemoSpec {
 
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(DemoError::Shape(m));
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_heads == 0 || self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "heads ({}) must be a positive multiple of kv heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.hidden_size % self.num_heads != 0 || (self.hidden_size / self.num_heads) % 2 != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_heads) || !(self.hidden_size / self.num_heads).is_multiple_of(2) {
             return bad(format!(
                 "hidden size {} must split into an even head_dim over {} heads",
                 self.hidden_size, self.num_heads

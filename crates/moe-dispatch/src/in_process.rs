@@ -1,5 +1,7 @@
 //! The in-process transport: worker batches run as direct calls into hosts in this process (the
-//! embedded cluster). No sockets, no serialization; the same host code as a gRPC worker.
+//! embedded cluster). No sockets, no serialization; the same host code as a gRPC worker. The
+//! workers of one call run side by side on the compute pool (each host's kernels are
+//! parallel too; work stealing shares the threads), as remote workers would.
 
 use crate::error::{DispatchError, Result};
 use crate::transport::{BatchOutput, WorkerBatch, WorkerTransport};
@@ -35,9 +37,10 @@ impl WorkerTransport for InProcessTransport {
         outputs: &mut [BatchOutput],
         results: &mut [Result<()>],
     ) {
-        for ((b, out), result) in batches.iter().zip(outputs.iter_mut()).zip(results.iter_mut()) {
+        use rayon::prelude::*;
+        batches.par_iter().zip(outputs.par_iter_mut()).zip(results.par_iter_mut()).for_each(|((b, out), result)| {
             *result = self.run_one(layer, hidden, adapters, b, out);
-        }
+        });
     }
 }
 

@@ -242,7 +242,7 @@ pub async fn register_worker(
                 member += 1;
                 // The other members at once; after a whole round, a pause (never longer than
                 // a keep-alive period, so the lease is tried again before it can expire).
-                if member % opts.endpoints.len().max(1) != 0 {
+                if !member.is_multiple_of(opts.endpoints.len().max(1)) {
                     continue;
                 }
             }

@@ -247,7 +247,7 @@ impl ModelConfig {
                     return Err(r.err(format!("partial_rotary_factor must be in (0, 1], got {f}")));
                 }
                 let d = (head_dim as f64 * f) as usize;
-                if d == 0 || d % 2 != 0 {
+                if d == 0 || !d.is_multiple_of(2) {
                     return Err(r.err(format!("head_dim x partial_rotary_factor must be even and positive, got {d}")));
                 }
                 d
@@ -309,7 +309,7 @@ impl ModelConfig {
 
     /// Whether layer `i` has a sparse MoE block (else a dense MLP), as transformers decides.
     pub fn is_moe_layer(&self, i: usize) -> bool {
-        !self.mlp_only_layers.contains(&i) && self.num_experts > 0 && (i + 1) % self.decoder_sparse_step == 0
+        !self.mlp_only_layers.contains(&i) && self.num_experts > 0 && (i + 1).is_multiple_of(self.decoder_sparse_step)
     }
 
     /// A short hash identifying the model's shape, so routers refuse workers of another model.

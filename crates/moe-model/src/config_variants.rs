@@ -66,7 +66,7 @@ pub(crate) fn routing(
             let deepseek = architecture == Architecture::DeepseekV3;
             let n_group = r.usize_opt("n_group")?.unwrap_or(if deepseek { 8 } else { 1 }).max(1);
             let topk_group = r.usize_opt("topk_group")?.unwrap_or(if deepseek { 4 } else { 1 }).max(1);
-            if num_experts % n_group != 0 || topk_group > n_group {
+            if !num_experts.is_multiple_of(n_group) || topk_group > n_group {
                 return Err(r.err(format!(
                     "n_group ({n_group}) must divide the {num_experts} experts and topk_group ({topk_group}) must not exceed it"
                 )));
@@ -110,7 +110,7 @@ pub(crate) fn latent(
                 v_head_dim: r.positive("v_head_dim")?,
                 rope_interleave: r.bool_or("rope_interleave", true)?,
             };
-            if l.qk_rope_head_dim % 2 != 0 {
+            if !l.qk_rope_head_dim.is_multiple_of(2) {
                 return Err(r.err(format!("qk_rope_head_dim must be even, got {}", l.qk_rope_head_dim)));
             }
             if attention_bias {
@@ -220,7 +220,7 @@ pub(crate) fn linear_attention(
         conv_kernel: or("linear_conv_kernel_dim", 4)?,
         norm_eps,
     };
-    if shape.v_heads % shape.k_heads != 0 {
+    if !shape.v_heads.is_multiple_of(shape.k_heads) {
         return Err(r.err(format!(
             "linear_num_value_heads ({}) must be a multiple of linear_num_key_heads ({})",
             shape.v_heads, shape.k_heads

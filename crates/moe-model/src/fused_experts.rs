@@ -33,7 +33,7 @@ pub fn mxfp4(blocks: &[u8], scales: &[u8], out: usize, inp: usize) -> Vec<f32> {
 fn projection(ckpt: &Checkpoint, name: &str, e: usize, experts: usize, out: usize, inp: usize) -> Result<Vec<f32>> {
     let blocks = format!("{name}_blocks");
     if ckpt.contains(&blocks) {
-        if inp % 32 != 0 {
+        if !inp.is_multiple_of(32) {
             return Err(ModelError::ShapeMismatch {
                 path: name.into(),
                 name: blocks,

@@ -46,3 +46,4 @@ pub use model::{KvCache, LogitsFor, Model, Workspace};
 pub use overlap::overlap_split;
 pub use routing::{GateScoring, RoutingRule};
 pub use sizing::ModelSize;
+pub use workspace::StepPhases;

@@ -17,7 +17,7 @@ impl<B: Backend> Model<B> {
     pub fn checkpoint_state(&self, kv: &mut KvCache<B>, cache: &mut SequenceCache) -> Result<bool> {
         let ps = kv.pages.page_size();
         let Some(slots) = cache.state_slots() else { return Ok(false) };
-        if slots.fresh || cache.resume_from.is_some() || cache.len % ps != 0 {
+        if slots.fresh || cache.resume_from.is_some() || !cache.len.is_multiple_of(ps) {
             return Ok(false);
         }
         let Some(slot) = kv.pages.snapshot_slot(cache) else { return Ok(false) };

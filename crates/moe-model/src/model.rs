@@ -11,6 +11,7 @@ use crate::error::{ModelError, Result};
 use crate::experts::ExpertExecutor;
 use crate::kv::PageAllocator;
 use crate::weights::{load_weights, FfnWeights, LayerAttention, LayerWeights, ModelWeights, MoeWeights};
+use crate::workspace::StepPhases;
 pub use crate::workspace::Workspace;
 use moe_compute::{AttentionSeq, AttentionShape, Backend};
 use std::path::Path;
@@ -158,12 +159,16 @@ impl<B: Backend> Model<B> {
         self.validate_batch(batch)?;
         self.prepare(ws, kv, batch, which)?;
         let items: &[BatchItem<'_, B>] = batch;
+        let mut t = std::time::Instant::now();
         for (i, layer) in self.weights.layers.iter().enumerate() {
             self.layer_pre(ws, kv, i, layer, items)?;
+            StepPhases::lap(&mut ws.phases.dense_ns, &mut t);
             self.layer_ffn(ws, i, layer, experts, items)?;
+            StepPhases::lap(&mut ws.phases.experts_ns, &mut t);
             self.backend.add(&mut ws.hidden, &ws.ffn_out);
         }
         self.final_logits(ws, logits);
+        StepPhases::lap(&mut ws.phases.head_ns, &mut t);
         for item in batch.iter_mut() {
             item.cache.advance(item.tokens.len());
         }

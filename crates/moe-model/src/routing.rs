@@ -69,7 +69,7 @@ impl RoutingRule {
         }
         let (scores, choice) = scratch.split_at_mut(e);
         let groups = self.n_group.max(1);
-        if groups > 1 && e % groups == 0 && self.topk_group < groups {
+        if groups > 1 && e.is_multiple_of(groups) && self.topk_group < groups {
             let per = e / groups;
             // Each group's score: the sum of its two best biased scores (one when a group has one).
             let group_score = |g: usize| {

@@ -47,6 +47,27 @@ pub struct Workspace<B: Backend> {
     pub(crate) mla_v: B::Act,
     /// Sigmoid routing's per-row scores.
     pub(crate) route_scratch: Vec<f32>,
+    /// Where the forward calls' time went since the caller last took it.
+    pub(crate) phases: StepPhases,
+}
+
+/// Time of the forward calls by part, nanoseconds (wall time of the calling thread, parallel
+/// kernels included): the dense part of every layer (norms, attention, projections, routing),
+/// the experts (dispatch and FFN), and the final norm with the LM head.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepPhases {
+    pub dense_ns: u64,
+    pub experts_ns: u64,
+    pub head_ns: u64,
+}
+
+impl StepPhases {
+    /// Adds the time since `*since` to `part` and moves `*since` to now.
+    pub(crate) fn lap(part: &mut u64, since: &mut std::time::Instant) {
+        let now = std::time::Instant::now();
+        *part += now.duration_since(*since).as_nanos() as u64;
+        *since = now;
+    }
 }
 
 impl<B: Backend> Workspace<B> {
@@ -68,6 +89,11 @@ impl<B: Backend> Workspace<B> {
             out: &mut self.ffn_out,
             unserved: &mut self.unserved,
         }
+    }
+
+    /// The forward calls' time by part since the last call of this (which zeroes it).
+    pub fn take_phases(&mut self) -> StepPhases {
+        std::mem::take(&mut self.phases)
     }
 
     /// Batch rows (in the order of the last forward call's items and tokens) whose experts could
@@ -126,6 +152,7 @@ impl<B: Backend> Workspace<B> {
             mla_kv: backend.act(),
             mla_v: backend.act(),
             route_scratch: Vec::new(),
+            phases: StepPhases::default(),
         }
     }
 }

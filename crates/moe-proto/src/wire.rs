@@ -49,7 +49,7 @@ pub fn encode(values: &[f32], dtype: WireDtype) -> Vec<u8> {
 /// Decodes rows of `hidden` values, checking the byte count; returns the number of rows.
 pub fn decode_rows(bytes: &[u8], dtype: WireDtype, hidden: usize, out: &mut Vec<f32>) -> Result<usize, WireError> {
     let row_bytes = hidden * bytes_per_value(dtype);
-    if row_bytes == 0 || bytes.len() % row_bytes != 0 {
+    if row_bytes == 0 || !bytes.len().is_multiple_of(row_bytes) {
         return Err(WireError::RaggedRows { bytes: bytes.len(), hidden, dtype: dtype_name(dtype) });
     }
     out.clear();

@@ -309,7 +309,7 @@ fn baselines<B: Backend>(backend: &B) -> (Option<f64>, Option<f64>) {
 
 pub fn run(a: BenchDeviceArgs, device: Device) -> anyhow::Result<()> {
     anyhow::ensure!(
-        a.layers >= 1 && a.hidden >= 128 && a.hidden % 128 == 0,
+        a.layers >= 1 && a.hidden >= 128 && a.hidden.is_multiple_of(128),
         "--layers >= 1, --hidden a multiple of 128"
     );
     anyhow::ensure!(!a.batches.is_empty() && a.batches.iter().all(|&b| b >= 1), "--batches: sizes of at least 1");

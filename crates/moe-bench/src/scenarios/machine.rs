@@ -478,6 +478,21 @@ fn print_table(r: &Report) {
                 ""
             );
         }
+        if let Some(first) = r.topologies.first().filter(|f| std::ptr::eq(*f, t)) {
+            println!("  where a decode step's time goes ({}):", first.name);
+            for d in &first.decode {
+                let b = &d.breakdown;
+                println!(
+                    "    batch {:>3}: {:>6.2} ms/step: dense layers {:>4.1}%, experts {:>4.1}%, LM head {:>4.1}%, scheduling + sampling {:>4.1}%",
+                    d.batch,
+                    b.step_ms,
+                    100.0 * b.dense,
+                    100.0 * b.experts,
+                    100.0 * b.head,
+                    100.0 * b.rest
+                );
+            }
+        }
         if let Some(us) = t.dispatch_round_trip_us {
             println!("{:<44} {:>12.0} us", format!("{}: dispatch round trip per layer", t.name), us);
         }

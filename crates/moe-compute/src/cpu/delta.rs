@@ -60,7 +60,7 @@ fn validate(
     if proj.cols != shape.proj_cols() || shape.conv_kernel == 0 || shape.k_heads == 0 {
         return Err(bad(format!("projection has {} columns, the layer needs {}", proj.cols, shape.proj_cols())));
     }
-    if shape.v_heads % shape.k_heads != 0 {
+    if !shape.v_heads.is_multiple_of(shape.k_heads) {
         return Err(bad(format!("{} value heads are not a multiple of {} key heads", shape.v_heads, shape.k_heads)));
     }
     if w.conv.len() != shape.conv_dim() * shape.conv_kernel

@@ -5,12 +5,14 @@
 
 mod attention;
 mod delta;
+mod experts;
 pub mod invariant;
 mod kernel_set;
 mod latent;
 mod linear;
 mod lora;
 mod operand;
+pub(crate) mod pages;
 mod peak;
 mod simd;
 
@@ -140,14 +142,14 @@ impl Backend for CpuBackend {
         if data.len() != rows * cols {
             return Err(ComputeError::MatrixSize { rows, cols, expected: rows * cols, got: data.len() });
         }
-        Ok(HostMatrix::f32(rows, cols, data))
+        Ok(HostMatrix::f32(rows, cols, pages::in_huge_pages(data)))
     }
 
     fn matrix_bf16(&self, rows: usize, cols: usize, data: Vec<u16>) -> Result<HostMatrix> {
         if data.len() != rows * cols {
             return Err(ComputeError::MatrixSize { rows, cols, expected: rows * cols, got: data.len() });
         }
-        Ok(HostMatrix { rows, cols, data: MatrixData::Bf16(data) })
+        Ok(HostMatrix { rows, cols, data: MatrixData::Bf16(pages::in_huge_pages(data)) })
     }
 
     fn matrix_shape(&self, m: &HostMatrix) -> (usize, usize) {
@@ -335,45 +337,7 @@ impl Backend for CpuBackend {
         s: &mut FfnScratch<Self>,
         out: &mut HostTensor,
     ) {
-        for (e, w) in experts.iter().enumerate().take(plan.num_experts()) {
-            let (rows, weights) = plan.expert(e);
-            if rows.is_empty() {
-                continue;
-            }
-            self.gather_rows(x, rows, &mut s.rows);
-            self.linear(&s.rows, &w.gate_up, w.gate_up_bias.as_ref(), &mut s.gate_up);
-            let any = rows.iter().any(|&r| lora(r as usize, e).is_some());
-            let inter = w.gate_up.rows / 2;
-            if any {
-                let of = |i: usize| lora(rows[i] as usize, e);
-                let (shrink, expand) = (&mut s.lora_shrink, &mut s.lora_expand);
-                lora::lora_segments(
-                    &s.rows,
-                    |i| of(i).and_then(|l| l.gate.as_ref()),
-                    0,
-                    shrink,
-                    expand,
-                    &mut s.gate_up,
-                );
-                lora::lora_segments(
-                    &s.rows,
-                    |i| of(i).and_then(|l| l.up.as_ref()),
-                    inter,
-                    shrink,
-                    expand,
-                    &mut s.gate_up,
-                );
-            }
-            glu(&s.gate_up, w.glu, &mut s.hidden);
-            self.linear(&s.hidden, &w.down, w.down_bias.as_ref(), &mut s.out);
-            if any {
-                let of = |i: usize| lora(rows[i] as usize, e).and_then(|l| l.down.as_ref());
-                lora::lora_segments(&s.hidden, of, 0, &mut s.lora_shrink, &mut s.lora_expand, &mut s.out);
-            }
-            for (i, (&r, &wt)) in rows.iter().zip(weights).enumerate() {
-                simd::axpy(wt, s.out.row(i), out.row_mut(r as usize));
-            }
-        }
+        experts::expert_ffn(self, x, experts, plan, lora, s, out);
     }
 
     fn head_linear(
@@ -468,11 +432,17 @@ impl Backend for CpuBackend {
 /// `out[r, j] = act(gu[r, j], gu[r, I + j])` where `gu` is `[rows, 2I]` (gate then up):
 /// `silu(g) * u`, or gpt-oss's clamped form.
 fn glu(gu: &HostTensor, kind: Glu, out: &mut HostTensor) {
-    let inter = gu.cols / 2;
-    out.reshape(gu.rows, inter);
-    for r in 0..gu.rows {
-        let (g, u) = gu.row(r).split_at(inter);
-        let o = out.row_mut(r);
+    out.reshape(gu.rows, gu.cols / 2);
+    glu_rows(&gu.data, gu.rows, gu.cols, kind, &mut out.data);
+}
+
+/// The gated activation of `rows` rows of `width` values (gate half, then up half) into rows
+/// of `width / 2`.
+fn glu_rows(gu: &[f32], rows: usize, width: usize, kind: Glu, out: &mut [f32]) {
+    let inter = width / 2;
+    for r in 0..rows {
+        let (g, u) = gu[r * width..(r + 1) * width].split_at(inter);
+        let o = &mut out[r * inter..(r + 1) * inter];
         match kind {
             Glu::Silu => {
                 for ((o, gv), uv) in o.iter_mut().zip(g).zip(u) {

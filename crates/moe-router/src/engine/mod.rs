@@ -112,6 +112,13 @@ pub struct EngineStats {
     pub running: AtomicUsize,
     pub waiting: AtomicUsize,
     pub steps: AtomicUsize,
+    /// Where the steps' time went since start, nanoseconds: the whole steps, and of their
+    /// forward passes the dense part, the experts and the LM head (the rest of a step is
+    /// scheduling, sampling and bookkeeping). Two-batch-overlap steps count only as whole.
+    pub step_ns: std::sync::atomic::AtomicU64,
+    pub dense_ns: std::sync::atomic::AtomicU64,
+    pub experts_ns: std::sync::atomic::AtomicU64,
+    pub head_ns: std::sync::atomic::AtomicU64,
     /// The longest time the compute thread spent admitting one request (µs), since start: the
     /// stall any single request's admission can cause every running request.
     pub max_admission_us: std::sync::atomic::AtomicU64,

@@ -9,13 +9,21 @@ use crate::error::RouterError;
 use crate::request::Event;
 use moe_compute::Backend;
 use moe_model::{BatchItem, LogitsFor};
+use std::sync::atomic::Ordering;
 
 impl<B: Backend> ComputeLoop<B> {
     pub(super) fn step(&mut self) {
+        let started = std::time::Instant::now();
         let (mut chunk, mut members, mut done) =
             (std::mem::take(&mut self.chunk), std::mem::take(&mut self.members), std::mem::take(&mut self.done));
         self.step_with(&mut chunk, &mut members, &mut done);
         (self.chunk, self.members, self.done) = (chunk, members, done);
+        let phases = self.ws.take_phases();
+        let st = &self.stats;
+        st.dense_ns.fetch_add(phases.dense_ns, Ordering::Relaxed);
+        st.experts_ns.fetch_add(phases.experts_ns, Ordering::Relaxed);
+        st.head_ns.fetch_add(phases.head_ns, Ordering::Relaxed);
+        st.step_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// How many new tokens each running sequence brings to this step (`chunk[i]`).

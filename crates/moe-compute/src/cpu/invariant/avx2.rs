@@ -67,7 +67,7 @@ pub(super) unsafe fn fma_row(p: f32, row: &[f32], acc: &mut [f32]) {
 }
 
 macro_rules! kernels {
-    ($tile:ident, $sweep:ident, $t:ty, $load:ident, $widen:ident) => {
+    ($tile:ident, $sweep:ident, $strips:ident, $t:ty, $load:ident, $widen:ident) => {
         /// MR rows × NR columns of out, one accumulator per element.
         ///
         /// # Safety
@@ -190,8 +190,55 @@ macro_rules! kernels {
                 c += 1;
             }
         }
+
+        /// `m` rows (4 or more) against the columns `cols`, strip by strip: each strip of 3
+        /// weight rows is read from memory once (prefetched while the previous strip runs) and
+        /// stays in L1 while every 4-row tile of x passes over it, so memory traffic overlaps
+        /// the arithmetic instead of preceding it.
+        ///
+        /// # Safety
+        /// `x` holds `m` rows of k, `w` holds every row of `cols` (row stride `ldw`, k values
+        /// each), and `out` (row stride n) holds `m` rows covering `cols`; only this caller
+        /// writes those elements.
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        pub(super) unsafe fn $strips(
+            m: usize,
+            x: *const f32,
+            k: usize,
+            w: *const $t,
+            ldw: usize,
+            cols: Range<usize>,
+            out: *mut f32,
+            n: usize,
+        ) {
+            const NR: usize = 3;
+            let mut c = cols.start;
+            while c < cols.end {
+                let wide = c + NR <= cols.end;
+                let (wp, oc) = (w.add(c * ldw), out.add(c));
+                let mut r0 = 0;
+                while r0 < m {
+                    let mr = (m - r0).min(4);
+                    let (xr, op) = (x.add(r0 * k), oc.add(r0 * n));
+                    match (mr, wide) {
+                        (4, true) if r0 == 0 => $tile::<4, NR, true>(xr, k, wp, ldw, op, n),
+                        (4, true) => $tile::<4, NR, false>(xr, k, wp, ldw, op, n),
+                        (3, true) => $tile::<3, NR, false>(xr, k, wp, ldw, op, n),
+                        (2, true) => $tile::<2, NR, false>(xr, k, wp, ldw, op, n),
+                        (1, true) => $tile::<1, NR, false>(xr, k, wp, ldw, op, n),
+                        (4, false) => $tile::<4, 1, false>(xr, k, wp, ldw, op, n),
+                        (3, false) => $tile::<3, 1, false>(xr, k, wp, ldw, op, n),
+                        (2, false) => $tile::<2, 1, false>(xr, k, wp, ldw, op, n),
+                        _ => $tile::<1, 1, false>(xr, k, wp, ldw, op, n),
+                    }
+                    r0 += mr;
+                }
+                c += if wide { NR } else { 1 };
+            }
+        }
     };
 }
 
-kernels!(tile_f32, sweep_f32, f32, load_f32, widen_f32);
-kernels!(tile_bf16, sweep_bf16, u16, load_bf16, widen_bf16);
+kernels!(tile_f32, sweep_f32, strips_f32, f32, load_f32, widen_f32);
+kernels!(tile_bf16, sweep_bf16, strips_bf16, u16, load_bf16, widen_bf16);

@@ -123,24 +123,103 @@ fn every_kernel_set_gives_the_canonical_bits() {
     }
 }
 
+/// Decode-shaped products streaming from memory (weights far larger than the caches), one row
+/// and a few: GB/s of weights, median of rounds.
 #[test]
 #[ignore = "timing, by hand with --release"]
-fn read_bandwidth() {
-    let n = 64 << 20;
-    let v: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
-    for _ in 0..3 {
-        let t = std::time::Instant::now();
-        let s: f32 = v.par_chunks(1 << 16).map(|c| c.iter().sum::<f32>()).sum();
-        let dt = t.elapsed().as_secs_f64();
-        eprintln!("read {:.1} GB/s ({s})", (n * 4) as f64 / dt / 1e9);
+fn decode_bandwidth() {
+    let shapes = [(512usize, 32000usize, 2usize), (512, 2048, 32), (1024, 512, 64)];
+    for &(k, n, copies) in &shapes {
+        let w = values(k * n * copies, 9);
+        let bits: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+        for m in [1usize, 16] {
+            let x = values(m * k, 3);
+            let mut out = vec![0.0; m * n];
+            for (name, bytes) in [("f32", 4usize), ("bf16", 2)] {
+                let mut rates = Vec::new();
+                for round in 0..7 {
+                    let t = std::time::Instant::now();
+                    for c in 0..copies {
+                        let span = c * n * k..(c + 1) * n * k;
+                        let wt = if bytes == 4 { Weights::F32(&w[span]) } else { Weights::Bf16(&bits[span]) };
+                        matmul(&x, m, k, wt, n, &mut out);
+                    }
+                    if round > 0 {
+                        rates.push((k * n * copies * bytes) as f64 / t.elapsed().as_secs_f64() / 1e9);
+                    }
+                }
+                rates.sort_by(|a, b| a.total_cmp(b));
+                eprintln!("{m}x{k}x{n} x{copies} {name}: {:.1} GB/s", rates[rates.len() / 2]);
+            }
+        }
     }
-    let w = &v[..512 * 32000];
+}
+
+#[test]
+#[ignore = "timing, by hand with --release"]
+fn ab_huge_pages() {
+    for &(k, n, copies) in &[(512usize, 32000usize, 2usize), (512, 2048, 32)] {
+        let plain: Vec<Vec<f32>> = (0..copies).map(|c| values(k * n, 9 + c as u32)).collect();
+        let huge: Vec<Vec<f32>> = plain.iter().map(|v| crate::cpu::pages::in_huge_pages(v.clone())).collect();
+        let x = values(k, 3);
+        let mut out = vec![0.0; n];
+        let mut t = [Vec::new(), Vec::new()];
+        for round in 0..40 {
+            let set = if round % 2 == 0 { &plain } else { &huge };
+            let s = std::time::Instant::now();
+            for w in set {
+                matmul(&x, 1, k, Weights::F32(w), n, &mut out);
+            }
+            t[round % 2].push((k * n * copies * 4) as f64 / s.elapsed().as_secs_f64() / 1e9);
+        }
+        for v in t.iter_mut() {
+            v.sort_by(|a, b| a.total_cmp(b));
+        }
+        eprintln!("1x{k}x{n} x{copies}: plain {:.1} GB/s, huge pages {:.1} GB/s", t[0][10], t[1][10]);
+    }
+}
+
+/// Plain streaming reads (a vector sum) against the LM-head product over the same bytes.
+#[test]
+#[ignore = "timing, by hand with --release"]
+#[cfg(target_arch = "x86_64")]
+fn read_bandwidth() {
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sum(v: &[f32]) -> f32 {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut i = 0;
+        while i + 64 <= v.len() {
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_add_ps(*a, _mm256_loadu_ps(v.as_ptr().add(i + 8 * j)));
+            }
+            i += 64;
+        }
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), acc.iter().fold(_mm256_setzero_ps(), |s, a| _mm256_add_ps(s, *a)));
+        out.iter().sum()
+    }
+    if !CpuKernels::Avx2.available() {
+        return;
+    }
+    let n = 512 * 32000 * 2;
+    let v: Vec<f32> = crate::cpu::pages::in_huge_pages(values(n, 3));
     let x = values(512, 3);
     let mut out = vec![0.0; 32000];
-    for _ in 0..5 {
+    for _ in 0..4 {
         let t = std::time::Instant::now();
-        matmul(&x, 1, 512, Weights::F32(w), 32000, &mut out);
+        // SAFETY: AVX2 checked above.
+        let s: f32 = v.par_chunks(1 << 15).map(|c| unsafe { sum(c) }).sum();
         let dt = t.elapsed().as_secs_f64();
-        eprintln!("lm head {:.2} ms {:.1} GB/s", dt * 1e3, (512 * 32000 * 4) as f64 / dt / 1e9);
+        let t2 = std::time::Instant::now();
+        for c in 0..2 {
+            matmul(&x, 1, 512, Weights::F32(&v[c * 512 * 32000..(c + 1) * 512 * 32000]), 32000, &mut out);
+        }
+        let dt2 = t2.elapsed().as_secs_f64();
+        eprintln!(
+            "pure read {:.1} GB/s ({s}); LM head kernel {:.1} GB/s",
+            (n * 4) as f64 / dt / 1e9,
+            (n * 4) as f64 / dt2 / 1e9
+        );
     }
 }
