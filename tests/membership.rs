@@ -91,6 +91,7 @@ fn put_record(rt: &tokio::runtime::Runtime, url: &str, cluster: &str, id: &str) 
         device: "cpu".into(),
         fingerprint: "f".into(),
         version: "v".into(),
+        numerics: String::new(),
     };
     let value = serde_json::to_vec(&record).expect("json");
     let key = format!("/moe/{cluster}/workers/{id}");

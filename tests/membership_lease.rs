@@ -22,6 +22,7 @@ fn a_record_changing_faster_than_the_keep_alive_period_never_lapses() {
         device: "cpu".into(),
         fingerprint: "f".into(),
         version: "v".into(),
+        numerics: String::new(),
     };
     let (tx, rx) = tokio::sync::watch::channel(record(0));
     let cancel = CancellationToken::new();

@@ -25,6 +25,7 @@ fn record_of(addr: &str, d: &DescribeResponse) -> WorkerRecord {
         device: d.device.clone(),
         fingerprint: d.model_fingerprint.clone(),
         version: String::new(),
+        numerics: d.numerics.clone(),
     }
 }
 

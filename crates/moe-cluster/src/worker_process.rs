@@ -96,6 +96,7 @@ pub fn run_worker(a: WorkerProcess, device: Device) -> Result<()> {
                 device: host.device().to_string(),
                 fingerprint: host.fingerprint().to_string(),
                 version: env!("CARGO_PKG_VERSION").into(),
+                numerics: host.numerics(),
             };
             moe_membership::check_worker_id(&opts, &record).await?;
             let ttl = std::time::Duration::from_secs(a.lease_ttl_secs.max(1));

@@ -257,6 +257,13 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// The device this backend computes on.
     fn device(&self) -> Device;
 
+    /// The arithmetic this backend computes, as workers announce it in membership: replicas
+    /// with the same value give the same bits for the same rows, so a router may fail over or
+    /// hedge between them (see `moe_dispatch::plan_membership`).
+    fn numerics(&self) -> String {
+        self.name()
+    }
+
     fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<Self::Matrix>;
     /// A matrix from raw bf16 bits, kept as bf16 where the backend can (the default widens).
     fn matrix_bf16(&self, rows: usize, cols: usize, data: Vec<u16>) -> Result<Self::Matrix> {

@@ -37,13 +37,34 @@ impl MembershipPlan {
     }
 }
 
-/// Keeps the workers that serve this model with experts it has, in record order.
+/// Keeps the workers that serve this model with experts it has, in record order, and that
+/// compute the same bits: the first record that announces its arithmetic (`numerics`) sets it
+/// for the plan, and a worker announcing another is refused (failing over or hedging to it would
+/// change a request's tokens). Every CPU kernel set announces the same arithmetic; a cluster
+/// mixing CPU and GPU workers, or GPUs of different models, is refused until it is made one kind.
+/// Records without the field (older workers) are accepted.
 pub fn plan_membership(config: &ModelConfig, records: &[WorkerRecord]) -> MembershipPlan {
     let ours = config.fingerprint();
     let mut addrs = Vec::new();
     let mut refused = Vec::new();
     let mut placement = Placement::new(config.num_layers, config.num_experts);
+    let mut numerics: Option<&str> = None;
     for r in records {
+        if !r.numerics.is_empty() && r.fingerprint == ours {
+            match numerics {
+                Some(n) if n != r.numerics => {
+                    tracing::error!(worker = %r.id, address = %r.address, theirs = %r.numerics, ours = n,
+                        "refusing worker: it computes different bits from the cluster's other workers");
+                    refused.push(format!(
+                        "{} ({}): computes with {:?}, the cluster with {n:?}; replicas must give the same bits (run every worker on one kind of device, or pin --cpu-kernels)",
+                        r.id, r.address, r.numerics
+                    ));
+                    continue;
+                }
+                Some(_) => {}
+                None => numerics = Some(&r.numerics),
+            }
+        }
         if r.fingerprint != ours {
             tracing::error!(worker = %r.id, address = %r.address, theirs = %r.fingerprint, %ours,
                 "refusing worker: it serves a different model (fingerprint mismatch)");
@@ -250,7 +271,28 @@ mod tests {
             device: "cpu".into(),
             fingerprint: config.fingerprint(),
             version: String::new(),
+            numerics: String::new(),
         }
+    }
+
+    /// A worker announcing other arithmetic than the first one's is refused, with the reason;
+    /// records that announce none (older workers) are kept.
+    #[test]
+    fn workers_with_other_numerics_are_refused() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mixtral");
+        let config = ModelConfig::from_dir(&dir).expect("config");
+        let with = |id: &str, addr: &str, n: &str| WorkerRecord { numerics: n.into(), ..record(id, addr, &config) };
+        let records = vec![
+            with("a", "127.0.0.1:1", "cpu-canonical-dot8-v1"),
+            with("b", "127.0.0.1:2", "cuda:NVIDIA H200:Cublas"),
+            with("c", "127.0.0.1:3", ""),
+            with("d", "127.0.0.1:4", "cpu-canonical-dot8-v1"),
+        ];
+        let plan = plan_membership(&config, &records);
+        assert_eq!(plan.addrs, vec!["127.0.0.1:1", "127.0.0.1:3", "127.0.0.1:4"]);
+        assert_eq!(plan.refused.len(), 1, "{:?}", plan.refused);
+        assert!(plan.refused[0].starts_with("b (127.0.0.1:2): computes with"), "{}", plan.refused[0]);
+        assert!(plan.is_complete());
     }
 
     /// A record whose address does not parse (an IPv6 pod IP without brackets) is refused alone,

@@ -32,6 +32,7 @@ async fn start_worker(dir: &Path, id: &str, spec: &str) -> Worker {
         device: host.device().to_string(),
         fingerprint: ExpertCompute::fingerprint(&host).to_string(),
         version: String::new(),
+        numerics: String::new(),
     };
     let host: Arc<dyn ExpertCompute> = Arc::new(host);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind worker");

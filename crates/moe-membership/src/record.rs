@@ -13,6 +13,10 @@ pub struct WorkerRecord {
     pub device: String,
     pub fingerprint: String,
     pub version: String,
+    /// The arithmetic its experts are computed with (`Backend::numerics`); empty in records of
+    /// workers from before it was announced.
+    #[serde(default)]
+    pub numerics: String,
 }
 
 /// Live workers known without etcd (the embedded cluster, tests).

@@ -109,6 +109,10 @@ pub trait ExpertCompute: Send + Sync {
     fn fingerprint(&self) -> &str;
     /// The device the experts compute on (published in `Describe` and the etcd record).
     fn device(&self) -> Device;
+    /// The arithmetic the experts are computed with ([`moe_compute::Backend::numerics`]).
+    fn numerics(&self) -> String {
+        String::new()
+    }
     /// (layer, expert ids) for every layer with hosted experts, not counting those draining.
     fn hosted(&self) -> Vec<(usize, Vec<u32>)>;
     /// The experts being drained by an unload.
@@ -347,6 +351,10 @@ impl<B: Backend> ExpertCompute for ExpertHost<B> {
 
     fn device(&self) -> Device {
         self.backend.device()
+    }
+
+    fn numerics(&self) -> String {
+        self.backend.numerics()
     }
 
     fn hosted(&self) -> Vec<(usize, Vec<u32>)> {

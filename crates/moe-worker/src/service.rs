@@ -243,6 +243,7 @@ impl ExpertWorker for ExpertWorkerService {
             bytes_per_expert: self.host.expert_memory().0 as u64,
             max_expert_bytes: self.host.expert_memory().1.unwrap_or(0) as u64,
             draining: to_proto(self.host.draining()),
+            numerics: self.host.numerics(),
         }))
     }
 

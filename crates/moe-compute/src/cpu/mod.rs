@@ -138,6 +138,11 @@ impl Backend for CpuBackend {
         crate::Device::Cpu
     }
 
+    fn numerics(&self) -> String {
+        // Every CPU kernel set computes the same canonical dot products (kernel_set.rs).
+        NUMERICS.to_string()
+    }
+
     fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<HostMatrix> {
         if data.len() != rows * cols {
             return Err(ComputeError::MatrixSize { rows, cols, expected: rows * cols, got: data.len() });

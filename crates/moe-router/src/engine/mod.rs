@@ -233,6 +233,17 @@ impl Engine {
         let pages = (kv_bytes / page_bytes.max(1)).max(1);
         let kv =
             model.kv_cache_for(pages, config.page_size, sequences).map_err(|e| RouterError::Internal(e.to_string()))?;
+        if model.backend().device() == moe_compute::Device::Cpu {
+            let set = moe_compute::cpu::cpu_kernels();
+            config
+                .metrics
+                .gauge_family::<[(&'static str, String); 2]>(
+                    "moe_cpu_kernels",
+                    "1 for the instruction set the CPU kernels use (--cpu-kernels) and the arithmetic they compute",
+                )
+                .get_or_create(&[("set", set.name().to_string()), ("numerics", moe_compute::cpu::NUMERICS.to_string())])
+                .set(1);
+        }
         let stats = Arc::new(EngineStats::default());
         stats.total_pages.store(pages, Ordering::Relaxed);
         stats.free_pages.store(pages, Ordering::Relaxed);

@@ -29,6 +29,11 @@ impl Backend for CudaBackend {
         Device::Cuda(self.inner.ordinal)
     }
 
+    fn numerics(&self) -> String {
+        // cuBLAS picks kernels by GPU model and shape: the GPU's name and the expert path.
+        format!("cuda:{}:{:?}", self.inner.name, super::expert_gemm())
+    }
+
     fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<CudaMatrix> {
         if data.len() != rows * cols {
             return Err(ComputeError::MatrixSize { rows, cols, expected: rows * cols, got: data.len() });
