@@ -1,5 +1,6 @@
 //! Which instruction set the CPU kernels use, chosen once at start (`--cpu-kernels
-//! auto|avx512|avx2|neon|portable`) and read by every kernel call.
+//! auto|avx512|avx2|neon|portable`, see [`super::select_cpu_kernels`]) and read by every kernel
+//! call.
 //!
 //! Every set computes the same canonical dot product (see [`super::invariant`]): the same fused
 //! multiply-adds in the same order per output element, only more of them per instruction. So the
@@ -98,14 +99,13 @@ impl std::fmt::Display for CpuKernels {
     }
 }
 
-/// 0 until chosen (explicitly or, at the first kernel call, by detection).
+/// 0 until chosen (by [`super::select_cpu_kernels`] or, at the first kernel call, by default).
 static CHOSEN: AtomicU8 = AtomicU8::new(0);
 
-/// Chooses the kernel set from `--cpu-kernels` (`auto` detects); an error names a set this CPU
-/// cannot run, or an unknown name. Call once at start, before any kernel runs.
-pub fn select_cpu_kernels(request: &str) -> Result<CpuKernels, ComputeError> {
-    let set = match request.trim().to_ascii_lowercase().as_str() {
-        "auto" | "" => CpuKernels::detect(),
+/// The name `request` (`--cpu-kernels`) asks for; `None` for `auto`.
+pub(crate) fn parse(request: &str) -> Result<Option<CpuKernels>, ComputeError> {
+    Ok(Some(match request.trim().to_ascii_lowercase().as_str() {
+        "auto" | "" => return Ok(None),
         "avx512" => CpuKernels::Avx512,
         "avx2" => CpuKernels::Avx2,
         "neon" => CpuKernels::Neon,
@@ -115,26 +115,24 @@ pub fn select_cpu_kernels(request: &str) -> Result<CpuKernels, ComputeError> {
                 "--cpu-kernels {other:?}: one of auto, avx512, avx2, neon, portable"
             )))
         }
-    };
-    if !set.available() {
-        let have: Vec<&str> = CpuKernels::all_available().iter().map(|k| k.name()).collect();
-        return Err(ComputeError::CpuKernels(format!(
-            "--cpu-kernels {set}: this CPU cannot run it (it runs: {})",
-            have.join(", ")
-        )));
-    }
-    CHOSEN.store(set.code(), Ordering::Relaxed);
-    Ok(set)
+    }))
 }
 
-/// The kernel set in use (detected on first use when none was chosen).
+/// Makes `set` the process's kernel set.
+pub(crate) fn choose(set: CpuKernels) {
+    CHOSEN.store(set.code(), Ordering::Relaxed);
+}
+
+/// The kernel set in use. When none was chosen (a library caller that never called
+/// [`super::select_cpu_kernels`]), the widest set short of AVX-512, which is only taken after its
+/// self-check at selection.
 #[inline]
 pub fn cpu_kernels() -> CpuKernels {
     if let Some(k) = CpuKernels::from_code(CHOSEN.load(Ordering::Relaxed)) {
         return k;
     }
-    let k = CpuKernels::detect();
-    CHOSEN.store(k.code(), Ordering::Relaxed);
+    let k = [CpuKernels::Avx2, CpuKernels::Neon].into_iter().find(|k| k.available()).unwrap_or(CpuKernels::Portable);
+    choose(k);
     k
 }
 
@@ -143,18 +141,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_parse_and_unknown_or_missing_sets_are_refused() {
+    fn names_parse_and_unknown_names_are_refused() {
         assert!(CpuKernels::Portable.available());
         assert_eq!(CpuKernels::detect(), CpuKernels::all_available()[0]);
-        let e = select_cpu_kernels("sse9").unwrap_err().to_string();
+        let e = parse("sse9").unwrap_err().to_string();
         assert!(e.contains("one of auto, avx512, avx2, neon, portable"), "{e}");
-        for k in [CpuKernels::Avx512, CpuKernels::Avx2, CpuKernels::Neon] {
-            if !k.available() {
-                let e = select_cpu_kernels(k.name()).unwrap_err().to_string();
-                assert!(e.contains("this CPU cannot run it"), "{e}");
-            }
-        }
+        assert_eq!(parse("auto").unwrap(), None);
         for k in [CpuKernels::Avx512, CpuKernels::Avx2, CpuKernels::Neon, CpuKernels::Portable] {
+            assert_eq!(parse(k.name()).unwrap(), Some(k));
             assert_eq!(CpuKernels::from_code(k.code()), Some(k));
         }
     }

@@ -14,12 +14,14 @@ mod lora;
 mod operand;
 pub(crate) mod pages;
 mod peak;
+mod selection;
 mod simd;
 
 pub use attention::CpuKvStore;
-pub use kernel_set::{cpu_kernels, select_cpu_kernels, CpuKernels, NUMERICS};
+pub use kernel_set::{cpu_kernels, CpuKernels, NUMERICS};
 pub use linear::{matmul_t, matmul_tw, Weights};
 pub use peak::fma_peak_gflops;
+pub use selection::select_cpu_kernels;
 
 use crate::{
     AttentionSeq, AttentionShape, Backend, ComputeError, ExpertPlan, FfnScratch, Glu, HeadCols, KvLayout, Result,
