@@ -38,6 +38,23 @@ pub struct StepBreakdown {
     pub rest: f64,
 }
 
+/// Prints where each decode run's steps spent their time.
+pub fn print_breakdowns(name: &str, runs: &[DecodeReport]) {
+    println!("  where a decode step's time goes ({name}):");
+    for d in runs {
+        let b = &d.breakdown;
+        println!(
+            "    batch {:>3}: {:>6.2} ms/step: dense layers {:>4.1}%, experts {:>4.1}%, LM head {:>4.1}%, scheduling + sampling {:>4.1}%",
+            d.batch,
+            b.step_ms,
+            100.0 * b.dense,
+            100.0 * b.experts,
+            100.0 * b.head,
+            100.0 * b.rest
+        );
+    }
+}
+
 /// The engine's step counters (steps, step, dense, experts, head ns).
 fn step_counters(engine: &Engine) -> [u64; 5] {
     let st = engine.stats();

@@ -193,6 +193,9 @@ pub struct FfnScratch<B: Backend> {
     pub out: B::Act,
     pub lora_shrink: B::Act,
     pub lora_expand: B::Act,
+    /// Grouped products: each expert's (first row, rows), and the kernel's task list.
+    pub segments: Vec<(usize, usize)>,
+    pub tasks: Vec<(usize, usize, usize)>,
 }
 
 impl<B: Backend> FfnScratch<B> {
@@ -204,6 +207,8 @@ impl<B: Backend> FfnScratch<B> {
             out: backend.act(),
             lora_shrink: backend.act(),
             lora_expand: backend.act(),
+            segments: Vec::new(),
+            tasks: Vec::new(),
         }
     }
 }

@@ -45,7 +45,7 @@ pub struct BenchArgs {
     #[arg(long, env = "MOE_BENCH_CORE")]
     pub core: bool,
     /// Print the benchmark checkpoint's directory (writing it first if needed) and exit.
-    #[arg(long)]
+    #[arg(long, env = "MOE_PRINT_MODEL_DIR")]
     pub print_model_dir: bool,
     #[arg(long, env = "MOE_JSON")]
     pub json: bool,
@@ -478,20 +478,8 @@ fn print_table(r: &Report) {
                 ""
             );
         }
-        if let Some(first) = r.topologies.first().filter(|f| std::ptr::eq(*f, t)) {
-            println!("  where a decode step's time goes ({}):", first.name);
-            for d in &first.decode {
-                let b = &d.breakdown;
-                println!(
-                    "    batch {:>3}: {:>6.2} ms/step: dense layers {:>4.1}%, experts {:>4.1}%, LM head {:>4.1}%, scheduling + sampling {:>4.1}%",
-                    d.batch,
-                    b.step_ms,
-                    100.0 * b.dense,
-                    100.0 * b.experts,
-                    100.0 * b.head,
-                    100.0 * b.rest
-                );
-            }
+        if std::ptr::eq(t, &r.topologies[0]) {
+            crate::engine::print_breakdowns(&t.name, &t.decode);
         }
         if let Some(us) = t.dispatch_round_trip_us {
             println!("{:<44} {:>12.0} us", format!("{}: dispatch round trip per layer", t.name), us);

@@ -6,7 +6,7 @@
 //! between the products). Both compute the same bits: each element is the canonical dot
 //! product, and the additions happen in the same order.
 
-use super::invariant::{grouped_matmul, Product};
+use super::invariant::grouped_matmul;
 use super::{glu_rows, lora, simd, CpuBackend, HostTensor};
 use crate::{Backend, ExpertPlan, FfnScratch, RowExpertLora, SwigluWeights};
 
@@ -21,7 +21,13 @@ pub(super) fn expert_ffn(
 ) {
     let ne = plan.num_experts().min(experts.len());
     let any_lora = (0..ne).any(|e| plan.expert(e).0.iter().any(|&r| lora(r as usize, e).is_some()));
-    if any_lora {
+    let uniform = experts.first().is_some_and(|f| {
+        experts[..ne].iter().all(|w| {
+            (w.gate_up.rows, w.gate_up.cols, w.down.rows, w.down.cols)
+                == (f.gate_up.rows, f.gate_up.cols, f.down.rows, f.down.cols)
+        })
+    });
+    if any_lora || !uniform {
         for (e, w) in experts.iter().enumerate().take(ne) {
             one_expert(b, x, e, w, plan, lora, s, out);
         }
@@ -30,7 +36,8 @@ pub(super) fn expert_ffn(
     }
 }
 
-/// Every expert of the layer in two grouped products (no adapters).
+/// Every expert of the layer in two grouped products (no adapters). The experts of a layer
+/// share their shapes.
 fn grouped(
     x: &HostTensor,
     experts: &[SwigluWeights<CpuBackend>],
@@ -38,16 +45,16 @@ fn grouped(
     s: &mut FfnScratch<CpuBackend>,
     out: &mut HostTensor,
 ) {
-    let h = x.cols;
-    // Rows in plan order, expert after expert; each expert's rows, gate/up, hidden and output
+    let Some(first) = experts.first() else { return };
+    let (h, n_gu, inter) = (x.cols, first.gate_up.rows, first.down.cols);
+    // Rows in plan order, expert after expert: each expert's rows, gate/up, hidden and output
     // are contiguous runs of the scratch buffers.
+    s.segments.clear();
     let mut total = 0;
-    let (mut gu_len, mut hid_len) = (0, 0);
-    for (e, w) in experts.iter().enumerate() {
+    for e in 0..experts.len() {
         let m = plan.expert(e).0.len();
+        s.segments.push((total, m));
         total += m;
-        gu_len += m * w.gate_up.rows;
-        hid_len += m * w.gate_up.rows / 2;
     }
     if total == 0 {
         return;
@@ -60,55 +67,39 @@ fn grouped(
             at += 1;
         }
     }
-    s.gate_up.data.resize(gu_len, 0.0);
-    s.hidden.data.resize(hid_len, 0.0);
-    s.out.data.resize(total * h, 0.0);
-    {
-        let mut products = Vec::with_capacity(experts.len());
-        let (mut xs, mut gus) = (&s.rows.data[..], &mut s.gate_up.data[..]);
-        for (e, w) in experts.iter().enumerate() {
-            let m = plan.expert(e).0.len();
-            let n = w.gate_up.rows;
-            let (xe, xrest) = xs.split_at(m * h);
-            let (ge, grest) = std::mem::take(&mut gus).split_at_mut(m * n);
-            (xs, gus) = (xrest, grest);
-            if m > 0 {
-                products.push(Product { x: xe, m, k: h, w: w.gate_up.weights(), n, out: ge });
-            }
-        }
-        grouped_matmul(&mut products);
-    }
-    let (mut g_at, mut h_at) = (0, 0);
+    s.gate_up.reshape(total, n_gu);
+    grouped_matmul(
+        &s.rows.data,
+        h,
+        &s.segments,
+        &|e| experts[e].gate_up.weights(),
+        n_gu,
+        &mut s.gate_up.data,
+        &mut s.tasks,
+    );
+    s.hidden.reshape(total, inter);
     for (e, w) in experts.iter().enumerate() {
-        let m = plan.expert(e).0.len();
-        let n = w.gate_up.rows;
-        let gu = &mut s.gate_up.data[g_at..g_at + m * n];
+        let (start, m) = s.segments[e];
+        let gu = &mut s.gate_up.data[start * n_gu..(start + m) * n_gu];
         if let Some(bias) = &w.gate_up_bias {
-            for row in gu.chunks_exact_mut(n) {
+            for row in gu.chunks_exact_mut(n_gu) {
                 for (o, bv) in row.iter_mut().zip(bias) {
                     *o += bv;
                 }
             }
         }
-        glu_rows(gu, m, n, w.glu, &mut s.hidden.data[h_at..h_at + m * n / 2]);
-        g_at += m * n;
-        h_at += m * n / 2;
+        glu_rows(gu, m, n_gu, w.glu, &mut s.hidden.data[start * inter..(start + m) * inter]);
     }
-    {
-        let mut products = Vec::with_capacity(experts.len());
-        let (mut hs, mut os) = (&s.hidden.data[..], &mut s.out.data[..]);
-        for (e, w) in experts.iter().enumerate() {
-            let m = plan.expert(e).0.len();
-            let inter = w.down.cols;
-            let (he, hrest) = hs.split_at(m * inter);
-            let (oe, orest) = std::mem::take(&mut os).split_at_mut(m * h);
-            (hs, os) = (hrest, orest);
-            if m > 0 {
-                products.push(Product { x: he, m, k: inter, w: w.down.weights(), n: h, out: oe });
-            }
-        }
-        grouped_matmul(&mut products);
-    }
+    s.out.reshape(total, h);
+    grouped_matmul(
+        &s.hidden.data,
+        inter,
+        &s.segments,
+        &|e| experts[e].down.weights(),
+        h,
+        &mut s.out.data,
+        &mut s.tasks,
+    );
     let mut at = 0;
     for (e, w) in experts.iter().enumerate() {
         let (rows, weights) = plan.expert(e);

@@ -123,71 +123,60 @@ fn matmul_with(
     }
 }
 
-/// One product of a [`grouped_matmul`]: `out[m×n] = x[m×k] · w[n×k]ᵀ`.
-pub struct Product<'a> {
-    pub x: &'a [f32],
-    pub m: usize,
-    pub k: usize,
-    pub w: Weights<'a>,
-    pub n: usize,
-    pub out: &'a mut [f32],
-}
-
-/// Several products (a layer's experts) in one parallel region: the tasks are every product's
-/// blocks, product by product, so the threads share out all the work at once instead of meeting
-/// after each product. Each element is the canonical dot product: the same bits as
-/// [`matmul`] of each product alone.
-pub fn grouped_matmul(products: &mut [Product<'_>]) {
+/// Several products sharing their shapes (a layer's experts) in one parallel region: segment
+/// `e` = `(start, m)` multiplies rows `start..start + m` of `x` (`k` values each) by
+/// `weights(e)` (`n` rows of `k`) into the same rows of `out` (`n` values each). The tasks are
+/// every segment's blocks, segment by segment, so the threads share out all the work at once
+/// instead of meeting after each product. Each element is the canonical dot product: the same
+/// bits as [`matmul`] of each product alone. `tasks` is scratch (kept by the caller, so that a
+/// decode step does not allocate).
+pub fn grouped_matmul<'w>(
+    x: &[f32],
+    k: usize,
+    segments: &[(usize, usize)],
+    weights: &(dyn Fn(usize) -> Weights<'w> + Sync),
+    n: usize,
+    out: &mut [f32],
+    tasks: &mut Vec<(usize, usize, usize)>,
+) {
     let set = cpu_kernels();
     let threads = rayon::current_num_threads();
     let mut work = 0;
-    for p in products.iter() {
+    let mut w_bytes = 4;
+    for (e, &(start, m)) in segments.iter().enumerate() {
+        let w = weights(e);
         assert!(
-            p.x.len() >= p.m * p.k && p.w.len() >= p.n * p.k && p.out.len() >= p.m * p.n,
+            x.len() >= (start + m) * k && w.len() >= n * k && out.len() >= (start + m) * n,
             "grouped matmul operands too short"
         );
-        work += p.m * p.n * p.k;
+        if let Weights::Bf16(_) = w {
+            w_bytes = 2;
+        }
+        work += m * n * k;
     }
     let parallel = threads > 1 && work >= PARALLEL_MIN_WORK;
-    // Per product: (column block width, row blocks, column blocks).
-    let mut shape: Vec<(usize, usize, usize)> = products
-        .iter()
-        .map(|p| {
-            let w_bytes = match p.w {
-                Weights::F32(_) => 4,
-                Weights::Bf16(_) => 2,
-            };
-            let cols = (WEIGHT_BLOCK_BYTES / (p.k.max(1) * w_bytes)).max(COL_ALIGN) / COL_ALIGN * COL_ALIGN;
-            (cols, p.m.div_ceil(ROW_BLOCK), p.n.div_ceil(cols))
-        })
-        .collect();
-    let count = |shape: &[(usize, usize, usize)]| shape.iter().map(|&(_, r, c)| r * c).sum::<usize>();
-    while parallel && count(&shape) < 2 * threads && shape.iter().any(|s| s.0 > COL_ALIGN) {
-        for (s, p) in shape.iter_mut().zip(products.iter()) {
-            s.0 = (s.0 / 2).max(COL_ALIGN) / COL_ALIGN * COL_ALIGN;
-            s.2 = p.n.div_ceil(s.0);
-        }
+    let mut cols = (WEIGHT_BLOCK_BYTES / (k.max(1) * w_bytes)).max(COL_ALIGN) / COL_ALIGN * COL_ALIGN;
+    let count = |cols: usize| segments.iter().map(|&(_, m)| m.div_ceil(ROW_BLOCK) * n.div_ceil(cols)).sum::<usize>();
+    while parallel && cols > COL_ALIGN && count(cols) < 2 * threads {
+        cols = (cols / 2).max(COL_ALIGN) / COL_ALIGN * COL_ALIGN;
     }
-    let mut tasks = Vec::with_capacity(count(&shape));
-    for (i, &(_, rbs, cbs)) in shape.iter().enumerate() {
-        if products[i].m == 0 || products[i].n == 0 {
-            continue;
-        }
-        for cb in 0..cbs {
-            for rb in 0..rbs {
-                tasks.push((i, rb, cb));
+    tasks.clear();
+    for (e, &(_, m)) in segments.iter().enumerate() {
+        for cb in 0..n.div_ceil(cols) {
+            for rb in 0..m.div_ceil(ROW_BLOCK) {
+                tasks.push((e, rb, cb));
             }
         }
     }
-    let outs: Vec<SendPtr> = products.iter_mut().map(|p| SendPtr(p.out.as_mut_ptr())).collect();
-    let products = &*products;
-    let task = |&(i, rb, cb): &(usize, usize, usize)| {
-        let (p, cols) = (&products[i], shape[i].0);
-        let rows = rb * ROW_BLOCK..((rb + 1) * ROW_BLOCK).min(p.m);
-        let cs = cb * cols..((cb + 1) * cols).min(p.n);
-        // SAFETY: tasks cover disjoint (row, column) blocks of each product's out (m×n,
-        // checked above), whose x and w hold every row the block reads; the set runs here.
-        unsafe { block(set, p.x, p.k, p.w, p.n, rows, cs, outs[i]) };
+    let dst = SendPtr(out.as_mut_ptr());
+    let task = |&(e, rb, cb): &(usize, usize, usize)| {
+        let (start, m) = segments[e];
+        let rows = start + rb * ROW_BLOCK..start + ((rb + 1) * ROW_BLOCK).min(m);
+        let cs = cb * cols..((cb + 1) * cols).min(n);
+        // SAFETY: segments are disjoint row ranges and tasks disjoint (row, column) blocks of
+        // them, inside out (checked above); x holds every row a block reads and weights(e) n
+        // rows of k; the set runs on this CPU.
+        unsafe { block(set, x, k, weights(e), n, rows, cs, dst) };
     };
     if parallel {
         tasks.par_iter().for_each(task);
