@@ -117,7 +117,12 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     moe_cluster::set_expert_gemm(&cli.expert_gemm)?;
-    moe_cluster::set_cpu_kernels(&cli.cpu_kernels)?;
+    let kernels = moe_cluster::set_cpu_kernels(&cli.cpu_kernels)?;
+    if matches!(cli.command, Command::Serve(_) | Command::Worker(_) | Command::Router(_))
+        && cli.device == moe_cluster::Device::Cpu
+    {
+        eprintln!("CPU kernels: {kernels} (--cpu-kernels {})", cli.cpu_kernels);
+    }
     if let Some(n) = cli.threads {
         anyhow::ensure!(n > 0, "--threads must be at least 1");
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("starting the compute thread pool")?;
