@@ -9,19 +9,25 @@ mod common;
 use common::*;
 use moe_compute::cpu::CpuKernels;
 
-fn logits(dir: &std::path::Path, ids: &[u32], set: &str) -> (Vec<Vec<f32>>, String) {
-    let out = moe(&[
-        "logits",
-        "--cpu-kernels",
-        set,
-        "--model",
-        dir.to_str().expect("utf8"),
-        "--token-ids",
-        &ids_arg(ids),
-        "--json",
-    ]);
-    assert_eq!(out.code, 0, "--cpu-kernels {set}: {}", out.stderr);
-    (matrix(&out.json()["logits"]), out.stderr)
+/// The logits of `ids` computed with the kernel set `set`; checks from the start-up log that
+/// the set was the one used.
+fn logits(dir: &std::path::Path, ids: &[u32], set: &str) -> Vec<Vec<f32>> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["--log-format", "json", "logits", "--cpu-kernels", set, "--model", dir.to_str().expect("utf8")])
+        .args(["--token-ids", &ids_arg(ids), "--json"])
+        .env("MOE_LOG", "moe_cluster=info")
+        .env_remove("MOE_MODEL")
+        .output()
+        .expect("run moe");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "--cpu-kernels {set}: {stderr}");
+    let chosen = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["fields"]["cpu_kernels"].as_str().map(String::from));
+    assert_eq!(chosen.as_deref(), Some(set), "the start-up log names the set: {stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON logits");
+    matrix(&json["logits"])
 }
 
 #[test]
@@ -46,9 +52,9 @@ fn every_kernel_set_gives_the_same_bits_on_every_architecture() {
             .expect("a case");
         let ids = u32s(&case["token_ids"]);
         let reference = matrix(&case["logits"]);
-        let (first, _) = logits(&dir, &ids, sets[0]);
+        let first = logits(&dir, &ids, sets[0]);
         for set in &sets {
-            let (got, _) = logits(&dir, &ids, set);
+            let got = logits(&dir, &ids, set);
             let err = rel_err(&got, &reference);
             assert!(err < 1e-4, "{arch} with {set}: relative error {err} against transformers");
             let bits = |m: &[Vec<f32>]| m.iter().flatten().map(|v| v.to_bits()).collect::<Vec<_>>();

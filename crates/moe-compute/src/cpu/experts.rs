@@ -157,19 +157,8 @@ fn one_expert(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::selection::values;
     use crate::Glu;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 20001) as f32 / 10000.0 - 1.0
-            })
-            .collect()
-    }
 
     /// 8 experts of hidden `h`, intermediate `i`.
     fn layer_of(b: &CpuBackend, seed: u32, bias: bool, h: usize, i: usize) -> Vec<SwigluWeights<CpuBackend>> {

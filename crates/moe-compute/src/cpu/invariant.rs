@@ -57,6 +57,18 @@ pub fn canonical_dot(a: &[f32], b: impl Fn(usize) -> f32, k: usize) -> f32 {
     s
 }
 
+/// Columns per block: `WEIGHT_BLOCK_BYTES` of weight rows, halved while a parallel call would
+/// have fewer than two tasks per thread (`tasks(cols)` counts them). Any split gives the same
+/// numbers.
+fn block_width(k: usize, w_bytes: usize, parallel: bool, tasks: impl Fn(usize) -> usize) -> usize {
+    let align = |c: usize| c.max(COL_ALIGN) / COL_ALIGN * COL_ALIGN;
+    let mut cols = align(WEIGHT_BLOCK_BYTES / (k.max(1) * w_bytes));
+    while parallel && cols > COL_ALIGN && tasks(cols) < 2 * rayon::current_num_threads() {
+        cols = align(cols / 2);
+    }
+    cols
+}
+
 /// `out[m×n] = x[m×k] · w[n×k]ᵀ`, each element the canonical dot product.
 pub fn matmul(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut [f32]) {
     matmul_with(cpu_kernels(), x, m, k, w, n, out, true)
@@ -95,16 +107,9 @@ fn matmul_with(
         Weights::F32(_) => 4,
         Weights::Bf16(_) => 2,
     };
-    let threads = rayon::current_num_threads();
-    let parallel = may_fork && threads > 1 && m * n * k >= PARALLEL_MIN_WORK;
-    let mut cols = (WEIGHT_BLOCK_BYTES / (k.max(1) * w_bytes)).max(COL_ALIGN) / COL_ALIGN * COL_ALIGN;
+    let parallel = may_fork && rayon::current_num_threads() > 1 && m * n * k >= PARALLEL_MIN_WORK;
     let row_blocks = m.div_ceil(ROW_BLOCK);
-    if parallel {
-        // Enough tasks to keep every thread busy; any split gives the same numbers.
-        while cols > COL_ALIGN && row_blocks * n.div_ceil(cols) < 2 * threads {
-            cols = (cols / 2).max(COL_ALIGN) / COL_ALIGN * COL_ALIGN;
-        }
-    }
+    let cols = block_width(k, w_bytes, parallel, |cols| row_blocks * n.div_ceil(cols));
     let col_blocks = n.div_ceil(cols);
     let dst = SendPtr(out.as_mut_ptr());
     let task = |t: usize| {
@@ -140,7 +145,6 @@ pub fn grouped_matmul<'w>(
     tasks: &mut Vec<(usize, usize, usize)>,
 ) {
     let set = cpu_kernels();
-    let threads = rayon::current_num_threads();
     let mut work = 0;
     let mut w_bytes = 4;
     for (e, &(start, m)) in segments.iter().enumerate() {
@@ -154,12 +158,10 @@ pub fn grouped_matmul<'w>(
         }
         work += m * n * k;
     }
-    let parallel = threads > 1 && work >= PARALLEL_MIN_WORK;
-    let mut cols = (WEIGHT_BLOCK_BYTES / (k.max(1) * w_bytes)).max(COL_ALIGN) / COL_ALIGN * COL_ALIGN;
-    let count = |cols: usize| segments.iter().map(|&(_, m)| m.div_ceil(ROW_BLOCK) * n.div_ceil(cols)).sum::<usize>();
-    while parallel && cols > COL_ALIGN && count(cols) < 2 * threads {
-        cols = (cols / 2).max(COL_ALIGN) / COL_ALIGN * COL_ALIGN;
-    }
+    let parallel = rayon::current_num_threads() > 1 && work >= PARALLEL_MIN_WORK;
+    let cols = block_width(k, w_bytes, parallel, |cols| {
+        segments.iter().map(|&(_, m)| m.div_ceil(ROW_BLOCK) * n.div_ceil(cols)).sum()
+    });
     tasks.clear();
     for (e, &(_, m)) in segments.iter().enumerate() {
         for cb in 0..n.div_ceil(cols) {

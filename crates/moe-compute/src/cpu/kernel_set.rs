@@ -57,14 +57,6 @@ impl CpuKernels {
         }
     }
 
-    /// The fastest set this CPU runs.
-    pub fn detect() -> Self {
-        [CpuKernels::Avx512, CpuKernels::Avx2, CpuKernels::Neon]
-            .into_iter()
-            .find(|k| k.available())
-            .unwrap_or(CpuKernels::Portable)
-    }
-
     /// Every set this CPU runs, fastest first.
     pub fn all_available() -> Vec<Self> {
         [CpuKernels::Avx512, CpuKernels::Avx2, CpuKernels::Neon, CpuKernels::Portable]
@@ -143,7 +135,7 @@ mod tests {
     #[test]
     fn names_parse_and_unknown_names_are_refused() {
         assert!(CpuKernels::Portable.available());
-        assert_eq!(CpuKernels::detect(), CpuKernels::all_available()[0]);
+        assert_eq!(CpuKernels::all_available().last(), Some(&CpuKernels::Portable));
         let e = parse("sse9").unwrap_err().to_string();
         assert!(e.contains("one of auto, avx512, avx2, neon, portable"), "{e}");
         assert_eq!(parse("auto").unwrap(), None);

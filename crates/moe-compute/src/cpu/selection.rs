@@ -40,7 +40,8 @@ pub fn select_cpu_kernels(request: &str) -> Result<CpuKernels, ComputeError> {
     Ok(set)
 }
 
-fn values(n: usize, seed: u32) -> Vec<f32> {
+/// `n` values in [-1, 1] from a xorshift of `seed` (the self-check's operands; tests use them too).
+pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(2_654_435_761) | 1;
     (0..n)
         .map(|_| {

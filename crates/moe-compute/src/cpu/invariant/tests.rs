@@ -1,18 +1,7 @@
 //! Tests of the batch-invariant kernels: every row is its solo result bit for bit; strided dots and lane-weighted rows equal the matmul.
 
 use super::*;
-
-fn values(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2_654_435_761) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s % 20001) as f32 / 10000.0 - 1.0
-        })
-        .collect()
-}
+use crate::cpu::selection::values;
 
 /// Every element equals the canonical dot product bit for bit, and every row equals the same
 /// row computed alone: for odd shapes (tails in k, partial tiles in rows and columns), f32
