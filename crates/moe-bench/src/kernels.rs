@@ -131,11 +131,13 @@ fn compile(arch: String, files: Vec<std::path::PathBuf>) -> anyhow::Result<()> {
         }
     }
     if let Some(sm) = arch.strip_prefix("sm_") {
-        // A cubin (machine code for that device), as the CUDA backend loads it.
-        println!("{:<20} {:>10} {:>9}  entry points (sm_{sm}, cubin)", "kernel", "bytes", "ms");
+        // A cubin (machine code for that device), as the CUDA backend loads it, with ptxas's
+        // resource report per entry point: a kernel that spills registers fails the compile.
+        println!("{:<20} {:>10} {:>9}  entry point (sm_{sm}, cubin): registers, stack, spills, static smem", "kernel", "bytes", "ms");
+        let mut spilling = Vec::new();
         for k in &sources {
             let t = std::time::Instant::now();
-            let bin = moe_compute::cuda::compile_cubin(k, arch)?;
+            let (bin, resources) = moe_compute::cuda::compile_cubin_resources(k, arch)?;
             for e in k.entry_points {
                 anyhow::ensure!(
                     bin.windows(e.len() + 1).any(|w| &w[..e.len()] == e.as_bytes() && w[e.len()] == 0),
@@ -143,14 +145,30 @@ fn compile(arch: String, files: Vec<std::path::PathBuf>) -> anyhow::Result<()> {
                     k.file
                 );
             }
-            println!(
-                "{:<20} {:>10} {:>9.0}  {}",
-                k.file,
-                bin.len(),
-                t.elapsed().as_secs_f64() * 1e3,
-                k.entry_points.join(", ")
-            );
+            println!("{:<20} {:>10} {:>9.0}", k.file, bin.len(), t.elapsed().as_secs_f64() * 1e3);
+            for r in &resources {
+                let entry = k.entry_points.contains(&r.function.as_str());
+                if !entry && !k.entry_points.is_empty() {
+                    continue;
+                }
+                println!(
+                    "{:<20} {:>10} {:>9}  {}: {} registers, {} B stack, {} B spill stores, {} B spill loads, {} B smem",
+                    "",
+                    "",
+                    "",
+                    r.function,
+                    r.registers,
+                    r.stack_bytes,
+                    r.spill_store_bytes,
+                    r.spill_load_bytes,
+                    r.shared_bytes
+                );
+                if r.spills() {
+                    spilling.push(format!("{}: {}", k.file, r.function));
+                }
+            }
         }
+        anyhow::ensure!(spilling.is_empty(), "registers spill to local memory in {}", spilling.join(", "));
         return Ok(());
     }
     println!("{:<20} {:>10} {:>9}  entry points ({arch})", "kernel", "PTX bytes", "ms");

@@ -67,6 +67,50 @@ impl KernelSource {
     }
 }
 
+/// What ptxas reports for one function of a cubin (`--ptxas-options=-v`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelResources {
+    pub function: String,
+    pub registers: u32,
+    pub stack_bytes: u32,
+    pub spill_store_bytes: u32,
+    pub spill_load_bytes: u32,
+    /// Static shared memory (dynamic shared memory is sized at launch and not counted).
+    pub shared_bytes: u32,
+}
+
+impl KernelResources {
+    pub fn spills(&self) -> bool {
+        self.spill_store_bytes > 0 || self.spill_load_bytes > 0
+    }
+}
+
+/// Parses ptxas's `-v` report: a `Function properties for F` line, then stack and spill bytes,
+/// then `Used N registers, ..., S bytes smem`. Functions in report order.
+pub fn parse_ptxas_log(log: &str) -> Vec<KernelResources> {
+    fn number_before(text: &str, unit: &str) -> Option<u32> {
+        let at = text.find(unit)?;
+        text[..at].split(|c: char| !c.is_ascii_digit()).rfind(|w| !w.is_empty())?.parse().ok()
+    }
+    let mut out: Vec<KernelResources> = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Function properties for ").nth(1) {
+            out.push(KernelResources { function: rest.trim().to_string(), ..Default::default() });
+            continue;
+        }
+        let Some(current) = out.last_mut() else { continue };
+        if line.contains("bytes stack frame") {
+            current.stack_bytes = number_before(line, " bytes stack frame").unwrap_or(0);
+            current.spill_store_bytes = number_before(line, " bytes spill stores").unwrap_or(0);
+            current.spill_load_bytes = number_before(line, " bytes spill loads").unwrap_or(0);
+        } else if line.contains("Used ") && line.contains(" registers") {
+            current.registers = number_before(line, " registers").unwrap_or(0);
+            current.shared_bytes = number_before(line, " bytes smem").unwrap_or(0);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +127,32 @@ mod tests {
             let declared = k.source.matches("extern \"C\" __global__").count();
             assert_eq!(declared, k.entry_points.len(), "{}: every entry point must be listed", k.file);
         }
+    }
+
+    #[test]
+    fn ptxas_reports_are_read_per_function() {
+        let log = "ptxas info    : 0 bytes gmem\n\
+ptxas info    : Compiling entry function 'k_f32' for 'sm_90'\n\
+ptxas info    : Function properties for k_f32\n\
+ptxas         .     8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n\
+ptxas info    : Used 255 registers, used 1 barriers, 49152 bytes smem, 400 bytes cmem[0]\n\
+ptxas info    : Function properties for g_bf16\n\
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+ptxas info    : Used 40 registers, used 0 barriers\n";
+        let r = parse_ptxas_log(log);
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            r[0],
+            KernelResources {
+                function: "k_f32".into(),
+                registers: 255,
+                stack_bytes: 8,
+                spill_store_bytes: 4,
+                spill_load_bytes: 12,
+                shared_bytes: 49152
+            }
+        );
+        assert!(r[0].spills() && !r[1].spills());
+        assert_eq!((r[1].registers, r[1].shared_bytes), (40, 0));
     }
 }

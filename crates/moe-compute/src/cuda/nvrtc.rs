@@ -1,6 +1,6 @@
 //! NVRTC compilation of the embedded kernels, and the device probe.
 
-use crate::kernels::KernelSource;
+use crate::kernels::{parse_ptxas_log, KernelResources, KernelSource};
 use crate::ComputeError;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -98,24 +98,47 @@ pub fn compile_cubin(k: &KernelSource, sm: &str) -> Result<Arc<Vec<u8>>, Compute
     if let Some(bin) = cubin_cache().lock().ok().and_then(|c| c.get(&key).cloned()) {
         return Ok(bin);
     }
+    let (bin, _) = nvrtc_cubin(k, sm, false)?;
+    let bin = Arc::new(bin);
+    if let Ok(mut c) = cubin_cache().lock() {
+        c.insert(key, bin.clone());
+    }
+    Ok(bin)
+}
+
+/// Compiles one kernel file to a cubin for `sm` with ptxas's resource report (`-v`): the cubin
+/// and, per function, registers, stack, spills and shared memory. Not cached (a check, not a
+/// load).
+pub fn compile_cubin_resources(
+    k: &KernelSource,
+    sm: &str,
+) -> Result<(Arc<Vec<u8>>, Vec<KernelResources>), ComputeError> {
+    let (bin, log) = nvrtc_cubin(k, sm, true)?;
+    Ok((Arc::new(bin), parse_ptxas_log(&log)))
+}
+
+/// NVRTC to a cubin; returns the program log too (ptxas's report when `verbose`).
+fn nvrtc_cubin(k: &KernelSource, sm: &str, verbose: bool) -> Result<(Vec<u8>, String), ComputeError> {
     let source = std::ffi::CString::new(k.full_source())
         .map_err(|_| ComputeError::Cuda(format!("{} contains a NUL byte", k.file)))?;
     let name = std::ffi::CString::new(k.file).map_err(|_| ComputeError::Cuda("kernel file name".into()))?;
-    let options = [format!("--gpu-architecture={sm}"), "--std=c++17".to_string()];
-    let compiled = guarded("NVRTC", || -> Result<Vec<u8>, String> {
+    let mut options = vec![format!("--gpu-architecture={sm}"), "--std=c++17".to_string()];
+    if verbose {
+        options.push("--ptxas-options=-v".to_string());
+    }
+    let compiled = guarded("NVRTC", || -> Result<(Vec<u8>, String), String> {
         use cudarc::nvrtc::{result, sys};
         let prog = result::create_program(&source, Some(&name)).map_err(|e| e.to_string())?;
         // SAFETY: `prog` was just created and is destroyed once below; the buffers passed to
         // nvrtcGetCUBIN are sized by nvrtcGetCUBINSize for the same program.
         let out = unsafe {
             let compiled = result::compile_program(prog, &options);
+            let log = result::get_program_log(prog)
+                .map(|l| String::from_utf8_lossy(&l.iter().map(|&c| c as u8).collect::<Vec<u8>>()).into_owned())
+                .unwrap_or_default();
+            let log = log.trim_end_matches('\0').to_string();
             let out = match compiled {
-                Err(e) => {
-                    let log = result::get_program_log(prog)
-                        .map(|l| String::from_utf8_lossy(&l.iter().map(|&c| c as u8).collect::<Vec<u8>>()).into_owned())
-                        .unwrap_or_default();
-                    Err(format!("{e}: {}", log.trim_end_matches('\0')))
-                }
+                Err(e) => Err(format!("{e}: {log}")),
                 Ok(()) => {
                     let mut size = 0usize;
                     let r = sys::nvrtcGetCUBINSize(prog, &mut size);
@@ -125,7 +148,7 @@ pub fn compile_cubin(k: &KernelSource, sm: &str) -> Result<Arc<Vec<u8>>, Compute
                         let mut bin = vec![0u8; size];
                         let r = sys::nvrtcGetCUBIN(prog, bin.as_mut_ptr() as *mut std::ffi::c_char);
                         if r == sys::nvrtcResult::NVRTC_SUCCESS {
-                            Ok(bin)
+                            Ok((bin, log))
                         } else {
                             Err(format!("nvrtcGetCUBIN: {r:?}"))
                         }
@@ -137,11 +160,7 @@ pub fn compile_cubin(k: &KernelSource, sm: &str) -> Result<Arc<Vec<u8>>, Compute
         };
         out
     })?;
-    let bin = Arc::new(compiled.map_err(|e| ComputeError::Cuda(format!("compiling {} for {sm}: {e}", k.file)))?);
-    if let Ok(mut c) = cubin_cache().lock() {
-        c.insert(key, bin.clone());
-    }
-    Ok(bin)
+    compiled.map_err(|e| ComputeError::Cuda(format!("compiling {} for {sm}: {e}", k.file)))
 }
 
 /// NVRTC's and the driver's versions, e.g. `NVRTC 13.2, driver 13.0`, for every check's header.
