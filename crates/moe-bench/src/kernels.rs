@@ -133,7 +133,10 @@ fn compile(arch: String, files: Vec<std::path::PathBuf>) -> anyhow::Result<()> {
     if let Some(sm) = arch.strip_prefix("sm_") {
         // A cubin (machine code for that device), as the CUDA backend loads it, with ptxas's
         // resource report per entry point: a kernel that spills registers fails the compile.
-        println!("{:<20} {:>10} {:>9}  entry point (sm_{sm}, cubin): registers, stack, spills, static smem", "kernel", "bytes", "ms");
+        println!(
+            "{:<20} {:>10} {:>9}  entry point (sm_{sm}, cubin): registers, stack, spills, static smem",
+            "kernel", "bytes", "ms"
+        );
         let mut spilling = Vec::new();
         for k in &sources {
             let t = std::time::Instant::now();

@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod cuda;
 mod device;
 mod error;
+pub mod gpu_plan;
 pub mod kernels;
 mod plan;
 pub mod rng;

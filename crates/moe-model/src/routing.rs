@@ -6,6 +6,13 @@
 //! `n_group` groups of which the `topk_group` best (by the sum of each group's two best biased
 //! scores) stay eligible; the top k of those; weights are the unbiased scores, optionally
 //! renormalized, times `routed_scaling_factor`.
+//!
+//! Exponentials are `moe_compute::gpu_plan::numerics::exp` (IEEE operations only) and a logit is
+//! read through `gate_logit` (NaN counts as −∞, +∞ as the largest float; a row with no finite
+//! logit gets weight 0), so the device's gating kernel routes to the same bits
+//! (`moe_compute::gpu_plan::routing`, compared below).
+
+use moe_compute::gpu_plan::numerics::{exp, gate_logit};
 
 /// How gate logits become scores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,10 +68,10 @@ impl RoutingRule {
     fn route_sigmoid(&self, logits: &[f32], bias: Option<&[f32]>, scratch: &mut Vec<f32>, out: &mut [(u32, f32)]) {
         let e = logits.len();
         scratch.clear();
-        scratch.extend(logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())));
+        scratch.extend(logits.iter().map(|&l| moe_compute::gpu_plan::numerics::sigmoid(gate_logit(l))));
         // Biased scores for choice follow the sigmoid scores.
         for i in 0..e {
-            let b = bias.and_then(|b| b.get(i)).copied().unwrap_or(0.0);
+            let b = bias.and_then(|b| b.get(i)).map_or(0.0, |&b| gate_logit(b));
             scratch.push(scratch[i] + b);
         }
         let (scores, choice) = scratch.split_at_mut(e);
@@ -143,10 +150,10 @@ impl RoutingRule {
 /// Chooses `k` experts for one row of gate logits, writing `(expert, weight)` pairs into `out`
 /// (highest probability first).
 pub fn route_row(logits: &[f32], k: usize, renormalize: bool, out: &mut [(u32, f32)]) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = logits.iter().map(|&l| gate_logit(l)).fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f32;
     for &l in logits {
-        sum += (l - max).exp();
+        sum += exp(gate_logit(l) - max);
     }
     // Selection of the k largest without allocating: k is small (≤ 8 in practice).
     for slot in 0..k {
@@ -155,13 +162,14 @@ pub fn route_row(logits: &[f32], k: usize, renormalize: bool, out: &mut [(u32, f
             if out[..slot].iter().any(|&(c, _)| c as usize == e) {
                 continue;
             }
-            // NaN logits never win, so a broken row still picks valid experts.
-            if best.is_none_or(|b| l > logits[b]) {
+            // NaN logits count as -inf: a broken row still picks valid experts.
+            if best.is_none_or(|b| gate_logit(l) > gate_logit(logits[b])) {
                 best = Some(e);
             }
         }
         let e = best.unwrap_or(slot);
-        out[slot] = (e as u32, (logits[e] - max).exp() / sum);
+        let weight = if max == f32::NEG_INFINITY { 0.0 } else { exp(gate_logit(logits[e]) - max) / sum };
+        out[slot] = (e as u32, weight);
     }
     if renormalize {
         let total: f32 = out[..k].iter().map(|&(_, w)| w).sum();
@@ -215,5 +223,71 @@ mod tests {
         let mut out = [(0, 0.0); 1];
         route_row(&[0.0, 0.0], 1, false, &mut out);
         assert_eq!(out[0], (0, 0.5));
+    }
+
+    /// The device's gating algorithm (moe_compute::gpu_plan::routing, what kernels/expert_plan.cu
+    /// runs) chooses the same experts with the same weight bits as this module, on random logits
+    /// with ties, NaN, −∞ and +∞, for softmax and grouped sigmoid rules.
+    #[test]
+    fn the_device_gating_algorithm_routes_to_the_same_bits() {
+        use moe_compute::gpu_plan::routing::{route_row as device_route, GateRule};
+        use moe_compute::rng::SplitMix64;
+        let mut rng = SplitMix64::new(17);
+        let rules = [
+            RoutingRule::softmax(true),
+            RoutingRule::softmax(false),
+            RoutingRule { scaling: 2.5, ..RoutingRule::softmax(false) },
+            RoutingRule {
+                scoring: GateScoring::Sigmoid,
+                renormalize: true,
+                n_group: 8,
+                topk_group: 4,
+                scaling: 2.5,
+                correction_bias: true,
+            },
+            RoutingRule {
+                scoring: GateScoring::Sigmoid,
+                renormalize: false,
+                n_group: 1,
+                topk_group: 1,
+                scaling: 1.0,
+                correction_bias: true,
+            },
+        ];
+        let (mut host_scratch, mut dev_scratch) = (Vec::new(), Vec::new());
+        for rule in &rules {
+            let gate = GateRule {
+                sigmoid: rule.scoring == GateScoring::Sigmoid,
+                renormalize: rule.renormalize,
+                n_group: rule.n_group,
+                topk_group: rule.topk_group,
+                scaling: rule.scaling,
+            };
+            for (experts, k) in [(8usize, 2usize), (64, 8), (256, 8), (3, 3)] {
+                let bias: Vec<f32> = (0..experts).map(|_| rng.signed() * 0.1).collect();
+                for case in 0..300 {
+                    let logits: Vec<f32> = (0..experts)
+                        .map(|_| match (case % 5, rng.below(10)) {
+                            (0, _) => (rng.below(4) as f32) * 0.5, // many ties
+                            (1, 0) => f32::NAN,
+                            (2, 0..=7) => f32::NEG_INFINITY,
+                            (3, 0) => f32::INFINITY,
+                            (4, _) => f32::NAN, // no finite logit
+                            _ => rng.signed() * 4.0,
+                        })
+                        .collect();
+                    let mut host = vec![(0u32, 0f32); k];
+                    rule.route(&logits, Some(&bias), &mut host_scratch, &mut host);
+                    let (mut ids, mut weights) = (vec![0u32; k], vec![0f32; k]);
+                    device_route(&gate, &logits, Some(&bias), &mut dev_scratch, &mut ids, &mut weights);
+                    let host_ids: Vec<u32> = host.iter().map(|h| h.0).collect();
+                    assert_eq!(ids, host_ids, "{rule:?} {experts} experts, case {case}: {logits:?}");
+                    for (h, w) in host.iter().zip(&weights) {
+                        assert_eq!(h.1.to_bits(), w.to_bits(), "{rule:?} case {case}: {} vs {w}", h.1);
+                    }
+                    assert!(weights.iter().all(|w| w.is_finite()), "{weights:?}");
+                }
+            }
+        }
     }
 }

@@ -13,4 +13,6 @@ pub mod check;
 pub mod nvrtc;
 
 pub use backend::CudaBackend;
-pub use nvrtc::{compile_cubin, compile_cubin_resources, compile_kernel, probe_device, versions, DeviceInfo, KernelPtx};
+pub use nvrtc::{
+    compile_cubin, compile_cubin_resources, compile_kernel, probe_device, versions, DeviceInfo, KernelPtx,
+};
