@@ -57,3 +57,67 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 }
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
+
+// The canonical exp and sigmoid (crates/moe-compute/src/gpu_plan/numerics.rs): IEEE-rounded
+// operations only, written with intrinsics the compiler never contracts into other operations,
+// so the host and the device compute the same bits. The constants are checked against the Rust
+// ones by a test (kernels.rs).
+#define EXP_C_LOG2E 1.44269504088896341f
+#define EXP_C_LN2_HI 0.693359375f
+#define EXP_C_LN2_LO -2.1219444e-4f
+#define EXP_C_P0 1.9875691e-4f
+#define EXP_C_P1 1.3982e-3f
+#define EXP_C_P2 8.333452e-3f
+#define EXP_C_P3 4.1665796e-2f
+#define EXP_C_P4 0.16666665f
+#define EXP_C_P5 0.5f
+#define EXP_C_MAX 88.72284f
+#define EXP_C_MIN -103.97208f
+
+__device__ __forceinline__ float pow2_exact(int i) { return __int_as_float((i + 127) << 23); }
+
+__device__ __forceinline__ float exp_canonical(float x) {
+    if (x != x) return x;
+    if (x > EXP_C_MAX) return INFINITY;
+    if (x < EXP_C_MIN) return 0.0f;
+    const float n = rintf(__fmul_rn(x, EXP_C_LOG2E));
+    float r = fmaf(n, -EXP_C_LN2_HI, x);
+    r = fmaf(n, -EXP_C_LN2_LO, r);
+    float p = EXP_C_P0;
+    p = fmaf(p, r, EXP_C_P1);
+    p = fmaf(p, r, EXP_C_P2);
+    p = fmaf(p, r, EXP_C_P3);
+    p = fmaf(p, r, EXP_C_P4);
+    p = fmaf(p, r, EXP_C_P5);
+    const float y = __fadd_rn(fmaf(p, __fmul_rn(r, r), r), 1.0f);
+    const int ni = (int)n;
+    if (ni > 127) return __fmul_rn(__fmul_rn(y, pow2_exact(127)), pow2_exact(ni - 127));
+    if (ni < -126) return __fmul_rn(__fmul_rn(y, pow2_exact(-126)), pow2_exact(ni + 126));
+    return __fmul_rn(y, pow2_exact(ni));
+}
+
+__device__ __forceinline__ float sigmoid_canonical(float x) {
+    return __fdiv_rn(1.0f, __fadd_rn(1.0f, exp_canonical(-x)));
+}
+
+// A gate logit as routing reads it: NaN counts as -inf, +inf as the largest float.
+__device__ __forceinline__ float gate_logit(float x) {
+    if (x != x) return -INFINITY;
+    if (x == INFINITY) return 3.40282347e38f;
+    return x;
+}
+
+// Shared-memory address of a generic pointer (for cp.async and ldmatrix).
+__device__ __forceinline__ unsigned int smem_addr(const void* p) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (unsigned int)a;
+}
+
+// 16 bytes global -> shared without registers; `bytes` 0 zero-fills (rows or columns past the end).
+__device__ __forceinline__ void cp_async16(unsigned int dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }

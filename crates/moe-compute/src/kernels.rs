@@ -31,6 +31,16 @@ pub const KERNELS: &[KernelSource] = &[
     kernel!("topk_gating.cu", ["topk_gating_f32"]),
     kernel!("permute.cu", ["moe_permute_f32", "moe_permute_bf16", "moe_unpermute_f32"]),
     kernel!("grouped_gemm.cu", ["grouped_gemm_bf16", "grouped_gemm_ptrs_bf16", "grouped_gemm_swiglu_bf16"]),
+    kernel!("expert_plan.cu", ["gate_route_f32", "expert_plan_f32"]),
+    kernel!(
+        "grouped_gemm_tc.cu",
+        [
+            "grouped_gemm_tc_bf16",
+            "grouped_gemm_tc_small_bf16",
+            "grouped_gemm_tc_swiglu_bf16",
+            "grouped_gemm_tc_swiglu_small_bf16"
+        ]
+    ),
     kernel!("lora.cu", ["lora_shrink_f32", "lora_expand_f32"]),
     kernel!(
         "paged_attention.cu",
@@ -118,9 +128,15 @@ mod tests {
     #[test]
     fn every_entry_point_is_defined_extern_c_in_its_file() {
         for k in KERNELS {
+            // Declarations with whitespace collapsed and launch bounds dropped.
+            let mut flat = k.source.split_whitespace().collect::<Vec<_>>().join(" ");
+            while let Some(at) = flat.find("__launch_bounds__(") {
+                let end = flat[at..].find(')').map_or(flat.len(), |e| at + e + 1);
+                flat.replace_range(at..(end + 1).min(flat.len()), "");
+            }
             for e in k.entry_points {
                 let decl = format!("extern \"C\" __global__ void {e}(");
-                assert!(k.source.contains(&decl), "{} does not define {e}", k.file);
+                assert!(flat.contains(&decl), "{} does not define {e}", k.file);
                 let dtype = e.rsplit('_').next().unwrap_or_default();
                 assert!(["f32", "bf16", "f16"].contains(&dtype), "{e} is not named <op>_<dtype>");
             }
@@ -154,5 +170,34 @@ ptxas info    : Used 40 registers, used 0 barriers\n";
         );
         assert!(r[0].spills() && !r[1].spills());
         assert_eq!((r[1].registers, r[1].shared_bytes), (40, 0));
+    }
+
+    /// The canonical exp's constants in common.cuh are the Rust reference's, value for value, so
+    /// the device's gate weights are the host's bits.
+    #[test]
+    fn the_canonical_exp_constants_match_the_rust_reference() {
+        let define = |name: &str| -> f32 {
+            let line =
+                COMMON.lines().find(|l| l.starts_with(&format!("#define {name} "))).unwrap_or_else(|| panic!("{name}"));
+            line.split_whitespace().nth(2).and_then(|v| v.trim_end_matches('f').parse().ok()).unwrap_or(f32::NAN)
+        };
+        let c = crate::gpu_plan::numerics::CONSTANTS;
+        let names = [
+            "EXP_C_LOG2E",
+            "EXP_C_LN2_HI",
+            "EXP_C_LN2_LO",
+            "EXP_C_P0",
+            "EXP_C_P1",
+            "EXP_C_P2",
+            "EXP_C_P3",
+            "EXP_C_P4",
+            "EXP_C_P5",
+            "EXP_C_MAX",
+            "EXP_C_MIN",
+        ];
+        assert_eq!(names.len(), c.len());
+        for (name, want) in names.iter().zip(c) {
+            assert_eq!(define(name).to_bits(), want.to_bits(), "{name}");
+        }
     }
 }

@@ -14,6 +14,13 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 /// Cephes `expf` polynomial for e^r − 1 − r over r², |r| ≤ ln2/2.
 const POLY: [f32; 6] = [1.987_569_1e-4, 1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5];
 
+const MAX_ARG: f32 = 88.722_84;
+const MIN_ARG: f32 = -103.972_08;
+
+/// Every constant of [`exp`], in the order kernels/common.cuh defines them (`EXP_C_*`).
+pub const CONSTANTS: [f32; 11] =
+    [LOG2E, LN2_HI, LN2_LO, POLY[0], POLY[1], POLY[2], POLY[3], POLY[4], POLY[5], MAX_ARG, MIN_ARG];
+
 /// 2^i for i in [-126, 127], exactly.
 fn pow2(i: i32) -> f32 {
     f32::from_bits(((i + 127) as u32) << 23)
@@ -24,10 +31,10 @@ pub fn exp(x: f32) -> f32 {
     if x.is_nan() {
         return x;
     }
-    if x > 88.722_84 {
+    if x > MAX_ARG {
         return f32::INFINITY;
     }
-    if x < -103.972_08 {
+    if x < MIN_ARG {
         return 0.0;
     }
     let n = (x * LOG2E).round_ties_even();

@@ -88,8 +88,8 @@ pub fn route_row(
         return;
     }
     // Sigmoid: scores, then biased scores for the choice.
-    for i in 0..e {
-        scratch[i] = sigmoid(scratch[i]);
+    for v in scratch.iter_mut() {
+        *v = sigmoid(*v);
     }
     for i in 0..e {
         let b = bias.and_then(|b| b.get(i)).map_or(0.0, |&b| gate_logit(b));

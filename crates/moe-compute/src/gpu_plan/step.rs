@@ -196,7 +196,7 @@ mod tests {
         assert_eq!(read_u32(&bytes, at("adapters", 0, 4)) as i32, -1);
         assert_eq!(read_u32(&bytes, at("adapters", 1, 4)), 1);
         assert_eq!(u64::from_le_bytes(bytes[at("seeds", 1, 8)..][..8].try_into().expect("8")), u64::MAX - 1);
-        assert_eq!(read_u32(&bytes, at("page_table", 3 + 0, 4)), 2000, "row 1's first page");
+        assert_eq!(read_u32(&bytes, at("page_table", 3, 4)), 2000, "row 1's first page (3 pages per row)");
         assert_eq!(read_u32(&bytes, at("page_table", 2, 4)), 1002);
         assert_eq!(f32::from_le_bytes(bytes[at("top_p", 3, 4)..][..4].try_into().expect("4")), 1.0);
         assert_eq!(layout.pack(&[row(0, 4)], &mut bytes), Err(StepError::TooManyPages { row: 0, pages: 4, max: 3 }));

@@ -8,9 +8,11 @@
 mod attention;
 mod elementwise;
 mod gemm;
+mod grouped_tc;
+mod plan;
 mod sampling;
 
-use super::nvrtc::{compile_kernel, guarded, probe_device};
+use super::nvrtc::{compile_cubin, guarded, probe_device};
 use crate::kernels::KERNELS;
 use crate::ComputeError;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig};
@@ -32,8 +34,19 @@ pub struct CheckOptions {
 }
 
 /// The check's groups, in the order they run.
-pub const GROUPS: &[&str] =
-    &["rmsnorm", "rope", "swiglu", "topk_gating", "permute", "sampling", "grouped", "lora", "attention"];
+pub const GROUPS: &[&str] = &[
+    "rmsnorm",
+    "rope",
+    "swiglu",
+    "topk_gating",
+    "permute",
+    "sampling",
+    "grouped",
+    "lora",
+    "attention",
+    "plan",
+    "grouped_tc",
+];
 
 impl Default for CheckOptions {
     fn default() -> Self {
@@ -123,21 +136,22 @@ impl Gpu {
     fn open(opts: &CheckOptions) -> Result<(Self, String, String)> {
         let info = probe_device(opts.ordinal)?;
         let (major, minor) = info.compute_capability;
-        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+        let arch = format!("sm_{major}{minor}");
         let ctx = guarded("CUDA driver", || CudaContext::new(opts.ordinal))?.map_err(drv("opening the device"))?;
         let stream = ctx.default_stream();
         let mut funcs = HashMap::new();
         for k in KERNELS {
-            let ptx = compile_kernel(k, arch)?;
+            // A cubin, as the backend loads them (PTX from an NVRTC newer than the driver does not load).
+            let cubin = compile_cubin(k, &arch)?;
             let module = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_src(ptx.ptx.as_str()))
+                .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
                 .map_err(|e| ComputeError::Cuda(format!("loading {}: {e}", k.file)))?;
             for e in k.entry_points {
                 let f = module.load_function(e).map_err(|err| ComputeError::Cuda(format!("{e}: {err}")))?;
                 funcs.insert(*e, f);
             }
         }
-        Ok((Self { ctx, stream, funcs, iters: opts.iters.max(1) }, info.name, arch.to_string()))
+        Ok((Self { ctx, stream, funcs, iters: opts.iters.max(1) }, info.name, arch))
     }
 
     pub fn func(&self, name: &str) -> Result<&CudaFunction> {
@@ -300,6 +314,12 @@ pub fn run_check(opts: &CheckOptions) -> Result<CheckReport> {
     }
     if runs("attention") {
         rows.extend(attention::paged(&gpu, &mut rng, q, copy)?);
+    }
+    if runs("plan") {
+        rows.extend(plan::plan(&gpu, &mut rng, q)?);
+    }
+    if runs("grouped_tc") {
+        rows.extend(grouped_tc::grouped_tc(&gpu, &mut rng, q, cublas)?);
     }
     Ok(report)
 }
