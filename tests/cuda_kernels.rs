@@ -52,7 +52,7 @@ fn every_kernel_compiles_with_nvrtc() {
         .lines()
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
         .collect();
-    assert!(files.len() >= 9, "{files:?}");
+    assert!(files.len() >= 12, "{files:?}");
     // PTX for two virtual architectures, and a cubin for the H100/H200's sm_90 as the CUDA
     // backend loads it (PTX from an NVRTC newer than the driver does not load).
     for arch in ["compute_90", "compute_80", "sm_90"] {
@@ -62,7 +62,53 @@ fn every_kernel_compiles_with_nvrtc() {
         for f in &files {
             assert!(stdout.lines().any(|l| l.starts_with(f.as_str())), "{arch}: {f} not compiled:\n{stdout}");
         }
+        if arch == "sm_90" {
+            // ptxas's report for every entry point: registers and no spills (a spill fails the compile).
+            let entries: Vec<String> = String::from_utf8_lossy(&list.stdout)
+                .lines()
+                .flat_map(|l| {
+                    l.split_whitespace().skip(1).map(|e| e.trim_end_matches(',').to_string()).collect::<Vec<_>>()
+                })
+                .collect();
+            for e in &entries {
+                let line = stdout
+                    .lines()
+                    .find(|l| l.trim_start().starts_with(&format!("{e}: ")))
+                    .unwrap_or_else(|| panic!("no resources for {e}:\n{stdout}"));
+                assert!(line.contains(" registers") && line.contains(" 0 B spill stores, 0 B spill loads"), "{line}");
+            }
+            assert!(
+                entries.iter().any(|e| e == "grouped_gemm_tc_bf16") && entries.iter().any(|e| e == "flash_decode_bf16")
+            );
+        }
     }
+}
+
+/// A kernel that spills registers fails `moe kernels compile --arch sm_90`, naming it.
+#[test]
+fn a_spilling_kernel_fails_the_compile() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("spills_f32.cu");
+    // 96 values live at once under a 32-register limit (1024 threads, 2 blocks per SM).
+    std::fs::write(
+        &src,
+        "extern \"C\" __global__ void __launch_bounds__(1024, 2) spills_f32(float* x, int n) {\n\
+         float a[96];\n\
+         #pragma unroll\n\
+         for (int i = 0; i < 96; ++i) a[i] = x[i * n + threadIdx.x];\n\
+         float s = 0;\n\
+         #pragma unroll\n\
+         for (int i = 0; i < 96; ++i) s += a[i] * a[95 - i] * x[i + 7];\n\
+         x[threadIdx.x] = s;\n}\n",
+    )
+    .expect("write");
+    let Some(out) = moe_with_nvrtc(&["kernels", "compile", "--arch", "sm_90", "--file", src.to_str().expect("utf8")])
+    else {
+        return;
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(stderr.contains("spill") && stderr.contains("spills_f32"), "{stderr}");
 }
 
 #[test]

@@ -41,6 +41,7 @@ pub const KERNELS: &[KernelSource] = &[
             "grouped_gemm_tc_swiglu_small_bf16"
         ]
     ),
+    kernel!("flash_decode.cu", ["flash_decode_bf16", "flash_decode_merge_f32"]),
     kernel!("lora.cu", ["lora_shrink_f32", "lora_expand_f32"]),
     kernel!(
         "paged_attention.cu",

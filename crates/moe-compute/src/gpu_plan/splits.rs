@@ -38,6 +38,26 @@ impl DecodeSplits {
     }
 }
 
+/// Query heads per KV head and the head size flash_decode_bf16 serves (larger groups or heads
+/// take the prefill kernel).
+pub const MAX_GROUP: usize = 16;
+pub const MAX_HEAD_DIM: usize = 256;
+/// Keys per shared-memory tile, and the padding of each key row (bf16 values).
+pub const TILE: usize = 64;
+const PAD: usize = 8;
+
+/// Whether flash_decode_bf16 serves this shape (head_dim a multiple of 8: 16-byte copies).
+pub fn flash_decode_serves(group: usize, head_dim: usize) -> bool {
+    (1..=MAX_GROUP).contains(&group) && head_dim.is_multiple_of(8) && (8..=MAX_HEAD_DIM).contains(&head_dim)
+}
+
+/// flash_decode_bf16's dynamic shared memory for a GQA group and head size: the group's queries,
+/// probabilities and partial scores, three per-head values, and two stages of key and value tiles.
+pub fn flash_decode_shared_bytes(group: usize, head_dim: usize) -> usize {
+    let floats = group * head_dim + 3 * group * TILE + 3 * MAX_GROUP;
+    floats * 4 + 2 * 2 * TILE * (head_dim + PAD) * 2
+}
+
 /// The graph key's split dimension: the batch's largest split count, rounded up to a power of two.
 pub fn split_bucket(max_count: usize) -> u32 {
     max_count.clamp(1, MAX_SPLITS).next_power_of_two() as u32
@@ -120,6 +140,28 @@ mod tests {
         assert_eq!(split_bucket(3), 4);
         assert_eq!(split_bucket(0), 1);
         assert_eq!(split_bucket(100), MAX_SPLITS as u32);
+    }
+
+    /// The kernel's constants are these, so device and host split a context the same way.
+    #[test]
+    fn the_kernel_splits_as_this_module_does() {
+        let src = include_str!("../../../../kernels/flash_decode.cu");
+        let define = |name: &str| -> usize {
+            src.lines()
+                .find_map(|l| l.strip_prefix(&format!("#define {name} ")))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{name}"))
+        };
+        assert_eq!(define("FD_SPLIT_TOKENS"), SPLIT_TOKENS);
+        assert_eq!(define("FD_MAX_SPLITS"), MAX_SPLITS);
+        assert_eq!(define("FD_TILE"), TILE);
+        assert_eq!(define("FD_MAX_GROUP"), MAX_GROUP);
+        assert_eq!(define("FD_MAX_D"), MAX_HEAD_DIM);
+        assert_eq!(define("FD_PAD"), PAD);
+        // Mixtral (GQA 4, head 128) and gpt-oss (GQA 8, head 64) fit beside another block per SM.
+        assert!(flash_decode_shared_bytes(4, 128) <= 100 * 1024);
+        assert!(flash_decode_shared_bytes(MAX_GROUP, MAX_HEAD_DIM) <= super::super::tiles::SM90_MAX_SHARED as usize);
+        assert!(flash_decode_serves(8, 64) && !flash_decode_serves(24, 128) && !flash_decode_serves(4, 100));
     }
 
     #[test]

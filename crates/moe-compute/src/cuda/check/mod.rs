@@ -7,6 +7,7 @@
 
 mod attention;
 mod elementwise;
+mod flash_decode;
 mod gemm;
 mod grouped_tc;
 mod plan;
@@ -46,6 +47,7 @@ pub const GROUPS: &[&str] = &[
     "attention",
     "plan",
     "grouped_tc",
+    "flash_decode",
 ];
 
 impl Default for CheckOptions {
@@ -320,6 +322,9 @@ pub fn run_check(opts: &CheckOptions) -> Result<CheckReport> {
     }
     if runs("grouped_tc") {
         rows.extend(grouped_tc::grouped_tc(&gpu, &mut rng, q, cublas)?);
+    }
+    if runs("flash_decode") {
+        rows.extend(flash_decode::flash_decode(&gpu, &mut rng, q, copy)?);
     }
     Ok(report)
 }
