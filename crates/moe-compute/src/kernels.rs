@@ -54,6 +54,7 @@ pub const KERNELS: &[KernelSource] = &[
         ]
     ),
     kernel!("sampling.cu", ["sample_greedy_f32", "sample_top_p_f32"]),
+    kernel!("sample_rows.cu", ["sample_rows_f32"]),
     kernel!(
         "backend.cu",
         [

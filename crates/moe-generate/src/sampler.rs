@@ -1,6 +1,8 @@
 //! Choosing the next token from a row of logits: greedy at temperature 0, otherwise temperature,
 //! top-k and top-p (nucleus) filtering and a draw from a seeded generator, so that a seed
-//! reproduces a run exactly.
+//! reproduces a run exactly. The exponential is `moe_compute::gpu_plan::numerics::exp` (IEEE
+//! operations only), so the device sampler (`moe_compute::gpu_plan::sampling`) draws the same
+//! tokens (compared below).
 
 use crate::error::{GenerateError, Result};
 
@@ -95,7 +97,7 @@ impl Sampler {
         let max = c[0].1;
         let mut sum = 0.0f32;
         for x in c.iter_mut() {
-            x.1 = (x.1 - max).exp();
+            x.1 = moe_compute::gpu_plan::numerics::exp(x.1 - max);
             sum += x.1;
         }
         if p.top_p < 1.0 {
@@ -164,5 +166,47 @@ mod tests {
         assert!(Sampler::new(SamplingParams { temperature: -1.0, ..Default::default() }).is_err());
         assert!(Sampler::new(SamplingParams { top_p: 0.0, ..Default::default() }).is_err());
         assert!(Sampler::new(SamplingParams { top_p: f32::NAN, ..Default::default() }).is_err());
+    }
+
+    /// The device sampler's algorithm gives this sampler's tokens, for greedy and top-k rows, with
+    /// ties, NaN and −∞ logits, temperatures, top-p and resumed generators.
+    #[test]
+    fn the_device_sampler_draws_the_host_tokens() {
+        use moe_compute::gpu_plan::sampling::{sample_row, RowParams};
+        let mut rng = moe_compute::rng::SplitMix64::new(23);
+        let mut served = 0;
+        for case in 0..3000u64 {
+            let vocab = [5usize, 40, 300][case as usize % 3];
+            let logits: Vec<f32> = (0..vocab)
+                .map(|_| match rng.below(20) {
+                    0 => f32::NEG_INFINITY,
+                    1 if case % 7 == 0 => f32::NAN,
+                    2..=5 => 1.5, // ties
+                    _ => rng.signed() * 6.0,
+                })
+                .collect();
+            let params = SamplingParams {
+                temperature: [0.0, 0.3, 1.0, 1.7][rng.below(4)],
+                top_k: [0, 1, 2, 5, 40, 64, 65][rng.below(7)],
+                top_p: [1.0, 0.9, 0.5, 0.05][rng.below(4)],
+                seed: case * 7919,
+            };
+            let draw = rng.below(5) as u64;
+            let mut host = Sampler::new(params.clone()).expect("valid");
+            host.skip(draw as usize);
+            let want = host.sample(&logits);
+            let row = RowParams {
+                temperature: params.temperature,
+                top_k: params.top_k as u32,
+                top_p: params.top_p,
+                seed: params.seed,
+                draw,
+            };
+            if let Some(got) = sample_row(&row, &logits, None) {
+                assert_eq!(got, want, "case {case}: {params:?} draw {draw} {logits:?}");
+                served += 1;
+            }
+        }
+        assert!(served > 2000, "{served} rows served on the device");
     }
 }

@@ -13,6 +13,8 @@
 //! - [`step`]: batch buckets for CUDA graphs, graph keys and the one pinned upload per step.
 //! - [`splits`]: flash-decoding's split of a context (a function of its length only, never of
 //!   the batch) and the merge of the splits' partial softmax results.
+//! - [`sampling`]: the device sampler's algorithm (greedy and top-k rows), equal to the host
+//!   sampler's tokens, and structured-output masks as bitmasks.
 //! - [`draws`]: the sampler's uniform draws as a counter (seed, draw index), so a device
 //!   sampler draws what the host sampler draws.
 
@@ -20,6 +22,7 @@ pub mod draws;
 pub mod numerics;
 pub mod plan;
 pub mod routing;
+pub mod sampling;
 pub mod splits;
 pub mod step;
 pub mod tiles;

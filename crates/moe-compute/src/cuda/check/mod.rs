@@ -11,6 +11,7 @@ mod flash_decode;
 mod gemm;
 mod grouped_tc;
 mod plan;
+mod sample_rows;
 mod sampling;
 
 use super::nvrtc::{compile_cubin, guarded, probe_device};
@@ -48,6 +49,7 @@ pub const GROUPS: &[&str] = &[
     "plan",
     "grouped_tc",
     "flash_decode",
+    "sample_rows",
 ];
 
 impl Default for CheckOptions {
@@ -322,6 +324,9 @@ pub fn run_check(opts: &CheckOptions) -> Result<CheckReport> {
     }
     if runs("grouped_tc") {
         rows.extend(grouped_tc::grouped_tc(&gpu, &mut rng, q, cublas)?);
+    }
+    if runs("sample_rows") {
+        rows.extend(sample_rows::sample_rows(&gpu, &mut rng, q)?);
     }
     if runs("flash_decode") {
         rows.extend(flash_decode::flash_decode(&gpu, &mut rng, q, copy)?);
