@@ -84,6 +84,41 @@ fn every_kernel_compiles_with_nvrtc() {
     }
 }
 
+/// With MOE_CUBIN_CACHE set, compiling for sm_90 leaves one cubin per kernel file in that
+/// directory (what the GPU acceptance carries and every later process loads instead of
+/// compiling again).
+#[test]
+fn compiled_cubins_are_kept_in_the_cache_directory() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let Some(dir) = nvrtc_dir() else {
+        assert!(std::env::var_os("MOE_REQUIRE_NVRTC").is_none(), "NVRTC is required but was not found");
+        return;
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["kernels", "compile", "--arch", "sm_90"])
+        .env("LD_LIBRARY_PATH", &dir)
+        .env("MOE_CUBIN_CACHE", tmp.path())
+        .output()
+        .expect("run moe");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let list = Command::new(env!("CARGO_BIN_EXE_moe")).args(["kernels", "list"]).output().expect("list");
+    let files: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(|f| f.trim_end_matches(".cu").to_string()))
+        .collect();
+    let cached: Vec<String> = std::fs::read_dir(tmp.path())
+        .expect("cache dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    for f in &files {
+        let name = cached.iter().find(|c| c.starts_with(&format!("{f}-sm_90-")) && c.ends_with(".cubin"));
+        let name = name.unwrap_or_else(|| panic!("{f} not cached: {cached:?}"));
+        assert!(std::fs::metadata(tmp.path().join(name)).expect("file").len() > 1000);
+    }
+    assert_eq!(cached.len(), files.len(), "{cached:?}");
+}
+
 /// A kernel that spills registers fails `moe kernels compile --arch sm_90`, naming it.
 #[test]
 fn a_spilling_kernel_fails_the_compile() {

@@ -98,12 +98,64 @@ pub fn compile_cubin(k: &KernelSource, sm: &str) -> Result<Arc<Vec<u8>>, Compute
     if let Some(bin) = cubin_cache().lock().ok().and_then(|c| c.get(&key).cloned()) {
         return Ok(bin);
     }
-    let (bin, _) = nvrtc_cubin(k, sm, false)?;
+    let on_disk = disk_cache_path(k, sm);
+    let bin = match on_disk.as_ref().and_then(|p| std::fs::read(p).ok()).filter(|b| !b.is_empty()) {
+        Some(bin) => bin,
+        None => {
+            let (bin, _) = nvrtc_cubin(k, sm, false)?;
+            store_on_disk(on_disk.as_deref(), &bin);
+            bin
+        }
+    };
     let bin = Arc::new(bin);
     if let Ok(mut c) = cubin_cache().lock() {
         c.insert(key, bin.clone());
     }
     Ok(bin)
+}
+
+/// Where a cubin is kept between processes: `$MOE_CUBIN_CACHE/<file>-<sm>-<hash>.cubin`, the hash
+/// over the full source, the architecture and NVRTC's version (so an edited kernel or another
+/// NVRTC never reads a stale cubin). None when the variable is unset or NVRTC cannot be loaded.
+fn disk_cache_path(k: &KernelSource, sm: &str) -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("MOE_CUBIN_CACHE").filter(|d| !d.is_empty())?;
+    let version = nvrtc_version()?;
+    Some(std::path::Path::new(&dir).join(cubin_file_name(k, sm, version)))
+}
+
+/// The cache's file name for a kernel file, an architecture and an NVRTC version.
+pub fn cubin_file_name(k: &KernelSource, sm: &str, nvrtc: (i32, i32)) -> String {
+    // FNV-1a, 64 bits: stable across Rust versions, unlike the standard library's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let text = format!("{}\0{sm}\0{}.{}", k.full_source(), nvrtc.0, nvrtc.1);
+    for b in text.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{}-{sm}-{h:016x}.cubin", k.file.trim_end_matches(".cu"))
+}
+
+/// Writes a cubin into the cache (through a temporary file and a rename, so a concurrent reader
+/// never sees half a file); a failure only costs a recompile next time.
+fn store_on_disk(path: Option<&std::path::Path>, bin: &[u8]) {
+    let Some(path) = path else { return };
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    if std::fs::write(&tmp, bin).is_ok() && std::fs::rename(&tmp, path).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+fn nvrtc_version() -> Option<(i32, i32)> {
+    guarded("NVRTC", || {
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: plain out-parameters.
+        let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+        (r == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then_some((major, minor))
+    })
+    .ok()
+    .flatten()
 }
 
 /// Compiles one kernel file to a cubin for `sm` with ptxas's resource report (`-v`): the cubin
@@ -114,6 +166,9 @@ pub fn compile_cubin_resources(
     sm: &str,
 ) -> Result<(Arc<Vec<u8>>, Vec<KernelResources>), ComputeError> {
     let (bin, log) = nvrtc_cubin(k, sm, true)?;
+    // Warm the cache too: `moe kernels compile --arch sm_90` with MOE_CUBIN_CACHE set prepares
+    // every cubin once for the processes that follow.
+    store_on_disk(disk_cache_path(k, sm).as_deref(), &bin);
     Ok((Arc::new(bin), parse_ptxas_log(&log)))
 }
 
@@ -183,4 +238,21 @@ pub fn versions() -> String {
         Err(_) => "not found".into(),
     };
     format!("NVRTC {}, driver {}", show(nvrtc), show(driver))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_cubin_is_named_by_its_source_architecture_and_nvrtc() {
+        let k = crate::kernels::KERNELS[0];
+        let name = cubin_file_name(&k, "sm_90", (13, 0));
+        assert!(name.starts_with(&format!("{}-sm_90-", k.file.trim_end_matches(".cu"))) && name.ends_with(".cubin"));
+        assert_eq!(name, cubin_file_name(&k, "sm_90", (13, 0)), "stable");
+        assert_ne!(name, cubin_file_name(&k, "sm_80", (13, 0)));
+        assert_ne!(name, cubin_file_name(&k, "sm_90", (13, 1)));
+        let edited = KernelSource { source: "// edited\n", ..k };
+        assert_ne!(name, cubin_file_name(&edited, "sm_90", (13, 0)));
+    }
 }
