@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# The GPU acceptance in one call (issue 17). Runs from the carried .dist/moe (GPU machines have
-# no Rust toolchain) and writes every result to $OUT as it goes, so a crash or timeout keeps
-# what ran. At most ~8 minutes.
+# The GPU acceptance in one call (issues 17, 32, 33). Runs from the carried .dist/moe (GPU
+# machines have no Rust toolchain) and writes every result to $OUT as it goes, so a crash or
+# timeout keeps what ran. An overall deadline (MOE_ACCEPTANCE_S, default 510 s, never past 9
+# minutes) clamps every step; steps that no longer fit are skipped and say so.
 #
 #   here, once:       kernels/gpu-acceptance.sh --build-dist     (then carry ".dist")
 #   on the device:    bash kernels/gpu-acceptance.sh [--skip-bench]
 #   here, no GPU:     kernels/gpu-acceptance.sh --dry-run        (the CPU-side steps, on the CPU)
+#   afterwards, here: kernels/save-run.sh <files_at>             (commits go under kernels/runs/)
+#
+# --build-dist also prepares what the device should not spend its minutes on: the commit id
+# (.dist/COMMIT), the sm_90 cubins (.dist/cubins, MOE_CUBIN_CACHE: loaded instead of compiled
+# when the device's NVRTC is the same version) and the CPU's tokens for step 4
+# (.dist/cpu-tokens: no CPU serving on the GPU machine). The rooflines are measured once per run
+# (MOE_BASELINES) and shared by every check process and the benchmark.
 #
 # Steps: 1 versions and device; 2 every kernel against the CPU backend, each group in its own
 # process with its own timeout; 3 the transformers/PEFT fixtures' logits on the device (bf16
@@ -14,11 +22,43 @@
 # 5 throughput on Mixtral-8x7B-shaped layers (`moe bench-device`), when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Step 4's requests: 32 greedy prompts of 4 token ids, 24 new tokens each, written as
+# $2/$1-$i.json (token_ids) from the server at 127.0.0.1:$3.
+requests() {
+    local side=$1 dir=$2 port=$3 bin=$4 pids=()
+    mkdir -p "$dir"
+    for i in $(seq 0 31); do
+        ids="$((i % 100 + 1)),$(((i * 7) % 120 + 3)),$(((i * 13) % 90 + 5)),$((i + 2))"
+        timeout 120 "$bin" generate --endpoint "http://127.0.0.1:$port" --token-ids "$ids" --max-new-tokens 24 --json \
+            > "$dir/$side-$i.json" 2> "$dir/$side-$i.err" &
+        pids+=($!)
+    done
+    wait "${pids[@]}"  # the requests only, not the server
+}
+ready() { for _ in $(seq 1 120); do "$2" generate --endpoint "http://127.0.0.1:$1" --token-ids 1 --max-new-tokens 1 >/dev/null 2>&1 && return 0; sleep 0.5; done; return 1; }
+# The CPU's tokens for step 4, computed where CPU serving belongs (here).
+cpu_tokens() {
+    local bin=$1 dir=$2 port=$((20000 + RANDOM % 20000))
+    "$bin" --device cpu serve --model tests/fixtures/mixtral --workers 2 --listen "127.0.0.1:$port" > "$dir.log" 2>&1 &
+    local pid=$!
+    if ready "$port" "$bin"; then requests cpu "$dir" "$port" "$bin"; fi
+    kill "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+    ls "$dir"/cpu-*.json >/dev/null 2>&1
+}
 if [[ "${1:-}" == "--build-dist" ]]; then
     cargo build --release -p moe-cli || exit 1
     mkdir -p .dist
     strip -o .dist/moe target/release/moe
-    ls -la .dist/moe
+    echo "$(git rev-parse --short=7 HEAD)$(git diff --quiet HEAD -- . ':!.dist' || echo -dirty)" > .dist/COMMIT
+    # NVRTC for the cubins: the pip wheel's, when present.
+    for d in $(python3 -c 'import nvidia, glob; print(" ".join(d for p in nvidia.__path__ for d in glob.glob(p + "/*/lib")))' 2>/dev/null); do
+        [[ -d "$d" ]] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
+    done
+    rm -rf .dist/cubins .dist/cpu-tokens
+    MOE_CUBIN_CACHE=.dist/cubins .dist/moe kernels compile --arch sm_90 > /dev/null || echo "warning: no sm_90 cubins prepared (NVRTC missing?): the device compiles them" >&2
+    cpu_tokens .dist/moe .dist/cpu-tokens || echo "warning: no CPU tokens prepared: step 4 will serve on the CPU of the device" >&2
+    du -sh .dist; cat .dist/COMMIT
     exit 0
 fi
 dry=0
@@ -48,6 +88,11 @@ out="${OUT:-kernels/acceptance}"
 mkdir -p "$out"
 summary="$out/summary.md"
 : > "$summary"
+deadline=$((SECONDS + $(( ${MOE_ACCEPTANCE_S:-510} < 540 ? ${MOE_ACCEPTANCE_S:-510} : 540 ))))
+left() { echo $((deadline - SECONDS)); }
+export MOE_CUBIN_CACHE="${MOE_CUBIN_CACHE:-.dist/cubins}"
+export MOE_BASELINES="${MOE_BASELINES:-$out/baselines.txt}"
+commit=$(cat .dist/COMMIT 2>/dev/null || git rev-parse --short=7 HEAD 2>/dev/null || echo unknown)
 dev=cuda:0
 [[ $dry == 1 ]] && dev=cpu
 failed=0
@@ -55,13 +100,15 @@ note() { echo "$*" | tee -a "$summary"; }
 step() { # step NAME TIMEOUT_S COMMAND...: runs it, keeps its output, notes pass/fail
     local name=$1 limit=$2; shift 2
     local t0=$SECONDS
+    if (( $(left) < 15 )); then note "- $name: **skipped** (the run's deadline)"; failed=1; return 1; fi
+    (( limit > $(left) - 5 )) && limit=$(( $(left) - 5 ))
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
     local rc=$?
     if [[ $rc == 0 ]]; then note "- $name: pass ($((SECONDS - t0)) s)"; else note "- $name: **FAIL** rc=$rc ($((SECONDS - t0)) s, see $name.log)"; failed=1; fi
     return $rc
 }
 
-note "# GPU acceptance $(date -u +%FT%TZ) on $dev"
+note "# GPU acceptance $(date -u +%FT%TZ) on $dev, commit $commit"
 note "## 1. versions and device"
 nvidia-smi --query-gpu=name,driver_version,compute_cap,clocks.max.sm,memory.total --format=csv 2>&1 | tee -a "$summary"
 "$bin" --version | tee -a "$summary"
@@ -72,8 +119,10 @@ if [[ $dry == 1 ]]; then
     step compile-ptx 120 "$bin" kernels compile --arch compute_90
     step compile-cubin 120 "$bin" kernels compile --arch sm_90
 else
-    for g in rmsnorm rope swiglu topk_gating permute sampling grouped lora attention; do
+    # The new kernels first (issues 32, 33): their rows are what the run is for.
+    for g in plan sample_rows flash_decode grouped_tc rmsnorm rope swiglu topk_gating permute sampling grouped lora attention; do
         step "check-$g" 120 "$bin" kernels check --only "$g" --markdown "$out/check-$g.md"
+        cat "$out/check-$g.md" >> "$summary" 2>/dev/null
     done
 fi
 
@@ -93,27 +142,21 @@ done
 note "## 4. serve on $dev with 2 in-process workers: 32 concurrent greedy requests vs the CPU"
 model=tests/fixtures/mixtral
 port_dev=$((20000 + RANDOM % 20000))
-port_cpu=$((port_dev + 1))
+mkdir -p "$out/serve"
+cpu_dir=.dist/cpu-tokens
+if ! ls "$cpu_dir"/cpu-*.json >/dev/null 2>&1; then
+    note "- no carried CPU tokens (.dist/cpu-tokens): computing them on this machine's CPU"
+    cpu_dir="$out/serve/cpu"
+    cpu_tokens "$bin" "$cpu_dir"
+fi
 "$bin" --device "$dev" serve --model "$model" --workers 2 --listen "127.0.0.1:$port_dev" > "$out/serve-dev.log" 2>&1 &
 pid_dev=$!
-"$bin" --device cpu serve --model "$model" --workers 2 --listen "127.0.0.1:$port_cpu" > "$out/serve-cpu.log" 2>&1 &
-pid_cpu=$!
-ready() { for _ in $(seq 1 120); do "$bin" generate --endpoint "http://127.0.0.1:$1" --token-ids 1 --max-new-tokens 1 >/dev/null 2>&1 && return 0; sleep 0.5; done; return 1; }
-if ready "$port_dev" && ready "$port_cpu"; then
-    mkdir -p "$out/serve"
-    for side in dev cpu; do
-        port=$port_dev; [[ $side == cpu ]] && port=$port_cpu
-        for i in $(seq 0 31); do
-            ids="$((i % 100 + 1)),$(((i * 7) % 120 + 3)),$(((i * 13) % 90 + 5)),$((i + 2))"
-            timeout 120 "$bin" generate --endpoint "http://127.0.0.1:$port" --token-ids "$ids" --max-new-tokens 24 --json \
-                > "$out/serve/$side-$i.json" 2> "$out/serve/$side-$i.err" &
-        done
-        wait $(jobs -p | grep -v -e "^$pid_dev\$" -e "^$pid_cpu\$") 2>/dev/null
-    done
+if (( $(left) > 60 )) && ready "$port_dev" "$bin"; then
+    requests dev "$out/serve" "$port_dev" "$bin"
     done_n=0; same=0; tok_same=0; tok_all=0
     for i in $(seq 0 31); do
         d=$(python3 -c 'import json,sys; print(",".join(map(str, json.load(open(sys.argv[1]))["token_ids"])))' "$out/serve/dev-$i.json" 2>/dev/null) || continue
-        c=$(python3 -c 'import json,sys; print(",".join(map(str, json.load(open(sys.argv[1]))["token_ids"])))' "$out/serve/cpu-$i.json" 2>/dev/null) || continue
+        c=$(python3 -c 'import json,sys; print(",".join(map(str, json.load(open(sys.argv[1]))["token_ids"])))' "$cpu_dir/cpu-$i.json" 2>/dev/null) || continue
         done_n=$((done_n + 1))
         [[ "$d" == "$c" ]] && same=$((same + 1))
         read -r a b < <(python3 -c 'import sys; d=sys.argv[1].split(","); c=sys.argv[2].split(","); n=0
@@ -126,7 +169,7 @@ print(n, len(c))' "$d" "$c")
     note "- requests finished on $dev: $done_n of 32; identical to the CPU: $same of 32; tokens before the first difference: $tok_same of $tok_all"
     if [[ $done_n != 32 ]]; then note "- serve: **FAIL** (not every request finished)"; failed=1; else note "- serve: pass"; fi
 else
-    note "- serve: **FAIL** (a server did not come up; see serve-dev.log, serve-cpu.log)"
+    note "- serve: **FAIL** (the server did not come up in time; see serve-dev.log)"
     failed=1
 fi
 kill "$pid_dev" 2>/dev/null
@@ -141,13 +184,15 @@ pid_w2=$!
 sleep 2
 "$bin" --device "$dev" router --model "$model" --workers "127.0.0.1:$pw1,127.0.0.1:$pw2" --listen "127.0.0.1:$pr" > "$out/router.log" 2>&1 &
 pid_r=$!
-if ready "$pr"; then
+if (( $(left) > 40 )) && ready "$pr" "$bin"; then
+    pids=()
     for i in $(seq 0 7); do
         ids="$((i % 100 + 1)),$(((i * 7) % 120 + 3)),$(((i * 13) % 90 + 5)),$((i + 2))"
         timeout 120 "$bin" generate --endpoint "http://127.0.0.1:$pr" --token-ids "$ids" --max-new-tokens 24 --json \
             > "$out/serve/remote-$i.json" 2> "$out/serve/remote-$i.err" &
+        pids+=($!)
     done
-    wait $(jobs -p | grep -v -e "^$pid_cpu\$" -e "^$pid_w1\$" -e "^$pid_w2\$" -e "^$pid_r\$") 2>/dev/null
+    wait "${pids[@]}"
     done_n=0; same_dev=0
     for i in $(seq 0 7); do
         r=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["token_ids"])' "$out/serve/remote-$i.json" 2>/dev/null) || continue
@@ -161,8 +206,8 @@ else
     note "- router + workers: **FAIL** (the router did not come up; see router.log, worker-*.log)"
     failed=1
 fi
-kill "$pid_r" "$pid_w1" "$pid_w2" "$pid_cpu" 2>/dev/null
-wait "$pid_r" "$pid_w1" "$pid_w2" "$pid_cpu" 2>/dev/null
+kill "$pid_r" "$pid_w1" "$pid_w2" 2>/dev/null
+wait "$pid_r" "$pid_w1" "$pid_w2" 2>/dev/null
 
 if [[ $skip_bench == 0 && $dry == 0 ]] && "$bin" bench-device --help >/dev/null 2>&1; then
     note "## 5. throughput on Mixtral-8x7B-shaped layers (random weights made on the device)"

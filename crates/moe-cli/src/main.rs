@@ -36,9 +36,10 @@ struct Cli {
     /// Where to compute: cpu, or cuda:N (needs a build with the `cuda` feature, the default).
     #[arg(long, global = true, env = "MOE_DEVICE", default_value = "cpu")]
     device: moe_cluster::Device,
-    /// How a GPU multiplies routed experts: cublas (one cuBLAS GEMM per expert, the default) or
-    /// grouped (the project's grouped GEMM kernel, every expert in one launch).
-    #[arg(long, global = true, env = "MOE_EXPERT_GEMM", default_value = "cublas", value_parser = ["cublas", "grouped"])]
+    /// How a GPU multiplies routed experts: cublas (one cuBLAS GEMM per expert, the default),
+    /// grouped (the project's grouped GEMM kernel, every expert in one launch) or tc (its
+    /// pipelined tensor-core successor, not yet measured on a GPU).
+    #[arg(long, global = true, env = "MOE_EXPERT_GEMM", default_value = "cublas", value_parser = ["cublas", "grouped", "tc"])]
     expert_gemm: String,
     /// CPU kernel instruction set: auto (the widest this CPU runs), avx512, avx2, neon or
     /// portable. Every set computes the same bits; the choice is logged at start and exported

@@ -107,14 +107,15 @@ pub(crate) fn invalid(message: impl Into<String>) -> ClusterError {
 }
 
 /// How a GPU multiplies routed experts, for the whole process: `cublas` (one cuBLAS GEMM per
-/// expert) or `grouped` (the project's grouped GEMM kernel). Without CUDA support, only a check
+/// expert), `grouped` (the project's grouped GEMM kernel) or `tc` (its tensor-core, pipelined
+/// successor; not yet measured on a GPU). Without CUDA support, only a check
 /// of the name.
 pub fn set_expert_gemm(mode: &str) -> Result<()> {
     #[cfg(feature = "cuda")]
     moe_compute::cuda::backend::set_expert_gemm(mode.parse()?);
     #[cfg(not(feature = "cuda"))]
-    if !["cublas", "grouped"].contains(&mode) {
-        return Err(ClusterError::Invalid(format!("--expert-gemm {mode:?}: one of cublas, grouped")));
+    if !["cublas", "grouped", "tc"].contains(&mode) {
+        return Err(ClusterError::Invalid(format!("--expert-gemm {mode:?}: one of cublas, grouped, tc")));
     }
     Ok(())
 }

@@ -193,15 +193,20 @@ impl OnBackend for Measure<'_> {
                 let chosen = expert_gemm();
                 set_expert_gemm(ExpertGemm::Cublas);
                 let reference = expert_ffn_row(&backend, &c, &w, gemm_tflops, "cuBLAS per expert");
-                set_expert_gemm(ExpertGemm::Grouped);
-                let ours = expert_ffn_row(&backend, &c, &w, gemm_tflops, "grouped GEMM kernel");
-                set_expert_gemm(chosen);
-                if let (Some((_, want)), Some((row, got))) = (&reference, ours) {
-                    let err = crate::fixture_check::rel_err(&got, want);
-                    expert_rows.push((row.0, row.1, row.2, format!("{}; output vs cuBLAS path: {err:.1e}", row.3)));
+                for (mode, label) in
+                    [(ExpertGemm::Grouped, "grouped GEMM kernel"), (ExpertGemm::Tc, "tensor-core grouped GEMM")]
+                {
+                    set_expert_gemm(mode);
+                    let ours = expert_ffn_row(&backend, &c, &w, gemm_tflops, label);
+                    if let (Some((_, want)), Some((row, got))) = (&reference, ours) {
+                        let err = crate::fixture_check::rel_err(&got, want);
+                        expert_rows.push((row.0, row.1, row.2, format!("{}; output vs cuBLAS path: {err:.1e}", row.3)));
+                    }
                 }
-                expert_rows.extend(reference.map(|r| r.0));
-                expert_rows.reverse();
+                set_expert_gemm(chosen);
+                if let Some((row, _)) = reference {
+                    expert_rows.insert(0, row);
+                }
             }
         } else {
             expert_rows.extend(expert_ffn_row(&backend, &c, &w, gemm_tflops, "host").map(|r| r.0));

@@ -35,6 +35,10 @@ pub enum ExpertGemm {
     /// The project's grouped GEMM kernel: every expert in one launch (bf16 weights only; other
     /// experts fall back to cuBLAS).
     Grouped,
+    /// The tensor-core grouped GEMM (kernels/grouped_gemm_tc.cu: cp.async pipeline, swizzled
+    /// shared memory, ldmatrix, a tile table per call); bf16 weights whose hidden and
+    /// intermediate sizes are multiples of 8, else as `Grouped`. Not yet measured on a GPU.
+    Tc,
 }
 
 impl std::str::FromStr for ExpertGemm {
@@ -43,23 +47,42 @@ impl std::str::FromStr for ExpertGemm {
         match s {
             "cublas" => Ok(Self::Cublas),
             "grouped" => Ok(Self::Grouped),
-            other => Err(ComputeError::Cuda(format!("expert GEMM {other:?}: use cublas or grouped"))),
+            "tc" => Ok(Self::Tc),
+            other => Err(ComputeError::Cuda(format!("expert GEMM {other:?}: use cublas, grouped or tc"))),
         }
     }
 }
 
-static EXPERT_GEMM: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static EXPERT_GEMM: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Chooses the expert GEMM path for every CUDA backend of this process (read at each call).
 pub fn set_expert_gemm(mode: ExpertGemm) {
-    EXPERT_GEMM.store(mode == ExpertGemm::Grouped, std::sync::atomic::Ordering::Relaxed);
+    EXPERT_GEMM.store(mode as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
 pub fn expert_gemm() -> ExpertGemm {
-    if EXPERT_GEMM.load(std::sync::atomic::Ordering::Relaxed) {
-        ExpertGemm::Grouped
-    } else {
-        ExpertGemm::Cublas
+    match EXPERT_GEMM.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => ExpertGemm::Grouped,
+        2 => ExpertGemm::Tc,
+        _ => ExpertGemm::Cublas,
+    }
+}
+
+/// The tensor-core GEMM's entry points and their tilings (gpu_plan::tiles::GemmTiling::ALL).
+pub(crate) fn tc_tiling(entry: &str) -> Option<crate::gpu_plan::tiles::GemmTiling> {
+    use crate::gpu_plan::tiles::GemmTiling;
+    match entry {
+        "grouped_gemm_tc_bf16" | "grouped_gemm_tc_swiglu_bf16" => Some(GemmTiling::EXPERT_DEFAULT),
+        "grouped_gemm_tc_small_bf16" | "grouped_gemm_tc_swiglu_small_bf16" => Some(GemmTiling::EXPERT_SMALL_M),
+        _ => None,
+    }
+}
+
+/// Kernels that need more than the default 48 KB of dynamic shared memory: their opt-in size.
+fn dynamic_shared_bytes(entry: &str) -> Option<u32> {
+    match entry {
+        "flash_decode_bf16" => Some(crate::gpu_plan::splits::flash_decode_shared_bytes(16, 256) as u32),
+        _ => tc_tiling(entry).map(|t| t.shared_bytes()),
     }
 }
 
@@ -138,6 +161,11 @@ impl CudaBackend {
                 .map_err(|e| ComputeError::Cuda(format!("loading {} ({sm}): {e}", k.file)))?;
             for e in k.entry_points {
                 let f = module.load_function(e).map_err(|err| ComputeError::Cuda(format!("{e}: {err}")))?;
+                if let Some(bytes) = dynamic_shared_bytes(e) {
+                    use cudarc::driver::sys::CUfunction_attribute_enum as A;
+                    f.set_attribute(A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+                        .map_err(|err| ComputeError::Cuda(format!("{e}: {bytes} bytes of shared memory: {err}")))?;
+                }
                 funcs.insert(*e, f);
             }
         }

@@ -356,8 +356,11 @@ impl Backend for CudaBackend {
             lora(r, e).is_some()
         });
         let bf16 = |m: &CudaMatrix| matches!(m.data, MatrixBuf::Bf16(_));
-        let grouped =
-            expert_gemm() == ExpertGemm::Grouped && experts[..num].iter().all(|w| bf16(&w.gate_up) && bf16(&w.down));
+        let mode = expert_gemm();
+        let grouped = matches!(mode, ExpertGemm::Grouped | ExpertGemm::Tc)
+            && experts[..num].iter().all(|w| bf16(&w.gate_up) && bf16(&w.down));
+        // The tensor-core kernel moves 16-byte rows: hidden and intermediate sizes multiples of 8.
+        let tc = grouped && mode == ExpertGemm::Tc && h % 8 == 0 && inter % 8 == 0;
         if any_lora || !grouped {
             launch!(self, "moe_permute_f32", grid(slots.min(65535), 1, 256), [px, pr, xs, slots as i32, h as i32]);
         }
@@ -389,12 +392,16 @@ impl Backend for CudaBackend {
                     [px, pr, x16, slots as i32, h as i32]
                 );
                 let (po, pw) = (self.ptr(off), self.ptr(w));
-                launch!(
-                    self,
-                    "grouped_gemm_ptrs_bf16",
-                    group_cfg(2 * inter),
-                    [x16, pw, gu, po, (2 * inter) as i32, h as i32]
-                );
+                if tc {
+                    self.tc_gemm(&offsets, max_load, x16, pw, gu, po, 2 * inter, h);
+                } else {
+                    launch!(
+                        self,
+                        "grouped_gemm_ptrs_bf16",
+                        group_cfg(2 * inter),
+                        [x16, pw, gu, po, (2 * inter) as i32, h as i32]
+                    );
+                }
             } else {
                 for &(a, b) in &ranges {
                     let e = t.expert_of_slot[a] as usize;
@@ -420,7 +427,11 @@ impl Backend for CudaBackend {
                 let h16 = self.ensure_u16(&mut blas.x16, slots * h.max(inter));
                 launch!(self, "to_bf16_f32", elementwise(slots * inter), [hid, h16, (slots * inter) as i64]);
                 let (po, pw) = (self.ptr(off), self.ptr(w));
-                launch!(self, "grouped_gemm_ptrs_bf16", group_cfg(h), [h16, pw, ys, po, h as i32, inter as i32]);
+                if tc {
+                    self.tc_gemm(&offsets, max_load, h16, pw, ys, po, h, inter);
+                } else {
+                    launch!(self, "grouped_gemm_ptrs_bf16", group_cfg(h), [h16, pw, ys, po, h as i32, inter as i32]);
+                }
             } else {
                 for &(a, b) in &ranges {
                     let e = t.expert_of_slot[a] as usize;

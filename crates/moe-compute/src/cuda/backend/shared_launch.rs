@@ -109,4 +109,38 @@ impl CudaBackend {
             launch!(self, "swiglu_f32", elementwise(rows * inter), [gate_up, out, rows as i64, inter as i32]);
         }
     }
+
+    /// The tensor-core grouped GEMM over the plan's experts: out[slot] = x16[slot] · W_e^T (f32
+    /// out), with the tile table for these offsets; the 64-row tiling when no expert has more
+    /// than 64 rows (decode), else 128.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn tc_gemm(
+        &self,
+        offsets: &[i32],
+        max_load: usize,
+        x16: u64,
+        w_ptrs: u64,
+        out: u64,
+        d_offsets: u64,
+        n: usize,
+        k: usize,
+    ) {
+        let entry = if max_load <= 64 { "grouped_gemm_tc_small_bf16" } else { "grouped_gemm_tc_bf16" };
+        let Some(tiling) = super::tc_tiling(entry) else { return };
+        let off: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
+        let n_tiles = tiling.n_tiles(n as u32);
+        let table: Vec<i32> = tiling.tile_offsets(&off, n_tiles).into_iter().map(|t| t as i32).collect();
+        let tiles = *table.last().unwrap_or(&0);
+        if tiles == 0 {
+            return;
+        }
+        let d_table = self.table(&table);
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (tiles as u32, 1, 1),
+            block_dim: (tiling.threads(), 1, 1),
+            shared_mem_bytes: tiling.shared_bytes(),
+        };
+        let experts = (offsets.len() - 1) as i32;
+        launch!(self, entry, cfg, [x16, w_ptrs, out, d_offsets, self.ptr(&d_table), experts, n as i32, k as i32]);
+    }
 }

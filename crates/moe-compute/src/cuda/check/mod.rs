@@ -285,8 +285,7 @@ pub fn run_check(opts: &CheckOptions) -> Result<CheckReport> {
     let (gpu, device, arch) = Gpu::open(opts)?;
     let mut report = CheckReport { device, arch, ..Default::default() };
     let mut rng = Rng::new(0x5eed);
-    report.copy_gbps = gemm::copy_bandwidth(&gpu, opts.quick)?;
-    report.cublas_tflops = gemm::cublas_tflops(&gpu, opts.quick);
+    (report.copy_gbps, report.cublas_tflops) = measured_baselines(&gpu, opts.quick)?;
     let copy = report.copy_gbps;
     let cublas = report.cublas_tflops;
     let runs = |g: &str| opts.only.as_deref().is_none_or(|o| o == g);
@@ -338,5 +337,47 @@ pub fn run_check(opts: &CheckOptions) -> Result<CheckReport> {
 /// `None` when cuBLAS cannot be loaded): the rooflines `moe bench-device` reports against.
 pub fn baselines(ordinal: usize) -> Result<(f64, Option<f64>)> {
     let (gpu, _, _) = Gpu::open(&CheckOptions { ordinal, ..Default::default() })?;
-    Ok((gemm::copy_bandwidth(&gpu, false)?, gemm::cublas_tflops(&gpu, false)))
+    measured_baselines(&gpu, false)
+}
+
+/// The rooflines, measured once per run: read from the file `MOE_BASELINES` names when it holds
+/// them (full-size measurements only), else measured and written there for the next process.
+fn measured_baselines(gpu: &Gpu, quick: bool) -> Result<(f64, Option<f64>)> {
+    let file = std::env::var_os("MOE_BASELINES").filter(|f| !f.is_empty() && !quick).map(std::path::PathBuf::from);
+    if let Some(b) = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()).and_then(|t| parse_baselines(&t)) {
+        return Ok(b);
+    }
+    let measured = (gemm::copy_bandwidth(gpu, quick)?, gemm::cublas_tflops(gpu, quick));
+    if let Some(f) = file {
+        let _ = std::fs::write(f, format_baselines(measured));
+    }
+    Ok(measured)
+}
+
+fn format_baselines((copy, cublas): (f64, Option<f64>)) -> String {
+    format!("copy_gbps={copy}\ncublas_tflops={}\n", cublas.map_or("unavailable".to_string(), |c| c.to_string()))
+}
+
+fn parse_baselines(text: &str) -> Option<(f64, Option<f64>)> {
+    let value = |key: &str| text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('='));
+    let copy: f64 = value("copy_gbps")?.trim().parse().ok().filter(|c: &f64| *c > 0.0)?;
+    let cublas = match value("cublas_tflops")?.trim() {
+        "unavailable" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((copy, cublas))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn baselines_round_trip_through_their_file() {
+        for b in [(4241.5, Some(783.25)), (100.0, None)] {
+            assert_eq!(parse_baselines(&format_baselines(b)), Some(b));
+        }
+        assert_eq!(parse_baselines("copy_gbps=0\ncublas_tflops=1\n"), None, "a zero bandwidth is remeasured");
+        assert_eq!(parse_baselines("garbage"), None);
+    }
 }
