@@ -120,7 +120,7 @@ if [[ $dry == 1 ]]; then
     step compile-cubin 120 "$bin" kernels compile --arch sm_90
 else
     # The new kernels first (issues 32, 33): their rows are what the run is for.
-    for g in plan sample_rows flash_decode grouped_tc rmsnorm rope swiglu topk_gating permute sampling grouped lora attention; do
+    for g in plan sample_rows flash_decode flash_prefill grouped_tc rmsnorm rope swiglu topk_gating permute sampling grouped lora attention; do
         step "check-$g" 120 "$bin" kernels check --only "$g" --markdown "$out/check-$g.md"
         cat "$out/check-$g.md" >> "$summary" 2>/dev/null
     done

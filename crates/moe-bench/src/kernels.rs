@@ -56,8 +56,8 @@ pub enum KernelsCommand {
         #[arg(long, env = "MOE_MARKDOWN")]
         markdown: Option<std::path::PathBuf>,
         /// Run only this group (rmsnorm, rope, swiglu, topk_gating, permute, sampling, grouped,
-        /// lora, attention, plan, grouped_tc, flash_decode, sample_rows), so each can run in its
-        /// own process.
+        /// lora, attention, plan, grouped_tc, flash_decode, sample_rows, flash_prefill), so each
+        /// can run in its own process.
         #[arg(long, env = "MOE_ONLY")]
         only: Option<String>,
     },

@@ -42,6 +42,7 @@ pub const KERNELS: &[KernelSource] = &[
         ]
     ),
     kernel!("flash_decode.cu", ["flash_decode_bf16", "flash_decode_merge_f32"]),
+    kernel!("flash_prefill.cu", ["flash_prefill_bf16"]),
     kernel!("lora.cu", ["lora_shrink_f32", "lora_expand_f32"]),
     kernel!(
         "paged_attention.cu",

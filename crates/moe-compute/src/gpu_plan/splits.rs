@@ -58,6 +58,22 @@ pub fn flash_decode_shared_bytes(group: usize, head_dim: usize) -> usize {
     floats * 4 + 2 * 2 * TILE * (head_dim + PAD) * 2
 }
 
+/// Query rows per block of flash_prefill_bf16.
+pub const PREFILL_ROWS: usize = 64;
+
+/// flash_prefill_bf16's tile table: each sequence's query rows (`(first row, rows, sequence)`,
+/// rows contiguous) cut into tiles of at most [`PREFILL_ROWS`], as `[first, rows, sequence]`
+/// triples. A tile never mixes sequences.
+pub fn prefill_tiles(sequences: &[(usize, usize, usize)]) -> Vec<i32> {
+    let mut out = Vec::new();
+    for &(first, rows, seq) in sequences {
+        for at in (0..rows).step_by(PREFILL_ROWS) {
+            out.extend([(first + at) as i32, (rows - at).min(PREFILL_ROWS) as i32, seq as i32]);
+        }
+    }
+    out
+}
+
 /// The graph key's split dimension: the batch's largest split count, rounded up to a power of two.
 pub fn split_bucket(max_count: usize) -> u32 {
     max_count.clamp(1, MAX_SPLITS).next_power_of_two() as u32
@@ -140,6 +156,14 @@ mod tests {
         assert_eq!(split_bucket(3), 4);
         assert_eq!(split_bucket(0), 1);
         assert_eq!(split_bucket(100), MAX_SPLITS as u32);
+    }
+
+    #[test]
+    fn prefill_tiles_cover_each_sequence_without_mixing() {
+        let t = prefill_tiles(&[(0, 70, 0), (70, 0, 1), (70, 64, 2), (134, 1, 3)]);
+        assert_eq!(t, vec![0, 64, 0, 64, 6, 0, 70, 64, 2, 134, 1, 3]);
+        let src = include_str!("../../../../kernels/flash_prefill.cu");
+        assert!(src.contains(&format!("#define FP_ROWS {PREFILL_ROWS}")));
     }
 
     /// The kernel's constants are these, so device and host split a context the same way.

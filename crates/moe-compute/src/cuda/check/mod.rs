@@ -8,6 +8,7 @@
 mod attention;
 mod elementwise;
 mod flash_decode;
+mod flash_prefill;
 mod gemm;
 mod grouped_tc;
 mod plan;
@@ -50,6 +51,7 @@ pub const GROUPS: &[&str] = &[
     "grouped_tc",
     "flash_decode",
     "sample_rows",
+    "flash_prefill",
 ];
 
 impl Default for CheckOptions {
@@ -326,6 +328,9 @@ pub fn run_check(opts: &CheckOptions) -> Result<CheckReport> {
     }
     if runs("sample_rows") {
         rows.extend(sample_rows::sample_rows(&gpu, &mut rng, q)?);
+    }
+    if runs("flash_prefill") {
+        rows.extend(flash_prefill::flash_prefill(&gpu, &mut rng, q, cublas)?);
     }
     if runs("flash_decode") {
         rows.extend(flash_decode::flash_decode(&gpu, &mut rng, q, copy)?);
