@@ -41,6 +41,10 @@ struct Cli {
     /// pipelined tensor-core successor, not yet measured on a GPU).
     #[arg(long, global = true, env = "MOE_EXPERT_GEMM", default_value = "cublas", value_parser = ["cublas", "grouped", "tc"])]
     expert_gemm: String,
+    /// Attention kernel on a GPU: classic (every layout, the default) or flash (tensor-core
+    /// FlashAttention-2-style where it applies: bf16 cache, head size 64 or 128, no sinks).
+    #[arg(long, global = true, env = "MOE_CUDA_ATTENTION", default_value = "classic", value_parser = ["classic", "flash"])]
+    cuda_attention: String,
     /// CPU kernel instruction set: auto (the widest this CPU runs), avx512, avx2, neon or
     /// portable. Every set computes the same bits; the choice is logged at start and exported
     /// as `moe_cpu_kernels` in /metrics.
@@ -118,6 +122,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     moe_cluster::set_expert_gemm(&cli.expert_gemm)?;
+    moe_cluster::set_cuda_attention(&cli.cuda_attention)?;
     let kernels = moe_cluster::set_cpu_kernels(&cli.cpu_kernels)?;
     if matches!(cli.command, Command::Serve(_) | Command::Worker(_) | Command::Router(_))
         && cli.device == moe_cluster::Device::Cpu

@@ -120,6 +120,19 @@ pub fn set_expert_gemm(mode: &str) -> Result<()> {
     Ok(())
 }
 
+/// Which kernel a GPU uses for attention, for the whole process: `classic` or `flash` (the
+/// tensor-core prefill kernel where it applies; not yet measured on a GPU). Without CUDA
+/// support, only a check of the name.
+pub fn set_cuda_attention(kind: &str) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    moe_compute::cuda::backend::set_attention_kernel(kind.parse()?);
+    #[cfg(not(feature = "cuda"))]
+    if !["classic", "flash"].contains(&kind) {
+        return Err(ClusterError::Invalid(format!("--cuda-attention {kind:?}: one of classic, flash")));
+    }
+    Ok(())
+}
+
 /// Chooses the CPU kernels' instruction set (`auto`, `avx512`, `avx2`, `neon`, `portable`) for
 /// the process and logs the choice; an error names a set this CPU cannot run.
 pub fn set_cpu_kernels(request: &str) -> Result<moe_compute::cpu::CpuKernels> {

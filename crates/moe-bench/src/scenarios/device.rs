@@ -222,24 +222,43 @@ impl OnBackend for Measure<'_> {
             (0..n).map(|i| ((i * 7919 + s * 104729) % c.vocab_size) as u32).collect()
         };
 
-        // Prefill: one sequence of `prefill` tokens (after a short warm-up).
+        // Prefill: one sequence of `prefill` tokens (after a short warm-up); on a GPU with each
+        // attention kernel.
         let flops_tok = crate::flops_per_prefill_token(&c);
-        for (n, timed) in [(64usize, false), (a.prefill, true)] {
-            let toks = ids(n, 1);
-            let mut cache = SequenceCache::default();
-            let t = Instant::now();
-            model.forward(&mut ws, &mut kv, &mut [BatchItem::new(&toks, &mut cache)], LogitsFor::Last, &mut logits)?;
-            let s = t.elapsed().as_secs_f64();
-            kv.pages.release(&mut cache);
-            if timed {
-                let tflops = flops_tok * n as f64 / s / 1e12;
-                rows.push((
-                    format!("prefill {n} tokens"),
-                    format!("{:.1} ms", s * 1e3),
-                    format!("{:.0} tok/s, {tflops:.1} TFLOP/s", n as f64 / s),
-                    gemm_tflops.map(|g| format!("{:.0}% of cuBLAS", 100.0 * tflops / g)).unwrap_or_default(),
-                ));
+        let on_gpu = matches!(backend.device(), Device::Cuda(_));
+        for flash in if on_gpu { vec![false, true] } else { vec![false] } {
+            #[cfg(feature = "cuda")]
+            let chosen = moe_compute::cuda::backend::attention_kernel();
+            #[cfg(feature = "cuda")]
+            if on_gpu {
+                use moe_compute::cuda::backend::{set_attention_kernel, AttentionKernel};
+                set_attention_kernel(if flash { AttentionKernel::Flash } else { AttentionKernel::Classic });
             }
+            for (n, timed) in [(64usize, false), (a.prefill, true)] {
+                let toks = ids(n, 1);
+                let mut cache = SequenceCache::default();
+                let t = Instant::now();
+                model.forward(
+                    &mut ws,
+                    &mut kv,
+                    &mut [BatchItem::new(&toks, &mut cache)],
+                    LogitsFor::Last,
+                    &mut logits,
+                )?;
+                let s = t.elapsed().as_secs_f64();
+                kv.pages.release(&mut cache);
+                if timed {
+                    let tflops = flops_tok * n as f64 / s / 1e12;
+                    rows.push((
+                        format!("prefill {n} tokens{}", if flash { " (flash attention)" } else { "" }),
+                        format!("{:.1} ms", s * 1e3),
+                        format!("{:.0} tok/s, {tflops:.1} TFLOP/s", n as f64 / s),
+                        gemm_tflops.map(|g| format!("{:.0}% of cuBLAS", 100.0 * tflops / g)).unwrap_or_default(),
+                    ));
+                }
+            }
+            #[cfg(feature = "cuda")]
+            moe_compute::cuda::backend::set_attention_kernel(chosen);
         }
         // Decode: `batch` sequences of `ctx` tokens, then `steps` one-token steps.
         let bytes_expert = 3 * c.hidden_size * c.expert_intermediate_size * 2;

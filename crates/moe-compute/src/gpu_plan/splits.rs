@@ -61,6 +61,12 @@ pub fn flash_decode_shared_bytes(group: usize, head_dim: usize) -> usize {
 /// Query rows per block of flash_prefill_bf16.
 pub const PREFILL_ROWS: usize = 64;
 
+/// flash_prefill_bf16's dynamic shared memory: the block's queries and two stages of key and
+/// value tiles, all bf16.
+pub fn flash_prefill_shared_bytes(head_dim: usize) -> usize {
+    5 * PREFILL_ROWS * head_dim * 2
+}
+
 /// flash_prefill_bf16's tile table: each sequence's query rows (`(first row, rows, sequence)`,
 /// rows contiguous) cut into tiles of at most [`PREFILL_ROWS`], as `[first, rows, sequence]`
 /// triples. A tile never mixes sequences.

@@ -68,6 +68,43 @@ pub fn expert_gemm() -> ExpertGemm {
     }
 }
 
+/// Which kernel computes attention over the paged cache (`--cuda-attention`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// attention_prefill_*: a block per (row, head), online softmax per warp; every layout.
+    #[default]
+    Classic,
+    /// flash_prefill_bf16 on tensor cores where it applies (bf16 cache, head size 64 or 128, no
+    /// attention sinks), else Classic. Checked by `moe kernels check`, not yet run on a GPU.
+    Flash,
+}
+
+impl std::str::FromStr for AttentionKernel {
+    type Err = ComputeError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "classic" => Ok(Self::Classic),
+            "flash" => Ok(Self::Flash),
+            other => Err(ComputeError::Cuda(format!("attention kernel {other:?}: use classic or flash"))),
+        }
+    }
+}
+
+static ATTENTION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Chooses the attention kernel for every CUDA backend of this process (read at each call).
+pub fn set_attention_kernel(kind: AttentionKernel) {
+    ATTENTION.store(kind == AttentionKernel::Flash, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn attention_kernel() -> AttentionKernel {
+    if ATTENTION.load(std::sync::atomic::Ordering::Relaxed) {
+        AttentionKernel::Flash
+    } else {
+        AttentionKernel::Classic
+    }
+}
+
 /// The tensor-core GEMM's entry points and their tilings (gpu_plan::tiles::GemmTiling::ALL).
 pub(crate) fn tc_tiling(entry: &str) -> Option<crate::gpu_plan::tiles::GemmTiling> {
     use crate::gpu_plan::tiles::GemmTiling;
@@ -82,6 +119,7 @@ pub(crate) fn tc_tiling(entry: &str) -> Option<crate::gpu_plan::tiles::GemmTilin
 fn dynamic_shared_bytes(entry: &str) -> Option<u32> {
     match entry {
         "flash_decode_bf16" => Some(crate::gpu_plan::splits::flash_decode_shared_bytes(16, 256) as u32),
+        "flash_prefill_bf16" => Some(crate::gpu_plan::splits::flash_prefill_shared_bytes(128) as u32),
         _ => tc_tiling(entry).map(|t| t.shared_bytes()),
     }
 }

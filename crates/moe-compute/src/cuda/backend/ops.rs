@@ -4,8 +4,8 @@
 use super::buffers::rounded;
 use super::tables::{AttentionTables, ExpertTables, LoraTable};
 use super::{
-    elementwise, expert_gemm, grid, launch, CudaAct, CudaBackend, CudaKvStore, CudaMatrix, CudaVector, ExpertGemm,
-    MatrixBuf,
+    attention_kernel, elementwise, expert_gemm, grid, launch, AttentionKernel, CudaAct, CudaBackend, CudaKvStore,
+    CudaMatrix, CudaVector, ExpertGemm, MatrixBuf,
 };
 use crate::{
     AttentionSeq, AttentionShape, Backend, ComputeError, Device, ExpertPlan, FfnScratch, KvLayout, Result,
@@ -258,6 +258,34 @@ impl Backend for CudaBackend {
             ("kv_write_f32", "attention_prefill_f32")
         };
         launch!(self, write, write_cfg, [q, stride, kc, vc, k, v, slots, kvh, hd]);
+        let flash = attention_kernel() == AttentionKernel::Flash
+            && store.bf16
+            && matches!(shape.head_dim, 64 | 128)
+            && shape.sinks.is_none()
+            && shape.n_heads.is_multiple_of(shape.n_kv_heads.max(1));
+        if flash {
+            let spans: Vec<(usize, usize, usize)> =
+                seqs.iter().enumerate().map(|(i, s)| (s.rows.start, s.rows.len(), i)).collect();
+            let tiles = crate::gpu_plan::splits::prefill_tiles(&spans);
+            if tiles.is_empty() {
+                return Ok(());
+            }
+            let d_tiles = self.table(&tiles);
+            let cfg = cudarc::driver::LaunchConfig {
+                grid_dim: ((tiles.len() / 3) as u32, shape.n_heads as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: crate::gpu_plan::splits::flash_prefill_shared_bytes(shape.head_dim) as u32,
+            };
+            let out_stride = (shape.n_heads * shape.head_dim) as i32;
+            let pt = self.ptr(&d_tiles);
+            launch!(
+                self,
+                "flash_prefill_bf16",
+                cfg,
+                [q, stride, qc, k, v, pt, pos, pages_d, starts, nh, kvh, hd, ps, window, shape.scale, o, out_stride]
+            );
+            return Ok(());
+        }
         launch!(
             self,
             attend,
