@@ -134,10 +134,17 @@ MOE_CUDA_WEIGHTS=f32 step fixtures-f32 240 "$bin" --device "$dev" kernels fixtur
 cat "$out/fixtures-f32.log" >> "$summary"
 # bf16 is reported, not judged, past garbage (bound 1): a flipped routing tie moves a tiny
 # model's logits by tens of percent. Both expert GEMM paths.
-for path in cublas grouped; do
+for path in cublas grouped tc; do
     step "fixtures-bf16-$path" 240 "$bin" --expert-gemm "$path" --device "$dev" kernels fixtures --dir tests/fixtures --bound 1
     cat "$out/fixtures-bf16-$path.log" >> "$summary"
 done
+# The step's new device pieces inside the model (issues 32, 33): routing on the device must give
+# the host's bits, so with f32 weights it is judged at 1e-4 like fixtures-f32; the tensor-core
+# expert GEMM and flash attention together are reported beside fixtures-bf16-cublas.
+MOE_CUDA_WEIGHTS=f32 MOE_CUDA_ROUTING=device step fixtures-f32-device-routing 240 "$bin" --device "$dev" kernels fixtures --dir tests/fixtures --bound 1e-4
+cat "$out/fixtures-f32-device-routing.log" >> "$summary"
+step fixtures-bf16-tc-flash 240 "$bin" --expert-gemm tc --cuda-attention flash --device "$dev" kernels fixtures --dir tests/fixtures --bound 1
+cat "$out/fixtures-bf16-tc-flash.log" >> "$summary"
 
 note "## 4. serve on $dev with 2 in-process workers: 32 concurrent greedy requests vs the CPU"
 model=tests/fixtures/mixtral

@@ -305,6 +305,19 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn act_shape(&self, a: &Self::Act) -> (usize, usize);
     fn upload(&self, rows: usize, cols: usize, data: &[f32], out: &mut Self::Act);
     fn download(&self, a: &Self::Act, out: &mut Vec<f32>);
+    /// Routes every row of gate `logits` ([rows, experts]) where they are, if this backend does:
+    /// `k` `(expert, weight)` pairs per row into `out`, the host routing's bits
+    /// ([`gpu_plan::routing`]). False (the default): download the logits and route on the host.
+    fn route_rows(
+        &self,
+        _logits: &Self::Act,
+        _rule: &gpu_plan::routing::GateRule,
+        _bias: Option<&[f32]>,
+        _k: usize,
+        _out: &mut Vec<(u32, f32)>,
+    ) -> bool {
+        false
+    }
 
     /// `out[i] = table[ids[i]]`. Ids must already be validated against the table's rows.
     fn embed(&self, table: &Self::Matrix, ids: &[u32], out: &mut Self::Act) -> Result<()>;

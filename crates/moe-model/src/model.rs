@@ -348,14 +348,17 @@ impl<B: Backend> Model<B> {
             let lookup = row_pair(items, &ws.row_item, layer, gate_pair);
             b.lora_add(&ws.normed, &lookup, 0, &mut ws.scratch, &mut ws.gate_logits);
         }
-        b.download(&ws.gate_logits, &mut ws.host);
-        ws.choices.clear();
-        ws.choices.resize(rows * c.top_k, (0, 0.0));
         let bias = moe.gate_bias.as_deref();
-        for r in 0..rows {
-            let logits = &ws.host[r * c.num_experts..(r + 1) * c.num_experts];
-            let out = &mut ws.choices[r * c.top_k..(r + 1) * c.top_k];
-            c.routing.route(logits, bias, &mut ws.route_scratch, out);
+        // On the device where the backend routes there (the same bits), else on the host.
+        if !b.route_rows(&ws.gate_logits, &c.routing.gate_rule(), bias, c.top_k, &mut ws.choices) {
+            b.download(&ws.gate_logits, &mut ws.host);
+            ws.choices.clear();
+            ws.choices.resize(rows * c.top_k, (0, 0.0));
+            for r in 0..rows {
+                let logits = &ws.host[r * c.num_experts..(r + 1) * c.num_experts];
+                let out = &mut ws.choices[r * c.top_k..(r + 1) * c.top_k];
+                c.routing.route(logits, bias, &mut ws.route_scratch, out);
+            }
         }
         ws.plan.rebuild(c.num_experts, c.top_k, &ws.choices);
         let counts_len = c.num_layers * c.num_experts;

@@ -49,6 +49,17 @@ impl RoutingRule {
         }
     }
 
+    /// The rule as the device's gating kernel takes it.
+    pub fn gate_rule(&self) -> moe_compute::gpu_plan::routing::GateRule {
+        moe_compute::gpu_plan::routing::GateRule {
+            sigmoid: self.scoring == GateScoring::Sigmoid,
+            renormalize: self.renormalize,
+            n_group: self.n_group,
+            topk_group: self.topk_group,
+            scaling: self.scaling,
+        }
+    }
+
     /// Chooses `out.len()` experts for one row of gate logits; `bias` is the correction bias
     /// (sigmoid routing) and `scratch` a buffer of at least `2 * experts` values.
     pub fn route(&self, logits: &[f32], bias: Option<&[f32]>, scratch: &mut Vec<f32>, out: &mut [(u32, f32)]) {
@@ -230,7 +241,7 @@ mod tests {
     /// with ties, NaN, −∞ and +∞, for softmax and grouped sigmoid rules.
     #[test]
     fn the_device_gating_algorithm_routes_to_the_same_bits() {
-        use moe_compute::gpu_plan::routing::{route_row as device_route, GateRule};
+        use moe_compute::gpu_plan::routing::route_row as device_route;
         use moe_compute::rng::SplitMix64;
         let mut rng = SplitMix64::new(17);
         let rules = [
@@ -256,13 +267,7 @@ mod tests {
         ];
         let (mut host_scratch, mut dev_scratch) = (Vec::new(), Vec::new());
         for rule in &rules {
-            let gate = GateRule {
-                sigmoid: rule.scoring == GateScoring::Sigmoid,
-                renormalize: rule.renormalize,
-                n_group: rule.n_group,
-                topk_group: rule.topk_group,
-                scaling: rule.scaling,
-            };
+            let gate = rule.gate_rule();
             for (experts, k) in [(8usize, 2usize), (64, 8), (256, 8), (3, 3)] {
                 let bias: Vec<f32> = (0..experts).map(|_| rng.signed() * 0.1).collect();
                 for case in 0..300 {

@@ -142,6 +142,9 @@ struct Inner {
     /// so results match the CPU backend to rounding; what the acceptance uses to check the
     /// backend's logic separately from bf16's precision.
     f32_weights: bool,
+    /// Route on the device (`MOE_CUDA_ROUTING=device`): gate_route_f32, only the chosen experts
+    /// and weights come back. Off by default until a GPU run has checked it.
+    device_routing: bool,
 }
 
 pub(crate) struct Blas {
@@ -218,7 +221,13 @@ impl CudaBackend {
             Ok(other) => return Err(ComputeError::Cuda(format!("MOE_CUDA_WEIGHTS={other:?}: use bf16 or f32"))),
         };
         let name = if f32_weights { format!("{name}, f32 weights") } else { name };
-        Ok(Self { inner: Arc::new(Inner { ordinal, name, ctx, stream, funcs, blas, f32_weights }) })
+        let device_routing = match std::env::var("MOE_CUDA_ROUTING").as_deref() {
+            Ok("device") => true,
+            Ok("host") | Err(_) => false,
+            Ok(other) => return Err(ComputeError::Cuda(format!("MOE_CUDA_ROUTING={other:?}: use host or device"))),
+        };
+        let name = if device_routing { format!("{name}, device routing") } else { name };
+        Ok(Self { inner: Arc::new(Inner { ordinal, name, ctx, stream, funcs, blas, f32_weights, device_routing }) })
     }
 
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
@@ -266,6 +275,10 @@ impl CudaBackend {
     pub(crate) fn ensure_fits(&self, what: &str, bytes: usize) -> Result<()> {
         let (free, total) = self.memory()?;
         tables::ensure_fits(what, bytes, free, total, &format!("cuda:{}", self.inner.ordinal))
+    }
+
+    pub(crate) fn device_routing(&self) -> bool {
+        self.inner.device_routing
     }
 
     pub(crate) fn f32_weights(&self) -> bool {

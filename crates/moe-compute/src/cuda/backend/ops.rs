@@ -4,8 +4,8 @@
 use super::buffers::rounded;
 use super::tables::{AttentionTables, ExpertTables, LoraTable};
 use super::{
-    attention_kernel, elementwise, expert_gemm, grid, launch, AttentionKernel, CudaAct, CudaBackend, CudaKvStore,
-    CudaMatrix, CudaVector, ExpertGemm, MatrixBuf,
+    elementwise, expert_gemm, grid, launch, CudaAct, CudaBackend, CudaKvStore, CudaMatrix, CudaVector, ExpertGemm,
+    MatrixBuf,
 };
 use crate::{
     AttentionSeq, AttentionShape, Backend, ComputeError, Device, ExpertPlan, FfnScratch, KvLayout, Result,
@@ -117,6 +117,17 @@ impl Backend for CudaBackend {
             self.checked(r, "copying rows from the device");
             self.checked(self.stream().synchronize(), "waiting for the device");
         }
+    }
+
+    fn route_rows(
+        &self,
+        logits: &CudaAct,
+        rule: &crate::gpu_plan::routing::GateRule,
+        bias: Option<&[f32]>,
+        k: usize,
+        out: &mut Vec<(u32, f32)>,
+    ) -> bool {
+        self.device_routing() && self.gate_route(logits, rule, bias, k, out)
     }
 
     fn embed(&self, table: &CudaMatrix, ids: &[u32], out: &mut CudaAct) -> Result<()> {
@@ -258,32 +269,8 @@ impl Backend for CudaBackend {
             ("kv_write_f32", "attention_prefill_f32")
         };
         launch!(self, write, write_cfg, [q, stride, kc, vc, k, v, slots, kvh, hd]);
-        let flash = attention_kernel() == AttentionKernel::Flash
-            && store.bf16
-            && matches!(shape.head_dim, 64 | 128)
-            && shape.sinks.is_none()
-            && shape.n_heads.is_multiple_of(shape.n_kv_heads.max(1));
-        if flash {
-            let spans: Vec<(usize, usize, usize)> =
-                seqs.iter().enumerate().map(|(i, s)| (s.rows.start, s.rows.len(), i)).collect();
-            let tiles = crate::gpu_plan::splits::prefill_tiles(&spans);
-            if tiles.is_empty() {
-                return Ok(());
-            }
-            let d_tiles = self.table(&tiles);
-            let cfg = cudarc::driver::LaunchConfig {
-                grid_dim: ((tiles.len() / 3) as u32, shape.n_heads as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: crate::gpu_plan::splits::flash_prefill_shared_bytes(shape.head_dim) as u32,
-            };
-            let out_stride = (shape.n_heads * shape.head_dim) as i32;
-            let pt = self.ptr(&d_tiles);
-            launch!(
-                self,
-                "flash_prefill_bf16",
-                cfg,
-                [q, stride, qc, k, v, pt, pos, pages_d, starts, nh, kvh, hd, ps, window, shape.scale, o, out_stride]
-            );
+        let pointers = [q, k, v, pos, pages_d, starts, o];
+        if self.flash_attention(shape, seqs, store.bf16, pointers, [stride, ps, window])? {
             return Ok(());
         }
         launch!(

@@ -143,4 +143,112 @@ impl CudaBackend {
         let experts = (offsets.len() - 1) as i32;
         launch!(self, entry, cfg, [x16, w_ptrs, out, d_offsets, self.ptr(&d_table), experts, n as i32, k as i32]);
     }
+
+    /// Attention by flash_prefill_bf16 when `--cuda-attention flash` is chosen and it applies
+    /// (bf16 cache, head size 64 or 128, no sinks); false when the caller must run the classic
+    /// kernel. `p`: device addresses of q (the qkv rows), the layer's k and v caches, each row's
+    /// position, the flat page table, each sequence's first page, and the output; then q's row
+    /// stride, the cache's page size and the sliding window (0: none).
+    pub(super) fn flash_attention(
+        &self,
+        shape: &crate::AttentionShape<'_>,
+        seqs: &[crate::AttentionSeq],
+        bf16_cache: bool,
+        p: [u64; 7],
+        [q_stride, page_size, window]: [i32; 3],
+    ) -> crate::Result<bool> {
+        use super::{attention_kernel, AttentionKernel};
+        let applies = attention_kernel() == AttentionKernel::Flash
+            && bf16_cache
+            && matches!(shape.head_dim, 64 | 128)
+            && shape.sinks.is_none()
+            && shape.n_kv_heads > 0
+            && shape.n_heads.is_multiple_of(shape.n_kv_heads);
+        if !applies {
+            return Ok(false);
+        }
+        let spans: Vec<(usize, usize, usize)> =
+            seqs.iter().enumerate().map(|(i, s)| (s.rows.start, s.rows.len(), i)).collect();
+        let tiles = crate::gpu_plan::splits::prefill_tiles(&spans);
+        if tiles.is_empty() {
+            return Ok(true);
+        }
+        let d_tiles = self.table(&tiles);
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: ((tiles.len() / 3) as u32, shape.n_heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: crate::gpu_plan::splits::flash_prefill_shared_bytes(shape.head_dim) as u32,
+        };
+        let [q, k, v, pos, pages, starts, o] = p;
+        let (qc, nh, kvh, hd) =
+            (shape.q_col as i32, shape.n_heads as i32, shape.n_kv_heads as i32, shape.head_dim as i32);
+        let out_stride = nh * hd;
+        let pt = self.ptr(&d_tiles);
+        launch!(
+            self,
+            "flash_prefill_bf16",
+            cfg,
+            [q, q_stride, qc, k, v, pt, pos, pages, starts, nh, kvh, hd, page_size, window, shape.scale, o, out_stride]
+        );
+        Ok(true)
+    }
+
+    /// gate_route_f32 over every row of `logits`, then the chosen (expert, weight) pairs to the
+    /// host (one small copy and sync per MoE layer instead of every row's logits). False when
+    /// the kernel's shared memory would not fit (over 2,048 experts).
+    pub(super) fn gate_route(
+        &self,
+        logits: &CudaAct,
+        rule: &crate::gpu_plan::routing::GateRule,
+        bias: Option<&[f32]>,
+        k: usize,
+        out: &mut Vec<(u32, f32)>,
+    ) -> bool {
+        const WARPS: usize = 4;
+        let (rows, experts) = (logits.rows, logits.cols);
+        let shared = WARPS * ((2 * experts + k) * 4 + experts * 4);
+        if shared > 48 * 1024 || k == 0 {
+            return false;
+        }
+        out.clear();
+        if rows == 0 {
+            return true;
+        }
+        let d_bias = bias.map(|b| self.table(b));
+        let d_ids = self.table(&vec![0i32; rows * k]);
+        let d_weights = self.table(&vec![0f32; rows * k]);
+        let flags = rule.sigmoid as i32 | (rule.renormalize as i32) << 1;
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let pb = d_bias.as_ref().map_or(0u64, |b| self.ptr(b));
+        launch!(
+            self,
+            "gate_route_f32",
+            cfg,
+            [
+                self.act_ptr(logits),
+                pb,
+                rows as i32,
+                experts as i32,
+                k as i32,
+                flags,
+                rule.n_group as i32,
+                rule.topk_group as i32,
+                rule.scaling,
+                self.ptr(&d_ids),
+                self.ptr(&d_weights)
+            ]
+        );
+        let (mut ids, mut weights) = (vec![0i32; rows * k], vec![0f32; rows * k]);
+        let r = self.stream().memcpy_dtoh(&d_ids, &mut ids[..]);
+        self.checked(r, "copying routed experts from the device");
+        let r = self.stream().memcpy_dtoh(&d_weights, &mut weights[..]);
+        self.checked(r, "copying routing weights from the device");
+        self.checked(self.stream().synchronize(), "waiting for the device");
+        out.extend(ids.iter().zip(&weights).map(|(&e, &w)| (e.max(0) as u32, w)));
+        true
+    }
 }
