@@ -19,7 +19,7 @@
 # process with its own timeout; 3 the transformers/PEFT fixtures' logits on the device (bf16
 # bound), with gate, attention and expert adapters; 4 `serve` on the device with 2 in-process
 # workers, 32 concurrent greedy requests, tokens compared with the same run on the CPU;
-# 5 throughput on Mixtral-8x7B-shaped layers (`moe bench-device`), when present.
+# 5 throughput of full-depth Mixtral-8x7B and Qwen3-30B-A3B shapes (`moe bench-device`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Step 4's requests: 32 greedy prompts of 4 token ids, 24 new tokens each, written as
@@ -217,9 +217,13 @@ kill "$pid_r" "$pid_w1" "$pid_w2" 2>/dev/null
 wait "$pid_r" "$pid_w1" "$pid_w2" 2>/dev/null
 
 if [[ $skip_bench == 0 && $dry == 0 ]] && "$bin" bench-device --help >/dev/null 2>&1; then
-    note "## 5. throughput on Mixtral-8x7B-shaped layers (random weights made on the device)"
-    step bench 240 "$bin" --device "$dev" bench-device --markdown "$out/bench.md"
-    cat "$out/bench.md" >> "$summary" 2>/dev/null
+    note "## 5. throughput of full-depth models (random weights made on the device)"
+    # Mixtral-8x7B at full depth (32 layers, ~87 GB bf16), then Qwen3-30B-A3B (48 layers, 128
+    # experts top-8); each prints and writes its rows as it goes.
+    step bench-mixtral-32 240 "$bin" --device "$dev" bench-device --layers 32 --markdown "$out/bench-mixtral-32.md"
+    cat "$out/bench-mixtral-32.md" >> "$summary" 2>/dev/null
+    step bench-qwen3-48 200 "$bin" --device "$dev" bench-device --shape qwen3-moe --layers 48 --markdown "$out/bench-qwen3-48.md"
+    cat "$out/bench-qwen3-48.md" >> "$summary" 2>/dev/null
 fi
 note "## result: $([[ $failed == 0 ]] && echo pass || echo FAIL)"
 exit $failed

@@ -229,6 +229,15 @@ fn bench_device_reports_prefill_decode_and_experts() {
     for row in ["| prefill 32 tokens |", "| decode batch 1 ", "| decode batch 3 ", "| expert FFN, 4096 tokens"] {
         assert!(stdout.contains(row), "{row} missing:\n{stdout}");
     }
+    // Qwen3-30B-A3B's shape: 128 experts top-8 (no 8-expert FFN row).
+    let qwen = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["bench-device", "--shape", "qwen3-moe", "--layers", "1", "--hidden", "256", "--intermediate", "64"])
+        .args(["--vocab", "300", "--batches", "2", "--prefill", "16", "--steps", "1"])
+        .output()
+        .expect("run moe");
+    let stdout = String::from_utf8_lossy(&qwen.stdout);
+    assert!(qwen.status.success(), "{stdout}{}", String::from_utf8_lossy(&qwen.stderr));
+    assert!(stdout.contains("128 experts x 64 top-8") && stdout.contains("| decode batch 2 "), "{stdout}");
     let bad = Command::new(env!("CARGO_BIN_EXE_moe"))
         .args(["--expert-gemm", "fast", "bench-device"])
         .output()

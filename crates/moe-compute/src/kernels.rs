@@ -69,6 +69,7 @@ pub const KERNELS: &[KernelSource] = &[
             "rope_table_f32",
             "rope_apply_f32",
             "sigmoid_gated_add_f32",
+            "random_bf16",
         ]
     ),
 ];

@@ -271,6 +271,13 @@ pub trait Backend: Clone + Send + Sync + 'static {
     }
 
     fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<Self::Matrix>;
+    /// A bf16 matrix of random values made where the weights live (benchmarks without a
+    /// checkpoint): element i is [`gpu_plan::draws::random_bf16`]`(seed, i, scale)`, the same bits
+    /// on every backend. The default makes them on the host's cores.
+    fn random_matrix_bf16(&self, rows: usize, cols: usize, seed: u64, scale: f32) -> Result<Self::Matrix> {
+        let data = gpu_plan::draws::random_bf16_vec(rows * cols, seed, scale);
+        self.matrix_bf16(rows, cols, data)
+    }
     /// A matrix from raw bf16 bits, kept as bf16 where the backend can (the default widens).
     fn matrix_bf16(&self, rows: usize, cols: usize, data: Vec<u16>) -> Result<Self::Matrix> {
         let widened = data.into_iter().map(|b| f32::from_bits((b as u32) << 16)).collect();

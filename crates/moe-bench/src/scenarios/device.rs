@@ -1,6 +1,7 @@
-//! `moe bench-device`: throughput of Mixtral-8x7B-shaped layers on a device, without a checkpoint
-//! (step 5 of the GPU acceptance). The weights are random bf16 made from a seed on the host's
-//! cores and uploaded once (a 2-layer model is ~6 GB); then prefill of 2048 tokens and decode at
+//! `moe bench-device`: throughput of Mixtral-8x7B- or Qwen3-30B-A3B-shaped models on a device,
+//! without a checkpoint (step 5 of the GPU acceptance). The weights are random bf16 made from a
+//! seed where they live (`Backend::random_matrix_bf16`: on a GPU by a kernel, so a full-depth
+//! Mixtral-8x7B, 87 GB, is ready in about a second; on the CPU by its cores); then prefill of 2048 tokens and decode at
 //! batch 1/16/64/256 run through the model's forward pass (the engine's scheduling is not in the
 //! numbers), and the grouped expert FFN alone on 4096 tokens, each next to its roofline: the
 //! device's copy bandwidth (decode) and cuBLAS's dense bf16 GEMM (prefill and experts), both
@@ -11,21 +12,36 @@ use clap::Args;
 use moe_compute::{on_device, Backend, Device, ExpertPlan, FfnScratch, OnBackend, SwigluWeights};
 use moe_model::weights::{AttentionWeights, FfnWeights, LayerAttention, LayerWeights, ModelWeights, MoeWeights};
 use moe_model::{BatchItem, LogitsFor, Model, ModelConfig, SequenceCache};
-use rayon::prelude::*;
 use std::fmt::Write as _;
 use std::time::Instant;
 
+/// The model shapes `moe bench-device` builds.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchShape {
+    /// Mixtral-8x7B: hidden 4096, 8 experts of 14336 top-2, 32 heads of 128 over 8 KV heads.
+    Mixtral,
+    /// Qwen3-30B-A3B: hidden 2048, 128 experts of 768 top-8, 32 heads of 128 over 4 KV heads.
+    Qwen3Moe,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct BenchDeviceArgs {
-    /// Layers of the model (numbers are per step of this many layers, and scaled to 32).
+    /// The model's shape (its layer count, hidden size, expert size and vocabulary can be changed
+    /// with the flags below).
+    #[arg(long, env = "MOE_BENCH_SHAPE", value_enum, default_value = "mixtral")]
+    pub shape: BenchShape,
+    /// Layers of the model (32 for a full-depth Mixtral-8x7B, 48 for Qwen3-30B-A3B).
     #[arg(long, env = "MOE_BENCH_LAYERS", default_value_t = 2)]
     pub layers: usize,
-    #[arg(long, env = "MOE_BENCH_HIDDEN", default_value_t = 4096)]
-    pub hidden: usize,
-    #[arg(long, env = "MOE_BENCH_INTERMEDIATE", default_value_t = 14336)]
-    pub intermediate: usize,
-    #[arg(long, env = "MOE_BENCH_VOCAB", default_value_t = 32000)]
-    pub vocab: usize,
+    /// Hidden size (default: the shape's).
+    #[arg(long, env = "MOE_BENCH_HIDDEN")]
+    pub hidden: Option<usize>,
+    /// Each expert's intermediate size (default: the shape's).
+    #[arg(long, env = "MOE_BENCH_INTERMEDIATE")]
+    pub intermediate: Option<usize>,
+    /// Vocabulary (default: the shape's).
+    #[arg(long, env = "MOE_BENCH_VOCAB")]
+    pub vocab: Option<usize>,
     /// Decode batch sizes.
     #[arg(long, env = "MOE_BENCH_BATCHES", value_delimiter = ',', default_value = "1,16,64,256")]
     pub batches: Vec<usize>,
@@ -39,28 +55,40 @@ pub struct BenchDeviceArgs {
     pub markdown: Option<std::path::PathBuf>,
 }
 
-fn config(a: &BenchDeviceArgs) -> anyhow::Result<ModelConfig> {
-    let json = serde_json::json!({
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-        "hidden_size": a.hidden, "intermediate_size": a.intermediate, "num_hidden_layers": a.layers,
-        "num_attention_heads": (a.hidden / 128).max(1), "num_key_value_heads": (a.hidden / 512).max(1),
-        "head_dim": 128.min(a.hidden),
-        "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": a.vocab, "rms_norm_eps": 1e-5,
-        "rope_theta": 1e6, "max_position_embeddings": 32768, "tie_word_embeddings": false
-    });
-    Ok(ModelConfig::parse(&json.to_string(), std::path::Path::new("<bench-device>"))?)
+impl BenchDeviceArgs {
+    /// (hidden, expert intermediate, vocabulary) after the shape's defaults.
+    fn sizes(&self) -> (usize, usize, usize) {
+        let (h, i, v) = match self.shape {
+            BenchShape::Mixtral => (4096, 14336, 32000),
+            BenchShape::Qwen3Moe => (2048, 768, 151_936),
+        };
+        (self.hidden.unwrap_or(h), self.intermediate.unwrap_or(i), self.vocab.unwrap_or(v))
+    }
 }
 
-/// `n` random bf16 values, uniform in ±scale, from `seed` (in parallel).
-fn random_bf16(n: usize, seed: u64, scale: f32) -> Vec<u16> {
-    let mut out = vec![0u16; n];
-    out.par_chunks_mut(1 << 16).enumerate().for_each(|(i, chunk)| {
-        let mut rng = moe_compute::rng::SplitMix64::new(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        for v in chunk {
-            *v = (f32::to_bits(rng.signed() * scale) >> 16) as u16;
-        }
-    });
-    out
+fn config(a: &BenchDeviceArgs) -> anyhow::Result<ModelConfig> {
+    let (hidden, inter, vocab) = a.sizes();
+    let heads = (hidden / 128).max(1);
+    let json = match a.shape {
+        BenchShape::Mixtral => serde_json::json!({
+            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": a.layers,
+            "num_attention_heads": heads, "num_key_value_heads": (hidden / 512).max(1),
+            "head_dim": 128.min(hidden),
+            "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": vocab, "rms_norm_eps": 1e-5,
+            "rope_theta": 1e6, "max_position_embeddings": 32768, "tie_word_embeddings": false
+        }),
+        BenchShape::Qwen3Moe => serde_json::json!({
+            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "hidden_size": hidden, "intermediate_size": 3 * hidden, "moe_intermediate_size": inter,
+            "num_hidden_layers": a.layers, "num_attention_heads": 2 * heads,
+            "num_key_value_heads": (heads / 4).max(1), "head_dim": 128,
+            "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": true, "decoder_sparse_step": 1,
+            "mlp_only_layers": [], "vocab_size": vocab, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+            "max_position_embeddings": 40960, "tie_word_embeddings": false
+        }),
+    };
+    Ok(ModelConfig::parse(&json.to_string(), std::path::Path::new("<bench-device>"))?)
 }
 
 struct Random<'a, B: Backend> {
@@ -72,7 +100,7 @@ impl<B: Backend> Random<'_, B> {
     fn matrix(&mut self, rows: usize, cols: usize) -> anyhow::Result<B::Matrix> {
         self.seed += 1;
         let scale = 1.0 / (cols as f32).sqrt();
-        Ok(self.backend.matrix_bf16(rows, cols, random_bf16(rows * cols, self.seed, scale))?)
+        Ok(self.backend.random_matrix_bf16(rows, cols, self.seed, scale)?)
     }
     fn ones(&self, n: usize) -> anyhow::Result<B::Vector> {
         Ok(self.backend.vector(vec![1.0; n])?)
@@ -129,6 +157,9 @@ fn expert_ffn_row<B: Backend>(
     path: &str,
 ) -> Option<(Row, Vec<f32>)> {
     let FfnWeights::Moe(m) = &w.layers.first()?.ffn else { return None };
+    if m.experts.len() != 8 {
+        return None; // the row's routing is Mixtral's 8 experts top-2
+    }
     let tokens = 4096usize;
     let mut plan = ExpertPlan::default();
     // Two distinct experts per token, every expert equally loaded over the batch.
@@ -139,8 +170,10 @@ fn expert_ffn_row<B: Backend>(
         })
         .collect();
     plan.rebuild(8, 2, &choices);
-    let x_host: Vec<f32> =
-        random_bf16(tokens * c.hidden_size, 5, 1.0).iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
+    let x_host: Vec<f32> = moe_compute::gpu_plan::draws::random_bf16_vec(tokens * c.hidden_size, 5, 1.0)
+        .iter()
+        .map(|&b| f32::from_bits((b as u32) << 16))
+        .collect();
     let mut x = backend.act();
     backend.upload(tokens, c.hidden_size, &x_host, &mut x);
     let mut out = backend.act();
@@ -304,10 +337,12 @@ impl OnBackend for Measure<'_> {
         }
         rows.extend(expert_rows);
         let head = format!(
-            "{name}; {} layers of hidden {}, 8 experts x {} top-2, vocab {}; copy {} GB/s, cuBLAS bf16 {} TFLOP/s",
+            "{name}; {} layers of hidden {}, {} experts x {} top-{}, vocab {}; copy {} GB/s, cuBLAS bf16 {} TFLOP/s",
             c.num_layers,
             c.hidden_size,
+            c.num_experts,
             c.expert_intermediate_size,
+            c.top_k,
             c.vocab_size,
             copy_gbps.map(|g| format!("{g:.0}")).unwrap_or_else(|| "-".into()),
             gemm_tflops.map(|g| format!("{g:.0}")).unwrap_or_else(|| "-".into()),
@@ -332,9 +367,10 @@ fn baselines<B: Backend>(backend: &B) -> (Option<f64>, Option<f64>) {
 }
 
 pub fn run(a: BenchDeviceArgs, device: Device) -> anyhow::Result<()> {
+    let (hidden, inter, vocab) = a.sizes();
     anyhow::ensure!(
-        a.layers >= 1 && a.hidden >= 128 && a.hidden.is_multiple_of(128),
-        "--layers >= 1, --hidden a multiple of 128"
+        a.layers >= 1 && hidden >= 128 && hidden.is_multiple_of(128) && inter >= 1 && vocab >= 2,
+        "--layers >= 1, --hidden a multiple of 128, --intermediate >= 1, --vocab >= 2"
     );
     anyhow::ensure!(!a.batches.is_empty() && a.batches.iter().all(|&b| b >= 1), "--batches: sizes of at least 1");
     let c = config(&a)?;

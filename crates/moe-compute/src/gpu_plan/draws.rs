@@ -18,10 +18,41 @@ pub fn nth_unit(seed: u64, draw: u64) -> f32 {
     (nth_u64(seed, draw) >> 40) as f32 / (1u64 << 24) as f32
 }
 
+/// Random benchmark weight `i` of a matrix made from `seed`: uniform in ±`scale` from the
+/// `i`-th draw, truncated to bf16 (kernels/backend.cu `random_bf16` makes the same bits).
+pub fn random_bf16(seed: u64, i: u64, scale: f32) -> u16 {
+    let v = (nth_unit(seed, i) * 2.0 - 1.0) * scale;
+    (v.to_bits() >> 16) as u16
+}
+
+/// `n` of them, on the host's cores.
+pub fn random_bf16_vec(n: usize, seed: u64, scale: f32) -> Vec<u16> {
+    use rayon::prelude::*;
+    let mut out = vec![0u16; n];
+    out.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
+        for (j, v) in chunk.iter_mut().enumerate() {
+            *v = random_bf16(seed, (c << 16 | j) as u64, scale);
+        }
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::rng::SplitMix64;
+
+    #[test]
+    fn random_weights_are_uniform_in_the_scale_and_reproducible() {
+        let v = random_bf16_vec(200_000, 9, 0.5);
+        assert_eq!(v, random_bf16_vec(200_000, 9, 0.5));
+        assert_ne!(v, random_bf16_vec(200_000, 10, 0.5));
+        let f: Vec<f32> = v.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
+        assert!(f.iter().all(|x| x.abs() <= 0.5));
+        let mean = f.iter().sum::<f32>() / f.len() as f32;
+        assert!(mean.abs() < 0.01, "{mean}");
+        assert_eq!(v[70_000], random_bf16(9, 70_000, 0.5), "chunking does not change the values");
+    }
 
     #[test]
     fn the_nth_draw_is_the_sequential_generators() {

@@ -100,6 +100,23 @@ impl CudaBackend {
         Ok(CudaMatrix { rows, cols, data: MatrixBuf::Bf16(buf) })
     }
 
+    /// A bf16 matrix of random benchmark weights made on the device (kernels/backend.cu
+    /// `random_bf16`): nothing crosses the bus, so an 87 GB model is ready in well under a second.
+    pub(crate) fn random_bf16_matrix(&self, rows: usize, cols: usize, seed: u64, scale: f32) -> Result<CudaMatrix> {
+        let n = rows * cols;
+        self.ensure_fits("a weight matrix", 2 * n)?;
+        let buf = self.alloc::<u16>(n)?;
+        if n > 0 {
+            let cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (n.div_ceil(256).min(65_535) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            super::launch!(self, "random_bf16", cfg, [self.ptr(&buf), n as i64, seed, scale]);
+        }
+        Ok(CudaMatrix { rows, cols, data: MatrixBuf::Bf16(buf) })
+    }
+
     pub(crate) fn upload_f32_matrix(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CudaMatrix> {
         let mut buf = self.alloc::<f32>(data.len())?;
         if !data.is_empty() {

@@ -55,6 +55,14 @@ impl Backend for CudaBackend {
         self.upload_bf16_matrix(rows, cols, &data)
     }
 
+    fn random_matrix_bf16(&self, rows: usize, cols: usize, seed: u64, scale: f32) -> Result<CudaMatrix> {
+        if self.f32_weights() {
+            let data = crate::gpu_plan::draws::random_bf16_vec(rows * cols, seed, scale);
+            return self.matrix_bf16(rows, cols, data);
+        }
+        self.random_bf16_matrix(rows, cols, seed, scale)
+    }
+
     fn lora_matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<CudaMatrix> {
         if data.len() != rows * cols {
             return Err(ComputeError::MatrixSize { rows, cols, expected: rows * cols, got: data.len() });
