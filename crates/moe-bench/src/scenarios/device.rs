@@ -309,6 +309,7 @@ impl OnBackend for Measure<'_> {
             }
             let next: Vec<Vec<u32>> = (0..batch).map(|i| ids(1, i + 3)).collect();
             let mut timed = 0.0;
+            let syncs_before = host_syncs();
             for step in 0..a.steps + 1 {
                 let t = Instant::now();
                 let mut items: Vec<BatchItem<'_, B>> =
@@ -322,6 +323,7 @@ impl OnBackend for Measure<'_> {
                 kv.pages.release(cache);
             }
             let step_s = timed / a.steps.max(1) as f64;
+            let syncs = (host_syncs() - syncs_before) as f64 / (a.steps + 1) as f64;
             // Weights a step must read: the dense part and every expert some row chose.
             let touched = (c.num_experts as f64
                 * (1.0 - (1.0 - c.top_k as f64 / c.num_experts as f64).powi(batch as i32)))
@@ -331,7 +333,11 @@ impl OnBackend for Measure<'_> {
             rows.push((
                 format!("decode batch {batch} (context {ctx})"),
                 format!("{:.2} ms/step", step_s * 1e3),
-                format!("{:.0} tok/s", batch as f64 / step_s),
+                if on_gpu {
+                    format!("{:.0} tok/s, {syncs:.0} host syncs/step", batch as f64 / step_s)
+                } else {
+                    format!("{:.0} tok/s", batch as f64 / step_s)
+                },
                 roof_s.map(|r| format!("{:.0}% of HBM roofline", 100.0 * r / step_s)).unwrap_or_default(),
             ));
         }
@@ -349,6 +355,14 @@ impl OnBackend for Measure<'_> {
         );
         Ok((head, rows))
     }
+}
+
+/// Host waits for a GPU so far in this process (0 without CUDA support).
+fn host_syncs() -> u64 {
+    #[cfg(feature = "cuda")]
+    return moe_compute::cuda::backend::host_syncs();
+    #[cfg(not(feature = "cuda"))]
+    0
 }
 
 /// The device's copy bandwidth (GB/s) and cuBLAS bf16 GEMM peak (TFLOP/s), when it is a GPU.

@@ -68,6 +68,15 @@ pub fn expert_gemm() -> ExpertGemm {
     }
 }
 
+static HOST_SYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times the host has waited for a device in this process (every download of rows or
+/// routing results): `moe bench-device` reports them per decode step, the number issue 32 wants
+/// at zero inside an embedded step.
+pub fn host_syncs() -> u64 {
+    HOST_SYNCS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Which kernel computes attention over the paged cache (`--cuda-attention`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttentionKernel {
@@ -275,6 +284,12 @@ impl CudaBackend {
     pub(crate) fn ensure_fits(&self, what: &str, bytes: usize) -> Result<()> {
         let (free, total) = self.memory()?;
         tables::ensure_fits(what, bytes, free, total, &format!("cuda:{}", self.inner.ordinal))
+    }
+
+    /// Waits for this backend's stream (a device loss is fatal, as every launch) and counts it.
+    pub(crate) fn wait_for_device(&self) {
+        HOST_SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.checked(self.stream().synchronize(), "waiting for the device");
     }
 
     pub(crate) fn device_routing(&self) -> bool {

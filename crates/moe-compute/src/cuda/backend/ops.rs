@@ -123,7 +123,7 @@ impl Backend for CudaBackend {
         if let (Some(buf), true) = (a.buf.as_ref(), n > 0) {
             let r = self.stream().memcpy_dtoh(&buf.slice(0..n), &mut out[..]);
             self.checked(r, "copying rows from the device");
-            self.checked(self.stream().synchronize(), "waiting for the device");
+            self.wait_for_device();
         }
     }
 

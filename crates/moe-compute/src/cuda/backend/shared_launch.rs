@@ -247,7 +247,7 @@ impl CudaBackend {
         self.checked(r, "copying routed experts from the device");
         let r = self.stream().memcpy_dtoh(&d_weights, &mut weights[..]);
         self.checked(r, "copying routing weights from the device");
-        self.checked(self.stream().synchronize(), "waiting for the device");
+        self.wait_for_device();
         out.extend(ids.iter().zip(&weights).map(|(&e, &w)| (e.max(0) as u32, w)));
         true
     }
