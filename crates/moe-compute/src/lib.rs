@@ -271,9 +271,8 @@ pub trait Backend: Clone + Send + Sync + 'static {
     }
 
     fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<Self::Matrix>;
-    /// A bf16 matrix of random values made where the weights live (benchmarks without a
-    /// checkpoint): element i is [`gpu_plan::draws::random_bf16`]`(seed, i, scale)`, the same bits
-    /// on every backend. The default makes them on the host's cores.
+    /// A bf16 matrix of random benchmark weights made where weights live: element i is
+    /// [`gpu_plan::draws::random_bf16`]`(seed, i, scale)` on every backend (default: host cores).
     fn random_matrix_bf16(&self, rows: usize, cols: usize, seed: u64, scale: f32) -> Result<Self::Matrix> {
         let data = gpu_plan::draws::random_bf16_vec(rows * cols, seed, scale);
         self.matrix_bf16(rows, cols, data)
@@ -312,9 +311,8 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn act_shape(&self, a: &Self::Act) -> (usize, usize);
     fn upload(&self, rows: usize, cols: usize, data: &[f32], out: &mut Self::Act);
     fn download(&self, a: &Self::Act, out: &mut Vec<f32>);
-    /// Routes every row of gate `logits` ([rows, experts]) where they are, if this backend does:
-    /// `k` `(expert, weight)` pairs per row into `out`, the host routing's bits
-    /// ([`gpu_plan::routing`]). False (the default): download the logits and route on the host.
+    /// Routes gate `logits` ([rows, experts]) where they are, `k` `(expert, weight)` pairs per row
+    /// into `out` with the host's bits ([`gpu_plan::routing`]); false (default): route on the host.
     fn route_rows(
         &self,
         _logits: &Self::Act,

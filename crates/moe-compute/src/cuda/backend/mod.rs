@@ -10,6 +10,7 @@
 //! unusable after a fault), so it panics with the driver's message and the engine's supervision
 //! fails the open requests and exits for a restart.
 
+mod attend;
 mod buffers;
 mod ops;
 mod shared_launch;
