@@ -229,6 +229,11 @@ fn bench_device_reports_prefill_decode_and_experts() {
     for row in ["| prefill 32 tokens |", "| decode batch 1 ", "| decode batch 3 ", "| expert FFN, 4096 tokens"] {
         assert!(stdout.contains(row), "{row} missing:\n{stdout}");
     }
+    // The CPU backend is batch-invariant: the row says so (on a GPU it is measured both ways).
+    assert!(
+        stdout.contains("| batch invariance: a prompt alone vs 18th of 64 |") && stdout.contains("| bitwise equal |"),
+        "{stdout}"
+    );
     // Qwen3-30B-A3B's shape: 128 experts top-8 (no 8-expert FFN row).
     let qwen = Command::new(env!("CARGO_BIN_EXE_moe"))
         .args(["bench-device", "--shape", "qwen3-moe", "--layers", "1", "--hidden", "256", "--intermediate", "64"])

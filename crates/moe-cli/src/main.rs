@@ -45,6 +45,10 @@ struct Cli {
     /// FlashAttention-2-style where it applies: bf16 cache, head size 64 or 128, no sinks).
     #[arg(long, global = true, env = "MOE_CUDA_ATTENTION", default_value = "classic", value_parser = ["classic", "flash"])]
     cuda_attention: String,
+    /// Batch-invariant GPU inference: every bf16 product on the project's tensor-core GEMM
+    /// instead of cuBLAS, so a request's tokens do not depend on its batch (the CPU always is).
+    #[arg(long, global = true, env = "MOE_DETERMINISTIC")]
+    deterministic: bool,
     /// CPU kernel instruction set: auto (the widest this CPU runs), avx512, avx2, neon or
     /// portable. Every set computes the same bits; the choice is logged at start and exported
     /// as `moe_cpu_kernels` in /metrics.
@@ -123,6 +127,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     moe_cluster::set_expert_gemm(&cli.expert_gemm)?;
     moe_cluster::set_cuda_attention(&cli.cuda_attention)?;
+    moe_cluster::set_deterministic(cli.deterministic);
     let kernels = moe_cluster::set_cpu_kernels(&cli.cpu_kernels)?;
     if matches!(cli.command, Command::Serve(_) | Command::Worker(_) | Command::Router(_))
         && cli.device == moe_cluster::Device::Cpu

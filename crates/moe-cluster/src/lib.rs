@@ -120,6 +120,15 @@ pub fn set_expert_gemm(mode: &str) -> Result<()> {
     Ok(())
 }
 
+/// Batch-invariant inference on GPUs (`--deterministic`): every bf16 product on the project's
+/// tensor-core GEMM instead of cuBLAS. The CPU backend is batch-invariant always.
+pub fn set_deterministic(on: bool) {
+    #[cfg(feature = "cuda")]
+    moe_compute::cuda::backend::set_deterministic(on);
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+}
+
 /// Which kernel a GPU uses for attention, for the whole process: `classic` or `flash` (the
 /// tensor-core prefill kernel where it applies; not yet measured on a GPU). Without CUDA
 /// support, only a check of the name.

@@ -247,7 +247,8 @@ impl OnBackend for Measure<'_> {
         let model = Model::from_parts(c.clone(), w, backend.clone());
         let max_batch = a.batches.iter().copied().max().unwrap_or(1);
         let ctx = 128usize;
-        let pages = (max_batch * (ctx + a.steps + 16)).max(a.prefill + 16).div_ceil(16) + max_batch;
+        // (at least room for the invariance check's 64 prompts of 24 tokens)
+        let pages = ((max_batch * (ctx + a.steps + 16)).max(a.prefill + 16).div_ceil(16) + max_batch).max(64 * 2 + 8);
         let mut kv = model.kv_cache(pages, 16)?;
         let mut ws = model.workspace();
         let mut logits = Vec::new();
@@ -342,6 +343,7 @@ impl OnBackend for Measure<'_> {
             ));
         }
         rows.extend(expert_rows);
+        rows.extend(invariance(&model, &mut kv, &mut ws, &c, on_gpu)?);
         let head = format!(
             "{name}; {} layers of hidden {}, {} experts x {} top-{}, vocab {}; copy {} GB/s, cuBLAS bf16 {} TFLOP/s",
             c.num_layers,
@@ -355,6 +357,59 @@ impl OnBackend for Measure<'_> {
         );
         Ok((head, rows))
     }
+}
+
+/// Batch invariance, measured: the logits of one prompt's last row alone and as the 18th of 64
+/// prompts must be the same bits. On a GPU both ways (cuBLAS; `--deterministic`), each with the
+/// time of that batch-of-64 prefill, so the mode's cost is in the same table.
+fn invariance<B: Backend>(
+    model: &Model<B>,
+    kv: &mut moe_model::KvCache<B>,
+    ws: &mut moe_model::Workspace<B>,
+    c: &ModelConfig,
+    on_gpu: bool,
+) -> anyhow::Result<Rows> {
+    let prompt = |s: usize| -> Vec<u32> { (0..24).map(|i| ((i * 7919 + s * 104_729) % c.vocab_size) as u32).collect() };
+    let prompts: Vec<Vec<u32>> = (0..64).map(|s| prompt(s + 100)).collect();
+    let mut out = Rows::new();
+    for deterministic in if on_gpu { vec![false, true] } else { vec![false] } {
+        #[cfg(feature = "cuda")]
+        let chosen = moe_compute::cuda::backend::deterministic();
+        #[cfg(feature = "cuda")]
+        if on_gpu {
+            moe_compute::cuda::backend::set_deterministic(deterministic);
+        }
+        let mut logits = Vec::new();
+        let mut cache = SequenceCache::default();
+        model.forward(ws, kv, &mut [BatchItem::new(&prompts[17], &mut cache)], LogitsFor::Last, &mut logits)?;
+        kv.pages.release(&mut cache);
+        let alone = logits.clone();
+        let mut caches: Vec<SequenceCache> = (0..64).map(|_| SequenceCache::default()).collect();
+        let t = Instant::now();
+        let mut items: Vec<BatchItem<'_, B>> =
+            prompts.iter().zip(caches.iter_mut()).map(|(p, c)| BatchItem::new(p, c)).collect();
+        model.forward(ws, kv, &mut items, LogitsFor::Last, &mut logits)?;
+        let s = t.elapsed().as_secs_f64();
+        drop(items);
+        for cache in caches.iter_mut() {
+            kv.pages.release(cache);
+        }
+        let v = c.vocab_size;
+        let same = logits.len() == 64 * v
+            && alone.iter().zip(&logits[17 * v..18 * v]).all(|(a, b)| a.to_bits() == b.to_bits());
+        out.push((
+            format!(
+                "batch invariance{}: a prompt alone vs 18th of 64",
+                if deterministic { " (--deterministic)" } else { "" }
+            ),
+            format!("{:.1} ms for the 64", s * 1e3),
+            if same { "bitwise equal".into() } else { "bits differ".into() },
+            String::new(),
+        ));
+        #[cfg(feature = "cuda")]
+        moe_compute::cuda::backend::set_deterministic(chosen);
+    }
+    Ok(out)
 }
 
 /// Host waits for a GPU so far in this process (0 without CUDA support).

@@ -69,6 +69,20 @@ pub fn expert_gemm() -> ExpertGemm {
     }
 }
 
+static DETERMINISTIC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Batch-invariant GPU inference (`--deterministic`): every bf16 product (dense layers, the LM
+/// head, experts) runs on the tensor-core GEMM, whose tiling and k order do not depend on the
+/// number of rows, instead of cuBLAS (which picks kernels by shape), so a request's bits do not
+/// depend on its batch. Attention kernels and the LoRA kernels already treat rows independently.
+pub fn set_deterministic(on: bool) {
+    DETERMINISTIC.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn deterministic() -> bool {
+    DETERMINISTIC.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 static HOST_SYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// How many times the host has waited for a device in this process (every download of rows or
