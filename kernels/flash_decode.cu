@@ -14,7 +14,7 @@
 // split bucket; blocks past a sequence's own split count exit.
 //
 // Cache layout (kv_write_bf16): [pages * page_size][kv_heads][head_dim]. q: [seqs][n_heads][D]
-// f32. Scratch: part_out [seqs][n_heads][FD_MAX_SPLITS][D], part_max/part_sum [seqs][n_heads]
+// f32, head_dim a multiple of 16. Scratch: part_out [seqs][n_heads][FD_MAX_SPLITS][D], part_max/part_sum [seqs][n_heads]
 // [FD_MAX_SPLITS]. Dynamic shared memory: see gpu_plan::splits::flash_decode_shared_bytes.
 
 #define FD_SPLIT_TOKENS 512

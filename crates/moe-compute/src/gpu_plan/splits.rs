@@ -46,9 +46,10 @@ pub const MAX_HEAD_DIM: usize = 256;
 pub const TILE: usize = 64;
 const PAD: usize = 8;
 
-/// Whether flash_decode_bf16 serves this shape (head_dim a multiple of 8: 16-byte copies).
+/// Whether flash_decode_bf16 serves this shape: head_dim a multiple of 16 (16-byte copies, and
+/// each of the two threads per key sums a half of whole 16-byte chunks).
 pub fn flash_decode_serves(group: usize, head_dim: usize) -> bool {
-    (1..=MAX_GROUP).contains(&group) && head_dim.is_multiple_of(8) && (8..=MAX_HEAD_DIM).contains(&head_dim)
+    (1..=MAX_GROUP).contains(&group) && head_dim.is_multiple_of(16) && (16..=MAX_HEAD_DIM).contains(&head_dim)
 }
 
 /// flash_decode_bf16's dynamic shared memory for a GQA group and head size: the group's queries,
@@ -192,6 +193,7 @@ mod tests {
         assert!(flash_decode_shared_bytes(4, 128) <= 100 * 1024);
         assert!(flash_decode_shared_bytes(MAX_GROUP, MAX_HEAD_DIM) <= super::super::tiles::SM90_MAX_SHARED as usize);
         assert!(flash_decode_serves(8, 64) && !flash_decode_serves(24, 128) && !flash_decode_serves(4, 100));
+        assert!(!flash_decode_serves(4, 72), "72 / 2 is not whole 16-byte chunks");
     }
 
     #[test]
