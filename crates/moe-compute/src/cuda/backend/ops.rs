@@ -30,8 +30,10 @@ impl Backend for CudaBackend {
     }
 
     fn numerics(&self) -> String {
-        // cuBLAS picks kernels by GPU model and shape: the GPU's name and the expert path.
-        format!("cuda:{}:{:?}", self.inner.name, super::expert_gemm())
+        // cuBLAS picks kernels by GPU model and shape: the GPU's name, the expert path, the
+        // attention kernel and whether products avoid cuBLAS (--deterministic) all change bits.
+        let mode = if super::deterministic() { ":deterministic" } else { "" };
+        format!("cuda:{}:{:?}:{:?}{mode}", self.inner.name, super::expert_gemm(), super::attention_kernel())
     }
 
     fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<CudaMatrix> {
