@@ -249,4 +249,19 @@ fn bench_device_reports_prefill_decode_and_experts() {
         .expect("run moe");
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("expert-gemm"));
+    // The GPU modes are accepted everywhere (the CPU backend ignores them) and checked by name.
+    let modes = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["--expert-gemm", "tc", "--cuda-attention", "flash", "--deterministic", "bench-device"])
+        .args(["--layers", "1", "--hidden", "128", "--intermediate", "64", "--vocab", "100", "--batches", "1"])
+        .args(["--prefill", "8", "--steps", "1"])
+        .output()
+        .expect("run moe");
+    assert!(modes.status.success(), "{}", String::from_utf8_lossy(&modes.stderr));
+    let bad = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["--cuda-attention", "fast", "bench-device"])
+        .env("MOE_CUDA_ATTENTION", "")
+        .output()
+        .expect("run moe");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("cuda-attention"));
 }

@@ -297,7 +297,19 @@ impl OnBackend for Measure<'_> {
         // Decode: `batch` sequences of `ctx` tokens, then `steps` one-token steps.
         let bytes_expert = 3 * c.hidden_size * c.expert_intermediate_size * 2;
         let dense = crate::bytes_per_decoded_token(&c, 2) - c.num_layers * c.top_k * bytes_expert;
-        for &batch in &a.batches {
+        // Batch 64 on a GPU also with routing on the device (MOE_CUDA_ROUTING=device).
+        let runs: Vec<(usize, bool)> = a
+            .batches
+            .iter()
+            .flat_map(|&b| if on_gpu && b == 64 { vec![(b, false), (b, true)] } else { vec![(b, false)] })
+            .collect();
+        for (batch, device_routing) in runs {
+            #[cfg(feature = "cuda")]
+            let chosen = moe_compute::cuda::backend::device_routing();
+            #[cfg(feature = "cuda")]
+            if device_routing {
+                moe_compute::cuda::backend::set_device_routing(true);
+            }
             let mut caches: Vec<SequenceCache> = (0..batch).map(|_| SequenceCache::default()).collect();
             let prompts: Vec<Vec<u32>> = (0..batch).map(|i| ids(ctx, i + 2)).collect();
             for chunk in (0..batch).collect::<Vec<_>>().chunks(16) {
@@ -332,7 +344,7 @@ impl OnBackend for Measure<'_> {
             let bytes = dense as f64 + c.num_layers as f64 * touched * bytes_expert as f64;
             let roof_s = copy_gbps.map(|g| bytes / (g * 1e9));
             rows.push((
-                format!("decode batch {batch} (context {ctx})"),
+                format!("decode batch {batch} (context {ctx}){}", if device_routing { ", device routing" } else { "" }),
                 format!("{:.2} ms/step", step_s * 1e3),
                 if on_gpu {
                     format!("{:.0} tok/s, {syncs:.0} host syncs/step", batch as f64 / step_s)
@@ -341,6 +353,8 @@ impl OnBackend for Measure<'_> {
                 },
                 roof_s.map(|r| format!("{:.0}% of HBM roofline", 100.0 * r / step_s)).unwrap_or_default(),
             ));
+            #[cfg(feature = "cuda")]
+            moe_compute::cuda::backend::set_device_routing(chosen);
         }
         rows.extend(expert_rows);
         rows.extend(invariance(&model, &mut kv, &mut ws, &c, on_gpu)?);

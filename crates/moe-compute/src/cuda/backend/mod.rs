@@ -83,6 +83,19 @@ pub fn deterministic() -> bool {
     DETERMINISTIC.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+static DEVICE_ROUTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Route MoE layers on the device (`MOE_CUDA_ROUTING=device`, read when a backend opens):
+/// gate_route_f32, and only the chosen experts and weights come back (the host's bits). Off by
+/// default until a GPU run has checked it.
+pub fn set_device_routing(on: bool) {
+    DEVICE_ROUTING.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn device_routing() -> bool {
+    DEVICE_ROUTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 static HOST_SYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// How many times the host has waited for a device in this process (every download of rows or
@@ -166,9 +179,6 @@ struct Inner {
     /// so results match the CPU backend to rounding; what the acceptance uses to check the
     /// backend's logic separately from bf16's precision.
     f32_weights: bool,
-    /// Route on the device (`MOE_CUDA_ROUTING=device`): gate_route_f32, only the chosen experts
-    /// and weights come back. Off by default until a GPU run has checked it.
-    device_routing: bool,
 }
 
 pub(crate) struct Blas {
@@ -245,13 +255,12 @@ impl CudaBackend {
             Ok(other) => return Err(ComputeError::Cuda(format!("MOE_CUDA_WEIGHTS={other:?}: use bf16 or f32"))),
         };
         let name = if f32_weights { format!("{name}, f32 weights") } else { name };
-        let device_routing = match std::env::var("MOE_CUDA_ROUTING").as_deref() {
-            Ok("device") => true,
-            Ok("host") | Err(_) => false,
+        match std::env::var("MOE_CUDA_ROUTING").as_deref() {
+            Ok("device") => set_device_routing(true),
+            Ok("host") | Err(_) => {}
             Ok(other) => return Err(ComputeError::Cuda(format!("MOE_CUDA_ROUTING={other:?}: use host or device"))),
-        };
-        let name = if device_routing { format!("{name}, device routing") } else { name };
-        Ok(Self { inner: Arc::new(Inner { ordinal, name, ctx, stream, funcs, blas, f32_weights, device_routing }) })
+        }
+        Ok(Self { inner: Arc::new(Inner { ordinal, name, ctx, stream, funcs, blas, f32_weights }) })
     }
 
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
@@ -305,10 +314,6 @@ impl CudaBackend {
     pub(crate) fn wait_for_device(&self) {
         HOST_SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.checked(self.stream().synchronize(), "waiting for the device");
-    }
-
-    pub(crate) fn device_routing(&self) -> bool {
-        self.inner.device_routing
     }
 
     pub(crate) fn f32_weights(&self) -> bool {

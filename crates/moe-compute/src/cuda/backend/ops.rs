@@ -32,6 +32,7 @@ impl Backend for CudaBackend {
     fn numerics(&self) -> String {
         // cuBLAS picks kernels by GPU model and shape: the GPU's name, the expert path, the
         // attention kernel and whether products avoid cuBLAS (--deterministic) all change bits.
+        // Device routing gives the host's bits, so it is not part of the name.
         let mode = if super::deterministic() { ":deterministic" } else { "" };
         format!("cuda:{}:{:?}:{:?}{mode}", self.inner.name, super::expert_gemm(), super::attention_kernel())
     }
@@ -137,7 +138,7 @@ impl Backend for CudaBackend {
         k: usize,
         out: &mut Vec<(u32, f32)>,
     ) -> bool {
-        self.device_routing() && self.gate_route(logits, rule, bias, k, out)
+        super::device_routing() && self.gate_route(logits, rule, bias, k, out)
     }
 
     fn embed(&self, table: &CudaMatrix, ids: &[u32], out: &mut CudaAct) -> Result<()> {
