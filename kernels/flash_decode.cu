@@ -13,8 +13,10 @@
 // request's bits do not depend on what it is batched with. The grid's z dimension is the batch's
 // split bucket; blocks past a sequence's own split count exit.
 //
-// Cache layout (kv_write_bf16): [pages * page_size][kv_heads][head_dim]. q: [seqs][n_heads][D]
-// f32, head_dim a multiple of 16. Scratch: part_out [seqs][n_heads][FD_MAX_SPLITS][D], part_max/part_sum [seqs][n_heads]
+// Cache layout (kv_write_bf16): [pages * page_size][kv_heads][head_dim]; a sequence's pages are
+// pages[seq_page_start[seq] ...]. Sequence s's query is row seq_rows[s] of q (f32; head h at
+// q_col + h * D, rows q_stride apart) and its output row seq_rows[s] of out. head_dim a multiple
+// of 16. Scratch: part_out [seqs][n_heads][FD_MAX_SPLITS][D], part_max/part_sum [seqs][n_heads]
 // [FD_MAX_SPLITS]. Dynamic shared memory: see gpu_plan::splits::flash_decode_shared_bytes.
 
 #define FD_SPLIT_TOKENS 512
@@ -43,10 +45,12 @@ __device__ __forceinline__ FdSplit fd_split(int context_len, int window, int pag
 }
 
 extern "C" __global__ void __launch_bounds__(FD_THREADS)
-    flash_decode_bf16(const float* __restrict__ q, const bf16_t* __restrict__ k_cache, const bf16_t* __restrict__ v_cache,
-                      const int* __restrict__ page_table, const int* __restrict__ context_lens, int window,
-                      int page_size, int max_pages, int n_heads, int kv_heads, int D, float scale,
-                      float* __restrict__ part_out, float* __restrict__ part_max, float* __restrict__ part_sum) {
+    flash_decode_bf16(const float* __restrict__ q, int q_stride, int q_col, const int* __restrict__ seq_rows,
+                      const bf16_t* __restrict__ k_cache, const bf16_t* __restrict__ v_cache,
+                      const int* __restrict__ pages, const int* __restrict__ seq_page_start,
+                      const int* __restrict__ context_lens, int window, int page_size, int n_heads, int kv_heads, int D,
+                      float scale, float* __restrict__ part_out, float* __restrict__ part_max,
+                      float* __restrict__ part_sum) {
     const int seq = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
     const int ctx = context_lens[seq];
     const FdSplit sp = fd_split(ctx, window, page_size);
@@ -64,7 +68,9 @@ extern "C" __global__ void __launch_bounds__(FD_THREADS)
     float* c_s = l_s + FD_MAX_GROUP;                                 // [G] this tile's correction
     bf16_t* kv_s = reinterpret_cast<bf16_t*>(c_s + FD_MAX_GROUP);   // [2 stages][K, V][FD_TILE][row]
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    for (int i = tid; i < G * D; i += FD_THREADS) q_s[i] = q[((long)seq * n_heads + kvh * G) * D + i];
+    const float* q_row = q + (long)seq_rows[seq] * q_stride + q_col + (long)kvh * G * D;
+    for (int i = tid; i < G * D; i += FD_THREADS) q_s[i] = q_row[i];
+    const int* my_pages = pages + seq_page_start[seq];
     if (tid < G) {
         m_s[tid] = -INFINITY;
         l_s[tid] = 0.0f;
@@ -80,7 +86,7 @@ extern "C" __global__ void __launch_bounds__(FD_THREADS)
             const bool ok = key < b;
             long off = 0;
             if (ok) {
-                const long slot = (long)page_table[(long)seq * max_pages + key / page_size] * page_size + key % page_size;
+                const long slot = (long)my_pages[key / page_size] * page_size + key % page_size;
                 off = slot * head_stride + (long)kvh * D + ch * 8;
             }
             cp_async16(smem_addr(ks + j * row + ch * 8), k_cache + off, ok ? 16 : 0);
@@ -190,14 +196,16 @@ extern "C" __global__ void __launch_bounds__(FD_THREADS)
 }
 
 // Combines a sequence's splits for every head, in ascending order; `sinks` (one logit per head,
-// or null) joins the softmax's denominator only. out: [seqs] rows of out_stride, head h at h * D.
+// or null) joins the softmax's denominator only. out: row seq_rows[s] (out_stride apart), head h
+// at h * D.
 extern "C" __global__ void flash_decode_merge_f32(const float* __restrict__ part_out, const float* __restrict__ part_max,
                                                   const float* __restrict__ part_sum, const int* __restrict__ context_lens,
-                                                  const float* __restrict__ sinks, int window, int page_size,
-                                                  int n_heads, int D, float* __restrict__ out, int out_stride) {
+                                                  const int* __restrict__ seq_rows, const float* __restrict__ sinks,
+                                                  int window, int page_size, int n_heads, int D, float* __restrict__ out,
+                                                  int out_stride) {
     const int seq = blockIdx.x, h = blockIdx.y;
     const int ctx = context_lens[seq];
-    float* o = out + (long)seq * out_stride + (long)h * D;
+    float* o = out + (long)seq_rows[seq] * out_stride + (long)h * D;
     if (ctx <= 0) {
         for (int d = threadIdx.x; d < D; d += blockDim.x) o[d] = 0.0f;
         return;

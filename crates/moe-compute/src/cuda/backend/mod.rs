@@ -184,6 +184,8 @@ struct Inner {
 pub(crate) struct Blas {
     handle: CudaBlas,
     x16: Option<CudaSlice<u16>>,
+    /// flash-decoding's per-split partial results (grown on demand; the stream orders reuse).
+    splits: Option<CudaSlice<f32>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -248,7 +250,7 @@ impl CudaBackend {
             .map_err(|e| ComputeError::Cuda(format!("opening cuBLAS: {e}")))?;
         let name = format!("cuda:{ordinal} ({}, {sm})", info.name);
         tracing::info!(device = %name, versions = %super::nvrtc::versions(), "CUDA backend ready");
-        let blas = Mutex::new(Blas { handle, x16: None });
+        let blas = Mutex::new(Blas { handle, x16: None, splits: None });
         let f32_weights = match std::env::var("MOE_CUDA_WEIGHTS").as_deref() {
             Ok("f32") => true,
             Ok("bf16") | Err(_) => false,

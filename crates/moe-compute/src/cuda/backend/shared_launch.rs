@@ -176,6 +176,12 @@ impl CudaBackend {
         if !applies {
             return Ok(false);
         }
+        let group = shape.n_heads / shape.n_kv_heads;
+        if seqs.iter().all(|s| s.rows.len() == 1) && crate::gpu_plan::splits::flash_decode_serves(group, shape.head_dim)
+        {
+            self.flash_decode(shape, seqs, p, [q_stride, page_size, window]);
+            return Ok(true);
+        }
         let spans: Vec<(usize, usize, usize)> =
             seqs.iter().enumerate().map(|(i, s)| (s.rows.start, s.rows.len(), i)).collect();
         let tiles = crate::gpu_plan::splits::prefill_tiles(&spans);
@@ -259,5 +265,79 @@ impl CudaBackend {
         self.wait_for_device();
         out.extend(ids.iter().zip(&weights).map(|(&e, &w)| (e.max(0) as u32, w)));
         true
+    }
+
+    /// A decode-only call on flash-decoding: a block per (sequence, KV head, split), then the
+    /// merge; the splits depend on each sequence's own length (gpu_plan::splits).
+    fn flash_decode(
+        &self,
+        shape: &crate::AttentionShape<'_>,
+        seqs: &[crate::AttentionSeq],
+        p: [u64; 7],
+        ints: [i32; 3],
+    ) {
+        use crate::gpu_plan::splits::{flash_decode_shared_bytes, split_bucket, DecodeSplits, MAX_SPLITS};
+        let [q, k, v, _pos, pages, starts, o] = p;
+        let [q_stride, page_size, window] = ints;
+        let (n, heads, dim) = (seqs.len(), shape.n_heads, shape.head_dim);
+        let lens: Vec<i32> = seqs.iter().map(|s| (s.start_pos + 1) as i32).collect();
+        let rows: Vec<i32> = seqs.iter().map(|s| s.rows.start as i32).collect();
+        let win = (window > 0).then_some(window as usize);
+        let max_count =
+            seqs.iter().map(|s| DecodeSplits::new(s.start_pos + 1, win, page_size as usize).count).max().unwrap_or(1);
+        let (d_lens, d_rows) = (self.table(&lens), self.table(&rows));
+        let partials = n * heads * MAX_SPLITS;
+        let mut blas = self.blas();
+        let need = partials * (dim + 2);
+        if blas.splits.as_ref().is_none_or(|b| b.len() < need) {
+            blas.splits = None;
+            blas.splits = Some(self.checked(self.alloc::<f32>(need), "growing the attention splits"));
+        }
+        let base = blas.splits.as_ref().map_or(0, |b| self.ptr(b));
+        let (part_out, part_max, part_sum) =
+            (base, base + (partials * dim * 4) as u64, base + (partials * (dim + 1) * 4) as u64);
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (n as u32, shape.n_kv_heads as u32, split_bucket(max_count)),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: flash_decode_shared_bytes(heads / shape.n_kv_heads, dim) as u32,
+        };
+        let (qc, nh, kvh, hd) = (shape.q_col as i32, heads as i32, shape.n_kv_heads as i32, dim as i32);
+        let (pl, pr) = (self.ptr(&d_lens), self.ptr(&d_rows));
+        launch!(
+            self,
+            "flash_decode_bf16",
+            cfg,
+            [
+                q,
+                q_stride,
+                qc,
+                pr,
+                k,
+                v,
+                pages,
+                starts,
+                pl,
+                window,
+                page_size,
+                nh,
+                kvh,
+                hd,
+                shape.scale,
+                part_out,
+                part_max,
+                part_sum
+            ]
+        );
+        let merge = cudarc::driver::LaunchConfig {
+            grid_dim: (n as u32, heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self,
+            "flash_decode_merge_f32",
+            merge,
+            [part_out, part_max, part_sum, pl, pr, 0u64, window, page_size, nh, hd, o, nh * hd]
+        );
     }
 }

@@ -29,6 +29,8 @@ struct Inputs {
     k: CudaSlice<u16>,
     v: CudaSlice<u16>,
     table: CudaSlice<i32>,
+    starts: CudaSlice<i32>,
+    rows: CudaSlice<i32>,
     lens: CudaSlice<i32>,
     sinks: Option<CudaSlice<f32>>,
     max_pages: usize,
@@ -55,6 +57,8 @@ fn inputs(g: &Gpu, rng: &mut Rng, s: Shape, case: &Case) -> Result<Inputs> {
         k: g.up(&k)?,
         v: g.up(&v)?,
         table: g.up(&table)?,
+        starts: g.up(&(0..seqs).map(|s| (s * max_pages) as i32).collect::<Vec<_>>())?,
+        rows: g.up(&(0..seqs as i32).collect::<Vec<_>>())?,
         lens: g.up(&lens)?,
         sinks: case.sinks.as_ref().map(|s| g.up(s)).transpose()?,
         max_pages,
@@ -116,19 +120,21 @@ fn run(g: &Gpu, s: Shape, case: &Case, inp: &Inputs, out: &mut CudaSlice<f32>, s
     .map_err(|e| ComputeError::Cuda(format!("flash_decode_bf16 shared memory: {e}")))?;
     let mut cfg = grid(seqs as u32, s.kv_heads as u32, split_bucket(max_count), 128);
     cfg.shared_mem_bytes = shared;
-    let (win, page, mp, nh, kvh, dim) =
-        (case.window as i32, s.page as i32, inp.max_pages as i32, s.n_heads as i32, s.kv_heads as i32, s.dim as i32);
+    let (win, page, nh, kvh, dim) =
+        (case.window as i32, s.page as i32, s.n_heads as i32, s.kv_heads as i32, s.dim as i32);
+    let (q_stride, q_col) = (nh * dim, 0i32);
     let scale = 1.0 / (s.dim as f32).sqrt();
     let mut b = g.stream.launch_builder(f);
-    b.arg(&inp.q).arg(&inp.k).arg(&inp.v).arg(&inp.table).arg(&inp.lens).arg(&win).arg(&page).arg(&mp);
-    b.arg(&nh).arg(&kvh).arg(&dim).arg(&scale).arg(&mut scratch.out).arg(&mut scratch.max).arg(&mut scratch.sum);
+    b.arg(&inp.q).arg(&q_stride).arg(&q_col).arg(&inp.rows).arg(&inp.k).arg(&inp.v).arg(&inp.table).arg(&inp.starts);
+    b.arg(&inp.lens).arg(&win).arg(&page).arg(&nh).arg(&kvh).arg(&dim).arg(&scale);
+    b.arg(&mut scratch.out).arg(&mut scratch.max).arg(&mut scratch.sum);
     // SAFETY: the arguments match flash_decode_bf16's parameters (kernels/flash_decode.cu); the
     // scratch holds MAX_SPLITS partials per (sequence, head), the cache every page of the table.
     launched(unsafe { b.launch(cfg) }, "flash_decode_bf16")?;
     let null = 0u64;
     let stride = (s.n_heads * s.dim) as i32;
     let mut b = g.stream.launch_builder(g.func("flash_decode_merge_f32")?);
-    b.arg(&scratch.out).arg(&scratch.max).arg(&scratch.sum).arg(&inp.lens);
+    b.arg(&scratch.out).arg(&scratch.max).arg(&scratch.sum).arg(&inp.lens).arg(&inp.rows);
     match &inp.sinks {
         Some(x) => b.arg(x),
         None => b.arg(&null),
