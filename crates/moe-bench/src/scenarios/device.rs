@@ -260,6 +260,7 @@ impl OnBackend for Measure<'_> {
         // attention kernel.
         let flops_tok = crate::flops_per_prefill_token(&c);
         let on_gpu = matches!(backend.device(), Device::Cuda(_));
+        let mut classic_logits: Option<Vec<f32>> = None;
         for flash in if on_gpu { vec![false, true] } else { vec![false] } {
             #[cfg(feature = "cuda")]
             let chosen = moe_compute::cuda::backend::attention_kernel();
@@ -283,11 +284,23 @@ impl OnBackend for Measure<'_> {
                 kv.pages.release(&mut cache);
                 if timed {
                     let tflops = flops_tok * n as f64 / s / 1e12;
+                    // The flash kernels' logits against the classic kernel's, same weights and tokens.
+                    let versus = match (&classic_logits, flash) {
+                        (Some(want), true) => {
+                            format!("; logits vs classic: {:.1e}", crate::fixture_check::rel_err(&logits, want))
+                        }
+                        _ => String::new(),
+                    };
+                    if !flash {
+                        classic_logits = Some(logits.clone());
+                    }
                     rows.push((
                         format!("prefill {n} tokens{}", if flash { " (flash attention)" } else { "" }),
                         format!("{:.1} ms", s * 1e3),
                         format!("{:.0} tok/s, {tflops:.1} TFLOP/s", n as f64 / s),
-                        gemm_tflops.map(|g| format!("{:.0}% of cuBLAS", 100.0 * tflops / g)).unwrap_or_default(),
+                        gemm_tflops
+                            .map(|g| format!("{:.0}% of cuBLAS{versus}", 100.0 * tflops / g))
+                            .unwrap_or_default(),
                     ));
                 }
             }
@@ -298,17 +311,30 @@ impl OnBackend for Measure<'_> {
         let bytes_expert = 3 * c.hidden_size * c.expert_intermediate_size * 2;
         let dense = crate::bytes_per_decoded_token(&c, 2) - c.num_layers * c.top_k * bytes_expert;
         // Batch 64 on a GPU also with routing on the device (MOE_CUDA_ROUTING=device).
-        let runs: Vec<(usize, bool)> = a
+        // Batch 64 on a GPU also with routing on the device, and with flash attention.
+        let runs: Vec<(usize, bool, bool)> = a
             .batches
             .iter()
-            .flat_map(|&b| if on_gpu && b == 64 { vec![(b, false), (b, true)] } else { vec![(b, false)] })
+            .flat_map(|&b| {
+                if on_gpu && b == 64 {
+                    vec![(b, false, false), (b, true, false), (b, false, true)]
+                } else {
+                    vec![(b, false, false)]
+                }
+            })
             .collect();
-        for (batch, device_routing) in runs {
+        for (batch, device_routing, flash) in runs {
             #[cfg(feature = "cuda")]
-            let chosen = moe_compute::cuda::backend::device_routing();
+            let chosen = (moe_compute::cuda::backend::device_routing(), moe_compute::cuda::backend::attention_kernel());
             #[cfg(feature = "cuda")]
-            if device_routing {
-                moe_compute::cuda::backend::set_device_routing(true);
+            {
+                use moe_compute::cuda::backend::{set_attention_kernel, set_device_routing, AttentionKernel};
+                if device_routing {
+                    set_device_routing(true);
+                }
+                if flash {
+                    set_attention_kernel(AttentionKernel::Flash);
+                }
             }
             let mut caches: Vec<SequenceCache> = (0..batch).map(|_| SequenceCache::default()).collect();
             let prompts: Vec<Vec<u32>> = (0..batch).map(|i| ids(ctx, i + 2)).collect();
@@ -322,7 +348,7 @@ impl OnBackend for Measure<'_> {
             }
             let next: Vec<Vec<u32>> = (0..batch).map(|i| ids(1, i + 3)).collect();
             let mut timed = 0.0;
-            let syncs_before = host_syncs();
+            let syncs_before = super::device_invariance::host_syncs();
             for step in 0..a.steps + 1 {
                 let t = Instant::now();
                 let mut items: Vec<BatchItem<'_, B>> =
@@ -336,7 +362,7 @@ impl OnBackend for Measure<'_> {
                 kv.pages.release(cache);
             }
             let step_s = timed / a.steps.max(1) as f64;
-            let syncs = (host_syncs() - syncs_before) as f64 / (a.steps + 1) as f64;
+            let syncs = (super::device_invariance::host_syncs() - syncs_before) as f64 / (a.steps + 1) as f64;
             // Weights a step must read: the dense part and every expert some row chose.
             let touched = (c.num_experts as f64
                 * (1.0 - (1.0 - c.top_k as f64 / c.num_experts as f64).powi(batch as i32)))
@@ -344,7 +370,11 @@ impl OnBackend for Measure<'_> {
             let bytes = dense as f64 + c.num_layers as f64 * touched * bytes_expert as f64;
             let roof_s = copy_gbps.map(|g| bytes / (g * 1e9));
             rows.push((
-                format!("decode batch {batch} (context {ctx}){}", if device_routing { ", device routing" } else { "" }),
+                format!(
+                    "decode batch {batch} (context {ctx}){}{}",
+                    if device_routing { ", device routing" } else { "" },
+                    if flash { ", flash attention" } else { "" }
+                ),
                 format!("{:.2} ms/step", step_s * 1e3),
                 if on_gpu {
                     format!("{:.0} tok/s, {syncs:.0} host syncs/step", batch as f64 / step_s)
@@ -354,10 +384,13 @@ impl OnBackend for Measure<'_> {
                 roof_s.map(|r| format!("{:.0}% of HBM roofline", 100.0 * r / step_s)).unwrap_or_default(),
             ));
             #[cfg(feature = "cuda")]
-            moe_compute::cuda::backend::set_device_routing(chosen);
+            {
+                moe_compute::cuda::backend::set_device_routing(chosen.0);
+                moe_compute::cuda::backend::set_attention_kernel(chosen.1);
+            }
         }
         rows.extend(expert_rows);
-        rows.extend(invariance(&model, &mut kv, &mut ws, &c, on_gpu)?);
+        rows.extend(super::device_invariance::invariance(&model, &mut kv, &mut ws, &c, on_gpu)?);
         let head = format!(
             "{name}; {} layers of hidden {}, {} experts x {} top-{}, vocab {}; copy {} GB/s, cuBLAS bf16 {} TFLOP/s",
             c.num_layers,
@@ -371,67 +404,6 @@ impl OnBackend for Measure<'_> {
         );
         Ok((head, rows))
     }
-}
-
-/// Batch invariance, measured: the logits of one prompt's last row alone and as the 18th of 64
-/// prompts must be the same bits. On a GPU both ways (cuBLAS; `--deterministic`), each with the
-/// time of that batch-of-64 prefill, so the mode's cost is in the same table.
-fn invariance<B: Backend>(
-    model: &Model<B>,
-    kv: &mut moe_model::KvCache<B>,
-    ws: &mut moe_model::Workspace<B>,
-    c: &ModelConfig,
-    on_gpu: bool,
-) -> anyhow::Result<Rows> {
-    let prompt = |s: usize| -> Vec<u32> { (0..24).map(|i| ((i * 7919 + s * 104_729) % c.vocab_size) as u32).collect() };
-    let prompts: Vec<Vec<u32>> = (0..64).map(|s| prompt(s + 100)).collect();
-    let mut out = Rows::new();
-    for deterministic in if on_gpu { vec![false, true] } else { vec![false] } {
-        #[cfg(feature = "cuda")]
-        let chosen = moe_compute::cuda::backend::deterministic();
-        #[cfg(feature = "cuda")]
-        if on_gpu {
-            moe_compute::cuda::backend::set_deterministic(deterministic);
-        }
-        let mut logits = Vec::new();
-        let mut cache = SequenceCache::default();
-        model.forward(ws, kv, &mut [BatchItem::new(&prompts[17], &mut cache)], LogitsFor::Last, &mut logits)?;
-        kv.pages.release(&mut cache);
-        let alone = logits.clone();
-        let mut caches: Vec<SequenceCache> = (0..64).map(|_| SequenceCache::default()).collect();
-        let t = Instant::now();
-        let mut items: Vec<BatchItem<'_, B>> =
-            prompts.iter().zip(caches.iter_mut()).map(|(p, c)| BatchItem::new(p, c)).collect();
-        model.forward(ws, kv, &mut items, LogitsFor::Last, &mut logits)?;
-        let s = t.elapsed().as_secs_f64();
-        drop(items);
-        for cache in caches.iter_mut() {
-            kv.pages.release(cache);
-        }
-        let v = c.vocab_size;
-        let same = logits.len() == 64 * v
-            && alone.iter().zip(&logits[17 * v..18 * v]).all(|(a, b)| a.to_bits() == b.to_bits());
-        out.push((
-            format!(
-                "batch invariance{}: a prompt alone vs 18th of 64",
-                if deterministic { " (--deterministic)" } else { "" }
-            ),
-            format!("{:.1} ms for the 64", s * 1e3),
-            if same { "bitwise equal".into() } else { "bits differ".into() },
-            String::new(),
-        ));
-        #[cfg(feature = "cuda")]
-        moe_compute::cuda::backend::set_deterministic(chosen);
-    }
-    Ok(out)
-}
-
-/// Host waits for a GPU so far in this process (0 without CUDA support).
-fn host_syncs() -> u64 {
-    #[cfg(feature = "cuda")]
-    return moe_compute::cuda::backend::host_syncs();
-    #[cfg(not(feature = "cuda"))]
-    0
 }
 
 /// The device's copy bandwidth (GB/s) and cuBLAS bf16 GEMM peak (TFLOP/s), when it is a GPU.

@@ -3,6 +3,7 @@
 
 pub(crate) mod adapters;
 pub mod device;
+mod device_invariance;
 pub(crate) mod failover;
 pub(crate) mod fairness;
 pub mod loadgen;
