@@ -15,10 +15,14 @@
 //!   the batch) and the merge of the splits' partial softmax results.
 //! - [`sampling`]: the device sampler's algorithm (greedy and top-k rows), equal to the host
 //!   sampler's tokens, and structured-output masks as bitmasks.
+//! - `fragments` (tests): the tensor-core kernels' lane and fragment arithmetic run on the CPU
+//!   with ldmatrix and mma emulated, equal to plain products bit for bit.
 //! - [`draws`]: the sampler's uniform draws as a counter (seed, draw index), so a device
 //!   sampler draws what the host sampler draws.
 
 pub mod draws;
+#[cfg(test)]
+mod fragments;
 pub mod numerics;
 pub mod plan;
 pub mod routing;
