@@ -62,14 +62,17 @@ fn swizzled(row: usize, chunk: usize) -> usize {
 
 /// One block of grouped_gemm_tc (tiling BM×BN, warps WM×WN, BK 64) on the CPU: `x` rows
 /// `row0..row0 + rows` (K each), weight rows `col0..` (N of them, K each); returns the block's
-/// output as the epilogue writes it (None where it writes nothing).
-#[allow(clippy::too_many_arguments)]
+/// output as the epilogue writes it (None where it writes nothing). With `swiglu`, `w` holds
+/// interleaved [gate; up] rows (N = 2 · inter) and the output is `inter` wide, written by the
+/// SwiGLU epilogue's formulas (gate · up stands in for silu(gate) · up: the indices are the point).
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // lanes indexed as the kernel's threads
 fn gemm_block(
     x: &[f32],
     w: &[f32],
     (rows, n, k): (usize, usize, usize),
     (bm, bn, wm_count, wn_count): (usize, usize, usize, usize),
     col0: usize,
+    swiglu: bool,
 ) -> Vec<Option<f32>> {
     let threads = wm_count * wn_count * 32;
     let (wtm, wtn) = (bm / wm_count, bn / wn_count);
@@ -127,9 +130,40 @@ fn gemm_block(
             }
         }
     }
+    if swiglu {
+        // The epilogue of tc_gemm_swiglu.
+        let inter = n / 2;
+        let mut out = vec![None; rows * inter];
+        for warp in 0..wm_count * wn_count {
+            let (wm, wn) = (warp / wn_count, warp % wn_count);
+            for lane in 0..32usize {
+                let (g, t) = (lane >> 2, lane & 3);
+                for mi in 0..mi_n {
+                    for ni in (0..ni_n).step_by(2) {
+                        for half in 0..2 {
+                            let r = wm * wtm + mi * 16 + g + 8 * half;
+                            let i = col0 + wn * wtn + ni * 8 + 2 * t;
+                            if r >= rows || i >= n {
+                                continue;
+                            }
+                            let col = (i >> 4) * 8 + (i & 7);
+                            for j in 0..2 {
+                                let gate = acc[acc_at(warp, mi, ni)][lane][2 * half + j];
+                                let up = acc[acc_at(warp, mi, ni + 1)][lane][2 * half + j];
+                                if col + j < inter {
+                                    assert!(out[r * inter + col + j].is_none(), "written twice");
+                                    out[r * inter + col + j] = Some(gate * up);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        return out;
+    }
     // The epilogue of tc_gemm.
     let mut out = vec![None; rows * n];
-    #[allow(clippy::needless_range_loop)] // lanes, as the kernel's threads
     for warp in 0..wm_count * wn_count {
         let (wm, wn) = (warp / wn_count, warp % wn_count);
         for lane in 0..32 {
@@ -256,7 +290,7 @@ mod tests {
             let x = ints(&mut rng, rows * k);
             let w = ints(&mut rng, n * k);
             for col0 in (0..n).step_by(tiling.1) {
-                let got = gemm_block(&x, &w, (rows, n, k), tiling, col0);
+                let got = gemm_block(&x, &w, (rows, n, k), tiling, col0, false);
                 for r in 0..rows {
                     for c in 0..n {
                         let inside = c >= col0 && c < col0 + tiling.1;
@@ -287,6 +321,33 @@ mod tests {
                 for c in 0..d {
                     let want: f32 = (0..64).map(|key| s[r * 64 + key] * v[key * d + c]).sum();
                     assert_eq!(o[r * d + c], want, "d {d} out {r},{c}");
+                }
+            }
+        }
+    }
+
+    /// The SwiGLU epilogue on interleaved gate/up rows writes gate · up for every intermediate
+    /// column once (both tilings, an intermediate size not a multiple of the tile).
+    #[test]
+    fn the_swiglu_epilogue_pairs_gate_and_up_columns() {
+        let mut rng = SplitMix64::new(13);
+        for (tiling, rows, inter, k) in [((128, 128, 2, 4), 70, 104, 64), ((64, 128, 1, 4), 9, 64, 128)] {
+            let x = ints(&mut rng, rows * k);
+            let w = ints(&mut rng, 2 * inter * k);
+            let wi = super::super::tiles::interleave_gate_up(&w, inter, k).expect("multiple of 8");
+            let mut hidden = vec![None; rows * inter];
+            for col0 in (0..2 * inter).step_by(tiling.1) {
+                for (i, v) in gemm_block(&x, &wi, (rows, 2 * inter, k), tiling, col0, true).into_iter().enumerate() {
+                    if v.is_some() {
+                        assert!(hidden[i].is_none(), "two blocks wrote {i}");
+                        hidden[i] = v;
+                    }
+                }
+            }
+            let dot = |r: usize, row: usize| (0..k).map(|j| x[r * k + j] * w[row * k + j]).sum::<f32>();
+            for r in 0..rows {
+                for c in 0..inter {
+                    assert_eq!(hidden[r * inter + c], Some(dot(r, c) * dot(r, inter + c)), "tiling {tiling:?} {r},{c}");
                 }
             }
         }
