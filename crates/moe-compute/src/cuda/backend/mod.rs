@@ -142,6 +142,29 @@ pub fn attention_kernel() -> AttentionKernel {
     }
 }
 
+/// Raises the device's default memory pool's release threshold to "never", so buffers freed
+/// inside a step (the per-call tables) are reused from the pool instead of going back to the
+/// driver at every synchronisation and being mapped again. A driver without pools only logs.
+fn keep_pool_memory(ctx: &CudaContext) {
+    use cudarc::driver::sys;
+    let raised = super::nvrtc::guarded("CUDA driver", || {
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut threshold: u64 = u64::MAX;
+        // SAFETY: out-parameters of the right types; the pool is this device's default one.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS
+                && sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut threshold as *mut u64 as *mut std::ffi::c_void,
+                ) == sys::CUresult::CUDA_SUCCESS
+        }
+    });
+    if !matches!(raised, Ok(true)) {
+        tracing::warn!("could not raise the memory pool's release threshold: per-step buffers go back to the driver");
+    }
+}
+
 /// The tensor-core GEMM's entry points and their tilings (gpu_plan::tiles::GemmTiling::ALL).
 pub(crate) fn tc_tiling(entry: &str) -> Option<crate::gpu_plan::tiles::GemmTiling> {
     use crate::gpu_plan::tiles::GemmTiling;
@@ -228,6 +251,7 @@ impl CudaBackend {
         // SAFETY: every buffer of this backend is used on its one stream, so the context need not
         // record events to order streams.
         unsafe { ctx.disable_event_tracking() };
+        keep_pool_memory(&ctx);
         let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
         let sm = format!("sm_{major}{minor}");
         let mut funcs = HashMap::new();
