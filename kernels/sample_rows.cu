@@ -29,9 +29,8 @@ __device__ __forceinline__ float sr_nth_unit(unsigned long long seed, unsigned l
     return __fdiv_rn((float)(z >> 40), 16777216.0f);
 }
 
-// (value, index) of the block's best: larger value, then lower index; SR_NONE when no thread has one.
-__device__ __forceinline__ void sr_block_best(float& v, int& i, float* sv, int* si) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+// A warp's best (value, index): larger value, then lower index; SR_NONE loses to everything.
+__device__ __forceinline__ void sr_warp_best(float& v, int& i) {
     for (int o = 16; o > 0; o >>= 1) {
         const float ov = __shfl_xor_sync(0xffffffffu, v, o);
         const int oi = __shfl_xor_sync(0xffffffffu, i, o);
@@ -40,6 +39,12 @@ __device__ __forceinline__ void sr_block_best(float& v, int& i, float* sv, int* 
             i = oi;
         }
     }
+}
+
+// (value, index) of the block's best: larger value, then lower index; SR_NONE when no thread has one.
+__device__ __forceinline__ void sr_block_best(float& v, int& i, float* sv, int* si) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    sr_warp_best(v, i);
     __syncthreads();
     if (lane == 0) {
         sv[warp] = v;
@@ -49,14 +54,7 @@ __device__ __forceinline__ void sr_block_best(float& v, int& i, float* sv, int* 
     if (warp == 0) {
         v = lane < SR_THREADS / 32 ? sv[lane] : 0.0f;
         i = lane < SR_THREADS / 32 ? si[lane] : SR_NONE;
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, i, o);
-            if (oi != SR_NONE && (i == SR_NONE || ov > v || (ov == v && oi < i))) {
-                v = ov;
-                i = oi;
-            }
-        }
+        sr_warp_best(v, i);
         if (lane == 0) {
             sv[0] = v;
             si[0] = i;

@@ -94,33 +94,7 @@ impl Sampler {
         if p.top_k > 0 && p.top_k < c.len() {
             c.truncate(p.top_k);
         }
-        let max = c[0].1;
-        let mut sum = 0.0f32;
-        for x in c.iter_mut() {
-            x.1 = moe_compute::gpu_plan::numerics::exp(x.1 - max);
-            sum += x.1;
-        }
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            let mut keep = c.len();
-            for (i, x) in c.iter().enumerate() {
-                acc += x.1 / sum;
-                if acc >= p.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            c.truncate(keep);
-            sum = c.iter().map(|x| x.1).sum();
-        }
-        let mut r = unit * sum;
-        for x in c.iter() {
-            if r < x.1 {
-                return x.0;
-            }
-            r -= x.1;
-        }
-        c[c.len() - 1].0
+        moe_compute::gpu_plan::sampling::draw_from_candidates(c, p.top_p, unit)
     }
 }
 

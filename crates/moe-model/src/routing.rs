@@ -86,52 +86,8 @@ impl RoutingRule {
             scratch.push(scratch[i] + b);
         }
         let (scores, choice) = scratch.split_at_mut(e);
-        let groups = self.n_group.max(1);
-        if groups > 1 && e.is_multiple_of(groups) && self.topk_group < groups {
-            let per = e / groups;
-            // Each group's score: the sum of its two best biased scores (one when a group has one).
-            let group_score = |g: usize| {
-                let s = &choice[g * per..(g + 1) * per];
-                let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-                for &v in s {
-                    if v > a {
-                        b = a;
-                        a = v;
-                    } else if v > b {
-                        b = v;
-                    }
-                }
-                if per >= 2 {
-                    a + b
-                } else {
-                    a
-                }
-            };
-            let mut kept = [false; 64];
-            let mut kept_vec;
-            let kept: &mut [bool] = if groups <= 64 {
-                &mut kept[..groups]
-            } else {
-                kept_vec = vec![false; groups];
-                &mut kept_vec
-            };
-            for _ in 0..self.topk_group {
-                let mut best: Option<(usize, f32)> = None;
-                for (g, _) in kept.iter().enumerate().filter(|(_, k)| !**k) {
-                    let s = group_score(g);
-                    if best.is_none_or(|(_, bs)| s > bs) {
-                        best = Some((g, s));
-                    }
-                }
-                if let Some((g, _)) = best {
-                    kept[g] = true;
-                }
-            }
-            // Experts of dropped groups can never be chosen (transformers masks them with -inf).
-            for (g, _) in kept.iter().enumerate().filter(|(_, k)| !**k) {
-                choice[g * per..(g + 1) * per].fill(f32::NEG_INFINITY);
-            }
-        }
+        // Experts of dropped groups can never be chosen (transformers masks them with -inf).
+        moe_compute::gpu_plan::routing::keep_best_groups(choice, self.n_group, self.topk_group);
         let k = out.len();
         for slot in 0..k {
             let mut best: Option<usize> = None;

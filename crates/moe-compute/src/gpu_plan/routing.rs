@@ -47,6 +47,59 @@ fn warp_argmax(values: &[f32], taken: &[bool]) -> Option<usize> {
     (lane_best[0].1 != usize::MAX).then_some(lane_best[0].1)
 }
 
+/// Grouped top-k's first stage, on the biased scores of one row (DeepSeek-V3, GLM-4.5): each of
+/// `n_group` groups is scored by the sum of its two best values (its best when it has one), the
+/// best `topk_group` groups stay (ties to the lower group), and every expert of the others becomes
+/// −∞. Nothing happens with one group, `topk_group >= n_group`, or experts not divisible into the
+/// groups. The host's routing and the gating kernel (on lane 0) run exactly this; it does not
+/// allocate for up to 64 groups.
+pub fn keep_best_groups(choice: &mut [f32], n_group: usize, topk_group: usize) {
+    let (e, groups) = (choice.len(), n_group.max(1));
+    if groups <= 1 || !e.is_multiple_of(groups) || topk_group >= groups {
+        return;
+    }
+    let per = e / groups;
+    let group_score = |choice: &[f32], g: usize| {
+        let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+        for &v in &choice[g * per..(g + 1) * per] {
+            if v > a {
+                b = a;
+                a = v;
+            } else if v > b {
+                b = v;
+            }
+        }
+        if per >= 2 {
+            a + b
+        } else {
+            a
+        }
+    };
+    let mut on_stack = [false; 64];
+    let mut on_heap;
+    let kept: &mut [bool] = if groups <= 64 {
+        &mut on_stack[..groups]
+    } else {
+        on_heap = vec![false; groups];
+        &mut on_heap
+    };
+    for _ in 0..topk_group {
+        let mut best: Option<(usize, f32)> = None;
+        for g in (0..groups).filter(|&g| !kept[g]) {
+            let s = group_score(choice, g);
+            if best.is_none_or(|(_, bs)| s > bs) {
+                best = Some((g, s));
+            }
+        }
+        if let Some((g, _)) = best {
+            kept[g] = true;
+        }
+    }
+    for g in (0..groups).filter(|&g| !kept[g]) {
+        choice[g * per..(g + 1) * per].fill(f32::NEG_INFINITY);
+    }
+}
+
 /// Routes one row as the gating kernel does: `ids.len()` experts and their weights.
 /// `scratch` is reused between rows.
 pub fn route_row(
@@ -96,42 +149,7 @@ pub fn route_row(
         scratch.push(scratch[i] + b);
     }
     let (scores, choice) = scratch.split_at_mut(e);
-    let groups = rule.n_group.max(1);
-    if groups > 1 && e.is_multiple_of(groups) && rule.topk_group < groups {
-        let per = e / groups;
-        let group_score = |g: usize| {
-            let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-            for &v in &choice[g * per..(g + 1) * per] {
-                if v > a {
-                    b = a;
-                    a = v;
-                } else if v > b {
-                    b = v;
-                }
-            }
-            if per >= 2 {
-                a + b
-            } else {
-                a
-            }
-        };
-        let mut kept = vec![false; groups];
-        for _ in 0..rule.topk_group {
-            let mut best: Option<(usize, f32)> = None;
-            for g in (0..groups).filter(|&g| !kept[g]) {
-                let s = group_score(g);
-                if best.is_none_or(|(_, bs)| s > bs) {
-                    best = Some((g, s));
-                }
-            }
-            if let Some((g, _)) = best {
-                kept[g] = true;
-            }
-        }
-        for g in (0..groups).filter(|&g| !kept[g]) {
-            choice[g * per..(g + 1) * per].fill(f32::NEG_INFINITY);
-        }
-    }
+    keep_best_groups(choice, rule.n_group, rule.topk_group);
     for slot in 0..k {
         let i = warp_argmax(choice, &taken).unwrap_or(slot);
         if i < e {

@@ -90,19 +90,26 @@ pub fn sample_row(p: &RowParams, logits: &[f32], mask: Option<&[u32]>) -> Option
         return Some(argmax());
     }
     // Thread 0: the host's sequential tail.
-    let unit = nth_unit(p.seed, p.draw);
-    let max = c[0].1;
+    Some(draw_from_candidates(&mut c, p.top_p, nth_unit(p.seed, p.draw)))
+}
+
+/// The sampler's sequential tail over non-empty candidates sorted by (scaled logit descending,
+/// token ascending): softmax relative to the first with the canonical exp, the top-p cut, and
+/// the draw of `unit` in [0, 1). The host sampler and the device sampler (thread 0 of
+/// sample_rows_f32) both run exactly this, in this order.
+pub fn draw_from_candidates(c: &mut Vec<(u32, f32)>, top_p: f32, unit: f32) -> u32 {
+    let Some(&(_, max)) = c.first() else { return 0 };
     let mut sum = 0.0f32;
     for x in c.iter_mut() {
         x.1 = exp(x.1 - max);
         sum += x.1;
     }
-    if p.top_p < 1.0 {
+    if top_p < 1.0 {
         let mut acc = 0.0;
         let mut keep = c.len();
         for (i, x) in c.iter().enumerate() {
             acc += x.1 / sum;
-            if acc >= p.top_p {
+            if acc >= top_p {
                 keep = i + 1;
                 break;
             }
@@ -113,11 +120,11 @@ pub fn sample_row(p: &RowParams, logits: &[f32], mask: Option<&[u32]>) -> Option
     let mut r = unit * sum;
     for x in c.iter() {
         if r < x.1 {
-            return Some(x.0);
+            return x.0;
         }
         r -= x.1;
     }
-    Some(c[c.len() - 1].0)
+    c[c.len() - 1].0
 }
 
 #[cfg(test)]
