@@ -17,10 +17,14 @@
 //!   sampler's tokens, and structured-output masks as bitmasks.
 //! - `fragments` (tests): the tensor-core kernels' lane and fragment arithmetic run on the CPU
 //!   with ldmatrix and mma emulated, equal to plain products bit for bit.
+//! - `flash_emulation` (tests): flash_decode.cu's blocks and merge executed on the CPU with the
+//!   kernel's thread loops and indices, equal to plain attention.
 //! - [`draws`]: the sampler's uniform draws as a counter (seed, draw index), so a device
 //!   sampler draws what the host sampler draws.
 
 pub mod draws;
+#[cfg(test)]
+mod flash_emulation;
 #[cfg(test)]
 mod fragments;
 pub mod numerics;
