@@ -96,11 +96,7 @@ extern "C" __global__ void sigmoid_gated_add_f32(float* __restrict__ out, const 
 // gpu_plan::draws::random_bf16 on the host.
 extern "C" __global__ void random_bf16(bf16_t* __restrict__ out, long n, unsigned long long seed, float scale) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        unsigned long long z = seed + 0x9E3779B97F4A7C15ull * ((unsigned long long)i + 1ull);
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        z ^= z >> 31;
-        const float unit = __fdiv_rn((float)(z >> 40), 16777216.0f);
+        const float unit = splitmix64_nth_unit(seed, (unsigned long long)i);
         const float v = __fmul_rn(__fsub_rn(__fmul_rn(unit, 2.0f), 1.0f), scale);
         out[i] = (bf16_t)(__float_as_uint(v) >> 16);
     }

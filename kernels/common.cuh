@@ -121,3 +121,36 @@ __device__ __forceinline__ void cp_async16(unsigned int dst, const void* src, in
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Tensor cores (sm_80+): mma.sync.m16n8k16 with bf16 inputs and f32 accumulators (A row-major in
+// four registers, B column-major in two, C in four, per the PTX fragment layouts), and ldmatrix
+// of four 8x8 bf16 matrices from shared memory (`_trans`: each matrix transposed).
+__device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned int* a, unsigned int b0, unsigned int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned int addr, unsigned int* r) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned int addr, unsigned int* r) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// The n-th (0-based) uniform in [0, 1) of SplitMix64 seeded with `seed` (gpu_plan::draws::nth_unit):
+// the state after n draws is seed + (n + 1) * gamma, so no history is needed.
+__device__ __forceinline__ float splitmix64_nth_unit(unsigned long long seed, unsigned long long n) {
+    unsigned long long z = seed + 0x9E3779B97F4A7C15ull * (n + 1ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return __fdiv_rn((float)(z >> 40), 16777216.0f);
+}

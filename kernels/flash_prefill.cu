@@ -24,26 +24,6 @@ __device__ __forceinline__ unsigned int fp_pack(float lo, float hi) {
     return (unsigned int)f32_to_bf16(lo) | ((unsigned int)f32_to_bf16(hi) << 16);
 }
 
-__device__ __forceinline__ void fp_ldmatrix(unsigned int addr, unsigned int* r) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-__device__ __forceinline__ void fp_ldmatrix_trans(unsigned int addr, unsigned int* r) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-__device__ __forceinline__ void fp_mma(float* c, const unsigned int* a, unsigned int b0, unsigned int b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 template <int D>
 __device__ __forceinline__ void flash_prefill(const float* __restrict__ q, int q_stride, int q_col,
                                               const bf16_t* __restrict__ k_cache, const bf16_t* __restrict__ v_cache,
@@ -107,7 +87,7 @@ __device__ __forceinline__ void flash_prefill(const float* __restrict__ q, int q
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
         const int r = warp * 16 + (lane & 15);
-        fp_ldmatrix(smem_addr(q_s + r * D + fp_swz(r, kk * 2 + (lane >> 4))), qa[kk]);
+        ldmatrix_x4(smem_addr(q_s + r * D + fp_swz(r, kk * 2 + (lane >> 4))), qa[kk]);
     }
     float o[D / 8][4];
 #pragma unroll
@@ -133,9 +113,9 @@ __device__ __forceinline__ void flash_prefill(const float* __restrict__ q, int q
             for (int nt = 0; nt < FP_KEYS / 8; nt += 2) {
                 unsigned int b[4];
                 const int r = nt * 8 + ((lane >> 4) << 3) + (lane & 7);
-                fp_ldmatrix(smem_addr(ks + r * D + fp_swz(r, kk * 2 + ((lane >> 3) & 1))), b);
-                fp_mma(s[nt], qa[kk], b[0], b[1]);
-                fp_mma(s[nt + 1], qa[kk], b[2], b[3]);
+                ldmatrix_x4(smem_addr(ks + r * D + fp_swz(r, kk * 2 + ((lane >> 3) & 1))), b);
+                mma_bf16_16816(s[nt], qa[kk], b[0], b[1]);
+                mma_bf16_16816(s[nt + 1], qa[kk], b[2], b[3]);
             }
         // Masks, scale and the online softmax (rows g and g + 8 of this warp).
         float mx[2] = {-INFINITY, -INFINITY};
@@ -184,9 +164,9 @@ __device__ __forceinline__ void flash_prefill(const float* __restrict__ q, int q
             for (int dt = 0; dt < D / 8; dt += 2) {
                 unsigned int b[4];
                 const int r = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-                fp_ldmatrix_trans(smem_addr(vs + r * D + fp_swz(r, dt + (lane >> 4))), b);
-                fp_mma(o[dt], a, b[0], b[1]);
-                fp_mma(o[dt + 1], a, b[2], b[3]);
+                ldmatrix_x4_trans(smem_addr(vs + r * D + fp_swz(r, dt + (lane >> 4))), b);
+                mma_bf16_16816(o[dt], a, b[0], b[1]);
+                mma_bf16_16816(o[dt + 1], a, b[2], b[3]);
             }
         }
         __syncthreads();

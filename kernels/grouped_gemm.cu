@@ -22,15 +22,6 @@ __device__ __forceinline__ unsigned int load_pair(const bf16_t* base, long row, 
     return lo | (hi << 16);
 }
 
-__device__ __forceinline__ void mma_bf16(float* c, unsigned int a0, unsigned int a1, unsigned int a2, unsigned int a3,
-                                         unsigned int b0, unsigned int b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // Accumulates a warp's 16 x (8 * NT) tile: rows [r0, r0+16) of x (count valid rows), columns
 // col0 + 8*t + (0..8) of w (n_valid columns).
 template <int NT>
@@ -49,7 +40,8 @@ __device__ __forceinline__ void warp_tile(const bf16_t* x, long x_row0, int rows
             bool n_ok = n < n_valid;
             unsigned int b0 = load_pair(w, n, k0 + 2 * t, K, n_ok);
             unsigned int b1 = load_pair(w, n, k0 + 2 * t + 8, K, n_ok);
-            mma_bf16(acc[nt], a0, a1, a2, a3, b0, b1);
+            const unsigned int a[4] = {a0, a1, a2, a3};
+            mma_bf16_16816(acc[nt], a, b0, b1);
         }
     }
 }

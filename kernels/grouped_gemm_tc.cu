@@ -32,21 +32,6 @@ struct TcTile {
 
 __device__ __forceinline__ int swizzled(int row, int chunk) { return row * TC_BK + ((chunk ^ (row & 7)) << 3); }
 
-__device__ __forceinline__ void ldmatrix_x4(unsigned int addr, unsigned int& r0, unsigned int& r1, unsigned int& r2,
-                                            unsigned int& r3) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-                 : "r"(addr));
-}
-
-__device__ __forceinline__ void mma_16816(float* c, const unsigned int* a, unsigned int b0, unsigned int b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // The tile of blockIdx.x: expert, first slot, valid rows, first column. False past the last tile.
 template <int BM, int BN>
 __device__ __forceinline__ bool find_tile(const int* offsets, const int* tile_offsets, int E, int N, int& e, int& row0,
@@ -126,35 +111,51 @@ __device__ __forceinline__ void tc_mainloop(const bf16_t* x, const bf16_t* w, in
 #pragma unroll
             for (int mi = 0; mi < T::MI; ++mi) {
                 const int r = wm * T::WTM + mi * 16 + (lane & 15);
-                ldmatrix_x4(smem_addr(sa + swizzled(r, kk * 2 + (lane >> 4))), a[mi][0], a[mi][1], a[mi][2], a[mi][3]);
+                ldmatrix_x4(smem_addr(sa + swizzled(r, kk * 2 + (lane >> 4))), a[mi]);
             }
 #pragma unroll
             for (int ni = 0; ni < T::NI; ni += 2) {
                 const int r = wn * T::WTN + ni * 8 + ((lane >> 4) << 3) + (lane & 7);
-                ldmatrix_x4(smem_addr(sb + swizzled(r, kk * 2 + ((lane >> 3) & 1))), b[ni][0], b[ni][1], b[ni + 1][0],
-                            b[ni + 1][1]);
+                unsigned int r4[4];
+                ldmatrix_x4(smem_addr(sb + swizzled(r, kk * 2 + ((lane >> 3) & 1))), r4);
+                b[ni][0] = r4[0];
+                b[ni][1] = r4[1];
+                b[ni + 1][0] = r4[2];
+                b[ni + 1][1] = r4[3];
             }
 #pragma unroll
             for (int mi = 0; mi < T::MI; ++mi)
 #pragma unroll
-                for (int ni = 0; ni < T::NI; ++ni) mma_16816(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
+                for (int ni = 0; ni < T::NI; ++ni) mma_bf16_16816(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
         }
     }
     cp_async_wait<0>();
+}
+
+// This block's tile of the product: finds it in the tile table (false past the last tile), then
+// accumulates x[rows of the tile] · W_e^T[columns of the tile] into zeroed `acc`.
+template <int BM, int BN, int STAGES, int WM, int WN>
+__device__ __forceinline__ bool tc_tile_product(const bf16_t* x, const unsigned long long* w_ptrs, const int* offsets,
+                                                const int* tile_offsets, int E, int N, int K, int& row0, int& rows,
+                                                int& col0, float (*acc)[TcTile<BM, BN, STAGES, WM, WN>::NI][4]) {
+    using T = TcTile<BM, BN, STAGES, WM, WN>;
+    int e;
+    if (!find_tile<BM, BN>(offsets, tile_offsets, E, N, e, row0, rows, col0)) return false;
+#pragma unroll
+    for (int mi = 0; mi < T::MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < T::NI; ++ni) acc[mi][ni][0] = acc[mi][ni][1] = acc[mi][ni][2] = acc[mi][ni][3] = 0.0f;
+    tc_mainloop<BM, BN, STAGES, WM, WN>(x, reinterpret_cast<const bf16_t*>(w_ptrs[e]), row0, rows, col0, N, K, acc);
+    return true;
 }
 
 template <int BM, int BN, int STAGES, int WM, int WN>
 __device__ __forceinline__ void tc_gemm(const bf16_t* x, const unsigned long long* w_ptrs, float* out,
                                         const int* offsets, const int* tile_offsets, int E, int N, int K) {
     using T = TcTile<BM, BN, STAGES, WM, WN>;
-    int e, row0, rows, col0;
-    if (!find_tile<BM, BN>(offsets, tile_offsets, E, N, e, row0, rows, col0)) return;
+    int row0, rows, col0;
     float acc[T::MI][T::NI][4];
-#pragma unroll
-    for (int mi = 0; mi < T::MI; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < T::NI; ++ni) acc[mi][ni][0] = acc[mi][ni][1] = acc[mi][ni][2] = acc[mi][ni][3] = 0.0f;
-    tc_mainloop<BM, BN, STAGES, WM, WN>(x, reinterpret_cast<const bf16_t*>(w_ptrs[e]), row0, rows, col0, N, K, acc);
+    if (!tc_tile_product<BM, BN, STAGES, WM, WN>(x, w_ptrs, offsets, tile_offsets, E, N, K, row0, rows, col0, acc)) return;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int wm = warp / WN, wn = warp % WN;
 #pragma unroll
@@ -178,14 +179,9 @@ __device__ __forceinline__ void tc_gemm_swiglu(const bf16_t* x, const unsigned l
                                                const int* offsets, const int* tile_offsets, int E, int inter, int K) {
     using T = TcTile<BM, BN, STAGES, WM, WN>;
     const int N = 2 * inter;
-    int e, row0, rows, col0;
-    if (!find_tile<BM, BN>(offsets, tile_offsets, E, N, e, row0, rows, col0)) return;
+    int row0, rows, col0;
     float acc[T::MI][T::NI][4];
-#pragma unroll
-    for (int mi = 0; mi < T::MI; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < T::NI; ++ni) acc[mi][ni][0] = acc[mi][ni][1] = acc[mi][ni][2] = acc[mi][ni][3] = 0.0f;
-    tc_mainloop<BM, BN, STAGES, WM, WN>(x, reinterpret_cast<const bf16_t*>(w_ptrs[e]), row0, rows, col0, N, K, acc);
+    if (!tc_tile_product<BM, BN, STAGES, WM, WN>(x, w_ptrs, offsets, tile_offsets, E, N, K, row0, rows, col0, acc)) return;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int wm = warp / WN, wn = warp % WN;
 #pragma unroll

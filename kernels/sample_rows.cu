@@ -21,14 +21,6 @@ __device__ __forceinline__ float sr_value(const float* l, const unsigned int* ma
     return l[t];
 }
 
-__device__ __forceinline__ float sr_nth_unit(unsigned long long seed, unsigned long long draw) {
-    unsigned long long z = seed + 0x9E3779B97F4A7C15ull * (draw + 1ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return __fdiv_rn((float)(z >> 40), 16777216.0f);
-}
-
 // A warp's best (value, index): larger value, then lower index; SR_NONE loses to everything.
 __device__ __forceinline__ void sr_warp_best(float& v, int& i) {
     for (int o = 16; o > 0; o >>= 1) {
@@ -132,7 +124,7 @@ extern "C" __global__ void __launch_bounds__(SR_THREADS)
         return;
     }
     // The host's sequential tail.
-    const float unit = sr_nth_unit(seeds[row], draws[row]);
+    const float unit = splitmix64_nth_unit(seeds[row], draws[row]);
     const float max = cand_v[0];
     float sum = 0.0f;
     for (int j = 0; j < n; ++j) {

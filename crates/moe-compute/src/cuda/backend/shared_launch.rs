@@ -230,8 +230,9 @@ impl CudaBackend {
             return true;
         }
         let d_bias = bias.map(|b| self.table(b));
-        let d_ids = self.table(&vec![0i32; rows * k]);
-        let d_weights = self.table(&vec![0f32; rows * k]);
+        // Outputs only: allocated on the device, nothing uploaded.
+        let d_ids = self.checked(self.alloc::<i32>(rows * k), "allocating routed experts");
+        let d_weights = self.checked(self.alloc::<f32>(rows * k), "allocating routing weights");
         let flags = rule.sigmoid as i32 | (rule.renormalize as i32) << 1;
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1),

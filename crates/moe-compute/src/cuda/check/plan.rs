@@ -90,6 +90,19 @@ struct PlanBuffers {
     tile_offsets: CudaSlice<i32>,
 }
 
+impl PlanBuffers {
+    /// Tables for `experts` and `pairs`, poisoned (-1, NaN) so an entry the kernel skips shows.
+    fn poisoned(g: &Gpu, experts: usize, pairs: usize) -> Result<Self> {
+        Ok(Self {
+            offsets: g.up(&vec![-1i32; experts + 1])?,
+            row_of_slot: g.up(&vec![-1i32; pairs])?,
+            weight_of_slot: g.poisoned(pairs)?,
+            slot_of_pair: g.up(&vec![-1i32; pairs])?,
+            tile_offsets: g.up(&vec![-1i32; experts + 1])?,
+        })
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn launch_plan(
     g: &Gpu,
@@ -172,13 +185,7 @@ pub(super) fn plan(g: &Gpu, rng: &mut Rng, quick: bool) -> Result<Vec<CheckRow>>
 
         let n_tiles = tiling.n_tiles(14336);
         let pairs = rows * k;
-        let mut bufs = PlanBuffers {
-            offsets: g.up(&vec![-1i32; e + 1])?,
-            row_of_slot: g.up(&vec![-1i32; pairs])?,
-            weight_of_slot: g.poisoned(pairs)?,
-            slot_of_pair: g.up(&vec![-1i32; pairs])?,
-            tile_offsets: g.up(&vec![-1i32; e + 1])?,
-        };
+        let mut bufs = PlanBuffers::poisoned(g, e, pairs)?;
         launch_plan(g, &routed, pairs, k, e, &tiling, n_tiles, &mut bufs)?;
         g.sync()?;
         let want = build(e, k, &want_ids, &want_w, &tiling, n_tiles);
@@ -200,13 +207,7 @@ pub(super) fn plan(g: &Gpu, rng: &mut Rng, quick: bool) -> Result<Vec<CheckRow>>
         let (dl, db) = (g.up(&logits)?, g.up(&bias)?);
         let mut routed = route_on_device(g, &deepseek, &dl, &db, rows, e, k)?;
         let pairs = rows * k;
-        let mut bufs = PlanBuffers {
-            offsets: g.up(&vec![0i32; e + 1])?,
-            row_of_slot: g.up(&vec![0i32; pairs])?,
-            weight_of_slot: g.poisoned(pairs)?,
-            slot_of_pair: g.up(&vec![0i32; pairs])?,
-            tile_offsets: g.up(&vec![0i32; e + 1])?,
-        };
+        let mut bufs = PlanBuffers::poisoned(g, e, pairs)?;
         let n_tiles = tiling.n_tiles(2048);
         let ms = g.time(|| {
             launch_route(g, &deepseek, &dl, &db, rows, e, k, &mut routed.ids, &mut routed.weights)?;
