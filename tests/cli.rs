@@ -110,6 +110,20 @@ fn env_vars_set_flags() {
 }
 
 #[test]
+fn threads_flag_sizes_the_compute_pool() {
+    // The kernel self-check at start runs on rayon's global pool: --threads must size it first.
+    let dir = fixture("olmoe");
+    let d = dir.to_str().expect("utf8");
+    for n in ["1", "2"] {
+        let out = moe(&["--threads", n, "logits", "--model", d, "--token-ids", "4,5", "--json"]);
+        assert_eq!(out.code, 0, "--threads {n}: {}", out.stderr);
+        assert_eq!(out.json()["logits"].as_array().expect("rows").len(), 2);
+    }
+    moe(&["--threads", "0", "logits", "--model", d, "--token-ids", "4"])
+        .assert_error(&["--threads must be at least 1"]);
+}
+
+#[test]
 fn bench_reports_every_figure() {
     let dir = fixture("mixtral");
     let out = moe(&["bench", "--model", dir.to_str().expect("utf8"), "--new-tokens", "4", "--json"]);

@@ -125,6 +125,12 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    // First: the kernel self-check below already runs on rayon's global pool, which can be
+    // sized only before its first use.
+    if let Some(n) = cli.threads {
+        anyhow::ensure!(n > 0, "--threads must be at least 1");
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("starting the compute thread pool")?;
+    }
     moe_cluster::set_expert_gemm(&cli.expert_gemm)?;
     moe_cluster::set_cuda_attention(&cli.cuda_attention)?;
     moe_cluster::set_deterministic(cli.deterministic);
@@ -133,10 +139,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         && cli.device == moe_cluster::Device::Cpu
     {
         eprintln!("CPU kernels: {kernels} (--cpu-kernels {})", cli.cpu_kernels);
-    }
-    if let Some(n) = cli.threads {
-        anyhow::ensure!(n > 0, "--threads must be at least 1");
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("starting the compute thread pool")?;
     }
     match cli.command {
         Command::Generate(a) if a.endpoint.is_some() => client::run(a),
