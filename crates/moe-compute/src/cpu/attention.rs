@@ -107,9 +107,10 @@ pub fn paged_attention(
     // Flatten (sequence, row, head) into one index space so decode batches of one row still
     // spread their heads over the threads.
     let tiled = |seq: &&AttentionSeq| seq.rows.len() >= TILED_MIN_ROWS;
-    let mut work: usize = 0;
+    let (mut work, mut keys_read): (usize, usize) = (0, 0);
     for seq in seqs.iter().filter(|s| !tiled(s)) {
         work += seq.rows.len() * shape.n_heads;
+        keys_read += seq.rows.len() * shape.n_heads * (seq.start_pos + seq.rows.len());
     }
     let task = |t: usize| {
         let mut t_left = t;
@@ -165,7 +166,10 @@ pub fn paged_attention(
             });
         });
     };
-    if work * hd * 16 < 1 << 14 || rayon::current_num_threads() <= 1 {
+    // Parallel once the heads' scores and value sums are worth a fork: the context length
+    // counts, so that a single decoding row's heads spread over the threads at long contexts
+    // (serial, they leave the other threads idle long enough to fall asleep).
+    if keys_read * hd < PARALLEL_MIN_MADDS || rayon::current_num_threads() <= 1 {
         (0..work).for_each(task);
     } else {
         (0..work).into_par_iter().for_each(task);
@@ -184,6 +188,9 @@ pub fn paged_attention(
     Ok(())
 }
 
+/// Below this many multiply-adds (scores and value sums of every head) the row-by-row heads run
+/// on the calling thread.
+const PARALLEL_MIN_MADDS: usize = 1 << 15;
 /// Sequences with at least this many new rows attend in tiles (matrix multiplies).
 const TILED_MIN_ROWS: usize = 32;
 /// Query rows per tile.

@@ -363,6 +363,47 @@ mod tests;
 mod speed {
     use super::*;
 
+    /// The benchmark model's batch-1 decode step as its products alone (every matrix distinct,
+    /// ~187 MB f32, so nothing stays in cache), on a pool of its own like the engine's loop:
+    /// what the kernels stream when nothing else runs.
+    #[test]
+    #[ignore = "timing, by hand with --release"]
+    fn decode_step_products() {
+        let pool = rayon::ThreadPoolBuilder::new().build().expect("pool");
+        pool.install(|| {
+            let (h, inter, vocab) = (512usize, 1024usize, 32000usize);
+            let mut shapes = vec![];
+            for _ in 0..8 {
+                shapes.extend([(h, h), (128, h), (128, h), (h, h), (8, h)]);
+                shapes.extend([(2 * inter, h), (2 * inter, h), (h, inter), (h, inter)]);
+            }
+            shapes.push((vocab, h));
+            let make = |&(n, k): &(usize, usize)| {
+                crate::cpu::pages::in_huge_pages((0..n * k).map(|i| (i % 11) as f32 * 0.01).collect::<Vec<f32>>())
+            };
+            let mats: Vec<Vec<f32>> = shapes.iter().map(make).collect();
+            let bits: Vec<Vec<u16>> =
+                mats.iter().map(|w| w.iter().map(|v| (v.to_bits() >> 16) as u16).collect()).collect();
+            let x: Vec<f32> = (0..4 * h).map(|i| (i % 13) as f32 * 0.01).collect();
+            let mut out = vec![0.0; vocab];
+            for bf16 in [false, true] {
+                let mut times = vec![];
+                for _ in 0..40 {
+                    let t = std::time::Instant::now();
+                    for (i, &(n, k)) in shapes.iter().enumerate() {
+                        let w = if bf16 { Weights::Bf16(&bits[i]) } else { Weights::F32(&mats[i]) };
+                        matmul(&x, 1, k, w, n, &mut out);
+                    }
+                    times.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                times.sort_by(f64::total_cmp);
+                let bytes: usize = shapes.iter().map(|&(n, k)| n * k * if bf16 { 2 } else { 4 }).sum();
+                let ms = times[times.len() / 2];
+                eprintln!("bf16 {bf16}: median {ms:.2} ms/step, {:.1} GB/s", bytes as f64 / ms / 1e6);
+            }
+        });
+    }
+
     #[test]
     #[ignore = "timing, by hand with --release"]
     fn decode_shapes() {

@@ -4,6 +4,7 @@
 //! once they have grown).
 
 mod attention;
+mod awake;
 mod delta;
 mod experts;
 pub mod invariant;
@@ -18,6 +19,7 @@ mod selection;
 mod simd;
 
 pub use attention::CpuKvStore;
+pub use awake::with_pool_awake;
 pub use kernel_set::{cpu_kernels, CpuKernels, NUMERICS};
 pub use linear::{matmul_t, matmul_tw, Weights};
 pub use peak::fma_peak_gflops;
@@ -393,6 +395,9 @@ impl Backend for CpuBackend {
         true
     }
 
+    fn computes_on_host_threads(&self) -> bool {
+        true
+    }
     fn supports_gpt_oss(&self) -> bool {
         true
     }

@@ -93,11 +93,16 @@ impl<B: Backend> ComputeLoop<B> {
                     }
                 })
             });
-            let result = match experts {
+            let mut forward = || match experts {
                 Some(e) if split > 0 => {
                     model.forward_overlapped(ws, ws_b, kv, &mut batch, split, LogitsFor::Last, logits, e)
                 }
                 _ => model.forward_with(ws, kv, &mut batch, LogitsFor::Last, logits, experts),
+            };
+            let result = if model.backend().computes_on_host_threads() {
+                moe_compute::cpu::with_pool_awake(forward)
+            } else {
+                forward()
             };
             if let Some(m) = masks {
                 let _ = m.join();
