@@ -58,7 +58,7 @@ fn poll_for_work(done: &AtomicBool) {
             }
             Some(Yield::Idle) => {
                 polls += 1;
-                if polls % POLLS_PER_CHECK == 0 {
+                if polls.is_multiple_of(POLLS_PER_CHECK) {
                     if idle_since.get_or_insert_with(Instant::now).elapsed() > IDLE_LIMIT {
                         return;
                     }
