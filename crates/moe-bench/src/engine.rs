@@ -113,33 +113,24 @@ fn run(
         let (_, rx) = engine.submit(req).map_err(|e| e.to_string())?;
         streams.push(rx);
     }
-    // Drain all streams concurrently from this thread by polling each in turn.
-    let mut times: Vec<Vec<Instant>> = vec![Vec::new(); streams.len()];
-    let mut open = streams.len();
-    let mut done = vec![false; streams.len()];
-    while open > 0 {
-        let mut progressed = false;
-        for (i, s) in streams.iter_mut().enumerate() {
-            if done[i] {
-                continue;
-            }
-            while let Ok(ev) = s.try_recv() {
-                progressed = true;
-                match ev {
-                    Event::Delta { token_ids, .. } => times[i].extend(token_ids.iter().map(|_| Instant::now())),
-                    Event::Finished { .. } => {
-                        done[i] = true;
-                        open -= 1;
-                        break;
-                    }
-                    Event::Failed(e) => return Err(e.to_string()),
+    // Wait on every stream at once, parked until an event arrives: polling them in a loop
+    // would wake this thread every few microseconds and take CPU time from the engine's
+    // threads (on a 2-core machine, measurably).
+    let drain = streams.into_iter().map(|mut s| async move {
+        let mut at = Vec::new();
+        while let Some(ev) = s.recv().await {
+            match ev {
+                Event::Delta { token_ids, .. } => {
+                    let now = Instant::now();
+                    at.extend(token_ids.iter().map(|_| now));
                 }
+                Event::Finished { .. } => break,
+                Event::Failed(e) => return Err(e.to_string()),
             }
         }
-        if !progressed {
-            std::thread::sleep(Duration::from_micros(50));
-        }
-    }
+        Ok(at)
+    });
+    let times = futures::executor::block_on(futures::future::try_join_all(drain))?;
     Ok((start, times))
 }
 
