@@ -7,15 +7,35 @@
 //! that waits on the network does not keep cores busy).
 
 use rayon::Yield;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A helper that found no work for this long returns to the pool (which may put it to sleep).
+/// During a pass, a helper that found no work for this long returns to the pool (which may put
+/// it to sleep): the pass is waiting on something else (the network, a device).
 const IDLE_LIMIT: Duration = Duration::from_micros(500);
+/// After a pass, helpers keep polling this long for the next one: the engine's next step
+/// usually starts within it (sampling and scheduling in between), and one helper loop then
+/// serves many passes.
+const BETWEEN_PASSES: Duration = Duration::from_micros(300);
 /// Idle polls between two looks at the clock (and between two yields to the OS scheduler, so a
 /// runnable thread on this core still gets it).
 const POLLS_PER_CHECK: u32 = 32;
+
+/// What the passes of one calling thread share with the helpers they started.
+#[derive(Default)]
+struct Passes {
+    /// A pass is running.
+    running: AtomicBool,
+    /// Helpers now polling (started by an earlier pass and still there, or by this one).
+    polling: AtomicUsize,
+}
+
+thread_local! {
+    /// The passes this thread runs (an engine's loop thread: one engine, one pool).
+    static PASSES: RefCell<Option<Arc<Passes>>> = const { RefCell::new(None) };
+}
 
 /// Runs `f` on this thread while the other threads of the current rayon pool poll it for work.
 /// Outside a pool, or in a pool of one thread, it is just `f()`.
@@ -24,33 +44,47 @@ pub fn with_pool_awake<R>(f: impl FnOnce() -> R) -> R {
     if rayon::current_num_threads() < 2 {
         return f();
     }
-    let done = Arc::new(AtomicBool::new(false));
-    let flag = done.clone();
-    rayon::spawn_broadcast(move |ctx| {
-        // This thread's own copy returns at once: it is the one running `f`.
-        if ctx.index() != me {
-            poll_for_work(&flag);
-        }
-    });
-    let _end = EndOfPass(done);
+    let passes = PASSES.with(|p| p.borrow_mut().get_or_insert_with(Default::default).clone());
+    passes.running.store(true, Ordering::Release);
+    if passes.polling.load(Ordering::Acquire) == 0 {
+        let shared = passes.clone();
+        rayon::spawn_broadcast(move |ctx| {
+            // This thread's own copy returns at once: it is the one running the passes.
+            if ctx.index() != me {
+                poll_for_work(&shared);
+            }
+        });
+    }
+    let _end = EndOfPass(passes);
     f()
 }
 
-/// Sets the flag when the pass ends, panicking or not, so the helpers return.
-struct EndOfPass(Arc<AtomicBool>);
+/// Marks the pass over when it ends, panicking or not, so the helpers can leave.
+struct EndOfPass(Arc<Passes>);
 
 impl Drop for EndOfPass {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
+        self.0.running.store(false, Ordering::Release);
     }
 }
 
-/// Executes the pool's jobs as they appear until `done`, or until none appeared for
-/// [`IDLE_LIMIT`].
-fn poll_for_work(done: &AtomicBool) {
+/// Executes the pool's jobs as they appear, until none appeared for [`IDLE_LIMIT`] during a
+/// pass or for [`BETWEEN_PASSES`] outside one.
+fn poll_for_work(passes: &Passes) {
+    loop {
+        poll_while_busy(passes);
+        // A pass that began as this helper was leaving saw it polling and started no other.
+        if !(passes.running.load(Ordering::Acquire) && passes.polling.load(Ordering::Acquire) == 0) {
+            return;
+        }
+    }
+}
+
+fn poll_while_busy(passes: &Passes) {
+    passes.polling.fetch_add(1, Ordering::AcqRel);
     let mut idle_since: Option<Instant> = None;
     let mut polls = 0u32;
-    while !done.load(Ordering::Acquire) {
+    loop {
         match rayon::yield_now() {
             Some(Yield::Executed) => {
                 idle_since = None;
@@ -58,18 +92,20 @@ fn poll_for_work(done: &AtomicBool) {
             }
             Some(Yield::Idle) => {
                 polls += 1;
-                if polls.is_multiple_of(POLLS_PER_CHECK) {
-                    if idle_since.get_or_insert_with(Instant::now).elapsed() > IDLE_LIMIT {
-                        return;
-                    }
-                    std::thread::yield_now();
-                } else {
+                if !polls.is_multiple_of(POLLS_PER_CHECK) {
                     std::hint::spin_loop();
+                    continue;
                 }
+                let limit = if passes.running.load(Ordering::Acquire) { IDLE_LIMIT } else { BETWEEN_PASSES };
+                if idle_since.get_or_insert_with(Instant::now).elapsed() > limit {
+                    break;
+                }
+                std::thread::yield_now();
             }
-            None => return,
+            None => break,
         }
     }
+    passes.polling.fetch_sub(1, Ordering::AcqRel);
 }
 
 #[cfg(test)]
@@ -82,7 +118,11 @@ mod tests {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("pool");
         let sum: u64 = pool.install(|| with_pool_awake(|| (0..10_000u64).into_par_iter().sum()));
         assert_eq!(sum, 49_995_000);
-        // The helpers return once the pass is over: the pool still runs later work.
+        // The helpers leave once idle after the pass: the pool still runs later work, and a
+        // second pass finds them polling or starts them again.
+        let twice: u64 = pool.install(|| with_pool_awake(|| (0..100u64).into_par_iter().sum()));
+        assert_eq!(twice, 4950);
+        std::thread::sleep(std::time::Duration::from_millis(5));
         let again: u64 = pool.install(|| (0..100u64).into_par_iter().sum());
         assert_eq!(again, 4950);
         // Outside a pool it is a plain call.
