@@ -29,6 +29,9 @@ const PARALLEL_MIN_WORK: usize = 1 << 15;
 const ROW_BLOCK: usize = 64;
 /// Bytes of weights one task streams per row tile (they stay in L2 across the row tiles).
 const WEIGHT_BLOCK_BYTES: usize = 256 * 1024;
+/// The same for blocks of one row tile (decode at batch 1–3), whose weights are read once:
+/// smaller tasks end a product with less waiting for the last one (1–2% of a batch-1 step here).
+const SINGLE_TILE_BLOCK_BYTES: usize = 32 * 1024;
 /// Row counts (of a block) swept strip by strip rather than row tile by row tile: decode-sized
 /// batches, where streaming the weights once while every row passes over them beats reading
 /// them in a burst first (16 rows: 1.14–1.20× here); from 64 rows up the row tiles are as fast.
@@ -57,12 +60,13 @@ pub fn canonical_dot(a: &[f32], b: impl Fn(usize) -> f32, k: usize) -> f32 {
     s
 }
 
-/// Columns per block: `WEIGHT_BLOCK_BYTES` of weight rows, halved while a parallel call would
-/// have fewer than two tasks per thread (`tasks(cols)` counts them). Any split gives the same
-/// numbers.
-fn block_width(k: usize, w_bytes: usize, parallel: bool, tasks: impl Fn(usize) -> usize) -> usize {
+/// Columns per block: `WEIGHT_BLOCK_BYTES` of weight rows (`SINGLE_TILE_BLOCK_BYTES` when every
+/// block has fewer than 4 rows), halved while a parallel call would have fewer than two tasks per
+/// thread (`tasks(cols)` counts them). Any split gives the same numbers.
+fn block_width(k: usize, w_bytes: usize, rows: usize, parallel: bool, tasks: impl Fn(usize) -> usize) -> usize {
     let align = |c: usize| c.max(COL_ALIGN) / COL_ALIGN * COL_ALIGN;
-    let mut cols = align(WEIGHT_BLOCK_BYTES / (k.max(1) * w_bytes));
+    let bytes = if rows < 4 { SINGLE_TILE_BLOCK_BYTES } else { WEIGHT_BLOCK_BYTES };
+    let mut cols = align(bytes / (k.max(1) * w_bytes));
     while parallel && cols > COL_ALIGN && tasks(cols) < 2 * rayon::current_num_threads() {
         cols = align(cols / 2);
     }
@@ -109,7 +113,7 @@ fn matmul_with(
     };
     let parallel = may_fork && rayon::current_num_threads() > 1 && m * n * k >= PARALLEL_MIN_WORK;
     let row_blocks = m.div_ceil(ROW_BLOCK);
-    let cols = block_width(k, w_bytes, parallel, |cols| row_blocks * n.div_ceil(cols));
+    let cols = block_width(k, w_bytes, m.min(ROW_BLOCK), parallel, |cols| row_blocks * n.div_ceil(cols));
     let col_blocks = n.div_ceil(cols);
     let dst = SendPtr(out.as_mut_ptr());
     let task = |t: usize| {
@@ -159,7 +163,8 @@ pub fn grouped_matmul<'w>(
         work += m * n * k;
     }
     let parallel = rayon::current_num_threads() > 1 && work >= PARALLEL_MIN_WORK;
-    let cols = block_width(k, w_bytes, parallel, |cols| {
+    let rows = segments.iter().map(|&(_, m)| m.min(ROW_BLOCK)).max().unwrap_or(0);
+    let cols = block_width(k, w_bytes, rows, parallel, |cols| {
         segments.iter().map(|&(_, m)| m.div_ceil(ROW_BLOCK) * n.div_ceil(cols)).sum()
     });
     tasks.clear();
