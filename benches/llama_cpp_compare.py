@@ -167,6 +167,7 @@ def moe_core(moe: str, threads: int, extra: list[str]) -> dict[str, float]:
         "decode1_bf16": r["bf16"]["decode_batch1"]["tokens_per_s"],
         "decode_roofline_f32": r["ceilings"]["decode_roofline_tokens_per_s"],
         "cpu_kernels": r["ceilings"].get("cpu_kernels", "?"),
+        "commit": r.get("commit", "?"),
     }
 
 
@@ -239,6 +240,7 @@ def main() -> None:
         "machine": {"cpu": cpu_model(), "flags": cpu_flags(), "threads": a.threads},
         "llama_cpp": src.parent.parent.name,
         "moe_cpu_kernels": ours[0]["cpu_kernels"],
+        "moe_commit": ours[0]["commit"],
         "rounds": a.rounds,
         "rows": [],
     }
