@@ -19,6 +19,7 @@
 # process with its own timeout; 3 the transformers/PEFT fixtures' logits on the device (bf16
 # bound), with gate, attention and expert adapters; 4 `serve` on the device with 2 in-process
 # workers, 32 concurrent greedy requests, tokens compared with the same run on the CPU;
+# 4c this host's CPU kernel sets (AVX-512 where the development machines have none);
 # 5 throughput of full-depth Mixtral-8x7B and Qwen3-30B-A3B shapes (`moe bench-device`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +59,10 @@ if [[ "${1:-}" == "--build-dist" ]]; then
     rm -rf .dist/cubins .dist/cpu-tokens
     MOE_CUBIN_CACHE=.dist/cubins .dist/moe kernels compile --arch sm_90 > /dev/null || echo "warning: no sm_90 cubins prepared (NVRTC missing?): the device compiles them" >&2
     cpu_tokens .dist/moe .dist/cpu-tokens || echo "warning: no CPU tokens prepared: step 4 will serve on the CPU of the device" >&2
+    # moe-compute's unit tests, for step 4c on the device's CPU.
+    t=$(cargo test --release -p moe-compute --lib --no-run --message-format=json 2>/dev/null \
+        | python3 -c 'import json,sys; print(next((m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")), ""))')
+    [[ -n "$t" ]] && strip -o .dist/moe-compute-tests "$t"
     du -sh .dist; cat .dist/COMMIT
     exit 0
 fi
@@ -215,6 +220,23 @@ else
 fi
 kill "$pid_r" "$pid_w1" "$pid_w2" 2>/dev/null
 wait "$pid_r" "$pid_w1" "$pid_w2" 2>/dev/null
+
+if [[ $dry == 0 ]]; then
+    # This host's CPU (GPU machines' CPUs run AVX-512, which the development machines lack):
+    # the CPU kernel sets' unit tests (every set gives the canonical bits), the fixtures through
+    # the CPU backend with the widest set, and `bench --core` with it and with avx2 (issue 38).
+    note "## 4c. this host's CPU kernels: $(grep -o 'avx512[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+    if [[ -x .dist/moe-compute-tests ]]; then
+        step cpu-unit-tests 60 .dist/moe-compute-tests --test-threads 8 cpu::
+        grep -E "test result|does not run|FAILED|panicked" "$out/cpu-unit-tests.log" | tee -a "$summary"
+    fi
+    step cpu-fixtures-auto 60 "$bin" --device cpu kernels fixtures --dir tests/fixtures --bound 1e-4
+    grep -E "CPU kernels|worst|fail|pass" "$out/cpu-fixtures-auto.log" | tail -3 | tee -a "$summary"
+    for set in avx512 avx2; do
+        step "cpu-bench-core-$set" 45 "$bin" --threads 4 --cpu-kernels "$set" bench --core
+        grep -E "CPU kernels|ceilings|roofline|embedded|bf16" "$out/cpu-bench-core-$set.log" | tee -a "$summary"
+    done
+fi
 
 if [[ $skip_bench == 0 && $dry == 0 ]] && "$bin" bench-device --help >/dev/null 2>&1; then
     note "## 5. throughput of full-depth models (random weights made on the device)"
