@@ -14,6 +14,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 /// The arithmetic every CPU kernel set implements (announced in membership).
 pub const NUMERICS: &str = "cpu-canonical-dot8-v1";
 
+/// The order in which `auto` tries the sets (see [`CpuKernels::all_available`]).
+const AUTO_ORDER: [CpuKernels; 4] = [CpuKernels::Avx2, CpuKernels::Avx512, CpuKernels::Neon, CpuKernels::Portable];
+
 /// An instruction set the CPU kernels can run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CpuKernels {
@@ -57,12 +60,14 @@ impl CpuKernels {
         }
     }
 
-    /// Every set this CPU runs, fastest first.
+    /// Every set this CPU runs, in the order `auto` tries them: the fastest measured first. AVX2
+    /// comes before AVX-512: on the one AVX-512 machine these kernels ran on (a GPU host's Xeon,
+    /// kernels/runs/2026-12-04-d217621, cpu-bench-core-*.log), the AVX-512 tiles were slower at
+    /// every size (GEMM 79 against 265 GFLOP/s, decode at batch 1 133 against 231 tokens/s):
+    /// they pair two rows per register, so a one-row product wastes half of each FMA, and they
+    /// lack the AVX2 path's L1 strips. `--cpu-kernels avx512` still selects them.
     pub fn all_available() -> Vec<Self> {
-        [CpuKernels::Avx512, CpuKernels::Avx2, CpuKernels::Neon, CpuKernels::Portable]
-            .into_iter()
-            .filter(|k| k.available())
-            .collect()
+        AUTO_ORDER.into_iter().filter(|k| k.available()).collect()
     }
 
     fn code(self) -> u8 {
@@ -143,5 +148,14 @@ mod tests {
             assert_eq!(parse(k.name()).unwrap(), Some(k));
             assert_eq!(CpuKernels::from_code(k.code()), Some(k));
         }
+    }
+
+    /// `auto` takes AVX2 where the CPU runs both x86 sets (AVX-512 measured slower; see
+    /// `all_available`), and falls back to the portable kernels last.
+    #[test]
+    fn auto_tries_avx2_before_avx512() {
+        let at = |k: CpuKernels| AUTO_ORDER.iter().position(|&o| o == k);
+        assert!(at(CpuKernels::Avx2) < at(CpuKernels::Avx512));
+        assert_eq!(AUTO_ORDER.last(), Some(&CpuKernels::Portable));
     }
 }

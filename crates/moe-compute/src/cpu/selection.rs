@@ -1,4 +1,5 @@
-//! Choosing the CPU kernel set at start: `auto` takes the widest set this CPU runs whose
+//! Choosing the CPU kernel set at start: `auto` takes the first set in
+//! [`CpuKernels::all_available`]'s order (the fastest measured) that this CPU runs and whose
 //! self-check passes; a named set must run here and pass it. The self-check computes products
 //! of odd shapes (tails in k, partial tiles, f32 and bf16 weights, one row and many) with the
 //! set and compares every element with the portable canonical dot product, bit for bit, so a

@@ -123,14 +123,17 @@ pub(super) fn grouped_tc(g: &Gpu, rng: &mut Rng, quick: bool, cublas: Option<f64
                 );
             }
         }
-        // The SwiGLU weights: [gate; up] per expert, interleaved for the kernel.
-        let inter = n / 2;
+        // The SwiGLU weights: [gate; up] per expert, interleaved for the kernel (in groups of 8
+        // rows, so the intermediate size is a multiple of 8; an empty buffer here once made the
+        // kernel read past it).
+        let inter = n / 2 / 8 * 8;
         let wgu = bf16_vec(rng, loads.len() * 2 * inter * k, 0.05);
-        let wgu_i: Vec<u16> = (0..loads.len())
-            .flat_map(|e| {
-                interleave_gate_up(&wgu[e * 2 * inter * k..(e + 1) * 2 * inter * k], inter, k).unwrap_or_default()
-            })
-            .collect();
+        let mut wgu_i: Vec<u16> = Vec::with_capacity(wgu.len());
+        for e in 0..loads.len() {
+            let rows = interleave_gate_up(&wgu[e * 2 * inter * k..(e + 1) * 2 * inter * k], inter, k)
+                .ok_or_else(|| ComputeError::Cuda(format!("gate/up interleaving needs inter % 8 == 0, got {inter}")))?;
+            wgu_i.extend(rows);
+        }
         let dwgu = g.up(&wgu_i)?;
         let mut want_h = vec![0.0f32; slots * inter];
         let mut gu = vec![0.0f32; 2 * inter];
