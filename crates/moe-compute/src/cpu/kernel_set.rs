@@ -20,7 +20,7 @@ const AUTO_ORDER: [CpuKernels; 4] = [CpuKernels::Avx2, CpuKernels::Avx512, CpuKe
 /// An instruction set the CPU kernels can run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CpuKernels {
-    /// AVX-512 F/BW/VL (x86-64): two output elements per 512-bit register.
+    /// AVX-512 F/BW/VL/DQ (x86-64): two output elements per 512-bit register.
     Avx512,
     /// AVX2 + FMA (x86-64).
     Avx2,
@@ -48,6 +48,7 @@ impl CpuKernels {
                 std::is_x86_feature_detected!("avx512f")
                     && std::is_x86_feature_detected!("avx512bw")
                     && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("avx512dq")
                     && std::is_x86_feature_detected!("fma")
             }
             #[cfg(target_arch = "x86_64")]

@@ -1,9 +1,14 @@
-//! The AVX-512 (F/BW/VL) register tiles of the canonical dot product: two output elements per
+//! The AVX-512 (F/BW/VL/DQ) register tiles of the canonical dot product: two output elements per
 //! 512-bit register, rows paired. The lower eight lanes accumulate element (2p, c) and the upper
 //! eight element (2p + 1, c): each lane runs the same chain of fused multiply-adds as the AVX2
 //! kernel's lane, so the bits are the AVX2 kernel's. Row pairs are packed per call, eight values
 //! of one row then eight of the other (`[x₀ᵢ..x₀ᵢ₊₈, x₁ᵢ..x₁ᵢ₊₈]`), and each weight row's eight
 //! values are broadcast to both halves (a load, no shuffle). An odd last row pairs with zeros.
+//!
+//! Every function enables F, BW, VL and DQ (which every AVX-512 server CPU has, and the set
+//! requires): an intrinsic that needs a feature the function does not enable still compiles, but
+//! as an out-of-line call that spills every accumulator. DQ's `_mm512_broadcast_f32x8` without
+//! DQ once made this set 3× slower than AVX2 (kernels/runs/2026-12-04-d217621).
 
 use super::avx2::hsum;
 use std::arch::x86_64::*;
@@ -31,22 +36,36 @@ pub(super) fn pack_pairs(x: &[f32], k: usize, rows: Range<usize>, packed: &mut V
 /// The eight weights at `p`, in both halves.
 ///
 /// # Safety
-/// `p` points to 8 readable f32 values, on a CPU with AVX-512 F/BW/VL.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+/// `p` points to 8 readable f32 values, on a CPU with AVX-512 F/BW/VL/DQ.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
 #[inline]
 unsafe fn load_f32(p: *const f32) -> __m512 {
-    _mm512_broadcast_f32x8(_mm256_loadu_ps(p))
+    // The AVX-512 F form of `_mm512_broadcast_f32x8`, which needs DQ: an intrinsic whose
+    // feature the function does not enable is not inlined but called, and every call spilled
+    // the tile's accumulators (the set ran at a third of the AVX2 kernels' speed; see the
+    // module doc).
+    _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))))
 }
 
 /// Eight bf16 weights at `p`, widened, in both halves.
 ///
 /// # Safety
-/// `p` points to 8 readable u16 values, on a CPU with AVX-512 F/BW/VL.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+/// `p` points to 8 readable u16 values, on a CPU with AVX-512 F/BW/VL/DQ.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
 #[inline]
 unsafe fn load_bf16(p: *const u16) -> __m512 {
     let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(both), 16))
+}
+
+/// The upper eight lanes (the F form of `_mm512_extractf32x8_ps::<1>`, which needs DQ).
+///
+/// # Safety
+/// Only on a CPU with AVX-512 F.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+#[inline]
+unsafe fn upper_half(a: __m512) -> __m256 {
+    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)))
 }
 
 #[inline]
@@ -66,8 +85,8 @@ macro_rules! kernels {
         /// # Safety
         /// `xp` holds P packed pairs (`k8` blocks of 16 each), `x` the unpacked rows (k apart, for
         /// the tail), `w` NR rows of k values `ldw` apart, `out` the live rows of NR values `n`
-        /// apart, no other thread writes those; the CPU has AVX-512 F/BW/VL.
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+        /// apart, no other thread writes those; the CPU has AVX-512 F/BW/VL/DQ.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
         #[allow(clippy::too_many_arguments)]
         unsafe fn $tile<const P: usize, const NR: usize, const PF: bool>(
             xp: *const f32,
@@ -114,8 +133,7 @@ macro_rules! kernels {
                         if r >= live {
                             continue;
                         }
-                        let lanes =
-                            if half == 0 { _mm512_castps512_ps256(*a) } else { _mm512_extractf32x8_ps::<1>(*a) };
+                        let lanes = if half == 0 { _mm512_castps512_ps256(*a) } else { upper_half(*a) };
                         let mut s = hsum(lanes);
                         for t in full..k {
                             s += *x.add(r * k + t) * $widen(*w.add(c * ldw + t));
@@ -133,7 +151,7 @@ macro_rules! kernels {
         /// `xp` holds ⌈rows/2⌉ packed pairs of these rows, `x` the rows themselves (k apart),
         /// `w` every row of `cols` (stride `ldw`, k values each), and `out` (row stride n) the
         /// rows covering `cols`; only this caller writes those elements.
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
         #[allow(clippy::too_many_arguments)]
         pub(super) unsafe fn $sweep(
             rows: usize,
