@@ -9,7 +9,8 @@
 #                    BF16/VNNI/VBMI into WORK/.../build-avx512, or $LLAMA_BUILD, and copies what the run needs
 #                    compressed into .llama/, which git ignores: carry ".llama" and ".dist")
 #   on the device:   bash benches/llama_cpp_device.sh [ROUNDS] [THREADS]
-#                    (writes comparison.json and comparison.log to $OUT)
+#                    (writes comparison.json and comparison.log to $OUT; MOE_ARGS: extra
+#                    arguments to `moe bench --core`, e.g. "--cpu-kernels avx512")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--prepare" ]]; then
@@ -49,4 +50,4 @@ work=/tmp/llama-bundle/work
 export LD_LIBRARY_PATH=/tmp/llama-bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 grep -m1 "model name" /proc/cpuinfo | tee "$out/comparison.log"
 PYTHONUNBUFFERED=1 python3 benches/llama_cpp_compare.py --moe .dist/moe --work "$work" --rounds "$rounds" \
-    --threads "$threads" --out "$out/comparison.json" 2>&1 | tee -a "$out/comparison.log"
+    --threads "$threads" --moe-args "${MOE_ARGS:-}" --out "$out/comparison.json" 2>&1 | tee -a "$out/comparison.log"
