@@ -49,10 +49,9 @@ struct Cli {
     /// instead of cuBLAS, so a request's tokens do not depend on its batch (the CPU always is).
     #[arg(long, global = true, env = "MOE_DETERMINISTIC")]
     deterministic: bool,
-    /// CPU kernel instruction set: auto (the fastest measured set this CPU runs: AVX2 before
-    /// AVX-512, see docs/usage.md), avx512, avx2, neon or
-    /// portable. Every set computes the same bits; the choice is logged at start and exported
-    /// as `moe_cpu_kernels` in /metrics.
+    /// CPU kernel instruction set: auto (the fastest measured set this CPU runs), avx512, avx2,
+    /// neon or portable. Every set computes the same bits; the choice is logged at start and
+    /// exported as `moe_cpu_kernels` in /metrics.
     #[arg(long, global = true, env = "MOE_CPU_KERNELS", default_value = "auto")]
     cpu_kernels: String,
     #[command(subcommand)]
