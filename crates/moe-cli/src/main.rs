@@ -36,10 +36,10 @@ struct Cli {
     /// Where to compute: cpu, or cuda:N (needs a build with the `cuda` feature, the default).
     #[arg(long, global = true, env = "MOE_DEVICE", default_value = "cpu")]
     device: moe_cluster::Device,
-    /// How a GPU multiplies routed experts: cublas (one cuBLAS GEMM per expert, the default),
-    /// grouped (the project's grouped GEMM kernel, every expert in one launch) or tc (its
-    /// pipelined tensor-core successor, not yet measured on a GPU).
-    #[arg(long, global = true, env = "MOE_EXPERT_GEMM", default_value = "cublas", value_parser = ["cublas", "grouped", "tc"])]
+    /// How a GPU multiplies routed experts: auto (tc for layers of 16 or more experts, else
+    /// cublas; the default), cublas (one cuBLAS GEMM per expert), grouped (the project's grouped
+    /// GEMM kernel, every expert in one launch) or tc (its pipelined tensor-core successor).
+    #[arg(long, global = true, env = "MOE_EXPERT_GEMM", default_value = "auto", value_parser = ["auto", "cublas", "grouped", "tc"])]
     expert_gemm: String,
     /// Attention kernel on a GPU: classic (every layout, the default) or flash (tensor-core
     /// FlashAttention-2-style where it applies: bf16 cache, head size 64 or 128, no sinks).

@@ -106,16 +106,16 @@ pub(crate) fn invalid(message: impl Into<String>) -> ClusterError {
     ClusterError::Invalid(message.into())
 }
 
-/// How a GPU multiplies routed experts, for the whole process: `cublas` (one cuBLAS GEMM per
-/// expert), `grouped` (the project's grouped GEMM kernel) or `tc` (its tensor-core, pipelined
-/// successor; not yet measured on a GPU). Without CUDA support, only a check
-/// of the name.
+/// How a GPU multiplies routed experts, for the whole process: `auto` (`tc` for layers of 16
+/// or more experts, else `cublas`), `cublas` (one cuBLAS GEMM per expert), `grouped` (the
+/// project's grouped GEMM kernel) or `tc` (its tensor-core, pipelined successor). Without CUDA
+/// support, only a check of the name.
 pub fn set_expert_gemm(mode: &str) -> Result<()> {
     #[cfg(feature = "cuda")]
     moe_compute::cuda::backend::set_expert_gemm(mode.parse()?);
     #[cfg(not(feature = "cuda"))]
-    if !["cublas", "grouped", "tc"].contains(&mode) {
-        return Err(ClusterError::Invalid(format!("--expert-gemm {mode:?}: one of cublas, grouped, tc")));
+    if !["auto", "cublas", "grouped", "tc"].contains(&mode) {
+        return Err(ClusterError::Invalid(format!("--expert-gemm {mode:?}: one of auto, cublas, grouped, tc")));
     }
     Ok(())
 }
@@ -130,7 +130,7 @@ pub fn set_deterministic(on: bool) {
 }
 
 /// Which kernel a GPU uses for attention, for the whole process: `classic` or `flash` (the
-/// tensor-core prefill kernel where it applies; not yet measured on a GPU). Without CUDA
+/// tensor-core prefill kernel and flash-decoding where they apply). Without CUDA
 /// support, only a check of the name.
 pub fn set_cuda_attention(kind: &str) -> Result<()> {
     #[cfg(feature = "cuda")]

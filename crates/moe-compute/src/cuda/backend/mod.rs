@@ -29,17 +29,38 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// How routed experts are multiplied (`--expert-gemm`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ExpertGemm {
-    /// One cuBLAS GEMM per expert with rows: correct by construction, and the default until a
-    /// GPU run shows the grouped kernel faster (kernels/NOTES.md).
-    #[default]
+    /// One cuBLAS GEMM per expert with rows.
     Cublas,
     /// The project's grouped GEMM kernel: every expert in one launch (bf16 weights only; other
     /// experts fall back to cuBLAS).
     Grouped,
     /// The tensor-core grouped GEMM (kernels/grouped_gemm_tc.cu: cp.async pipeline, swizzled
     /// shared memory, ldmatrix, a tile table per call); bf16 weights whose hidden and
-    /// intermediate sizes are multiples of 8, else as `Grouped`. Not yet measured on a GPU.
+    /// intermediate sizes are multiples of 8, else as `Grouped`.
     Tc,
+    /// `Tc` for layers of at least [`AUTO_TC_MIN_EXPERTS`] experts, `Cublas` for fewer (the
+    /// default; see [`ExpertGemm::resolve`]).
+    #[default]
+    Auto,
+}
+
+/// Experts per layer from which `auto` takes the tensor-core grouped GEMM. Measured on an H200
+/// (kernels/runs/2026-12-04-d217621 and 2026-12-04-4e40b1b, decode at context 128): with 128
+/// experts (Qwen3-30B-A3B) it beat cuBLAS per expert at every batch (batch 16: 31% against 7% of
+/// the HBM roofline), where one cuBLAS call per expert leaves the GPU idle between launches;
+/// with 8 (Mixtral-8x7B) it won at batch 16-64 (73/63% against 68/60%) but lost at batch 1 and
+/// 256 (37/33% against 47/38%).
+pub const AUTO_TC_MIN_EXPERTS: usize = 16;
+
+impl ExpertGemm {
+    /// The path a layer of `experts` experts takes under this mode.
+    pub fn resolve(self, experts: usize) -> ExpertGemm {
+        match self {
+            ExpertGemm::Auto if experts >= AUTO_TC_MIN_EXPERTS => ExpertGemm::Tc,
+            ExpertGemm::Auto => ExpertGemm::Cublas,
+            other => other,
+        }
+    }
 }
 
 impl std::str::FromStr for ExpertGemm {
@@ -49,12 +70,13 @@ impl std::str::FromStr for ExpertGemm {
             "cublas" => Ok(Self::Cublas),
             "grouped" => Ok(Self::Grouped),
             "tc" => Ok(Self::Tc),
-            other => Err(ComputeError::Cuda(format!("expert GEMM {other:?}: use cublas, grouped or tc"))),
+            "auto" => Ok(Self::Auto),
+            other => Err(ComputeError::Cuda(format!("expert GEMM {other:?}: use auto, cublas, grouped or tc"))),
         }
     }
 }
 
-static EXPERT_GEMM: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+static EXPERT_GEMM: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(3);
 
 /// Chooses the expert GEMM path for every CUDA backend of this process (read at each call).
 pub fn set_expert_gemm(mode: ExpertGemm) {
@@ -63,9 +85,10 @@ pub fn set_expert_gemm(mode: ExpertGemm) {
 
 pub fn expert_gemm() -> ExpertGemm {
     match EXPERT_GEMM.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => ExpertGemm::Cublas,
         1 => ExpertGemm::Grouped,
         2 => ExpertGemm::Tc,
-        _ => ExpertGemm::Cublas,
+        _ => ExpertGemm::Auto,
     }
 }
 
@@ -112,7 +135,9 @@ pub enum AttentionKernel {
     #[default]
     Classic,
     /// flash_prefill_bf16 on tensor cores where it applies (bf16 cache, head size 64 or 128, no
-    /// attention sinks), else Classic. Checked by `moe kernels check`, not yet run on a GPU.
+    /// attention sinks), else Classic; flash_decode_bf16 for decode-only calls. Passed its checks
+    /// on an H200 (kernels/runs/2026-12-04-d217621): Mixtral prefill 2.7-4.2x faster, decode at
+    /// batch 64 3-5% slower (flash-decoding at 12% of copy bandwidth), so not the default.
     Flash,
 }
 
@@ -381,3 +406,25 @@ macro_rules! launch {
     }};
 }
 pub(crate) use launch;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `auto` (the default) takes the tensor-core GEMM for many-expert layers only; the named
+    /// modes are taken as they are.
+    #[test]
+    fn auto_expert_gemm_takes_tensor_cores_from_sixteen_experts() {
+        assert_eq!(ExpertGemm::default(), ExpertGemm::Auto);
+        assert_eq!("auto".parse::<ExpertGemm>().ok(), Some(ExpertGemm::Auto));
+        assert_eq!(ExpertGemm::Auto.resolve(8), ExpertGemm::Cublas);
+        assert_eq!(ExpertGemm::Auto.resolve(AUTO_TC_MIN_EXPERTS), ExpertGemm::Tc);
+        assert_eq!(ExpertGemm::Auto.resolve(128), ExpertGemm::Tc);
+        for m in [ExpertGemm::Cublas, ExpertGemm::Grouped, ExpertGemm::Tc] {
+            assert_eq!(m.resolve(8), m);
+            assert_eq!(m.resolve(128), m);
+        }
+        let e = "fast".parse::<ExpertGemm>().unwrap_err().to_string();
+        assert!(e.contains("auto, cublas, grouped or tc"), "{e}");
+    }
+}

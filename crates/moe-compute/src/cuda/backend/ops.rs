@@ -340,7 +340,7 @@ impl Backend for CudaBackend {
             lora(r, e).is_some()
         });
         let bf16 = |m: &CudaMatrix| matches!(m.data, MatrixBuf::Bf16(_));
-        let mode = expert_gemm();
+        let mode = expert_gemm().resolve(num);
         let grouped = matches!(mode, ExpertGemm::Grouped | ExpertGemm::Tc)
             && experts[..num].iter().all(|w| bf16(&w.gate_up) && bf16(&w.down));
         // The tensor-core kernel moves 16-byte rows: hidden and intermediate sizes multiples of 8.
