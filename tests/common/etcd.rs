@@ -29,8 +29,15 @@ impl Etcd {
         }
         let data = tempfile::tempdir().expect("tmp");
         let mut e = Etcd { child: None, data, client_port: free_port(), peer_port: free_port() };
-        e.launch();
-        Some(e)
+        // A port picked free can be taken by a parallel test before etcd binds it: etcd then
+        // exits, and a fresh pair of ports is tried.
+        for _ in 0..5 {
+            if e.try_launch() {
+                return Some(e);
+            }
+            (e.client_port, e.peer_port) = (free_port(), free_port());
+        }
+        panic!("etcd did not start on five pairs of free ports");
     }
 
     pub fn url(&self) -> String {
@@ -39,6 +46,11 @@ impl Etcd {
 
     /// Starts (or restarts) the server on the same ports and data.
     pub fn launch(&mut self) {
+        assert!(self.try_launch(), "etcd did not start");
+    }
+
+    /// [`Etcd::launch`], false when etcd exits or does not listen within 20 s.
+    fn try_launch(&mut self) -> bool {
         let client = self.url();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let child = Command::new("etcd")
@@ -54,9 +66,14 @@ impl Etcd {
         self.child = Some(child);
         let start = std::time::Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
-            assert!(start.elapsed() < std::time::Duration::from_secs(20), "etcd did not start");
+            let exited = self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            if exited || start.elapsed() > std::time::Duration::from_secs(20) {
+                self.stop();
+                return false;
+            }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+        true
     }
 
     pub fn stop(&mut self) {
