@@ -36,6 +36,8 @@ impl Etcd {
                 return Some(e);
             }
             (e.client_port, e.peer_port) = (free_port(), free_port());
+            // Whatever the failed attempt wrote names its ports: start from an empty data dir.
+            let _ = std::fs::remove_dir_all(e.data.path().join("data"));
         }
         panic!("etcd did not start on five pairs of free ports");
     }

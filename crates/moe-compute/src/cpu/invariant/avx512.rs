@@ -40,10 +40,7 @@ pub(super) fn pack_pairs(x: &[f32], k: usize, rows: Range<usize>, packed: &mut V
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
 #[inline]
 unsafe fn load_f32(p: *const f32) -> __m512 {
-    // The AVX-512 F form of `_mm512_broadcast_f32x8`, which needs DQ: an intrinsic whose
-    // feature the function does not enable is not inlined but called, and every call spilled
-    // the tile's accumulators (the set ran at a third of the AVX2 kernels' speed; see the
-    // module doc).
+    // The AVX-512 F form of `_mm512_broadcast_f32x8` (see the module doc on out-of-line calls).
     _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))))
 }
 
@@ -58,10 +55,10 @@ unsafe fn load_bf16(p: *const u16) -> __m512 {
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(both), 16))
 }
 
-/// The upper eight lanes (the F form of `_mm512_extractf32x8_ps::<1>`, which needs DQ).
+/// The upper eight lanes (the F form of `_mm512_extractf32x8_ps::<1>`).
 ///
 /// # Safety
-/// Only on a CPU with AVX-512 F.
+/// Only on a CPU with AVX-512 F/BW/VL/DQ.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
 #[inline]
 unsafe fn upper_half(a: __m512) -> __m256 {
