@@ -71,16 +71,18 @@ impl Drop for EndOfPass {
 /// Executes the pool's jobs as they appear, until none appeared for [`IDLE_LIMIT`] during a
 /// pass or for [`BETWEEN_PASSES`] outside one.
 fn poll_for_work(passes: &Passes) {
-    loop {
-        poll_while_busy(passes);
-        // A pass that began as this helper was leaving saw it polling and started no other.
+    // A helper that gave up during a pass leaves (the pass waits on something else); one that
+    // left between passes polls again if a pass began as it was leaving: that pass saw it
+    // polling and started no other.
+    while !poll_while_busy(passes) {
         if !(passes.running.load(Ordering::Acquire) && passes.polling.load(Ordering::Acquire) == 0) {
             return;
         }
     }
 }
 
-fn poll_while_busy(passes: &Passes) {
+/// Polls until idle for the limit; true when it gave up during a pass.
+fn poll_while_busy(passes: &Passes) -> bool {
     passes.polling.fetch_add(1, Ordering::AcqRel);
     let mut idle_since: Option<Instant> = None;
     let mut polls = 0u32;
@@ -96,9 +98,11 @@ fn poll_while_busy(passes: &Passes) {
                     std::hint::spin_loop();
                     continue;
                 }
-                let limit = if passes.running.load(Ordering::Acquire) { IDLE_LIMIT } else { BETWEEN_PASSES };
+                let running = passes.running.load(Ordering::Acquire);
+                let limit = if running { IDLE_LIMIT } else { BETWEEN_PASSES };
                 if idle_since.get_or_insert_with(Instant::now).elapsed() > limit {
-                    break;
+                    passes.polling.fetch_sub(1, Ordering::AcqRel);
+                    return running;
                 }
                 std::thread::yield_now();
             }
@@ -106,6 +110,7 @@ fn poll_while_busy(passes: &Passes) {
         }
     }
     passes.polling.fetch_sub(1, Ordering::AcqRel);
+    false
 }
 
 #[cfg(test)]
@@ -127,6 +132,20 @@ mod tests {
         assert_eq!(again, 4950);
         // Outside a pool it is a plain call.
         assert_eq!(with_pool_awake(|| 7), 7);
+    }
+
+    /// A pass that waits on something else (the network) does not keep its helpers spinning:
+    /// they leave after the idle limit, though the pass still runs.
+    #[test]
+    fn helpers_leave_a_pass_that_waits() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("pool");
+        let polling = pool.install(|| {
+            with_pool_awake(|| {
+                std::thread::sleep(IDLE_LIMIT * 40);
+                PASSES.with(|p| p.borrow().as_ref().map(|p| p.polling.load(Ordering::Acquire)))
+            })
+        });
+        assert_eq!(polling, Some(0), "a helper still polls after the pass idled for 40 idle limits");
     }
 
     #[test]
